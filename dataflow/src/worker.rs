@@ -1,0 +1,121 @@
+//! Driving one timely worker: feed records and offset markers from the worker's reader, advance the epoch
+//! on every tick (also on workers that own no partition, so the global frontier always moves), stay at most
+//! `max_inflight_epochs` ahead of the sink, and stop cleanly. Building the graph is `operators::build`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use meterflow_model::Limits;
+use timely::dataflow::{InputHandleVec, ProbeHandle};
+use timely::worker::Worker;
+
+use crate::commit::{commit_epochs, SinkChannels};
+use crate::operators::{build, Epoch};
+use crate::source::{RawRecord, SourceMessage};
+
+/// How a worker paces itself.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub limits: Limits,
+    /// How often the epoch advances (and so how often the sink commits).
+    pub epoch_interval: Duration,
+    /// How many epochs the inputs may run ahead of the sink's last commit.
+    pub max_inflight_epochs: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig { limits: Limits::default(), epoch_interval: Duration::from_millis(250), max_inflight_epochs: 8 }
+    }
+}
+
+/// What a worker did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WorkerSummary {
+    pub records: u64,
+    pub epochs: u64,
+}
+
+/// Runs one worker until its reader is caught up (and the sink has committed everything), `stop` is set,
+/// or the reader fails.
+pub fn run_worker(
+    worker: &mut Worker,
+    config: &WorkerConfig,
+    reader: Receiver<SourceMessage>,
+    sink: Option<SinkChannels>,
+    stop: &AtomicBool,
+) -> Result<WorkerSummary, String> {
+    let limits = config.limits;
+    let (mut records, mut markers, probe) = worker.dataflow::<Epoch, _, _>(|scope| {
+        let mut records = InputHandleVec::<Epoch, RawRecord>::new();
+        let mut markers = InputHandleVec::<Epoch, (i32, i64)>::new();
+        let probe = ProbeHandle::new();
+        let updates = build(records.to_stream(scope), markers.to_stream(scope), limits);
+        commit_epochs(updates, sink).probe_with(&probe);
+        (records, markers, probe)
+    });
+    use timely::dataflow::operators::Probe;
+
+    let mut summary = WorkerSummary::default();
+    let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut moved: BTreeSet<i32> = BTreeSet::new();
+    let mut last_tick = Instant::now();
+    let mut caught_up = false;
+    let mut reader_open = true;
+
+    while !stop.load(Ordering::Relaxed) && !caught_up {
+        let epoch = *records.time();
+        let sink_behind = probe.less_than(&epoch.saturating_sub(config.max_inflight_epochs));
+        let mut fed = false;
+        if reader_open && !sink_behind {
+            for _ in 0..16 {
+                match reader.try_recv() {
+                    Ok(SourceMessage::Records(batch)) => {
+                        fed = true;
+                        summary.records += batch.len() as u64;
+                        for record in batch {
+                            next_offsets.insert(record.partition, record.offset + 1);
+                            moved.insert(record.partition);
+                            records.send(record);
+                        }
+                    }
+                    Ok(SourceMessage::CaughtUp) => caught_up = true,
+                    Ok(SourceMessage::Failed(why)) => return Err(why),
+                    Err(TryRecvError::Empty) => break,
+                    // A worker without partitions has no reader: it only keeps time.
+                    Err(TryRecvError::Disconnected) => {
+                        reader_open = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if caught_up || last_tick.elapsed() >= config.epoch_interval {
+            for partition in std::mem::take(&mut moved) {
+                markers.send((partition, next_offsets[&partition]));
+            }
+            records.advance_to(epoch + 1);
+            markers.advance_to(epoch + 1);
+            summary.epochs += 1;
+            last_tick = Instant::now();
+        }
+        if fed {
+            worker.step();
+        } else {
+            worker.step_or_park(Some(Duration::from_millis(5)));
+        }
+    }
+
+    // Close the inputs; the dataflow drains and the sink commits what is left.
+    for partition in std::mem::take(&mut moved) {
+        markers.send((partition, next_offsets[&partition]));
+    }
+    drop(records);
+    drop(markers);
+    while !probe.done() {
+        worker.step_or_park(Some(Duration::from_millis(5)));
+    }
+    Ok(summary)
+}

@@ -1,0 +1,293 @@
+//! The usage event and its one decoder/validator, shared by the HTTP API and the Kafka source (SPEC §2).
+//!
+//! ```text
+//! bytes ──serde (strict: unknown fields, duplicate fields refused)──► RawEvent
+//!       ──validate (ids, alphabet, times, exact decimal value, properties)──► Event
+//!                                  └─ every failing field ─► DecodeError::Invalid([FieldError])
+//! ```
+//! Decisions depend only on the bytes and the reference instant passed in (the Kafka record's timestamp
+//! or the API's clock), never on the processor's wall clock, so a replay decides the same way.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::json::{decimal_number, parse_decimal};
+
+/// A validated usage event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: String,
+    pub customer_id: String,
+    pub event_type: String,
+    /// Event time, microseconds since the epoch, UTC.
+    pub event_time_micros: i64,
+    pub value: Decimal,
+    /// Flat properties, as compact JSON (`{}` when absent).
+    pub properties: String,
+}
+
+/// Validation limits (SPEC §2).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// How far past the reference instant an event time may lie.
+    pub max_future_micros: i64,
+    /// Largest encoded size of `properties`.
+    pub max_properties_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_future_micros: 5 * 60 * 1_000_000, max_properties_bytes: 4 * 1024 }
+    }
+}
+
+/// One reason a field is invalid, with its JSON path (`value`, `properties.region`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Why bytes are not an event.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON, or not an object of the event's shape (unknown or duplicate fields, wrong types).
+    #[error("malformed event: {0}")]
+    Malformed(String),
+    /// Well-formed, but some fields break the rules.
+    #[error("invalid event: {}", describe(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+fn describe(errors: &[FieldError]) -> String {
+    errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ")
+}
+
+impl DecodeError {
+    /// A short stable reason for dead letters and metrics: `MALFORMED_JSON` or `VALIDATION_FAILED`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecodeError::Malformed(_) => "MALFORMED_JSON",
+            DecodeError::Invalid(_) => "VALIDATION_FAILED",
+        }
+    }
+}
+
+/// The wire shape, before validation. serde's derive refuses duplicate fields on its own.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    event_id: String,
+    customer_id: String,
+    event_type: String,
+    event_time: String,
+    #[serde(default)]
+    value: Option<Value>,
+    #[serde(default)]
+    properties: Option<Map<String, Value>>,
+}
+
+/// Decodes and validates one event. `reference_micros` is the instant "in the future" is measured from.
+pub fn decode_event(bytes: &[u8], reference_micros: i64, limits: &Limits) -> Result<Event, DecodeError> {
+    let raw: RawEvent = serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let mut errors = Vec::new();
+    check_id(&mut errors, "event_id", &raw.event_id, 128, is_id_char);
+    check_id(&mut errors, "customer_id", &raw.customer_id, 128, is_id_char);
+    check_id(&mut errors, "event_type", &raw.event_type, 64, is_type_char);
+
+    let event_time_micros = match DateTime::parse_from_rfc3339(&raw.event_time) {
+        Ok(t) => {
+            let micros = t.with_timezone(&Utc).timestamp_micros();
+            if micros > reference_micros.saturating_add(limits.max_future_micros) {
+                errors.push(field("event_time", "is more than 5 minutes in the future"));
+            }
+            micros
+        }
+        Err(_) => {
+            errors.push(field("event_time", "must be an RFC 3339 timestamp with an offset"));
+            0
+        }
+    };
+
+    let value = match &raw.value {
+        None | Some(Value::Null) => Decimal::ONE,
+        Some(Value::Number(n)) => parse_value(&mut errors, &n.to_string()),
+        Some(Value::String(s)) => parse_value(&mut errors, s),
+        Some(_) => {
+            errors.push(field("value", "must be a number or a string holding a decimal"));
+            Decimal::ZERO
+        }
+    };
+
+    let properties = match &raw.properties {
+        None => "{}".to_owned(),
+        Some(map) => {
+            for (key, v) in map {
+                if !matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
+                    errors.push(field(&format!("properties.{key}"), "must be a string, number or boolean"));
+                }
+            }
+            let encoded = serde_json::to_string(map).unwrap_or_default();
+            if encoded.len() > limits.max_properties_bytes {
+                errors.push(field("properties", "must be at most 4 KiB when encoded"));
+            }
+            encoded
+        }
+    };
+
+    if !errors.is_empty() {
+        return Err(DecodeError::Invalid(errors));
+    }
+    Ok(Event {
+        event_id: raw.event_id,
+        customer_id: raw.customer_id,
+        event_type: raw.event_type,
+        event_time_micros,
+        value,
+        properties,
+    })
+}
+
+impl Event {
+    /// The event's canonical JSON: what the API forwards to Kafka, which decodes back to the same event.
+    pub fn to_json(&self) -> Vec<u8> {
+        let properties: Value = serde_json::from_str(&self.properties).unwrap_or(Value::Object(Map::new()));
+        let body = serde_json::json!({
+            "event_id": self.event_id,
+            "customer_id": self.customer_id,
+            "event_type": self.event_type,
+            "event_time": self.event_time().to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            "value": decimal_number(&self.value),
+            "properties": properties,
+        });
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    pub fn event_time(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_micros(self.event_time_micros).unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+}
+
+fn parse_value(errors: &mut Vec<FieldError>, text: &str) -> Decimal {
+    match parse_decimal(text) {
+        Ok(d) if d.is_sign_negative() && !d.is_zero() => {
+            errors.push(field("value", "must not be negative"));
+            d
+        }
+        Ok(d) => d,
+        Err(why) => {
+            errors.push(field("value", why));
+            Decimal::ZERO
+        }
+    }
+}
+
+fn check_id(errors: &mut Vec<FieldError>, name: &str, id: &str, max: usize, allowed: fn(u8) -> bool) {
+    if id.is_empty() || id.len() > max {
+        errors.push(field(name, &format!("must be 1 to {max} characters long")));
+    } else if !id.bytes().all(allowed) {
+        let alphabet = if max == 64 { "[a-z0-9_.-]" } else { "[A-Za-z0-9._:-]" };
+        errors.push(field(name, &format!("may only contain {alphabet}")));
+    }
+}
+
+fn is_id_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')
+}
+
+fn is_type_char(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+}
+
+fn field(name: &str, message: &str) -> FieldError {
+    FieldError { field: name.to_owned(), message: message.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    const NOW: i64 = 1_705_329_000_000_000; // 2024-01-15T14:30:00Z
+
+    fn decode(json: &str) -> Result<Event, DecodeError> {
+        decode_event(json.as_bytes(), NOW, &Limits::default())
+    }
+
+    fn invalid_fields(json: &str) -> Vec<String> {
+        match decode(json) {
+            Err(DecodeError::Invalid(errors)) => errors.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected an invalid event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_spec_example_decodes_with_an_exact_value() {
+        let e = decode(r#"{"event_id":"evt_01","customer_id":"cust_123","event_type":"api_call",
+            "event_time":"2024-01-15T14:30:00Z","value":"1.5","properties":{"region":"eu","model":"large"}}"#)
+        .unwrap();
+        assert_eq!(e.value, Decimal::from_str("1.5").unwrap());
+        assert_eq!(e.event_time_micros, NOW);
+        assert_eq!(e.properties, r#"{"model":"large","region":"eu"}"#);
+    }
+
+    #[test]
+    fn a_missing_value_counts_as_one_and_numbers_keep_their_digits() {
+        let e = decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00+02:00"}"#)
+            .unwrap();
+        assert_eq!(e.value, Decimal::ONE);
+        assert_eq!(e.event_time_micros, NOW - 2 * 3_600 * 1_000_000);
+        let e = decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":0.1000000000000000055511151231257827}"#);
+        assert!(e.is_err(), "more than 28 significant digits must be refused, not rounded");
+        let e = decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":0.30000000000000004}"#)
+            .unwrap();
+        assert_eq!(e.value.to_string(), "0.30000000000000004");
+    }
+
+    #[test]
+    fn unknown_and_duplicate_fields_are_malformed() {
+        let unknown = r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","total":1}"#;
+        assert!(matches!(decode(unknown), Err(DecodeError::Malformed(_))));
+        let dup = r#"{"event_id":"a","event_id":"b","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z"}"#;
+        assert!(matches!(decode(dup), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode("{\"event_id\":"), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn every_broken_field_is_reported_with_its_path() {
+        let fields = invalid_fields(
+            r#"{"event_id":"bad id","customer_id":"","event_type":"API","event_time":"yesterday","value":"-1","properties":{"nested":{"a":1}}}"#,
+        );
+        assert_eq!(fields, ["event_id", "customer_id", "event_type", "event_time", "value", "properties.nested"]);
+    }
+
+    #[test]
+    fn an_event_from_the_future_is_rejected_but_history_is_accepted() {
+        assert_eq!(
+            invalid_fields(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:35:01Z"}"#),
+            ["event_time"]
+        );
+        assert!(decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:35:00Z"}"#).is_ok());
+        assert!(decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2019-01-01T00:00:00Z"}"#).is_ok());
+    }
+
+    #[test]
+    fn nan_infinity_and_oversized_properties_are_invalid() {
+        for v in [r#""NaN""#, r#""Infinity""#, "1e400", r#""-0.5""#, "true"] {
+            let json = format!(r#"{{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":{v}}}"#);
+            assert_eq!(invalid_fields(&json), ["value"], "value {v}");
+        }
+        let big = "x".repeat(5000);
+        let json = format!(r#"{{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","properties":{{"k":"{big}"}}}}"#);
+        assert_eq!(invalid_fields(&json), ["properties"]);
+    }
+
+    #[test]
+    fn the_canonical_json_decodes_back_to_the_same_event() {
+        let e = decode(r#"{"event_id":"e-1","customer_id":"c","event_type":"tokens","event_time":"2024-01-15T14:30:00.123456Z","value":"12.500","properties":{"model":"large","n":3}}"#)
+            .unwrap();
+        assert_eq!(decode_event(&e.to_json(), NOW, &Limits::default()).unwrap(), e);
+    }
+}

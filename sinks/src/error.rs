@@ -1,0 +1,40 @@
+//! Sink errors, classified as Feldera's Postgres adapter does: by kind and SQLSTATE class.
+
+/// Why the sink could not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Another pipeline instance took over the topic; this one must stop (it is a zombie).
+    #[error("another pipeline took over topic {topic} (our generation {ours}, now {current}); stopping")]
+    Fenced { topic: String, ours: i64, current: i64 },
+    /// The database said no; retrying the same statement will not help.
+    #[error("postgres refused the commit: {0}")]
+    Permanent(#[source] sqlx::Error),
+    /// Lost connection, server restart, serialization failure: retry.
+    #[error("postgres is unavailable: {0}")]
+    Transient(#[source] sqlx::Error),
+    #[error("an aggregate overflowed the 96-bit decimal range")]
+    Overflow(#[from] meterflow_model::aggregate::Overflow),
+}
+
+impl From<sqlx::Error> for SinkError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_transient(&e) {
+            SinkError::Transient(e)
+        } else {
+            SinkError::Permanent(e)
+        }
+    }
+}
+
+/// Connection-level failures and SQLSTATE classes 08 (connection), 40 (rollback), 53 (resources),
+/// 57 (operator intervention: shutdown, admin terminate) are worth retrying.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            ["08", "40", "53", "57"].iter().any(|class| code.starts_with(class))
+        }
+        _ => false,
+    }
+}
