@@ -1,1 +1,119 @@
-//! placeholder
+//! The HTTP API (axum): ingestion, reads from Postgres, health and metrics. Knows nothing of timely.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `events.rs` | `POST /api/v1/events`: validate, store durably and uniquely, forward to Kafka |
+//! | `outbox.rs` | background tasks that clear and relay the event outbox |
+//! | `aggregations.rs` | `GET /api/v1/aggregations` |
+//! | `page.rs` | list envelopes, page sizes, cursors |
+//! | `error.rs` | [`ApiError`] → problem+json |
+//! | `metrics.rs` | Prometheus metrics and the request-tracking middleware |
+
+pub mod aggregations;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod outbox;
+pub mod page;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use meterflow_model::Limits;
+use rdkafka::producer::{FutureProducer, Producer};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+
+pub use error::ApiError;
+pub use metrics::Metrics;
+
+/// Everything a request handler may use.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub producer: FutureProducer,
+    pub topic: String,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    /// Ids of events Kafka acknowledged, whose outbox rows can go.
+    pub published: mpsc::Sender<String>,
+}
+
+impl AppState {
+    /// Builds the state and starts the outbox's background tasks on the current runtime.
+    pub fn new(pool: PgPool, producer: FutureProducer, topic: String) -> Self {
+        let (published, acked) = mpsc::channel(100_000);
+        tokio::spawn(outbox::forget_published(pool.clone(), acked));
+        tokio::spawn(outbox::relay(
+            pool.clone(),
+            producer.clone(),
+            topic.clone(),
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        ));
+        AppState { pool, producer, topic, limits: Limits::default(), metrics: Arc::new(Metrics::new()), published }
+    }
+}
+
+/// The whole API.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .route(
+            "/events",
+            post(events::post_event).layer(DefaultBodyLimit::max(events::MAX_EVENT_BYTES)),
+        )
+        .route("/aggregations", get(aggregations::list));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when Postgres answers and the Kafka broker has the topic.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let db = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.pool))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let producer = state.producer.clone();
+    let topic = state.topic.clone();
+    let kafka = tokio::task::spawn_blocking(move || {
+        producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)).is_ok_and(|m| {
+            m.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        })
+    })
+    .await
+    .unwrap_or(false);
+    let status = if db && kafka { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
+        "postgres": if db { "up" } else { "down" },
+        "kafka": if kafka { "up" } else { "down" },
+    });
+    (status, Json(body))
+}
+
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}

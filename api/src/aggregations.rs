@@ -1,0 +1,98 @@
+//! `GET /api/v1/aggregations`: the current aggregate rows, filtered, in key order, with keyset
+//! pagination behind an opaque cursor (SPEC §8).
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::error::ApiError;
+use crate::page::{Cursor, Page};
+use crate::AppState;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregationQuery {
+    customer_id: Option<String>,
+    meter: Option<String>,
+    /// Windows starting at or after this instant.
+    from: Option<DateTime<Utc>>,
+    /// Windows starting before this instant.
+    to: Option<DateTime<Utc>>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Aggregation {
+    customer_id: String,
+    meter: String,
+    window_start: DateTime<Utc>,
+    window_end: DateTime<Utc>,
+    #[serde(serialize_with = "meterflow_model::json::serialize_decimal")]
+    value: Decimal,
+    event_count: i64,
+    finalized: bool,
+    revision: i32,
+    updated_at: DateTime<Utc>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<AggregationQuery>, QueryRejection>,
+) -> Result<Json<Page<Aggregation>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = crate::page::limit(q.limit)?;
+    let after = q.cursor.as_deref().map(Cursor::decode).transpose()?;
+    let (after_customer, after_meter, after_start) = match &after {
+        Some(c) => (Some(c.0.as_str()), Some(c.1.as_str()), Some(c.2)),
+        None => (None, None, None),
+    };
+    let rows = sqlx::query(
+        "SELECT customer_id, meter, window_start, window_end, value, event_count, finalized, revision, updated_at
+         FROM aggregations
+         WHERE ($1::text IS NULL OR customer_id = $1)
+           AND ($2::text IS NULL OR meter = $2)
+           AND ($3::timestamptz IS NULL OR window_start >= $3)
+           AND ($4::timestamptz IS NULL OR window_start < $4)
+           AND ($5::text IS NULL OR (customer_id, meter, window_start) > ($5, $6, $7))
+         ORDER BY customer_id, meter, window_start
+         LIMIT $8",
+    )
+    .bind(q.customer_id)
+    .bind(q.meter)
+    .bind(q.from)
+    .bind(q.to)
+    .bind(after_customer)
+    .bind(after_meter)
+    .bind(after_start)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let mut data = rows
+        .iter()
+        .map(|r| {
+            Ok(Aggregation {
+                customer_id: r.try_get(0)?,
+                meter: r.try_get(1)?,
+                window_start: r.try_get(2)?,
+                window_end: r.try_get(3)?,
+                value: r.try_get(4)?,
+                event_count: r.try_get(5)?,
+                finalized: r.try_get(6)?,
+                revision: r.try_get(7)?,
+                updated_at: r.try_get(8)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let next_cursor = if data.len() as i64 > limit {
+        data.truncate(limit as usize);
+        data.last().map(|a| Cursor(a.customer_id.clone(), a.meter.clone(), a.window_start).encode())
+    } else {
+        None
+    };
+    Ok(Json(Page { data, next_cursor }))
+}

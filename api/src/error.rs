@@ -1,0 +1,108 @@
+//! One error type for the whole API, one `match` to a status, rendered as RFC 9457 problem+json with a
+//! stable `code` (SPEC §8). Details never carry SQL or stack traces: those go to the log.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use meterflow_model::FieldError;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the body is not valid JSON of the expected shape: {0}")]
+    MalformedJson(String),
+    #[error("the request is invalid")]
+    Validation(Vec<FieldError>),
+    #[error("an event with id {0} was already accepted")]
+    DuplicateEvent(String),
+    #[error("the body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("send the body as application/json")]
+    UnsupportedMediaType,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("not found")]
+    NotFound,
+    #[error("{0} is unavailable; retry shortly")]
+    Unavailable(&'static str),
+    #[error("internal error")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    code: &'a str,
+    detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errors: Option<&'a [FieldError]>,
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "MALFORMED_JSON", "Malformed JSON"),
+            ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED", "Validation failed"),
+            ApiError::DuplicateEvent(_) => (StatusCode::CONFLICT, "DUPLICATE_EVENT", "Duplicate event"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "Payload too large"),
+            ApiError::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE", "Unsupported media type")
+            }
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST", "Bad request"),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND", "Not found"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "Service unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, title) = self.parts();
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error");
+        }
+        let errors = match &self {
+            ApiError::Validation(errors) => Some(errors.as_slice()),
+            _ => None,
+        };
+        let detail = match &self {
+            ApiError::Validation(errors) => {
+                errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ")
+            }
+            other => other.to_string(),
+        };
+        let problem = Problem {
+            kind: format!("https://meterflow.dev/problems/{}", code.to_ascii_lowercase().replace('_', "-")),
+            title,
+            status: status.as_u16(),
+            code,
+            detail,
+            errors,
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => {
+                ApiError::Unavailable("the database")
+            }
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| ["08", "53", "57"].iter().any(|k| c.starts_with(k))) => {
+                ApiError::Unavailable("the database")
+            }
+            _ => ApiError::Internal(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The API's Prometheus metrics, defined once, with bounded labels (route templates, never raw paths or
+//! customer ids), and the middleware that records every request.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+use crate::AppState;
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_duration: HistogramVec,
+    pub http_requests: IntCounterVec,
+    pub events_ingested: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency")
+                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]),
+            &["method", "route", "status"],
+        )
+        .expect("valid metric");
+        let http_requests =
+            IntCounterVec::new(Opts::new("http_requests_total", "HTTP requests"), &["method", "route", "status"])
+                .expect("valid metric");
+        let events_ingested =
+            IntCounterVec::new(Opts::new("events_ingested_total", "Events accepted by the API"), &["event_type"])
+                .expect("valid metric");
+        for m in [
+            Box::new(http_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(http_requests.clone()),
+            Box::new(events_ingested.clone()),
+        ] {
+            registry.register(m).expect("metric registered once");
+        }
+        Metrics { registry, http_duration, http_requests, events_ingested }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Records latency and count per method, route template and status.
+pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [method.as_str(), route.as_str(), status.as_str()];
+    state.metrics.http_duration.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
+    state.metrics.http_requests.with_label_values(&labels).inc();
+    response
+}

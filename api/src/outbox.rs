@@ -1,0 +1,68 @@
+//! The event outbox's two background tasks: deleting rows whose events Kafka acknowledged (in batches, off
+//! the request path), and relaying rows left behind by a crash.
+
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::{PgPool, Row};
+use tokio::sync::mpsc;
+
+/// Deletes acknowledged outbox rows, up to 1000 per statement.
+pub async fn forget_published(pool: PgPool, mut acked: mpsc::Receiver<String>) {
+    let mut ids = Vec::with_capacity(1000);
+    while acked.recv_many(&mut ids, 1000).await > 0 {
+        if let Err(e) = sqlx::query("DELETE FROM event_outbox WHERE event_id = ANY($1)").bind(&ids).execute(&pool).await {
+            tracing::warn!(error = %e, rows = ids.len(), "could not clear published outbox rows; the relay will resend them");
+        }
+        ids.clear();
+    }
+}
+
+/// Every `every`, republishes outbox rows older than `grace` (their request died before Kafka answered).
+pub async fn relay(pool: PgPool, producer: FutureProducer, topic: String, every: Duration, grace: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match relay_once(&pool, &producer, &topic, grace).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "relayed events left in the outbox"),
+            Err(e) => tracing::warn!(error = %e, "outbox relay failed; will retry"),
+        }
+    }
+}
+
+/// One relay pass; returns how many events it republished.
+pub async fn relay_once(pool: &PgPool, producer: &FutureProducer, topic: &str, grace: Duration) -> Result<usize, RelayError> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "SELECT event_id, payload, customer_id FROM event_outbox
+         WHERE created_at < now() - make_interval(secs => $1)
+         ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(grace.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut sent = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let id: String = row.try_get(0)?;
+        let payload: Vec<u8> = row.try_get(1)?;
+        let customer: String = row.try_get(2)?;
+        producer
+            .send(FutureRecord::to(topic).key(&customer).payload(&payload), Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| RelayError::Kafka(e))?;
+        sent.push(id);
+    }
+    sqlx::query("DELETE FROM event_outbox WHERE event_id = ANY($1)").bind(&sent).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(sent.len())
+}
+
+/// Why a relay pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Kafka(rdkafka::error::KafkaError),
+}

@@ -1,0 +1,67 @@
+//! Small Kafka chores shared by the subcommands: client settings, creating the events topic, counting its
+//! partitions.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+
+/// Partitions of a topic meterflow creates (SPEC §11).
+pub const DEFAULT_PARTITIONS: i32 = 8;
+
+pub fn client_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    config
+}
+
+/// A producer that never loses or duplicates on its own retries: idempotent, acks from all replicas.
+pub fn producer_config(brokers: &str) -> ClientConfig {
+    let mut config = client_config(brokers);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "10000")
+        .set("linger.ms", "2");
+    config
+}
+
+/// Creates `topic` with `partitions` partitions unless it exists.
+pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(brokers).create().context("creating the Kafka admin client")?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics([&new], &options)
+        .await
+        .with_context(|| format!("cannot reach Kafka at {brokers}; is it running? (deploy/local/up starts it)"))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => bail!("creating topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// How many partitions `topic` has (blocking; call before starting workers).
+pub fn partition_count(brokers: &str, topic: &str) -> Result<i32> {
+    let consumer: BaseConsumer = client_config(brokers).create()?;
+    for _ in 0..50 {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("cannot read metadata of {topic} from {brokers}; is Kafka running?"))?;
+        if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) {
+            if !t.partitions().is_empty() {
+                return Ok(t.partitions().len() as i32);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("topic {topic} has no partitions")
+}

@@ -1,0 +1,137 @@
+//! `meterflow loadgen`: produces a realistic mix of usage events to Kafka, at a fixed rate or as fast as
+//! the broker takes them, with a progress line every second and a summary at the end.
+//!
+//! The mix: customers drawn with a skew (a few heavy customers, a long tail), five event types with
+//! different value shapes (counts, token amounts, fractional GB), event times a little in the past, and
+//! optionally a share of invalid records to exercise dead letters.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chrono::{SecondsFormat, Utc};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+use crate::kafka;
+
+#[derive(Debug, clap::Args)]
+pub struct LoadgenArgs {
+    /// Events per second; 0 produces as fast as the broker accepts.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Stop after this many events (default: run until --duration or Ctrl-C).
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Distinct customers.
+    #[arg(long, default_value_t = 1000)]
+    pub customers: u64,
+    /// Invalid records per thousand (they become dead letters).
+    #[arg(long, default_value_t = 0)]
+    pub invalid_permille: u32,
+    /// Spread event times over this many hours before now (0 = within the last two minutes).
+    #[arg(long, default_value_t = 0)]
+    pub spread_hours: u64,
+    /// Seed of the random mix (the same seed gives the same events, apart from times).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Event-id prefix, so that several runs never share ids.
+    #[arg(long, default_value = "lg")]
+    pub id_prefix: String,
+}
+
+const EVENT_TYPES: [(&str, u32); 5] =
+    [("api_call", 50), ("tokens", 25), ("storage_gb", 10), ("compute_seconds", 10), ("seats", 5)];
+
+/// Produces the events; prints a JSON summary line on stdout.
+pub fn run(args: &LoadgenArgs, brokers: &str, topic: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(kafka::ensure_topic(brokers, topic, kafka::DEFAULT_PARTITIONS))?;
+    let producer: ThreadedProducer<DefaultProducerContext> = kafka::producer_config(brokers)
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .context("creating the Kafka producer")?;
+
+    let mut rng = SmallRng::seed_from_u64(args.seed);
+    let started = Instant::now();
+    let mut last_report = started;
+    let mut produced: u64 = 0;
+    let mut invalid: u64 = 0;
+    let limit = args.events.unwrap_or(u64::MAX);
+    let deadline = args.duration.map(|s| started + Duration::from_secs_f64(s));
+    while produced < limit && deadline.is_none_or(|d| Instant::now() < d) {
+        if args.rate > 0 {
+            let due = (started.elapsed().as_secs_f64() * args.rate as f64) as u64;
+            if produced >= due {
+                std::thread::sleep(Duration::from_micros(500));
+                continue;
+            }
+        }
+        let (customer, payload, bad) = next_event(&mut rng, args, produced);
+        invalid += bad as u64;
+        let mut record = BaseRecord::to(topic).key(&customer).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(e).context("producing to Kafka"),
+            }
+        }
+        produced += 1;
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            let secs = started.elapsed().as_secs_f64();
+            eprint!("\rloadgen: {produced} events in {secs:.0}s ({:.0}/s)   ", produced as f64 / secs);
+            let _ = std::io::stderr().flush();
+        }
+    }
+    producer.flush(Duration::from_secs(60)).context("flushing the last events to Kafka")?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!("\rloadgen: produced {produced} events ({invalid} invalid) to {topic} in {secs:.1}s ({:.0}/s)", produced as f64 / secs);
+    println!(
+        "{}",
+        serde_json::json!({"produced": produced, "invalid": invalid, "seconds": secs, "rate": produced as f64 / secs})
+    );
+    Ok(())
+}
+
+/// One event of the mix: (key, payload, whether it is deliberately invalid).
+fn next_event(rng: &mut SmallRng, args: &LoadgenArgs, n: u64) -> (String, Vec<u8>, bool) {
+    // Skewed customers: squaring a uniform draw favours low ids.
+    let u: f64 = rng.random();
+    let customer = format!("cust_{:05}", ((u * u) * args.customers as f64) as u64);
+    let pick = rng.random_range(0..100);
+    let mut acc = 0;
+    let event_type = EVENT_TYPES.iter().find(|(_, w)| { acc += w; pick < acc }).map_or("api_call", |(t, _)| t);
+    let value = match event_type {
+        "tokens" => rng.random_range(1..4000).to_string(),
+        "storage_gb" => format!("{}.{:03}", rng.random_range(0..50), rng.random_range(0..1000)),
+        "compute_seconds" => format!("{}.{:02}", rng.random_range(0..600), rng.random_range(0..100)),
+        _ => "1".to_owned(),
+    };
+    let back_ms = if args.spread_hours > 0 {
+        rng.random_range(0..args.spread_hours * 3_600_000)
+    } else {
+        rng.random_range(0..120_000)
+    };
+    let time = (Utc::now() - chrono::Duration::milliseconds(back_ms as i64)).to_rfc3339_opts(SecondsFormat::Millis, true);
+    let id = format!("{}_{}_{n}", args.id_prefix, args.seed);
+    let bad = rng.random_range(0..1000) < args.invalid_permille;
+    let value = if bad { "\"-5\"".to_owned() } else { format!("\"{value}\"") };
+    let payload = format!(
+        r#"{{"event_id":"{id}","customer_id":"{customer}","event_type":"{event_type}","event_time":"{time}","value":{value},"properties":{{"region":"{}"}}}}"#,
+        ["eu", "us", "ap"][rng.random_range(0..3)]
+    );
+    (customer, payload.into_bytes(), bad)
+}

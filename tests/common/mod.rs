@@ -1,0 +1,183 @@
+//! Shared harness for the integration tests: a fresh Postgres database and a fresh Kafka topic per test,
+//! on the real services that `deploy/local/up` starts, and the real `meterflow` binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use rand::Rng;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rust_decimal::Decimal;
+use sqlx::{Connection, PgConnection, Row};
+
+pub const BROKERS: &str = "127.0.0.1:9092";
+pub const ADMIN_URL: &str = "postgres://meterflow@127.0.0.1:5432/meterflow";
+
+/// A unique suffix for names of this test's database and topic.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}_{:08x}", std::process::id(), rand::rng().random::<u32>())
+}
+
+/// Creates a migrated database of its own; returns its URL.
+pub async fn fresh_database() -> String {
+    let name = unique("mf_test");
+    let mut admin = PgConnection::connect(ADMIN_URL)
+        .await
+        .expect("Postgres must be running on 127.0.0.1:5432 (deploy/local/up)");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
+    let url = format!("postgres://meterflow@127.0.0.1:5432/{name}");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    meterflow_sinks::MIGRATOR.run(&pool).await.unwrap();
+    pool.close().await;
+    url
+}
+
+/// Creates a topic of its own with `partitions` partitions.
+pub async fn fresh_topic(partitions: i32) -> String {
+    let name = unique("test.events").replace('_', "-");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", BROKERS).create().unwrap();
+    let results = admin
+        .create_topics([&NewTopic::new(&name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .expect("Kafka must be running on 127.0.0.1:9092 (deploy/local/up)");
+    for r in results {
+        r.expect("topic created");
+    }
+    name
+}
+
+/// Produces `(key, payload)` records and waits until the broker has them all.
+pub fn produce(topic: &str, records: &[(String, Vec<u8>)]) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "10")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap();
+    for (key, payload) in records {
+        let mut record = BaseRecord::to(topic).key(key).payload(payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// One generated usage event, as the test knows it (the reference never decodes JSON).
+#[derive(Clone, Debug)]
+pub struct TestEvent {
+    pub id: String,
+    pub customer: String,
+    pub event_type: String,
+    /// Seconds since the epoch.
+    pub time: i64,
+    pub value: Decimal,
+    /// Deliberately invalid: must end up in dead letters, not in aggregates.
+    pub invalid: bool,
+}
+
+impl TestEvent {
+    pub fn payload(&self) -> Vec<u8> {
+        let time = chrono::DateTime::from_timestamp(self.time, 0).unwrap().to_rfc3339();
+        let value = if self.invalid { "\"-1\"".to_owned() } else { self.value.to_string() };
+        format!(
+            r#"{{"event_id":"{}","customer_id":"{}","event_type":"{}","event_time":"{time}","value":{value}}}"#,
+            self.id, self.customer, self.event_type
+        )
+        .into_bytes()
+    }
+}
+
+/// `n` random events over six hours of 2024-01-15: random customers, types, times and decimal values,
+/// about one in fifty invalid.
+pub fn random_events(n: usize, seed: u64) -> Vec<TestEvent> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| TestEvent {
+            id: format!("evt_{seed}_{i}"),
+            customer: format!("cust_{}", rng.random_range(0..40)),
+            event_type: ["api_call", "tokens", "storage_gb"][rng.random_range(0..3)].to_owned(),
+            time: 1_705_312_800 + rng.random_range(0..6 * 3600),
+            value: Decimal::new(rng.random_range(0..1_000_000), rng.random_range(0..5)),
+            invalid: rng.random_range(0..50) == 0,
+        })
+        .collect()
+}
+
+pub type Aggregates = BTreeMap<(String, String, i64), (Decimal, i64)>;
+
+/// The plain reference: hourly sum and count per customer and event type of the valid events.
+pub fn reference(events: &[TestEvent]) -> Aggregates {
+    let mut out = Aggregates::new();
+    for e in events.iter().filter(|e| !e.invalid) {
+        let entry = out.entry((e.customer.clone(), e.event_type.clone(), e.time - e.time.rem_euclid(3600))).or_default();
+        entry.0 += e.value;
+        entry.1 += 1;
+    }
+    out
+}
+
+pub async fn stored_aggregates(url: &str) -> Aggregates {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let rows = sqlx::query(
+        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint, value, event_count FROM aggregations",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    rows.iter()
+        .map(|r| ((r.get(0), r.get(1), r.get(2)), (r.get::<Decimal, _>(3).normalize(), r.get(4))))
+        .collect()
+}
+
+pub fn normalized(mut a: Aggregates) -> Aggregates {
+    for v in a.values_mut() {
+        v.0 = v.0.normalize();
+    }
+    a
+}
+
+pub async fn scalar_i64(url: &str, sql: &str) -> i64 {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    sqlx::query_scalar::<_, i64>(sql).fetch_one(&mut conn).await.unwrap()
+}
+
+/// The `meterflow` binary with the test's database and topic.
+pub fn meterflow(url: &str, topic: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meterflow"));
+    cmd.env("MF_DATABASE_URL", url).env("MF_EVENTS_TOPIC", topic).env("MF_KAFKA_BROKERS", BROKERS).env("MF_LOG", "warn");
+    cmd
+}
+
+/// Runs the pipeline until it has committed everything in the topic.
+pub fn drain(url: &str, topic: &str, workers: usize) -> Output {
+    let out = meterflow(url, topic)
+        .args(["pipeline", "--until-caught-up", "--workers", &workers.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pipeline failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+pub fn spawn_pipeline(url: &str, topic: &str, workers: usize, extra: &[&str]) -> Child {
+    meterflow(url, topic)
+        .args(["pipeline", "--workers", &workers.to_string()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
