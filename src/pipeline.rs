@@ -81,7 +81,8 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
     let guards = timely::execute(timely_config(args)?, move |worker| {
         let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
         let (reader, _handle) = spawn_reader(source.clone(), owned, 64).map_err(|e| e.to_string())?;
-        let sink = sink.lock().map_err(|_| "sink lock poisoned".to_owned())?.take();
+        // Worker 0 of process 0 hands epochs to the writer (commit.rs); the others have no sink.
+        let sink = if worker.index() == 0 { sink.lock().map_err(|_| "sink lock poisoned".to_owned())?.take() } else { None };
         run_worker(worker, &config, reader, sink, &stop)
     })
     .map_err(|e| anyhow!("starting timely: {e}"))?;

@@ -205,6 +205,32 @@ async fn commit(conn: &mut PgConnection, lease: &Lease, batch: &EpochBatch) -> R
         .bind(batch.epoch as i64)
         .execute(&mut *tx)
         .await?;
+    failpoint::hit("before_commit");
     tx.commit().await?;
+    failpoint::hit("after_commit");
     Ok(())
+}
+
+/// Crash injection for tests (RELIABILITY.md): `MF_FAILPOINT=before_commit:N` or `after_commit:N` aborts
+/// the process at the N-th time that point is reached, just as a `kill -9` there would.
+mod failpoint {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+
+    pub fn hit(point: &str) {
+        let armed = ARMED.get_or_init(|| {
+            let spec = std::env::var("MF_FAILPOINT").ok()?;
+            let (name, n) = spec.split_once(':')?;
+            Some((name.to_owned(), n.parse().ok()?))
+        });
+        if let Some((name, n)) = armed {
+            if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n {
+                eprintln!("failpoint {point}:{n} reached: aborting");
+                std::process::abort();
+            }
+        }
+    }
 }

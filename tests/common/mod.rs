@@ -127,7 +127,7 @@ pub fn reference(events: &[TestEvent]) -> Aggregates {
         entry.0 += e.value;
         entry.1 += 1;
     }
-    out
+    normalized(out)
 }
 
 pub async fn stored_aggregates(url: &str) -> Aggregates {
@@ -180,4 +180,18 @@ pub fn spawn_pipeline(url: &str, topic: &str, workers: usize, extra: &[&str]) ->
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// Asserts equal aggregates, printing only a summary and the first differences (not two huge maps).
+pub fn assert_same(got: &Aggregates, expected: &Aggregates, context: &str) {
+    if got == expected {
+        return;
+    }
+    let missing: Vec<_> = expected.iter().filter(|(k, v)| got.get(*k) != Some(*v)).take(5).collect();
+    let extra: Vec<_> = got.iter().filter(|(k, _)| !expected.contains_key(*k)).take(5).collect();
+    panic!(
+        "{context}: {} stored rows vs {} expected; first expected rows that differ: {missing:?}; rows that should not exist: {extra:?}",
+        got.len(),
+        expected.len()
+    );
 }
