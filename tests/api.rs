@@ -1,0 +1,258 @@
+//! The HTTP API against the real broker and database: ingestion (201/409/400/413/415/422, concurrent
+//! duplicates), reads (filters, pagination, exact decimals), health and metrics, and events posted over
+//! HTTP reaching the aggregates through Kafka and the pipeline.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdkafka::config::ClientConfig;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+struct TestApi {
+    base: String,
+    pool: PgPool,
+    url: String,
+    topic: String,
+    client: reqwest::Client,
+}
+
+async fn spawn_api() -> TestApi {
+    let url = fresh_database().await;
+    let topic = fresh_topic(2).await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    let producer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let state = meterflow_api::AppState::new(pool.clone(), producer, topic.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(meterflow_api::serve(listener, state, std::future::pending()));
+    TestApi { base, pool, url, topic, client: reqwest::Client::new() }
+}
+
+impl TestApi {
+    async fn post_event(&self, body: &Value) -> reqwest::Response {
+        self.client.post(format!("{}/api/v1/events", self.base)).json(body).send().await.unwrap()
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(format!("{}{path}", self.base)).send().await.unwrap()
+    }
+}
+
+fn event(id: &str) -> Value {
+    json!({"event_id": id, "customer_id": "cust_123", "event_type": "api_call",
+           "event_time": "2024-01-15T14:30:00Z", "value": "1.5", "properties": {"region": "eu"}})
+}
+
+async fn problem(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let content_type = response.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
+    assert_eq!(content_type, "application/problem+json", "errors are problem+json");
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_is_accepted_once_and_its_duplicate_gets_409() {
+    let api = spawn_api().await;
+    let first = api.post_event(&event("evt_01")).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let (status, body) = problem(api.post_event(&event("evt_01")).await).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["code"], "DUPLICATE_EVENT");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry_events WHERE event_id = 'evt_01'")
+        .fetch_one(&api.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    let value: String = sqlx::query_scalar("SELECT value::text FROM telemetry_events WHERE event_id = 'evt_01'")
+        .fetch_one(&api.pool)
+        .await
+        .unwrap();
+    assert_eq!(value, "1.5");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn of_concurrent_identical_posts_exactly_one_is_accepted() {
+    let api = spawn_api().await;
+    let body = event("evt_race_123");
+    let responses = futures::future::join_all((0..10).map(|_| api.post_event(&body))).await;
+    let mut statuses: Vec<u16> = responses.iter().map(|r| r.status().as_u16()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 409, 409, 409, 409, 409, 409, 409, 409, 409]);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry_events WHERE event_id = 'evt_race_123'")
+        .fetch_one(&api.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_bodies_get_a_clear_problem() {
+    let api = spawn_api().await;
+    let post_raw = |body: &'static str, content_type: &'static str| {
+        api.client
+            .post(format!("{}/api/v1/events", api.base))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+
+    let (status, body) = problem(post_raw("{\"event_id\": ", "application/json").await.unwrap()).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("MALFORMED_JSON")));
+
+    let mut invalid = event("evt_bad");
+    invalid["value"] = json!("-3");
+    invalid["event_type"] = json!("Not Valid");
+    let (status, body) = problem(api.post_event(&invalid).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["code"], "VALIDATION_FAILED");
+    let fields: Vec<&str> = body["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    assert_eq!(fields, ["event_type", "value"]);
+
+    let (status, body) = problem(post_raw("event_id=1", "application/x-www-form-urlencoded").await.unwrap()).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("UNSUPPORTED_MEDIA_TYPE")));
+
+    let mut huge = event("evt_huge");
+    huge["properties"] = json!({"blob": "x".repeat(70 * 1024)});
+    let (status, body) = problem(api.post_event(&huge).await).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("PAYLOAD_TOO_LARGE")));
+
+    let (status, body) = problem(api.get("/api/v1/nowhere").await).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::NOT_FOUND, Some("NOT_FOUND")));
+
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry_events").fetch_one(&api.pool).await.unwrap();
+    assert_eq!(stored, 0, "nothing invalid is stored");
+}
+
+async fn seed_aggregations(pool: &PgPool) {
+    sqlx::query(
+        "INSERT INTO aggregations (customer_id, meter, window_start, window_end, value, event_count)
+         SELECT 'cust_' || c, m, timestamptz '2024-01-15 00:00Z' + h * interval '1 hour',
+                timestamptz '2024-01-15 01:00Z' + h * interval '1 hour', 12345678901234567890.123456789, 3
+         FROM generate_series(1, 3) c, unnest(array['api_call', 'tokens']) m, generate_series(0, 4) h",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aggregations_filter_paginate_and_keep_exact_decimals() {
+    let api = spawn_api().await;
+    seed_aggregations(&api.pool).await;
+
+    // Filters: one customer, one meter, two of five hours.
+    let response =
+        api.get("/api/v1/aggregations?customer_id=cust_2&meter=tokens&from=2024-01-15T01:00:00Z&to=2024-01-15T03:00:00Z").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("\"value\":12345678901234567890.123456789"), "decimals are exact JSON numbers: {text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    let starts: Vec<&str> = body["data"].as_array().unwrap().iter().map(|a| a["window_start"].as_str().unwrap()).collect();
+    assert_eq!(starts, ["2024-01-15T01:00:00Z", "2024-01-15T02:00:00Z"]);
+    assert!(body["next_cursor"].is_null());
+
+    // Pagination: pages of 4 walk all 30 rows once, in key order.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/aggregations?limit=4&cursor={c}"),
+            None => "/api/v1/aggregations?limit=4".to_owned(),
+        };
+        let page: Value = api.get(&path).await.json().await.unwrap();
+        for a in page["data"].as_array().unwrap() {
+            seen.push(format!("{}/{}/{}", a["customer_id"], a["meter"], a["window_start"]));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(seen.len(), 30);
+    assert_eq!(seen, sorted, "every row once, in order");
+
+    for bad in ["limit=0", "limit=5000", "cursor=zz", "from=yesterday", "colour=blue"] {
+        let (status, body) = problem(api.get(&format!("/api/v1/aggregations?{bad}")).await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics_answer() {
+    let api = spawn_api().await;
+    assert_eq!(api.get("/healthz").await.status(), StatusCode::OK);
+    let ready = api.get("/readyz").await;
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(api.post_event(&event("evt_m")).await.status(), StatusCode::CREATED);
+    let metrics = api.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains(r#"events_ingested_total{event_type="api_call"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"http_requests_total{method="POST",route="/api/v1/events",status="201"} 1"#), "{metrics}");
+    assert!(metrics.contains("http_request_duration_seconds_bucket"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_posted_over_http_reach_the_aggregates_through_kafka() {
+    let api = spawn_api().await;
+    for (i, value) in ["1.5", "2.25", "0.25"].iter().enumerate() {
+        let mut e = event(&format!("evt_http_{i}"));
+        e["value"] = json!(value);
+        assert_eq!(api.post_event(&e).await.status(), StatusCode::CREATED);
+    }
+    drain(&api.url, &api.topic, 2);
+    let page: Value = api.get("/api/v1/aggregations?customer_id=cust_123").await.json().await.unwrap();
+    let rows = page["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["value"].to_string(), "4.00");
+    assert_eq!(rows[0]["event_count"], 3);
+    assert_eq!(rows[0]["window_start"], "2024-01-15T14:00:00Z");
+    assert_eq!(rows[0]["window_end"], "2024-01-15T15:00:00Z");
+
+    // Kafka acknowledged every event, so the outbox empties.
+    let mut left = 1;
+    for _ in 0..100 {
+        left = scalar_i64(&api.url, "SELECT count(*) FROM event_outbox").await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "acknowledged events leave the outbox");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_stranded_in_the_outbox_is_relayed_and_counted_once() {
+    let api = spawn_api().await;
+    // As if the API crashed after storing the event and before Kafka acknowledged it.
+    let payload = br#"{"event_id":"evt_stranded","customer_id":"cust_9","event_type":"api_call","event_time":"2024-01-15T10:15:00Z","value":7}"#;
+    sqlx::query(
+        "WITH e AS (INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value)
+                    VALUES ('evt_stranded', 'cust_9', 'api_call', '2024-01-15T10:15:00Z', 7) RETURNING event_id)
+         INSERT INTO event_outbox (event_id, payload, customer_id, created_at)
+         SELECT event_id, $1, 'cust_9', now() - interval '1 hour' FROM e",
+    )
+    .bind(&payload[..])
+    .execute(&api.pool)
+    .await
+    .unwrap();
+    let producer = ClientConfig::new().set("bootstrap.servers", BROKERS).create().unwrap();
+    let relayed = meterflow_api::outbox::relay_once(&api.pool, &producer, &api.topic, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(relayed, 1);
+    assert_eq!(scalar_i64(&api.url, "SELECT count(*) FROM event_outbox").await, 0);
+
+    drain(&api.url, &api.topic, 1);
+    let page: Value = api.get("/api/v1/aggregations?customer_id=cust_9").await.json().await.unwrap();
+    assert_eq!(page["data"][0]["value"].to_string(), "7");
+    assert_eq!(page["data"][0]["event_count"], 1);
+}
