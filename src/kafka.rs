@@ -32,14 +32,17 @@ pub fn producer_config(brokers: &str) -> ClientConfig {
 
 /// Creates `topic` with `partitions` partitions unless it exists.
 pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(brokers).create().context("creating the Kafka admin client")?;
+    let admin: AdminClient<DefaultClientContext> = client_config(brokers)
+        .create()
+        .context("creating the Kafka admin client")?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
         .create_topics([&new], &options)
         .await
-        .with_context(|| format!("cannot reach Kafka at {brokers}; is it running? (deploy/local/up starts it)"))?;
+        .with_context(|| {
+            format!("cannot reach Kafka at {brokers}; is it running? (deploy/local/up starts it)")
+        })?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -55,7 +58,9 @@ pub fn partition_count(brokers: &str, topic: &str) -> Result<i32> {
     for _ in 0..50 {
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .with_context(|| format!("cannot read metadata of {topic} from {brokers}; is Kafka running?"))?;
+            .with_context(|| {
+                format!("cannot read metadata of {topic} from {brokers}; is Kafka running?")
+            })?;
         if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) {
             if !t.partitions().is_empty() {
                 return Ok(t.partitions().len() as i32);

@@ -45,13 +45,24 @@ pub struct LoadgenArgs {
     pub id_prefix: String,
 }
 
-const EVENT_TYPES: [(&str, u32); 5] =
-    [("api_call", 50), ("tokens", 25), ("storage_gb", 10), ("compute_seconds", 10), ("seats", 5)];
+const EVENT_TYPES: [(&str, u32); 5] = [
+    ("api_call", 50),
+    ("tokens", 25),
+    ("storage_gb", 10),
+    ("compute_seconds", 10),
+    ("seats", 5),
+];
 
 /// Produces the events; prints a JSON summary line on stdout.
 pub fn run(args: &LoadgenArgs, brokers: &str, topic: &str) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(kafka::ensure_topic(brokers, topic, kafka::DEFAULT_PARTITIONS))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(kafka::ensure_topic(
+        brokers,
+        topic,
+        kafka::DEFAULT_PARTITIONS,
+    ))?;
     let producer: ThreadedProducer<DefaultProducerContext> = kafka::producer_config(brokers)
         .set("linger.ms", "20")
         .set("batch.size", "1000000")
@@ -92,11 +103,16 @@ pub fn run(args: &LoadgenArgs, brokers: &str, topic: &str) -> Result<()> {
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
             let secs = started.elapsed().as_secs_f64();
-            eprint!("\rloadgen: {produced} events in {secs:.0}s ({:.0}/s)   ", produced as f64 / secs);
+            eprint!(
+                "\rloadgen: {produced} events in {secs:.0}s ({:.0}/s)   ",
+                produced as f64 / secs
+            );
             let _ = std::io::stderr().flush();
         }
     }
-    producer.flush(Duration::from_secs(60)).context("flushing the last events to Kafka")?;
+    producer
+        .flush(Duration::from_secs(60))
+        .context("flushing the last events to Kafka")?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!("\rloadgen: produced {produced} events ({invalid} invalid) to {topic} in {secs:.1}s ({:.0}/s)", produced as f64 / secs);
     println!(
@@ -113,11 +129,25 @@ fn next_event(rng: &mut SmallRng, args: &LoadgenArgs, n: u64) -> (String, Vec<u8
     let customer = format!("cust_{:05}", ((u * u) * args.customers as f64) as u64);
     let pick = rng.random_range(0..100);
     let mut acc = 0;
-    let event_type = EVENT_TYPES.iter().find(|(_, w)| { acc += w; pick < acc }).map_or("api_call", |(t, _)| t);
+    let event_type = EVENT_TYPES
+        .iter()
+        .find(|(_, w)| {
+            acc += w;
+            pick < acc
+        })
+        .map_or("api_call", |(t, _)| t);
     let value = match event_type {
         "tokens" => rng.random_range(1..4000).to_string(),
-        "storage_gb" => format!("{}.{:03}", rng.random_range(0..50), rng.random_range(0..1000)),
-        "compute_seconds" => format!("{}.{:02}", rng.random_range(0..600), rng.random_range(0..100)),
+        "storage_gb" => format!(
+            "{}.{:03}",
+            rng.random_range(0..50),
+            rng.random_range(0..1000)
+        ),
+        "compute_seconds" => format!(
+            "{}.{:02}",
+            rng.random_range(0..600),
+            rng.random_range(0..100)
+        ),
         _ => "1".to_owned(),
     };
     let back_ms = if args.spread_hours > 0 {
@@ -125,10 +155,15 @@ fn next_event(rng: &mut SmallRng, args: &LoadgenArgs, n: u64) -> (String, Vec<u8
     } else {
         rng.random_range(0..120_000)
     };
-    let time = (Utc::now() - chrono::Duration::milliseconds(back_ms as i64)).to_rfc3339_opts(SecondsFormat::Millis, true);
+    let time = (Utc::now() - chrono::Duration::milliseconds(back_ms as i64))
+        .to_rfc3339_opts(SecondsFormat::Millis, true);
     let id = format!("{}_{}_{n}", args.id_prefix, args.seed);
     let bad = rng.random_range(0..1000) < args.invalid_permille;
-    let value = if bad { "\"-5\"".to_owned() } else { format!("\"{value}\"") };
+    let value = if bad {
+        "\"-5\"".to_owned()
+    } else {
+        format!("\"{value}\"")
+    };
     let payload = format!(
         r#"{{"event_id":"{id}","customer_id":"{customer}","event_type":"{event_type}","event_time":"{time}","value":{value},"properties":{{"region":"{}"}}}}"#,
         ["eu", "us", "ap"][rng.random_range(0..3)]

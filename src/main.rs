@@ -12,13 +12,28 @@ use clap::{Parser, Subcommand};
 #[command(name = "meterflow", version, about)]
 struct Cli {
     /// Postgres connection string.
-    #[arg(long, env = "MF_DATABASE_URL", default_value = "postgres://meterflow@127.0.0.1:5432/meterflow", global = true)]
+    #[arg(
+        long,
+        env = "MF_DATABASE_URL",
+        default_value = "postgres://meterflow@127.0.0.1:5432/meterflow",
+        global = true
+    )]
     database_url: String,
     /// Kafka bootstrap servers.
-    #[arg(long, env = "MF_KAFKA_BROKERS", default_value = "127.0.0.1:9092", global = true)]
+    #[arg(
+        long,
+        env = "MF_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
     brokers: String,
     /// The events topic (created with 8 partitions if missing).
-    #[arg(long, env = "MF_EVENTS_TOPIC", default_value = "meterflow.events", global = true)]
+    #[arg(
+        long,
+        env = "MF_EVENTS_TOPIC",
+        default_value = "meterflow.events",
+        global = true
+    )]
     topic: String,
     #[command(subcommand)]
     command: Command,
@@ -44,7 +59,8 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MF_LOG").unwrap_or_else(|_| "info,sqlx=warn,rdkafka=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("MF_LOG")
+                .unwrap_or_else(|_| "info,sqlx=warn,librdkafka=warn,rdkafka::client=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -57,11 +73,19 @@ fn main() -> Result<()> {
 }
 
 fn migrate(database_url: &str) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let pool = connect(database_url, 1).await?;
-        meterflow_sinks::MIGRATOR.run(&pool).await.context("applying migrations")?;
-        eprintln!("migrate: schema is up to date ({} migrations)", meterflow_sinks::MIGRATOR.iter().count());
+        meterflow_sinks::MIGRATOR
+            .run(&pool)
+            .await
+            .context("applying migrations")?;
+        eprintln!(
+            "migrate: schema is up to date ({} migrations)",
+            meterflow_sinks::MIGRATOR.iter().count()
+        );
         Ok(())
     })
 }
@@ -80,14 +104,32 @@ fn api(cli: &Cli, addr: &str) -> Result<()> {
     runtime.block_on(async {
         kafka::ensure_topic(&cli.brokers, &cli.topic, kafka::DEFAULT_PARTITIONS).await?;
         let pool = connect(&cli.database_url, 32).await?;
-        let producer = kafka::producer_config(&cli.brokers).create().context("creating the Kafka producer")?;
+        let producer = kafka::producer_config(&cli.brokers)
+            .create()
+            .context("creating the Kafka producer")?;
         let state = meterflow_api::AppState::new(pool, producer, cli.topic.clone());
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         tracing::info!(%addr, topic = %cli.topic, "api listening");
-        meterflow_api::serve(listener, state, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+        meterflow_api::serve(listener, state, shutdown_signal()).await?;
+        tracing::info!("api stopped");
         Ok(())
     })
+}
+
+/// Resolves on Ctrl-C or SIGTERM: the one shutdown path of the API and the pipeline.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} },
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -40,15 +40,23 @@ pub struct PipelineArgs {
 pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) -> Result<()> {
     let started = Instant::now();
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(kafka::ensure_topic(brokers, topic, kafka::DEFAULT_PARTITIONS))?;
+    runtime.block_on(kafka::ensure_topic(
+        brokers,
+        topic,
+        kafka::DEFAULT_PARTITIONS,
+    ))?;
     let partitions = kafka::partition_count(brokers, topic)?;
 
     let leader = args.process == 0;
     let (lease, start_offsets) = runtime.block_on(async {
-        let mut conn = PgConnection::connect(database_url)
-            .await
-            .with_context(|| format!("cannot connect to Postgres at {database_url}; is it running and migrated?"))?;
-        let lease = if leader { Some(meterflow_sinks::acquire_lease(&mut conn, topic).await?) } else { None };
+        let mut conn = PgConnection::connect(database_url).await.with_context(|| {
+            format!("cannot connect to Postgres at {database_url}; is it running and migrated?")
+        })?;
+        let lease = if leader {
+            Some(meterflow_sinks::acquire_lease(&mut conn, topic).await?)
+        } else {
+            None
+        };
         let offsets = meterflow_sinks::stored_offsets(&mut conn, topic).await?;
         anyhow::Ok((lease, offsets))
     })?;
@@ -56,11 +64,22 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
     // The writer thread (process 0 only) and its channels to worker 0.
     let (sink, writer) = match lease {
         Some(lease) => {
-            tracing::info!(topic, generation = lease.generation, "took over the writer lease");
+            tracing::info!(
+                topic,
+                generation = lease.generation,
+                "took over the writer lease"
+            );
             let (batch_tx, batch_rx) = crossbeam_channel::bounded(4);
             let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
-            let writer = meterflow_sinks::spawn_writer(database_url.to_owned(), lease, batch_rx, ack_tx)?;
-            (Some(SinkChannels { batches: batch_tx, acks: ack_rx }), Some(watch_writer(writer)?))
+            let writer =
+                meterflow_sinks::spawn_writer(database_url.to_owned(), lease, batch_rx, ack_tx)?;
+            (
+                Some(SinkChannels {
+                    batches: batch_tx,
+                    acks: ack_rx,
+                }),
+                Some(watch_writer(writer)?),
+            )
         }
         None => (None, None),
     };
@@ -76,13 +95,23 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
         until_caught_up: args.until_caught_up,
         batch_size: 4096,
     };
-    let config = WorkerConfig { epoch_interval: Duration::from_millis(args.epoch_ms), ..WorkerConfig::default() };
+    let config = WorkerConfig {
+        epoch_interval: Duration::from_millis(args.epoch_ms),
+        ..WorkerConfig::default()
+    };
     let sink = Arc::new(Mutex::new(sink));
     let guards = timely::execute(timely_config(args)?, move |worker| {
         let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
-        let (reader, _handle) = spawn_reader(source.clone(), owned, 64).map_err(|e| e.to_string())?;
+        let (reader, _handle) =
+            spawn_reader(source.clone(), owned, 64).map_err(|e| e.to_string())?;
         // Worker 0 of process 0 hands epochs to the writer (commit.rs); the others have no sink.
-        let sink = if worker.index() == 0 { sink.lock().map_err(|_| "sink lock poisoned".to_owned())?.take() } else { None };
+        let sink = if worker.index() == 0 {
+            sink.lock()
+                .map_err(|_| "sink lock poisoned".to_owned())?
+                .take()
+        } else {
+            None
+        };
         run_worker(worker, &config, reader, sink, &stop)
     })
     .map_err(|e| anyhow!("starting timely: {e}"))?;
@@ -90,7 +119,9 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
     let mut records = 0;
     let mut epochs = 0;
     for result in guards.join() {
-        let summary = result.map_err(|e| anyhow!("a worker failed: {e}"))?.map_err(|e| anyhow!("{e}"))?;
+        let summary = result
+            .map_err(|e| anyhow!("a worker failed: {e}"))?
+            .map_err(|e| anyhow!("{e}"))?;
         records += summary.records;
         epochs = epochs.max(summary.epochs);
     }
@@ -124,7 +155,9 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
 /// Waits for the writer in a thread of its own: a permanent sink error (fenced, refused by Postgres)
 /// stops the whole process with the reason, because the workers cannot make progress without the sink.
 fn watch_writer(
-    writer: std::thread::JoinHandle<Result<meterflow_sinks::WriterSummary, meterflow_sinks::SinkError>>,
+    writer: std::thread::JoinHandle<
+        Result<meterflow_sinks::WriterSummary, meterflow_sinks::SinkError>,
+    >,
 ) -> Result<crossbeam_channel::Receiver<meterflow_sinks::WriterSummary>> {
     let (tx, rx) = crossbeam_channel::bounded(1);
     std::thread::Builder::new().name("pg-writer-watch".into()).spawn(move || match writer.join() {
@@ -145,27 +178,25 @@ fn watch_writer(
 }
 
 async fn stop_on_signal(stop: Arc<AtomicBool>) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("stopping: finishing the current epoch and committing");
+    crate::shutdown_signal().await;
+    tracing::info!("stopping: closing the current epoch and committing what is done");
     stop.store(true, Ordering::Relaxed);
 }
 
 fn timely_config(args: &PipelineArgs) -> Result<timely::Config> {
     let communication = if args.processes > 1 {
-        let path = args.hostfile.as_ref().context("--processes > 1 needs --hostfile with one host:port per line")?;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let addresses: Vec<String> =
-            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect();
+        let path = args
+            .hostfile
+            .as_ref()
+            .context("--processes > 1 needs --hostfile with one host:port per line")?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let addresses: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
         anyhow::ensure!(
             addresses.len() == args.processes,
             "{} lists {} addresses but --processes is {}",
@@ -173,7 +204,10 @@ fn timely_config(args: &PipelineArgs) -> Result<timely::Config> {
             addresses.len(),
             args.processes
         );
-        anyhow::ensure!(args.process < args.processes, "--process must be below --processes");
+        anyhow::ensure!(
+            args.process < args.processes,
+            "--process must be below --processes"
+        );
         timely::CommunicationConfig::Cluster {
             threads: args.workers,
             process: args.process,
@@ -186,5 +220,8 @@ fn timely_config(args: &PipelineArgs) -> Result<timely::Config> {
     } else {
         timely::CommunicationConfig::Thread
     };
-    Ok(timely::Config { communication, worker: timely::WorkerConfig::default() })
+    Ok(timely::Config {
+        communication,
+        worker: timely::WorkerConfig::default(),
+    })
 }

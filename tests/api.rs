@@ -33,17 +33,36 @@ async fn spawn_api() -> TestApi {
     let state = meterflow_api::AppState::new(pool.clone(), producer, topic.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(meterflow_api::serve(listener, state, std::future::pending()));
-    TestApi { base, pool, url, topic, client: reqwest::Client::new() }
+    tokio::spawn(meterflow_api::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    TestApi {
+        base,
+        pool,
+        url,
+        topic,
+        client: reqwest::Client::new(),
+    }
 }
 
 impl TestApi {
     async fn post_event(&self, body: &Value) -> reqwest::Response {
-        self.client.post(format!("{}/api/v1/events", self.base)).json(body).send().await.unwrap()
+        self.client
+            .post(format!("{}/api/v1/events", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 
     async fn get(&self, path: &str) -> reqwest::Response {
-        self.client.get(format!("{}{path}", self.base)).send().await.unwrap()
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
     }
 }
 
@@ -54,8 +73,17 @@ fn event(id: &str) -> Value {
 
 async fn problem(response: reqwest::Response) -> (StatusCode, Value) {
     let status = response.status();
-    let content_type = response.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
-    assert_eq!(content_type, "application/problem+json", "errors are problem+json");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        content_type, "application/problem+json",
+        "errors are problem+json"
+    );
     (status, response.json().await.unwrap())
 }
 
@@ -67,15 +95,17 @@ async fn an_event_is_accepted_once_and_its_duplicate_gets_409() {
     let (status, body) = problem(api.post_event(&event("evt_01")).await).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["code"], "DUPLICATE_EVENT");
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry_events WHERE event_id = 'evt_01'")
-        .fetch_one(&api.pool)
-        .await
-        .unwrap();
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM telemetry_events WHERE event_id = 'evt_01'")
+            .fetch_one(&api.pool)
+            .await
+            .unwrap();
     assert_eq!(rows, 1);
-    let value: String = sqlx::query_scalar("SELECT value::text FROM telemetry_events WHERE event_id = 'evt_01'")
-        .fetch_one(&api.pool)
-        .await
-        .unwrap();
+    let value: String =
+        sqlx::query_scalar("SELECT value::text FROM telemetry_events WHERE event_id = 'evt_01'")
+            .fetch_one(&api.pool)
+            .await
+            .unwrap();
     assert_eq!(value, "1.5");
 }
 
@@ -87,10 +117,11 @@ async fn of_concurrent_identical_posts_exactly_one_is_accepted() {
     let mut statuses: Vec<u16> = responses.iter().map(|r| r.status().as_u16()).collect();
     statuses.sort();
     assert_eq!(statuses, [201, 409, 409, 409, 409, 409, 409, 409, 409, 409]);
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry_events WHERE event_id = 'evt_race_123'")
-        .fetch_one(&api.pool)
-        .await
-        .unwrap();
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM telemetry_events WHERE event_id = 'evt_race_123'")
+            .fetch_one(&api.pool)
+            .await
+            .unwrap();
     assert_eq!(rows, 1);
 }
 
@@ -105,8 +136,16 @@ async fn bad_bodies_get_a_clear_problem() {
             .send()
     };
 
-    let (status, body) = problem(post_raw("{\"event_id\": ", "application/json").await.unwrap()).await;
-    assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("MALFORMED_JSON")));
+    let (status, body) = problem(
+        post_raw("{\"event_id\": ", "application/json")
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("MALFORMED_JSON"))
+    );
 
     let mut invalid = event("evt_bad");
     invalid["value"] = json!("-3");
@@ -114,21 +153,46 @@ async fn bad_bodies_get_a_clear_problem() {
     let (status, body) = problem(api.post_event(&invalid).await).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["code"], "VALIDATION_FAILED");
-    let fields: Vec<&str> = body["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
     assert_eq!(fields, ["event_type", "value"]);
 
-    let (status, body) = problem(post_raw("event_id=1", "application/x-www-form-urlencoded").await.unwrap()).await;
-    assert_eq!((status, body["code"].as_str()), (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("UNSUPPORTED_MEDIA_TYPE")));
+    let (status, body) = problem(
+        post_raw("event_id=1", "application/x-www-form-urlencoded")
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Some("UNSUPPORTED_MEDIA_TYPE")
+        )
+    );
 
     let mut huge = event("evt_huge");
     huge["properties"] = json!({"blob": "x".repeat(70 * 1024)});
     let (status, body) = problem(api.post_event(&huge).await).await;
-    assert_eq!((status, body["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("PAYLOAD_TOO_LARGE")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("PAYLOAD_TOO_LARGE"))
+    );
 
     let (status, body) = problem(api.get("/api/v1/nowhere").await).await;
-    assert_eq!((status, body["code"].as_str()), (StatusCode::NOT_FOUND, Some("NOT_FOUND")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("NOT_FOUND"))
+    );
 
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry_events").fetch_one(&api.pool).await.unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry_events")
+        .fetch_one(&api.pool)
+        .await
+        .unwrap();
     assert_eq!(stored, 0, "nothing invalid is stored");
 }
 
@@ -154,9 +218,17 @@ async fn aggregations_filter_paginate_and_keep_exact_decimals() {
         api.get("/api/v1/aggregations?customer_id=cust_2&meter=tokens&from=2024-01-15T01:00:00Z&to=2024-01-15T03:00:00Z").await;
     assert_eq!(response.status(), StatusCode::OK);
     let text = response.text().await.unwrap();
-    assert!(text.contains("\"value\":12345678901234567890.123456789"), "decimals are exact JSON numbers: {text}");
+    assert!(
+        text.contains("\"value\":12345678901234567890.123456789"),
+        "decimals are exact JSON numbers: {text}"
+    );
     let body: Value = serde_json::from_str(&text).unwrap();
-    let starts: Vec<&str> = body["data"].as_array().unwrap().iter().map(|a| a["window_start"].as_str().unwrap()).collect();
+    let starts: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["window_start"].as_str().unwrap())
+        .collect();
     assert_eq!(starts, ["2024-01-15T01:00:00Z", "2024-01-15T02:00:00Z"]);
     assert!(body["next_cursor"].is_null());
 
@@ -170,7 +242,10 @@ async fn aggregations_filter_paginate_and_keep_exact_decimals() {
         };
         let page: Value = api.get(&path).await.json().await.unwrap();
         for a in page["data"].as_array().unwrap() {
-            seen.push(format!("{}/{}/{}", a["customer_id"], a["meter"], a["window_start"]));
+            seen.push(format!(
+                "{}/{}/{}",
+                a["customer_id"], a["meter"], a["window_start"]
+            ));
         }
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
@@ -183,7 +258,13 @@ async fn aggregations_filter_paginate_and_keep_exact_decimals() {
     assert_eq!(seen.len(), 30);
     assert_eq!(seen, sorted, "every row once, in order");
 
-    for bad in ["limit=0", "limit=5000", "cursor=zz", "from=yesterday", "colour=blue"] {
+    for bad in [
+        "limit=0",
+        "limit=5000",
+        "cursor=zz",
+        "from=yesterday",
+        "colour=blue",
+    ] {
         let (status, body) = problem(api.get(&format!("/api/v1/aggregations?{bad}")).await).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
@@ -195,11 +276,25 @@ async fn health_readiness_and_metrics_answer() {
     assert_eq!(api.get("/healthz").await.status(), StatusCode::OK);
     let ready = api.get("/readyz").await;
     assert_eq!(ready.status(), StatusCode::OK);
-    assert_eq!(api.post_event(&event("evt_m")).await.status(), StatusCode::CREATED);
+    assert_eq!(
+        api.post_event(&event("evt_m")).await.status(),
+        StatusCode::CREATED
+    );
     let metrics = api.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains(r#"events_ingested_total{event_type="api_call"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"http_requests_total{method="POST",route="/api/v1/events",status="201"} 1"#), "{metrics}");
-    assert!(metrics.contains("http_request_duration_seconds_bucket"), "{metrics}");
+    assert!(
+        metrics.contains(r#"events_ingested_total{event_type="api_call"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"http_requests_total{method="POST",route="/api/v1/events",status="201"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("http_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -211,7 +306,12 @@ async fn events_posted_over_http_reach_the_aggregates_through_kafka() {
         assert_eq!(api.post_event(&e).await.status(), StatusCode::CREATED);
     }
     drain(&api.url, &api.topic, 2);
-    let page: Value = api.get("/api/v1/aggregations?customer_id=cust_123").await.json().await.unwrap();
+    let page: Value = api
+        .get("/api/v1/aggregations?customer_id=cust_123")
+        .await
+        .json()
+        .await
+        .unwrap();
     let rows = page["data"].as_array().unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["value"].to_string(), "4.00");
@@ -246,13 +346,31 @@ async fn an_event_stranded_in_the_outbox_is_relayed_and_counted_once() {
     .execute(&api.pool)
     .await
     .unwrap();
-    let producer = ClientConfig::new().set("bootstrap.servers", BROKERS).create().unwrap();
-    let relayed = meterflow_api::outbox::relay_once(&api.pool, &producer, &api.topic, Duration::from_secs(30)).await.unwrap();
+    let producer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .unwrap();
+    let relayed = meterflow_api::outbox::relay_once(
+        &api.pool,
+        &producer,
+        &api.topic,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     assert_eq!(relayed, 1);
-    assert_eq!(scalar_i64(&api.url, "SELECT count(*) FROM event_outbox").await, 0);
+    assert_eq!(
+        scalar_i64(&api.url, "SELECT count(*) FROM event_outbox").await,
+        0
+    );
 
     drain(&api.url, &api.topic, 1);
-    let page: Value = api.get("/api/v1/aggregations?customer_id=cust_9").await.json().await.unwrap();
+    let page: Value = api
+        .get("/api/v1/aggregations?customer_id=cust_9")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["data"][0]["value"].to_string(), "7");
     assert_eq!(page["data"][0]["event_count"], 1);
 }

@@ -11,21 +11,44 @@ use common::*;
 async fn aggregates_equal_the_reference_for_1_and_2_workers() {
     let topic = fresh_topic(4).await;
     let events = random_events(4_000, 7);
-    produce(&topic, &events.iter().map(|e| (e.customer.clone(), e.payload())).collect::<Vec<_>>());
+    produce(
+        &topic,
+        &events
+            .iter()
+            .map(|e| (e.customer.clone(), e.payload()))
+            .collect::<Vec<_>>(),
+    );
     let expected = reference(&events);
     let invalid = events.iter().filter(|e| e.invalid).count() as i64;
-    assert!(invalid > 0 && expected.len() > 100, "the input exercises dead letters and many keys");
+    assert!(
+        invalid > 0 && expected.len() > 100,
+        "the input exercises dead letters and many keys"
+    );
 
     for workers in [1, 2] {
         let url = fresh_database().await;
         drain(&url, &topic, workers);
-        assert_same(&stored_aggregates(&url).await, &expected, &format!("{workers} worker(s)"));
-        assert_eq!(scalar_i64(&url, "SELECT count(*) FROM dead_letters").await, invalid);
-        assert_eq!(scalar_i64(&url, "SELECT sum(next_offset)::bigint FROM source_offsets").await, events.len() as i64);
+        assert_same(
+            &stored_aggregates(&url).await,
+            &expected,
+            &format!("{workers} worker(s)"),
+        );
+        assert_eq!(
+            scalar_i64(&url, "SELECT count(*) FROM dead_letters").await,
+            invalid
+        );
+        assert_eq!(
+            scalar_i64(&url, "SELECT sum(next_offset)::bigint FROM source_offsets").await,
+            events.len() as i64
+        );
 
         // Running again finds nothing new and changes nothing.
         drain(&url, &topic, workers);
-        assert_same(&stored_aggregates(&url).await, &expected, &format!("{workers} worker(s), second run"));
+        assert_same(
+            &stored_aggregates(&url).await,
+            &expected,
+            &format!("{workers} worker(s), second run"),
+        );
     }
 }
 
@@ -41,7 +64,13 @@ async fn a_pipeline_killed_mid_stream_resumes_without_loss_or_double_counting() 
         let (topic, events) = (topic.clone(), events.clone());
         std::thread::spawn(move || {
             for wave in events.chunks(6_000) {
-                produce(&topic, &wave.iter().map(|e| (e.customer.clone(), e.payload())).collect::<Vec<_>>());
+                produce(
+                    &topic,
+                    &wave
+                        .iter()
+                        .map(|e| (e.customer.clone(), e.payload()))
+                        .collect::<Vec<_>>(),
+                );
                 std::thread::sleep(Duration::from_millis(150));
             }
         })
@@ -49,20 +78,30 @@ async fn a_pipeline_killed_mid_stream_resumes_without_loss_or_double_counting() 
     let mut child = spawn_pipeline(&url, &topic, 2, &["--epoch-ms", "20"]);
     let deadline = Instant::now() + Duration::from_secs(120);
     let committed_at_kill = loop {
-        let committed = scalar_i64(&url, "SELECT coalesce(sum(next_offset), 0)::bigint FROM source_offsets").await;
+        let committed = scalar_i64(
+            &url,
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM source_offsets",
+        )
+        .await;
         if committed >= total / 5 {
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
+            child.kill(); // SIGKILL
             break committed;
         }
         assert!(Instant::now() < deadline, "the pipeline made no progress");
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     producer.join().unwrap();
-    assert!(committed_at_kill < total, "the kill must land mid-stream (committed {committed_at_kill} of {total})");
+    assert!(
+        committed_at_kill < total,
+        "the kill must land mid-stream (committed {committed_at_kill} of {total})"
+    );
 
     drain(&url, &topic, 1);
-    assert_same(&stored_aggregates(&url).await, &reference(&events), "after kill -9 and restart");
+    assert_same(
+        &stored_aggregates(&url).await,
+        &reference(&events),
+        "after kill -9 and restart",
+    );
     assert_eq!(
         scalar_i64(&url, "SELECT count(*) FROM dead_letters").await,
         events.iter().filter(|e| e.invalid).count() as i64
@@ -73,7 +112,13 @@ async fn a_pipeline_killed_mid_stream_resumes_without_loss_or_double_counting() 
 async fn a_crash_just_before_or_just_after_the_sink_commit_loses_and_repeats_nothing() {
     let topic = fresh_topic(4).await;
     let events = random_events(20_000, 13);
-    produce(&topic, &events.iter().map(|e| (e.customer.clone(), e.payload())).collect::<Vec<_>>());
+    produce(
+        &topic,
+        &events
+            .iter()
+            .map(|e| (e.customer.clone(), e.payload()))
+            .collect::<Vec<_>>(),
+    );
     let expected = reference(&events);
     for failpoint in ["before_commit:2", "after_commit:2"] {
         let url = fresh_database().await;
@@ -82,14 +127,27 @@ async fn a_crash_just_before_or_just_after_the_sink_commit_loses_and_repeats_not
             .args(["pipeline", "--until-caught-up", "--epoch-ms", "1"])
             .output()
             .unwrap();
-        assert!(!out.status.success(), "{failpoint}: the failpoint must crash the pipeline");
-        let committed = scalar_i64(&url, "SELECT coalesce(sum(next_offset), 0)::bigint FROM source_offsets").await;
+        assert!(
+            !out.status.success(),
+            "{failpoint}: the failpoint must crash the pipeline"
+        );
+        let committed = scalar_i64(
+            &url,
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM source_offsets",
+        )
+        .await;
         if failpoint.starts_with("before") {
             // The second transaction died before COMMIT: only the first one's records are stored.
-            assert!(committed < events.len() as i64, "{failpoint}: the crash must leave work undone");
+            assert!(
+                committed < events.len() as i64,
+                "{failpoint}: the crash must leave work undone"
+            );
         } else {
             // The second transaction committed but was never acknowledged: a restart must not redo it.
-            assert!(committed > 0, "{failpoint}: the crash must come after a commit");
+            assert!(
+                committed > 0,
+                "{failpoint}: the crash must come after a commit"
+            );
         }
         drain(&url, &topic, 2);
         assert_same(&stored_aggregates(&url).await, &expected, failpoint);

@@ -90,7 +90,8 @@ pub async fn list(
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let next_cursor = if data.len() as i64 > limit {
         data.truncate(limit as usize);
-        data.last().map(|a| Cursor(a.customer_id.clone(), a.meter.clone(), a.window_start).encode())
+        data.last()
+            .map(|a| Cursor(a.customer_id.clone(), a.meter.clone(), a.window_start).encode())
     } else {
         None
     };

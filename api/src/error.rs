@@ -43,17 +43,39 @@ struct Problem<'a> {
 impl ApiError {
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
-            ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "MALFORMED_JSON", "Malformed JSON"),
-            ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED", "Validation failed"),
-            ApiError::DuplicateEvent(_) => (StatusCode::CONFLICT, "DUPLICATE_EVENT", "Duplicate event"),
-            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "Payload too large"),
-            ApiError::UnsupportedMediaType => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE", "Unsupported media type")
+            ApiError::MalformedJson(_) => {
+                (StatusCode::BAD_REQUEST, "MALFORMED_JSON", "Malformed JSON")
             }
+            ApiError::Validation(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "VALIDATION_FAILED",
+                "Validation failed",
+            ),
+            ApiError::DuplicateEvent(_) => {
+                (StatusCode::CONFLICT, "DUPLICATE_EVENT", "Duplicate event")
+            }
+            ApiError::PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                "Payload too large",
+            ),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
+                "Unsupported media type",
+            ),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST", "Bad request"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND", "Not found"),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "Service unavailable"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error"),
+            ApiError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "Service unavailable",
+            ),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL",
+                "Internal error",
+            ),
         }
     }
 }
@@ -69,13 +91,18 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let detail = match &self {
-            ApiError::Validation(errors) => {
-                errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ")
-            }
+            ApiError::Validation(errors) => errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; "),
             other => other.to_string(),
         };
         let problem = Problem {
-            kind: format!("https://meterflow.dev/problems/{}", code.to_ascii_lowercase().replace('_', "-")),
+            kind: format!(
+                "https://meterflow.dev/problems/{}",
+                code.to_ascii_lowercase().replace('_', "-")
+            ),
             title,
             status: status.as_u16(),
             code,
@@ -85,7 +112,10 @@ impl IntoResponse for ApiError {
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -96,10 +126,15 @@ impl IntoResponse for ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => {
-                ApiError::Unavailable("the database")
-            }
-            sqlx::Error::Database(db) if db.code().is_some_and(|c| ["08", "53", "57"].iter().any(|k| c.starts_with(k))) => {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Protocol(_) => ApiError::Unavailable("the database"),
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|c| ["08", "53", "57"].iter().any(|k| c.starts_with(k))) =>
+            {
                 ApiError::Unavailable("the database")
             }
             _ => ApiError::Internal(e.to_string()),

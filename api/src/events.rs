@@ -38,10 +38,11 @@ pub async fn post_event(
         _ => ApiError::BadRequest(e.body_text()),
     })?;
     let now = Utc::now();
-    let event = decode_event(&body, now.timestamp_micros(), &state.limits).map_err(|e| match e {
-        DecodeError::Malformed(why) => ApiError::MalformedJson(why),
-        DecodeError::Invalid(errors) => ApiError::Validation(errors),
-    })?;
+    let event =
+        decode_event(&body, now.timestamp_micros(), &state.limits).map_err(|e| match e {
+            DecodeError::Malformed(why) => ApiError::MalformedJson(why),
+            DecodeError::Invalid(errors) => ApiError::Validation(errors),
+        })?;
 
     let payload = event.to_json();
     store(&state, &event, &payload).await?;
@@ -49,11 +50,18 @@ pub async fn post_event(
         tracing::warn!(event_id = %event.event_id, error = %e, "kafka did not take the event; withdrawing it");
         // Compensation: the event was not accepted. If the delete fails too, the outbox row stays and the
         // relay delivers the event later, which is consistent with a retry answering 409.
-        let _ = sqlx::query("DELETE FROM telemetry_events WHERE event_id = $1").bind(&event.event_id).execute(&state.pool).await;
+        let _ = sqlx::query("DELETE FROM telemetry_events WHERE event_id = $1")
+            .bind(&event.event_id)
+            .execute(&state.pool)
+            .await;
         return Err(ApiError::Unavailable("the event log (Kafka)"));
     }
     let _ = state.published.try_send(event.event_id.clone());
-    state.metrics.events_ingested.with_label_values(&[event.event_type.as_str()]).inc();
+    state
+        .metrics
+        .events_ingested
+        .with_label_values(&[event.event_type.as_str()])
+        .inc();
     let body = serde_json::json!({
         "event_id": event.event_id,
         "status": "accepted",
@@ -63,7 +71,10 @@ pub async fn post_event(
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+    match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
         None => Ok(()),
         Some(ct) if ct.starts_with("application/json") || ct.contains("+json") => Ok(()),
         Some(_) => Err(ApiError::UnsupportedMediaType),
@@ -99,7 +110,20 @@ async fn store(state: &AppState, event: &Event, payload: &[u8]) -> Result<(), Ap
 
 /// Produces the event keyed by customer (so a customer's events share a partition) and waits for the
 /// broker's acknowledgement from all in-sync replicas.
-async fn publish(state: &AppState, event: &Event, payload: &[u8], timestamp_ms: i64) -> Result<(), rdkafka::error::KafkaError> {
-    let record = FutureRecord::to(&state.topic).key(&event.customer_id).payload(payload).timestamp(timestamp_ms);
-    state.producer.send(record, Duration::from_secs(5)).await.map(|_| ()).map_err(|(e, _)| e)
+async fn publish(
+    state: &AppState,
+    event: &Event,
+    payload: &[u8],
+    timestamp_ms: i64,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let record = FutureRecord::to(&state.topic)
+        .key(&event.customer_id)
+        .payload(payload)
+        .timestamp(timestamp_ms);
+    state
+        .producer
+        .send(record, Duration::from_secs(5))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)
 }

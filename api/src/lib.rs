@@ -56,7 +56,14 @@ impl AppState {
             Duration::from_secs(5),
             Duration::from_secs(30),
         ));
-        AppState { pool, producer, topic, limits: Limits::default(), metrics: Arc::new(Metrics::new()), published }
+        AppState {
+            pool,
+            producer,
+            topic,
+            limits: Limits::default(),
+            metrics: Arc::new(Metrics::new()),
+            published,
+        }
     }
 }
 
@@ -74,7 +81,10 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::NotFound })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .with_state(state)
 }
 
@@ -84,7 +94,9 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -93,19 +105,31 @@ async fn healthz() -> Json<serde_json::Value> {
 
 /// Ready when Postgres answers and the Kafka broker has the topic.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let db = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.pool))
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let db = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&state.pool),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
     let producer = state.producer.clone();
     let topic = state.topic.clone();
     let kafka = tokio::task::spawn_blocking(move || {
-        producer.client().fetch_metadata(Some(&topic), Duration::from_secs(2)).is_ok_and(|m| {
-            m.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-        })
+        producer
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(2))
+            .is_ok_and(|m| {
+                m.topics()
+                    .iter()
+                    .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            })
     })
     .await
     .unwrap_or(false);
-    let status = if db && kafka { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if db && kafka {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = serde_json::json!({
         "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
         "postgres": if db { "up" } else { "down" },
@@ -115,5 +139,8 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
 }

@@ -6,7 +6,9 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
 
 use crate::AppState;
 
@@ -26,12 +28,16 @@ impl Metrics {
             &["method", "route", "status"],
         )
         .expect("valid metric");
-        let http_requests =
-            IntCounterVec::new(Opts::new("http_requests_total", "HTTP requests"), &["method", "route", "status"])
-                .expect("valid metric");
-        let events_ingested =
-            IntCounterVec::new(Opts::new("events_ingested_total", "Events accepted by the API"), &["event_type"])
-                .expect("valid metric");
+        let http_requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests"),
+            &["method", "route", "status"],
+        )
+        .expect("valid metric");
+        let events_ingested = IntCounterVec::new(
+            Opts::new("events_ingested_total", "Events accepted by the API"),
+            &["event_type"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(http_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_requests.clone()),
@@ -39,7 +45,12 @@ impl Metrics {
         ] {
             registry.register(m).expect("metric registered once");
         }
-        Metrics { registry, http_duration, http_requests, events_ingested }
+        Metrics {
+            registry,
+            http_duration,
+            http_requests,
+            events_ingested,
+        }
     }
 
     /// The text exposition of every metric.
@@ -68,7 +79,11 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     let labels = [method.as_str(), route.as_str(), status.as_str()];
-    state.metrics.http_duration.with_label_values(&labels).observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
     state.metrics.http_requests.with_label_values(&labels).inc();
     response
 }

@@ -11,7 +11,11 @@ use tokio::sync::mpsc;
 pub async fn forget_published(pool: PgPool, mut acked: mpsc::Receiver<String>) {
     let mut ids = Vec::with_capacity(1000);
     while acked.recv_many(&mut ids, 1000).await > 0 {
-        if let Err(e) = sqlx::query("DELETE FROM event_outbox WHERE event_id = ANY($1)").bind(&ids).execute(&pool).await {
+        if let Err(e) = sqlx::query("DELETE FROM event_outbox WHERE event_id = ANY($1)")
+            .bind(&ids)
+            .execute(&pool)
+            .await
+        {
             tracing::warn!(error = %e, rows = ids.len(), "could not clear published outbox rows; the relay will resend them");
         }
         ids.clear();
@@ -19,7 +23,13 @@ pub async fn forget_published(pool: PgPool, mut acked: mpsc::Receiver<String>) {
 }
 
 /// Every `every`, republishes outbox rows older than `grace` (their request died before Kafka answered).
-pub async fn relay(pool: PgPool, producer: FutureProducer, topic: String, every: Duration, grace: Duration) {
+pub async fn relay(
+    pool: PgPool,
+    producer: FutureProducer,
+    topic: String,
+    every: Duration,
+    grace: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
@@ -32,7 +42,12 @@ pub async fn relay(pool: PgPool, producer: FutureProducer, topic: String, every:
 }
 
 /// One relay pass; returns how many events it republished.
-pub async fn relay_once(pool: &PgPool, producer: &FutureProducer, topic: &str, grace: Duration) -> Result<usize, RelayError> {
+pub async fn relay_once(
+    pool: &PgPool,
+    producer: &FutureProducer,
+    topic: &str,
+    grace: Duration,
+) -> Result<usize, RelayError> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
         "SELECT event_id, payload, customer_id FROM event_outbox
@@ -48,12 +63,18 @@ pub async fn relay_once(pool: &PgPool, producer: &FutureProducer, topic: &str, g
         let payload: Vec<u8> = row.try_get(1)?;
         let customer: String = row.try_get(2)?;
         producer
-            .send(FutureRecord::to(topic).key(&customer).payload(&payload), Duration::from_secs(5))
+            .send(
+                FutureRecord::to(topic).key(&customer).payload(&payload),
+                Duration::from_secs(5),
+            )
             .await
             .map_err(|(e, _)| RelayError::Kafka(e))?;
         sent.push(id);
     }
-    sqlx::query("DELETE FROM event_outbox WHERE event_id = ANY($1)").bind(&sent).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM event_outbox WHERE event_id = ANY($1)")
+        .bind(&sent)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(sent.len())
 }

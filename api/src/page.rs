@@ -19,7 +19,9 @@ pub fn limit(requested: Option<i64>) -> Result<i64, ApiError> {
     match requested {
         None => Ok(DEFAULT_LIMIT),
         Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::BadRequest(format!("limit must be between 1 and {MAX_LIMIT}, not {n}"))),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_LIMIT}, not {n}"
+        ))),
     }
 }
 
@@ -36,7 +38,7 @@ impl Cursor {
 
     pub fn decode(text: &str) -> Result<Self, ApiError> {
         let bad = || ApiError::BadRequest("cursor is not one this API returned".into());
-        if text.len() % 2 != 0 || text.len() > 1200 {
+        if !text.len().is_multiple_of(2) || text.len() > 1200 {
             return Err(bad());
         }
         let bytes = (0..text.len())
@@ -45,7 +47,9 @@ impl Cursor {
             .collect::<Result<Vec<u8>, _>>()?;
         let plain = String::from_utf8(bytes).map_err(|_| bad())?;
         let mut parts = plain.split('\0');
-        let (Some(c), Some(m), Some(t), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(c), Some(m), Some(t), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(bad());
         };
         let micros: i64 = t.parse().map_err(|_| bad())?;
@@ -60,7 +64,11 @@ mod tests {
 
     #[test]
     fn a_cursor_decodes_to_what_was_encoded_and_garbage_is_refused() {
-        let c = Cursor("cust_1".into(), "api_call".into(), DateTime::from_timestamp(1_705_327_200, 0).unwrap());
+        let c = Cursor(
+            "cust_1".into(),
+            "api_call".into(),
+            DateTime::from_timestamp(1_705_327_200, 0).unwrap(),
+        );
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         for bad in ["zz", "abc", "00", ""] {
             assert!(Cursor::decode(bad).is_err(), "{bad}");

@@ -48,58 +48,74 @@ pub fn commit_epochs<'scope>(
     sink: Option<SinkChannels>,
 ) -> StreamVec<'scope, Epoch, ()> {
     let scope = updates.scope();
-    updates.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Exchange::new(|_: &SinkUpdate| 0u64), "CommitEpochs", move |_cap, info| {
-        let activator = scope.activator_for(info.address);
-        let mut stash: BTreeMap<Epoch, (Capability<Epoch>, EpochBatch)> = BTreeMap::new();
-        let mut in_flight: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
-        move |(input, frontier), output| {
-            input.for_each_stamp(|cap, data| {
-                let epoch = *cap.least().expect("a stamp of a total order has a least time");
-                let entry = stash.entry(epoch).or_insert_with(|| {
-                    let held = cap.retain_least(output.output_index()).expect("a total order has a least time");
-                    (held, EpochBatch { epoch, ..EpochBatch::default() })
+    updates.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+        Exchange::new(|_: &SinkUpdate| 0u64),
+        "CommitEpochs",
+        move |_cap, info| {
+            let activator = scope.activator_for(info.address);
+            let mut stash: BTreeMap<Epoch, (Capability<Epoch>, EpochBatch)> = BTreeMap::new();
+            let mut in_flight: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
+            move |(input, frontier), output| {
+                input.for_each_stamp(|cap, data| {
+                    let epoch = *cap
+                        .least()
+                        .expect("a stamp of a total order has a least time");
+                    let entry = stash.entry(epoch).or_insert_with(|| {
+                        let held = cap
+                            .retain_least(output.output_index())
+                            .expect("a total order has a least time");
+                        (
+                            held,
+                            EpochBatch {
+                                epoch,
+                                ..EpochBatch::default()
+                            },
+                        )
+                    });
+                    for batch in data {
+                        for update in batch.drain(..) {
+                            match update {
+                                SinkUpdate::Aggregate(key, agg) => {
+                                    entry.1.aggregates.push((key, agg))
+                                }
+                                SinkUpdate::Offset(p, next) => entry.1.offsets.push((p, next)),
+                                SinkUpdate::DeadLetter(d) => entry.1.dead_letters.push(d),
+                            }
+                        }
+                    }
                 });
-                for batch in data {
-                    for update in batch.drain(..) {
-                        match update {
-                            SinkUpdate::Aggregate(key, agg) => entry.1.aggregates.push((key, agg)),
-                            SinkUpdate::Offset(p, next) => entry.1.offsets.push((p, next)),
-                            SinkUpdate::DeadLetter(d) => entry.1.dead_letters.push(d),
+                let Some(sink) = &sink else {
+                    stash.clear(); // only worker 0 receives updates; nothing to hold elsewhere.
+                    return;
+                };
+                // Hand over completed epochs in order, as long as the sink's channel has room.
+                while let Some(entry) = stash.first_entry() {
+                    if frontier.less_equal(entry.key()) {
+                        break;
+                    }
+                    let (epoch, (cap, batch)) = entry.remove_entry();
+                    match sink.batches.try_send(batch) {
+                        Ok(()) => {
+                            in_flight.insert(epoch, cap);
+                        }
+                        Err(TrySendError::Full(batch)) => {
+                            stash.insert(epoch, (cap, batch));
+                            break;
+                        }
+                        // The sink has stopped; it reports why. Keep holding the epoch so no worker runs ahead.
+                        Err(TrySendError::Disconnected(batch)) => {
+                            stash.insert(epoch, (cap, batch));
+                            break;
                         }
                     }
                 }
-            });
-            let Some(sink) = &sink else {
-                stash.clear(); // only worker 0 receives updates; nothing to hold elsewhere.
-                return;
-            };
-            // Hand over completed epochs in order, as long as the sink's channel has room.
-            while let Some(entry) = stash.first_entry() {
-                if frontier.less_equal(entry.key()) {
-                    break;
+                while let Ok(committed) = sink.acks.try_recv() {
+                    in_flight.retain(|epoch, _| *epoch > committed);
                 }
-                let (epoch, (cap, batch)) = entry.remove_entry();
-                match sink.batches.try_send(batch) {
-                    Ok(()) => {
-                        in_flight.insert(epoch, cap);
-                    }
-                    Err(TrySendError::Full(batch)) => {
-                        stash.insert(epoch, (cap, batch));
-                        break;
-                    }
-                    // The sink has stopped; it reports why. Keep holding the epoch so no worker runs ahead.
-                    Err(TrySendError::Disconnected(batch)) => {
-                        stash.insert(epoch, (cap, batch));
-                        break;
-                    }
+                if !stash.is_empty() || !in_flight.is_empty() {
+                    activator.activate_after(Duration::from_millis(2));
                 }
             }
-            while let Ok(committed) = sink.acks.try_recv() {
-                in_flight.retain(|epoch, _| *epoch > committed);
-            }
-            if !stash.is_empty() || !in_flight.is_empty() {
-                activator.activate_after(Duration::from_millis(2));
-            }
-        }
-    })
+        },
+    )
 }

@@ -7,9 +7,9 @@
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
-use meterflow_model::{decode_event, AggregateKey, Aggregate, DeadLetter, Limits};
-use timely::dataflow::operators::vec::Map;
+use meterflow_model::{decode_event, Aggregate, AggregateKey, DeadLetter, Limits};
 use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, OkErr, Operator};
 use timely::dataflow::StreamVec;
 
@@ -41,12 +41,17 @@ pub fn build<'scope>(
 fn decode<'scope>(
     records: StreamVec<'scope, Epoch, RawRecord>,
     limits: Limits,
-) -> (VecCollection<'scope, Epoch, AggregateKey, Usage>, StreamVec<'scope, Epoch, DeadLetter>) {
+) -> (
+    VecCollection<'scope, Epoch, AggregateKey, Usage>,
+    StreamVec<'scope, Epoch, DeadLetter>,
+) {
     let decoded: StreamVec<'scope, Epoch, Result<(AggregateKey, Epoch, Usage), DeadLetter>> =
         records.unary(Pipeline, "Decode", |_cap, _info| {
             move |input, output| {
                 input.for_each_stamp(|cap, data| {
-                    let epoch = *cap.least().expect("a stamp of a total order has a least time");
+                    let epoch = *cap
+                        .least()
+                        .expect("a stamp of a total order has a least time");
                     let mut session = output.session(&cap);
                     for batch in data {
                         for record in batch.drain(..) {
@@ -60,10 +65,18 @@ fn decode<'scope>(
     (usage.as_collection(), dead)
 }
 
-fn decode_record(record: RawRecord, epoch: Epoch, limits: &Limits) -> Result<(AggregateKey, Epoch, Usage), DeadLetter> {
+fn decode_record(
+    record: RawRecord,
+    epoch: Epoch,
+    limits: &Limits,
+) -> Result<(AggregateKey, Epoch, Usage), DeadLetter> {
     let reference = record.timestamp_ms.saturating_mul(1_000);
     match decode_event(&record.payload, reference, limits) {
-        Ok(event) => Ok((AggregateKey::default_meter(&event), epoch, Usage(Aggregate::of(event.value)))),
+        Ok(event) => Ok((
+            AggregateKey::default_meter(&event),
+            epoch,
+            Usage(Aggregate::of(event.value)),
+        )),
         Err(e) => Err(DeadLetter {
             partition: record.partition,
             offset: record.offset,

@@ -54,7 +54,9 @@ pub enum SourceMessage {
 
 /// The partitions worker `index` of `peers` owns.
 pub fn owned_partitions(partitions: i32, index: usize, peers: usize) -> Vec<i32> {
-    (0..partitions).filter(|p| *p as usize % peers == index).collect()
+    (0..partitions)
+        .filter(|p| *p as usize % peers == index)
+        .collect()
 }
 
 /// Starts the reader thread for one worker.
@@ -65,16 +67,26 @@ pub fn spawn_reader(
 ) -> std::io::Result<(Receiver<SourceMessage>, JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
     let handle = std::thread::Builder::new()
-        .name(format!("kafka-reader-{}", owned.first().copied().unwrap_or(-1)))
+        .name(format!(
+            "kafka-reader-{}",
+            owned.first().copied().unwrap_or(-1)
+        ))
         .spawn(move || {
             if let Err(e) = read(&config, &owned, &tx) {
-                let _ = tx.send(SourceMessage::Failed(format!("reading {}: {e}", config.topic)));
+                let _ = tx.send(SourceMessage::Failed(format!(
+                    "reading {}: {e}",
+                    config.topic
+                )));
             }
         })?;
     Ok((rx, handle))
 }
 
-fn read(config: &SourceConfig, owned: &[i32], tx: &Sender<SourceMessage>) -> Result<(), KafkaError> {
+fn read(
+    config: &SourceConfig,
+    owned: &[i32],
+    tx: &Sender<SourceMessage>,
+) -> Result<(), KafkaError> {
     if owned.is_empty() {
         if config.until_caught_up {
             let _ = tx.send(SourceMessage::CaughtUp);
@@ -106,7 +118,8 @@ fn read(config: &SourceConfig, owned: &[i32], tx: &Sender<SourceMessage>) -> Res
     let mut ends: HashMap<i32, i64> = HashMap::new();
     if config.until_caught_up {
         for &p in owned {
-            let (low, high) = consumer.fetch_watermarks(&config.topic, p, Duration::from_secs(30))?;
+            let (low, high) =
+                consumer.fetch_watermarks(&config.topic, p, Duration::from_secs(30))?;
             let start = config.start_offsets.get(&p).copied().unwrap_or(low);
             next.insert(p, start);
             if start < high {
@@ -121,7 +134,11 @@ fn read(config: &SourceConfig, owned: &[i32], tx: &Sender<SourceMessage>) -> Res
 
     let mut batch = Vec::with_capacity(config.batch_size);
     loop {
-        let timeout = if batch.is_empty() { Duration::from_millis(100) } else { Duration::ZERO };
+        let timeout = if batch.is_empty() {
+            Duration::from_millis(100)
+        } else {
+            Duration::ZERO
+        };
         match consumer.poll(timeout) {
             Some(Ok(msg)) => {
                 let partition = msg.partition();
@@ -164,10 +181,15 @@ mod tests {
     #[test]
     fn every_partition_has_exactly_one_owner_whatever_the_worker_count() {
         for peers in 1..=5 {
-            let mut all: Vec<i32> = (0..peers).flat_map(|w| owned_partitions(8, w, peers)).collect();
+            let mut all: Vec<i32> = (0..peers)
+                .flat_map(|w| owned_partitions(8, w, peers))
+                .collect();
             all.sort();
             assert_eq!(all, (0..8).collect::<Vec<_>>());
         }
-        assert!(owned_partitions(2, 3, 4).is_empty(), "a worker may own nothing");
+        assert!(
+            owned_partitions(2, 3, 4).is_empty(),
+            "a worker may own nothing"
+        );
     }
 }

@@ -6,7 +6,9 @@ use differential_dataflow::difference::{Abelian, IsZero, Monoid, Semigroup};
 use meterflow_model::Aggregate;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct Usage(pub Aggregate);
 
 impl IsZero for Usage {
@@ -19,7 +21,9 @@ impl Semigroup for Usage {
     fn plus_equals(&mut self, rhs: &Self) {
         // Validation caps each value at 28 significant digits; a sum past 7.9e28 within one key is a
         // broken invariant of the input domain, not a runtime condition we can represent.
-        self.0.checked_add(&rhs.0).expect("usage sum exceeds the 96-bit decimal range");
+        self.0
+            .checked_add(&rhs.0)
+            .expect("usage sum exceeds the 96-bit decimal range");
     }
 }
 

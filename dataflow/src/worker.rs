@@ -27,7 +27,11 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { limits: Limits::default(), epoch_interval: Duration::from_millis(250), max_inflight_epochs: 8 }
+        WorkerConfig {
+            limits: Limits::default(),
+            epoch_interval: Duration::from_millis(250),
+            max_inflight_epochs: 8,
+        }
     }
 }
 

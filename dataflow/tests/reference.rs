@@ -56,7 +56,12 @@ fn reference(records: &[RawRecord]) -> Outcome {
     for r in records {
         out.offsets.insert(r.partition, r.offset + 1);
         match decode_event(&r.payload, r.timestamp_ms * 1_000, &Limits::default()) {
-            Ok(e) => out.aggregates.entry(AggregateKey::default_meter(&e)).or_default().checked_add(&Aggregate::of(e.value)).unwrap(),
+            Ok(e) => out
+                .aggregates
+                .entry(AggregateKey::default_meter(&e))
+                .or_default()
+                .checked_add(&Aggregate::of(e.value))
+                .unwrap(),
             Err(_) => {
                 out.dead_letters.insert((r.partition, r.offset));
             }
@@ -68,12 +73,18 @@ fn reference(records: &[RawRecord]) -> Outcome {
 fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: usize) -> Outcome {
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<EpochBatch>(4);
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
-    let sink = Arc::new(Mutex::new(Some(SinkChannels { batches: batch_tx, acks: ack_rx })));
+    let sink = Arc::new(Mutex::new(Some(SinkChannels {
+        batches: batch_tx,
+        acks: ack_rx,
+    })));
     let collector = std::thread::spawn(move || {
         let mut out = Outcome::default();
         let mut last_epoch = 0;
         for batch in batch_rx {
-            assert!(batch.epoch > last_epoch || last_epoch == 0, "epochs arrive in order");
+            assert!(
+                batch.epoch > last_epoch || last_epoch == 0,
+                "epochs arrive in order"
+            );
             last_epoch = batch.epoch;
             for (key, agg) in batch.aggregates {
                 let entry = out.aggregates.entry(key.clone()).or_default();
@@ -88,23 +99,37 @@ fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: u
                 *stored = next;
             }
             for d in batch.dead_letters {
-                assert!(out.dead_letters.insert((d.partition, d.offset)), "a dead letter is stored once");
+                assert!(
+                    out.dead_letters.insert((d.partition, d.offset)),
+                    "a dead letter is stored once"
+                );
             }
             ack_tx.send(batch.epoch).unwrap();
         }
         out
     });
     let records = Arc::new(records);
-    let config = WorkerConfig { epoch_interval: Duration::from_millis(epoch_ms), ..WorkerConfig::default() };
+    let config = WorkerConfig {
+        epoch_interval: Duration::from_millis(epoch_ms),
+        ..WorkerConfig::default()
+    };
     timely::execute(timely::Config::process(workers), move |worker| {
         let owned = owned_partitions(PARTITIONS, worker.index(), worker.peers());
         let (tx, rx) = crossbeam_channel::bounded(1_000_000);
-        let mine: Vec<RawRecord> = records.iter().filter(|r| owned.contains(&r.partition)).cloned().collect();
+        let mine: Vec<RawRecord> = records
+            .iter()
+            .filter(|r| owned.contains(&r.partition))
+            .cloned()
+            .collect();
         for part in mine.chunks(chunk) {
             tx.send(SourceMessage::Records(part.to_vec())).unwrap();
         }
         tx.send(SourceMessage::CaughtUp).unwrap();
-        let sink = if worker.index() == 0 { sink.lock().unwrap().take() } else { None };
+        let sink = if worker.index() == 0 {
+            sink.lock().unwrap().take()
+        } else {
+            None
+        };
         run_worker(worker, &config, rx, sink, &AtomicBool::new(false)).unwrap();
     })
     .unwrap();
@@ -120,7 +145,10 @@ fn the_dataflow_equals_the_reference_for_1_2_and_4_workers() {
         for workers in [1, 2, 4] {
             for (epoch_ms, chunk) in [(0, 7), (5, 500)] {
                 let got = run_dataflow(records.clone(), workers, epoch_ms, chunk);
-                assert_eq!(got, expected, "seed {seed}, {workers} workers, epoch {epoch_ms} ms, chunks of {chunk}");
+                assert_eq!(
+                    got, expected,
+                    "seed {seed}, {workers} workers, epoch {epoch_ms} ms, chunks of {chunk}"
+                );
             }
         }
     }

@@ -29,7 +29,9 @@ impl AggregateKey {
 }
 
 /// Sum of values and count of events. Adding two aggregates adds both parts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct Aggregate {
     pub value: Decimal,
     pub event_count: i64,
@@ -38,13 +40,19 @@ pub struct Aggregate {
 impl Aggregate {
     /// One event of the given value.
     pub fn of(value: Decimal) -> Self {
-        Aggregate { value, event_count: 1 }
+        Aggregate {
+            value,
+            event_count: 1,
+        }
     }
 
     /// `self += other`, or an error when the sum leaves the range of a 96-bit decimal.
     pub fn checked_add(&mut self, other: &Aggregate) -> Result<(), Overflow> {
         self.value = self.value.checked_add(other.value).ok_or(Overflow)?;
-        self.event_count = self.event_count.checked_add(other.event_count).ok_or(Overflow)?;
+        self.event_count = self
+            .event_count
+            .checked_add(other.event_count)
+            .ok_or(Overflow)?;
         Ok(())
     }
 
@@ -66,7 +74,8 @@ mod tests {
     #[test]
     fn aggregates_add_both_parts_exactly() {
         let mut a = Aggregate::of(Decimal::from_str("0.1").unwrap());
-        a.checked_add(&Aggregate::of(Decimal::from_str("0.2").unwrap())).unwrap();
+        a.checked_add(&Aggregate::of(Decimal::from_str("0.2").unwrap()))
+            .unwrap();
         assert_eq!(a.value, Decimal::from_str("0.3").unwrap());
         assert_eq!(a.event_count, 2);
     }

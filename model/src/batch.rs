@@ -64,7 +64,11 @@ mod tests {
     use rust_decimal::Decimal;
 
     fn key(c: &str) -> AggregateKey {
-        AggregateKey { customer_id: c.into(), meter: "m".into(), window_start: 0 }
+        AggregateKey {
+            customer_id: c.into(),
+            meter: "m".into(),
+            window_start: 0,
+        }
     }
 
     #[test]
@@ -77,13 +81,25 @@ mod tests {
         };
         let b = EpochBatch {
             epoch: 2,
-            aggregates: vec![(key("a"), Aggregate::of(Decimal::TWO)), (key("b"), Aggregate::of(Decimal::ONE))],
+            aggregates: vec![
+                (key("a"), Aggregate::of(Decimal::TWO)),
+                (key("b"), Aggregate::of(Decimal::ONE)),
+            ],
             offsets: vec![(0, 12)],
             dead_letters: vec![],
         };
         a.absorb(b).unwrap();
         assert_eq!(a.epoch, 2);
-        assert_eq!(a.aggregates[0], (key("a"), Aggregate { value: Decimal::from(3), event_count: 2 }));
+        assert_eq!(
+            a.aggregates[0],
+            (
+                key("a"),
+                Aggregate {
+                    value: Decimal::from(3),
+                    event_count: 2
+                }
+            )
+        );
         assert_eq!(a.aggregates.len(), 2);
         assert_eq!(a.offsets, vec![(0, 12), (1, 5)]);
     }

@@ -39,7 +39,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_future_micros: 5 * 60 * 1_000_000, max_properties_bytes: 4 * 1024 }
+        Limits {
+            max_future_micros: 5 * 60 * 1_000_000,
+            max_properties_bytes: 4 * 1024,
+        }
     }
 }
 
@@ -62,7 +65,11 @@ pub enum DecodeError {
 }
 
 fn describe(errors: &[FieldError]) -> String {
-    errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ")
+    errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl DecodeError {
@@ -90,11 +97,22 @@ struct RawEvent {
 }
 
 /// Decodes and validates one event. `reference_micros` is the instant "in the future" is measured from.
-pub fn decode_event(bytes: &[u8], reference_micros: i64, limits: &Limits) -> Result<Event, DecodeError> {
-    let raw: RawEvent = serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+pub fn decode_event(
+    bytes: &[u8],
+    reference_micros: i64,
+    limits: &Limits,
+) -> Result<Event, DecodeError> {
+    let raw: RawEvent =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     let mut errors = Vec::new();
     check_id(&mut errors, "event_id", &raw.event_id, 128, is_id_char);
-    check_id(&mut errors, "customer_id", &raw.customer_id, 128, is_id_char);
+    check_id(
+        &mut errors,
+        "customer_id",
+        &raw.customer_id,
+        128,
+        is_id_char,
+    );
     check_id(&mut errors, "event_type", &raw.event_type, 64, is_type_char);
 
     let event_time_micros = match DateTime::parse_from_rfc3339(&raw.event_time) {
@@ -106,7 +124,10 @@ pub fn decode_event(bytes: &[u8], reference_micros: i64, limits: &Limits) -> Res
             micros
         }
         Err(_) => {
-            errors.push(field("event_time", "must be an RFC 3339 timestamp with an offset"));
+            errors.push(field(
+                "event_time",
+                "must be an RFC 3339 timestamp with an offset",
+            ));
             0
         }
     };
@@ -116,7 +137,10 @@ pub fn decode_event(bytes: &[u8], reference_micros: i64, limits: &Limits) -> Res
         Some(Value::Number(n)) => parse_value(&mut errors, &n.to_string()),
         Some(Value::String(s)) => parse_value(&mut errors, s),
         Some(_) => {
-            errors.push(field("value", "must be a number or a string holding a decimal"));
+            errors.push(field(
+                "value",
+                "must be a number or a string holding a decimal",
+            ));
             Decimal::ZERO
         }
     };
@@ -126,7 +150,10 @@ pub fn decode_event(bytes: &[u8], reference_micros: i64, limits: &Limits) -> Res
         Some(map) => {
             for (key, v) in map {
                 if !matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
-                    errors.push(field(&format!("properties.{key}"), "must be a string, number or boolean"));
+                    errors.push(field(
+                        &format!("properties.{key}"),
+                        "must be a string, number or boolean",
+                    ));
                 }
             }
             let encoded = serde_json::to_string(map).unwrap_or_default();
@@ -153,7 +180,8 @@ pub fn decode_event(bytes: &[u8], reference_micros: i64, limits: &Limits) -> Res
 impl Event {
     /// The event's canonical JSON: what the API forwards to Kafka, which decodes back to the same event.
     pub fn to_json(&self) -> Vec<u8> {
-        let properties: Value = serde_json::from_str(&self.properties).unwrap_or(Value::Object(Map::new()));
+        let properties: Value =
+            serde_json::from_str(&self.properties).unwrap_or(Value::Object(Map::new()));
         let body = serde_json::json!({
             "event_id": self.event_id,
             "customer_id": self.customer_id,
@@ -184,11 +212,21 @@ fn parse_value(errors: &mut Vec<FieldError>, text: &str) -> Decimal {
     }
 }
 
-fn check_id(errors: &mut Vec<FieldError>, name: &str, id: &str, max: usize, allowed: fn(u8) -> bool) {
+fn check_id(
+    errors: &mut Vec<FieldError>,
+    name: &str,
+    id: &str,
+    max: usize,
+    allowed: fn(u8) -> bool,
+) {
     if id.is_empty() || id.len() > max {
         errors.push(field(name, &format!("must be 1 to {max} characters long")));
     } else if !id.bytes().all(allowed) {
-        let alphabet = if max == 64 { "[a-z0-9_.-]" } else { "[A-Za-z0-9._:-]" };
+        let alphabet = if max == 64 {
+            "[a-z0-9_.-]"
+        } else {
+            "[A-Za-z0-9._:-]"
+        };
         errors.push(field(name, &format!("may only contain {alphabet}")));
     }
 }
@@ -202,7 +240,10 @@ fn is_type_char(b: u8) -> bool {
 }
 
 fn field(name: &str, message: &str) -> FieldError {
-    FieldError { field: name.to_owned(), message: message.to_owned() }
+    FieldError {
+        field: name.to_owned(),
+        message: message.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -239,8 +280,13 @@ mod tests {
             .unwrap();
         assert_eq!(e.value, Decimal::ONE);
         assert_eq!(e.event_time_micros, NOW - 2 * 3_600 * 1_000_000);
-        let e = decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":0.1000000000000000055511151231257827}"#);
-        assert!(e.is_err(), "more than 28 significant digits must be refused, not rounded");
+        let e = decode(
+            r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":0.1000000000000000055511151231257827}"#,
+        );
+        assert!(
+            e.is_err(),
+            "more than 28 significant digits must be refused, not rounded"
+        );
         let e = decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":0.30000000000000004}"#)
             .unwrap();
         assert_eq!(e.value.to_string(), "0.30000000000000004");
@@ -252,7 +298,10 @@ mod tests {
         assert!(matches!(decode(unknown), Err(DecodeError::Malformed(_))));
         let dup = r#"{"event_id":"a","event_id":"b","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z"}"#;
         assert!(matches!(decode(dup), Err(DecodeError::Malformed(_))));
-        assert!(matches!(decode("{\"event_id\":"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode("{\"event_id\":"),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -260,13 +309,25 @@ mod tests {
         let fields = invalid_fields(
             r#"{"event_id":"bad id","customer_id":"","event_type":"API","event_time":"yesterday","value":"-1","properties":{"nested":{"a":1}}}"#,
         );
-        assert_eq!(fields, ["event_id", "customer_id", "event_type", "event_time", "value", "properties.nested"]);
+        assert_eq!(
+            fields,
+            [
+                "event_id",
+                "customer_id",
+                "event_type",
+                "event_time",
+                "value",
+                "properties.nested"
+            ]
+        );
     }
 
     #[test]
     fn an_event_from_the_future_is_rejected_but_history_is_accepted() {
         assert_eq!(
-            invalid_fields(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:35:01Z"}"#),
+            invalid_fields(
+                r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:35:01Z"}"#
+            ),
             ["event_time"]
         );
         assert!(decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:35:00Z"}"#).is_ok());
@@ -276,11 +337,15 @@ mod tests {
     #[test]
     fn nan_infinity_and_oversized_properties_are_invalid() {
         for v in [r#""NaN""#, r#""Infinity""#, "1e400", r#""-0.5""#, "true"] {
-            let json = format!(r#"{{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":{v}}}"#);
+            let json = format!(
+                r#"{{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":{v}}}"#
+            );
             assert_eq!(invalid_fields(&json), ["value"], "value {v}");
         }
         let big = "x".repeat(5000);
-        let json = format!(r#"{{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","properties":{{"k":"{big}"}}}}"#);
+        let json = format!(
+            r#"{{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","properties":{{"k":"{big}"}}}}"#
+        );
         assert_eq!(invalid_fields(&json), ["properties"]);
     }
 
@@ -288,6 +353,9 @@ mod tests {
     fn the_canonical_json_decodes_back_to_the_same_event() {
         let e = decode(r#"{"event_id":"e-1","customer_id":"c","event_type":"tokens","event_time":"2024-01-15T14:30:00.123456Z","value":"12.500","properties":{"model":"large","n":3}}"#)
             .unwrap();
-        assert_eq!(decode_event(&e.to_json(), NOW, &Limits::default()).unwrap(), e);
+        assert_eq!(
+            decode_event(&e.to_json(), NOW, &Limits::default()).unwrap(),
+            e
+        );
     }
 }

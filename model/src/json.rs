@@ -28,9 +28,11 @@ pub fn parse_decimal(text: &str) -> Result<Decimal, &'static str> {
         return Err("must be finite");
     }
     let parsed = if lower.contains('e') {
-        Decimal::from_scientific(text).map_err(|_| "is out of range or has more than 28 significant digits")?
+        Decimal::from_scientific(text)
+            .map_err(|_| "is out of range or has more than 28 significant digits")?
     } else {
-        Decimal::from_str_exact(text).map_err(|_| "must be a decimal number with at most 28 significant digits")?
+        Decimal::from_str_exact(text)
+            .map_err(|_| "must be a decimal number with at most 28 significant digits")?
     };
     Ok(parsed)
 }
@@ -56,7 +58,10 @@ mod tests {
     #[test]
     fn too_many_significant_digits_are_refused_rather_than_rounded() {
         assert!(parse_decimal("1.23456789012345678901234567891").is_err());
-        assert_eq!(parse_decimal("1.5").unwrap(), Decimal::from_str("1.5").unwrap());
+        assert_eq!(
+            parse_decimal("1.5").unwrap(),
+            Decimal::from_str("1.5").unwrap()
+        );
         assert_eq!(parse_decimal("2E3").unwrap(), Decimal::from(2000));
     }
 }

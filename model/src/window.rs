@@ -32,7 +32,9 @@ impl Window {
 
 /// Seconds since the epoch as a UTC timestamp (window bounds are always whole seconds).
 pub fn utc_from_seconds(secs: i64) -> DateTime<Utc> {
-    Utc.timestamp_opt(secs, 0).single().unwrap_or(DateTime::<Utc>::MIN_UTC)
+    Utc.timestamp_opt(secs, 0)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 #[cfg(test)]
@@ -41,14 +43,21 @@ mod tests {
 
     #[test]
     fn an_instant_falls_in_the_hour_that_contains_it() {
-        let t = DateTime::parse_from_rfc3339("2024-01-15T14:30:00Z").unwrap().timestamp_micros();
+        let t = DateTime::parse_from_rfc3339("2024-01-15T14:30:00Z")
+            .unwrap()
+            .timestamp_micros();
         let start = Window::Hour.start_of(t);
-        assert_eq!(utc_from_seconds(start).to_rfc3339(), "2024-01-15T14:00:00+00:00");
+        assert_eq!(
+            utc_from_seconds(start).to_rfc3339(),
+            "2024-01-15T14:00:00+00:00"
+        );
     }
 
     #[test]
     fn the_first_instant_of_a_window_belongs_to_it_and_the_last_to_the_one_before() {
-        let t = DateTime::parse_from_rfc3339("2024-01-15T14:00:00Z").unwrap().timestamp_micros();
+        let t = DateTime::parse_from_rfc3339("2024-01-15T14:00:00Z")
+            .unwrap()
+            .timestamp_micros();
         assert_eq!(Window::Hour.start_of(t), t / 1_000_000);
         assert_eq!(Window::Hour.start_of(t - 1), t / 1_000_000 - 3_600);
     }

@@ -45,12 +45,15 @@ pub fn spawn_writer(
     batches: Receiver<EpochBatch>,
     acks: Sender<u64>,
 ) -> std::io::Result<JoinHandle<Result<WriterSummary, SinkError>>> {
-    std::thread::Builder::new().name("pg-epoch-sink".into()).spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
-            SinkError::Permanent(sqlx::Error::Io(e))
-        })?;
-        runtime.block_on(write_all(&database_url, &lease, batches, acks))
-    })
+    std::thread::Builder::new()
+        .name("pg-epoch-sink".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| SinkError::Permanent(sqlx::Error::Io(e)))?;
+            runtime.block_on(write_all(&database_url, &lease, batches, acks))
+        })
 }
 
 async fn write_all(
@@ -90,7 +93,12 @@ async fn connect(url: &str) -> Result<PgConnection, SinkError> {
 
 /// Commits `batch`, retrying transient failures with capped exponential backoff. Before each retry it
 /// resolves whether the previous attempt in fact committed.
-async fn commit_with_retry(url: &str, conn: &mut PgConnection, lease: &Lease, batch: &EpochBatch) -> Result<(), SinkError> {
+async fn commit_with_retry(
+    url: &str,
+    conn: &mut PgConnection,
+    lease: &Lease,
+    batch: &EpochBatch,
+) -> Result<(), SinkError> {
     let mut backoff = Duration::from_millis(100);
     loop {
         match commit(conn, lease, batch).await {
@@ -113,33 +121,55 @@ async fn commit_with_retry(url: &str, conn: &mut PgConnection, lease: &Lease, ba
     }
 }
 
-async fn already_committed(conn: &mut PgConnection, lease: &Lease, epoch: u64) -> Result<bool, SinkError> {
+async fn already_committed(
+    conn: &mut PgConnection,
+    lease: &Lease,
+    epoch: u64,
+) -> Result<bool, SinkError> {
     let (generation, committed): (i64, i64) =
         sqlx::query_as("SELECT generation, committed_epoch FROM pipeline_leases WHERE topic = $1")
             .bind(&lease.topic)
             .fetch_one(&mut *conn)
             .await?;
     if generation != lease.generation {
-        return Err(SinkError::Fenced { topic: lease.topic.clone(), ours: lease.generation, current: generation });
+        return Err(SinkError::Fenced {
+            topic: lease.topic.clone(),
+            ours: lease.generation,
+            current: generation,
+        });
     }
     Ok(committed >= epoch as i64)
 }
 
 /// One fenced transaction: results, dead letters and offsets together.
-async fn commit(conn: &mut PgConnection, lease: &Lease, batch: &EpochBatch) -> Result<(), SinkError> {
+async fn commit(
+    conn: &mut PgConnection,
+    lease: &Lease,
+    batch: &EpochBatch,
+) -> Result<(), SinkError> {
     let mut tx = conn.begin().await?;
-    let generation: i64 = sqlx::query_scalar("SELECT generation FROM pipeline_leases WHERE topic = $1 FOR UPDATE")
-        .bind(&lease.topic)
-        .fetch_one(&mut *tx)
-        .await?;
+    let generation: i64 =
+        sqlx::query_scalar("SELECT generation FROM pipeline_leases WHERE topic = $1 FOR UPDATE")
+            .bind(&lease.topic)
+            .fetch_one(&mut *tx)
+            .await?;
     if generation != lease.generation {
-        return Err(SinkError::Fenced { topic: lease.topic.clone(), ours: lease.generation, current: generation });
+        return Err(SinkError::Fenced {
+            topic: lease.topic.clone(),
+            ours: lease.generation,
+            current: generation,
+        });
     }
 
     if !batch.aggregates.is_empty() {
         let n = batch.aggregates.len();
-        let (mut customers, mut meters, mut starts, mut values, mut counts) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut customers, mut meters, mut starts, mut values, mut counts) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for (key, agg) in &batch.aggregates {
             customers.push(key.customer_id.as_str());
             meters.push(key.meter.as_str());
@@ -169,8 +199,16 @@ async fn commit(conn: &mut PgConnection, lease: &Lease, batch: &EpochBatch) -> R
     if !batch.dead_letters.is_empty() {
         let partitions: Vec<i32> = batch.dead_letters.iter().map(|d| d.partition).collect();
         let offsets: Vec<i64> = batch.dead_letters.iter().map(|d| d.offset).collect();
-        let payloads: Vec<&[u8]> = batch.dead_letters.iter().map(|d| d.payload.as_slice()).collect();
-        let reasons: Vec<&str> = batch.dead_letters.iter().map(|d| d.reason.as_str()).collect();
+        let payloads: Vec<&[u8]> = batch
+            .dead_letters
+            .iter()
+            .map(|d| d.payload.as_slice())
+            .collect();
+        let reasons: Vec<&str> = batch
+            .dead_letters
+            .iter()
+            .map(|d| d.reason.as_str())
+            .collect();
         sqlx::query(
             "INSERT INTO dead_letters (topic, partition, \"offset\", payload, reason)
              SELECT $1, p, o, b, r FROM UNNEST($2::int[], $3::bigint[], $4::bytea[], $5::text[]) AS u(p, o, b, r)
@@ -200,11 +238,13 @@ async fn commit(conn: &mut PgConnection, lease: &Lease, batch: &EpochBatch) -> R
         .await?;
     }
 
-    sqlx::query("UPDATE pipeline_leases SET committed_epoch = $2, committed_at = now() WHERE topic = $1")
-        .bind(&lease.topic)
-        .bind(batch.epoch as i64)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE pipeline_leases SET committed_epoch = $2, committed_at = now() WHERE topic = $1",
+    )
+    .bind(&lease.topic)
+    .bind(batch.epoch as i64)
+    .execute(&mut *tx)
+    .await?;
     failpoint::hit("before_commit");
     tx.commit().await?;
     failpoint::hit("after_commit");

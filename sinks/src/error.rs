@@ -4,8 +4,14 @@
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// Another pipeline instance took over the topic; this one must stop (it is a zombie).
-    #[error("another pipeline took over topic {topic} (our generation {ours}, now {current}); stopping")]
-    Fenced { topic: String, ours: i64, current: i64 },
+    #[error(
+        "another pipeline took over topic {topic} (our generation {ours}, now {current}); stopping"
+    )]
+    Fenced {
+        topic: String,
+        ours: i64,
+        current: i64,
+    },
     /// The database said no; retrying the same statement will not help.
     #[error("postgres refused the commit: {0}")]
     Permanent(#[source] sqlx::Error),
@@ -30,10 +36,15 @@ impl From<sqlx::Error> for SinkError {
 /// 57 (operator intervention: shutdown, admin terminate) are worth retrying.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            ["08", "40", "53", "57"].iter().any(|class| code.starts_with(class))
+            ["08", "40", "53", "57"]
+                .iter()
+                .any(|class| code.starts_with(class))
         }
         _ => false,
     }

@@ -23,14 +23,22 @@ pub async fn acquire_lease(conn: &mut PgConnection, topic: &str) -> Result<Lease
     .bind(topic)
     .fetch_one(&mut *conn)
     .await?;
-    Ok(Lease { topic: topic.to_owned(), generation })
+    Ok(Lease {
+        topic: topic.to_owned(),
+        generation,
+    })
 }
 
 /// The next offset to read per partition, as last committed together with the results.
-pub async fn stored_offsets(conn: &mut PgConnection, topic: &str) -> Result<HashMap<i32, i64>, sqlx::Error> {
+pub async fn stored_offsets(
+    conn: &mut PgConnection,
+    topic: &str,
+) -> Result<HashMap<i32, i64>, sqlx::Error> {
     let rows = sqlx::query("SELECT partition, next_offset FROM source_offsets WHERE topic = $1")
         .bind(topic)
         .fetch_all(&mut *conn)
         .await?;
-    rows.iter().map(|r| Ok((r.try_get::<i32, _>(0)?, r.try_get::<i64, _>(1)?))).collect()
+    rows.iter()
+        .map(|r| Ok((r.try_get::<i32, _>(0)?, r.try_get::<i64, _>(1)?)))
+        .collect()
 }

@@ -19,7 +19,11 @@ pub const ADMIN_URL: &str = "postgres://meterflow@127.0.0.1:5432/meterflow";
 
 /// A unique suffix for names of this test's database and topic.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}_{:08x}", std::process::id(), rand::rng().random::<u32>())
+    format!(
+        "{prefix}_{}_{:08x}",
+        std::process::id(),
+        rand::rng().random::<u32>()
+    )
 }
 
 /// Creates a migrated database of its own; returns its URL.
@@ -28,7 +32,10 @@ pub async fn fresh_database() -> String {
     let mut admin = PgConnection::connect(ADMIN_URL)
         .await
         .expect("Postgres must be running on 127.0.0.1:5432 (deploy/local/up)");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     let url = format!("postgres://meterflow@127.0.0.1:5432/{name}");
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     meterflow_sinks::MIGRATOR.run(&pool).await.unwrap();
@@ -39,10 +46,19 @@ pub async fn fresh_database() -> String {
 /// Creates a topic of its own with `partitions` partitions.
 pub async fn fresh_topic(partitions: i32) -> String {
     let name = unique("test.events").replace('_', "-");
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", BROKERS).create().unwrap();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .unwrap();
     let results = admin
-        .create_topics([&NewTopic::new(&name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            [&NewTopic::new(
+                &name,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        )
         .await
         .expect("Kafka must be running on 127.0.0.1:9092 (deploy/local/up)");
     for r in results {
@@ -90,8 +106,14 @@ pub struct TestEvent {
 
 impl TestEvent {
     pub fn payload(&self) -> Vec<u8> {
-        let time = chrono::DateTime::from_timestamp(self.time, 0).unwrap().to_rfc3339();
-        let value = if self.invalid { "\"-1\"".to_owned() } else { self.value.to_string() };
+        let time = chrono::DateTime::from_timestamp(self.time, 0)
+            .unwrap()
+            .to_rfc3339();
+        let value = if self.invalid {
+            "\"-1\"".to_owned()
+        } else {
+            self.value.to_string()
+        };
         format!(
             r#"{{"event_id":"{}","customer_id":"{}","event_type":"{}","event_time":"{time}","value":{value}}}"#,
             self.id, self.customer, self.event_type
@@ -123,7 +145,13 @@ pub type Aggregates = BTreeMap<(String, String, i64), (Decimal, i64)>;
 pub fn reference(events: &[TestEvent]) -> Aggregates {
     let mut out = Aggregates::new();
     for e in events.iter().filter(|e| !e.invalid) {
-        let entry = out.entry((e.customer.clone(), e.event_type.clone(), e.time - e.time.rem_euclid(3600))).or_default();
+        let entry = out
+            .entry((
+                e.customer.clone(),
+                e.event_type.clone(),
+                e.time - e.time.rem_euclid(3600),
+            ))
+            .or_default();
         entry.0 += e.value;
         entry.1 += 1;
     }
@@ -139,7 +167,12 @@ pub async fn stored_aggregates(url: &str) -> Aggregates {
     .await
     .unwrap();
     rows.iter()
-        .map(|r| ((r.get(0), r.get(1), r.get(2)), (r.get::<Decimal, _>(3).normalize(), r.get(4))))
+        .map(|r| {
+            (
+                (r.get(0), r.get(1), r.get(2)),
+                (r.get::<Decimal, _>(3).normalize(), r.get(4)),
+            )
+        })
         .collect()
 }
 
@@ -152,34 +185,67 @@ pub fn normalized(mut a: Aggregates) -> Aggregates {
 
 pub async fn scalar_i64(url: &str, sql: &str) -> i64 {
     let mut conn = PgConnection::connect(url).await.unwrap();
-    sqlx::query_scalar::<_, i64>(sql).fetch_one(&mut conn).await.unwrap()
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
 }
 
 /// The `meterflow` binary with the test's database and topic.
 pub fn meterflow(url: &str, topic: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meterflow"));
-    cmd.env("MF_DATABASE_URL", url).env("MF_EVENTS_TOPIC", topic).env("MF_KAFKA_BROKERS", BROKERS).env("MF_LOG", "warn");
+    cmd.env("MF_DATABASE_URL", url)
+        .env("MF_EVENTS_TOPIC", topic)
+        .env("MF_KAFKA_BROKERS", BROKERS)
+        .env("MF_LOG", "warn");
     cmd
 }
 
 /// Runs the pipeline until it has committed everything in the topic.
 pub fn drain(url: &str, topic: &str, workers: usize) -> Output {
     let out = meterflow(url, topic)
-        .args(["pipeline", "--until-caught-up", "--workers", &workers.to_string()])
+        .args([
+            "pipeline",
+            "--until-caught-up",
+            "--workers",
+            &workers.to_string(),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "pipeline failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pipeline failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
-pub fn spawn_pipeline(url: &str, topic: &str, workers: usize, extra: &[&str]) -> Child {
-    meterflow(url, topic)
+/// A child process that is killed (SIGKILL) and reaped when dropped, so no test leaves one behind.
+pub struct Running(pub Child);
+
+impl Running {
+    /// `kill -9` and wait for it to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn spawn_pipeline(url: &str, topic: &str, workers: usize, extra: &[&str]) -> Running {
+    let child = meterflow(url, topic)
         .args(["pipeline", "--workers", &workers.to_string()])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Running(child)
 }
 
 /// Asserts equal aggregates, printing only a summary and the first differences (not two huge maps).
@@ -187,8 +253,16 @@ pub fn assert_same(got: &Aggregates, expected: &Aggregates, context: &str) {
     if got == expected {
         return;
     }
-    let missing: Vec<_> = expected.iter().filter(|(k, v)| got.get(*k) != Some(*v)).take(5).collect();
-    let extra: Vec<_> = got.iter().filter(|(k, _)| !expected.contains_key(*k)).take(5).collect();
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(*v))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = got
+        .iter()
+        .filter(|(k, _)| !expected.contains_key(*k))
+        .take(5)
+        .collect();
     panic!(
         "{context}: {} stored rows vs {} expected; first expected rows that differ: {missing:?}; rows that should not exist: {extra:?}",
         got.len(),
