@@ -44,36 +44,33 @@ pub struct SinkChannels {
 /// Gathers each completed epoch on worker 0 and hands it to the sink; the output (empty data) holds each
 /// epoch open until the sink has committed it.
 pub fn commit_epochs<'scope>(
-    updates: StreamVec<'scope, Epoch, SinkUpdate>,
+    updates: StreamVec<'scope, Epoch, (Epoch, SinkUpdate)>,
     sink: Option<SinkChannels>,
 ) -> StreamVec<'scope, Epoch, ()> {
     let scope = updates.scope();
     updates.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
-        Exchange::new(|_: &SinkUpdate| 0u64),
+        Exchange::new(|_: &(Epoch, SinkUpdate)| 0u64),
         "CommitEpochs",
         move |_cap, info| {
             let activator = scope.activator_for(info.address);
             let mut stash: BTreeMap<Epoch, (Capability<Epoch>, EpochBatch)> = BTreeMap::new();
             let mut in_flight: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
             move |(input, frontier), output| {
+                // Stash by the epoch in the data: differential may deliver an epoch's updates under the
+                // capability of an earlier one.
                 input.for_each_stamp(|cap, data| {
-                    let epoch = *cap
-                        .least()
-                        .expect("a stamp of a total order has a least time");
-                    let entry = stash.entry(epoch).or_insert_with(|| {
-                        let held = cap
-                            .retain_least(output.output_index())
-                            .expect("a total order has a least time");
-                        (
-                            held,
-                            EpochBatch {
-                                epoch,
-                                ..EpochBatch::default()
-                            },
-                        )
-                    });
                     for batch in data {
-                        for update in batch.drain(..) {
+                        for (epoch, update) in batch.drain(..) {
+                            let entry = stash.entry(epoch).or_insert_with(|| {
+                                let held = cap.delayed(&epoch, output.output_index());
+                                (
+                                    held,
+                                    EpochBatch {
+                                        epoch,
+                                        ..EpochBatch::default()
+                                    },
+                                )
+                            });
                             match update {
                                 SinkUpdate::Aggregate(key, agg) => {
                                     entry.1.aggregates.push((key, agg))

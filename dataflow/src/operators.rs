@@ -20,19 +20,24 @@ use crate::usage::Usage;
 /// Epoch numbers: each worker advances its inputs to the next epoch every tick.
 pub type Epoch = u64;
 
-/// Builds the pipeline from Kafka records and offset markers `(partition, next_offset)` to sink updates.
+/// Builds the pipeline from Kafka records and offset markers `(epoch, partition, next_offset)` to sink
+/// updates, each with the epoch it belongs to.
+///
+/// The epoch travels in the data, not only in the message's capability: differential may send updates of
+/// a later time under an earlier capability, and the sink must never commit a result with the offsets of
+/// an epoch before the one that produced it.
 pub fn build<'scope>(
     records: StreamVec<'scope, Epoch, RawRecord>,
-    markers: StreamVec<'scope, Epoch, (i32, i64)>,
+    markers: StreamVec<'scope, Epoch, (Epoch, i32, i64)>,
     limits: Limits,
-) -> StreamVec<'scope, Epoch, SinkUpdate> {
+) -> StreamVec<'scope, Epoch, (Epoch, SinkUpdate)> {
     let scope = records.scope();
     let (usage, dead_letters) = decode(records, limits);
     let changes = usage_changes(usage);
     scope.concatenate([
-        changes.map(|(key, _epoch, usage)| SinkUpdate::Aggregate(key, usage.0)),
-        dead_letters.map(SinkUpdate::DeadLetter),
-        markers.map(|(partition, next)| SinkUpdate::Offset(partition, next)),
+        changes.map(|(key, epoch, usage)| (epoch, SinkUpdate::Aggregate(key, usage.0))),
+        dead_letters.map(|(epoch, dead)| (epoch, SinkUpdate::DeadLetter(dead))),
+        markers.map(|(epoch, partition, next)| (epoch, SinkUpdate::Offset(partition, next))),
     ])
 }
 
@@ -43,24 +48,27 @@ fn decode<'scope>(
     limits: Limits,
 ) -> (
     VecCollection<'scope, Epoch, AggregateKey, Usage>,
-    StreamVec<'scope, Epoch, DeadLetter>,
+    StreamVec<'scope, Epoch, (Epoch, DeadLetter)>,
 ) {
-    let decoded: StreamVec<'scope, Epoch, Result<(AggregateKey, Epoch, Usage), DeadLetter>> =
-        records.unary(Pipeline, "Decode", |_cap, _info| {
-            move |input, output| {
-                input.for_each_stamp(|cap, data| {
-                    let epoch = *cap
-                        .least()
-                        .expect("a stamp of a total order has a least time");
-                    let mut session = output.session(&cap);
-                    for batch in data {
-                        for record in batch.drain(..) {
-                            session.give(decode_record(record, epoch, &limits));
-                        }
+    let decoded: StreamVec<
+        'scope,
+        Epoch,
+        Result<(AggregateKey, Epoch, Usage), (Epoch, DeadLetter)>,
+    > = records.unary(Pipeline, "Decode", |_cap, _info| {
+        move |input, output| {
+            input.for_each_stamp(|cap, data| {
+                let epoch = *cap
+                    .least()
+                    .expect("a stamp of a total order has a least time");
+                let mut session = output.session(&cap);
+                for batch in data {
+                    for record in batch.drain(..) {
+                        session.give(decode_record(record, epoch, &limits));
                     }
-                });
-            }
-        });
+                }
+            });
+        }
+    });
     let (usage, dead) = decoded.ok_err(|result| result);
     (usage.as_collection(), dead)
 }
@@ -69,7 +77,7 @@ fn decode_record(
     record: RawRecord,
     epoch: Epoch,
     limits: &Limits,
-) -> Result<(AggregateKey, Epoch, Usage), DeadLetter> {
+) -> Result<(AggregateKey, Epoch, Usage), (Epoch, DeadLetter)> {
     let reference = record.timestamp_ms.saturating_mul(1_000);
     match decode_event(&record.payload, reference, limits) {
         Ok(event) => Ok((
@@ -77,12 +85,15 @@ fn decode_record(
             epoch,
             Usage(Aggregate::of(event.value)),
         )),
-        Err(e) => Err(DeadLetter {
-            partition: record.partition,
-            offset: record.offset,
-            reason: format!("{}: {e}", e.code()),
-            payload: record.payload,
-        }),
+        Err(e) => Err((
+            epoch,
+            DeadLetter {
+                partition: record.partition,
+                offset: record.offset,
+                reason: format!("{}: {e}", e.code()),
+                payload: record.payload,
+            },
+        )),
     }
 }
 

@@ -54,7 +54,7 @@ pub fn run_worker(
     let limits = config.limits;
     let (mut records, mut markers, probe) = worker.dataflow::<Epoch, _, _>(|scope| {
         let mut records = InputHandleVec::<Epoch, RawRecord>::new();
-        let mut markers = InputHandleVec::<Epoch, (i32, i64)>::new();
+        let mut markers = InputHandleVec::<Epoch, (Epoch, i32, i64)>::new();
         let probe = ProbeHandle::new();
         let updates = build(records.to_stream(scope), markers.to_stream(scope), limits);
         commit_epochs(updates, sink).probe_with(&probe);
@@ -98,7 +98,7 @@ pub fn run_worker(
         }
         if caught_up || last_tick.elapsed() >= config.epoch_interval {
             for partition in std::mem::take(&mut moved) {
-                markers.send((partition, next_offsets[&partition]));
+                markers.send((epoch, partition, next_offsets[&partition]));
             }
             records.advance_to(epoch + 1);
             markers.advance_to(epoch + 1);
@@ -113,8 +113,9 @@ pub fn run_worker(
     }
 
     // Close the inputs; the dataflow drains and the sink commits what is left.
+    let epoch = *records.time();
     for partition in std::mem::take(&mut moved) {
-        markers.send((partition, next_offsets[&partition]));
+        markers.send((epoch, partition, next_offsets[&partition]));
     }
     drop(records);
     drop(markers);

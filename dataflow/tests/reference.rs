@@ -77,7 +77,15 @@ fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: u
         batches: batch_tx,
         acks: ack_rx,
     })));
+    let all = records.clone();
+    // A failed assertion in the collector ends the test binary at once: the workers would otherwise wait
+    // forever for a sink that is gone.
     let collector = std::thread::spawn(move || {
+        std::panic::set_hook(Box::new(|info| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{info}"); // not captured: the process exits next
+            std::process::exit(101);
+        }));
         let mut out = Outcome::default();
         let mut last_epoch = 0;
         for batch in batch_rx {
@@ -86,6 +94,12 @@ fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: u
                 "epochs arrive in order"
             );
             last_epoch = batch.epoch;
+            let keys: BTreeSet<&AggregateKey> = batch.aggregates.iter().map(|(k, _)| k).collect();
+            assert_eq!(
+                keys.len(),
+                batch.aggregates.len(),
+                "at most one change per key in a batch"
+            );
             for (key, agg) in batch.aggregates {
                 let entry = out.aggregates.entry(key.clone()).or_default();
                 entry.checked_add(&agg).unwrap();
@@ -104,6 +118,17 @@ fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: u
                     "a dead letter is stored once"
                 );
             }
+            // Exactly-once at every commit: what is stored is exactly what the stored offsets cover.
+            let below: Vec<&RawRecord> = all
+                .iter()
+                .filter(|r| r.offset < out.offsets.get(&r.partition).copied().unwrap_or(0))
+                .collect();
+            let covered = reference(&below.into_iter().cloned().collect::<Vec<_>>());
+            assert_eq!(
+                out.aggregates, covered.aggregates,
+                "results match the committed offsets after epoch {last_epoch}"
+            );
+            assert_eq!(out.dead_letters, covered.dead_letters);
             ack_tx.send(batch.epoch).unwrap();
         }
         out

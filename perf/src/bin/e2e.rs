@@ -1,0 +1,252 @@
+//! `e2e`: a pre-filled Kafka topic drained into Postgres by `meterflow pipeline`, against the baseline of
+//! `../shared/PERF.md` measured in the same run on the same topic: a bare rdkafka consumer COPYing the raw
+//! events into `telemetry_events`. Prints one JSON line per run and a summary line with the medians and
+//! their ratio.
+//!
+//!     cargo build --release && target/release/e2e --events 5000000 --runs 3
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use meterflow_perf::{drop_database, fresh_database, median, rate};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Deserialize;
+use sqlx::{Connection, PgConnection};
+
+#[derive(Debug, Parser)]
+#[command(about = "End-to-end drain of a pre-filled topic: meterflow vs a bare COPY consumer")]
+struct Args {
+    /// Events in the topic.
+    #[arg(long, default_value_t = 5_000_000)]
+    events: u64,
+    /// Runs of each side (the medians are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Pipeline workers.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Reuse this topic instead of creating and filling a new one (it must hold --events events).
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(
+        long,
+        env = "MF_DATABASE_URL",
+        default_value = "postgres://meterflow@127.0.0.1:5432/meterflow"
+    )]
+    database_url: String,
+    #[arg(long, env = "MF_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// The meterflow binary.
+    #[arg(long, default_value = "target/release/meterflow")]
+    meterflow: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let topic = match &args.topic {
+        Some(t) => t.clone(),
+        None => prefill(&args)?,
+    };
+    let mut ours = Vec::new();
+    let mut baseline = Vec::new();
+    for run in 0..args.runs {
+        let url = fresh_database(&args.database_url, "mf_perf_e2e", run).await?;
+        let took = drain_with_meterflow(&args, &topic, &url)?;
+        let rows: i64 = scalar(
+            &url,
+            "SELECT coalesce(sum(event_count), 0)::bigint FROM aggregations",
+        )
+        .await?;
+        let r = rate(args.events, took);
+        println!(
+            "{}",
+            serde_json::json!({"bench": "e2e", "side": "meterflow", "workers": args.workers, "run": run, "events": args.events, "aggregated_events": rows, "seconds": took.as_secs_f64(), "events_per_s": r})
+        );
+        ours.push(r);
+        drop_database(&args.database_url, &url).await?;
+
+        let url = fresh_database(&args.database_url, "mf_perf_base", run).await?;
+        let took = copy_baseline(&args.brokers, &topic, &url).await?;
+        let rows: i64 = scalar(&url, "SELECT count(*) FROM telemetry_events").await?;
+        let r = rate(args.events, took);
+        println!(
+            "{}",
+            serde_json::json!({"bench": "e2e", "side": "baseline_copy", "run": run, "events": args.events, "stored_rows": rows, "seconds": took.as_secs_f64(), "events_per_s": r})
+        );
+        baseline.push(r);
+        drop_database(&args.database_url, &url).await?;
+    }
+    let (m, b) = (median(ours), median(baseline));
+    println!(
+        "{}",
+        serde_json::json!({"bench": "e2e", "summary": true, "topic": topic, "events": args.events, "runs": args.runs, "workers": args.workers,
+            "meterflow_events_per_s_median": m.round(), "baseline_events_per_s_median": b.round(), "ratio": (m / b * 100.0).round() / 100.0})
+    );
+    Ok(())
+}
+
+fn prefill(args: &Args) -> Result<String> {
+    let topic = format!("perf.e2e.{}", chrono::Utc::now().timestamp());
+    eprintln!("e2e: filling {topic} with {} events ...", args.events);
+    let status = Command::new(&args.meterflow)
+        .args([
+            "loadgen",
+            "--rate",
+            "0",
+            "--events",
+            &args.events.to_string(),
+            "--spread-hours",
+            "48",
+        ])
+        .env("MF_EVENTS_TOPIC", &topic)
+        .env("MF_KAFKA_BROKERS", &args.brokers)
+        .status()
+        .with_context(|| {
+            format!(
+                "running {} (build it with cargo build --release)",
+                args.meterflow
+            )
+        })?;
+    if !status.success() {
+        bail!("loadgen failed");
+    }
+    Ok(topic)
+}
+
+/// Wall time of `meterflow pipeline --until-caught-up` as a whole process, start-up included.
+fn drain_with_meterflow(args: &Args, topic: &str, url: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let out = Command::new(&args.meterflow)
+        .args([
+            "pipeline",
+            "--until-caught-up",
+            "--workers",
+            &args.workers.to_string(),
+        ])
+        .env("MF_EVENTS_TOPIC", topic)
+        .env("MF_DATABASE_URL", url)
+        .env("MF_KAFKA_BROKERS", &args.brokers)
+        .env("MF_LOG", "warn")
+        .output()?;
+    let took = started.elapsed();
+    if !out.status.success() {
+        bail!("pipeline failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(took)
+}
+
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    event_id: &'a str,
+    customer_id: &'a str,
+    event_type: &'a str,
+    event_time: &'a str,
+    value: serde_json::Value,
+    #[serde(default, borrow)]
+    properties: Option<&'a serde_json::value::RawValue>,
+}
+
+/// The baseline: one consumer reads every partition from the start to its end and COPYs each event's
+/// columns into `telemetry_events` in batches of 100k rows.
+async fn copy_baseline(brokers: &str, topic: &str, url: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "meterflow-perf-baseline")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for &p in &partitions {
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high > 0 {
+            ends.insert(p, high);
+        }
+    }
+    consumer.assign(&assignment)?;
+    let mut conn = PgConnection::connect(url).await?;
+    let mut buffer = Vec::with_capacity(16 << 20);
+    let mut rows = 0;
+    while !ends.is_empty() {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message?;
+            if ends
+                .get(&message.partition())
+                .is_some_and(|end| message.offset() + 1 >= *end)
+            {
+                ends.remove(&message.partition());
+            }
+            let e: RawEvent = serde_json::from_slice(message.payload().unwrap_or_default())?;
+            let value = match &e.value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let properties = e.properties.map_or("{}", |p| p.get());
+            for (i, field) in [
+                e.event_id,
+                e.customer_id,
+                e.event_type,
+                e.event_time,
+                &value,
+                properties,
+            ]
+            .iter()
+            .enumerate()
+            {
+                if i > 0 {
+                    buffer.push(b'\t');
+                }
+                escape_copy_text(field, &mut buffer);
+            }
+            buffer.push(b'\n');
+            rows += 1;
+        }
+        if rows == 100_000 || (ends.is_empty() && rows > 0) {
+            copy(&mut conn, &buffer).await?;
+            buffer.clear();
+            rows = 0;
+        }
+    }
+    Ok(started.elapsed())
+}
+
+async fn copy(conn: &mut PgConnection, rows: &[u8]) -> Result<()> {
+    let mut copy = conn
+        .copy_in_raw("COPY telemetry_events (event_id, customer_id, event_type, event_time, value, properties) FROM STDIN")
+        .await?;
+    copy.send(rows).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// COPY's text format: backslash, tab, newline and carriage return escaped.
+fn escape_copy_text(field: &str, out: &mut Vec<u8>) {
+    for b in field.bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
+async fn scalar(url: &str, sql: &str) -> Result<i64> {
+    let mut conn = PgConnection::connect(url).await?;
+    Ok(sqlx::query_scalar(sql).fetch_one(&mut conn).await?)
+}
