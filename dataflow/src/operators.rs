@@ -41,6 +41,11 @@ pub fn build<'scope>(
     ])
 }
 
+/// A dead letter with the epoch its record was read in.
+type EpochDeadLetter = (Epoch, DeadLetter);
+/// A record decoded into the default meter's update, or a dead letter.
+type Decoded = Result<(AggregateKey, Epoch, Usage), EpochDeadLetter>;
+
 /// Decodes and validates each record where it was read (no exchange: records never cross workers) into
 /// the default meter's update `(key, epoch, Usage(value, 1))`, or a dead letter with the reason.
 fn decode<'scope>(
@@ -48,36 +53,29 @@ fn decode<'scope>(
     limits: Limits,
 ) -> (
     VecCollection<'scope, Epoch, AggregateKey, Usage>,
-    StreamVec<'scope, Epoch, (Epoch, DeadLetter)>,
+    StreamVec<'scope, Epoch, EpochDeadLetter>,
 ) {
-    let decoded: StreamVec<
-        'scope,
-        Epoch,
-        Result<(AggregateKey, Epoch, Usage), (Epoch, DeadLetter)>,
-    > = records.unary(Pipeline, "Decode", |_cap, _info| {
-        move |input, output| {
-            input.for_each_stamp(|cap, data| {
-                let epoch = *cap
-                    .least()
-                    .expect("a stamp of a total order has a least time");
-                let mut session = output.session(&cap);
-                for batch in data {
-                    for record in batch.drain(..) {
-                        session.give(decode_record(record, epoch, &limits));
+    let decoded: StreamVec<'scope, Epoch, Decoded> =
+        records.unary(Pipeline, "Decode", |_cap, _info| {
+            move |input, output| {
+                input.for_each_stamp(|cap, data| {
+                    let epoch = *cap
+                        .least()
+                        .expect("a stamp of a total order has a least time");
+                    let mut session = output.session(&cap);
+                    for batch in data {
+                        for record in batch.drain(..) {
+                            session.give(decode_record(record, epoch, &limits));
+                        }
                     }
-                }
-            });
-        }
-    });
+                });
+            }
+        });
     let (usage, dead) = decoded.ok_err(|result| result);
     (usage.as_collection(), dead)
 }
 
-fn decode_record(
-    record: RawRecord,
-    epoch: Epoch,
-    limits: &Limits,
-) -> Result<(AggregateKey, Epoch, Usage), (Epoch, DeadLetter)> {
+fn decode_record(record: RawRecord, epoch: Epoch, limits: &Limits) -> Decoded {
     let reference = record.timestamp_ms.saturating_mul(1_000);
     match decode_event(&record.payload, reference, limits) {
         Ok(event) => Ok((
