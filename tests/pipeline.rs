@@ -83,7 +83,7 @@ async fn a_pipeline_killed_mid_stream_resumes_without_loss_or_double_counting() 
             "SELECT coalesce(sum(next_offset), 0)::bigint FROM source_offsets",
         )
         .await;
-        if committed >= total / 5 {
+        if committed >= total / 10 {
             child.kill(); // SIGKILL
             break committed;
         }
