@@ -71,9 +71,11 @@ pub fn run_worker(
 
     while !stop.load(Ordering::Relaxed) && !caught_up {
         let epoch = *records.time();
-        let sink_behind = probe.less_than(&epoch.saturating_sub(config.max_inflight_epochs));
+        // How many epochs the sink (every worker's, via the probe) has yet to commit.
+        let committed = probe.with_frontier(|f| f.first().copied()).unwrap_or(epoch);
+        let behind = epoch.saturating_sub(committed);
         let mut fed = false;
-        if reader_open && !sink_behind {
+        if reader_open && behind < config.max_inflight_epochs {
             for _ in 0..16 {
                 match reader.try_recv() {
                     Ok(SourceMessage::Records(batch)) => {
@@ -96,7 +98,10 @@ pub fn run_worker(
                 }
             }
         }
-        if caught_up || last_tick.elapsed() >= config.epoch_interval {
+        // Epochs stretch while the sink lags: a longer epoch folds more events into each aggregate
+        // change, so a slow database receives fewer, larger commits instead of a growing queue.
+        let interval = config.epoch_interval * (1 + behind.min(config.max_inflight_epochs) as u32);
+        if caught_up || last_tick.elapsed() >= interval {
             for partition in std::mem::take(&mut moved) {
                 markers.send((epoch, partition, next_offsets[&partition]));
             }

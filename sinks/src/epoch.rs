@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use meterflow_model::EpochBatch;
 use rust_decimal::Decimal;
-use sqlx::{Connection, PgConnection};
+use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use crate::error::SinkError;
 use crate::lease::Lease;
@@ -88,7 +88,11 @@ async fn write_all(
 }
 
 async fn connect(url: &str) -> Result<PgConnection, SinkError> {
-    Ok(PgConnection::connect(url).await?)
+    // Large epoch commits are slow by design; they are measured (WriterSummary), not logged as slow.
+    let options = url
+        .parse::<sqlx::postgres::PgConnectOptions>()?
+        .log_slow_statements(tracing::log::LevelFilter::Off, Duration::ZERO);
+    Ok(PgConnection::connect_with(&options).await?)
 }
 
 /// Commits `batch`, retrying transient failures with capped exponential backoff. Before each retry it
