@@ -11,15 +11,9 @@ use common::*;
 async fn aggregates_equal_the_reference_for_1_and_2_workers() {
     let topic = fresh_topic(4).await;
     let events = random_events(4_000, 7);
-    produce(
-        &topic,
-        &events
-            .iter()
-            .map(|e| (e.customer.clone(), e.payload()))
-            .collect::<Vec<_>>(),
-    );
+    produce_events(&topic, &events);
     let expected = reference(&events);
-    let invalid = events.iter().filter(|e| e.invalid).count() as i64;
+    let invalid = invalid_count(&events);
     assert!(
         invalid > 0 && expected.len() > 100,
         "the input exercises dead letters and many keys"
@@ -64,13 +58,7 @@ async fn a_pipeline_killed_mid_stream_resumes_without_loss_or_double_counting() 
         let (topic, events) = (topic.clone(), events.clone());
         std::thread::spawn(move || {
             for wave in events.chunks(6_000) {
-                produce(
-                    &topic,
-                    &wave
-                        .iter()
-                        .map(|e| (e.customer.clone(), e.payload()))
-                        .collect::<Vec<_>>(),
-                );
+                produce_events(&topic, wave);
                 std::thread::sleep(Duration::from_millis(150));
             }
         })
@@ -104,7 +92,7 @@ async fn a_pipeline_killed_mid_stream_resumes_without_loss_or_double_counting() 
     );
     assert_eq!(
         scalar_i64(&url, "SELECT count(*) FROM dead_letters").await,
-        events.iter().filter(|e| e.invalid).count() as i64
+        invalid_count(&events)
     );
 }
 
@@ -112,13 +100,7 @@ async fn a_pipeline_killed_mid_stream_resumes_without_loss_or_double_counting() 
 async fn a_crash_just_before_or_just_after_the_sink_commit_loses_and_repeats_nothing() {
     let topic = fresh_topic(4).await;
     let events = random_events(20_000, 13);
-    produce(
-        &topic,
-        &events
-            .iter()
-            .map(|e| (e.customer.clone(), e.payload()))
-            .collect::<Vec<_>>(),
-    );
+    produce_events(&topic, &events);
     let expected = reference(&events);
     for failpoint in ["before_commit:2", "after_commit:2"] {
         let url = fresh_database().await;
@@ -151,5 +133,25 @@ async fn a_crash_just_before_or_just_after_the_sink_commit_loses_and_repeats_not
         }
         drain(&url, &topic, 2);
         assert_same(&stored_aggregates(&url).await, &expected, failpoint);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_without_partitions_still_lets_epochs_complete() {
+    // One partition, three workers: two own nothing. Were their frontiers stuck, no epoch would ever
+    // complete and nothing would be committed.
+    let topic = fresh_topic(1).await;
+    let url = fresh_database().await;
+    let events = random_events(500, 17);
+    let _pipeline = spawn_pipeline(&url, &topic, 3, &[]);
+    produce_events(&topic, &events);
+    let expected = reference(&events);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stored_aggregates(&url).await != expected {
+        assert!(
+            Instant::now() < deadline,
+            "the idle workers held the frontier back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -25,13 +25,19 @@ pub async fn fresh_database(admin_url: &str, prefix: &str, n: usize) -> Result<S
     Ok(url)
 }
 
-/// Drops a database made by [`fresh_database`].
+/// Drops a database made by [`fresh_database`], retrying while its last connections close (an
+/// autovacuum worker may hold it briefly). A database that cannot be dropped is reported, not fatal.
 pub async fn drop_database(admin_url: &str, url: &str) -> Result<()> {
     let name = url.rsplit_once('/').map_or(url, |(_, n)| n);
     let mut admin = PgConnection::connect(admin_url).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
+    for _ in 0..50 {
+        let drop = format!("DROP DATABASE IF EXISTS {name}");
+        if sqlx::query(&drop).execute(&mut admin).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("warning: could not drop database {name}; drop it by hand");
     Ok(())
 }
 

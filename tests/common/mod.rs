@@ -122,6 +122,20 @@ impl TestEvent {
     }
 }
 
+/// Produces generated events keyed by customer, as applications do.
+pub fn produce_events(topic: &str, events: &[TestEvent]) {
+    let records: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|e| (e.customer.clone(), e.payload()))
+        .collect();
+    produce(topic, &records);
+}
+
+/// How many of the events are deliberately invalid (and so dead letters).
+pub fn invalid_count(events: &[TestEvent]) -> i64 {
+    events.iter().filter(|e| e.invalid).count() as i64
+}
+
 /// `n` random events over six hours of 2024-01-15: random customers, types, times and decimal values,
 /// about one in fifty invalid.
 pub fn random_events(n: usize, seed: u64) -> Vec<TestEvent> {
