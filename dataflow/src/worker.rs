@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 use meterflow_model::Limits;
+use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
 
@@ -60,7 +61,6 @@ pub fn run_worker(
         commit_epochs(updates, sink).probe_with(&probe);
         (records, markers, probe)
     });
-    use timely::dataflow::operators::Probe;
 
     let mut summary = WorkerSummary::default();
     let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
@@ -102,9 +102,7 @@ pub fn run_worker(
         // change, so a slow database receives fewer, larger commits instead of a growing queue.
         let interval = config.epoch_interval * (1 + behind.min(config.max_inflight_epochs) as u32);
         if caught_up || last_tick.elapsed() >= interval {
-            for partition in std::mem::take(&mut moved) {
-                markers.send((epoch, partition, next_offsets[&partition]));
-            }
+            send_markers(&mut markers, epoch, &mut moved, &next_offsets);
             records.advance_to(epoch + 1);
             markers.advance_to(epoch + 1);
             summary.epochs += 1;
@@ -118,14 +116,23 @@ pub fn run_worker(
     }
 
     // Close the inputs; the dataflow drains and the sink commits what is left.
-    let epoch = *records.time();
-    for partition in std::mem::take(&mut moved) {
-        markers.send((epoch, partition, next_offsets[&partition]));
-    }
+    send_markers(&mut markers, *records.time(), &mut moved, &next_offsets);
     drop(records);
     drop(markers);
     while !probe.done() {
         worker.step_or_park(Some(Duration::from_millis(5)));
     }
     Ok(summary)
+}
+
+/// Marks, at `epoch`, how far each partition that moved during the epoch has been read.
+fn send_markers(
+    markers: &mut InputHandleVec<Epoch, (Epoch, i32, i64)>,
+    epoch: Epoch,
+    moved: &mut BTreeSet<i32>,
+    next_offsets: &BTreeMap<i32, i64>,
+) {
+    for partition in std::mem::take(moved) {
+        markers.send((epoch, partition, next_offsets[&partition]));
+    }
 }
