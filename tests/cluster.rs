@@ -1,0 +1,247 @@
+//! Scale-out and fencing on the real broker and database: a 2-process × 2-worker timely cluster gives
+//! exactly the single-worker results, also across a crash and a restart with another shape; and a paused
+//! (zombie) pipeline that wakes up after a newer one took over can never commit.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A timely hostfile naming two free loopback ports; removed when dropped.
+struct Hostfile(std::path::PathBuf);
+
+impl Hostfile {
+    fn new() -> Self {
+        let ports: Vec<u16> = (0..2)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let path = std::env::temp_dir().join(unique("mf_hosts"));
+        std::fs::write(
+            &path,
+            ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}\n"))
+                .collect::<String>(),
+        )
+        .unwrap();
+        Hostfile(path)
+    }
+}
+
+impl Drop for Hostfile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts process `index` of a 2-process × 2-worker cluster.
+fn cluster_process(
+    url: &str,
+    topic: &str,
+    hosts: &std::path::Path,
+    index: usize,
+    extra: &[&str],
+) -> Running {
+    let child = meterflow(url, topic)
+        .args([
+            "pipeline",
+            "--workers",
+            "2",
+            "--processes",
+            "2",
+            "--process",
+            &index.to_string(),
+        ])
+        .arg("--hostfile")
+        .arg(hosts)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Running(child)
+}
+
+fn wait_success(process: &mut Running, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = process.0.try_wait().unwrap() {
+            assert!(status.success(), "a cluster process failed: {status}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a cluster process did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn committed(url: &str) -> i64 {
+    scalar_i64(
+        url,
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM source_offsets",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_two_process_cluster_gives_exactly_the_single_worker_results() {
+    let topic = fresh_topic(4).await;
+    let events = random_events(6_000, 21);
+    produce_events(&topic, &events);
+
+    let single = fresh_database().await;
+    drain(&single, &topic, 1);
+
+    let clustered = fresh_database().await;
+    let hosts = Hostfile::new();
+    let mut p1 = cluster_process(&clustered, &topic, &hosts.0, 1, &["--until-caught-up"]);
+    let mut p0 = cluster_process(&clustered, &topic, &hosts.0, 0, &["--until-caught-up"]);
+    wait_success(&mut p0, Duration::from_secs(120));
+    wait_success(&mut p1, Duration::from_secs(30));
+
+    let expected = reference(&events);
+    assert_same(
+        &stored_aggregates(&single).await,
+        &expected,
+        "1 process × 1 worker",
+    );
+    assert_same(
+        &stored_aggregates(&clustered).await,
+        &expected,
+        "2 processes × 2 workers",
+    );
+    for url in [&single, &clustered] {
+        assert_eq!(
+            scalar_i64(url, "SELECT count(*) FROM dead_letters").await,
+            invalid_count(&events)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_cluster_restarted_with_another_shape_changes_nothing() {
+    let topic = fresh_topic(4).await;
+    let url = fresh_database().await;
+    let events = random_events(60_000, 23);
+    let total = events.len() as i64;
+    let producer = {
+        let (topic, events) = (topic.clone(), events.clone());
+        std::thread::spawn(move || {
+            for wave in events.chunks(4_000) {
+                produce_events(&topic, wave);
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
+    let hosts = Hostfile::new();
+    let mut p1 = cluster_process(&url, &topic, &hosts.0, 1, &["--epoch-ms", "20"]);
+    let mut p0 = cluster_process(&url, &topic, &hosts.0, 0, &["--epoch-ms", "20"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while committed(&url).await < total / 10 {
+        assert!(Instant::now() < deadline, "the cluster made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    p0.kill(); // kill -9, both processes
+    p1.kill();
+    let at_crash = committed(&url).await;
+    producer.join().unwrap();
+    assert!(
+        at_crash < total,
+        "the crash must land mid-stream ({at_crash} of {total})"
+    );
+
+    drain(&url, &topic, 3); // one process, three workers
+    assert_same(
+        &stored_aggregates(&url).await,
+        &reference(&events),
+        "after a crash and a restart as 1 × 3",
+    );
+    assert_eq!(
+        scalar_i64(&url, "SELECT count(*) FROM dead_letters").await,
+        invalid_count(&events)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zombie_pipeline_that_wakes_up_cannot_commit() {
+    let topic = fresh_topic(2).await;
+    let url = fresh_database().await;
+    let events = random_events(4_000, 29);
+    let (first, second) = events.split_at(2_000);
+    produce_events(&topic, first);
+
+    // A runs and commits the first half, then is paused (SIGSTOP).
+    let zombie = meterflow(&url, &topic)
+        .args(["pipeline", "--epoch-ms", "20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut zombie = Running(zombie);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while committed(&url).await < first.len() as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "the first pipeline made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = zombie.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+
+    // B takes over and commits the second half.
+    produce_events(&topic, second);
+    let _successor = spawn_pipeline(&url, &topic, 1, &["--epoch-ms", "20"]);
+    while committed(&url).await < events.len() as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "the second pipeline made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A wakes up with the second half still to commit: its commit is refused and it stops.
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = zombie.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the zombie neither committed nor stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "the zombie must stop");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(zombie.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("took over"),
+        "the zombie says why it stopped: {stderr}"
+    );
+
+    assert_same(
+        &stored_aggregates(&url).await,
+        &reference(&events),
+        "after the zombie woke up",
+    );
+}
