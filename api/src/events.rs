@@ -56,7 +56,8 @@ pub async fn post_event(
             .await;
         return Err(ApiError::Unavailable("the event log (Kafka)"));
     }
-    let _ = state.published.try_send(event.event_id.clone());
+    // Waits (rather than drops) when the outbox cleaner lags: a row left behind would be relayed again.
+    let _ = state.published.send(event.event_id.clone()).await;
     state
         .metrics
         .events_ingested
