@@ -8,10 +8,12 @@
 //! Decisions depend only on the bytes and the reference instant passed in (the Kafka record's timestamp
 //! or the API's clock), never on the processor's wall clock, so a replay decides the same way.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
 use crate::json::{decimal_number, parse_decimal};
 
@@ -24,7 +26,7 @@ pub struct Event {
     /// Event time, microseconds since the epoch, UTC.
     pub event_time_micros: i64,
     pub value: Decimal,
-    /// Flat properties, as compact JSON (`{}` when absent).
+    /// Flat properties: the JSON object as sent, validated (`{}` when absent).
     pub properties: String,
 }
 
@@ -82,18 +84,52 @@ impl DecodeError {
     }
 }
 
-/// The wire shape, before validation. serde's derive refuses duplicate fields on its own.
+/// The wire shape, before validation, borrowing from the input where it can. serde's derive refuses
+/// duplicate fields on its own; `value` and `properties` stay raw JSON until validated.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawEvent {
-    event_id: String,
-    customer_id: String,
-    event_type: String,
-    event_time: String,
-    #[serde(default)]
-    value: Option<Value>,
-    #[serde(default)]
-    properties: Option<Map<String, Value>>,
+struct RawEvent<'a> {
+    #[serde(borrow)]
+    event_id: Cow<'a, str>,
+    #[serde(borrow)]
+    customer_id: Cow<'a, str>,
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
+    #[serde(borrow)]
+    event_time: Cow<'a, str>,
+    #[serde(default, borrow)]
+    value: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    properties: Option<&'a RawValue>,
+}
+
+/// A JSON object's entries, keys borrowed where unescaped and values left raw.
+struct Entries<'a>(Vec<(Key<'a>, &'a RawValue)>);
+
+#[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
 }
 
 /// Decodes and validates one event. `reference_micros` is the instant "in the future" is measured from.
@@ -132,10 +168,19 @@ pub fn decode_event(
         }
     };
 
-    let value = match &raw.value {
-        None | Some(Value::Null) => Decimal::ONE,
-        Some(Value::Number(n)) => parse_value(&mut errors, &n.to_string()),
-        Some(Value::String(s)) => parse_value(&mut errors, s),
+    let value = match raw.value.map(RawValue::get) {
+        None => Decimal::ONE,
+        // A string without escapes is its own content; one with escapes is unescaped by serde.
+        Some(text) if text.starts_with('"') && !text.contains('\\') => {
+            parse_value(&mut errors, &text[1..text.len() - 1])
+        }
+        Some(text) if text.starts_with('"') => match serde_json::from_str::<String>(text) {
+            Ok(inner) => parse_value(&mut errors, &inner),
+            Err(e) => return Err(DecodeError::Malformed(e.to_string())),
+        },
+        Some(text) if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
+            parse_value(&mut errors, text)
+        }
         Some(_) => {
             errors.push(field(
                 "value",
@@ -145,22 +190,32 @@ pub fn decode_event(
         }
     };
 
-    let properties = match &raw.properties {
+    let properties = match raw.properties {
         None => "{}".to_owned(),
-        Some(map) => {
-            for (key, v) in map {
-                if !matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
+        Some(raw) => {
+            let Entries(mut entries) = serde_json::from_str(raw.get())
+                .map_err(|_| DecodeError::Malformed("properties must be a JSON object".into()))?;
+            for (Key(key), v) in &entries {
+                if !v.get().starts_with(|c: char| {
+                    c == '"' || c == '-' || c == 't' || c == 'f' || c.is_ascii_digit()
+                }) {
                     errors.push(field(
                         &format!("properties.{key}"),
                         "must be a string, number or boolean",
                     ));
                 }
             }
-            let encoded = serde_json::to_string(map).unwrap_or_default();
-            if encoded.len() > limits.max_properties_bytes {
+            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
+                return Err(DecodeError::Malformed(format!(
+                    "duplicate key in properties: {}",
+                    w[0].0 .0
+                )));
+            }
+            if raw.get().len() > limits.max_properties_bytes {
                 errors.push(field("properties", "must be at most 4 KiB when encoded"));
             }
-            encoded
+            raw.get().to_owned()
         }
     };
 
@@ -168,9 +223,9 @@ pub fn decode_event(
         return Err(DecodeError::Invalid(errors));
     }
     Ok(Event {
-        event_id: raw.event_id,
-        customer_id: raw.customer_id,
-        event_type: raw.event_type,
+        event_id: raw.event_id.into_owned(),
+        customer_id: raw.customer_id.into_owned(),
+        event_type: raw.event_type.into_owned(),
         event_time_micros,
         value,
         properties,
@@ -180,8 +235,9 @@ pub fn decode_event(
 impl Event {
     /// The event's canonical JSON: what the API forwards to Kafka, which decodes back to the same event.
     pub fn to_json(&self) -> Vec<u8> {
-        let properties: Value =
-            serde_json::from_str(&self.properties).unwrap_or(Value::Object(Map::new()));
+        // The properties exactly as accepted (a validated flat object).
+        let properties = RawValue::from_string(self.properties.clone())
+            .unwrap_or_else(|_| RawValue::from_string("{}".to_owned()).expect("{} is JSON"));
         let body = serde_json::json!({
             "event_id": self.event_id,
             "customer_id": self.customer_id,
@@ -271,7 +327,7 @@ mod tests {
         .unwrap();
         assert_eq!(e.value, Decimal::from_str("1.5").unwrap());
         assert_eq!(e.event_time_micros, NOW);
-        assert_eq!(e.properties, r#"{"model":"large","region":"eu"}"#);
+        assert_eq!(e.properties, r#"{"region":"eu","model":"large"}"#);
     }
 
     #[test]
@@ -347,6 +403,32 @@ mod tests {
             r#"{{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","properties":{{"k":"{big}"}}}}"#
         );
         assert_eq!(invalid_fields(&json), ["properties"]);
+    }
+
+    #[test]
+    fn properties_must_be_a_flat_object_without_duplicate_keys() {
+        let base = r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","properties":"#;
+        let with = |props: &str| decode(&format!("{base}{props}}}"));
+        assert!(matches!(
+            with(r#"{"k":1,"k":2}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(with("5"), Err(DecodeError::Malformed(_))));
+        assert_eq!(
+            invalid_fields(&format!("{base}{}}}", r#"{"a":null,"b":[1],"c":true}"#)),
+            ["properties.a", "properties.b"]
+        );
+        assert_eq!(
+            with(r#"{"a\u0062":"x","n":-1.5}"#).unwrap().properties,
+            r#"{"a\u0062":"x","n":-1.5}"#
+        );
+    }
+
+    #[test]
+    fn an_escaped_value_string_is_unescaped_before_parsing() {
+        let e = decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":"\u0031.5"}"#)
+            .unwrap();
+        assert_eq!(e.value, Decimal::from_str("1.5").unwrap());
     }
 
     #[test]

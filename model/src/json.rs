@@ -20,21 +20,21 @@ pub fn serialize_decimal<S: Serializer>(d: &Decimal, s: S) -> Result<S::Ok, S::E
 /// decimal cannot hold without rounding (more than 28 significant digits, or 1e400).
 pub fn parse_decimal(text: &str) -> Result<Decimal, &'static str> {
     let text = text.trim();
-    if text.is_empty() {
+    let numeric = |b: u8| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E');
+    if text.is_empty() || !text.bytes().all(numeric) {
+        let lower = text.to_ascii_lowercase();
+        if lower.contains("nan") || lower.contains("inf") {
+            return Err("must be finite");
+        }
         return Err("must be a decimal number");
     }
-    let lower = text.to_ascii_lowercase();
-    if lower.contains("nan") || lower.contains("inf") {
-        return Err("must be finite");
-    }
-    let parsed = if lower.contains('e') {
+    if text.bytes().any(|b| b == b'e' || b == b'E') {
         Decimal::from_scientific(text)
-            .map_err(|_| "is out of range or has more than 28 significant digits")?
+            .map_err(|_| "is out of range or has more than 28 significant digits")
     } else {
         Decimal::from_str_exact(text)
-            .map_err(|_| "must be a decimal number with at most 28 significant digits")?
-    };
-    Ok(parsed)
+            .map_err(|_| "must be a decimal number with at most 28 significant digits")
+    }
 }
 
 #[cfg(test)]
