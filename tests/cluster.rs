@@ -50,7 +50,8 @@ fn cluster_process(
     index: usize,
     extra: &[&str],
 ) -> Running {
-    let child = meterflow(url, topic)
+    let mut command = meterflow(url, topic);
+    command
         .args([
             "pipeline",
             "--workers",
@@ -62,12 +63,8 @@ fn cluster_process(
         ])
         .arg("--hostfile")
         .arg(hosts)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Running(child)
+        .args(extra);
+    spawn_quiet(command)
 }
 
 fn wait_success(process: &mut Running, within: Duration) {
@@ -83,14 +80,6 @@ fn wait_success(process: &mut Running, within: Duration) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-async fn committed(url: &str) -> i64 {
-    scalar_i64(
-        url,
-        "SELECT coalesce(sum(next_offset), 0)::bigint FROM source_offsets",
-    )
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -134,23 +123,11 @@ async fn a_crashed_cluster_restarted_with_another_shape_changes_nothing() {
     let url = fresh_database().await;
     let events = random_events(60_000, 23);
     let total = events.len() as i64;
-    let producer = {
-        let (topic, events) = (topic.clone(), events.clone());
-        std::thread::spawn(move || {
-            for wave in events.chunks(4_000) {
-                produce_events(&topic, wave);
-                std::thread::sleep(Duration::from_millis(150));
-            }
-        })
-    };
+    let producer = produce_in_waves(&topic, &events, 4_000);
     let hosts = Hostfile::new();
     let mut p1 = cluster_process(&url, &topic, &hosts.0, 1, &["--epoch-ms", "20"]);
     let mut p0 = cluster_process(&url, &topic, &hosts.0, 0, &["--epoch-ms", "20"]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while committed(&url).await < total / 10 {
-        assert!(Instant::now() < deadline, "the cluster made no progress");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until_committed(&url, total / 10, Duration::from_secs(120), "the cluster").await;
     p0.kill(); // kill -9, both processes
     p1.kill();
     let at_crash = committed(&url).await;
@@ -188,14 +165,13 @@ async fn a_zombie_pipeline_that_wakes_up_cannot_commit() {
         .spawn()
         .unwrap();
     let mut zombie = Running(zombie);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while committed(&url).await < first.len() as i64 {
-        assert!(
-            Instant::now() < deadline,
-            "the first pipeline made no progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_committed(
+        &url,
+        first.len() as i64,
+        Duration::from_secs(60),
+        "the first pipeline",
+    )
+    .await;
     let pid = zombie.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-STOP", &pid])
@@ -206,13 +182,13 @@ async fn a_zombie_pipeline_that_wakes_up_cannot_commit() {
     // B takes over and commits the second half.
     produce_events(&topic, second);
     let _successor = spawn_pipeline(&url, &topic, 1, &["--epoch-ms", "20"]);
-    while committed(&url).await < events.len() as i64 {
-        assert!(
-            Instant::now() < deadline,
-            "the second pipeline made no progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_committed(
+        &url,
+        events.len() as i64,
+        Duration::from_secs(60),
+        "the second pipeline",
+    )
+    .await;
 
     // A wakes up with the second half still to commit: its commit is refused and it stops.
     assert!(Command::new("kill")

@@ -54,30 +54,11 @@ async fn a_pipeline_killed_mid_stream_resumes_without_loss_or_double_counting() 
     let total = events.len() as i64;
 
     // The producer keeps writing while the pipeline runs, so the kill always lands mid-stream.
-    let producer = {
-        let (topic, events) = (topic.clone(), events.clone());
-        std::thread::spawn(move || {
-            for wave in events.chunks(6_000) {
-                produce_events(&topic, wave);
-                std::thread::sleep(Duration::from_millis(150));
-            }
-        })
-    };
+    let producer = produce_in_waves(&topic, &events, 6_000);
     let mut child = spawn_pipeline(&url, &topic, 2, &["--epoch-ms", "20"]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let committed_at_kill = loop {
-        let committed = scalar_i64(
-            &url,
-            "SELECT coalesce(sum(next_offset), 0)::bigint FROM source_offsets",
-        )
-        .await;
-        if committed >= total / 10 {
-            child.kill(); // SIGKILL
-            break committed;
-        }
-        assert!(Instant::now() < deadline, "the pipeline made no progress");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let committed_at_kill =
+        wait_until_committed(&url, total / 10, Duration::from_secs(120), "the pipeline").await;
+    child.kill(); // SIGKILL
     producer.join().unwrap();
     assert!(
         committed_at_kill < total,
@@ -117,11 +98,7 @@ async fn a_crash_just_before_or_just_after_the_sink_commit_loses_and_repeats_not
             !out.status.success(),
             "{failpoint}: the failpoint must crash the pipeline"
         );
-        let committed = scalar_i64(
-            &url,
-            "SELECT coalesce(sum(next_offset), 0)::bigint FROM source_offsets",
-        )
-        .await;
+        let committed = committed(&url).await;
         if failpoint.starts_with("before") {
             // The transaction died before COMMIT: only the first part is stored.
             assert_eq!(committed, first.len() as i64, "{failpoint}");

@@ -251,15 +251,64 @@ impl Drop for Running {
     }
 }
 
+/// Starts a command with its output discarded, killed when the handle drops.
+pub fn spawn_quiet(mut command: Command) -> Running {
+    Running(
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 pub fn spawn_pipeline(url: &str, topic: &str, workers: usize, extra: &[&str]) -> Running {
-    let child = meterflow(url, topic)
+    let mut command = meterflow(url, topic);
+    command
         .args(["pipeline", "--workers", &workers.to_string()])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Running(child)
+        .args(extra);
+    spawn_quiet(command)
+}
+
+/// Produces the events in waves with a pause between them, on a thread of its own, so that a pipeline
+/// started meanwhile always has more input coming.
+pub fn produce_in_waves(
+    topic: &str,
+    events: &[TestEvent],
+    wave: usize,
+) -> std::thread::JoinHandle<()> {
+    let (topic, events) = (topic.to_owned(), events.to_vec());
+    std::thread::spawn(move || {
+        for chunk in events.chunks(wave) {
+            produce_events(&topic, chunk);
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    })
+}
+
+/// How many records the stored offsets cover, over all partitions.
+pub async fn committed(url: &str) -> i64 {
+    scalar_i64(
+        url,
+        "SELECT coalesce(sum(next_offset), 0)::bigint FROM source_offsets",
+    )
+    .await
+}
+
+/// Waits until the stored offsets cover at least `records`; panics with `what` after `within`.
+pub async fn wait_until_committed(url: &str, records: i64, within: Duration, what: &str) -> i64 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let now = committed(url).await;
+        if now >= records {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} made no progress ({now} of {records} committed)"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Asserts equal aggregates, printing only a summary and the first differences (not two huge maps).
