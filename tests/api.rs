@@ -385,3 +385,48 @@ async fn an_event_stranded_in_the_outbox_is_relayed_and_counted_once() {
     assert_eq!(page["data"][0]["value"].to_string(), "7");
     assert_eq!(page["data"][0]["event_count"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_listed_with_their_reason_in_pages() {
+    let api = spawn_api().await;
+    let topic = api.topic.clone();
+    let records: Vec<(String, Vec<u8>)> = vec![
+        ("c".into(), b"{not json".to_vec()),
+        ("c".into(), br#"{"event_id":"x","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":"-2"}"#.to_vec()),
+        ("c".into(), br#"{"event_id":"ok","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z"}"#.to_vec()),
+    ];
+    produce(&topic, &records);
+    drain(&api.url, &topic, 1);
+
+    let first: Value = api
+        .get("/api/v1/dead-letters?limit=1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a second page")
+        .to_owned();
+    let second: Value = api
+        .get(&format!("/api/v1/dead-letters?limit=1&cursor={cursor}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(second["next_cursor"].is_null());
+    let mut reasons: Vec<String> = [&first, &second]
+        .iter()
+        .map(|page| page["data"][0]["reason"].as_str().unwrap().to_owned())
+        .collect();
+    reasons.sort();
+    assert!(reasons[0].starts_with("MALFORMED_JSON"), "{reasons:?}");
+    assert!(
+        reasons[1].starts_with("VALIDATION_FAILED") && reasons[1].contains("value"),
+        "{reasons:?}"
+    );
+    assert_eq!(first["data"][0]["topic"], topic.as_str());
+
+    let response = api.get("/api/v1/dead-letters?cursor=abc").await;
+    expect_problem(response, StatusCode::BAD_REQUEST, "BAD_REQUEST").await;
+}

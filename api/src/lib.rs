@@ -5,11 +5,13 @@
 //! | `events.rs` | `POST /api/v1/events`: validate, store durably and uniquely, forward to Kafka |
 //! | `outbox.rs` | background tasks that clear and relay the event outbox |
 //! | `aggregations.rs` | `GET /api/v1/aggregations` |
+//! | `dead_letters.rs` | `GET /api/v1/dead-letters` |
 //! | `page.rs` | list envelopes, page sizes, cursors |
 //! | `error.rs` | [`ApiError`] → problem+json |
 //! | `metrics.rs` | Prometheus metrics and the request-tracking middleware |
 
 pub mod aggregations;
+pub mod dead_letters;
 pub mod error;
 pub mod events;
 pub mod metrics;
@@ -74,7 +76,8 @@ pub fn app(state: AppState) -> Router {
             "/events",
             post(events::post_event).layer(DefaultBodyLimit::max(events::MAX_EVENT_BYTES)),
         )
-        .route("/aggregations", get(aggregations::list));
+        .route("/aggregations", get(aggregations::list))
+        .route("/dead-letters", get(dead_letters::list));
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(healthz))
