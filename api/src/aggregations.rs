@@ -72,7 +72,7 @@ pub async fn list(
     .bind(limit + 1)
     .fetch_all(&state.pool)
     .await?;
-    let mut data = rows
+    let data = rows
         .iter()
         .map(|r| {
             Ok(Aggregation {
@@ -88,12 +88,7 @@ pub async fn list(
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    let next_cursor = if data.len() as i64 > limit {
-        data.truncate(limit as usize);
-        data.last()
-            .map(|a| Cursor(a.customer_id.clone(), a.meter.clone(), a.window_start).encode())
-    } else {
-        None
-    };
-    Ok(Json(Page { data, next_cursor }))
+    Ok(Json(Page::from_overfetched(data, limit, |a| {
+        Cursor(a.customer_id.clone(), a.meter.clone(), a.window_start).encode()
+    })))
 }

@@ -51,7 +51,7 @@ pub async fn list(
     .bind(limit + 1)
     .fetch_all(&state.pool)
     .await?;
-    let mut data = rows
+    let data = rows
         .iter()
         .map(|r| {
             Ok(DeadLetter {
@@ -65,11 +65,7 @@ pub async fn list(
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    let next_cursor = if data.len() as i64 > limit {
-        data.truncate(limit as usize);
-        data.last().map(|d| d.id.to_string())
-    } else {
-        None
-    };
-    Ok(Json(Page { data, next_cursor }))
+    Ok(Json(Page::from_overfetched(data, limit, |d| {
+        d.id.to_string()
+    })))
 }

@@ -15,6 +15,24 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+impl<T> Page<T> {
+    /// A page from up to `limit + 1` rows in order: an extra row only says that a next page exists,
+    /// whose cursor is the key of this page's last row.
+    pub fn from_overfetched(
+        mut data: Vec<T>,
+        limit: i64,
+        cursor_of: impl Fn(&T) -> String,
+    ) -> Self {
+        let next_cursor = if data.len() as i64 > limit {
+            data.truncate(limit as usize);
+            data.last().map(cursor_of)
+        } else {
+            None
+        };
+        Page { data, next_cursor }
+    }
+}
+
 pub fn limit(requested: Option<i64>) -> Result<i64, ApiError> {
     match requested {
         None => Ok(DEFAULT_LIMIT),
