@@ -95,12 +95,9 @@ pub fn commit_epochs<'scope>(
                         Ok(()) => {
                             in_flight.insert(epoch, cap);
                         }
-                        Err(TrySendError::Full(batch)) => {
-                            stash.insert(epoch, (cap, batch));
-                            break;
-                        }
-                        // The sink has stopped; it reports why. Keep holding the epoch so no worker runs ahead.
-                        Err(TrySendError::Disconnected(batch)) => {
+                        // Full: retry on a later activation. Disconnected: the sink has stopped and
+                        // reports why; keep holding the epoch so no worker runs ahead.
+                        Err(TrySendError::Full(batch) | TrySendError::Disconnected(batch)) => {
                             stash.insert(epoch, (cap, batch));
                             break;
                         }
