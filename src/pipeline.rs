@@ -9,8 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
+use meterflow_dataflow::classify::new_watermark;
 use meterflow_dataflow::source::{owned_partitions, spawn_reader};
-use meterflow_dataflow::{run_worker, SinkChannels, SourceConfig, WorkerConfig};
+use meterflow_dataflow::{
+    run_worker, GraphContext, MeterRegistry, SinkChannels, SourceConfig, WatermarkConfig,
+    WorkerConfig,
+};
+use meterflow_model::{Limits, Meter, MeterSet};
+use meterflow_sinks::{store, PgClaims};
 use sqlx::{Connection, PgConnection};
 
 use crate::kafka;
@@ -35,6 +41,27 @@ pub struct PipelineArgs {
     /// How often an epoch closes, i.e. how often results are committed.
     #[arg(long, default_value_t = 250)]
     pub epoch_ms: u64,
+    /// Allowed out-of-orderness: a partition's watermark trails its greatest event time by this much.
+    #[arg(long, env = "MF_OUT_OF_ORDERNESS_MS", default_value_t = 5_000)]
+    pub out_of_orderness_ms: u64,
+    /// Allowed lateness: a window is finalized once the watermark passes its end plus this.
+    #[arg(long, env = "MF_ALLOWED_LATENESS_SECS", default_value_t = 3_600)]
+    pub allowed_lateness_secs: u64,
+    /// A partition with no records for this long stops holding the watermark back.
+    #[arg(long, env = "MF_IDLE_TIMEOUT_SECS", default_value_t = 10)]
+    pub idle_timeout_secs: u64,
+    /// A JSON file with meter definitions (an array of `{"meter","event_type","aggregation",
+    /// "value_property","window"}`), created at start-up if missing; more can be added with
+    /// POST /api/v1/meters while running.
+    #[arg(long, env = "MF_METERS_FILE")]
+    pub meters: Option<std::path::PathBuf>,
+    /// Where to serve the pipeline's Prometheus metrics (empty: nowhere).
+    #[arg(
+        long,
+        env = "MF_PIPELINE_METRICS_ADDR",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_addr: String,
 }
 
 pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) -> Result<()> {
@@ -48,18 +75,41 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
     let partitions = kafka::partition_count(brokers, topic)?;
 
     let leader = args.process == 0;
-    let (lease, start_offsets) = runtime.block_on(async {
+    let lateness_micros = args.allowed_lateness_secs as i64 * 1_000_000;
+    let file_meters = match &args.meters {
+        Some(path) => read_meters_file(path)?,
+        None => Vec::new(),
+    };
+    let (lease, start_offsets, (watermark, event_times), meters) = runtime.block_on(async {
         let mut conn = PgConnection::connect(database_url).await.with_context(|| {
             format!("cannot connect to Postgres at {database_url}; is it running and migrated?")
         })?;
+        for meter in &file_meters {
+            anyhow::ensure!(
+                store::create_meter(&mut conn, meter).await?,
+                "meter {} in the meters file differs from the stored one; meters are immutable once \
+                 created: give the new definition another name",
+                meter.meter
+            );
+        }
         let lease = if leader {
-            Some(meterflow_sinks::acquire_lease(&mut conn, topic).await?)
+            let lease = meterflow_sinks::acquire_lease(&mut conn, topic).await?;
+            store::set_allowed_lateness(&mut conn, topic, lateness_micros).await?;
+            Some(lease)
         } else {
             None
         };
         let offsets = meterflow_sinks::stored_offsets(&mut conn, topic).await?;
-        anyhow::Ok((lease, offsets))
+        let times = store::stored_event_times(&mut conn, topic).await?;
+        let meters = store::load_meters(&mut conn).await?;
+        anyhow::Ok((lease, offsets, times, meters))
     })?;
+    let shared_watermark = new_watermark(watermark);
+    let registry = MeterRegistry::new(MeterSet::new(meters));
+    spawn_meter_poller(database_url, registry.clone())?;
+    if !args.metrics_addr.is_empty() {
+        serve_metrics(&runtime, &args.metrics_addr);
+    }
 
     // The writer thread (process 0 only) and its channels to worker 0.
     let (sink, writer) = match lease {
@@ -71,8 +121,13 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
             );
             let (batch_tx, batch_rx) = crossbeam_channel::bounded(4);
             let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
-            let writer =
-                meterflow_sinks::spawn_writer(database_url.to_owned(), lease, batch_rx, ack_tx)?;
+            let writer = meterflow_sinks::spawn_writer(
+                database_url.to_owned(),
+                lease,
+                batch_rx,
+                ack_tx,
+                shared_watermark.clone(),
+            )?;
             (
                 Some(SinkChannels {
                     batches: batch_tx,
@@ -94,16 +149,30 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
         start_offsets,
         until_caught_up: args.until_caught_up,
         batch_size: 4096,
+        limits: Limits::default(),
+        watermark: shared_watermark.clone(),
     };
     let config = WorkerConfig {
         epoch_interval: Duration::from_millis(args.epoch_ms),
+        watermarks: WatermarkConfig {
+            out_of_orderness_micros: args.out_of_orderness_ms as i64 * 1_000,
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+            initial: event_times,
+        },
         ..WorkerConfig::default()
     };
+    let context = GraphContext {
+        meters: registry,
+        watermark: shared_watermark,
+        allowed_lateness_micros: lateness_micros,
+    };
+    let database_url_owned = database_url.to_owned();
     let sink = Arc::new(Mutex::new(sink));
     let guards = timely::execute(timely_config(args)?, move |worker| {
         let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
+        let claims = PgClaims::new(&database_url_owned).map_err(|e| e.to_string())?;
         let (reader, _handle) =
-            spawn_reader(source.clone(), owned, 64).map_err(|e| e.to_string())?;
+            spawn_reader(source.clone(), owned, Box::new(claims), 64).map_err(|e| e.to_string())?;
         // Worker 0 of process 0 hands epochs to the writer (commit.rs); the others have no sink.
         let sink = if worker.index() == 0 {
             sink.lock()
@@ -112,7 +181,7 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
         } else {
             None
         };
-        run_worker(worker, &config, reader, sink, &stop)
+        run_worker(worker, &config, context.clone(), reader, sink, &stop)
     })
     .map_err(|e| anyhow!("starting timely: {e}"))?;
 
@@ -175,6 +244,92 @@ fn watch_writer(
         }
     })?;
     Ok(rx)
+}
+
+/// Reads a meters file: a JSON array of definitions, each checked.
+fn read_meters_file(path: &std::path::Path) -> Result<Vec<Meter>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let meters: Vec<Meter> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} must be a JSON array of meters like \
+             {{\"meter\":\"api_calls\",\"event_type\":\"api_call\",\"aggregation\":\"count\",\"window\":\"hour\"}}",
+            path.display()
+        )
+    })?;
+    for m in &meters {
+        if let Err(errors) = m.validate() {
+            let why: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect();
+            anyhow::bail!("{}: meter {}: {}", path.display(), m.meter, why.join("; "));
+        }
+    }
+    Ok(meters)
+}
+
+/// Reloads the meters every second, so a meter created through the API applies to the events processed
+/// after it (SPEC §4).
+fn spawn_meter_poller(database_url: &str, registry: MeterRegistry) -> Result<()> {
+    let url = database_url.to_owned();
+    std::thread::Builder::new()
+        .name("meter-poller".into())
+        .spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            let mut known = registry.current().len();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let loaded = runtime.block_on(async {
+                    let mut conn = PgConnection::connect(&url).await?;
+                    store::load_meters(&mut conn).await
+                });
+                match loaded {
+                    Ok(meters) => {
+                        if meters.len() != known {
+                            tracing::info!(
+                                meters = meters.len(),
+                                "meters changed; applying them to new events"
+                            );
+                            known = meters.len();
+                        }
+                        registry.replace(MeterSet::new(meters));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reload meters; keeping the current ones")
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Serves the pipeline's Prometheus metrics; a busy address is reported, not fatal.
+fn serve_metrics(runtime: &tokio::runtime::Runtime, addr: &str) {
+    let addr = addr.to_owned();
+    runtime.spawn(async move {
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(|| async {
+                let mut out = Vec::new();
+                let encoder = prometheus::TextEncoder::new();
+                let _ = prometheus::Encoder::encode(&encoder, &prometheus::gather(), &mut out);
+                ([("content-type", "text/plain; version=0.0.4")], out)
+            }),
+        );
+        match tokio::net::TcpListener::bind(&addr).await {
+            Ok(listener) => {
+                tracing::info!(%addr, "pipeline metrics at /metrics");
+                let _ = axum::serve(listener, app).await;
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "cannot serve pipeline metrics"),
+        }
+    });
 }
 
 async fn stop_on_signal(stop: Arc<AtomicBool>) {

@@ -335,18 +335,24 @@ async fn events_posted_over_http_reach_the_aggregates_through_kafka() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_stranded_in_the_outbox_is_relayed_and_counted_once() {
     let api = spawn_api().await;
-    // As if the API crashed after storing the event and before Kafka acknowledged it.
+    // As if the API crashed after storing the event and before Kafka acknowledged it — and Kafka had in
+    // fact taken it: the relay sends it a second time, and it must still count once.
     let payload = br#"{"event_id":"evt_stranded","customer_id":"cust_9","event_type":"api_call","event_time":"2024-01-15T10:15:00Z","value":7}"#;
+    let event = meterflow_model::decode_event(payload, i64::MAX / 2, &Default::default()).unwrap();
     sqlx::query(
-        "WITH e AS (INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value)
-                    VALUES ('evt_stranded', 'cust_9', 'api_call', '2024-01-15T10:15:00Z', 7) RETURNING event_id)
+        "WITH i AS (INSERT INTO event_ids (event_id, event_time, fingerprint, source)
+                    VALUES ('evt_stranded', '2024-01-15T10:15:00Z', $2, 'api') RETURNING event_id),
+              e AS (INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value)
+                    SELECT event_id, 'cust_9', 'api_call', '2024-01-15T10:15:00Z', 7 FROM i RETURNING event_id)
          INSERT INTO event_outbox (event_id, payload, customer_id, created_at)
          SELECT event_id, $1, 'cust_9', now() - interval '1 hour' FROM e",
     )
     .bind(&payload[..])
+    .bind(event.fingerprint())
     .execute(&api.pool)
     .await
     .unwrap();
+    produce(&api.topic, &[("cust_9".to_owned(), payload.to_vec())]);
     let producer = ClientConfig::new()
         .set("bootstrap.servers", BROKERS)
         .create()
@@ -376,6 +382,11 @@ async fn an_event_stranded_in_the_outbox_is_relayed_and_counted_once() {
     );
 
     drain(&api.url, &api.topic, 1);
+    assert_eq!(
+        scalar_i64(&api.url, "SELECT count(*) FROM telemetry_events").await,
+        1,
+        "one raw event row"
+    );
     let page: Value = api
         .get("/api/v1/aggregations?customer_id=cust_9")
         .await

@@ -22,6 +22,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("not found")]
     NotFound,
+    /// A conflict with a stable code of its own and a message saying what to do.
+    #[error("{1}")]
+    Conflict(&'static str, String),
     #[error("{0} is unavailable; retry shortly")]
     Unavailable(&'static str),
     #[error("internal error")]
@@ -66,6 +69,7 @@ impl ApiError {
             ),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST", "Bad request"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND", "Not found"),
+            ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code, "Conflict"),
             ApiError::Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UNAVAILABLE",
@@ -80,8 +84,9 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The status and the problem document, for a response or an item of a batch result.
+    pub fn to_problem(&self) -> (StatusCode, serde_json::Value) {
         let (status, code, title) = self.parts();
         if let ApiError::Internal(detail) = &self {
             tracing::error!(%detail, "internal error");
@@ -109,6 +114,13 @@ impl IntoResponse for ApiError {
             detail,
             errors,
         };
+        (status, serde_json::to_value(&problem).unwrap_or_default())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, problem) = self.to_problem();
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();

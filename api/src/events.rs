@@ -1,59 +1,229 @@
-//! `POST /api/v1/events` (SPEC §2, §3): validate, make the event durable and unique in Postgres, forward it
-//! to Kafka, then answer 201.
+//! Ingestion (SPEC §2, §3, §8): `POST /api/v1/events`, `POST /api/v1/events/batch` and
+//! `POST /api/v1/events/{id}/void`.
 //!
 //! ```text
-//!  body ─► decode+validate ─► INSERT telemetry_events + event_outbox (one statement; 409 if the id exists)
+//!  body ─► known id? 409 ─► decode+validate (plain JSON or CloudEvents)
+//!        ─► one statement: INSERT event_ids (unique: 409 if taken) + telemetry_events + event_outbox
 //!        ─► produce to Kafka (idempotent, acks=all) ─ok─► 201, outbox row deleted in the background
-//!                                                   └err─► row removed again ─► 503 Retry-After
+//!                                                   └err─► rows removed again ─► 503 Retry-After
 //! ```
 //! A crash between the INSERT and Kafka's acknowledgement leaves the outbox row behind; the relay
-//! (`outbox.rs`) republishes it, so after a 201 the event reaches the pipeline whatever happens next.
+//! (`outbox.rs`) republishes it, so after a 201 the event reaches the pipeline whatever happens next, and
+//! the pipeline's claim on `event_ids` makes sure it counts once however often it is produced.
 
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{SecondsFormat, Utc};
-use meterflow_model::{decode_event, DecodeError, Event};
+use meterflow_model::{
+    decode_as, sniff_event_id, split_batch, DecodeError, Event, Format, Limits,
+    DEFAULT_RETENTION_MICROS,
+};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
+use serde::Serialize;
 
 use crate::error::ApiError;
 use crate::AppState;
 
 /// The largest single-event body (SPEC §8).
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// The largest batch body (SPEC §8).
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// The most events in one batch.
+pub const MAX_BATCH_EVENTS: usize = 1000;
 
 pub async fn post_event(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    require_json(&headers)?;
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(MAX_EVENT_BYTES),
-        _ => ApiError::BadRequest(e.body_text()),
-    })?;
+    let format = content_format(&headers)?;
+    let body = body.map_err(|e| body_error(e, MAX_EVENT_BYTES))?;
     let now = Utc::now();
-    let event =
-        decode_event(&body, now.timestamp_micros(), &state.limits).map_err(|e| match e {
-            DecodeError::Malformed(why) => ApiError::MalformedJson(why),
-            DecodeError::Invalid(errors) => ApiError::Validation(errors),
-        })?;
+    let event = match decode_as(format, &body, now.timestamp_micros(), &limits(&state)) {
+        Ok(event) => event,
+        Err(e) => return Err(refusal(&state, &body, e).await),
+    };
+    accept(&state, &event, now).await?;
+    let body = serde_json::json!({
+        "event_id": event.event_id,
+        "status": "accepted",
+        "received_at": now.to_rfc3339_opts(SecondsFormat::Millis, true),
+    });
+    Ok((StatusCode::CREATED, Json(body)))
+}
 
+/// One item's outcome in a batch.
+#[derive(Debug, Serialize)]
+pub struct ItemResult {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// The status a single POST of this item would have had: 201, 409, 400, 422 or 503.
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<serde_json::Value>,
+}
+
+/// `POST /api/v1/events/batch`: a JSON array of up to 1000 events (or `application/cloudevents-batch+json`).
+/// Each item is decided on its own; the answer is 200 with a result per item, in order.
+pub async fn post_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let format = content_format(&headers)?;
+    let body = body.map_err(|e| body_error(e, MAX_BATCH_BYTES))?;
+    let items = split_batch(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    if items.is_empty() || items.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::Validation(vec![
+            meterflow_model::FieldError::new(
+                "",
+                &format!("a batch holds 1 to {MAX_BATCH_EVENTS} events"),
+            ),
+        ]));
+    }
+    let now = Utc::now();
+    let limits = limits(&state);
+    let mut results = Vec::with_capacity(items.len());
+    let mut accepted = 0;
+    for (index, item) in items.iter().enumerate() {
+        let bytes = item.get().as_bytes();
+        let outcome = match decode_as(format, bytes, now.timestamp_micros(), &limits) {
+            Ok(event) => accept(&state, &event, now).await.map(|()| event.event_id),
+            Err(e) => Err(refusal(&state, bytes, e).await),
+        };
+        results.push(match outcome {
+            Ok(event_id) => {
+                accepted += 1;
+                ItemResult {
+                    index,
+                    event_id: Some(event_id),
+                    status: 201,
+                    error: None,
+                }
+            }
+            Err(e) => {
+                let (status, problem) = e.to_problem();
+                ItemResult {
+                    index,
+                    event_id: sniff_event_id(bytes),
+                    status: status.as_u16(),
+                    error: Some(problem),
+                }
+            }
+        });
+    }
+    let body = serde_json::json!({
+        "accepted": accepted,
+        "rejected": results.len() - accepted,
+        "results": results,
+    });
+    Ok((StatusCode::OK, Json(body)))
+}
+
+/// `POST /api/v1/events/{event_id}/void`: retracts a counted event from every aggregate (SPEC §2). The
+/// void travels through Kafka behind the event (same key), so the pipeline applies it exactly once;
+/// the id stays used. 202 the first time, 200 when it was already voided, 404 for an unknown id.
+pub async fn void_event(
+    State(state): State<AppState>,
+    Path(event_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let row: Option<(String, bool)> = sqlx::query_as(
+        "WITH target AS (
+             SELECT e.event_id, t.customer_id, e.void_requested_at IS NOT NULL AS already
+             FROM event_ids e JOIN telemetry_events t ON t.event_id = e.event_id AND t.event_time = e.event_time
+             WHERE e.event_id = $1
+             FOR UPDATE OF e
+         ), requested AS (
+             UPDATE event_ids e SET void_requested_at = now()
+             FROM target WHERE e.event_id = target.event_id AND NOT target.already
+             RETURNING e.event_id
+         )
+         SELECT customer_id, already FROM target",
+    )
+    .bind(&event_id)
+    .fetch_optional(&state.pool)
+    .await?;
+    let Some((customer_id, already)) = row else {
+        return Err(ApiError::NotFound);
+    };
+    if already {
+        return Ok((
+            StatusCode::OK,
+            Json(serde_json::json!({"event_id": event_id, "status": "voided"})),
+        ));
+    }
+    let payload = serde_json::to_vec(&serde_json::json!({
+        "event_id": event_id, "customer_id": customer_id,
+    }))
+    .unwrap_or_default();
+    // Outbox first: once the request is acknowledged, the void reaches the pipeline.
+    sqlx::query(
+        "INSERT INTO event_outbox (event_id, kind, payload, customer_id) VALUES ($1, 'void', $2, $3)
+         ON CONFLICT ON CONSTRAINT event_outbox_pkey DO NOTHING",
+    )
+    .bind(&event_id)
+    .bind(&payload)
+    .bind(&customer_id)
+    .execute(&state.pool)
+    .await?;
+    if publish(
+        &state,
+        &customer_id,
+        &payload,
+        Some("void"),
+        Utc::now().timestamp_millis(),
+    )
+    .await
+    .is_ok()
+    {
+        let _ = sqlx::query("DELETE FROM event_outbox WHERE event_id = $1 AND kind = 'void'")
+            .bind(&event_id)
+            .execute(&state.pool)
+            .await;
+    }
+    // If Kafka did not answer, the relay delivers the void from the outbox.
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"event_id": event_id, "status": "voiding"})),
+    ))
+}
+
+/// Makes one valid event durable and unique, then forwards it to Kafka.
+async fn accept(
+    state: &AppState,
+    event: &Event,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), ApiError> {
     let payload = event.to_json();
-    store(&state, &event, &payload).await?;
-    if let Err(e) = publish(&state, &event, &payload, now.timestamp_millis()).await {
+    store(state, event, &payload).await?;
+    if let Err(e) = publish(
+        state,
+        &event.customer_id,
+        &payload,
+        None,
+        now.timestamp_millis(),
+    )
+    .await
+    {
         tracing::warn!(event_id = %event.event_id, error = %e, "kafka did not take the event; withdrawing it");
         // Compensation: the event was not accepted. If the delete fails too, the outbox row stays and the
         // relay delivers the event later, which is consistent with a retry answering 409.
-        let _ = sqlx::query("DELETE FROM telemetry_events WHERE event_id = $1")
-            .bind(&event.event_id)
-            .execute(&state.pool)
-            .await;
+        let _ = sqlx::query(
+            "WITH gone AS (DELETE FROM event_ids WHERE event_id = $1 AND counted_partition IS NULL RETURNING event_id)
+             DELETE FROM telemetry_events WHERE event_id IN (SELECT event_id FROM gone) AND event_time = $2",
+        )
+        .bind(&event.event_id)
+        .bind(event.event_time())
+        .execute(&state.pool)
+        .await;
         return Err(ApiError::Unavailable("the event log (Kafka)"));
     }
     // Waits (rather than drops) when the outbox cleaner lags: a row left behind would be relayed again.
@@ -63,35 +233,72 @@ pub async fn post_event(
         .events_ingested
         .with_label_values(&[event.event_type.as_str()])
         .inc();
-    let body = serde_json::json!({
-        "event_id": event.event_id,
-        "status": "accepted",
-        "received_at": now.to_rfc3339_opts(SecondsFormat::Millis, true),
-    });
-    Ok((StatusCode::CREATED, Json(body)))
+    Ok(())
 }
 
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+/// The answer for a body that is not a valid event: 409 if its id is already known (checked before any
+/// other validation, SPEC §3), else the decoding error.
+async fn refusal(state: &AppState, body: &[u8], e: DecodeError) -> ApiError {
+    if let Some(id) = sniff_event_id(body) {
+        let known: Result<Option<i32>, _> =
+            sqlx::query_scalar("SELECT 1 FROM event_ids WHERE event_id = $1")
+                .bind(&id)
+                .fetch_optional(&state.pool)
+                .await;
+        if let Ok(Some(_)) = known {
+            return ApiError::DuplicateEvent(id);
+        }
+    }
+    match e {
+        DecodeError::Malformed(why) => ApiError::MalformedJson(why),
+        DecodeError::Invalid(errors) => ApiError::Validation(errors),
+    }
+}
+
+/// The validation limits now: the age limit follows the committed watermark (SPEC §2).
+fn limits(state: &AppState) -> Limits {
+    let watermark = state.watermark.load(std::sync::atomic::Ordering::Relaxed);
+    Limits {
+        oldest_micros: (watermark != i64::MIN)
+            .then(|| watermark.saturating_sub(DEFAULT_RETENTION_MICROS)),
+        ..state.limits
+    }
+}
+
+fn body_error(e: BytesRejection, limit: usize) -> ApiError {
+    match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(limit),
+        _ => ApiError::BadRequest(e.body_text()),
+    }
+}
+
+/// JSON or CloudEvents JSON; anything else is 415.
+fn content_format(headers: &HeaderMap) -> Result<Format, ApiError> {
     match headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
     {
-        None => Ok(()),
-        Some(ct) if ct.starts_with("application/json") || ct.contains("+json") => Ok(()),
+        None => Ok(Format::Plain),
+        Some(ct) if ct.starts_with("application/cloudevents") => Ok(Format::CloudEvent),
+        Some(ct) if ct.starts_with("application/json") => Ok(Format::Plain),
         Some(_) => Err(ApiError::UnsupportedMediaType),
     }
 }
 
-/// Stores the event and its outbox row in one statement; a known id is a 409.
+/// Stores the claim, the raw event and its outbox row in one statement; a known id is a 409.
 async fn store(state: &AppState, event: &Event, payload: &[u8]) -> Result<(), ApiError> {
     let inserted: Option<String> = sqlx::query_scalar(
-        "WITH stored AS (
+        "WITH claimed AS (
+             INSERT INTO event_ids (event_id, event_time, fingerprint, source)
+             VALUES ($1, $4, $8, 'api')
+             ON CONFLICT ON CONSTRAINT event_ids_pkey DO NOTHING
+             RETURNING event_id
+         ), stored AS (
              INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value, properties)
-             VALUES ($1, $2, $3, $4, $5, $6::jsonb)
-             ON CONFLICT ON CONSTRAINT telemetry_events_pkey DO NOTHING
-             RETURNING event_id, customer_id)
+             SELECT event_id, $2, $3, $4, $5, $6::jsonb FROM claimed
+         )
          INSERT INTO event_outbox (event_id, payload, customer_id)
-         SELECT event_id, $7, customer_id FROM stored
+         SELECT event_id, $7, $2 FROM claimed
          RETURNING event_id",
     )
     .bind(&event.event_id)
@@ -101,6 +308,7 @@ async fn store(state: &AppState, event: &Event, payload: &[u8]) -> Result<(), Ap
     .bind(event.value)
     .bind(&event.properties)
     .bind(payload)
+    .bind(event.fingerprint())
     .fetch_optional(&state.pool)
     .await?;
     match inserted {
@@ -109,18 +317,25 @@ async fn store(state: &AppState, event: &Event, payload: &[u8]) -> Result<(), Ap
     }
 }
 
-/// Produces the event keyed by customer (so a customer's events share a partition) and waits for the
-/// broker's acknowledgement from all in-sync replicas.
-async fn publish(
+/// Produces a record keyed by customer (so a customer's events and voids share a partition, in order)
+/// and waits for the broker's acknowledgement from all in-sync replicas.
+pub(crate) async fn publish(
     state: &AppState,
-    event: &Event,
+    customer_id: &str,
     payload: &[u8],
+    kind: Option<&str>,
     timestamp_ms: i64,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    let record = FutureRecord::to(&state.topic)
-        .key(&event.customer_id)
+    let mut record = FutureRecord::to(&state.topic)
+        .key(customer_id)
         .payload(payload)
         .timestamp(timestamp_ms);
+    if let Some(kind) = kind {
+        record = record.headers(OwnedHeaders::new().insert(Header {
+            key: "meterflow-kind",
+            value: Some(kind),
+        }));
+    }
     state
         .producer
         .send(record, Duration::from_secs(5))

@@ -4,7 +4,10 @@
 //! |---|---|
 //! | `events.rs` | `POST /api/v1/events`: validate, store durably and uniquely, forward to Kafka |
 //! | `outbox.rs` | background tasks that clear and relay the event outbox |
-//! | `aggregations.rs` | `GET /api/v1/aggregations` |
+//! | `events.rs` | also `POST /api/v1/events/batch` and `POST /api/v1/events/{id}/void` |
+//! | `meters.rs` | `POST|GET /api/v1/meters` |
+//! | `progress.rs` | `GET /api/v1/progress`, `POST /api/v1/watermark` |
+//! | `aggregations.rs` | `GET /api/v1/aggregations` (with `include=event_ids`) |
 //! | `dead_letters.rs` | `GET /api/v1/dead-letters` |
 //! | `page.rs` | list envelopes, page sizes, cursors |
 //! | `error.rs` | [`ApiError`] → problem+json |
@@ -14,10 +17,13 @@ pub mod aggregations;
 pub mod dead_letters;
 pub mod error;
 pub mod events;
+pub mod meters;
 pub mod metrics;
 pub mod outbox;
 pub mod page;
+pub mod progress;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +50,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Ids of events Kafka acknowledged, whose outbox rows can go.
     pub published: mpsc::Sender<String>,
+    /// The pipeline's committed watermark (µs; `i64::MIN` before any), refreshed every second: events
+    /// older than it minus the retention are refused (SPEC §2).
+    pub watermark: Arc<AtomicI64>,
 }
 
 impl AppState {
@@ -58,6 +67,12 @@ impl AppState {
             Duration::from_secs(5),
             Duration::from_secs(30),
         ));
+        let watermark = Arc::new(AtomicI64::new(i64::MIN));
+        tokio::spawn(follow_watermark(
+            pool.clone(),
+            topic.clone(),
+            watermark.clone(),
+        ));
         AppState {
             pool,
             producer,
@@ -65,6 +80,23 @@ impl AppState {
             limits: Limits::default(),
             metrics: Arc::new(Metrics::new()),
             published,
+            watermark,
+        }
+    }
+}
+
+/// Keeps `watermark` at the pipeline's committed watermark.
+async fn follow_watermark(pool: PgPool, topic: String, watermark: Arc<AtomicI64>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let committed: Result<Option<Option<chrono::DateTime<chrono::Utc>>>, _> =
+            sqlx::query_scalar("SELECT committed_watermark FROM pipeline_leases WHERE topic = $1")
+                .bind(&topic)
+                .fetch_optional(&pool)
+                .await;
+        if let Ok(Some(Some(w))) = committed {
+            watermark.fetch_max(w.timestamp_micros(), Ordering::Relaxed);
         }
     }
 }
@@ -76,6 +108,14 @@ pub fn app(state: AppState) -> Router {
             "/events",
             post(events::post_event).layer(DefaultBodyLimit::max(events::MAX_EVENT_BYTES)),
         )
+        .route(
+            "/events/batch",
+            post(events::post_batch).layer(DefaultBodyLimit::max(events::MAX_BATCH_BYTES)),
+        )
+        .route("/events/{event_id}/void", post(events::void_event))
+        .route("/meters", post(meters::create).get(meters::list))
+        .route("/progress", get(progress::progress))
+        .route("/watermark", post(progress::advance))
         .route("/aggregations", get(aggregations::list))
         .route("/dead-letters", get(dead_letters::list));
     Router::new()

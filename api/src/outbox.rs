@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgPool, Row};
 use tokio::sync::mpsc;
@@ -11,10 +12,11 @@ use tokio::sync::mpsc;
 pub async fn forget_published(pool: PgPool, mut acked: mpsc::Receiver<String>) {
     let mut ids = Vec::with_capacity(1000);
     while acked.recv_many(&mut ids, 1000).await > 0 {
-        if let Err(e) = sqlx::query("DELETE FROM event_outbox WHERE event_id = ANY($1)")
-            .bind(&ids)
-            .execute(&pool)
-            .await
+        if let Err(e) =
+            sqlx::query("DELETE FROM event_outbox WHERE kind = 'event' AND event_id = ANY($1)")
+                .bind(&ids)
+                .execute(&pool)
+                .await
         {
             tracing::warn!(error = %e, rows = ids.len(), "could not clear published outbox rows; the relay will resend them");
         }
@@ -50,7 +52,7 @@ pub async fn relay_once(
 ) -> Result<usize, RelayError> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
-        "SELECT event_id, payload, customer_id FROM event_outbox
+        "SELECT event_id, payload, customer_id, kind FROM event_outbox
          WHERE created_at < now() - make_interval(secs => $1)
          ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED",
     )
@@ -62,19 +64,28 @@ pub async fn relay_once(
         let id: String = row.try_get(0)?;
         let payload: Vec<u8> = row.try_get(1)?;
         let customer: String = row.try_get(2)?;
+        let kind: String = row.try_get(3)?;
+        let mut record = FutureRecord::to(topic).key(&customer).payload(&payload);
+        if kind != "event" {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: "meterflow-kind",
+                value: Some(kind.as_str()),
+            }));
+        }
         producer
-            .send(
-                FutureRecord::to(topic).key(&customer).payload(&payload),
-                Duration::from_secs(5),
-            )
+            .send(record, Duration::from_secs(5))
             .await
             .map_err(|(e, _)| RelayError::Kafka(e))?;
-        sent.push(id);
+        sent.push((id, kind));
     }
-    sqlx::query("DELETE FROM event_outbox WHERE event_id = ANY($1)")
-        .bind(&sent)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "DELETE FROM event_outbox o USING UNNEST($1::text[], $2::text[]) AS s(i, k)
+         WHERE o.event_id = s.i AND o.kind = s.k",
+    )
+    .bind(sent.iter().map(|s| s.0.as_str()).collect::<Vec<_>>())
+    .bind(sent.iter().map(|s| s.1.as_str()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(sent.len())
 }

@@ -9,12 +9,18 @@
 //! every update goes to worker 0 (after per-key consolidation there is at most one change per key and
 //! epoch, so this is small). Holding the output capability until the sink acknowledges makes the sink's
 //! progress visible to every worker's probe, in every process: that is the pipeline's backpressure.
+//!
+//! Worker 0 also keeps the event-time watermark (SPEC §4): per partition the greatest event time read
+//! minus the allowed out-of-orderness; globally the least over partitions that have been active within
+//! the idle timeout (all idle: the greatest). Each batch carries it; the sink never lets it go back.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use meterflow_model::{Aggregate, AggregateKey, DeadLetter, EpochBatch};
+use meterflow_model::{
+    Aggregate, AggregateKey, DeadLetter, Duplicate, EpochBatch, Item, LateEvent, PartitionProgress,
+};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
@@ -26,11 +32,76 @@ use crate::operators::Epoch;
 /// One thing the sink must store for an epoch.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum SinkUpdate {
-    /// Add this change to the aggregate row of the key.
-    Aggregate(AggregateKey, Aggregate),
-    /// Records of this partition before this offset are reflected: `(partition, next_offset)`.
-    Offset(i32, i64),
+    /// Add this change to the row of the key (and, for multiset meters, to the item's count).
+    Row(AggregateKey, Option<Item>, Aggregate),
+    /// Records of this partition before this offset are reflected.
+    Offset(PartitionProgress),
     DeadLetter(DeadLetter),
+    Duplicate(Duplicate),
+    Late(LateEvent),
+}
+
+/// How often an idle worker 0 sends the sink an empty batch with the current watermark.
+const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// How worker 0 derives the global watermark (SPEC §4).
+#[derive(Clone, Debug)]
+pub struct WatermarkConfig {
+    pub out_of_orderness_micros: i64,
+    /// A partition with no record for this long stops holding the watermark back.
+    pub idle_timeout: Duration,
+    /// The greatest event time per partition as last committed (a restart goes on from there).
+    pub initial: HashMap<i32, i64>,
+}
+
+impl Default for WatermarkConfig {
+    fn default() -> Self {
+        WatermarkConfig {
+            out_of_orderness_micros: 5_000_000,
+            idle_timeout: Duration::from_secs(10),
+            initial: HashMap::new(),
+        }
+    }
+}
+
+/// Per-partition event-time progress as seen by worker 0.
+struct Watermarks {
+    config: WatermarkConfig,
+    partitions: HashMap<i32, (i64, Instant)>,
+}
+
+impl Watermarks {
+    fn new(config: WatermarkConfig) -> Self {
+        let now = Instant::now();
+        let partitions = config
+            .initial
+            .iter()
+            .map(|(p, t)| (*p, (*t, now)))
+            .collect();
+        Watermarks { config, partitions }
+    }
+
+    fn observe(&mut self, progress: &PartitionProgress) {
+        if let Some(t) = progress.max_event_time_micros {
+            let entry = self
+                .partitions
+                .entry(progress.partition)
+                .or_insert((t, Instant::now()));
+            entry.0 = entry.0.max(t);
+            entry.1 = Instant::now();
+        }
+    }
+
+    fn global(&self) -> Option<i64> {
+        let active = self
+            .partitions
+            .values()
+            .filter(|(_, seen)| seen.elapsed() < self.config.idle_timeout)
+            .map(|(t, _)| *t)
+            .min();
+        let highest = active.or_else(|| self.partitions.values().map(|(t, _)| *t).max())?;
+        Some(highest.saturating_sub(self.config.out_of_orderness_micros))
+    }
 }
 
 /// The sink's end of the hand-over, given to worker 0 only.
@@ -46,6 +117,7 @@ pub struct SinkChannels {
 pub fn commit_epochs<'scope>(
     updates: StreamVec<'scope, Epoch, (Epoch, SinkUpdate)>,
     sink: Option<SinkChannels>,
+    watermarks: WatermarkConfig,
 ) -> StreamVec<'scope, Epoch, ()> {
     let scope = updates.scope();
     updates.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
@@ -55,6 +127,10 @@ pub fn commit_epochs<'scope>(
             let activator = scope.activator_for(info.address);
             let mut stash: BTreeMap<Epoch, (Capability<Epoch>, EpochBatch)> = BTreeMap::new();
             let mut in_flight: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
+            let mut watermarks = Watermarks::new(watermarks);
+            // The last epoch handed over, and when: an idle pipeline still sends a heartbeat now and
+            // then, so the watermark moves on idle partitions and the sink can apply a floor.
+            let mut last_sent: (Epoch, Instant) = (0, Instant::now());
             move |(input, frontier), output| {
                 // Stash by the epoch in the data: differential may deliver an epoch's updates under the
                 // capability of an earlier one.
@@ -71,12 +147,15 @@ pub fn commit_epochs<'scope>(
                                     },
                                 )
                             });
+                            let batch = &mut entry.1;
                             match update {
-                                SinkUpdate::Aggregate(key, agg) => {
-                                    entry.1.aggregates.push((key, agg))
+                                SinkUpdate::Row(key, item, agg) => {
+                                    batch.aggregates.push((key, item, agg))
                                 }
-                                SinkUpdate::Offset(p, next) => entry.1.offsets.push((p, next)),
-                                SinkUpdate::DeadLetter(d) => entry.1.dead_letters.push(d),
+                                SinkUpdate::Offset(p) => batch.offsets.push(p),
+                                SinkUpdate::DeadLetter(d) => batch.dead_letters.push(d),
+                                SinkUpdate::Duplicate(d) => batch.duplicates.push(d),
+                                SinkUpdate::Late(l) => batch.late_events.push(l),
                             }
                         }
                     }
@@ -90,10 +169,16 @@ pub fn commit_epochs<'scope>(
                     if frontier.less_equal(entry.key()) {
                         break;
                     }
-                    let (epoch, (cap, batch)) = entry.remove_entry();
+                    let (epoch, (cap, mut batch)) = entry.remove_entry();
+                    if batch.watermark.is_none() {
+                        batch.offsets.iter().for_each(|p| watermarks.observe(p));
+                        batch.watermark = watermarks.global();
+                    }
+                    batch.sealed_at = Some(Instant::now());
                     match sink.batches.try_send(batch) {
                         Ok(()) => {
                             in_flight.insert(epoch, cap);
+                            last_sent = (epoch, Instant::now());
                         }
                         // Full: retry on a later activation. Disconnected: the sink has stopped and
                         // reports why; keep holding the epoch so no worker runs ahead.
@@ -103,11 +188,24 @@ pub fn commit_epochs<'scope>(
                         }
                     }
                 }
+                if stash.is_empty() && last_sent.1.elapsed() >= HEARTBEAT {
+                    let heartbeat = EpochBatch {
+                        epoch: last_sent.0,
+                        watermark: watermarks.global(),
+                        sealed_at: Some(Instant::now()),
+                        ..EpochBatch::default()
+                    };
+                    if sink.batches.try_send(heartbeat).is_ok() {
+                        last_sent.1 = Instant::now();
+                    }
+                }
                 while let Ok(committed) = sink.acks.try_recv() {
                     in_flight.retain(|epoch, _| *epoch > committed);
                 }
                 if !stash.is_empty() || !in_flight.is_empty() {
                     activator.activate_after(Duration::from_millis(2));
+                } else if !frontier.is_empty() {
+                    activator.activate_after(HEARTBEAT);
                 }
             }
         },

@@ -4,11 +4,13 @@
 //! ```text
 //!  Kafka ─► reader thread (one per worker, owns its partitions) ─► bounded channel
 //!                                                                     │ (never blocks the worker)
-//!  worker loop: feed records + offset markers, advance the epoch ◄────┘
+//!      reader: decode+validate, claim each event_id in Postgres (dedup, classify.rs)
+//!  worker loop: feed classified items + offset markers, advance the epoch ◄──┘
 //!      │
-//!      ▼  build(): decode ─ok─► usage (key, Σvalue, count) ─► consolidate (exchange by key)
-//!                  └─err─► dead letters          offsets ──┐          │
-//!                                     └────────────────────┴─► commit_epochs (on worker 0)
+//!      ▼  build(): meter ─► contributions (row, item, Σvalue, count) ─► consolidate (exchange by row)
+//!                   └─► late events, duplicates, dead letters   offsets ──┐          │
+//!                                     └───────────────────────────────────┴─► commit_epochs (worker 0,
+//!                                                                             watermark)
 //!                                                                     │ batch per completed epoch
 //!                                                                     ▼
 //!                                                               sink thread (sinks crate)
@@ -17,17 +19,24 @@
 //! | file | owns |
 //! |---|---|
 //! | `source.rs` | the Kafka reader threads: deterministic partition assignment, start offsets, catch-up |
+//! | `classify.rs` | decode, validate and claim (dedup, voids) on the reader threads; [`Claims`](classify::Claims) |
+//! | `meters.rs` | [`MeterRegistry`](meters::MeterRegistry): the meters in force, reloadable |
 //! | `operators.rs` | `build`: the dataflow graph, one small named operator per step |
 //! | `commit.rs` | `commit_epochs`: gathers each completed epoch on worker 0, hands it to the sink, holds the epoch open until the sink acknowledges |
 //! | `worker.rs` | driving a worker: feeding inputs, ticking epochs, backpressure, shutdown |
 //! | `usage.rs` | [`Usage`], the aggregate as a differential difference |
 
+pub mod classify;
 pub mod commit;
+pub mod meters;
 pub mod operators;
 pub mod source;
 pub mod usage;
 pub mod worker;
 
-pub use commit::{SinkChannels, SinkUpdate};
-pub use source::{RawRecord, SourceConfig};
+pub use classify::{Claims, MemoryClaims, SharedWatermark};
+pub use commit::{SinkChannels, SinkUpdate, WatermarkConfig};
+pub use meters::MeterRegistry;
+pub use operators::GraphContext;
+pub use source::{RawRecord, RecordKind, SourceConfig};
 pub use worker::{run_worker, WorkerConfig};

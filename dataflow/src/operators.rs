@@ -1,104 +1,159 @@
 //! The dataflow graph: [`build`] wires small named operators; the worker loop (`worker.rs`) drives it.
 //!
-//! Contract: given the records and offset markers introduced at epoch `e`, the output at epoch `e` holds
-//! exactly the aggregate *changes* those records cause (at most one per key), the dead letters among them,
-//! and the markers. Nothing is kept between epochs: sums and counts are a group, so the sink can add each
-//! epoch's changes to what it stored.
+//! Contract: given the classified items and offset markers introduced at epoch `e`, the output at epoch
+//! `e` holds exactly the row changes those items cause (at most one per row and item), the late events,
+//! duplicates and dead letters among them, and the markers. Nothing is kept between epochs: every
+//! aggregate is a sum of contributions (a group) or a multiset of items the sink keeps, so the sink can
+//! apply each epoch's changes to what it stored, and a restart needs no state but the offsets.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
-use meterflow_model::{decode_event, Aggregate, AggregateKey, DeadLetter, Limits};
+use meterflow_model::{
+    Aggregate, AggregateKey, Contribution, Event, Item, LateEvent, PartitionProgress,
+};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, OkErr, Operator};
 use timely::dataflow::StreamVec;
 
+use crate::classify::{read_watermark, Classified, SourceItem};
 use crate::commit::SinkUpdate;
-use crate::source::RawRecord;
+use crate::meters::MeterRegistry;
 use crate::usage::Usage;
 
 /// Epoch numbers: each worker advances its inputs to the next epoch every tick.
 pub type Epoch = u64;
 
-/// Builds the pipeline from Kafka records and offset markers `(epoch, partition, next_offset)` to sink
-/// updates, each with the epoch it belongs to.
+/// What the graph reads besides its inputs.
+#[derive(Clone)]
+pub struct GraphContext {
+    pub meters: MeterRegistry,
+    /// The committed watermark: a contribution to a window it has closed is a late event.
+    pub watermark: Arc<AtomicI64>,
+    /// How long after its end a window still takes events before it is finalized (SPEC §4).
+    pub allowed_lateness_micros: i64,
+}
+
+/// A row of a meter, and for multiset meters the item within it.
+type RowKey = (AggregateKey, Option<Item>);
+
+/// Builds the pipeline from classified items and offset markers `(epoch, progress)` to sink updates,
+/// each with the epoch it belongs to.
 ///
 /// The epoch travels in the data, not only in the message's capability: differential may send updates of
 /// a later time under an earlier capability, and the sink must never commit a result with the offsets of
 /// an epoch before the one that produced it.
 pub fn build<'scope>(
-    records: StreamVec<'scope, Epoch, RawRecord>,
-    markers: StreamVec<'scope, Epoch, (Epoch, i32, i64)>,
-    limits: Limits,
+    items: StreamVec<'scope, Epoch, SourceItem>,
+    markers: StreamVec<'scope, Epoch, (Epoch, PartitionProgress)>,
+    context: GraphContext,
 ) -> StreamVec<'scope, Epoch, (Epoch, SinkUpdate)> {
-    let scope = records.scope();
-    let (usage, dead_letters) = decode(records, limits);
-    let changes = usage_changes(usage);
+    let scope = items.scope();
+    let (contributions, other) = meter(items, context);
+    let changes = row_changes(contributions);
     scope.concatenate([
-        changes.map(|(key, epoch, usage)| (epoch, SinkUpdate::Aggregate(key, usage.0))),
-        dead_letters.map(|(epoch, dead)| (epoch, SinkUpdate::DeadLetter(dead))),
-        markers.map(|(epoch, partition, next)| (epoch, SinkUpdate::Offset(partition, next))),
+        changes.map(|((key, item), epoch, usage)| (epoch, SinkUpdate::Row(key, item, usage.0))),
+        other,
+        markers.map(|(epoch, progress)| (epoch, SinkUpdate::Offset(progress))),
     ])
 }
 
-/// A dead letter with the epoch its record was read in.
-type EpochDeadLetter = (Epoch, DeadLetter);
-/// A record decoded into the default meter's update, or a dead letter.
-type Decoded = Result<(AggregateKey, Epoch, Usage), EpochDeadLetter>;
+/// What metering produces: contributions to rows, and everything else for the sink.
+type Metering<'scope> = (
+    VecCollection<'scope, Epoch, RowKey, Usage>,
+    StreamVec<'scope, Epoch, (Epoch, SinkUpdate)>,
+);
 
-/// Decodes and validates each record where it was read (no exchange: records never cross workers) into
-/// the default meter's update `(key, epoch, Usage(value, 1))`, or a dead letter with the reason.
-fn decode<'scope>(
-    records: StreamVec<'scope, Epoch, RawRecord>,
-    limits: Limits,
-) -> (
-    VecCollection<'scope, Epoch, AggregateKey, Usage>,
-    StreamVec<'scope, Epoch, EpochDeadLetter>,
-) {
-    let decoded: StreamVec<'scope, Epoch, Decoded> =
-        records.unary(Pipeline, "Decode", |_cap, _info| {
+/// A contribution to a row, or something else for the sink.
+type Metered = Result<(RowKey, Epoch, Usage), (Epoch, SinkUpdate)>;
+
+/// Applies the meters where the items were read (no exchange): each counted event becomes its
+/// contributions to every meter reading its type, each retracted (voided) one their negation; a
+/// contribution to a window the committed watermark has closed is also reported as a late event.
+// The `Result` is a routing tag for `ok_err` (contributions one way, everything else the other), not an
+// error, so the size of its `Err` side is no concern.
+#[allow(clippy::result_large_err)]
+fn meter<'scope>(
+    items: StreamVec<'scope, Epoch, SourceItem>,
+    context: GraphContext,
+) -> Metering<'scope> {
+    let metered: StreamVec<'scope, Epoch, Metered> =
+        items.unary(Pipeline, "Meter", move |_cap, _info| {
             move |input, output| {
                 input.for_each_stamp(|cap, data| {
                     let epoch = *cap
                         .least()
                         .expect("a stamp of a total order has a least time");
+                    let meters = context.meters.current();
+                    let watermark = read_watermark(&context.watermark);
                     let mut session = output.session(&cap);
                     for batch in data {
-                        for record in batch.drain(..) {
-                            session.give(decode_record(record, epoch, &limits));
+                        for item in batch.drain(..) {
+                            let (event, sign) = match item.what {
+                                Classified::Count(event) => (event, 1),
+                                Classified::Retract(event) => (event, -1),
+                                Classified::Duplicate(d) => {
+                                    session.give(Err((epoch, SinkUpdate::Duplicate(d))));
+                                    continue;
+                                }
+                                Classified::Dead(d) => {
+                                    session.give(Err((epoch, SinkUpdate::DeadLetter(d))));
+                                    continue;
+                                }
+                                Classified::Ignored => continue,
+                            };
+                            let (contributions, _skipped) = meters.contributions(&event);
+                            for c in contributions {
+                                if sign > 0 {
+                                    if let Some(late) = late(&event, &c, watermark, &context) {
+                                        session.give(Err((epoch, SinkUpdate::Late(late))));
+                                    }
+                                }
+                                let usage = if sign > 0 { c.usage } else { negate(c.usage) };
+                                session.give(Ok(((c.key, c.item), epoch, Usage(usage))));
+                            }
                         }
                     }
                 });
             }
         });
-    let (usage, dead) = decoded.ok_err(|result| result);
-    (usage.as_collection(), dead)
+    let (contributions, other) = metered.ok_err(|m| m);
+    (contributions.as_collection(), other)
 }
 
-fn decode_record(record: RawRecord, epoch: Epoch, limits: &Limits) -> Decoded {
-    let reference = record.timestamp_ms.saturating_mul(1_000);
-    match decode_event(&record.payload, reference, limits) {
-        Ok(event) => Ok((
-            AggregateKey::default_meter(&event),
-            epoch,
-            Usage(Aggregate::of(event.value)),
-        )),
-        Err(e) => Err((
-            epoch,
-            DeadLetter {
-                partition: record.partition,
-                offset: record.offset,
-                reason: format!("{}: {e}", e.code()),
-                payload: record.payload,
-            },
-        )),
+fn late(
+    event: &Event,
+    c: &Contribution,
+    watermark: Option<i64>,
+    context: &GraphContext,
+) -> Option<LateEvent> {
+    let watermark = watermark?;
+    let closes = (c.key.window_end * 1_000_000).saturating_add(context.allowed_lateness_micros);
+    (closes <= watermark).then(|| LateEvent {
+        event_id: event.event_id.clone(),
+        customer_id: event.customer_id.clone(),
+        meter: c.key.meter.clone(),
+        window_start: c.key.window_start,
+        event_time_micros: event.event_time_micros,
+        watermark_micros: watermark,
+    })
+}
+
+fn negate(a: Aggregate) -> Aggregate {
+    Aggregate {
+        value: -a.value,
+        event_count: -a.event_count,
     }
 }
 
-/// Adds up each epoch's usage per key. Exchange contract: `consolidate` routes each key to the worker its
-/// hash picks, so a key's changes within an epoch meet in one place and leave as one update.
-fn usage_changes<'scope>(
-    usage: VecCollection<'scope, Epoch, AggregateKey, Usage>,
-) -> StreamVec<'scope, Epoch, (AggregateKey, Epoch, Usage)> {
-    usage.consolidate().inner
+/// Adds up each epoch's contributions per row (and item). Exchange contract: `consolidate` routes each
+/// row to the worker its hash picks, so a row's changes within an epoch meet in one place and leave as
+/// one update.
+fn row_changes<'scope>(
+    contributions: VecCollection<'scope, Epoch, RowKey, Usage>,
+) -> StreamVec<'scope, Epoch, (RowKey, Epoch, Usage)> {
+    contributions.consolidate().inner
 }

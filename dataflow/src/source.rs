@@ -9,21 +9,54 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
+use meterflow_model::{Format, Limits};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
+
+use crate::classify::{classify, Claims, SharedWatermark, SourceItem};
 
 /// One Kafka record as read, before decoding.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawRecord {
     pub partition: i32,
     pub offset: i64,
     /// The record's timestamp (ms since the epoch): the reference for "in the future" (SPEC §2).
     pub timestamp_ms: i64,
+    pub kind: RecordKind,
     pub payload: Vec<u8>,
+}
+
+/// What a record holds, from its headers: `content-type: application/cloudevents+json` marks a
+/// CloudEvent, `meterflow-kind: void` a void written by the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    Event(Format),
+    Void,
+}
+
+/// The header the API sets on void records.
+pub const KIND_HEADER: &str = "meterflow-kind";
+
+impl RecordKind {
+    fn of(headers: Option<&rdkafka::message::BorrowedHeaders>) -> RecordKind {
+        let mut kind = RecordKind::Event(Format::Plain);
+        if let Some(headers) = headers {
+            for h in headers.iter() {
+                match (h.key, h.value) {
+                    (KIND_HEADER, Some(b"void")) => return RecordKind::Void,
+                    ("content-type", Some(v)) => {
+                        kind =
+                            RecordKind::Event(Format::of_content_type(std::str::from_utf8(v).ok()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        kind
+    }
 }
 
 /// Where and what a worker reads.
@@ -40,12 +73,15 @@ pub struct SourceConfig {
     pub until_caught_up: bool,
     /// Most records per batch handed to the worker.
     pub batch_size: usize,
+    pub limits: Limits,
+    /// The committed watermark, for the age limit (SPEC §2).
+    pub watermark: SharedWatermark,
 }
 
 /// What a reader thread says to its worker.
 #[derive(Debug)]
 pub enum SourceMessage {
-    Records(Vec<RawRecord>),
+    Items(Vec<SourceItem>),
     /// Every owned partition has reached the end it had at start-up (only with `until_caught_up`).
     CaughtUp,
     /// The reader cannot go on; the worker stops the pipeline with this message.
@@ -63,6 +99,7 @@ pub fn owned_partitions(partitions: i32, index: usize, peers: usize) -> Vec<i32>
 pub fn spawn_reader(
     config: SourceConfig,
     owned: Vec<i32>,
+    mut claims: Box<dyn Claims>,
     capacity: usize,
 ) -> std::io::Result<(Receiver<SourceMessage>, JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
@@ -72,7 +109,7 @@ pub fn spawn_reader(
             owned.first().copied().unwrap_or(-1)
         ))
         .spawn(move || {
-            if let Err(e) = read(&config, &owned, &tx) {
+            if let Err(e) = read(&config, &owned, claims.as_mut(), &tx) {
                 let _ = tx.send(SourceMessage::Failed(format!(
                     "reading {}: {e}",
                     config.topic
@@ -85,6 +122,7 @@ pub fn spawn_reader(
 fn read(
     config: &SourceConfig,
     owned: &[i32],
+    claims: &mut dyn Claims,
     tx: &Sender<SourceMessage>,
 ) -> Result<(), KafkaError> {
     if owned.is_empty() {
@@ -147,6 +185,7 @@ fn read(
                     partition,
                     offset: msg.offset(),
                     timestamp_ms: msg.timestamp().to_millis().unwrap_or(0),
+                    kind: RecordKind::of(msg.headers()),
                     payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                 });
                 if batch.len() < config.batch_size {
@@ -159,8 +198,9 @@ fn read(
             None => {}
         }
         if !batch.is_empty() {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(config.batch_size));
-            if tx.send(SourceMessage::Records(full)).is_err() {
+            let items = classify_until_decided(&batch, claims, config);
+            batch.clear();
+            if tx.send(SourceMessage::Items(items)).is_err() {
                 return Ok(()); // the worker has gone: shutting down.
             }
         }
@@ -169,6 +209,26 @@ fn read(
             if ends.is_empty() {
                 let _ = tx.send(SourceMessage::CaughtUp);
                 return Ok(());
+            }
+        }
+    }
+}
+
+/// Classifies a batch, retrying with capped backoff while the claim store cannot answer (Postgres
+/// down): records are never skipped, the reader just stops moving.
+fn classify_until_decided(
+    batch: &[RawRecord],
+    claims: &mut dyn Claims,
+    config: &SourceConfig,
+) -> Vec<SourceItem> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match classify(batch, claims, &config.limits, &config.watermark) {
+            Ok(items) => return items,
+            Err(e) => {
+                tracing::warn!(topic = %config.topic, error = %e, ?backoff, "cannot claim events; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -7,31 +7,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
-use meterflow_model::Limits;
+use meterflow_model::PartitionProgress;
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
 
-use crate::commit::{commit_epochs, SinkChannels};
-use crate::operators::{build, Epoch};
-use crate::source::{RawRecord, SourceMessage};
+use crate::classify::{Classified, SourceItem};
+use crate::commit::{commit_epochs, SinkChannels, WatermarkConfig};
+use crate::operators::{build, Epoch, GraphContext};
+use crate::source::SourceMessage;
 
 /// How a worker paces itself.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
-    pub limits: Limits,
     /// How often the epoch advances (and so how often the sink commits).
     pub epoch_interval: Duration,
     /// How many epochs the inputs may run ahead of the sink's last commit.
     pub max_inflight_epochs: u64,
+    /// How worker 0 derives the event-time watermark.
+    pub watermarks: WatermarkConfig,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            limits: Limits::default(),
             epoch_interval: Duration::from_millis(250),
             max_inflight_epochs: 8,
+            watermarks: WatermarkConfig::default(),
         }
     }
 }
@@ -48,22 +50,23 @@ pub struct WorkerSummary {
 pub fn run_worker(
     worker: &mut Worker,
     config: &WorkerConfig,
+    context: GraphContext,
     reader: Receiver<SourceMessage>,
     sink: Option<SinkChannels>,
     stop: &AtomicBool,
 ) -> Result<WorkerSummary, String> {
-    let limits = config.limits;
+    let watermarks = config.watermarks.clone();
     let (mut records, mut markers, probe) = worker.dataflow::<Epoch, _, _>(|scope| {
-        let mut records = InputHandleVec::<Epoch, RawRecord>::new();
-        let mut markers = InputHandleVec::<Epoch, (Epoch, i32, i64)>::new();
+        let mut items = InputHandleVec::<Epoch, SourceItem>::new();
+        let mut markers = InputHandleVec::<Epoch, (Epoch, PartitionProgress)>::new();
         let probe = ProbeHandle::new();
-        let updates = build(records.to_stream(scope), markers.to_stream(scope), limits);
-        commit_epochs(updates, sink).probe_with(&probe);
-        (records, markers, probe)
+        let updates = build(items.to_stream(scope), markers.to_stream(scope), context);
+        commit_epochs(updates, sink, watermarks).probe_with(&probe);
+        (items, markers, probe)
     });
 
     let mut summary = WorkerSummary::default();
-    let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut next_offsets: BTreeMap<i32, PartitionProgress> = BTreeMap::new();
     let mut moved: BTreeSet<i32> = BTreeSet::new();
     let mut last_tick = Instant::now();
     let mut caught_up = false;
@@ -78,13 +81,26 @@ pub fn run_worker(
         if reader_open && behind < config.max_inflight_epochs {
             for _ in 0..16 {
                 match reader.try_recv() {
-                    Ok(SourceMessage::Records(batch)) => {
+                    Ok(SourceMessage::Items(batch)) => {
                         fed = true;
                         summary.records += batch.len() as u64;
-                        for record in batch {
-                            next_offsets.insert(record.partition, record.offset + 1);
-                            moved.insert(record.partition);
-                            records.send(record);
+                        for item in batch {
+                            let progress =
+                                next_offsets
+                                    .entry(item.partition)
+                                    .or_insert(PartitionProgress {
+                                        partition: item.partition,
+                                        next_offset: 0,
+                                        max_event_time_micros: None,
+                                    });
+                            progress.next_offset = item.offset + 1;
+                            if let Classified::Count(e) = &item.what {
+                                progress.max_event_time_micros = progress
+                                    .max_event_time_micros
+                                    .max(Some(e.event_time_micros));
+                            }
+                            moved.insert(item.partition);
+                            records.send(item);
                         }
                     }
                     Ok(SourceMessage::CaughtUp) => caught_up = true,
@@ -127,12 +143,12 @@ pub fn run_worker(
 
 /// Marks, at `epoch`, how far each partition that moved during the epoch has been read.
 fn send_markers(
-    markers: &mut InputHandleVec<Epoch, (Epoch, i32, i64)>,
+    markers: &mut InputHandleVec<Epoch, (Epoch, PartitionProgress)>,
     epoch: Epoch,
     moved: &mut BTreeSet<i32>,
-    next_offsets: &BTreeMap<i32, i64>,
+    next_offsets: &BTreeMap<i32, PartitionProgress>,
 ) {
     for partition in std::mem::take(moved) {
-        markers.send((epoch, partition, next_offsets[&partition]));
+        markers.send((epoch, next_offsets[&partition]));
     }
 }

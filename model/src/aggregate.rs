@@ -6,7 +6,6 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::event::Event;
-use crate::window::Window;
 
 /// Which aggregate row an event contributes to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -15,16 +14,14 @@ pub struct AggregateKey {
     pub meter: String,
     /// Window start, seconds since the epoch (UTC).
     pub window_start: i64,
+    /// Window end (exclusive), seconds since the epoch: the start plus the meter's window length.
+    pub window_end: i64,
 }
 
 impl AggregateKey {
     /// The default meter's key for `event`: the meter is named after the event type, hourly windows.
     pub fn default_meter(event: &Event) -> Self {
-        AggregateKey {
-            customer_id: event.customer_id.clone(),
-            meter: event.event_type.clone(),
-            window_start: Window::Hour.start_of(event.event_time_micros),
-        }
+        crate::meter::Meter::default_for(&event.event_type).key(event)
     }
 }
 

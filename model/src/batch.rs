@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregate, AggregateKey};
+use crate::meter::Item;
 
 /// A Kafka record that is not a valid event, kept with the reason (SPEC §2).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -16,44 +17,126 @@ pub struct DeadLetter {
     pub reason: String,
 }
 
+/// A copy of an event_id that was already counted (SPEC §3). Identical copies are only counted in
+/// `duplicate_events_total`; conflicting ones (another payload) are kept for inspection.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Duplicate {
+    pub event_id: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub kind: DuplicateKind,
+    /// The record as read, kept only for conflicting copies.
+    pub payload: Vec<u8>,
+}
+
+/// How a duplicate relates to the copy that counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DuplicateKind {
+    /// The same payload again (a retry).
+    Identical,
+    /// Another payload under a used id: kept for inspection.
+    Conflicting,
+    /// The id was voided before this copy was read.
+    Voided,
+}
+
+impl DuplicateKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DuplicateKind::Identical => "identical",
+            DuplicateKind::Conflicting => "conflicting",
+            DuplicateKind::Voided => "voided",
+        }
+    }
+}
+
+/// An event applied to a window its meter had already finalized (SPEC §4).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LateEvent {
+    pub event_id: String,
+    pub customer_id: String,
+    pub meter: String,
+    pub window_start: i64,
+    pub event_time_micros: i64,
+    /// The committed watermark it arrived behind.
+    pub watermark_micros: i64,
+}
+
+/// How far one partition has been read: the next offset, and the greatest event time seen in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PartitionProgress {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub max_event_time_micros: Option<i64>,
+}
+
+/// A change to one aggregate row: `usage` added, and for the multiset meters the item it concerns.
+pub type RowChange = (AggregateKey, Option<Item>, Aggregate);
+
 /// Everything one or more completed epochs produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EpochBatch {
     /// The last epoch this batch completes.
     pub epoch: u64,
-    /// Changes to add to the stored aggregates, at most one per key.
-    pub aggregates: Vec<(AggregateKey, Aggregate)>,
-    /// For each partition read, the offset of the next record to read.
-    pub offsets: Vec<(i32, i64)>,
+    /// Changes to add to the stored rows, at most one per (key, item).
+    pub aggregates: Vec<RowChange>,
+    /// For each partition read, how far.
+    pub offsets: Vec<PartitionProgress>,
     pub dead_letters: Vec<DeadLetter>,
+    pub duplicates: Vec<Duplicate>,
+    pub late_events: Vec<LateEvent>,
+    /// The global event-time watermark after this batch (microseconds), when known.
+    pub watermark: Option<i64>,
+    /// When the dataflow sealed the batch (computed its watermark): the start of its commit latency.
+    pub sealed_at: Option<std::time::Instant>,
 }
 
 impl EpochBatch {
+    /// Nothing to store but perhaps a watermark.
     pub fn is_empty(&self) -> bool {
-        self.aggregates.is_empty() && self.offsets.is_empty() && self.dead_letters.is_empty()
+        self.aggregates.is_empty()
+            && self.offsets.is_empty()
+            && self.dead_letters.is_empty()
+            && self.duplicates.is_empty()
+            && self.late_events.is_empty()
     }
 
-    /// Folds a later batch into this one: aggregate changes add up, offsets move forward.
+    /// Folds a later batch into this one: row changes add up, offsets and the watermark move forward.
     pub fn absorb(&mut self, later: EpochBatch) -> Result<(), crate::aggregate::Overflow> {
         self.epoch = self.epoch.max(later.epoch);
         self.aggregates.extend(later.aggregates);
-        self.aggregates.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut merged: Vec<(AggregateKey, Aggregate)> = Vec::with_capacity(self.aggregates.len());
-        for (key, agg) in self.aggregates.drain(..) {
+        self.aggregates
+            .sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let mut merged: Vec<RowChange> = Vec::with_capacity(self.aggregates.len());
+        for (key, item, agg) in self.aggregates.drain(..) {
             match merged.last_mut() {
-                Some((last, acc)) if *last == key => acc.checked_add(&agg)?,
-                _ => merged.push((key, agg)),
+                Some((last, last_item, acc)) if *last == key && *last_item == item => {
+                    acc.checked_add(&agg)?
+                }
+                _ => merged.push((key, item, agg)),
             }
         }
-        merged.retain(|(_, agg)| !agg.is_zero());
+        merged.retain(|(_, _, agg)| !agg.is_zero());
         self.aggregates = merged;
-        for (partition, next) in later.offsets {
-            match self.offsets.iter_mut().find(|(p, _)| *p == partition) {
-                Some((_, n)) => *n = (*n).max(next),
-                None => self.offsets.push((partition, next)),
+        for progress in later.offsets {
+            match self
+                .offsets
+                .iter_mut()
+                .find(|p| p.partition == progress.partition)
+            {
+                Some(p) => {
+                    p.next_offset = p.next_offset.max(progress.next_offset);
+                    p.max_event_time_micros =
+                        p.max_event_time_micros.max(progress.max_event_time_micros);
+                }
+                None => self.offsets.push(progress),
             }
         }
         self.dead_letters.extend(later.dead_letters);
+        self.duplicates.extend(later.duplicates);
+        self.late_events.extend(later.late_events);
+        self.watermark = self.watermark.max(later.watermark);
+        self.sealed_at = self.sealed_at.or(later.sealed_at);
         Ok(())
     }
 }
@@ -68,6 +151,15 @@ mod tests {
             customer_id: c.into(),
             meter: "m".into(),
             window_start: 0,
+            window_end: 3_600,
+        }
+    }
+
+    fn progress(partition: i32, next_offset: i64) -> PartitionProgress {
+        PartitionProgress {
+            partition,
+            next_offset,
+            max_event_time_micros: None,
         }
     }
 
@@ -75,18 +167,19 @@ mod tests {
     fn absorbing_a_batch_adds_changes_per_key_and_keeps_the_furthest_offsets() {
         let mut a = EpochBatch {
             epoch: 1,
-            aggregates: vec![(key("a"), Aggregate::of(Decimal::ONE))],
-            offsets: vec![(0, 10), (1, 5)],
-            dead_letters: vec![],
+            aggregates: vec![(key("a"), None, Aggregate::of(Decimal::ONE))],
+            offsets: vec![progress(0, 10), progress(1, 5)],
+            ..EpochBatch::default()
         };
         let b = EpochBatch {
             epoch: 2,
             aggregates: vec![
-                (key("a"), Aggregate::of(Decimal::TWO)),
-                (key("b"), Aggregate::of(Decimal::ONE)),
+                (key("a"), None, Aggregate::of(Decimal::TWO)),
+                (key("b"), None, Aggregate::of(Decimal::ONE)),
             ],
-            offsets: vec![(0, 12)],
-            dead_letters: vec![],
+            offsets: vec![progress(0, 12)],
+            watermark: Some(7),
+            ..EpochBatch::default()
         };
         a.absorb(b).unwrap();
         assert_eq!(a.epoch, 2);
@@ -94,6 +187,7 @@ mod tests {
             a.aggregates[0],
             (
                 key("a"),
+                None,
                 Aggregate {
                     value: Decimal::from(3),
                     event_count: 2
@@ -101,6 +195,7 @@ mod tests {
             )
         );
         assert_eq!(a.aggregates.len(), 2);
-        assert_eq!(a.offsets, vec![(0, 12), (1, 5)]);
+        assert_eq!(a.offsets, vec![progress(0, 12), progress(1, 5)]);
+        assert_eq!(a.watermark, Some(7));
     }
 }

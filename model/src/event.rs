@@ -30,6 +30,9 @@ pub struct Event {
     pub properties: String,
 }
 
+/// How long raw events are kept and late events still accepted (SPEC §2): 35 days.
+pub const DEFAULT_RETENTION_MICROS: i64 = 35 * 86_400 * 1_000_000;
+
 /// Validation limits (SPEC §2).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -37,6 +40,9 @@ pub struct Limits {
     pub max_future_micros: i64,
     /// Largest encoded size of `properties`.
     pub max_properties_bytes: usize,
+    /// Events before this instant are beyond the retention horizon (SPEC §2): the committed watermark
+    /// minus the retention. `None` before any watermark: then nothing is too old.
+    pub oldest_micros: Option<i64>,
 }
 
 impl Default for Limits {
@@ -44,6 +50,7 @@ impl Default for Limits {
         Limits {
             max_future_micros: 5 * 60 * 1_000_000,
             max_properties_bytes: 4 * 1024,
+            oldest_micros: None,
         }
     }
 }
@@ -132,7 +139,8 @@ impl<'de> Deserialize<'de> for Entries<'de> {
     }
 }
 
-/// Decodes and validates one event. `reference_micros` is the instant "in the future" is measured from.
+/// Decodes and validates one plain-JSON event. `reference_micros` is the instant "in the future" is
+/// measured from.
 pub fn decode_event(
     bytes: &[u8],
     reference_micros: i64,
@@ -140,6 +148,202 @@ pub fn decode_event(
 ) -> Result<Event, DecodeError> {
     let raw: RawEvent =
         serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    validate(
+        Parts {
+            event_id: raw.event_id,
+            customer_id: raw.customer_id,
+            event_type: raw.event_type,
+            event_time: raw.event_time,
+            value: raw.value,
+            properties: raw.properties.map(Properties::Raw),
+        },
+        reference_micros,
+        limits,
+    )
+}
+
+/// A CloudEvents 1.0 event in structured JSON mode (SPEC §2): `id`→event_id, `subject`→customer_id,
+/// `type`→event_type, `time`→event_time, `data.value`→value, the rest of `data`→properties.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloudEvent<'a> {
+    #[serde(borrow)]
+    specversion: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    #[allow(dead_code)] // required by CloudEvents; meterflow does not use it
+    source: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    subject: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    time: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    datacontenttype: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    #[allow(dead_code)]
+    dataschema: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// Decodes and validates one CloudEvents 1.0 JSON event (`application/cloudevents+json`).
+pub fn decode_cloudevent(
+    bytes: &[u8],
+    reference_micros: i64,
+    limits: &Limits,
+) -> Result<Event, DecodeError> {
+    let raw: RawCloudEvent =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let mut errors = Vec::new();
+    if raw.specversion != "1.0" {
+        errors.push(field("specversion", "must be \"1.0\""));
+    }
+    if let Some(ct) = &raw.datacontenttype {
+        if !ct.starts_with("application/json") {
+            errors.push(field("datacontenttype", "must be application/json"));
+        }
+    }
+    let (mut value, mut rest) = (None, Vec::new());
+    if let Some(data) = raw.data {
+        let Entries(entries) = serde_json::from_str(data.get())
+            .map_err(|_| DecodeError::Malformed("data must be a JSON object".into()))?;
+        for (key, v) in entries {
+            if key.0 == "value" {
+                if value.replace(v).is_some() {
+                    return Err(DecodeError::Malformed(
+                        "duplicate key in data: value".into(),
+                    ));
+                }
+            } else {
+                rest.push((key, v));
+            }
+        }
+    }
+    // A missing subject or time is reported by the validator as an empty one.
+    let parts = Parts {
+        event_id: raw.id,
+        customer_id: raw.subject.unwrap_or_default(),
+        event_type: raw.kind,
+        event_time: raw.time.unwrap_or_default(),
+        value,
+        properties: Some(Properties::Entries(rest)),
+    };
+    match validate(parts, reference_micros, limits) {
+        Err(DecodeError::Invalid(mut more)) => {
+            errors.append(&mut more);
+            Err(DecodeError::Invalid(rename_cloudevent_fields(errors)))
+        }
+        Ok(_) if !errors.is_empty() => Err(DecodeError::Invalid(errors)),
+        other => other,
+    }
+}
+
+/// Field paths in a CloudEvent's own names, so a client can find what to fix.
+fn rename_cloudevent_fields(errors: Vec<FieldError>) -> Vec<FieldError> {
+    errors
+        .into_iter()
+        .map(|mut e| {
+            e.field = match e.field.as_str() {
+                "event_id" => "id".into(),
+                "customer_id" => "subject".into(),
+                "event_type" => "type".into(),
+                "event_time" => "time".into(),
+                "value" => "data.value".into(),
+                other => match other.strip_prefix("properties") {
+                    Some(rest) => format!("data{rest}"),
+                    None => other.into(),
+                },
+            };
+            e
+        })
+        .collect()
+}
+
+/// How an event's body is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// meterflow's own JSON (SPEC §2).
+    Plain,
+    /// CloudEvents 1.0, structured JSON mode.
+    CloudEvent,
+}
+
+impl Format {
+    /// The format a `Content-Type` (HTTP header or Kafka record header) names.
+    pub fn of_content_type(content_type: Option<&str>) -> Format {
+        match content_type {
+            Some(ct) if ct.starts_with("application/cloudevents") => Format::CloudEvent,
+            _ => Format::Plain,
+        }
+    }
+}
+
+/// Decodes one event in the given format. A plain-JSON decode that fails on a body that looks like a
+/// CloudEvent (it names `specversion`) is retried as one, so producers that cannot set headers still work.
+pub fn decode_as(
+    format: Format,
+    bytes: &[u8],
+    reference_micros: i64,
+    limits: &Limits,
+) -> Result<Event, DecodeError> {
+    match format {
+        Format::CloudEvent => decode_cloudevent(bytes, reference_micros, limits),
+        Format::Plain => match decode_event(bytes, reference_micros, limits) {
+            Err(DecodeError::Malformed(why)) if contains(bytes, b"\"specversion\"") => {
+                decode_cloudevent(bytes, reference_micros, limits)
+                    .map_err(|_| DecodeError::Malformed(why))
+            }
+            other => other,
+        },
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Splits a JSON array (a batch body) into its items, left raw for the per-item decoder.
+pub fn split_batch(bytes: &[u8]) -> Result<Vec<&RawValue>, DecodeError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| DecodeError::Malformed(format!("a batch must be a JSON array of events: {e}")))
+}
+
+/// Reads only the `event_id` (or a CloudEvent's `id`) of a body that failed validation, so a known id
+/// can be answered 409 before any other check (SPEC §3).
+pub fn sniff_event_id(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Id {
+        event_id: Option<String>,
+        id: Option<String>,
+    }
+    let id: Id = serde_json::from_slice(bytes).ok()?;
+    id.event_id
+        .or(id.id)
+        .filter(|i| !i.is_empty() && i.len() <= 128)
+}
+
+/// An event's fields before validation, whichever format they came in.
+struct Parts<'a> {
+    event_id: Cow<'a, str>,
+    customer_id: Cow<'a, str>,
+    event_type: Cow<'a, str>,
+    event_time: Cow<'a, str>,
+    value: Option<&'a RawValue>,
+    properties: Option<Properties<'a>>,
+}
+
+enum Properties<'a> {
+    /// A JSON value that must be a flat object.
+    Raw(&'a RawValue),
+    /// An object's entries already split (a CloudEvent's `data` without `value`).
+    Entries(Vec<(Key<'a>, &'a RawValue)>),
+}
+
+/// The one validator (SPEC §2): every failing field is reported, with its path.
+fn validate(raw: Parts<'_>, reference_micros: i64, limits: &Limits) -> Result<Event, DecodeError> {
     let mut errors = Vec::new();
     check_id(&mut errors, "event_id", &raw.event_id, 128, is_id_char);
     check_id(
@@ -156,6 +360,13 @@ pub fn decode_event(
             let micros = t.with_timezone(&Utc).timestamp_micros();
             if micros > reference_micros.saturating_add(limits.max_future_micros) {
                 errors.push(field("event_time", "is more than 5 minutes in the future"));
+            } else if let Some(oldest) = limits.oldest_micros {
+                if micros < oldest {
+                    errors.push(field(
+                        "event_time",
+                        "is older than the retention horizon (35 days behind the watermark)",
+                    ));
+                }
             }
             micros
         }
@@ -192,30 +403,31 @@ pub fn decode_event(
 
     let properties = match raw.properties {
         None => "{}".to_owned(),
-        Some(raw) => {
-            let Entries(mut entries) = serde_json::from_str(raw.get())
+        Some(Properties::Raw(raw)) => {
+            let Entries(entries) = serde_json::from_str(raw.get())
                 .map_err(|_| DecodeError::Malformed("properties must be a JSON object".into()))?;
-            for (Key(key), v) in &entries {
-                if !v.get().starts_with(|c: char| {
-                    c == '"' || c == '-' || c == 't' || c == 'f' || c.is_ascii_digit()
-                }) {
-                    errors.push(field(
-                        &format!("properties.{key}"),
-                        "must be a string, number or boolean",
-                    ));
-                }
-            }
-            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
-                return Err(DecodeError::Malformed(format!(
-                    "duplicate key in properties: {}",
-                    w[0].0 .0
-                )));
-            }
+            check_properties(&mut errors, entries)?;
             if raw.get().len() > limits.max_properties_bytes {
                 errors.push(field("properties", "must be at most 4 KiB when encoded"));
             }
             raw.get().to_owned()
+        }
+        Some(Properties::Entries(entries)) => {
+            let mut text = String::from("{");
+            for (i, (Key(key), v)) in entries.iter().enumerate() {
+                if i > 0 {
+                    text.push(',');
+                }
+                text.push_str(&serde_json::to_string(key).unwrap_or_default());
+                text.push(':');
+                text.push_str(v.get());
+            }
+            text.push('}');
+            check_properties(&mut errors, entries)?;
+            if text.len() > limits.max_properties_bytes {
+                errors.push(field("properties", "must be at most 4 KiB when encoded"));
+            }
+            text
         }
     };
 
@@ -230,6 +442,31 @@ pub fn decode_event(
         value,
         properties,
     })
+}
+
+/// Properties are a flat object of strings, numbers and booleans, without duplicate keys.
+fn check_properties(
+    errors: &mut Vec<FieldError>,
+    mut entries: Vec<(Key<'_>, &RawValue)>,
+) -> Result<(), DecodeError> {
+    for (Key(key), v) in &entries {
+        if !v.get().starts_with(|c: char| {
+            c == '"' || c == '-' || c == 't' || c == 'f' || c.is_ascii_digit()
+        }) {
+            errors.push(field(
+                &format!("properties.{key}"),
+                "must be a string, number or boolean",
+            ));
+        }
+    }
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(DecodeError::Malformed(format!(
+            "duplicate key in properties: {}",
+            w[0].0 .0
+        )));
+    }
+    Ok(())
 }
 
 impl Event {
@@ -247,6 +484,34 @@ impl Event {
             "properties": properties,
         });
         serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    /// A stable 64-bit fingerprint of everything but the id (FNV-1a over customer, type, time, the
+    /// normalized value and the properties): two copies of one event_id with different fingerprints are
+    /// conflicting duplicates (SPEC §3). Stable across builds and versions: it is stored.
+    pub fn fingerprint(&self) -> i64 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes.iter().chain(std::iter::once(&0xff)) {
+                hash ^= u64::from(*b);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        feed(self.customer_id.as_bytes());
+        feed(self.event_type.as_bytes());
+        feed(&self.event_time_micros.to_le_bytes());
+        feed(self.value.normalize().to_string().as_bytes());
+        feed(self.properties.as_bytes());
+        hash as i64
+    }
+
+    /// The raw JSON of one property, if present.
+    pub fn property(&self, key: &str) -> Option<&RawValue> {
+        let Entries(entries) = serde_json::from_str(&self.properties).ok()?;
+        entries
+            .into_iter()
+            .find(|(k, _)| k.0 == key)
+            .map(|(_, v)| v)
     }
 
     pub fn event_time(&self) -> DateTime<Utc> {
@@ -296,9 +561,15 @@ fn is_type_char(b: u8) -> bool {
 }
 
 fn field(name: &str, message: &str) -> FieldError {
-    FieldError {
-        field: name.to_owned(),
-        message: message.to_owned(),
+    FieldError::new(name, message)
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: &str) -> Self {
+        FieldError {
+            field: field.to_owned(),
+            message: message.to_owned(),
+        }
     }
 }
 
@@ -439,5 +710,58 @@ mod tests {
             decode_event(&e.to_json(), NOW, &Limits::default()).unwrap(),
             e
         );
+    }
+
+    #[test]
+    fn a_cloudevent_maps_onto_the_same_event() {
+        let ce = r#"{"specversion":"1.0","id":"evt_01","source":"/billing","type":"api_call","subject":"cust_123",
+            "time":"2024-01-15T14:30:00Z","datacontenttype":"application/json","data":{"value":"1.5","region":"eu"}}"#;
+        let e = decode_cloudevent(ce.as_bytes(), NOW, &Limits::default()).unwrap();
+        assert_eq!(
+            (e.event_id.as_str(), e.customer_id.as_str()),
+            ("evt_01", "cust_123")
+        );
+        assert_eq!(e.value, Decimal::from_str("1.5").unwrap());
+        assert_eq!(e.properties, r#"{"region":"eu"}"#);
+        // Sniffed without a content type, too.
+        assert_eq!(
+            decode_as(Format::Plain, ce.as_bytes(), NOW, &Limits::default()).unwrap(),
+            e
+        );
+    }
+
+    #[test]
+    fn cloudevent_errors_name_the_cloudevent_fields() {
+        let ce = r#"{"specversion":"0.3","id":"bad id","source":"s","type":"api_call","data":{"value":-1}}"#;
+        let fields: Vec<String> = match decode_cloudevent(ce.as_bytes(), NOW, &Limits::default()) {
+            Err(DecodeError::Invalid(errors)) => errors.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected invalid, got {other:?}"),
+        };
+        assert_eq!(
+            fields,
+            ["specversion", "id", "subject", "time", "data.value"]
+        );
+    }
+
+    #[test]
+    fn events_before_the_retention_horizon_are_refused() {
+        let limits = Limits {
+            oldest_micros: Some(NOW - 1),
+            ..Limits::default()
+        };
+        let json = r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:29:00Z"}"#;
+        match decode_event(json.as_bytes(), NOW, &limits) {
+            Err(DecodeError::Invalid(e)) => assert_eq!(e[0].field, "event_time"),
+            other => panic!("expected too old, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_the_id_and_the_value_spelling_but_not_the_payload() {
+        let a = decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":"1.50"}"#).unwrap();
+        let b = decode(r#"{"event_id":"b","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":1.5}"#).unwrap();
+        let c = decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":2}"#).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), c.fingerprint());
     }
 }

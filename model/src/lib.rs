@@ -5,7 +5,8 @@
 //! |---|---|
 //! | `event.rs` | [`Event`], the one decoder and validator shared by HTTP and Kafka (SPEC §2) |
 //! | `window.rs` | tumbling UTC windows (SPEC §4) |
-//! | `aggregate.rs` | [`AggregateKey`], [`Aggregate`]: the default meter's sum + count |
+//! | `meter.rs` | [`Meter`], [`MeterSet`]: count/sum/max/unique_count/latest, events → row contributions |
+//! | `aggregate.rs` | [`AggregateKey`], [`Aggregate`]: a row's key, sum + count as a group |
 //! | `batch.rs` | [`EpochBatch`]: what one completed epoch hands the sink |
 //! | `json.rs` | exact decimals in JSON: numbers with their digits, never through f64 |
 
@@ -13,9 +14,16 @@ pub mod aggregate;
 pub mod batch;
 pub mod event;
 pub mod json;
+pub mod meter;
 pub mod window;
 
 pub use aggregate::{Aggregate, AggregateKey};
-pub use batch::{DeadLetter, EpochBatch};
-pub use event::{decode_event, DecodeError, Event, FieldError, Limits};
+pub use batch::{
+    DeadLetter, Duplicate, DuplicateKind, EpochBatch, LateEvent, PartitionProgress, RowChange,
+};
+pub use event::{
+    decode_as, decode_cloudevent, decode_event, sniff_event_id, split_batch, DecodeError, Event,
+    FieldError, Format, Limits, DEFAULT_RETENTION_MICROS,
+};
+pub use meter::{Aggregation, Contribution, Item, Meter, MeterSet, Skip};
 pub use window::Window;

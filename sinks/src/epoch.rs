@@ -14,16 +14,19 @@
 //! COMMIT's outcome is unknown (connection lost), the writer reconnects and reads `committed_epoch` of its
 //! generation to learn whether it happened, instead of guessing. A zombie (older generation) is refused.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use meterflow_model::EpochBatch;
+use meterflow_model::{DeadLetter, Duplicate, DuplicateKind, EpochBatch, Item, RowChange};
 use rust_decimal::Decimal;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use crate::error::SinkError;
 use crate::lease::Lease;
+use crate::metrics;
 
 /// Most aggregate rows merged into one transaction.
 const MAX_ROWS_PER_COMMIT: usize = 100_000;
@@ -37,13 +40,15 @@ pub struct WriterSummary {
     pub commit_time: Duration,
 }
 
-/// Starts the writer thread: commits every batch it receives, acknowledging the epoch after each COMMIT.
-/// It ends when the batch channel closes (`Ok`) or on a permanent error, which stops the pipeline.
+/// Starts the writer thread: commits every batch it receives, acknowledging the epoch after each COMMIT
+/// and publishing the committed watermark. It ends when the batch channel closes (`Ok`) or on a
+/// permanent error, which stops the pipeline.
 pub fn spawn_writer(
     database_url: String,
     lease: Lease,
     batches: Receiver<EpochBatch>,
     acks: Sender<u64>,
+    watermark: Arc<AtomicI64>,
 ) -> std::io::Result<JoinHandle<Result<WriterSummary, SinkError>>> {
     std::thread::Builder::new()
         .name("pg-epoch-sink".into())
@@ -52,18 +57,25 @@ pub fn spawn_writer(
                 .enable_all()
                 .build()
                 .map_err(|e| SinkError::Permanent(sqlx::Error::Io(e)))?;
-            runtime.block_on(write_all(&database_url, &lease, batches, acks))
+            runtime.block_on(write_all(&database_url, &lease, batches, acks, &watermark))
         })
 }
+
+/// An idle pipeline still commits this often, so the watermark (idle partitions, an admin's floor)
+/// moves on and windows get finalized.
+const IDLE_COMMIT: Duration = Duration::from_millis(500);
 
 async fn write_all(
     url: &str,
     lease: &Lease,
     batches: Receiver<EpochBatch>,
     acks: Sender<u64>,
+    shared_watermark: &AtomicI64,
 ) -> Result<WriterSummary, SinkError> {
     let mut summary = WriterSummary::default();
     let mut conn = connect(url).await?;
+    let mut last_commit = Instant::now();
+    let mut committed_watermark: Option<i64> = None;
     // Blocking receive is fine: this thread exists only to write.
     while let Ok(mut batch) = batches.recv() {
         while batch.aggregates.len() < MAX_ROWS_PER_COMMIT {
@@ -72,19 +84,57 @@ async fn write_all(
                 Err(_) => break,
             }
         }
-        if batch.is_empty() {
+        let watermark_moved = batch.watermark > committed_watermark;
+        if batch.is_empty() && !watermark_moved && last_commit.elapsed() < IDLE_COMMIT {
             let _ = acks.send(batch.epoch);
             continue;
         }
         let started = Instant::now();
-        commit_with_retry(url, &mut conn, lease, &batch).await?;
-        summary.commit_time += started.elapsed();
+        let committed = commit_with_retry(url, &mut conn, lease, &batch).await?;
+        let took = started.elapsed();
+        last_commit = Instant::now();
+        summary.commit_time += took;
         summary.commits += 1;
         summary.aggregate_rows += batch.aggregates.len() as u64;
         summary.dead_letters += batch.dead_letters.len() as u64;
+        record_metrics(&batch, &committed, took);
+        if let Some(w) = committed.watermark {
+            committed_watermark = Some(w);
+            shared_watermark.fetch_max(w, Ordering::AcqRel);
+        }
         let _ = acks.send(batch.epoch);
     }
     Ok(summary)
+}
+
+fn record_metrics(batch: &EpochBatch, committed: &Committed, took: Duration) {
+    metrics::COMMIT_SECONDS.observe(took.as_secs_f64());
+    metrics::COMMIT_ROWS.inc_by(batch.aggregates.len() as u64);
+    for d in &batch.dead_letters {
+        let reason = d.reason.split(':').next().unwrap_or("UNKNOWN");
+        metrics::DEAD_LETTERS.with_label_values(&[reason]).inc();
+    }
+    for d in &batch.duplicates {
+        metrics::DUPLICATES
+            .with_label_values(&[d.kind.as_str()])
+            .inc();
+    }
+    if !batch.late_events.is_empty() {
+        metrics::LATE_EVENTS
+            .with_label_values(&["window_finalized"])
+            .inc_by(batch.late_events.len() as u64);
+    }
+    if committed.finalized > 0 {
+        // From when the watermark was computed (the batch was sealed) to the finalizing COMMIT.
+        let since = batch.sealed_at.map_or(took, |t| t.elapsed());
+        for _ in 0..committed.finalized.min(10_000) {
+            metrics::WINDOW_CLOSE_SECONDS.observe(since.as_secs_f64());
+        }
+    }
+    if let Some(w) = committed.watermark {
+        metrics::WATERMARK.set(w / 1_000_000);
+        metrics::AGGREGATION_LAG.set(chrono::Utc::now().timestamp() - w / 1_000_000);
+    }
 }
 
 async fn connect(url: &str) -> Result<PgConnection, SinkError> {
@@ -102,12 +152,15 @@ async fn commit_with_retry(
     conn: &mut PgConnection,
     lease: &Lease,
     batch: &EpochBatch,
-) -> Result<(), SinkError> {
+) -> Result<Committed, SinkError> {
     let mut backoff = Duration::from_millis(100);
     loop {
         match commit(conn, lease, batch).await {
-            Ok(()) => return Ok(()),
+            Ok(committed) => return Ok(committed),
             Err(SinkError::Transient(e)) => {
+                metrics::COMMIT_ERRORS
+                    .with_label_values(&["transient"])
+                    .inc();
                 tracing::warn!(error = %e, epoch = batch.epoch, ?backoff, "sink commit failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -116,25 +169,33 @@ async fn commit_with_retry(
                     Err(SinkError::Transient(_)) => continue,
                     Err(other) => return Err(other),
                 }
-                if already_committed(conn, lease, batch.epoch).await? {
-                    return Ok(());
+                if let Some(committed) = already_committed(conn, lease, batch.epoch).await? {
+                    return Ok(committed);
                 }
             }
-            Err(other) => return Err(other),
+            Err(other) => {
+                metrics::COMMIT_ERRORS
+                    .with_label_values(&["permanent"])
+                    .inc();
+                return Err(other);
+            }
         }
     }
 }
 
+/// Whether the epoch is committed (after a lost connection left a COMMIT's outcome unknown).
 async fn already_committed(
     conn: &mut PgConnection,
     lease: &Lease,
     epoch: u64,
-) -> Result<bool, SinkError> {
-    let (generation, committed): (i64, i64) =
-        sqlx::query_as("SELECT generation, committed_epoch FROM pipeline_leases WHERE topic = $1")
-            .bind(&lease.topic)
-            .fetch_one(&mut *conn)
-            .await?;
+) -> Result<Option<Committed>, SinkError> {
+    let (generation, committed, watermark): (i64, i64, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as(
+            "SELECT generation, committed_epoch, committed_watermark FROM pipeline_leases WHERE topic = $1",
+        )
+        .bind(&lease.topic)
+        .fetch_one(&mut *conn)
+        .await?;
     if generation != lease.generation {
         return Err(SinkError::Fenced {
             topic: lease.topic.clone(),
@@ -142,7 +203,10 @@ async fn already_committed(
             current: generation,
         });
     }
-    Ok(committed >= epoch as i64)
+    Ok((committed >= epoch as i64).then(|| Committed {
+        watermark: watermark.map(|w| w.timestamp_micros()),
+        finalized: 0,
+    }))
 }
 
 /// One fenced transaction: results, dead letters and offsets together.
@@ -150,7 +214,7 @@ async fn commit(
     conn: &mut PgConnection,
     lease: &Lease,
     batch: &EpochBatch,
-) -> Result<(), SinkError> {
+) -> Result<Committed, SinkError> {
     let mut tx = conn.begin().await?;
     let generation: i64 =
         sqlx::query_scalar("SELECT generation FROM pipeline_leases WHERE topic = $1 FOR UPDATE")
@@ -165,93 +229,308 @@ async fn commit(
         });
     }
 
-    if !batch.aggregates.is_empty() {
-        let n = batch.aggregates.len();
-        let (mut customers, mut meters, mut starts, mut values, mut counts) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for (key, agg) in &batch.aggregates {
-            customers.push(key.customer_id.as_str());
-            meters.push(key.meter.as_str());
-            starts.push(key.window_start);
-            values.push(agg.value);
-            counts.push(agg.event_count);
-        }
+    let (group, multiset): (Vec<_>, Vec<_>) = batch
+        .aggregates
+        .iter()
+        .partition(|(_, item, _)| item.is_none());
+    if !group.is_empty() {
+        upsert_group_rows(&mut tx, &group).await?;
+    }
+    if !multiset.is_empty() {
+        apply_multiset_rows(&mut tx, &multiset).await?;
+    }
+    if !batch.dead_letters.is_empty() {
+        insert_dead_letters(&mut tx, &lease.topic, &batch.dead_letters).await?;
+    }
+    let conflicting: Vec<&Duplicate> = batch
+        .duplicates
+        .iter()
+        .filter(|d| d.kind == DuplicateKind::Conflicting)
+        .collect();
+    if !conflicting.is_empty() {
         sqlx::query(
-            "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
-             SELECT c, m, to_timestamp(s), to_timestamp(s + 3600), v, n
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::numeric[], $5::bigint[]) AS u(c, m, s, v, n)
-             ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
-             SET value = a.value + excluded.value,
-                 event_count = a.event_count + excluded.event_count,
-                 revision = a.revision + 1,
-                 updated_at = now()",
+            "INSERT INTO duplicate_events (topic, partition, \"offset\", event_id, kind, payload)
+             SELECT $1, p, o, i, 'conflicting', b FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::bytea[]) AS u(p, o, i, b)
+             ON CONFLICT ON CONSTRAINT duplicate_events_pkey DO NOTHING",
         )
-        .bind(&customers)
-        .bind(&meters)
-        .bind(&starts)
-        .bind(&values as &[Decimal])
-        .bind(&counts)
+        .bind(&lease.topic)
+        .bind(conflicting.iter().map(|d| d.partition).collect::<Vec<_>>())
+        .bind(conflicting.iter().map(|d| d.offset).collect::<Vec<_>>())
+        .bind(conflicting.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>())
+        .bind(conflicting.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
     }
-
-    if !batch.dead_letters.is_empty() {
-        let partitions: Vec<i32> = batch.dead_letters.iter().map(|d| d.partition).collect();
-        let offsets: Vec<i64> = batch.dead_letters.iter().map(|d| d.offset).collect();
-        let payloads: Vec<&[u8]> = batch
-            .dead_letters
-            .iter()
-            .map(|d| d.payload.as_slice())
-            .collect();
-        let reasons: Vec<&str> = batch
-            .dead_letters
-            .iter()
-            .map(|d| d.reason.as_str())
-            .collect();
+    if !batch.late_events.is_empty() {
+        let late = &batch.late_events;
         sqlx::query(
-            "INSERT INTO dead_letters (topic, partition, \"offset\", payload, reason)
-             SELECT $1, p, o, b, r FROM UNNEST($2::int[], $3::bigint[], $4::bytea[], $5::text[]) AS u(p, o, b, r)
-             ON CONFLICT ON CONSTRAINT dead_letters_source_key DO NOTHING",
+            "INSERT INTO late_events (event_id, meter, customer_id, window_start, event_time, watermark)
+             SELECT i, m, c, to_timestamp(s), timestamptz 'epoch' + t * interval '1 microsecond',
+                    timestamptz 'epoch' + w * interval '1 microsecond'
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) AS u(i, m, c, s, t, w)
+             ON CONFLICT ON CONSTRAINT late_events_pkey DO NOTHING",
         )
-        .bind(&lease.topic)
-        .bind(&partitions)
-        .bind(&offsets)
-        .bind(&payloads)
-        .bind(&reasons)
+        .bind(late.iter().map(|l| l.event_id.as_str()).collect::<Vec<_>>())
+        .bind(late.iter().map(|l| l.meter.as_str()).collect::<Vec<_>>())
+        .bind(late.iter().map(|l| l.customer_id.as_str()).collect::<Vec<_>>())
+        .bind(late.iter().map(|l| l.window_start).collect::<Vec<_>>())
+        .bind(late.iter().map(|l| l.event_time_micros).collect::<Vec<_>>())
+        .bind(late.iter().map(|l| l.watermark_micros).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
     }
 
     if !batch.offsets.is_empty() {
-        let partitions: Vec<i32> = batch.offsets.iter().map(|(p, _)| *p).collect();
-        let nexts: Vec<i64> = batch.offsets.iter().map(|(_, n)| *n).collect();
+        let partitions: Vec<i32> = batch.offsets.iter().map(|p| p.partition).collect();
+        let nexts: Vec<i64> = batch.offsets.iter().map(|p| p.next_offset).collect();
+        let times: Vec<Option<i64>> = batch
+            .offsets
+            .iter()
+            .map(|p| p.max_event_time_micros)
+            .collect();
         sqlx::query(
-            "INSERT INTO source_offsets AS s (topic, partition, next_offset)
-             SELECT $1, p, n FROM UNNEST($2::int[], $3::bigint[]) AS u(p, n)
-             ON CONFLICT ON CONSTRAINT source_offsets_pkey DO UPDATE SET next_offset = excluded.next_offset, updated_at = now()",
+            "INSERT INTO source_offsets AS s (topic, partition, next_offset, max_event_time)
+             SELECT $1, p, n, timestamptz 'epoch' + t * interval '1 microsecond'
+             FROM UNNEST($2::int[], $3::bigint[], $4::bigint[]) AS u(p, n, t)
+             ON CONFLICT ON CONSTRAINT source_offsets_pkey DO UPDATE
+             SET next_offset = excluded.next_offset,
+                 max_event_time = GREATEST(s.max_event_time, excluded.max_event_time),
+                 updated_at = now()",
         )
         .bind(&lease.topic)
         .bind(&partitions)
         .bind(&nexts)
+        .bind(&times)
         .execute(&mut *tx)
         .await?;
     }
 
-    sqlx::query(
-        "UPDATE pipeline_leases SET committed_epoch = $2, committed_at = now() WHERE topic = $1",
+    // The watermark never goes back, and an admin's floor (POST /api/v1/watermark) lifts it.
+    let (watermark, lateness_micros): (Option<chrono::DateTime<chrono::Utc>>, i64) = sqlx::query_as(
+        "UPDATE pipeline_leases l
+         SET committed_epoch = $2, committed_at = now(),
+             committed_watermark = GREATEST(l.committed_watermark,
+                                            timestamptz 'epoch' + $3::bigint * interval '1 microsecond',
+                                            (SELECT advance_to FROM watermark_floors f WHERE f.topic = l.topic))
+         WHERE topic = $1
+         RETURNING committed_watermark, (extract(epoch FROM allowed_lateness) * 1000000)::bigint",
     )
     .bind(&lease.topic)
     .bind(batch.epoch as i64)
-    .execute(&mut *tx)
+    .bind(batch.watermark)
+    .fetch_one(&mut *tx)
     .await?;
+    let mut finalized = 0;
+    if let Some(w) = watermark {
+        finalized = sqlx::query(
+            "UPDATE aggregations SET finalized = true, updated_at = now()
+             WHERE NOT finalized AND window_end + $2 * interval '1 microsecond' <= $1",
+        )
+        .bind(w)
+        .bind(lateness_micros)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    }
     failpoint::hit("before_commit");
     tx.commit().await?;
     failpoint::hit("after_commit");
+    Ok(Committed {
+        watermark: watermark.map(|w| w.timestamp_micros()),
+        finalized,
+    })
+}
+
+/// What a commit changed beyond the batch itself.
+#[derive(Clone, Copy, Debug, Default)]
+struct Committed {
+    /// The committed watermark after it.
+    watermark: Option<i64>,
+    /// Windows it finalized.
+    finalized: u64,
+}
+
+/// Sums and counts add up: `value += Δ`, `event_count += Δ`.
+async fn upsert_group_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Result<(), SinkError> {
+    let n = rows.len();
+    let (mut customers, mut meters, mut starts, mut ends, mut values, mut counts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::<Decimal>::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (key, _, agg) in rows {
+        customers.push(key.customer_id.as_str());
+        meters.push(key.meter.as_str());
+        starts.push(key.window_start);
+        ends.push(key.window_end);
+        values.push(agg.value);
+        counts.push(agg.event_count);
+    }
+    sqlx::query(
+        "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
+         SELECT c, m, to_timestamp(s), to_timestamp(e), v, n
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::bigint[]) AS u(c, m, s, e, v, n)
+         ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
+         SET value = a.value + excluded.value,
+             event_count = a.event_count + excluded.event_count,
+             revision = a.revision + 1,
+             updated_at = now()",
+    )
+    .bind(&customers)
+    .bind(&meters)
+    .bind(&starts)
+    .bind(&ends)
+    .bind(&values)
+    .bind(&counts)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Max, unique_count and latest rows: update the multiset of items (`meter_values`), then recompute
+/// each touched row from its multiset.
+async fn apply_multiset_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Result<(), SinkError> {
+    let n = rows.len();
+    let (
+        mut customers,
+        mut meters,
+        mut starts,
+        mut sort_times,
+        mut items,
+        mut nums,
+        mut kinds,
+        mut counts,
+    ) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::<Option<Decimal>>::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (key, item, agg) in rows {
+        let (kind, sort_time, text, num) = match item {
+            Some(Item::Max(v)) => ("max", 0, v.to_string(), Some(*v)),
+            Some(Item::Unique(text)) => ("unique_count", 0, text.clone(), None),
+            Some(Item::Latest {
+                time_micros,
+                event_id,
+                value,
+            }) => ("latest", *time_micros, event_id.clone(), Some(*value)),
+            None => continue,
+        };
+        customers.push(key.customer_id.as_str());
+        meters.push(key.meter.as_str());
+        starts.push(key.window_start);
+        sort_times.push(sort_time);
+        items.push(text);
+        nums.push(num);
+        kinds.push(kind);
+        counts.push(agg.event_count);
+    }
+    sqlx::query(
+        "INSERT INTO meter_values AS v (customer_id, meter, window_start, sort_time, item, num, kind, count)
+         SELECT c, m, to_timestamp(s), t, i, x, k, n
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::numeric[], $7::text[], $8::bigint[])
+           AS u(c, m, s, t, i, x, k, n)
+         ON CONFLICT ON CONSTRAINT meter_values_pkey DO UPDATE SET count = v.count + excluded.count",
+    )
+    .bind(&customers)
+    .bind(&meters)
+    .bind(&starts)
+    .bind(&sort_times)
+    .bind(&items)
+    .bind(&nums)
+    .bind(&kinds)
+    .bind(&counts)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM meter_values v
+         USING UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS u(c, m, s, t, i)
+         WHERE v.count = 0 AND v.customer_id = u.c AND v.meter = u.m AND v.window_start = to_timestamp(u.s)
+           AND v.sort_time = u.t AND v.item = u.i",
+    )
+    .bind(&customers)
+    .bind(&meters)
+    .bind(&starts)
+    .bind(&sort_times)
+    .bind(&items)
+    .execute(&mut *tx)
+    .await?;
+
+    // One recomputation per touched row.
+    let mut touched: Vec<(&str, &str, i64, i64, &str)> = rows
+        .iter()
+        .filter_map(|(key, item, _)| {
+            let kind = match item.as_ref()? {
+                Item::Max(_) => "max",
+                Item::Unique(_) => "unique_count",
+                Item::Latest { .. } => "latest",
+            };
+            Some((
+                key.customer_id.as_str(),
+                key.meter.as_str(),
+                key.window_start,
+                key.window_end,
+                kind,
+            ))
+        })
+        .collect();
+    touched.sort_unstable();
+    touched.dedup();
+    sqlx::query(
+        "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
+         SELECT k.c, k.m, to_timestamp(k.s), to_timestamp(k.e),
+                CASE k.kind WHEN 'max' THEN COALESCE(agg.max_num, 0)
+                            WHEN 'unique_count' THEN agg.items
+                            ELSE COALESCE(agg.latest, 0) END,
+                COALESCE(agg.events, 0)
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS k(c, m, s, e, kind)
+         CROSS JOIN LATERAL (
+             SELECT max(v.num) AS max_num, count(*) AS items, sum(v.count)::bigint AS events,
+                    (array_agg(v.num ORDER BY v.sort_time DESC, v.item DESC))[1] AS latest
+             FROM meter_values v
+             WHERE v.customer_id = k.c AND v.meter = k.m AND v.window_start = to_timestamp(k.s)
+         ) agg
+         ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
+         SET value = excluded.value,
+             event_count = excluded.event_count,
+             revision = a.revision + 1,
+             updated_at = now()",
+    )
+    .bind(touched.iter().map(|t| t.0).collect::<Vec<_>>())
+    .bind(touched.iter().map(|t| t.1).collect::<Vec<_>>())
+    .bind(touched.iter().map(|t| t.2).collect::<Vec<_>>())
+    .bind(touched.iter().map(|t| t.3).collect::<Vec<_>>())
+    .bind(touched.iter().map(|t| t.4).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_dead_letters(
+    tx: &mut PgConnection,
+    topic: &str,
+    dead: &[DeadLetter],
+) -> Result<(), SinkError> {
+    sqlx::query(
+        "INSERT INTO dead_letters (topic, partition, \"offset\", payload, reason)
+         SELECT $1, p, o, b, r FROM UNNEST($2::int[], $3::bigint[], $4::bytea[], $5::text[]) AS u(p, o, b, r)
+         ON CONFLICT ON CONSTRAINT dead_letters_source_key DO NOTHING",
+    )
+    .bind(topic)
+    .bind(dead.iter().map(|d| d.partition).collect::<Vec<_>>())
+    .bind(dead.iter().map(|d| d.offset).collect::<Vec<_>>())
+    .bind(dead.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>())
+    .bind(dead.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 

@@ -1,0 +1,151 @@
+//! `GET /api/v1/progress` and `POST /api/v1/watermark` (SPEC §4): how far the pipeline has committed,
+//! and an admin's way to close windows when no later event will come (backfills, tests).
+//!
+//! A client that posted events and wants to read their aggregates waits until, for every partition,
+//! `next_offset` reaches the `end_offset` it saw after posting (`lag` = 0), and — to read finalized
+//! windows — until `committed_watermark` passes the window's end plus `allowed_lateness_seconds`.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use rdkafka::producer::Producer;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+#[derive(Debug, Serialize)]
+struct PartitionProgress {
+    partition: i32,
+    /// The next offset the pipeline will read (everything before is committed).
+    next_offset: i64,
+    /// The partition's end (high watermark) now; `null` when Kafka did not answer.
+    end_offset: Option<i64>,
+    lag: Option<i64>,
+    max_event_time: Option<DateTime<Utc>>,
+}
+
+pub async fn progress(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let lease = sqlx::query(
+        "SELECT committed_epoch, committed_at, committed_watermark,
+                extract(epoch FROM allowed_lateness)::bigint
+         FROM pipeline_leases WHERE topic = $1",
+    )
+    .bind(&state.topic)
+    .fetch_optional(&state.pool)
+    .await?;
+    let stored = sqlx::query(
+        "SELECT partition, next_offset, max_event_time FROM source_offsets WHERE topic = $1 ORDER BY partition",
+    )
+    .bind(&state.topic)
+    .fetch_all(&state.pool)
+    .await?;
+    let floor: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT advance_to FROM watermark_floors WHERE topic = $1")
+            .bind(&state.topic)
+            .fetch_optional(&state.pool)
+            .await?;
+
+    let ends = end_offsets(&state).await;
+    let mut partitions = Vec::new();
+    for (partition, end) in &ends {
+        let row = stored
+            .iter()
+            .find(|r| r.try_get::<i32, _>(0).ok() == Some(*partition));
+        let next_offset = match row {
+            Some(r) => r.try_get(1)?,
+            None => 0,
+        };
+        let max_event_time = match row {
+            Some(r) => r.try_get(2)?,
+            None => None,
+        };
+        partitions.push(PartitionProgress {
+            partition: *partition,
+            next_offset,
+            end_offset: *end,
+            lag: end.map(|e| (e - next_offset).max(0)),
+            max_event_time,
+        });
+    }
+    let lag_total: Option<i64> = partitions.iter().map(|p| p.lag).sum();
+    let body = serde_json::json!({
+        "topic": state.topic,
+        "committed_epoch": lease.as_ref().map(|r| r.try_get::<i64, _>(0)).transpose()?,
+        "committed_at": lease.as_ref().map(|r| r.try_get::<Option<DateTime<Utc>>, _>(1)).transpose()?.flatten(),
+        "committed_watermark": lease.as_ref().map(|r| r.try_get::<Option<DateTime<Utc>>, _>(2)).transpose()?.flatten(),
+        "allowed_lateness_seconds": lease.as_ref().map(|r| r.try_get::<i64, _>(3)).transpose()?,
+        "watermark_floor": floor,
+        "lag_total": lag_total,
+        "caught_up": lag_total == Some(0),
+        "partitions": partitions,
+    });
+    Ok(Json(body))
+}
+
+/// Each partition's end offset, or `None` where Kafka did not answer.
+async fn end_offsets(state: &AppState) -> Vec<(i32, Option<i64>)> {
+    let producer = state.producer.clone();
+    let topic = state.topic.clone();
+    tokio::task::spawn_blocking(move || {
+        let timeout = std::time::Duration::from_secs(2);
+        let client = producer.client();
+        let Ok(metadata) = client.fetch_metadata(Some(&topic), timeout) else {
+            return Vec::new();
+        };
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        partitions
+            .into_iter()
+            .map(|p| {
+                let end = client
+                    .fetch_watermarks(&topic, p, timeout)
+                    .ok()
+                    .map(|(_, high)| high);
+                (p, end)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdvanceWatermark {
+    advance_to: DateTime<Utc>,
+}
+
+/// `POST /api/v1/watermark {"advance_to": t}`: the committed watermark will be at least `t` from the
+/// pipeline's next commit on (it never goes back). 202 with the floor now in force.
+pub async fn advance(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let body = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let request: AdvanceWatermark =
+        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let floor: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO watermark_floors AS f (topic, advance_to) VALUES ($1, $2)
+         ON CONFLICT ON CONSTRAINT watermark_floors_pkey
+         DO UPDATE SET advance_to = GREATEST(f.advance_to, excluded.advance_to), updated_at = now()
+         RETURNING advance_to",
+    )
+    .bind(&state.topic)
+    .bind(request.advance_to)
+    .fetch_one(&state.pool)
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"advance_to": floor})),
+    ))
+}

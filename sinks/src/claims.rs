@@ -1,0 +1,235 @@
+//! [`PgClaims`]: the durable claim store behind dedup and voids (SPEC §3), on the `event_ids` table.
+//!
+//! ```text
+//!  batch of candidates ──one statement──► INSERT INTO event_ids … ON CONFLICT DO UPDATE
+//!                                           (claim an API row with the same fingerprint)
+//!                                         + INSERT INTO telemetry_events (events new to meterflow)
+//!                       ◄── claimed ids ── the rest: SELECT their claims ─► own position? counts (a replay)
+//!                                                                          otherwise a duplicate
+//! ```
+//! A claim records the position `(partition, offset)` of the record that counts, so claiming is
+//! idempotent: a replay after a crash finds its own claim and counts again, any other copy never does.
+//! The reader threads call this; the sink's epoch commit stays the only place where results and offsets
+//! become durable.
+
+use std::time::Duration;
+
+use meterflow_dataflow::classify::{Candidate, ClaimOutcome, Claims, VoidCandidate};
+use meterflow_model::{DuplicateKind, Event};
+use rust_decimal::Decimal;
+use sqlx::{ConnectOptions, Connection, PgConnection, Row};
+
+/// Claims against Postgres, from a reader thread (it owns a small runtime and one connection).
+pub struct PgClaims {
+    url: String,
+    runtime: tokio::runtime::Runtime,
+    conn: Option<PgConnection>,
+}
+
+impl PgClaims {
+    pub fn new(url: &str) -> std::io::Result<Self> {
+        Ok(PgClaims {
+            url: url.to_owned(),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            conn: None,
+        })
+    }
+
+    /// Runs `f` on a live connection; on any error the connection is dropped (a fresh one is made on
+    /// the next call) and the error is returned for the reader to retry.
+    fn with_conn<T>(
+        &mut self,
+        f: impl for<'c> FnOnce(
+            &'c mut PgConnection,
+        ) -> futures::future::BoxFuture<'c, Result<T, sqlx::Error>>,
+    ) -> Result<T, String> {
+        let url = self.url.clone();
+        let result = self.runtime.block_on(async {
+            if self.conn.is_none() {
+                let options = url
+                    .parse::<sqlx::postgres::PgConnectOptions>()?
+                    .log_slow_statements(tracing::log::LevelFilter::Off, Duration::ZERO);
+                self.conn = Some(PgConnection::connect_with(&options).await?);
+            }
+            let conn = self.conn.as_mut().expect("connected above");
+            f(conn).await
+        });
+        result.map_err(|e| {
+            self.conn = None;
+            format!("claiming events in Postgres: {e}")
+        })
+    }
+}
+
+impl Claims for PgClaims {
+    fn claim_events(&mut self, candidates: &[Candidate<'_>]) -> Result<Vec<ClaimOutcome>, String> {
+        let n = candidates.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut micros = Vec::with_capacity(n);
+        let mut fingerprints = Vec::with_capacity(n);
+        let mut partitions = Vec::with_capacity(n);
+        let mut offsets = Vec::with_capacity(n);
+        let mut customers = Vec::with_capacity(n);
+        let mut types = Vec::with_capacity(n);
+        let mut values: Vec<Decimal> = Vec::with_capacity(n);
+        let mut properties = Vec::with_capacity(n);
+        for c in candidates {
+            ids.push(c.event.event_id.clone());
+            micros.push(c.event.event_time_micros);
+            fingerprints.push(c.fingerprint);
+            partitions.push(c.partition);
+            offsets.push(c.offset);
+            customers.push(c.event.customer_id.clone());
+            types.push(c.event.event_type.clone());
+            values.push(c.event.value);
+            properties.push(c.event.properties.clone());
+        }
+        let (claimed, existing) = self.with_conn(move |conn| {
+            Box::pin(async move {
+                let mut tx = conn.begin().await?;
+                let claimed: Vec<String> = sqlx::query_scalar(
+                    "WITH input AS (
+                        SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[],
+                                             $6::text[], $7::text[], $8::numeric[], $9::text[])
+                          AS u(event_id, micros, fingerprint, partition, \"offset\", customer_id, event_type, value, properties)
+                     ), claimed AS (
+                        INSERT INTO event_ids AS e (event_id, event_time, fingerprint, source, counted_partition, counted_offset)
+                        SELECT event_id, timestamptz 'epoch' + micros * interval '1 microsecond', fingerprint, 'kafka',
+                               partition, \"offset\"
+                        FROM input
+                        ON CONFLICT ON CONSTRAINT event_ids_pkey DO UPDATE
+                        SET counted_partition = excluded.counted_partition, counted_offset = excluded.counted_offset
+                        WHERE e.counted_partition IS NULL AND e.voided_partition IS NULL
+                          AND e.fingerprint = excluded.fingerprint
+                        RETURNING e.event_id, e.source = 'kafka' AS fresh
+                     ), stored AS (
+                        INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value, properties)
+                        SELECT i.event_id, i.customer_id, i.event_type,
+                               timestamptz 'epoch' + i.micros * interval '1 microsecond', i.value, i.properties::jsonb
+                        FROM input i JOIN claimed c ON c.event_id = i.event_id
+                        WHERE c.fresh
+                     )
+                     SELECT event_id FROM claimed",
+                )
+                .bind(&ids)
+                .bind(&micros)
+                .bind(&fingerprints)
+                .bind(&partitions)
+                .bind(&offsets)
+                .bind(&customers)
+                .bind(&types)
+                .bind(&values)
+                .bind(&properties)
+                .fetch_all(&mut *tx)
+                .await?;
+                let claimed: std::collections::HashSet<String> = claimed.into_iter().collect();
+                let rest: Vec<&String> = ids.iter().filter(|i| !claimed.contains(*i)).collect();
+                let existing = if rest.is_empty() {
+                    Vec::new()
+                } else {
+                    sqlx::query(
+                        "SELECT event_id, fingerprint, counted_partition, counted_offset, voided_partition IS NOT NULL
+                         FROM event_ids WHERE event_id = ANY($1)",
+                    )
+                    .bind(&rest)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get::<String, _>(0)?,
+                            (
+                                r.try_get::<i64, _>(1)?,
+                                r.try_get::<Option<i32>, _>(2)?,
+                                r.try_get::<Option<i64>, _>(3)?,
+                                r.try_get::<bool, _>(4)?,
+                            ),
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+                };
+                tx.commit().await?;
+                Ok((claimed, existing))
+            })
+        })?;
+        let existing: std::collections::HashMap<String, _> = existing.into_iter().collect();
+        candidates
+            .iter()
+            .map(|c| {
+                if claimed.contains(&c.event.event_id) {
+                    return Ok(ClaimOutcome::Counts);
+                }
+                let Some((fingerprint, partition, offset, voided)) =
+                    existing.get(&c.event.event_id)
+                else {
+                    return Err(format!(
+                        "event {} was neither claimed nor found",
+                        c.event.event_id
+                    ));
+                };
+                Ok(
+                    if (*partition, *offset) == (Some(c.partition), Some(c.offset)) {
+                        ClaimOutcome::Counts
+                    } else if *voided && partition.is_none() {
+                        ClaimOutcome::Duplicate(DuplicateKind::Voided)
+                    } else if *fingerprint == c.fingerprint {
+                        ClaimOutcome::Duplicate(DuplicateKind::Identical)
+                    } else {
+                        ClaimOutcome::Duplicate(DuplicateKind::Conflicting)
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, String> {
+        let ids: Vec<String> = voids.iter().map(|v| v.event_id.clone()).collect();
+        let partitions: Vec<i32> = voids.iter().map(|v| v.partition).collect();
+        let offsets: Vec<i64> = voids.iter().map(|v| v.offset).collect();
+        let retracted = self.with_conn(move |conn| {
+            Box::pin(async move {
+                let mut tx = conn.begin().await?;
+                // Claim each void (idempotently, by position); for those whose event had counted, read
+                // the event back to retract exactly what it contributed.
+                let rows = sqlx::query(
+                    "WITH voided AS (
+                        UPDATE event_ids e SET voided_partition = v.p, voided_offset = v.o
+                        FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS v(id, p, o)
+                        WHERE e.event_id = v.id
+                          AND (e.voided_partition IS NULL OR (e.voided_partition, e.voided_offset) = (v.p, v.o))
+                        RETURNING e.event_id, e.event_time, e.counted_partition IS NOT NULL AS counted
+                     )
+                     SELECT t.event_id, t.customer_id, t.event_type, t.event_time, t.value, t.properties::text
+                     FROM voided v JOIN telemetry_events t ON t.event_id = v.event_id AND t.event_time = v.event_time
+                     WHERE v.counted",
+                )
+                .bind(&ids)
+                .bind(&partitions)
+                .bind(&offsets)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                rows.into_iter()
+                    .map(|r| {
+                        let time: chrono::DateTime<chrono::Utc> = r.try_get(3)?;
+                        Ok(Event {
+                            event_id: r.try_get(0)?,
+                            customer_id: r.try_get(1)?,
+                            event_type: r.try_get(2)?,
+                            event_time_micros: time.timestamp_micros(),
+                            value: r.try_get(4)?,
+                            properties: r.try_get(5)?,
+                        })
+                    })
+                    .collect::<Result<Vec<Event>, sqlx::Error>>()
+            })
+        })?;
+        let mut by_id: std::collections::HashMap<String, Event> = retracted
+            .into_iter()
+            .map(|e| (e.event_id.clone(), e))
+            .collect();
+        Ok(voids.iter().map(|v| by_id.remove(&v.event_id)).collect())
+    }
+}
