@@ -12,86 +12,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-struct TestApi {
-    base: String,
-    pool: PgPool,
-    url: String,
-    topic: String,
-    client: reqwest::Client,
-}
-
-async fn spawn_api() -> TestApi {
-    let url = fresh_database().await;
-    let topic = fresh_topic(2).await;
-    let pool = PgPool::connect(&url).await.unwrap();
-    let producer = ClientConfig::new()
-        .set("bootstrap.servers", BROKERS)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .create()
-        .unwrap();
-    let state = meterflow_api::AppState::new(pool.clone(), producer, topic.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(meterflow_api::serve(
-        listener,
-        state,
-        std::future::pending(),
-    ));
-    TestApi {
-        base,
-        pool,
-        url,
-        topic,
-        client: reqwest::Client::new(),
-    }
-}
-
-impl TestApi {
-    async fn post_event(&self, body: &Value) -> reqwest::Response {
-        self.client
-            .post(format!("{}/api/v1/events", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap()
-    }
-}
-
 fn event(id: &str) -> Value {
     json!({"event_id": id, "customer_id": "cust_123", "event_type": "api_call",
            "event_time": "2024-01-15T14:30:00Z", "value": "1.5", "properties": {"region": "eu"}})
-}
-
-/// Asserts a problem+json response with this status and code; returns its body.
-async fn expect_problem(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
-    let (got, body) = problem(response).await;
-    assert_eq!((got, body["code"].as_str()), (status, Some(code)), "{body}");
-    body
-}
-
-async fn problem(response: reqwest::Response) -> (StatusCode, Value) {
-    let status = response.status();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(
-        content_type, "application/problem+json",
-        "errors are problem+json"
-    );
-    (status, response.json().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -434,11 +434,25 @@ async fn apply_multiset_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Resu
         counts.push(agg.event_count);
     }
     sqlx::query(
-        "INSERT INTO meter_values AS v (customer_id, meter, window_start, sort_time, item, num, kind, count)
-         SELECT c, m, to_timestamp(s), t, i, x, k, n
-         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::numeric[], $7::text[], $8::bigint[])
-           AS u(c, m, s, t, i, x, k, n)
-         ON CONFLICT ON CONSTRAINT meter_values_pkey DO UPDATE SET count = v.count + excluded.count",
+        // Existing items change by their delta (a retraction only ever meets an existing item); new
+        // items are inserted. Not an upsert: Postgres checks CHECK constraints on the proposed row
+        // before it finds the conflict, and a retraction's proposed row has a negative count.
+        "WITH u AS (
+             SELECT c, m, to_timestamp(s) AS s, t, i, x, k, n
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::numeric[], $7::text[], $8::bigint[])
+               AS u(c, m, s, t, i, x, k, n)
+         ), changed AS (
+             UPDATE meter_values v SET count = v.count + u.n
+             FROM u
+             WHERE v.customer_id = u.c AND v.meter = u.m AND v.window_start = u.s AND v.sort_time = u.t AND v.item = u.i
+             RETURNING v.customer_id, v.meter, v.window_start, v.sort_time, v.item
+         )
+         INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
+         SELECT c, m, s, t, i, x, k, n FROM u
+         WHERE NOT EXISTS (
+             SELECT 1 FROM changed
+             WHERE changed.customer_id = u.c AND changed.meter = u.m AND changed.window_start = u.s
+               AND changed.sort_time = u.t AND changed.item = u.i)",
     )
     .bind(&customers)
     .bind(&meters)

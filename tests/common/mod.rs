@@ -11,8 +11,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use reqwest::StatusCode;
 use rust_decimal::Decimal;
-use sqlx::{Connection, PgConnection, Row};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection, PgPool, Row};
 
 pub const BROKERS: &str = "127.0.0.1:9092";
 pub const ADMIN_URL: &str = "postgres://meterflow@127.0.0.1:5432/meterflow";
@@ -211,12 +213,18 @@ pub fn meterflow(url: &str, topic: &str) -> Command {
     cmd.env("MF_DATABASE_URL", url)
         .env("MF_EVENTS_TOPIC", topic)
         .env("MF_KAFKA_BROKERS", BROKERS)
-        .env("MF_LOG", "warn");
+        .env("MF_LOG", "warn")
+        .env("MF_PIPELINE_METRICS_ADDR", "");
     cmd
 }
 
 /// Runs the pipeline until it has committed everything in the topic.
 pub fn drain(url: &str, topic: &str, workers: usize) -> Output {
+    drain_with(url, topic, workers, &[])
+}
+
+/// [`drain`] with more pipeline flags.
+pub fn drain_with(url: &str, topic: &str, workers: usize, extra: &[&str]) -> Output {
     let out = meterflow(url, topic)
         .args([
             "pipeline",
@@ -224,6 +232,7 @@ pub fn drain(url: &str, topic: &str, workers: usize) -> Output {
             "--workers",
             &workers.to_string(),
         ])
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -251,15 +260,18 @@ impl Drop for Running {
     }
 }
 
-/// Starts a command with its output discarded, killed when the handle drops.
+/// Starts a command with its output discarded (shown when `MF_TEST_VERBOSE` is set), killed when the
+/// handle drops.
 pub fn spawn_quiet(mut command: Command) -> Running {
-    Running(
-        command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    let verbose = std::env::var_os("MF_TEST_VERBOSE").is_some();
+    let out = || {
+        if verbose {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        }
+    };
+    Running(command.stdout(out()).stderr(out()).spawn().unwrap())
 }
 
 pub fn spawn_pipeline(url: &str, topic: &str, workers: usize, extra: &[&str]) -> Running {
@@ -331,4 +343,152 @@ pub fn assert_same(got: &Aggregates, expected: &Aggregates, context: &str) {
         got.len(),
         expected.len()
     );
+}
+
+/// The API served in-process on an ephemeral port, with its own database and topic.
+pub struct TestApi {
+    pub base: String,
+    pub pool: PgPool,
+    pub url: String,
+    pub topic: String,
+    pub client: reqwest::Client,
+}
+
+pub async fn spawn_api() -> TestApi {
+    let url = fresh_database().await;
+    let topic = fresh_topic(2).await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    let producer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let state = meterflow_api::AppState::new(pool.clone(), producer, topic.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(meterflow_api::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    TestApi {
+        base,
+        pool,
+        url,
+        topic,
+        client: reqwest::Client::new(),
+    }
+}
+
+impl TestApi {
+    pub async fn post_event(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/api/v1/events", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs raw bytes with a content type.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let response = self.get(path).await;
+        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+        response.json().await.unwrap()
+    }
+
+    /// Waits until the pipeline has committed everything in the topic (`GET /api/v1/progress`).
+    pub async fn wait_caught_up(&self, within: Duration) -> Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let progress = self.get_json("/api/v1/progress").await;
+            if progress["caught_up"] == true && !progress["committed_epoch"].is_null() {
+                return progress;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pipeline did not catch up: {progress}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sets a watermark floor and waits until the pipeline has committed it.
+    pub async fn advance_watermark(&self, to: &str, within: Duration) {
+        let response = self
+            .post_json("/api/v1/watermark", &serde_json::json!({"advance_to": to}))
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let target = chrono::DateTime::parse_from_rfc3339(to).unwrap();
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let progress = self.get_json("/api/v1/progress").await;
+            if let Some(w) = progress["committed_watermark"].as_str() {
+                if chrono::DateTime::parse_from_rfc3339(w).unwrap() >= target {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the watermark did not reach {to}: {progress}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// Asserts a problem+json response with this status and code; returns its body.
+pub async fn expect_problem(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
+    let (got, body) = problem(response).await;
+    assert_eq!((got, body["code"].as_str()), (status, Some(code)), "{body}");
+    body
+}
+
+pub async fn problem(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        content_type, "application/problem+json",
+        "errors are problem+json"
+    );
+    (status, response.json().await.unwrap())
 }
