@@ -674,3 +674,59 @@ async fn aggregates_with_duplicates_and_late_events_equal_the_reference_for_1_2_
         );
     }
 }
+
+/// SPEC §4: a window is finalized within 5 s of the watermark passing its end plus the allowed
+/// lateness; the pipeline exports the metering metrics of SPEC §10.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_is_finalized_within_five_seconds_of_the_watermark_passing_it() {
+    let api = spawn_api().await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let _pipeline = spawn_pipeline(&api.url, &api.topic, 1, &["--metrics-addr", &metrics_addr]);
+    let event = json!({"event_id": "on_time", "customer_id": "c", "event_type": "api_call",
+                       "event_time": "2024-01-15T14:30:00Z"});
+    assert_eq!(api.post_event(&event).await.status(), StatusCode::CREATED);
+    produce(&api.topic, &[("c".into(), b"{broken".to_vec())]);
+    api.wait_caught_up(WAIT).await;
+    let finalized = "SELECT count(*) FROM aggregations WHERE finalized";
+    assert_eq!(
+        scalar_i64(&api.url, finalized).await,
+        0,
+        "not before the watermark passes"
+    );
+
+    let asked = std::time::Instant::now();
+    let response = api
+        .post_json(
+            "/api/v1/watermark",
+            &json!({"advance_to": "2024-01-15T16:00:00Z"}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    while scalar_i64(&api.url, finalized).await == 0 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "finalized within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let text = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for metric in [
+        "window_close_duration_seconds_count",
+        "aggregation_lag_seconds",
+        "committed_watermark_seconds",
+        "sink_commit_duration_seconds_count",
+        "dead_letters_total{reason=\"MALFORMED_JSON\"} 1",
+    ] {
+        assert!(text.contains(metric), "{metric} is exported:\n{text}");
+    }
+}

@@ -470,20 +470,37 @@ fn check_properties(
 }
 
 impl Event {
-    /// The event's canonical JSON: what the API forwards to Kafka, which decodes back to the same event.
+    /// The event's canonical JSON: what the API forwards to Kafka, which decodes back to the same event
+    /// (the properties byte for byte, so both ends compute the same fingerprint).
     pub fn to_json(&self) -> Vec<u8> {
-        // The properties exactly as accepted (a validated flat object).
-        let properties = RawValue::from_string(self.properties.clone())
-            .unwrap_or_else(|_| RawValue::from_string("{}".to_owned()).expect("{} is JSON"));
-        let body = serde_json::json!({
-            "event_id": self.event_id,
-            "customer_id": self.customer_id,
-            "event_type": self.event_type,
-            "event_time": self.event_time().to_rfc3339_opts(SecondsFormat::AutoSi, true),
-            "value": decimal_number(&self.value),
-            "properties": properties,
-        });
-        serde_json::to_vec(&body).unwrap_or_default()
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            event_id: &'a str,
+            customer_id: &'a str,
+            event_type: &'a str,
+            event_time: String,
+            value: serde_json::Number,
+            properties: &'a RawValue,
+        }
+        let fallback;
+        let properties = match serde_json::from_str::<&RawValue>(&self.properties) {
+            Ok(raw) => raw,
+            Err(_) => {
+                fallback = RawValue::from_string("{}".to_owned()).expect("{} is JSON");
+                &fallback
+            }
+        };
+        serde_json::to_vec(&Wire {
+            event_id: &self.event_id,
+            customer_id: &self.customer_id,
+            event_type: &self.event_type,
+            event_time: self
+                .event_time()
+                .to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            value: decimal_number(&self.value),
+            properties,
+        })
+        .unwrap_or_default()
     }
 
     /// A stable 64-bit fingerprint of everything but the id (FNV-1a over customer, type, time, the
