@@ -730,3 +730,125 @@ async fn a_window_is_finalized_within_five_seconds_of_the_watermark_passing_it()
         assert!(text.contains(metric), "{metric} is exported:\n{text}");
     }
 }
+
+/// Meters from a file (`--meters`), and a late event revising a finalized window.
+#[tokio::test(flavor = "multi_thread")]
+async fn meters_come_from_a_file_and_late_events_revise_finalized_windows() {
+    let url = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let file = std::env::temp_dir().join(format!("{}.json", unique("meters")));
+    std::fs::write(
+        &file,
+        r#"[{"meter":"calls_per_day","event_type":"api_call","aggregation":"count","window":"day"}]"#,
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let on_time = |id: &str, time: &str| {
+        (
+            "c".to_owned(),
+            format!(r#"{{"event_id":"{id}","customer_id":"c","event_type":"api_call","event_time":"{time}"}}"#)
+                .into_bytes(),
+        )
+    };
+    // Day 1 and, much later, day 3: the watermark (no out-of-orderness) closes day 1.
+    produce(
+        &topic,
+        &[
+            on_time("a", "2024-01-15T10:00:00Z"),
+            on_time("b", "2024-01-17T10:00:00Z"),
+        ],
+    );
+    drain_with(
+        &url,
+        &topic,
+        1,
+        &["--meters", path, "--out-of-orderness-ms", "0"],
+    );
+    let row = "SELECT event_count FROM aggregations WHERE meter = 'calls_per_day' AND window_start = '2024-01-15'";
+    assert_eq!(scalar_i64(&url, row).await, 1);
+    assert_eq!(
+        scalar_i64(&url, "SELECT count(*) FROM aggregations WHERE finalized").await,
+        1,
+        "day 1 is closed"
+    );
+    // A late event for day 1 is applied: the row is revised and the event recorded.
+    produce(&topic, &[on_time("late", "2024-01-15T23:00:00Z")]);
+    drain_with(
+        &url,
+        &topic,
+        1,
+        &["--meters", path, "--out-of-orderness-ms", "0"],
+    );
+    assert_eq!(scalar_i64(&url, row).await, 2);
+    assert_eq!(
+        scalar_i64(&url, "SELECT revision::bigint FROM aggregations WHERE meter = 'calls_per_day' AND window_start = '2024-01-15'").await,
+        2
+    );
+    assert_eq!(
+        scalar_i64(
+            &url,
+            "SELECT count(*) FROM late_events WHERE event_id = 'late'"
+        )
+        .await,
+        1
+    );
+    // A changed definition under the same name is refused at start-up with a message.
+    std::fs::write(
+        &file,
+        r#"[{"meter":"calls_per_day","event_type":"api_call","aggregation":"count","window":"hour"}]"#,
+    )
+    .unwrap();
+    let out = meterflow(&url, &topic)
+        .args(["pipeline", "--until-caught-up", "--meters", path])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("immutable"));
+}
+
+/// An idle partition stops holding the watermark back after the idle timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_partition_stops_holding_the_watermark_back() {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let api = spawn_api().await; // a topic with two partitions
+    let _pipeline = spawn_pipeline(
+        &api.url,
+        &api.topic,
+        1,
+        &["--idle-timeout-secs", "1", "--out-of-orderness-ms", "0"],
+    );
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .unwrap();
+    for (partition, id, time) in [
+        (0, "early", "2024-01-15T12:00:00Z"),
+        (1, "late", "2024-01-15T18:00:00Z"),
+    ] {
+        let payload = format!(
+            r#"{{"event_id":"{id}","customer_id":"c","event_type":"t","event_time":"{time}"}}"#
+        );
+        producer
+            .send(
+                BaseRecord::<(), _>::to(&api.topic)
+                    .partition(partition)
+                    .payload(&payload),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    // While both are active the watermark is the lesser; once partition 0 has been idle for a second,
+    // the other one leads.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let progress = api.get_json("/api/v1/progress").await;
+        if progress["committed_watermark"] == "2024-01-15T18:00:00Z" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle partition held the watermark: {progress}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use meterflow_model::FieldError;
 use serde::Serialize;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("the body is not valid JSON of the expected shape: {0}")]
     MalformedJson(String),

@@ -2,10 +2,10 @@
 //! `POST /api/v1/events/{id}/void`.
 //!
 //! ```text
-//!  body ─► known id? 409 ─► decode+validate (plain JSON or CloudEvents)
-//!        ─► one statement: INSERT event_ids (unique: 409 if taken) + telemetry_events + event_outbox
-//!        ─► produce to Kafka (idempotent, acks=all) ─ok─► 201, outbox row deleted in the background
-//!                                                   └err─► rows removed again ─► 503 Retry-After
+//!  body ─► decode+validate (plain JSON or CloudEvents) ─err─► known id? 409 : 400/422
+//!        ─► ingest.rs (group commit): INSERT event_ids (unique: 409 if taken) + telemetry_events
+//!           + event_outbox ─► produce to Kafka (idempotent, acks=all) ─ok─► 201, outbox row cleared later
+//!                                                                    └err─► rows removed ─► 503
 //! ```
 //! A crash between the INSERT and Kafka's acknowledgement leaves the outbox row behind; the relay
 //! (`outbox.rs`) republishes it, so after a 201 the event reaches the pipeline whatever happens next, and
@@ -21,8 +21,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{SecondsFormat, Utc};
 use meterflow_model::{
-    decode_as, sniff_event_id, split_batch, DecodeError, Event, Format, Limits,
-    DEFAULT_RETENTION_MICROS,
+    decode_as, sniff_event_id, split_batch, DecodeError, Format, Limits, DEFAULT_RETENTION_MICROS,
 };
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -50,7 +49,7 @@ pub async fn post_event(
         Ok(event) => event,
         Err(e) => return Err(refusal(&state, &body, e).await),
     };
-    accept(&state, &event, now).await?;
+    state.ingester.accept(event.clone()).await?;
     let body = serde_json::json!({
         "event_id": event.event_id,
         "status": "accepted",
@@ -91,14 +90,34 @@ pub async fn post_batch(
     }
     let now = Utc::now();
     let limits = limits(&state);
-    let mut results = Vec::with_capacity(items.len());
-    let mut accepted = 0;
+    // Decode every item, then hand the valid ones to the ingester at once: they are stored in one
+    // statement and forwarded to Kafka together.
+    let mut outcomes: Vec<Result<String, ApiError>> = Vec::with_capacity(items.len());
+    let mut valid = Vec::new();
     for (index, item) in items.iter().enumerate() {
         let bytes = item.get().as_bytes();
-        let outcome = match decode_as(format, bytes, now.timestamp_micros(), &limits) {
-            Ok(event) => accept(&state, &event, now).await.map(|()| event.event_id),
-            Err(e) => Err(refusal(&state, bytes, e).await),
-        };
+        match decode_as(format, bytes, now.timestamp_micros(), &limits) {
+            Ok(event) => {
+                outcomes.push(Ok(event.event_id.clone()));
+                valid.push((index, event));
+            }
+            Err(e) => outcomes.push(Err(refusal(&state, bytes, e).await)),
+        }
+    }
+    let accepted_all = futures::future::join_all(
+        valid
+            .iter()
+            .map(|(_, event)| state.ingester.accept(event.clone())),
+    )
+    .await;
+    for ((index, _), result) in valid.iter().zip(accepted_all) {
+        if let Err(e) = result {
+            outcomes[*index] = Err(e);
+        }
+    }
+    let mut results = Vec::with_capacity(items.len());
+    let mut accepted = 0;
+    for (index, (item, outcome)) in items.iter().zip(outcomes).enumerate() {
         results.push(match outcome {
             Ok(event_id) => {
                 accepted += 1;
@@ -113,7 +132,7 @@ pub async fn post_batch(
                 let (status, problem) = e.to_problem();
                 ItemResult {
                     index,
-                    event_id: sniff_event_id(bytes),
+                    event_id: sniff_event_id(item.get().as_bytes()),
                     status: status.as_u16(),
                     error: Some(problem),
                 }
@@ -196,46 +215,6 @@ pub async fn void_event(
     ))
 }
 
-/// Makes one valid event durable and unique, then forwards it to Kafka.
-async fn accept(
-    state: &AppState,
-    event: &Event,
-    now: chrono::DateTime<Utc>,
-) -> Result<(), ApiError> {
-    let payload = event.to_json();
-    store(state, event, &payload).await?;
-    if let Err(e) = publish(
-        state,
-        &event.customer_id,
-        &payload,
-        None,
-        now.timestamp_millis(),
-    )
-    .await
-    {
-        tracing::warn!(event_id = %event.event_id, error = %e, "kafka did not take the event; withdrawing it");
-        // Compensation: the event was not accepted. If the delete fails too, the outbox row stays and the
-        // relay delivers the event later, which is consistent with a retry answering 409.
-        let _ = sqlx::query(
-            "WITH gone AS (DELETE FROM event_ids WHERE event_id = $1 AND counted_partition IS NULL RETURNING event_id)
-             DELETE FROM telemetry_events WHERE event_id IN (SELECT event_id FROM gone) AND event_time = $2",
-        )
-        .bind(&event.event_id)
-        .bind(event.event_time())
-        .execute(&state.pool)
-        .await;
-        return Err(ApiError::Unavailable("the event log (Kafka)"));
-    }
-    // Waits (rather than drops) when the outbox cleaner lags: a row left behind would be relayed again.
-    let _ = state.published.send(event.event_id.clone()).await;
-    state
-        .metrics
-        .events_ingested
-        .with_label_values(&[event.event_type.as_str()])
-        .inc();
-    Ok(())
-}
-
 /// The answer for a body that is not a valid event: 409 if its id is already known (checked before any
 /// other validation, SPEC §3), else the decoding error.
 async fn refusal(state: &AppState, body: &[u8], e: DecodeError) -> ApiError {
@@ -282,38 +261,6 @@ fn content_format(headers: &HeaderMap) -> Result<Format, ApiError> {
         Some(ct) if ct.starts_with("application/cloudevents") => Ok(Format::CloudEvent),
         Some(ct) if ct.starts_with("application/json") => Ok(Format::Plain),
         Some(_) => Err(ApiError::UnsupportedMediaType),
-    }
-}
-
-/// Stores the claim, the raw event and its outbox row in one statement; a known id is a 409.
-async fn store(state: &AppState, event: &Event, payload: &[u8]) -> Result<(), ApiError> {
-    let inserted: Option<String> = sqlx::query_scalar(
-        "WITH claimed AS (
-             INSERT INTO event_ids (event_id, event_time, fingerprint, source)
-             VALUES ($1, $4, $8, 'api')
-             ON CONFLICT ON CONSTRAINT event_ids_pkey DO NOTHING
-             RETURNING event_id
-         ), stored AS (
-             INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value, properties)
-             SELECT event_id, $2, $3, $4, $5, $6::jsonb FROM claimed
-         )
-         INSERT INTO event_outbox (event_id, payload, customer_id)
-         SELECT event_id, $7, $2 FROM claimed
-         RETURNING event_id",
-    )
-    .bind(&event.event_id)
-    .bind(&event.customer_id)
-    .bind(&event.event_type)
-    .bind(event.event_time())
-    .bind(event.value)
-    .bind(&event.properties)
-    .bind(payload)
-    .bind(event.fingerprint())
-    .fetch_optional(&state.pool)
-    .await?;
-    match inserted {
-        Some(_) => Ok(()),
-        None => Err(ApiError::DuplicateEvent(event.event_id.clone())),
     }
 }
 

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `events.rs` | `POST /api/v1/events`: validate, store durably and uniquely, forward to Kafka |
 //! | `outbox.rs` | background tasks that clear and relay the event outbox |
+//! | `ingest.rs` | group commit: queued events stored in one statement, forwarded to Kafka together |
 //! | `events.rs` | also `POST /api/v1/events/batch` and `POST /api/v1/events/{id}/void` |
 //! | `meters.rs` | `POST|GET /api/v1/meters` |
 //! | `progress.rs` | `GET /api/v1/progress`, `POST /api/v1/watermark` |
@@ -17,6 +18,7 @@ pub mod aggregations;
 pub mod dead_letters;
 pub mod error;
 pub mod events;
+pub mod ingest;
 pub mod meters;
 pub mod metrics;
 pub mod outbox;
@@ -53,6 +55,8 @@ pub struct AppState {
     /// The pipeline's committed watermark (µs; `i64::MIN` before any), refreshed every second: events
     /// older than it minus the retention are refused (SPEC §2).
     pub watermark: Arc<AtomicI64>,
+    /// Where accepted events queue to be stored and forwarded (group commit).
+    pub ingester: ingest::Ingester,
 }
 
 impl AppState {
@@ -73,7 +77,8 @@ impl AppState {
             topic.clone(),
             watermark.clone(),
         ));
-        AppState {
+        let (state_tx, state_rx) = tokio::sync::oneshot::channel();
+        let state = AppState {
             pool,
             producer,
             topic,
@@ -81,7 +86,10 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             published,
             watermark,
-        }
+            ingester: ingest::Ingester::start(state_rx),
+        };
+        let _ = state_tx.send(state.clone());
+        state
     }
 }
 

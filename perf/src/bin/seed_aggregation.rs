@@ -133,6 +133,9 @@ async fn main() -> Result<()> {
                        "total_seconds": took.as_secs_f64()})
             );
             seconds.push(took.as_secs_f64());
+            if run == 0 && path == "kafka" {
+                footprint(&url).await?;
+            }
             drop(_pipeline);
             drop(_api);
             drop_database(&args.database_url, &url).await?;
@@ -148,6 +151,33 @@ async fn main() -> Result<()> {
         "{}",
         json!({"median_seconds": summary, "events": args.events})
     );
+    Ok(())
+}
+
+/// Postgres bytes per stored item: what dedup (event_ids), the raw store and the aggregates cost. The
+/// pipeline itself keeps no per-id or per-window state in memory.
+async fn footprint(url: &str) -> Result<()> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    sqlx::query("VACUUM ANALYZE").execute(&pool).await?;
+    let size = |table: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let (bytes, rows): (i64, i64) = sqlx::query_as(&format!(
+                "SELECT (SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint FROM pg_partition_tree('{table}')),
+                        (SELECT count(*) FROM {table})"
+            ))
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok(json!({"table": table, "rows": rows, "bytes": bytes,
+                              "bytes_per_row": bytes as f64 / rows.max(1) as f64}))
+        }
+    };
+    let tables = json!([
+        size("event_ids").await?,
+        size("telemetry_events").await?,
+        size("aggregations").await?
+    ]);
+    println!("{}", json!({"footprint": tables}));
     Ok(())
 }
 

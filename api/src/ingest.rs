@@ -1,0 +1,202 @@
+//! Group commit for ingestion. Every accepted event must be durable and unique in Postgres before its
+//! 201 (SPEC §3); one commit per event would make the database's fsync rate the API's ceiling. Requests
+//! therefore queue here, and one task stores whatever has queued in a single statement, forwards those
+//! events to Kafka concurrently, and answers each request.
+//!
+//! ```text
+//!  request ─► queue ─► [batch of up to 1000 queued] ─► one INSERT: event_ids (unique) + telemetry + outbox
+//!                                                    ─► produce all (acks=all) ─ok─► 201 each
+//!                                                                           └err─► withdrawn, 503
+//! ```
+//! Within a batch the first copy of an id is stored and any later copy answers 409, exactly as if the
+//! requests had come one after the other.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::Utc;
+use meterflow_model::Event;
+use rust_decimal::Decimal;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Most events stored in one statement.
+const MAX_BATCH: usize = 1_000;
+/// Batches between storing and answering at once (each waits for Kafka).
+const IN_FLIGHT: usize = 8;
+
+pub(crate) struct Request {
+    event: Event,
+    reply: oneshot::Sender<Result<(), ApiError>>,
+}
+
+/// The handle requests use; the task behind it runs until the API stops.
+#[derive(Clone)]
+pub struct Ingester(mpsc::Sender<Request>);
+
+impl Ingester {
+    /// Starts the ingest task on the current runtime.
+    pub(crate) fn start(state_rx: oneshot::Receiver<AppState>) -> Self {
+        let (tx, rx) = mpsc::channel(16_384);
+        tokio::spawn(async move {
+            if let Ok(state) = state_rx.await {
+                run(state, rx).await;
+            }
+        });
+        Ingester(tx)
+    }
+
+    /// Makes `event` durable and unique, forwards it to Kafka, and says how that went.
+    pub async fn accept(&self, event: Event) -> Result<(), ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.0
+            .send(Request { event, reply })
+            .await
+            .map_err(|_| ApiError::Unavailable("the ingest queue"))?;
+        answer
+            .await
+            .unwrap_or(Err(ApiError::Unavailable("the ingest queue")))
+    }
+}
+
+async fn run(state: AppState, mut rx: mpsc::Receiver<Request>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let state = state.clone();
+        let requests = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+        tokio::spawn(async move {
+            store_and_forward(&state, requests).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
+    // The first copy of each id in the batch is stored; later copies are duplicates of it.
+    let mut seen = HashSet::new();
+    let (firsts, repeats): (Vec<Request>, Vec<Request>) = requests
+        .into_iter()
+        .partition(|r| seen.insert(r.event.event_id.clone()));
+    let stored = match store(state, &firsts).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            for r in firsts.into_iter().chain(repeats) {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    for r in repeats {
+        let _ = r
+            .reply
+            .send(Err(ApiError::DuplicateEvent(r.event.event_id.clone())));
+    }
+    let now = Utc::now().timestamp_millis();
+    let sends = firsts.iter().map(|r| async {
+        if !stored.contains(&r.event.event_id) {
+            return Err(ApiError::DuplicateEvent(r.event.event_id.clone()));
+        }
+        let payload = r.event.to_json();
+        match crate::events::publish(state, &r.event.customer_id, &payload, None, now).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(event_id = %r.event.event_id, error = %e, "kafka did not take the event; withdrawing it");
+                withdraw(state, &r.event).await;
+                Err(ApiError::Unavailable("the event log (Kafka)"))
+            }
+        }
+    });
+    let outcomes = futures::future::join_all(sends).await;
+    for (r, outcome) in firsts.into_iter().zip(outcomes) {
+        if outcome.is_ok() {
+            // Waits (rather than drops) when the outbox cleaner lags: a row left behind would be
+            // relayed again, which the pipeline's dedup absorbs, but costs a record.
+            let _ = state.published.send(r.event.event_id.clone()).await;
+            state
+                .metrics
+                .events_ingested
+                .with_label_values(&[r.event.event_type.as_str()])
+                .inc();
+        }
+        let _ = r.reply.send(outcome);
+    }
+}
+
+/// Stores the claims, raw events and outbox rows of a batch in one statement; returns the ids stored
+/// (the others were known already).
+async fn store(state: &AppState, requests: &[Request]) -> Result<HashSet<String>, ApiError> {
+    if requests.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let n = requests.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut customers = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut times = Vec::with_capacity(n);
+    let mut values: Vec<Decimal> = Vec::with_capacity(n);
+    let mut properties = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut fingerprints = Vec::with_capacity(n);
+    for r in requests {
+        let e = &r.event;
+        ids.push(e.event_id.as_str());
+        customers.push(e.customer_id.as_str());
+        types.push(e.event_type.as_str());
+        times.push(e.event_time_micros);
+        values.push(e.value);
+        properties.push(e.properties.as_str());
+        payloads.push(e.to_json());
+        fingerprints.push(e.fingerprint());
+    }
+    let stored: Vec<String> = sqlx::query_scalar(
+        "WITH input AS (
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::numeric[], $6::text[],
+                                  $7::bytea[], $8::bigint[])
+               AS u(event_id, customer_id, event_type, micros, value, properties, payload, fingerprint)
+         ), claimed AS (
+             INSERT INTO event_ids (event_id, event_time, fingerprint, source)
+             SELECT event_id, timestamptz 'epoch' + micros * interval '1 microsecond', fingerprint, 'api' FROM input
+             ON CONFLICT ON CONSTRAINT event_ids_pkey DO NOTHING
+             RETURNING event_id
+         ), stored AS (
+             INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value, properties)
+             SELECT i.event_id, i.customer_id, i.event_type, timestamptz 'epoch' + i.micros * interval '1 microsecond',
+                    i.value, i.properties::jsonb
+             FROM input i JOIN claimed USING (event_id)
+         )
+         INSERT INTO event_outbox (event_id, payload, customer_id)
+         SELECT i.event_id, i.payload, i.customer_id FROM input i JOIN claimed USING (event_id)
+         RETURNING event_id",
+    )
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&types)
+    .bind(&times)
+    .bind(&values)
+    .bind(&properties)
+    .bind(&payloads)
+    .bind(&fingerprints)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(stored.into_iter().collect())
+}
+
+/// Compensation when Kafka refused: the event was not accepted, so its id is free again. If the delete
+/// fails too, the outbox row stays and the relay delivers the event later, which is consistent with a
+/// retry answering 409.
+async fn withdraw(state: &AppState, event: &Event) {
+    let _ = sqlx::query(
+        "WITH gone AS (DELETE FROM event_ids WHERE event_id = $1 AND counted_partition IS NULL RETURNING event_id)
+         DELETE FROM telemetry_events WHERE event_id IN (SELECT event_id FROM gone) AND event_time = $2",
+    )
+    .bind(&event.event_id)
+    .bind(event.event_time())
+    .execute(&state.pool)
+    .await;
+}
