@@ -72,6 +72,22 @@ fn main() {
     let bytes: usize = payloads.iter().map(Vec::len).sum();
     let limits = Limits::default();
     let now = 1_800_000_000_000_000;
+    let valid = payloads
+        .iter()
+        .filter(|p| decode_event(p, now, &limits).is_ok())
+        .count();
+    if let Some(bad) = payloads
+        .iter()
+        .find(|p| decode_event(p, now, &limits).is_err())
+    {
+        eprintln!(
+            "warning: {} of {} payloads do not decode, e.g. {}: {:?}",
+            payloads.len() - valid,
+            payloads.len(),
+            String::from_utf8_lossy(bad),
+            decode_event(bad, now, &limits).err()
+        );
+    }
     let ours = time("meterflow", &payloads, args.runs, |p| {
         decode_event(p, now, &limits).is_ok()
     });

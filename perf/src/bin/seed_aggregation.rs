@@ -163,7 +163,8 @@ async fn footprint(url: &str) -> Result<()> {
         let pool = pool.clone();
         async move {
             let (bytes, rows): (i64, i64) = sqlx::query_as(&format!(
-                "SELECT (SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint FROM pg_partition_tree('{table}')),
+                "SELECT coalesce((SELECT sum(pg_total_relation_size(relid))::bigint FROM pg_partition_tree('{table}')),
+                                 pg_total_relation_size('{table}')),
                         (SELECT count(*) FROM {table})"
             ))
             .fetch_one(&pool)
