@@ -19,15 +19,10 @@ pub fn client_config(brokers: &str) -> ClientConfig {
     config
 }
 
-/// A producer that never loses or duplicates on its own retries: idempotent, acks from all replicas.
+/// A producer that never loses or duplicates on its own retries: idempotent, acks from all replicas, and
+/// a bounded wait (the API answers 503 rather than hang while the broker is down).
 pub fn producer_config(brokers: &str) -> ClientConfig {
-    let mut config = client_config(brokers);
-    config
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", "10000")
-        .set("linger.ms", "2");
-    config
+    meterflow_api::producer_config(brokers)
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists.

@@ -86,7 +86,7 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
         })?;
         for meter in &file_meters {
             anyhow::ensure!(
-                store::create_meter(&mut conn, meter).await?,
+                store::create_meter(&mut conn, meter).await? != store::MeterCreated::Different,
                 "meter {} in the meters file differs from the stored one; meters are immutable once \
                  created: give the new definition another name",
                 meter.meter

@@ -42,6 +42,20 @@ use tokio::sync::mpsc;
 pub use error::ApiError;
 pub use metrics::Metrics;
 
+/// The API's Kafka producer settings: idempotent, acks from all replicas, and a bounded wait — a record
+/// Kafka has not taken within 10 s fails, and the request is answered 503 (with the event withdrawn)
+/// instead of hanging while the broker is down.
+pub fn producer_config(brokers: &str) -> rdkafka::config::ClientConfig {
+    let mut config = rdkafka::config::ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "10000")
+        .set("linger.ms", "2");
+    config
+}
+
 /// Everything a request handler may use.
 #[derive(Clone)]
 pub struct AppState {

@@ -9,9 +9,9 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use meterflow_model::{Meter, Window};
+use meterflow_model::Meter;
+use meterflow_sinks::store::{self, MeterCreated};
 use serde::Serialize;
-use sqlx::Row;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -31,75 +31,33 @@ pub async fn create(
     let meter: Meter =
         serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     meter.validate().map_err(ApiError::Validation)?;
-    let inserted = sqlx::query(
-        "INSERT INTO meters (meter, event_type, aggregation, value_property, \"window\")
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT ON CONSTRAINT meters_pkey DO NOTHING",
-    )
-    .bind(&meter.meter)
-    .bind(&meter.event_type)
-    .bind(meter.aggregation.as_str())
-    .bind(&meter.value_property)
-    .bind(window_name(meter.window))
-    .execute(&state.pool)
-    .await?
-    .rows_affected();
-    let stored = load(&state, Some(&meter.meter)).await?;
-    let Some(existing) = stored.into_iter().next() else {
-        return Err(ApiError::Internal(
-            "a meter vanished after its insert".into(),
-        ));
+    let mut conn = state.pool.acquire().await?;
+    let status = match store::create_meter(&mut conn, &meter).await? {
+        MeterCreated::Created => StatusCode::CREATED,
+        MeterCreated::Identical => StatusCode::OK,
+        MeterCreated::Different => {
+            return Err(ApiError::Conflict(
+                "METER_EXISTS",
+                format!(
+                    "a different meter named {} exists; meters are immutable once created: choose another name",
+                    meter.meter
+                ),
+            ))
+        }
     };
-    if inserted == 1 {
-        return Ok((StatusCode::CREATED, Json(existing)));
-    }
-    if existing.meter == meter {
-        return Ok((StatusCode::OK, Json(existing)));
-    }
-    Err(ApiError::Conflict(
-        "METER_EXISTS",
-        format!(
-            "a different meter named {} exists; meters are immutable once created: choose another name",
-            meter.meter
-        ),
-    ))
+    let (meter, created_at) = store::list_meters(&mut conn, Some(&meter.meter))
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::Internal("a meter vanished after its insert".into()))?;
+    Ok((status, Json(StoredMeter { meter, created_at })))
 }
 
 pub async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let data = load(&state, None).await?;
+    let mut conn = state.pool.acquire().await?;
+    let data: Vec<StoredMeter> = store::list_meters(&mut conn, None)
+        .await?
+        .into_iter()
+        .map(|(meter, created_at)| StoredMeter { meter, created_at })
+        .collect();
     Ok(Json(serde_json::json!({"data": data, "next_cursor": null})))
-}
-
-async fn load(state: &AppState, name: Option<&str>) -> Result<Vec<StoredMeter>, ApiError> {
-    let rows = sqlx::query(
-        "SELECT meter, event_type, aggregation, value_property, \"window\", created_at
-         FROM meters WHERE archived_at IS NULL AND ($1::text IS NULL OR meter = $1) ORDER BY meter",
-    )
-    .bind(name)
-    .fetch_all(&state.pool)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let definition = serde_json::json!({
-                "meter": r.try_get::<String, _>(0)?,
-                "event_type": r.try_get::<String, _>(1)?,
-                "aggregation": r.try_get::<String, _>(2)?,
-                "value_property": r.try_get::<Option<String>, _>(3)?,
-                "window": r.try_get::<String, _>(4)?,
-            });
-            let meter: Meter = serde_json::from_value(definition)
-                .map_err(|e| ApiError::Internal(format!("a stored meter does not decode: {e}")))?;
-            Ok(StoredMeter {
-                meter,
-                created_at: r.try_get(5)?,
-            })
-        })
-        .collect()
-}
-
-fn window_name(w: Window) -> &'static str {
-    match w {
-        Window::Minute => "minute",
-        Window::Hour => "hour",
-        Window::Day => "day",
-    }
 }

@@ -10,28 +10,54 @@ use sqlx::{PgConnection, Row};
 
 /// The meters in force (not archived).
 pub async fn load_meters(conn: &mut PgConnection) -> Result<Vec<Meter>, sqlx::Error> {
+    Ok(list_meters(conn, None)
+        .await?
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect())
+}
+
+/// The meters in force with their creation time, all or the one named.
+pub async fn list_meters(
+    conn: &mut PgConnection,
+    name: Option<&str>,
+) -> Result<Vec<(Meter, DateTime<Utc>)>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT meter, event_type, aggregation, value_property, \"window\"
-         FROM meters WHERE archived_at IS NULL ORDER BY meter",
+        "SELECT meter, event_type, aggregation, value_property, \"window\", created_at
+         FROM meters WHERE archived_at IS NULL AND ($1::text IS NULL OR meter = $1) ORDER BY meter",
     )
+    .bind(name)
     .fetch_all(&mut *conn)
     .await?;
     rows.iter()
         .map(|r| {
-            Ok(Meter {
+            let meter = Meter {
                 meter: r.try_get(0)?,
                 event_type: r.try_get(1)?,
                 aggregation: parse_aggregation(r.try_get(2)?)?,
                 value_property: r.try_get(3)?,
                 window: parse_window(r.try_get(4)?)?,
-            })
+            };
+            Ok((meter, r.try_get(5)?))
         })
         .collect()
 }
 
-/// Creates a meter; `Ok(false)` when one of that name exists with another definition (they are
-/// immutable), `Ok(true)` when created or already identical.
-pub async fn create_meter(conn: &mut PgConnection, meter: &Meter) -> Result<bool, sqlx::Error> {
+/// What creating a meter did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeterCreated {
+    Created,
+    /// The same definition existed: nothing changed.
+    Identical,
+    /// Another definition has that name: meters are immutable, nothing changed.
+    Different,
+}
+
+/// Creates a meter unless one of that name exists.
+pub async fn create_meter(
+    conn: &mut PgConnection,
+    meter: &Meter,
+) -> Result<MeterCreated, sqlx::Error> {
     let inserted = sqlx::query(
         "INSERT INTO meters (meter, event_type, aggregation, value_property, \"window\")
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT ON CONSTRAINT meters_pkey DO NOTHING",
@@ -45,10 +71,14 @@ pub async fn create_meter(conn: &mut PgConnection, meter: &Meter) -> Result<bool
     .await?
     .rows_affected();
     if inserted == 1 {
-        return Ok(true);
+        return Ok(MeterCreated::Created);
     }
-    let existing = load_meters(conn).await?;
-    Ok(existing.iter().any(|m| m == meter))
+    let existing = list_meters(conn, Some(&meter.meter)).await?;
+    Ok(if existing.iter().any(|(m, _)| m == meter) {
+        MeterCreated::Identical
+    } else {
+        MeterCreated::Different
+    })
 }
 
 pub fn window_name(w: Window) -> &'static str {

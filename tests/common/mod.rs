@@ -358,12 +358,8 @@ pub async fn spawn_api() -> TestApi {
     let url = fresh_database().await;
     let topic = fresh_topic(2).await;
     let pool = PgPool::connect(&url).await.unwrap();
-    let producer = ClientConfig::new()
-        .set("bootstrap.servers", BROKERS)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .create()
-        .unwrap();
+    // The production settings, so a broker outage gives the same 503s as in production.
+    let producer = meterflow_api::producer_config(BROKERS).create().unwrap();
     let state = meterflow_api::AppState::new(pool.clone(), producer, topic.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -28,9 +28,15 @@ struct Args {
     /// Runs of each side (the medians are reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Pipeline workers.
+    /// Pipeline workers (per process).
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Pipeline processes: more than one runs a local timely cluster (`deploy/local/cluster`).
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// Measure meterflow only (for comparing shapes on one topic).
+    #[arg(long)]
+    no_baseline: bool,
     /// Reuse this topic instead of creating and filling a new one (it must hold --events events).
     #[arg(long)]
     topic: Option<String>,
@@ -67,10 +73,13 @@ async fn main() -> Result<()> {
         let r = rate(args.events, took);
         println!(
             "{}",
-            serde_json::json!({"bench": "e2e", "side": "meterflow", "workers": args.workers, "run": run, "events": args.events, "aggregated_events": rows, "seconds": took.as_secs_f64(), "events_per_s": r})
+            serde_json::json!({"bench": "e2e", "side": "meterflow", "workers": args.workers, "processes": args.processes, "run": run, "events": args.events, "aggregated_events": rows, "seconds": took.as_secs_f64(), "events_per_s": r})
         );
         ours.push(r);
         drop_database(&args.database_url, &url).await?;
+        if args.no_baseline {
+            continue;
+        }
 
         let url = fresh_database(&args.database_url, "mf_perf_base", run).await?;
         let took = copy_baseline(&args.brokers, &topic, &url).await?;
@@ -86,7 +95,7 @@ async fn main() -> Result<()> {
     let (m, b) = (median(ours), median(baseline));
     println!(
         "{}",
-        serde_json::json!({"bench": "e2e", "summary": true, "topic": topic, "events": args.events, "runs": args.runs, "workers": args.workers,
+        serde_json::json!({"bench": "e2e", "summary": true, "topic": topic, "events": args.events, "runs": args.runs, "workers": args.workers, "processes": args.processes,
             "meterflow_events_per_s_median": m.round(), "baseline_events_per_s_median": b.round(), "ratio": (m / b * 100.0).round() / 100.0})
     );
     Ok(())
@@ -123,13 +132,26 @@ fn prefill(args: &Args) -> Result<String> {
 /// Wall time of `meterflow pipeline --until-caught-up` as a whole process, start-up included.
 fn drain_with_meterflow(args: &Args, topic: &str, url: &str) -> Result<Duration> {
     let started = Instant::now();
-    let out = Command::new(&args.meterflow)
-        .args([
+    let mut command = if args.processes > 1 {
+        let mut c = Command::new("deploy/local/cluster");
+        c.args([
+            &args.processes.to_string(),
+            &args.workers.to_string(),
+            "--until-caught-up",
+        ])
+        .env("MF_BIN", &args.meterflow);
+        c
+    } else {
+        let mut c = Command::new(&args.meterflow);
+        c.args([
             "pipeline",
             "--until-caught-up",
             "--workers",
             &args.workers.to_string(),
-        ])
+        ]);
+        c
+    };
+    let out = command
         .env("MF_EVENTS_TOPIC", topic)
         .env("MF_DATABASE_URL", url)
         .env("MF_KAFKA_BROKERS", &args.brokers)
