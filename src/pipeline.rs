@@ -172,7 +172,7 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
         let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
         let claims = PgClaims::new(&database_url_owned).map_err(|e| e.to_string())?;
         let (reader, _handle) =
-            spawn_reader(source.clone(), owned, Box::new(claims), 64).map_err(|e| e.to_string())?;
+            spawn_reader(source.clone(), owned, Box::new(claims), 16).map_err(|e| e.to_string())?;
         // Worker 0 of process 0 hands epochs to the writer (commit.rs); the others have no sink.
         let sink = if worker.index() == 0 {
             sink.lock()

@@ -139,6 +139,9 @@ fn read(
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", "50")
+        // librdkafka prefetches up to 64 MiB per consumer by default; the dataflow's own bounded
+        // channel is the buffer that matters, so keep the prefetch small (memory stays flat in a burst).
+        .set("queued.max.messages.kbytes", "8192")
         .create()?;
 
     let mut assignment = TopicPartitionList::new();

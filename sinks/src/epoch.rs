@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  EpochBatch(e1) EpochBatch(e2) … ──merge what is queued──► one transaction:
-//!      SELECT … FROM pipeline_leases FOR UPDATE       -- fence: still our generation?
+//!      SELECT … FROM pipeline_leases FOR UPDATE       -- fence: still our generation, and progress
+//!                                                     -- exactly where our last commit left it?
 //!      upsert aggregations  (value += Δ, event_count += Δ)
 //!      insert dead_letters  (ON CONFLICT (topic, partition, offset) DO NOTHING)
 //!      upsert source_offsets (next offset per partition)
@@ -76,6 +77,9 @@ async fn write_all(
     let mut conn = connect(url).await?;
     let mut last_commit = Instant::now();
     let mut committed_watermark: Option<i64> = None;
+    // The progress this writer expects to find: acquiring the lease reset it to 0, and only this
+    // writer's commits move it (compare-and-set, as Materialize's persist does with its frontier).
+    let mut expected: i64 = 0;
     // Blocking receive is fine: this thread exists only to write.
     while let Ok(mut batch) = batches.recv() {
         while batch.aggregates.len() < MAX_ROWS_PER_COMMIT {
@@ -90,7 +94,8 @@ async fn write_all(
             continue;
         }
         let started = Instant::now();
-        let committed = commit_with_retry(url, &mut conn, lease, &batch).await?;
+        let committed = commit_with_retry(url, &mut conn, lease, &batch, expected).await?;
+        expected = committed.epoch;
         let took = started.elapsed();
         last_commit = Instant::now();
         summary.commit_time += took;
@@ -152,10 +157,11 @@ async fn commit_with_retry(
     conn: &mut PgConnection,
     lease: &Lease,
     batch: &EpochBatch,
+    expected: i64,
 ) -> Result<Committed, SinkError> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match commit(conn, lease, batch).await {
+        match commit(conn, lease, batch, expected).await {
             Ok(committed) => return Ok(committed),
             Err(SinkError::Transient(e)) => {
                 metrics::COMMIT_ERRORS
@@ -204,6 +210,7 @@ async fn already_committed(
         });
     }
     Ok((committed >= epoch as i64).then(|| Committed {
+        epoch: committed,
         watermark: watermark.map(|w| w.timestamp_micros()),
         finalized: 0,
     }))
@@ -214,18 +221,27 @@ async fn commit(
     conn: &mut PgConnection,
     lease: &Lease,
     batch: &EpochBatch,
+    expected: i64,
 ) -> Result<Committed, SinkError> {
     let mut tx = conn.begin().await?;
-    let generation: i64 =
-        sqlx::query_scalar("SELECT generation FROM pipeline_leases WHERE topic = $1 FOR UPDATE")
-            .bind(&lease.topic)
-            .fetch_one(&mut *tx)
-            .await?;
+    let (generation, progress): (i64, i64) = sqlx::query_as(
+        "SELECT generation, committed_epoch FROM pipeline_leases WHERE topic = $1 FOR UPDATE",
+    )
+    .bind(&lease.topic)
+    .fetch_one(&mut *tx)
+    .await?;
     if generation != lease.generation {
         return Err(SinkError::Fenced {
             topic: lease.topic.clone(),
             ours: lease.generation,
             current: generation,
+        });
+    }
+    if progress != expected {
+        return Err(SinkError::ProgressMoved {
+            topic: lease.topic.clone(),
+            expected,
+            found: progress,
         });
     }
 
@@ -336,6 +352,7 @@ async fn commit(
     tx.commit().await?;
     failpoint::hit("after_commit");
     Ok(Committed {
+        epoch: batch.epoch as i64,
         watermark: watermark.map(|w| w.timestamp_micros()),
         finalized,
     })
@@ -344,6 +361,8 @@ async fn commit(
 /// What a commit changed beyond the batch itself.
 #[derive(Clone, Copy, Debug, Default)]
 struct Committed {
+    /// The committed epoch after it.
+    epoch: i64,
     /// The committed watermark after it.
     watermark: Option<i64>,
     /// Windows it finalized.

@@ -12,6 +12,14 @@ pub enum SinkError {
         ours: i64,
         current: i64,
     },
+    /// The committed progress is not where this writer's last commit left it: something else committed
+    /// for the topic under the same lease. Never expected; stop rather than risk a double count.
+    #[error("the committed progress of topic {topic} moved under this writer (expected epoch {expected}, found {found}); stopping")]
+    ProgressMoved {
+        topic: String,
+        expected: i64,
+        found: i64,
+    },
     /// The database said no; retrying the same statement will not help.
     #[error("postgres refused the commit: {0}")]
     Permanent(#[source] sqlx::Error),

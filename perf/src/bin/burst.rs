@@ -101,12 +101,17 @@ async fn drain(args: &Args, topic: &str, events: u64) -> Result<serde_json::Valu
     }
     let took = started.elapsed();
     anyhow::ensure!(child.wait()?.success(), "the pipeline failed");
+    // The peak in each quarter of the run: flat means bounded, rising means growing with the input.
+    let quarters: Vec<u64> = samples
+        .chunks(samples.len().div_ceil(4).max(1))
+        .map(|q| q.iter().max().copied().unwrap_or(0) / 1024)
+        .collect();
     samples.sort_unstable();
     let median = samples.get(samples.len() / 2).copied().unwrap_or(0);
     drop_database(&args.database_url, &url).await?;
     Ok(
         json!({"events": events, "seconds": took.as_secs_f64(), "events_per_s": rate(events, took).round(),
-              "peak_rss_mib": peak / 1024, "median_rss_mib": median / 1024}),
+              "peak_rss_mib": peak / 1024, "median_rss_mib": median / 1024, "peak_rss_mib_by_quarter": quarters}),
     )
 }
 
