@@ -3,6 +3,22 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+
+/// Where the services and the binary under test are: every scenario binary takes these flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Services {
+    #[arg(
+        long,
+        env = "MF_DATABASE_URL",
+        default_value = "postgres://meterflow@127.0.0.1:5432/meterflow"
+    )]
+    pub database_url: String,
+    #[arg(long, env = "MF_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// The meterflow binary (`cargo build --release` first).
+    #[arg(long, default_value = "target/release/meterflow")]
+    pub meterflow: String,
+}
 use sqlx::{Connection, PgConnection};
 
 /// A migrated database of its own, named `prefix_<unix time>_<n>`; returns its URL.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use meterflow_perf::{drop_database, fresh_database, rate};
+use meterflow_perf::{drop_database, fresh_database, rate, Services};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -27,21 +27,13 @@ struct Args {
     topic: Option<String>,
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    #[arg(
-        long,
-        env = "MF_DATABASE_URL",
-        default_value = "postgres://meterflow@127.0.0.1:5432/meterflow"
-    )]
-    database_url: String,
-    #[arg(long, env = "MF_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    #[arg(long, default_value = "target/release/meterflow")]
-    meterflow: String,
+    #[command(flatten)]
+    services: Services,
 }
 
 fn fill(args: &Args, events: u64) -> Result<String> {
     let topic = format!("perf.burst.{events}.{}", chrono::Utc::now().timestamp());
-    let status = Command::new(&args.meterflow)
+    let status = Command::new(&args.services.meterflow)
         .args([
             "loadgen",
             "--rate",
@@ -52,10 +44,15 @@ fn fill(args: &Args, events: u64) -> Result<String> {
             "48",
         ])
         .env("MF_EVENTS_TOPIC", &topic)
-        .env("MF_KAFKA_BROKERS", &args.brokers)
+        .env("MF_KAFKA_BROKERS", &args.services.brokers)
         .stdout(Stdio::null())
         .status()
-        .with_context(|| format!("running {} (cargo build --release)", args.meterflow))?;
+        .with_context(|| {
+            format!(
+                "running {} (cargo build --release)",
+                args.services.meterflow
+            )
+        })?;
     if !status.success() {
         bail!("loadgen failed");
     }
@@ -74,9 +71,14 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 async fn drain(args: &Args, topic: &str, events: u64) -> Result<serde_json::Value> {
-    let url = fresh_database(&args.database_url, "mf_perf_burst", events as usize).await?;
+    let url = fresh_database(
+        &args.services.database_url,
+        "mf_perf_burst",
+        events as usize,
+    )
+    .await?;
     let started = Instant::now();
-    let mut child = Command::new(&args.meterflow)
+    let mut child = Command::new(&args.services.meterflow)
         .args([
             "pipeline",
             "--until-caught-up",
@@ -87,7 +89,7 @@ async fn drain(args: &Args, topic: &str, events: u64) -> Result<serde_json::Valu
         ])
         .env("MF_DATABASE_URL", &url)
         .env("MF_EVENTS_TOPIC", topic)
-        .env("MF_KAFKA_BROKERS", &args.brokers)
+        .env("MF_KAFKA_BROKERS", &args.services.brokers)
         .env("MF_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()?;
@@ -108,7 +110,7 @@ async fn drain(args: &Args, topic: &str, events: u64) -> Result<serde_json::Valu
         .collect();
     samples.sort_unstable();
     let median = samples.get(samples.len() / 2).copied().unwrap_or(0);
-    drop_database(&args.database_url, &url).await?;
+    drop_database(&args.services.database_url, &url).await?;
     Ok(
         json!({"events": events, "seconds": took.as_secs_f64(), "events_per_s": rate(events, took).round(),
               "peak_rss_mib": peak / 1024, "median_rss_mib": median / 1024, "peak_rss_mib_by_quarter": quarters}),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use meterflow_perf::{drop_database, fresh_database, median, rate};
+use meterflow_perf::{drop_database, fresh_database, median, rate, Services};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -40,17 +40,8 @@ struct Args {
     /// Reuse this topic instead of creating and filling a new one (it must hold --events events).
     #[arg(long)]
     topic: Option<String>,
-    #[arg(
-        long,
-        env = "MF_DATABASE_URL",
-        default_value = "postgres://meterflow@127.0.0.1:5432/meterflow"
-    )]
-    database_url: String,
-    #[arg(long, env = "MF_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// The meterflow binary.
-    #[arg(long, default_value = "target/release/meterflow")]
-    meterflow: String,
+    #[command(flatten)]
+    services: Services,
 }
 
 #[tokio::main]
@@ -63,7 +54,7 @@ async fn main() -> Result<()> {
     let mut ours = Vec::new();
     let mut baseline = Vec::new();
     for run in 0..args.runs {
-        let url = fresh_database(&args.database_url, "mf_perf_e2e", run).await?;
+        let url = fresh_database(&args.services.database_url, "mf_perf_e2e", run).await?;
         let took = drain_with_meterflow(&args, &topic, &url)?;
         let rows: i64 = scalar(
             &url,
@@ -76,13 +67,13 @@ async fn main() -> Result<()> {
             serde_json::json!({"bench": "e2e", "side": "meterflow", "workers": args.workers, "processes": args.processes, "run": run, "events": args.events, "aggregated_events": rows, "seconds": took.as_secs_f64(), "events_per_s": r})
         );
         ours.push(r);
-        drop_database(&args.database_url, &url).await?;
+        drop_database(&args.services.database_url, &url).await?;
         if args.no_baseline {
             continue;
         }
 
-        let url = fresh_database(&args.database_url, "mf_perf_base", run).await?;
-        let took = copy_baseline(&args.brokers, &topic, &url).await?;
+        let url = fresh_database(&args.services.database_url, "mf_perf_base", run).await?;
+        let took = copy_baseline(&args.services.brokers, &topic, &url).await?;
         let rows: i64 = scalar(&url, "SELECT count(*) FROM telemetry_events").await?;
         let r = rate(args.events, took);
         println!(
@@ -90,7 +81,7 @@ async fn main() -> Result<()> {
             serde_json::json!({"bench": "e2e", "side": "baseline_copy", "run": run, "events": args.events, "stored_rows": rows, "seconds": took.as_secs_f64(), "events_per_s": r})
         );
         baseline.push(r);
-        drop_database(&args.database_url, &url).await?;
+        drop_database(&args.services.database_url, &url).await?;
     }
     let (m, b) = (median(ours), median(baseline));
     println!(
@@ -104,7 +95,7 @@ async fn main() -> Result<()> {
 fn prefill(args: &Args) -> Result<String> {
     let topic = format!("perf.e2e.{}", chrono::Utc::now().timestamp());
     eprintln!("e2e: filling {topic} with {} events ...", args.events);
-    let status = Command::new(&args.meterflow)
+    let status = Command::new(&args.services.meterflow)
         .args([
             "loadgen",
             "--rate",
@@ -115,12 +106,12 @@ fn prefill(args: &Args) -> Result<String> {
             "48",
         ])
         .env("MF_EVENTS_TOPIC", &topic)
-        .env("MF_KAFKA_BROKERS", &args.brokers)
+        .env("MF_KAFKA_BROKERS", &args.services.brokers)
         .status()
         .with_context(|| {
             format!(
                 "running {} (build it with cargo build --release)",
-                args.meterflow
+                args.services.meterflow
             )
         })?;
     if !status.success() {
@@ -139,10 +130,10 @@ fn drain_with_meterflow(args: &Args, topic: &str, url: &str) -> Result<Duration>
             &args.workers.to_string(),
             "--until-caught-up",
         ])
-        .env("MF_BIN", &args.meterflow);
+        .env("MF_BIN", &args.services.meterflow);
         c
     } else {
-        let mut c = Command::new(&args.meterflow);
+        let mut c = Command::new(&args.services.meterflow);
         c.args([
             "pipeline",
             "--until-caught-up",
@@ -154,7 +145,7 @@ fn drain_with_meterflow(args: &Args, topic: &str, url: &str) -> Result<Duration>
     let out = command
         .env("MF_EVENTS_TOPIC", topic)
         .env("MF_DATABASE_URL", url)
-        .env("MF_KAFKA_BROKERS", &args.brokers)
+        .env("MF_KAFKA_BROKERS", &args.services.brokers)
         .env("MF_LOG", "warn")
         .output()?;
     let took = started.elapsed();

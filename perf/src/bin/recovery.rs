@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use meterflow_perf::{drop_database, fresh_database};
+use meterflow_perf::{drop_database, fresh_database, Services};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use serde_json::json;
@@ -29,16 +29,8 @@ struct Args {
     more: usize,
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    #[arg(
-        long,
-        env = "MF_DATABASE_URL",
-        default_value = "postgres://meterflow@127.0.0.1:5432/meterflow"
-    )]
-    database_url: String,
-    #[arg(long, env = "MF_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    #[arg(long, default_value = "target/release/meterflow")]
-    meterflow: String,
+    #[command(flatten)]
+    services: Services,
 }
 
 /// One event per (customer, hour) window from `first` on.
@@ -70,7 +62,7 @@ fn produce(brokers: &str, topic: &str, first: usize, n: usize) -> Result<()> {
 }
 
 fn pipeline(args: &Args, url: &str, topic: &str, until_caught_up: bool) -> Command {
-    let mut c = Command::new(&args.meterflow);
+    let mut c = Command::new(&args.services.meterflow);
     c.args([
         "pipeline",
         "--workers",
@@ -80,7 +72,7 @@ fn pipeline(args: &Args, url: &str, topic: &str, until_caught_up: bool) -> Comma
     ])
     .env("MF_DATABASE_URL", url)
     .env("MF_EVENTS_TOPIC", topic)
-    .env("MF_KAFKA_BROKERS", &args.brokers)
+    .env("MF_KAFKA_BROKERS", &args.services.brokers)
     .env("MF_LOG", "warn")
     .stdout(Stdio::null());
     if until_caught_up {
@@ -103,11 +95,11 @@ async fn committed(pool: &sqlx::PgPool) -> Result<(i64, i64, i64)> {
 async fn main() -> Result<()> {
     let args = Args::parse();
     for &size in &args.windows {
-        let url = fresh_database(&args.database_url, "mf_perf_recovery", size).await?;
+        let url = fresh_database(&args.services.database_url, "mf_perf_recovery", size).await?;
         let topic = format!("perf.recovery.{size}.{}", chrono::Utc::now().timestamp());
         let pool = sqlx::PgPool::connect(&url).await?;
         // Build the state: `size` live windows.
-        produce(&args.brokers, &topic, 0, size.max(1))?;
+        produce(&args.services.brokers, &topic, 0, size.max(1))?;
         let built = Instant::now();
         if !pipeline(&args, &url, &topic, true).status()?.success() {
             bail!("building the state failed");
@@ -117,7 +109,7 @@ async fn main() -> Result<()> {
             .fetch_one(&pool)
             .await?;
         // More input; kill -9 mid-run.
-        produce(&args.brokers, &topic, size.max(1), args.more)?;
+        produce(&args.services.brokers, &topic, size.max(1), args.more)?;
         let mut first = pipeline(&args, &url, &topic, false).spawn()?;
         let before = committed(&pool).await?.2;
         while committed(&pool).await?.2 < before + (args.more / 4) as i64 {
@@ -158,7 +150,7 @@ async fn main() -> Result<()> {
                    "records_after_kill": (size.max(1) + args.more) as i64 - at_kill})
         );
         pool.close().await;
-        drop_database(&args.database_url, &url).await?;
+        drop_database(&args.services.database_url, &url).await?;
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use meterflow_perf::{drop_database, fresh_database, median};
+use meterflow_perf::{drop_database, fresh_database, median, Services};
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -38,16 +38,8 @@ struct Args {
     concurrency: usize,
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    #[arg(
-        long,
-        env = "MF_DATABASE_URL",
-        default_value = "postgres://meterflow@127.0.0.1:5432/meterflow"
-    )]
-    database_url: String,
-    #[arg(long, env = "MF_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    #[arg(long, default_value = "target/release/meterflow")]
-    meterflow: String,
+    #[command(flatten)]
+    services: Services,
     #[arg(long, default_value_t = 3917)]
     port: u16,
 }
@@ -81,23 +73,26 @@ async fn main() -> Result<()> {
     for path in &args.paths {
         let mut seconds = Vec::new();
         for run in 0..args.runs {
-            let url = fresh_database(&args.database_url, "mf_perf_seed", run).await?;
+            let url = fresh_database(&args.services.database_url, "mf_perf_seed", run).await?;
             let topic = format!("perf.seed.{path}.{}.{run}", chrono::Utc::now().timestamp());
             let base = format!("http://127.0.0.1:{}", args.port);
             let spawn = |sub: &[&str]| -> Result<Proc> {
                 Ok(Proc(
-                    Command::new(&args.meterflow)
+                    Command::new(&args.services.meterflow)
                         .args(sub)
                         .env("MF_DATABASE_URL", &url)
                         .env("MF_EVENTS_TOPIC", &topic)
-                        .env("MF_KAFKA_BROKERS", &args.brokers)
+                        .env("MF_KAFKA_BROKERS", &args.services.brokers)
                         .env("MF_API_ADDR", format!("127.0.0.1:{}", args.port))
                         .env("MF_PIPELINE_METRICS_ADDR", "")
                         .env("MF_LOG", "warn")
                         .stdout(Stdio::null())
                         .spawn()
                         .with_context(|| {
-                            format!("starting {} (cargo build --release first)", args.meterflow)
+                            format!(
+                                "starting {} (cargo build --release first)",
+                                args.services.meterflow
+                            )
                         })?,
                 ))
             };
@@ -110,7 +105,7 @@ async fn main() -> Result<()> {
             match path.as_str() {
                 "single" => post_single(&client, &base, batch, args.concurrency).await?,
                 "batch" => post_batches(&client, &base, batch).await?,
-                "kafka" => produce(&args.brokers, &topic, batch).await?,
+                "kafka" => produce(&args.services.brokers, &topic, batch).await?,
                 other => bail!("unknown path {other}: single, batch or kafka"),
             }
             let ingested = started.elapsed();
@@ -138,7 +133,7 @@ async fn main() -> Result<()> {
             }
             drop(_pipeline);
             drop(_api);
-            drop_database(&args.database_url, &url).await?;
+            drop_database(&args.services.database_url, &url).await?;
         }
         summary.insert(path.clone(), json!(median(seconds)));
     }
@@ -321,7 +316,7 @@ async fn wait_complete(client: &reqwest::Client, base: &str, url: &str, events: 
 
 /// The naive service: one single-row INSERT per event over 64 connections, then one GROUP BY.
 async fn naive_baseline(args: &Args, run: usize) -> Result<f64> {
-    let url = fresh_database(&args.database_url, "mf_perf_naive", run).await?;
+    let url = fresh_database(&args.services.database_url, "mf_perf_naive", run).await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(64)
         .connect(&url)
@@ -359,7 +354,7 @@ async fn naive_baseline(args: &Args, run: usize) -> Result<f64> {
     .await?;
     let took = started.elapsed().as_secs_f64();
     pool.close().await;
-    drop_database(&args.database_url, &url).await?;
+    drop_database(&args.services.database_url, &url).await?;
     println!(
         "{}",
         json!({"path": "naive_insert_baseline", "run": run, "total_seconds": took})
