@@ -83,7 +83,9 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
     let (firsts, repeats): (Vec<Request>, Vec<Request>) = requests
         .into_iter()
         .partition(|r| seen.insert(r.event.event_id.clone()));
-    let stored = match store(state, &firsts).await {
+    // The canonical JSON is both the outbox row and the Kafka record: encode it once.
+    let payloads: Vec<Vec<u8>> = firsts.iter().map(|r| r.event.to_json()).collect();
+    let stored = match store(state, &firsts, &payloads).await {
         Ok(stored) => stored,
         Err(e) => {
             for r in firsts.into_iter().chain(repeats) {
@@ -98,12 +100,11 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
             .send(Err(ApiError::DuplicateEvent(r.event.event_id.clone())));
     }
     let now = Utc::now().timestamp_millis();
-    let sends = firsts.iter().map(|r| async {
+    let sends = firsts.iter().zip(&payloads).map(|(r, payload)| async {
         if !stored.contains(&r.event.event_id) {
             return Err(ApiError::DuplicateEvent(r.event.event_id.clone()));
         }
-        let payload = r.event.to_json();
-        match crate::events::publish(state, &r.event.customer_id, &payload, None, now).await {
+        match crate::events::publish(state, &r.event.customer_id, payload, None, now).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::warn!(event_id = %r.event.event_id, error = %e, "kafka did not take the event; withdrawing it");
@@ -130,7 +131,11 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
 
 /// Stores the claims, raw events and outbox rows of a batch in one statement; returns the ids stored
 /// (the others were known already).
-async fn store(state: &AppState, requests: &[Request]) -> Result<HashSet<String>, ApiError> {
+async fn store(
+    state: &AppState,
+    requests: &[Request],
+    payloads: &[Vec<u8>],
+) -> Result<HashSet<String>, ApiError> {
     if requests.is_empty() {
         return Ok(HashSet::new());
     }
@@ -141,7 +146,6 @@ async fn store(state: &AppState, requests: &[Request]) -> Result<HashSet<String>
     let mut times = Vec::with_capacity(n);
     let mut values: Vec<Decimal> = Vec::with_capacity(n);
     let mut properties = Vec::with_capacity(n);
-    let mut payloads = Vec::with_capacity(n);
     let mut fingerprints = Vec::with_capacity(n);
     for r in requests {
         let e = &r.event;
@@ -151,7 +155,6 @@ async fn store(state: &AppState, requests: &[Request]) -> Result<HashSet<String>
         times.push(e.event_time_micros);
         values.push(e.value);
         properties.push(e.properties.as_str());
-        payloads.push(e.to_json());
         fingerprints.push(e.fingerprint());
     }
     let stored: Vec<String> = sqlx::query_scalar(
@@ -180,7 +183,7 @@ async fn store(state: &AppState, requests: &[Request]) -> Result<HashSet<String>
     .bind(&times)
     .bind(&values)
     .bind(&properties)
-    .bind(&payloads)
+    .bind(payloads)
     .bind(&fingerprints)
     .fetch_all(&state.pool)
     .await?;
