@@ -91,9 +91,7 @@ fn migrate(database_url: &str) -> Result<()> {
 }
 
 async fn connect(database_url: &str, max: u32) -> Result<sqlx::PgPool> {
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(std::time::Duration::from_secs(3))
+    meterflow_api::pool_options(max)
         .connect(database_url)
         .await
         .with_context(|| format!("cannot connect to Postgres at {database_url}; is it running? (deploy/local/up starts it)"))

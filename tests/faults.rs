@@ -29,6 +29,17 @@ fn deploy(script: &str, args: &[&str]) {
     );
 }
 
+/// Brings the services back when a fault test ends, also when it fails half-way through its fault, so
+/// the tests after it meet running services.
+struct Restore;
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let path = format!("{}/deploy/local/up", env!("CARGO_MANIFEST_DIR"));
+        let _ = Command::new(path).output();
+    }
+}
+
 /// RELIABILITY.md "processor crash": `kill -9` with 20, 50 and 80 % of the input committed, then a
 /// restart: exactly the uninterrupted result.
 #[tokio::test(flavor = "multi_thread")]
@@ -143,6 +154,7 @@ async fn assert_accepted_counted_once(api: &TestApi, outcomes: &[(String, u16)],
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_crashing_mid_run_loses_and_doubles_nothing() {
     let _turn = SERIAL.lock().await;
+    let _restore = Restore;
     let api = spawn_api().await;
     let _pipeline = spawn_pipeline(&api.url, &api.topic, 2, &["--epoch-ms", "50"]);
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -176,6 +188,7 @@ async fn postgres_crashing_mid_run_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_kafka_broker_killed_mid_run_loses_and_doubles_nothing() {
     let _turn = SERIAL.lock().await;
+    let _restore = Restore;
     let api = spawn_api().await;
     let _pipeline = spawn_pipeline(&api.url, &api.topic, 2, &["--epoch-ms", "50"]);
     let stop = std::sync::atomic::AtomicBool::new(false);

@@ -56,6 +56,14 @@ pub fn producer_config(brokers: &str) -> rdkafka::config::ClientConfig {
     config
 }
 
+/// The API's Postgres pool settings: a request waits at most 3 s for a connection, then is answered 503
+/// with Retry-After instead of hanging while the database is down.
+pub fn pool_options(max_connections: u32) -> sqlx::postgres::PgPoolOptions {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+}
+
 /// Everything a request handler may use.
 #[derive(Clone)]
 pub struct AppState {

@@ -357,7 +357,7 @@ pub struct TestApi {
 pub async fn spawn_api() -> TestApi {
     let url = fresh_database().await;
     let topic = fresh_topic(2).await;
-    let pool = PgPool::connect(&url).await.unwrap();
+    let pool = meterflow_api::pool_options(10).connect(&url).await.unwrap();
     // The production settings, so a broker outage gives the same 503s as in production.
     let producer = meterflow_api::producer_config(BROKERS).create().unwrap();
     let state = meterflow_api::AppState::new(pool.clone(), producer, topic.clone());
