@@ -582,10 +582,10 @@ fn field(name: &str, message: &str) -> FieldError {
 }
 
 impl FieldError {
-    pub fn new(field: &str, message: &str) -> Self {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         FieldError {
-            field: field.to_owned(),
-            message: message.to_owned(),
+            field: field.into(),
+            message: message.into(),
         }
     }
 }
