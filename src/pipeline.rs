@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use meterflow_dataflow::classify::new_watermark;
 use meterflow_dataflow::source::{owned_partitions, spawn_reader};
+use meterflow_dataflow::worker::RatingFeed;
 use meterflow_dataflow::{
     run_worker, GraphContext, MeterRegistry, SinkChannels, SourceConfig, WatermarkConfig,
     WorkerConfig,
 };
-use meterflow_model::{Limits, Meter, MeterSet};
-use meterflow_sinks::{store, PgClaims};
+use meterflow_model::{Limits, Meter, MeterSet, PriceBook};
+use meterflow_sinks::{price_books, store, PgClaims};
 use sqlx::{Connection, PgConnection};
 
 use crate::kafka;
@@ -80,7 +81,7 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
         Some(path) => read_meters_file(path)?,
         None => Vec::new(),
     };
-    let (lease, start_offsets, (watermark, event_times), meters) = runtime.block_on(async {
+    let (lease, start_offsets, (watermark, event_times), meters, rating) = runtime.block_on(async {
         let mut conn = PgConnection::connect(database_url).await.with_context(|| {
             format!("cannot connect to Postgres at {database_url}; is it running and migrated?")
         })?;
@@ -102,8 +103,34 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
         let offsets = meterflow_sinks::stored_offsets(&mut conn, topic).await?;
         let times = store::stored_event_times(&mut conn, topic).await?;
         let meters = store::load_meters(&mut conn).await?;
-        anyhow::Ok((lease, offsets, times, meters))
+        // Rating needs each period's whole usage: the leader (which alone feeds and commits it) starts
+        // from what was committed, read under the lease so nothing commits meanwhile.
+        let rating = if leader {
+            let loaded = Instant::now();
+            let state = store::load_rating_state(&mut conn).await?;
+            let books = price_books::load_price_books(&mut conn).await?;
+            tracing::info!(
+                rows = state.rows.len(),
+                charges = state.charges.len(),
+                books = books.len(),
+                seconds = loaded.elapsed().as_secs_f64(),
+                "loaded the committed rows and charges rating starts from"
+            );
+            Some((state, books))
+        } else {
+            None
+        };
+        anyhow::Ok((lease, offsets, times, meters, rating))
     })?;
+    let rating = rating.map(|(state, books)| {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        spawn_book_poller(database_url, books.clone(), tx);
+        RatingFeed {
+            state,
+            books,
+            updates: rx,
+        }
+    });
     let shared_watermark = new_watermark(watermark);
     let registry = MeterRegistry::new(MeterSet::new(meters));
     spawn_meter_poller(database_url, registry.clone())?;
@@ -168,20 +195,36 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
     };
     let database_url_owned = database_url.to_owned();
     let sink = Arc::new(Mutex::new(sink));
+    let rating = Arc::new(Mutex::new(rating));
     let guards = timely::execute(timely_config(args)?, move |worker| {
         let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
         let claims = PgClaims::new(&database_url_owned).map_err(|e| e.to_string())?;
         let (reader, _handle) =
             spawn_reader(source.clone(), owned, Box::new(claims), 16).map_err(|e| e.to_string())?;
-        // Worker 0 of process 0 hands epochs to the writer (commit.rs); the others have no sink.
-        let sink = if worker.index() == 0 {
-            sink.lock()
+        // Worker 0 of process 0 hands epochs to the writer (commit.rs) and feeds rating its restored
+        // state and the price books; the others have neither.
+        let (sink, rating) = if worker.index() == 0 {
+            let sink = sink
+                .lock()
                 .map_err(|_| "sink lock poisoned".to_owned())?
-                .take()
+                .take();
+            let rating = rating
+                .lock()
+                .map_err(|_| "rating lock poisoned".to_owned())?
+                .take();
+            (sink, rating)
         } else {
-            None
+            (None, None)
         };
-        run_worker(worker, &config, context.clone(), reader, sink, &stop)
+        run_worker(
+            worker,
+            &config,
+            context.clone(),
+            reader,
+            sink,
+            rating,
+            &stop,
+        )
     })
     .map_err(|e| anyhow!("starting timely: {e}"))?;
 
@@ -307,6 +350,56 @@ fn spawn_meter_poller(database_url: &str, registry: MeterRegistry) -> Result<()>
             }
         })?;
     Ok(())
+}
+
+/// Reloads the price books every second and sends a snapshot whenever they changed, so a book created,
+/// edited or closed re-rates the windows it touches within about a second (SPEC §5).
+fn spawn_book_poller(
+    database_url: &str,
+    initial: Vec<PriceBook>,
+    updates: crossbeam_channel::Sender<Vec<PriceBook>>,
+) {
+    let url = database_url.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("book-poller".into())
+        .spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            let mut known = initial;
+            let mut conn: Option<PgConnection> = None;
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                let loaded = runtime.block_on(async {
+                    if conn.is_none() {
+                        conn = Some(PgConnection::connect(&url).await?);
+                    }
+                    let c = conn.as_mut().expect("connected above");
+                    price_books::load_price_books(c).await
+                });
+                match loaded {
+                    Ok(books) if books != known => {
+                        tracing::info!(books = books.len(), "price books changed; re-rating");
+                        known = books.clone();
+                        // The dataflow is gone once the pipeline stops.
+                        if updates.send(books).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        conn = None;
+                        tracing::warn!(error = %e, "cannot reload price books; keeping the current ones");
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the price-book poller; books are fixed for this run");
+    }
 }
 
 /// Serves the pipeline's Prometheus metrics; a busy address is reported, not fatal.

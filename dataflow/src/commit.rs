@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use meterflow_model::{
-    Aggregate, AggregateKey, DeadLetter, Duplicate, EpochBatch, Item, LateEvent, PartitionProgress,
+    Aggregate, AggregateKey, Charge, DeadLetter, Duplicate, EpochBatch, Item, LateEvent,
+    PartitionProgress,
 };
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -34,6 +35,8 @@ use crate::operators::Epoch;
 pub enum SinkUpdate {
     /// Add this change to the row of the key (and, for multiset meters, to the item's count).
     Row(AggregateKey, Option<Item>, Aggregate),
+    /// A window charge of `(customer_id, meter)` appears (+1) or is withdrawn (−1).
+    Charge(String, String, Charge, i64),
     /// Records of this partition before this offset are reflected.
     Offset(PartitionProgress),
     DeadLetter(DeadLetter),
@@ -151,6 +154,9 @@ pub fn commit_epochs<'scope>(
                             match update {
                                 SinkUpdate::Row(key, item, agg) => {
                                     batch.aggregates.push((key, item, agg))
+                                }
+                                SinkUpdate::Charge(customer, meter, charge, diff) => {
+                                    batch.charges.push((customer, meter, charge, diff))
                                 }
                                 SinkUpdate::Offset(p) => batch.offsets.push(p),
                                 SinkUpdate::DeadLetter(d) => batch.dead_letters.push(d),

@@ -22,6 +22,7 @@
 //! | `classify.rs` | decode, validate and claim (dedup, voids) on the reader threads; [`Claims`](classify::Claims) |
 //! | `meters.rs` | [`MeterRegistry`](meters::MeterRegistry): the meters in force, reloadable |
 //! | `operators.rs` | `build`: the dataflow graph, one small named operator per step |
+//! | `rating.rs` | `rate`: window usage + price books → period-to-date window charges (SPEC §5) |
 //! | `commit.rs` | `commit_epochs`: gathers each completed epoch on worker 0, hands it to the sink, holds the epoch open until the sink acknowledges |
 //! | `worker.rs` | driving a worker: feeding inputs, ticking epochs, backpressure, shutdown |
 //! | `usage.rs` | [`Usage`], the aggregate as a differential difference |
@@ -30,6 +31,7 @@ pub mod classify;
 pub mod commit;
 pub mod meters;
 pub mod operators;
+pub mod rating;
 pub mod source;
 pub mod usage;
 pub mod worker;
@@ -37,6 +39,6 @@ pub mod worker;
 pub use classify::{Claims, MemoryClaims, SharedWatermark};
 pub use commit::{SinkChannels, SinkUpdate, WatermarkConfig};
 pub use meters::MeterRegistry;
-pub use operators::GraphContext;
+pub use operators::{GraphContext, RatingInputs};
 pub use source::{RawRecord, RecordKind, SourceConfig};
 pub use worker::{run_worker, WorkerConfig};

@@ -2,18 +2,19 @@
 //!
 //! Contract: given the classified items and offset markers introduced at epoch `e`, the output at epoch
 //! `e` holds exactly the row changes those items cause (at most one per row and item), the late events,
-//! duplicates and dead letters among them, and the markers. Nothing is kept between epochs: every
-//! aggregate is a sum of contributions (a group) or a multiset of items the sink keeps, so the sink can
-//! apply each epoch's changes to what it stored, and a restart needs no state but the offsets.
+//! duplicates and dead letters among them, the markers, and the changes of window charges (rating.rs)
+//! that these items and the price-book changes of epoch `e` cause. Aggregates need no state between
+//! epochs: each is a sum of contributions (a group) or a multiset of items the sink keeps. Rating does:
+//! it needs each period's whole usage, so a restart feeds the stored rows and charges back in at epoch 0
+//! ([`RatingInputs`]); the stored charges are subtracted, so only what changed while the pipeline was
+//! down (a price book edited) reaches the sink.
 
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
-use meterflow_model::{
-    Aggregate, AggregateKey, Contribution, Event, Item, LateEvent, PartitionProgress,
-};
+use meterflow_model::{Aggregate, Contribution, Event, LateEvent, PartitionProgress, PriceBook};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, OkErr, Operator};
@@ -22,6 +23,7 @@ use timely::dataflow::StreamVec;
 use crate::classify::{read_watermark, Classified, SourceItem};
 use crate::commit::SinkUpdate;
 use crate::meters::MeterRegistry;
+use crate::rating::{self, ChargeRow, RowKey};
 use crate::usage::Usage;
 
 /// Epoch numbers: each worker advances its inputs to the next epoch every tick.
@@ -37,8 +39,13 @@ pub struct GraphContext {
     pub allowed_lateness_micros: i64,
 }
 
-/// A row of a meter, and for multiset meters the item within it.
-type RowKey = (AggregateKey, Option<Item>);
+/// The rating inputs, as differential updates `(data, epoch, diff)`: what the pipeline committed before
+/// (fed by worker 0 at epoch 0) and the price books (changes fed by worker 0 as they are seen).
+pub struct RatingInputs<'scope> {
+    pub restored_rows: StreamVec<'scope, Epoch, (RowKey, Epoch, Usage)>,
+    pub restored_charges: StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
+    pub books: StreamVec<'scope, Epoch, (PriceBook, Epoch, isize)>,
+}
 
 /// Builds the pipeline from classified items and offset markers `(epoch, progress)` to sink updates,
 /// each with the epoch it belongs to.
@@ -49,13 +56,21 @@ type RowKey = (AggregateKey, Option<Item>);
 pub fn build<'scope>(
     items: StreamVec<'scope, Epoch, SourceItem>,
     markers: StreamVec<'scope, Epoch, (Epoch, PartitionProgress)>,
+    rating: RatingInputs<'scope>,
     context: GraphContext,
 ) -> StreamVec<'scope, Epoch, (Epoch, SinkUpdate)> {
     let scope = items.scope();
     let (contributions, other) = meter(items, context);
+    let charges = charge_changes(contributions.clone(), rating);
     let changes = row_changes(contributions);
     scope.concatenate([
         changes.map(|((key, item), epoch, usage)| (epoch, SinkUpdate::Row(key, item, usage.0))),
+        charges.map(|((customer, meter, charge), epoch, diff)| {
+            (
+                epoch,
+                SinkUpdate::Charge(customer, meter, charge, diff as i64),
+            )
+        }),
         other,
         markers.map(|(epoch, progress)| (epoch, SinkUpdate::Offset(progress))),
     ])
@@ -147,6 +162,20 @@ fn negate(a: Aggregate) -> Aggregate {
         value: -a.value,
         event_count: -a.event_count,
     }
+}
+
+/// Each epoch's changes of window charges: rating over everything committed before plus this run's
+/// contributions, minus the charges committed before. Exchange contract: as in `row_changes`, one
+/// update per charge row and epoch.
+fn charge_changes<'scope>(
+    contributions: VecCollection<'scope, Epoch, RowKey, Usage>,
+    inputs: RatingInputs<'scope>,
+) -> StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)> {
+    let usage = contributions.concat(inputs.restored_rows.as_collection());
+    rating::rate(usage, inputs.books.as_collection())
+        .concat(inputs.restored_charges.as_collection().negate())
+        .consolidate()
+        .inner
 }
 
 /// Adds up each epoch's contributions per row (and item). Exchange contract: `consolidate` routes each

@@ -7,15 +7,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
-use meterflow_model::PartitionProgress;
+use meterflow_model::{PartitionProgress, PriceBook, RatingState};
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
 
 use crate::classify::{Classified, SourceItem};
 use crate::commit::{commit_epochs, SinkChannels, WatermarkConfig};
-use crate::operators::{build, Epoch, GraphContext};
+use crate::operators::{build, Epoch, GraphContext, RatingInputs};
+use crate::rating::{ChargeRow, RowKey};
 use crate::source::SourceMessage;
+use crate::usage::Usage;
 
 /// How a worker paces itself.
 #[derive(Clone, Debug)]
@@ -38,6 +40,16 @@ impl Default for WorkerConfig {
     }
 }
 
+/// What rating starts from and how price books reach it; given to worker 0 of process 0 only.
+pub struct RatingFeed {
+    /// What the pipeline committed before this run.
+    pub state: RatingState,
+    /// The price books when the pipeline started.
+    pub books: Vec<PriceBook>,
+    /// Later snapshots of all price books (a poller sends one whenever they change).
+    pub updates: Receiver<Vec<PriceBook>>,
+}
+
 /// What a worker did.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WorkerSummary {
@@ -53,17 +65,31 @@ pub fn run_worker(
     context: GraphContext,
     reader: Receiver<SourceMessage>,
     sink: Option<SinkChannels>,
+    rating: Option<RatingFeed>,
     stop: &AtomicBool,
 ) -> Result<WorkerSummary, String> {
     let watermarks = config.watermarks.clone();
-    let (mut records, mut markers, probe) = worker.dataflow::<Epoch, _, _>(|scope| {
-        let mut items = InputHandleVec::<Epoch, SourceItem>::new();
-        let mut markers = InputHandleVec::<Epoch, (Epoch, PartitionProgress)>::new();
-        let probe = ProbeHandle::new();
-        let updates = build(items.to_stream(scope), markers.to_stream(scope), context);
-        commit_epochs(updates, sink, watermarks).probe_with(&probe);
-        (items, markers, probe)
-    });
+    let (mut records, mut markers, mut rating_inputs, probe) =
+        worker.dataflow::<Epoch, _, _>(|scope| {
+            let mut items = InputHandleVec::<Epoch, SourceItem>::new();
+            let mut markers = InputHandleVec::<Epoch, (Epoch, PartitionProgress)>::new();
+            let mut handles = RatingHandles::default();
+            let probe = ProbeHandle::new();
+            let rating = RatingInputs {
+                restored_rows: handles.rows.to_stream(scope),
+                restored_charges: handles.charges.to_stream(scope),
+                books: handles.books.to_stream(scope),
+            };
+            let updates = build(
+                items.to_stream(scope),
+                markers.to_stream(scope),
+                rating,
+                context,
+            );
+            commit_epochs(updates, sink, watermarks).probe_with(&probe);
+            (items, markers, handles, probe)
+        });
+    let mut books = rating.map(|feed| rating_inputs.start(feed));
 
     let mut summary = WorkerSummary::default();
     let mut next_offsets: BTreeMap<i32, PartitionProgress> = BTreeMap::new();
@@ -74,10 +100,15 @@ pub fn run_worker(
 
     while !stop.load(Ordering::Relaxed) && !caught_up {
         let epoch = *records.time();
+        let mut fed = false;
+        if let Some((current, updates)) = &mut books {
+            while let Ok(snapshot) = updates.try_recv() {
+                fed |= rating_inputs.replace_books(current, snapshot, epoch);
+            }
+        }
         // How many epochs the sink (every worker's, via the probe) has yet to commit.
         let committed = probe.with_frontier(|f| f.first().copied()).unwrap_or(epoch);
         let behind = epoch.saturating_sub(committed);
-        let mut fed = false;
         if reader_open && behind < config.max_inflight_epochs {
             for _ in 0..16 {
                 match reader.try_recv() {
@@ -121,6 +152,7 @@ pub fn run_worker(
             send_markers(&mut markers, epoch, &mut moved, &next_offsets);
             records.advance_to(epoch + 1);
             markers.advance_to(epoch + 1);
+            rating_inputs.advance_to(epoch + 1);
             summary.epochs += 1;
             last_tick = Instant::now();
         }
@@ -135,6 +167,7 @@ pub fn run_worker(
     send_markers(&mut markers, *records.time(), &mut moved, &next_offsets);
     drop(records);
     drop(markers);
+    drop(rating_inputs);
     while !probe.done() {
         worker.step_or_park(Some(Duration::from_millis(5)));
     }
@@ -150,5 +183,56 @@ fn send_markers(
 ) {
     for partition in std::mem::take(moved) {
         markers.send((epoch, next_offsets[&partition]));
+    }
+}
+
+/// The rating inputs of a worker; only worker 0 of process 0 sends anything.
+#[derive(Default)]
+struct RatingHandles {
+    rows: InputHandleVec<Epoch, (RowKey, Epoch, Usage)>,
+    charges: InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
+    books: InputHandleVec<Epoch, (PriceBook, Epoch, isize)>,
+}
+
+impl RatingHandles {
+    /// Feeds what was committed before, and the price books, at epoch 0; returns the books in force and
+    /// where later snapshots come from.
+    fn start(&mut self, feed: RatingFeed) -> (BTreeSet<PriceBook>, Receiver<Vec<PriceBook>>) {
+        for (key, item, aggregate) in feed.state.rows {
+            self.rows.send(((key, item), 0, Usage(aggregate)));
+        }
+        for charge in feed.state.charges {
+            self.charges.send((charge, 0, 1));
+        }
+        let mut current = BTreeSet::new();
+        self.replace_books(&mut current, feed.books, 0);
+        (current, feed.updates)
+    }
+
+    /// Sends the difference between the books in force and a new snapshot; true if there was one.
+    fn replace_books(
+        &mut self,
+        current: &mut BTreeSet<PriceBook>,
+        snapshot: Vec<PriceBook>,
+        epoch: Epoch,
+    ) -> bool {
+        let next: BTreeSet<PriceBook> = snapshot.into_iter().collect();
+        let mut changed = false;
+        for gone in current.difference(&next) {
+            self.books.send((gone.clone(), epoch, -1));
+            changed = true;
+        }
+        for new in next.difference(current) {
+            self.books.send((new.clone(), epoch, 1));
+            changed = true;
+        }
+        *current = next;
+        changed
+    }
+
+    fn advance_to(&mut self, epoch: Epoch) {
+        self.rows.advance_to(epoch);
+        self.charges.advance_to(epoch);
+        self.books.advance_to(epoch);
     }
 }

@@ -500,6 +500,7 @@ fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: u
             context.clone(),
             rx,
             sink,
+            None,
             &AtomicBool::new(false),
         )
         .unwrap();

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregate, AggregateKey};
 use crate::meter::Item;
+use crate::price::Charge;
 
 /// A Kafka record that is not a valid event, kept with the reason (SPEC §2).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -73,6 +74,20 @@ pub struct PartitionProgress {
 /// A change to one aggregate row: `usage` added, and for the multiset meters the item it concerns.
 pub type RowChange = (AggregateKey, Option<Item>, Aggregate);
 
+/// A change to one window charge: `(customer_id, meter, charge, diff)`. A charge row is replaced whole:
+/// after consolidation a window has at most one `+1` (its new charge) and one `-1` (its old one).
+pub type ChargeChange = (String, String, Charge, i64);
+
+/// What the pipeline committed before it stopped, loaded when it starts again so rating (which needs
+/// each period's whole usage, not just the new events) goes on from there (SPEC §9).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RatingState {
+    /// Every stored row as one change: a group row's total, or one multiset item with its count.
+    pub rows: Vec<RowChange>,
+    /// Every stored charge: `(customer_id, meter, charge)`.
+    pub charges: Vec<(String, String, Charge)>,
+}
+
 /// Everything one or more completed epochs produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EpochBatch {
@@ -80,6 +95,8 @@ pub struct EpochBatch {
     pub epoch: u64,
     /// Changes to add to the stored rows, at most one per (key, item).
     pub aggregates: Vec<RowChange>,
+    /// Changes to window charges, at most one `+1` per window.
+    pub charges: Vec<ChargeChange>,
     /// For each partition read, how far.
     pub offsets: Vec<PartitionProgress>,
     pub dead_letters: Vec<DeadLetter>,
@@ -95,6 +112,7 @@ impl EpochBatch {
     /// Nothing to store but perhaps a watermark.
     pub fn is_empty(&self) -> bool {
         self.aggregates.is_empty()
+            && self.charges.is_empty()
             && self.offsets.is_empty()
             && self.dead_letters.is_empty()
             && self.duplicates.is_empty()
@@ -118,6 +136,8 @@ impl EpochBatch {
         }
         merged.retain(|(_, _, agg)| !agg.is_zero());
         self.aggregates = merged;
+        self.charges.extend(later.charges);
+        consolidate_charges(&mut self.charges);
         for progress in later.offsets {
             match self
                 .offsets
@@ -139,6 +159,22 @@ impl EpochBatch {
         self.sealed_at = self.sealed_at.or(later.sealed_at);
         Ok(())
     }
+}
+
+/// Adds up the diffs of identical charge changes and drops those that cancel.
+pub fn consolidate_charges(charges: &mut Vec<ChargeChange>) {
+    charges.sort_unstable_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
+    let mut merged: Vec<ChargeChange> = Vec::with_capacity(charges.len());
+    for change in charges.drain(..) {
+        match merged.last_mut() {
+            Some(last) if (&last.0, &last.1, &last.2) == (&change.0, &change.1, &change.2) => {
+                last.3 += change.3
+            }
+            _ => merged.push(change),
+        }
+    }
+    merged.retain(|c| c.3 != 0);
+    *charges = merged;
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@ pub mod window;
 
 pub use aggregate::{Aggregate, AggregateKey};
 pub use batch::{
-    DeadLetter, Duplicate, DuplicateKind, EpochBatch, LateEvent, PartitionProgress, RowChange,
+    ChargeChange, DeadLetter, Duplicate, DuplicateKind, EpochBatch, LateEvent, PartitionProgress,
+    RatingState, RowChange,
 };
 pub use event::{
     decode_as, decode_cloudevent, decode_event, sniff_event_id, split_batch, DecodeError, Event,

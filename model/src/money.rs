@@ -27,8 +27,8 @@ pub fn mul(a: Decimal, b: Decimal) -> Result<Decimal, MoneyError> {
 
 /// ISO 4217 currencies whose minor unit is not two digits (the active codes of the standard).
 const ZERO_DIGITS: &[&str] = &[
-    "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND", "VUV",
-    "XAF", "XOF", "XPF",
+    "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND",
+    "VUV", "XAF", "XOF", "XPF",
 ];
 const THREE_DIGITS: &[&str] = &["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"];
 const FOUR_DIGITS: &[&str] = &["CLF", "UYW"];

@@ -73,7 +73,10 @@ impl PriceModel {
                 if package_size.is_zero() {
                     return Err(MoneyError);
                 }
-                let packages = quantity.checked_div(*package_size).ok_or(MoneyError)?.ceil();
+                let packages = quantity
+                    .checked_div(*package_size)
+                    .ok_or(MoneyError)?
+                    .ceil();
                 money::mul(packages, *package_price)
             }
         }
@@ -103,7 +106,10 @@ impl PriceModel {
             }
             PriceModel::Graduated { tiers } | PriceModel::Volume { tiers } => {
                 if tiers.is_empty() {
-                    errors.push(FieldError::new("model.tiers", "must have at least one tier"));
+                    errors.push(FieldError::new(
+                        "model.tiers",
+                        "must have at least one tier",
+                    ));
                 }
                 let mut previous = Decimal::ZERO;
                 for (i, tier) in tiers.iter().enumerate() {
@@ -237,7 +243,12 @@ pub fn period_of(seconds: i64) -> (i64, i64) {
     let end = start
         .checked_add_months(chrono::Months::new(1))
         .unwrap_or(start);
-    let secs = |d: NaiveDate| d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc().timestamp();
+    let secs = |d: NaiveDate| {
+        d.and_hms_opt(0, 0, 0)
+            .unwrap_or_default()
+            .and_utc()
+            .timestamp()
+    };
     (secs(start), secs(end))
 }
 
@@ -301,11 +312,14 @@ impl Measure {
                         }
                     }
                 }
-                (_, Item::Latest {
-                    time_micros,
-                    event_id,
-                    value,
-                }) => Measure::Latest {
+                (
+                    _,
+                    Item::Latest {
+                        time_micros,
+                        event_id,
+                        value,
+                    },
+                ) => Measure::Latest {
                     time_micros: *time_micros,
                     event_id: event_id.clone(),
                     value: *value,
@@ -384,7 +398,8 @@ pub fn rate_period(
     windows: &[WindowUsage],
     books: &[&PriceBook],
 ) -> Result<Vec<Charge>, MoneyError> {
-    let ordered: BTreeMap<i64, &WindowUsage> = windows.iter().map(|w| (w.window_start, w)).collect();
+    let ordered: BTreeMap<i64, &WindowUsage> =
+        windows.iter().map(|w| (w.window_start, w)).collect();
     let mut ptd = PeriodToDate::default();
     let mut charges = Vec::with_capacity(ordered.len());
     for window in ordered.values() {
@@ -434,7 +449,10 @@ mod tests {
         let m = PriceModel::Graduated { tiers: tiers() };
         assert_eq!(m.price(d("1000")).unwrap(), d("10"));
         assert_eq!(m.price(d("1500")).unwrap(), d("10") + d("2.5") + d("1"));
-        assert_eq!(m.marginal(d("900"), d("200")).unwrap(), d("1") + d("0.5") + d("1"));
+        assert_eq!(
+            m.marginal(d("900"), d("200")).unwrap(),
+            d("1") + d("0.5") + d("1")
+        );
     }
 
     #[test]
@@ -458,13 +476,27 @@ mod tests {
 
     #[test]
     fn a_period_is_its_calendar_month() {
-        let t = DateTime::parse_from_rfc3339("2024-02-29T23:00:00Z").unwrap().timestamp();
+        let t = DateTime::parse_from_rfc3339("2024-02-29T23:00:00Z")
+            .unwrap()
+            .timestamp();
         let (start, end) = period_of(t);
-        assert_eq!(DateTime::from_timestamp(start, 0).unwrap().to_rfc3339(), "2024-02-01T00:00:00+00:00");
-        assert_eq!(DateTime::from_timestamp(end, 0).unwrap().to_rfc3339(), "2024-03-01T00:00:00+00:00");
+        assert_eq!(
+            DateTime::from_timestamp(start, 0).unwrap().to_rfc3339(),
+            "2024-02-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            DateTime::from_timestamp(end, 0).unwrap().to_rfc3339(),
+            "2024-03-01T00:00:00+00:00"
+        );
     }
 
-    fn book(id: &str, customer: Option<&str>, from: i64, to: Option<i64>, price: &str) -> PriceBook {
+    fn book(
+        id: &str,
+        customer: Option<&str>,
+        from: i64,
+        to: Option<i64>,
+        price: &str,
+    ) -> PriceBook {
         PriceBook {
             price_book_id: id.into(),
             meter: "m".into(),
@@ -545,8 +577,12 @@ mod tests {
             window_end: start + 60,
             measure: Measure::Unique(values.iter().map(|v| v.to_string()).collect()),
         };
-        let charges =
-            rate_period("c", &[unique(0, &["a", "b"]), unique(60, &["b", "c"])], &[&b]).unwrap();
+        let charges = rate_period(
+            "c",
+            &[unique(0, &["a", "b"]), unique(60, &["b", "c"])],
+            &[&b],
+        )
+        .unwrap();
         assert_eq!(charges[1].amount, d("1"));
         let latest = |start: i64, value: &str| WindowUsage {
             window_start: start,
@@ -558,6 +594,10 @@ mod tests {
             },
         };
         let charges = rate_period("c", &[latest(0, "5"), latest(60, "3")], &[&b]).unwrap();
-        assert_eq!(charges[1].amount, d("-2"), "a window charge may be negative");
+        assert_eq!(
+            charges[1].amount,
+            d("-2"),
+            "a window charge may be negative"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //!      SELECT … FROM pipeline_leases FOR UPDATE       -- fence: still our generation, and progress
 //!                                                     -- exactly where our last commit left it?
 //!      upsert aggregations  (value += Δ, event_count += Δ)
+//!      upsert / delete charges (a window's charge replaced whole)
 //!      insert dead_letters  (ON CONFLICT (topic, partition, offset) DO NOTHING)
 //!      upsert source_offsets (next offset per partition)
 //!      UPDATE pipeline_leases SET committed_epoch = e2
@@ -21,7 +22,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use meterflow_model::{DeadLetter, Duplicate, DuplicateKind, EpochBatch, Item, RowChange};
+use meterflow_model::{
+    ChargeChange, DeadLetter, Duplicate, DuplicateKind, EpochBatch, Item, RowChange,
+};
 use rust_decimal::Decimal;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
@@ -254,6 +257,9 @@ async fn commit(
     }
     if !multiset.is_empty() {
         apply_multiset_rows(&mut tx, &multiset).await?;
+    }
+    if !batch.charges.is_empty() {
+        apply_charges(&mut tx, &batch.charges).await?;
     }
     if !batch.dead_letters.is_empty() {
         insert_dead_letters(&mut tx, &lease.topic, &batch.dead_letters).await?;
@@ -544,6 +550,55 @@ async fn apply_multiset_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Resu
     .bind(touched.iter().map(|t| t.4).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
+    Ok(())
+}
+
+/// Window charges are replaced whole: a window with a new charge (`+1`) is upserted, one whose charge
+/// was only withdrawn (`−1`, e.g. its price book closed) is deleted.
+async fn apply_charges(tx: &mut PgConnection, changes: &[ChargeChange]) -> Result<(), SinkError> {
+    let window = |c: &ChargeChange| (c.0.clone(), c.1.clone(), c.2.window_start);
+    let added: std::collections::HashSet<(String, String, i64)> =
+        changes.iter().filter(|c| c.3 > 0).map(window).collect();
+    let removed: Vec<&ChargeChange> = changes
+        .iter()
+        .filter(|c| c.3 < 0 && !added.contains(&window(c)))
+        .collect();
+    if !removed.is_empty() {
+        sqlx::query(
+            "DELETE FROM charges c USING UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(c, m, s)
+             WHERE c.customer_id = u.c AND c.meter = u.m AND c.window_start = to_timestamp(u.s)",
+        )
+        .bind(removed.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
+        .bind(removed.iter().map(|c| c.1.as_str()).collect::<Vec<_>>())
+        .bind(removed.iter().map(|c| c.2.window_start).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let upserts: Vec<&ChargeChange> = changes.iter().filter(|c| c.3 > 0).collect();
+    if !upserts.is_empty() {
+        sqlx::query(
+            "INSERT INTO charges AS c (customer_id, meter, window_start, window_end, quantity, amount,
+                                       currency, price_book_id)
+             SELECT c, m, to_timestamp(s), to_timestamp(e), q, a, cur, pb
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::numeric[],
+                         $7::text[], $8::text[]) AS u(c, m, s, e, q, a, cur, pb)
+             ON CONFLICT ON CONSTRAINT charges_pkey DO UPDATE
+             SET window_end = excluded.window_end, quantity = excluded.quantity,
+                 amount = excluded.amount, currency = excluded.currency,
+                 price_book_id = excluded.price_book_id,
+                 revision = c.revision + 1, updated_at = now()",
+        )
+        .bind(upserts.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.1.as_str()).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.window_start).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.window_end).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.quantity).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.amount).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.currency.as_str()).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.price_book_id.as_str()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! | `epoch.rs` | the epoch sink: one fenced transaction per batch of completed epochs, results + offsets together |
 //! | `lease.rs` | the writer lease (fencing generation) and the stored source offsets a restart resumes from |
 //! | `store.rs` | meters, and the event-time progress a restart goes on from |
+//! | `price_books.rs` | price books: created and edited with an audit row each, loaded for rating |
 //! | `error.rs` | [`SinkError`], classified transient (retry) or permanent (stop) |
 
 //! ## Recovery (SPEC §9)
@@ -29,6 +30,7 @@ pub mod epoch;
 pub mod error;
 pub mod lease;
 pub mod metrics;
+pub mod price_books;
 pub mod store;
 
 pub use claims::PgClaims;

@@ -1,11 +1,14 @@
-//! What a pipeline reads at start-up and while it runs besides its input: the meters in force and the
-//! event-time progress last committed.
+//! What a pipeline reads at start-up and while it runs besides its input: the meters in force, the
+//! event-time progress last committed, and the committed rows and charges rating starts from.
 
 use std::collections::HashMap;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use meterflow_model::{Aggregation, Meter, Window};
+use meterflow_model::{
+    Aggregate, AggregateKey, Aggregation, Charge, Item, Meter, RatingState, Window,
+};
+use rust_decimal::Decimal;
 use sqlx::{PgConnection, Row};
 
 /// The meters in force (not archived).
@@ -148,4 +151,93 @@ pub async fn set_allowed_lateness(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Everything committed that rating needs (SPEC §9): each sum/count row's total, each max /
+/// unique_count / latest row's multiset of items, and every charge. Read in one snapshot; the caller
+/// holds the writer lease, so nothing commits meanwhile.
+pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let mut state = RatingState::default();
+    let groups = sqlx::query(
+        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint,
+                extract(epoch FROM window_end)::bigint, value, event_count
+         FROM aggregations a
+         WHERE NOT EXISTS (SELECT 1 FROM meters m WHERE m.meter = a.meter
+                           AND m.aggregation IN ('max', 'unique_count', 'latest'))",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for r in groups {
+        let key = AggregateKey {
+            customer_id: r.try_get(0)?,
+            meter: r.try_get(1)?,
+            window_start: r.try_get(2)?,
+            window_end: r.try_get(3)?,
+        };
+        let aggregate = Aggregate {
+            value: r.try_get(4)?,
+            event_count: r.try_get(5)?,
+        };
+        if !aggregate.is_zero() {
+            state.rows.push((key, None, aggregate));
+        }
+    }
+    let items = sqlx::query(
+        "SELECT v.customer_id, v.meter, extract(epoch FROM v.window_start)::bigint,
+                extract(epoch FROM a.window_end)::bigint, v.kind, v.sort_time, v.item, v.num, v.count
+         FROM meter_values v
+         JOIN aggregations a USING (customer_id, meter, window_start)
+         WHERE v.count > 0",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for r in items {
+        let key = AggregateKey {
+            customer_id: r.try_get(0)?,
+            meter: r.try_get(1)?,
+            window_start: r.try_get(2)?,
+            window_end: r.try_get(3)?,
+        };
+        let kind: String = r.try_get(4)?;
+        let text: String = r.try_get(6)?;
+        let num: Option<Decimal> = r.try_get(7)?;
+        let item = match kind.as_str() {
+            "max" => Item::Max(num.unwrap_or_default().normalize()),
+            "unique_count" => Item::Unique(text),
+            _ => Item::Latest {
+                time_micros: r.try_get(5)?,
+                event_id: text,
+                value: num.unwrap_or_default(),
+            },
+        };
+        let usage = Aggregate {
+            value: Decimal::ZERO,
+            event_count: r.try_get(8)?,
+        };
+        state.rows.push((key, Some(item), usage));
+    }
+    let charges = sqlx::query(
+        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint,
+                extract(epoch FROM window_end)::bigint, quantity, amount, currency, price_book_id
+         FROM charges",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for r in charges {
+        let charge = Charge {
+            window_start: r.try_get(2)?,
+            window_end: r.try_get(3)?,
+            quantity: r.try_get(4)?,
+            amount: r.try_get(5)?,
+            currency: r.try_get(6)?,
+            price_book_id: r.try_get(7)?,
+        };
+        state.charges.push((r.try_get(0)?, r.try_get(1)?, charge));
+    }
+    tx.commit().await?;
+    Ok(state)
 }

@@ -1,0 +1,336 @@
+//! Price books in Postgres (SPEC §5): create and edit them, each change audited in the transaction that
+//! makes it, and load them for the pipeline.
+//!
+//! ```text
+//!  create ─► BEGIN ─ INSERT price_books … ON CONFLICT ON CONSTRAINT price_books_no_overlap DO NOTHING
+//!                       no row: another book of the meter and scope overlaps ─► Overlap (rolled back)
+//!                  ─ INSERT price_book_audit ('create', null, after) ─ COMMIT
+//!  edit   ─► BEGIN ─ SELECT … FOR UPDATE ─ edit(before) ─ UPDATE (23P01 price_books_no_overlap ─► Overlap)
+//!                  ─ INSERT price_book_audit ('update', before, after) ─ COMMIT
+//!  load_price_books ─► every book, as meterflow_model::PriceBook (the pipeline's rating input)
+//! ```
+//! Concurrent creations of overlapping books are decided by the exclusion constraint: the insert of the
+//! second waits for the first transaction and then does nothing, so exactly one wins, without deadlocks.
+//! Edits that collide with each other can deadlock on the constraint's index; they are retried.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use meterflow_model::{FieldError, PriceBook, PriceModel};
+use rust_decimal::Decimal;
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{Connection, PgConnection, Row};
+
+/// The exclusion constraint that keeps the books of one meter and customer scope from overlapping.
+pub const OVERLAP_CONSTRAINT: &str = "price_books_no_overlap";
+
+/// A book as stored, with when it was created and last changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredPriceBook {
+    pub book: PriceBook,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Why a book could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PriceBookError {
+    /// Another book of the same meter and customer scope is in force during part of the range.
+    #[error("the range overlaps another price book of the same meter and customer scope")]
+    Overlap {
+        /// The book it overlaps, when it could be found.
+        with: Option<String>,
+    },
+    #[error("no price book has this id")]
+    NotFound,
+    /// The edit is not a valid change of the stored book.
+    #[error("the change is invalid")]
+    Invalid(Vec<FieldError>),
+    #[error("postgres refused the change: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+const COLUMNS: &str =
+    "price_book_id, meter, customer_id, currency, lower(effective), upper(effective), \
+                       model, minimum_per_period, created_at, updated_at";
+
+/// Every price book, for rating.
+pub async fn load_price_books(conn: &mut PgConnection) -> Result<Vec<PriceBook>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM price_books ORDER BY meter, scope, lower(effective)"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(|r| stored(r).map(|s| s.book)).collect()
+}
+
+/// One book by id.
+pub async fn get_price_book(
+    conn: &mut PgConnection,
+    price_book_id: &str,
+) -> Result<Option<StoredPriceBook>, sqlx::Error> {
+    sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM price_books WHERE price_book_id = $1"
+    ))
+    .bind(price_book_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .as_ref()
+    .map(stored)
+    .transpose()
+}
+
+/// Which books a list shows, and where a page starts.
+#[derive(Clone, Debug, Default)]
+pub struct BookFilter<'a> {
+    pub meter: Option<&'a str>,
+    pub customer_id: Option<&'a str>,
+    /// Books in force at some instant of `[from, to)` (either end open when `None`).
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// The (meter, effective_from, price_book_id) of the last book of the previous page.
+    pub after: Option<(&'a str, DateTime<Utc>, &'a str)>,
+    pub limit: i64,
+}
+
+/// Books in (meter, effective_from, price_book_id) order.
+pub async fn list_price_books(
+    conn: &mut PgConnection,
+    filter: &BookFilter<'_>,
+) -> Result<Vec<StoredPriceBook>, sqlx::Error> {
+    let (after_meter, after_from, after_id) = match filter.after {
+        Some((m, f, id)) => (Some(m), Some(f), Some(id)),
+        None => (None, None, None),
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM price_books
+         WHERE ($1::text IS NULL OR meter = $1)
+           AND ($2::text IS NULL OR customer_id = $2)
+           AND effective && tstzrange($3, $4, '[)')
+           AND ($5::text IS NULL OR (meter, lower(effective), price_book_id) > ($5, $6, $7))
+         ORDER BY meter, lower(effective), price_book_id
+         LIMIT $8"
+    ))
+    .bind(filter.meter)
+    .bind(filter.customer_id)
+    .bind(filter.from)
+    .bind(filter.to)
+    .bind(after_meter)
+    .bind(after_from)
+    .bind(after_id)
+    .bind(filter.limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(stored).collect()
+}
+
+/// Stores a new book and its audit row, unless it overlaps another book of its meter and scope.
+pub async fn create_price_book(
+    conn: &mut PgConnection,
+    book: &PriceBook,
+) -> Result<StoredPriceBook, PriceBookError> {
+    let mut tx = conn.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO price_books
+             (price_book_id, meter, customer_id, currency, effective, model, minimum_per_period)
+         VALUES ($1, $2, $3, $4, tstzrange($5, $6, '[)'), $7, $8)
+         ON CONFLICT ON CONSTRAINT price_books_no_overlap DO NOTHING
+         RETURNING created_at, updated_at",
+    )
+    .bind(&book.price_book_id)
+    .bind(&book.meter)
+    .bind(&book.customer_id)
+    .bind(&book.currency)
+    .bind(instant(book.effective_from)?)
+    .bind(book.effective_to.map(instant).transpose()?)
+    .bind(Json(&book.model))
+    .bind(book.minimum_per_period)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = inserted else {
+        let with = overlapping(&mut tx, book).await?;
+        return Err(PriceBookError::Overlap { with });
+    };
+    audit(&mut tx, &book.price_book_id, "create", None, book).await?;
+    tx.commit().await?;
+    Ok(StoredPriceBook {
+        book: book.clone(),
+        created_at: row.try_get(0)?,
+        updated_at: row.try_get(1)?,
+    })
+}
+
+/// Changes a book's `model`, `minimum_per_period` and `effective_to` to those of `edit(stored)` (the rest
+/// of what `edit` returns is ignored), with an audit row. An edit that changes nothing writes nothing.
+/// `edit` may be called again if the transaction has to be retried.
+pub async fn update_price_book(
+    conn: &mut PgConnection,
+    price_book_id: &str,
+    edit: impl Fn(&PriceBook) -> Result<PriceBook, Vec<FieldError>>,
+) -> Result<StoredPriceBook, PriceBookError> {
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        match try_update(conn, price_book_id, &edit).await {
+            Err(PriceBookError::Database(e)) if is_overlap(&e) => {
+                // The failed transaction is gone; find the other book on a fresh one.
+                let book = get_price_book(conn, price_book_id).await?;
+                let with = match book {
+                    Some(b) => edit(&b.book).ok(),
+                    None => None,
+                };
+                let with = match with {
+                    Some(after) => overlapping(conn, &after).await?,
+                    None => None,
+                };
+                return Err(PriceBookError::Overlap { with });
+            }
+            Err(PriceBookError::Database(e)) if attempt < ATTEMPTS && is_retryable(&e) => {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_update(
+    conn: &mut PgConnection,
+    price_book_id: &str,
+    edit: &impl Fn(&PriceBook) -> Result<PriceBook, Vec<FieldError>>,
+) -> Result<StoredPriceBook, PriceBookError> {
+    let mut tx = conn.begin().await?;
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM price_books WHERE price_book_id = $1 FOR UPDATE"
+    ))
+    .bind(price_book_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let before = stored(&row.ok_or(PriceBookError::NotFound)?)?;
+    let edited = edit(&before.book).map_err(PriceBookError::Invalid)?;
+    let after = PriceBook {
+        model: edited.model,
+        minimum_per_period: edited.minimum_per_period,
+        effective_to: edited.effective_to,
+        ..before.book.clone()
+    };
+    if after == before.book {
+        return Ok(before);
+    }
+    let row = sqlx::query(
+        "UPDATE price_books
+         SET model = $2, minimum_per_period = $3, effective = tstzrange(lower(effective), $4, '[)'),
+             updated_at = now()
+         WHERE price_book_id = $1
+         RETURNING updated_at",
+    )
+    .bind(price_book_id)
+    .bind(Json(&after.model))
+    .bind(after.minimum_per_period)
+    .bind(after.effective_to.map(instant).transpose()?)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit(&mut tx, price_book_id, "update", Some(&before.book), &after).await?;
+    tx.commit().await?;
+    Ok(StoredPriceBook {
+        book: after,
+        created_at: before.created_at,
+        updated_at: row.try_get(0)?,
+    })
+}
+
+/// Another book of `book`'s meter and scope whose range meets `book`'s.
+async fn overlapping(
+    conn: &mut PgConnection,
+    book: &PriceBook,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT price_book_id FROM price_books
+         WHERE meter = $1 AND scope = coalesce($2, '') AND price_book_id <> $3
+           AND effective && tstzrange($4, $5, '[)')
+         ORDER BY lower(effective) LIMIT 1",
+    )
+    .bind(&book.meter)
+    .bind(&book.customer_id)
+    .bind(&book.price_book_id)
+    .bind(instant(book.effective_from)?)
+    .bind(book.effective_to.map(instant).transpose()?)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+async fn audit(
+    conn: &mut PgConnection,
+    price_book_id: &str,
+    action: &str,
+    before: Option<&PriceBook>,
+    after: &PriceBook,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO price_book_audit (price_book_id, action, before, after) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(price_book_id)
+    .bind(action)
+    .bind(before.map(audit_record).map(Json))
+    .bind(Json(audit_record(after)))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A book as the audit keeps it: RFC 3339 times, decimals as strings with their digits.
+fn audit_record(book: &PriceBook) -> serde_json::Value {
+    let time = |micros: i64| {
+        DateTime::from_timestamp_micros(micros)
+            .map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    };
+    serde_json::json!({
+        "price_book_id": book.price_book_id,
+        "meter": book.meter,
+        "customer_id": book.customer_id,
+        "currency": book.currency,
+        "effective_from": time(book.effective_from),
+        "effective_to": book.effective_to.and_then(time),
+        "model": book.model,
+        "minimum_per_period": book.minimum_per_period,
+    })
+}
+
+/// Did the exclusion constraint refuse the change (SQLSTATE 23P01 on `price_books_no_overlap`)?
+pub fn is_overlap(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|db| {
+        db.code().as_deref() == Some("23P01") && db.constraint() == Some(OVERLAP_CONSTRAINT)
+    })
+}
+
+/// A deadlock (40P01) or serialization failure (40001): the transaction may simply be run again.
+fn is_retryable(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|c| c == "40P01" || c == "40001")
+}
+
+fn instant(micros: i64) -> Result<DateTime<Utc>, sqlx::Error> {
+    DateTime::from_timestamp_micros(micros).ok_or_else(|| {
+        sqlx::Error::Encode(format!("{micros} µs is outside the representable range").into())
+    })
+}
+
+fn stored(r: &PgRow) -> Result<StoredPriceBook, sqlx::Error> {
+    let from: DateTime<Utc> = r.try_get(4)?;
+    let to: Option<DateTime<Utc>> = r.try_get(5)?;
+    let Json(model): Json<PriceModel> = r.try_get(6)?;
+    let minimum_per_period: Option<Decimal> = r.try_get(7)?;
+    Ok(StoredPriceBook {
+        book: PriceBook {
+            price_book_id: r.try_get(0)?,
+            meter: r.try_get(1)?,
+            customer_id: r.try_get(2)?,
+            currency: r.try_get(3)?,
+            effective_from: from.timestamp_micros(),
+            effective_to: to.map(|t| t.timestamp_micros()),
+            model,
+            minimum_per_period,
+        },
+        created_at: r.try_get(8)?,
+        updated_at: r.try_get(9)?,
+    })
+}
