@@ -8,6 +8,7 @@
 //! | `meter.rs` | [`Meter`], [`MeterSet`]: count/sum/max/unique_count/latest, events → row contributions |
 //! | `aggregate.rs` | [`AggregateKey`], [`Aggregate`]: a row's key, sum + count as a group |
 //! | `price.rs` | [`PriceBook`], [`PriceModel`], [`rate_period`]: period-to-date rating (SPEC §5) |
+//! | `invoice.rs` | [`Customer`], [`Invoice`]: issued invoices, lines, adjustments (SPEC §6) |
 //! | `money.rs` | checked money arithmetic and the one rounding to a currency's minor unit |
 //! | `batch.rs` | [`EpochBatch`]: what one completed epoch hands the sink |
 //! | `json.rs` | exact decimals in JSON: numbers with their digits, never through f64 |
@@ -15,6 +16,7 @@
 pub mod aggregate;
 pub mod batch;
 pub mod event;
+pub mod invoice;
 pub mod json;
 pub mod meter;
 pub mod money;
@@ -31,6 +33,7 @@ pub use event::{
     FieldError, Format, Limits, DEFAULT_RETENTION_MICROS,
 };
 pub use meter::{Aggregation, Contribution, Item, Meter, MeterSet, Skip};
+pub use invoice::{Adjustment, Customer, Invoice, InvoiceLine, InvoiceStatus, LineKind};
 pub use money::MoneyError;
 pub use price::{
     book_for, period_of, rate_period, Charge, Measure, PriceBook, PriceModel, Tier, WindowUsage,
