@@ -230,6 +230,34 @@ async fn charges_follow_late_usage_voids_book_edits_and_customer_books() {
         "quantity: what the window added to the period"
     );
     assert_ne!(feb, now["01 00"]);
+    assert_lines_sum_charges(&api.pool).await;
+}
+
+/// The upcoming-invoice lines the pipeline keeps equal the stored charges summed per line.
+async fn assert_lines_sum_charges(pool: &PgPool) {
+    let query = |sql: &'static str| async move {
+        let rows: Vec<(String, String, String, String, Decimal, Decimal, i64)> =
+            sqlx::query_as(sql).fetch_all(pool).await.unwrap();
+        rows.into_iter()
+            .map(|(c, p, m, b, a, q, w)| ((c, p, m, b), (a.normalize(), q.normalize(), w)))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let lines = query(
+        "SELECT customer_id, period_start::text, meter, price_book_id, amount, quantity, windows
+         FROM upcoming_lines",
+    )
+    .await;
+    let sums = query(
+        "SELECT customer_id, date_trunc('month', window_start AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' || '',
+                meter, price_book_id, sum(amount), sum(quantity), count(*)
+         FROM charges GROUP BY 1, 2, 3, 4",
+    )
+    .await;
+    assert!(!lines.is_empty());
+    assert_eq!(
+        lines, sums,
+        "upcoming-invoice lines are the sums of the charges"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -302,4 +330,5 @@ async fn a_book_changed_while_the_pipeline_was_down_re_rates_exactly_its_windows
         "a window the change does not touch is not rewritten"
     );
     assert_eq!(after["10 10"], before["10 10"]);
+    assert_lines_sum_charges(&api.pool).await;
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use meterflow_model::{
     Aggregate, AggregateKey, Charge, DeadLetter, Duplicate, EpochBatch, Item, LateEvent,
-    PartitionProgress,
+    LineChange, PartitionProgress,
 };
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -37,6 +37,8 @@ pub enum SinkUpdate {
     Row(AggregateKey, Option<Item>, Aggregate),
     /// A window charge of `(customer_id, meter)` appears (+1) or is withdrawn (−1).
     Charge(String, String, Charge, i64),
+    /// An upcoming-invoice line changes by this much.
+    Line(LineChange),
     /// Records of this partition before this offset are reflected.
     Offset(PartitionProgress),
     DeadLetter(DeadLetter),
@@ -158,6 +160,7 @@ pub fn commit_epochs<'scope>(
                                 SinkUpdate::Charge(customer, meter, charge, diff) => {
                                     batch.charges.push((customer, meter, charge, diff))
                                 }
+                                SinkUpdate::Line(line) => batch.lines.push(line),
                                 SinkUpdate::Offset(p) => batch.offsets.push(p),
                                 SinkUpdate::DeadLetter(d) => batch.dead_letters.push(d),
                                 SinkUpdate::Duplicate(d) => batch.duplicates.push(d),

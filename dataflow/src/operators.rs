@@ -13,8 +13,11 @@ use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use differential_dataflow::collection::AsCollection;
+use differential_dataflow::difference::Abelian;
 use differential_dataflow::VecCollection;
-use meterflow_model::{Aggregate, Contribution, Event, LateEvent, PartitionProgress, PriceBook};
+use meterflow_model::{
+    period_of, Aggregate, Contribution, Event, LateEvent, LineChange, PartitionProgress, PriceBook,
+};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, OkErr, Operator};
@@ -24,7 +27,7 @@ use crate::classify::{read_watermark, Classified, SourceItem};
 use crate::commit::SinkUpdate;
 use crate::meters::MeterRegistry;
 use crate::rating::{self, ChargeRow, RowKey};
-use crate::usage::Usage;
+use crate::usage::{LineTotal, Usage};
 
 /// Epoch numbers: each worker advances its inputs to the next epoch every tick.
 pub type Epoch = u64;
@@ -62,6 +65,7 @@ pub fn build<'scope>(
     let scope = items.scope();
     let (contributions, other) = meter(items, context);
     let charges = charge_changes(contributions.clone(), rating);
+    let lines = line_changes(charges.clone());
     let changes = row_changes(contributions);
     scope.concatenate([
         changes.map(|((key, item), epoch, usage)| (epoch, SinkUpdate::Row(key, item, usage.0))),
@@ -71,6 +75,7 @@ pub fn build<'scope>(
                 SinkUpdate::Charge(customer, meter, charge, diff as i64),
             )
         }),
+        lines.map(|(key, epoch, total)| (epoch, SinkUpdate::Line(line_change(key, total)))),
         other,
         markers.map(|(epoch, progress)| (epoch, SinkUpdate::Offset(progress))),
     ])
@@ -176,6 +181,54 @@ fn charge_changes<'scope>(
         .concat(inputs.restored_charges.as_collection().negate())
         .consolidate()
         .inner
+}
+
+/// An upcoming-invoice line: (customer, period start, meter, price book, currency).
+type LineKey = (String, i64, String, String, String);
+
+/// Each epoch's changes of upcoming-invoice lines (SPEC §6): the window charge changes summed per
+/// (customer, period, meter, book). Exchange contract: `consolidate` routes by line, one update per line
+/// and epoch.
+fn line_changes<'scope>(
+    charges: StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
+) -> StreamVec<'scope, Epoch, (LineKey, Epoch, LineTotal)> {
+    charges
+        .map(|((customer, meter, charge), epoch, diff)| {
+            let (period, _) = period_of(charge.window_start);
+            let mut total = LineTotal {
+                amount: charge.amount,
+                quantity: charge.quantity,
+                windows: 1,
+            };
+            if diff < 0 {
+                total.negate();
+            }
+            let key = (
+                customer,
+                period,
+                meter,
+                charge.price_book_id,
+                charge.currency,
+            );
+            (key, epoch, total)
+        })
+        .as_collection()
+        .consolidate()
+        .inner
+}
+
+fn line_change(key: LineKey, total: LineTotal) -> LineChange {
+    let (customer_id, period_start, meter, price_book_id, currency) = key;
+    LineChange {
+        customer_id,
+        period_start,
+        meter,
+        price_book_id,
+        currency,
+        amount: total.amount,
+        quantity: total.quantity,
+        windows: total.windows,
+    }
 }
 
 /// Adds up each epoch's contributions per row (and item). Exchange contract: `consolidate` routes each

@@ -229,6 +229,8 @@ fn random_book_history(rng: &mut SmallRng, steps: usize) -> Vec<Vec<PriceBook>> 
 struct Store {
     rows: BTreeMap<(AggregateKey, Option<Item>), Aggregate>,
     charges: BTreeMap<(String, String, i64), Charge>,
+    /// Upcoming-invoice lines: (customer, period, meter, book) → (amount, quantity, windows).
+    lines: BTreeMap<(String, i64, String, String), (Decimal, Decimal, i64)>,
 }
 
 impl Store {
@@ -238,6 +240,26 @@ impl Store {
             row.checked_add(change).unwrap();
             if row.is_zero() {
                 self.rows.remove(&(key.clone(), item.clone()));
+            }
+        }
+        for l in &batch.lines {
+            let key = (
+                l.customer_id.clone(),
+                l.period_start,
+                l.meter.clone(),
+                l.price_book_id.clone(),
+            );
+            let line = self.lines.entry(key.clone()).or_default();
+            line.0 += l.amount;
+            line.1 += l.quantity;
+            line.2 += l.windows;
+            assert!(line.2 >= 0, "a line never has fewer than no windows");
+            if line.2 == 0 {
+                assert!(
+                    line.0.is_zero() && line.1.is_zero(),
+                    "a line without windows is empty"
+                );
+                self.lines.remove(&key);
             }
         }
         let window =
@@ -269,6 +291,26 @@ impl Store {
                 );
             }
         }
+    }
+
+    /// The lines a sink should hold: the stored charges summed per (customer, period, meter, book).
+    fn lines_from_charges(
+        &self,
+    ) -> BTreeMap<(String, i64, String, String), (Decimal, Decimal, i64)> {
+        let mut lines: BTreeMap<_, (Decimal, Decimal, i64)> = BTreeMap::new();
+        for ((customer, meter, _), c) in &self.charges {
+            let key = (
+                customer.clone(),
+                period_of(c.window_start).0,
+                meter.clone(),
+                c.price_book_id.clone(),
+            );
+            let line = lines.entry(key).or_default();
+            line.0 += c.amount;
+            line.1 += c.quantity;
+            line.2 += 1;
+        }
+        lines
     }
 
     fn state(&self) -> RatingState {
@@ -536,6 +578,11 @@ fn charges_equal_a_reference_rater_for_1_2_and_4_workers() {
                 &expected,
                 &format!("seed {seed}, {workers} workers ({negative} negative charges expected)"),
             );
+            assert_eq!(
+                store.lines,
+                store.lines_from_charges(),
+                "upcoming-invoice lines are the sums of the charges"
+            );
         }
     }
 }
@@ -577,4 +624,5 @@ fn a_restart_from_committed_rows_and_charges_rates_like_an_uninterrupted_run() {
         &reference(&events, history.last().unwrap()),
         "after a restart",
     );
+    assert_eq!(restarted.lines, restarted.lines_from_charges());
 }

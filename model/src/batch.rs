@@ -78,6 +78,34 @@ pub type RowChange = (AggregateKey, Option<Item>, Aggregate);
 /// after consolidation a window has at most one `+1` (its new charge) and one `-1` (its old one).
 pub type ChargeChange = (String, String, Charge, i64);
 
+/// A change to one line of an upcoming invoice: the charges of `(customer_id, period_start, meter,
+/// price_book_id)` in `currency` changed by `amount` and `quantity`, over `windows` more (or fewer)
+/// windows. The line is the sum of its windows' charges; it goes when `windows` reaches 0.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LineChange {
+    pub customer_id: String,
+    /// The billing period's start, seconds since the epoch.
+    pub period_start: i64,
+    pub meter: String,
+    pub price_book_id: String,
+    pub currency: String,
+    pub amount: rust_decimal::Decimal,
+    pub quantity: rust_decimal::Decimal,
+    pub windows: i64,
+}
+
+impl LineChange {
+    fn key(&self) -> (&str, i64, &str, &str, &str) {
+        (
+            &self.customer_id,
+            self.period_start,
+            &self.meter,
+            &self.price_book_id,
+            &self.currency,
+        )
+    }
+}
+
 /// What the pipeline committed before it stopped, loaded when it starts again so rating (which needs
 /// each period's whole usage, not just the new events) goes on from there (SPEC §9).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,6 +125,8 @@ pub struct EpochBatch {
     pub aggregates: Vec<RowChange>,
     /// Changes to window charges, at most one `+1` per window.
     pub charges: Vec<ChargeChange>,
+    /// Changes to upcoming-invoice lines, at most one per line.
+    pub lines: Vec<LineChange>,
     /// For each partition read, how far.
     pub offsets: Vec<PartitionProgress>,
     pub dead_letters: Vec<DeadLetter>,
@@ -113,6 +143,7 @@ impl EpochBatch {
     pub fn is_empty(&self) -> bool {
         self.aggregates.is_empty()
             && self.charges.is_empty()
+            && self.lines.is_empty()
             && self.offsets.is_empty()
             && self.dead_letters.is_empty()
             && self.duplicates.is_empty()
@@ -138,6 +169,27 @@ impl EpochBatch {
         self.aggregates = merged;
         self.charges.extend(later.charges);
         consolidate_charges(&mut self.charges);
+        self.lines.extend(later.lines);
+        self.lines.sort_unstable_by(|a, b| a.key().cmp(&b.key()));
+        let mut lines: Vec<LineChange> = Vec::with_capacity(self.lines.len());
+        for line in self.lines.drain(..) {
+            match lines.last_mut() {
+                Some(last) if last.key() == line.key() => {
+                    last.amount = last
+                        .amount
+                        .checked_add(line.amount)
+                        .ok_or(crate::aggregate::Overflow)?;
+                    last.quantity = last
+                        .quantity
+                        .checked_add(line.quantity)
+                        .ok_or(crate::aggregate::Overflow)?;
+                    last.windows += line.windows;
+                }
+                _ => lines.push(line),
+            }
+        }
+        lines.retain(|l| l.windows != 0 || !l.amount.is_zero() || !l.quantity.is_zero());
+        self.lines = lines;
         for progress in later.offsets {
             match self
                 .offsets

@@ -25,15 +25,15 @@ pub mod window;
 
 pub use aggregate::{Aggregate, AggregateKey};
 pub use batch::{
-    ChargeChange, DeadLetter, Duplicate, DuplicateKind, EpochBatch, LateEvent, PartitionProgress,
-    RatingState, RowChange,
+    ChargeChange, DeadLetter, Duplicate, DuplicateKind, EpochBatch, LateEvent, LineChange,
+    PartitionProgress, RatingState, RowChange,
 };
 pub use event::{
     decode_as, decode_cloudevent, decode_event, sniff_event_id, split_batch, DecodeError, Event,
     FieldError, Format, Limits, DEFAULT_RETENTION_MICROS,
 };
-pub use meter::{Aggregation, Contribution, Item, Meter, MeterSet, Skip};
 pub use invoice::{Adjustment, Customer, Invoice, InvoiceLine, InvoiceStatus, LineKind};
+pub use meter::{Aggregation, Contribution, Item, Meter, MeterSet, Skip};
 pub use money::MoneyError;
 pub use price::{
     book_for, period_of, rate_period, Charge, Measure, PriceBook, PriceModel, Tier, WindowUsage,

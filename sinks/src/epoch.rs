@@ -6,6 +6,7 @@
 //!                                                     -- exactly where our last commit left it?
 //!      upsert aggregations  (value += Δ, event_count += Δ)
 //!      upsert / delete charges (a window's charge replaced whole)
+//!      add to upcoming_lines (Σ charges per customer, period, meter, book)
 //!      insert dead_letters  (ON CONFLICT (topic, partition, offset) DO NOTHING)
 //!      upsert source_offsets (next offset per partition)
 //!      UPDATE pipeline_leases SET committed_epoch = e2
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use meterflow_model::{
-    ChargeChange, DeadLetter, Duplicate, DuplicateKind, EpochBatch, Item, RowChange,
+    ChargeChange, DeadLetter, Duplicate, DuplicateKind, EpochBatch, Item, LineChange, RowChange,
 };
 use rust_decimal::Decimal;
 use sqlx::{ConnectOptions, Connection, PgConnection};
@@ -260,6 +261,9 @@ async fn commit(
     }
     if !batch.charges.is_empty() {
         apply_charges(&mut tx, &batch.charges).await?;
+    }
+    if !batch.lines.is_empty() {
+        apply_lines(&mut tx, &batch.lines).await?;
     }
     if !batch.dead_letters.is_empty() {
         insert_dead_letters(&mut tx, &lease.topic, &batch.dead_letters).await?;
@@ -599,6 +603,47 @@ async fn apply_charges(tx: &mut PgConnection, changes: &[ChargeChange]) -> Resul
         .execute(&mut *tx)
         .await?;
     }
+    Ok(())
+}
+
+/// Upcoming-invoice lines add up their windows' charge changes; a line with no window left goes. As
+/// for `meter_values`, existing lines are updated and new ones inserted (not an upsert: a withdrawal's
+/// proposed row would break the CHECK before the conflict is found).
+async fn apply_lines(tx: &mut PgConnection, lines: &[LineChange]) -> Result<(), SinkError> {
+    sqlx::query(
+        "WITH u AS (
+             SELECT c, to_timestamp(p) AS p, m, b, cur, a, q, w
+             FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::numeric[],
+                         $7::numeric[], $8::bigint[]) AS u(c, p, m, b, cur, a, q, w)
+         ), changed AS (
+             UPDATE upcoming_lines l
+             SET amount = l.amount + u.a, quantity = l.quantity + u.q, windows = l.windows + u.w,
+                 updated_at = now()
+             FROM u
+             WHERE l.customer_id = u.c AND l.period_start = u.p AND l.meter = u.m AND l.price_book_id = u.b
+             RETURNING l.customer_id, l.period_start, l.meter, l.price_book_id
+         )
+         INSERT INTO upcoming_lines (customer_id, period_start, meter, price_book_id, currency, quantity,
+                                     amount, windows)
+         SELECT c, p, m, b, cur, q, a, w FROM u
+         WHERE NOT EXISTS (
+             SELECT 1 FROM changed
+             WHERE changed.customer_id = u.c AND changed.period_start = u.p AND changed.meter = u.m
+               AND changed.price_book_id = u.b)",
+    )
+    .bind(lines.iter().map(|l| l.customer_id.as_str()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.period_start).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.meter.as_str()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.price_book_id.as_str()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.currency.as_str()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.amount).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.quantity).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.windows).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM upcoming_lines WHERE windows = 0")
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 
