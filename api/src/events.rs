@@ -84,7 +84,7 @@ pub async fn post_batch(
         return Err(ApiError::Validation(vec![
             meterflow_model::FieldError::new(
                 "",
-                &format!("a batch holds 1 to {MAX_BATCH_EVENTS} events"),
+                format!("a batch holds 1 to {MAX_BATCH_EVENTS} events"),
             ),
         ]));
     }
@@ -244,7 +244,7 @@ fn limits(state: &AppState) -> Limits {
     }
 }
 
-fn body_error(e: BytesRejection, limit: usize) -> ApiError {
+pub(crate) fn body_error(e: BytesRejection, limit: usize) -> ApiError {
     match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(limit),
         _ => ApiError::BadRequest(e.body_text()),

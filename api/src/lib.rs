@@ -7,14 +7,18 @@
 //! | `ingest.rs` | group commit: queued events stored in one statement, forwarded to Kafka together |
 //! | `events.rs` | also `POST /api/v1/events/batch` and `POST /api/v1/events/{id}/void` |
 //! | `meters.rs` | `POST|GET /api/v1/meters` |
+//! | `price_books.rs` | `POST|GET /api/v1/price-books`, `GET|PATCH /api/v1/price-books/{id}` (audited) |
+//! | `charges.rs` | `GET /api/v1/charges` |
 //! | `progress.rs` | `GET /api/v1/progress`, `POST /api/v1/watermark` |
 //! | `aggregations.rs` | `GET /api/v1/aggregations` (with `include=event_ids`) |
 //! | `dead_letters.rs` | `GET /api/v1/dead-letters` |
 //! | `page.rs` | list envelopes, page sizes, cursors |
+//! | `time.rs` | RFC 3339 instants, and `…T23:59:59.999Z` as the exclusive end that follows |
 //! | `error.rs` | [`ApiError`] → problem+json |
 //! | `metrics.rs` | Prometheus metrics and the request-tracking middleware |
 
 pub mod aggregations;
+pub mod charges;
 pub mod dead_letters;
 pub mod error;
 pub mod events;
@@ -23,7 +27,9 @@ pub mod meters;
 pub mod metrics;
 pub mod outbox;
 pub mod page;
+pub mod price_books;
 pub mod progress;
+pub mod time;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -147,7 +153,20 @@ pub fn app(state: AppState) -> Router {
         .route("/progress", get(progress::progress))
         .route("/watermark", post(progress::advance))
         .route("/aggregations", get(aggregations::list))
-        .route("/dead-letters", get(dead_letters::list));
+        .route("/dead-letters", get(dead_letters::list))
+        .route(
+            "/price-books",
+            post(price_books::create)
+                .get(price_books::list)
+                .layer(DefaultBodyLimit::max(price_books::MAX_BODY_BYTES)),
+        )
+        .route(
+            "/price-books/{price_book_id}",
+            get(price_books::get_one)
+                .patch(price_books::update)
+                .layer(DefaultBodyLimit::max(price_books::MAX_BODY_BYTES)),
+        )
+        .route("/charges", get(charges::list));
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(healthz))

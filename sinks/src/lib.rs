@@ -8,6 +8,7 @@
 //! | `lease.rs` | the writer lease (fencing generation) and the stored source offsets a restart resumes from |
 //! | `store.rs` | meters, and the event-time progress a restart goes on from |
 //! | `price_books.rs` | price books: created and edited with an audit row each, loaded for rating |
+//! | `rerating.rs` | re-rating jobs: recompute a scope from raw events, correct rows, charges, upcoming lines |
 //! | `error.rs` | [`SinkError`], classified transient (retry) or permanent (stop) |
 
 //! ## Recovery (SPEC §9)
@@ -31,6 +32,7 @@ pub mod error;
 pub mod lease;
 pub mod metrics;
 pub mod price_books;
+pub mod rerating;
 pub mod store;
 
 pub use claims::PgClaims;
