@@ -73,10 +73,19 @@ impl PriceModel {
                 if package_size.is_zero() {
                     return Err(MoneyError);
                 }
-                let packages = quantity
+                // The quotient is rounded to 28 digits before `ceil`: correct it by one package
+                // either way so `packages` is exactly the least n with n × size ≥ quantity.
+                let mut packages = quantity
                     .checked_div(*package_size)
                     .ok_or(MoneyError)?
                     .ceil();
+                if money::mul(packages, *package_size)? < quantity {
+                    packages = money::add(packages, Decimal::ONE)?;
+                } else if packages > Decimal::ONE
+                    && money::mul(packages - Decimal::ONE, *package_size)? >= quantity
+                {
+                    packages -= Decimal::ONE;
+                }
                 money::mul(packages, *package_price)
             }
         }
