@@ -42,5 +42,7 @@ CREATE TABLE rerating_jobs (
 CREATE INDEX rerating_jobs_active_idx ON rerating_jobs (created_at) WHERE status IN ('pending', 'running');
 
 -- A re-rating job that corrected stored rows asks the pipeline to reload its rating state from them
--- (so it never later overwrites a corrected row with a stale value): it bumps this counter.
+-- (so it never later overwrites a corrected row with a stale value): it bumps `resync_requested`; the
+-- pipeline sets `resync_done` to the requests its loaded state includes, and the job waits for that.
 ALTER TABLE pipeline_leases ADD COLUMN resync_requested bigint NOT NULL DEFAULT 0;
+ALTER TABLE pipeline_leases ADD COLUMN resync_done bigint NOT NULL DEFAULT 0;

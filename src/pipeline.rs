@@ -65,9 +65,37 @@ pub struct PipelineArgs {
     pub metrics_addr: String,
 }
 
+/// Runs the pipeline until it is caught up (`--until-caught-up`), stopped by a signal, or fails. A
+/// re-rating job that corrected stored rows asks for a resync: the pipeline then commits what it has,
+/// stops its workers and starts again from the corrected state (like a recovery, in-process).
 pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) -> Result<()> {
-    let started = Instant::now();
     let runtime = tokio::runtime::Runtime::new()?;
+    if !args.metrics_addr.is_empty() {
+        serve_metrics(&runtime, &args.metrics_addr);
+    }
+    let shutdown = Arc::new(AtomicBool::new(false));
+    loop {
+        let resync = Arc::new(AtomicBool::new(false));
+        run_once(args, database_url, brokers, topic, &runtime, &shutdown, &resync)?;
+        if !resync.load(Ordering::Relaxed) || shutdown.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        eprintln!("pipeline: a re-rating job corrected the stored state; reloading it");
+    }
+}
+
+fn run_once(
+    args: &PipelineArgs,
+    database_url: &str,
+    brokers: &str,
+    topic: &str,
+    runtime: &tokio::runtime::Runtime,
+    shutdown: &Arc<AtomicBool>,
+    resync: &Arc<AtomicBool>,
+) -> Result<()> {
+    let started = Instant::now();
+    // Set by a signal, a resync request, or never: the workers commit what they have and return.
+    let stop = Arc::new(AtomicBool::new(false));
     runtime.block_on(kafka::ensure_topic(
         brokers,
         topic,
@@ -81,7 +109,7 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
         Some(path) => read_meters_file(path)?,
         None => Vec::new(),
     };
-    let (lease, start_offsets, (watermark, event_times), meters, rating) = runtime.block_on(async {
+    let (lease, start_offsets, (watermark, event_times), meters, rating, resyncs) = runtime.block_on(async {
         let mut conn = PgConnection::connect(database_url).await.with_context(|| {
             format!("cannot connect to Postgres at {database_url}; is it running and migrated?")
         })?;
@@ -120,11 +148,15 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
         } else {
             None
         };
-        anyhow::Ok((lease, offsets, times, meters, rating))
+        let resyncs = store::resync_requests(&mut conn, topic).await?;
+        if leader {
+            store::resync_done(&mut conn, topic, resyncs).await?;
+        }
+        anyhow::Ok((lease, offsets, times, meters, rating, resyncs))
     })?;
     let rating = rating.map(|(state, books)| {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        spawn_book_poller(database_url, books.clone(), tx);
+        spawn_book_poller(database_url, books.clone(), tx, stop.clone());
         RatingFeed {
             state,
             books,
@@ -133,10 +165,7 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
     });
     let shared_watermark = new_watermark(watermark);
     let registry = MeterRegistry::new(MeterSet::new(meters));
-    spawn_meter_poller(database_url, registry.clone())?;
-    if !args.metrics_addr.is_empty() {
-        serve_metrics(&runtime, &args.metrics_addr);
-    }
+    spawn_meter_poller(database_url, registry.clone(), stop.clone())?;
 
     // The writer thread (process 0 only) and its channels to worker 0.
     let (sink, writer) = match lease {
@@ -166,8 +195,14 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
         None => (None, None),
     };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    runtime.spawn(stop_on_signal(stop.clone()));
+    runtime.spawn(stop_on_signal(stop.clone(), shutdown.clone()));
+    spawn_resync_watcher(
+        database_url,
+        topic,
+        resyncs,
+        stop.clone(),
+        resync.clone(),
+    );
 
     let source = SourceConfig {
         brokers: brokers.to_owned(),
@@ -314,7 +349,11 @@ fn read_meters_file(path: &std::path::Path) -> Result<Vec<Meter>> {
 
 /// Reloads the meters every second, so a meter created through the API applies to the events processed
 /// after it (SPEC §4).
-fn spawn_meter_poller(database_url: &str, registry: MeterRegistry) -> Result<()> {
+fn spawn_meter_poller(
+    database_url: &str,
+    registry: MeterRegistry,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     let url = database_url.to_owned();
     std::thread::Builder::new()
         .name("meter-poller".into())
@@ -326,7 +365,7 @@ fn spawn_meter_poller(database_url: &str, registry: MeterRegistry) -> Result<()>
                 return;
             };
             let mut known = registry.current().len();
-            loop {
+            while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_secs(1));
                 let loaded = runtime.block_on(async {
                     let mut conn = PgConnection::connect(&url).await?;
@@ -358,6 +397,7 @@ fn spawn_book_poller(
     database_url: &str,
     initial: Vec<PriceBook>,
     updates: crossbeam_channel::Sender<Vec<PriceBook>>,
+    stop: Arc<AtomicBool>,
 ) {
     let url = database_url.to_owned();
     let spawned = std::thread::Builder::new()
@@ -371,7 +411,7 @@ fn spawn_book_poller(
             };
             let mut known = initial;
             let mut conn: Option<PgConnection> = None;
-            loop {
+            while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(500));
                 let loaded = runtime.block_on(async {
                     if conn.is_none() {
@@ -425,10 +465,58 @@ fn serve_metrics(runtime: &tokio::runtime::Runtime, addr: &str) {
     });
 }
 
-async fn stop_on_signal(stop: Arc<AtomicBool>) {
+async fn stop_on_signal(stop: Arc<AtomicBool>, shutdown: Arc<AtomicBool>) {
     crate::shutdown_signal().await;
     tracing::info!("stopping: closing the current epoch and committing what is done");
+    shutdown.store(true, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
+}
+
+/// Watches for a re-rating job's resync request (`pipeline_leases.resync_requested` moving past
+/// `seen`): then sets `resync` and stops this run, so `run` starts again from the corrected state. Ends
+/// with the run.
+fn spawn_resync_watcher(
+    database_url: &str,
+    topic: &str,
+    seen: i64,
+    stop: Arc<AtomicBool>,
+    resync: Arc<AtomicBool>,
+) {
+    let url = database_url.to_owned();
+    let topic = topic.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("resync-watch".into())
+        .spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            let mut conn: Option<PgConnection> = None;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                let requested = runtime.block_on(async {
+                    if conn.is_none() {
+                        conn = Some(PgConnection::connect(&url).await?);
+                    }
+                    let c = conn.as_mut().expect("connected above");
+                    store::resync_requests(c, &topic).await
+                });
+                match requested {
+                    Ok(n) if n != seen => {
+                        tracing::info!("a re-rating job corrected stored rows; reloading rating state");
+                        resync.store(true, Ordering::Relaxed);
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => conn = None,
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot watch for re-rating resyncs");
+    }
 }
 
 fn timely_config(args: &PipelineArgs) -> Result<timely::Config> {

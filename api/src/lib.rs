@@ -12,6 +12,7 @@
 //! | `progress.rs` | `GET /api/v1/progress`, `POST /api/v1/watermark` |
 //! | `aggregations.rs` | `GET /api/v1/aggregations` (with `include=event_ids`) |
 //! | `dead_letters.rs` | `GET /api/v1/dead-letters` |
+//! | `rerating.rs` | `POST /api/v1/rerating-jobs`, `GET /api/v1/rerating-jobs/{id}` and the job runner |
 //! | `page.rs` | list envelopes, page sizes, cursors |
 //! | `time.rs` | RFC 3339 instants, and `…T23:59:59.999Z` as the exclusive end that follows |
 //! | `error.rs` | [`ApiError`] → problem+json |
@@ -29,6 +30,7 @@ pub mod outbox;
 pub mod page;
 pub mod price_books;
 pub mod progress;
+pub mod rerating;
 pub mod time;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -85,6 +87,8 @@ pub struct AppState {
     pub watermark: Arc<AtomicI64>,
     /// Where accepted events queue to be stored and forwarded (group commit).
     pub ingester: ingest::Ingester,
+    /// Wakes the re-rating runner when a job is queued.
+    pub rerating_wake: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
@@ -115,7 +119,12 @@ impl AppState {
             published,
             watermark,
             ingester: ingest::Ingester::start(state_rx),
+            rerating_wake: Arc::new(tokio::sync::Notify::new()),
         };
+        tokio::spawn(rerating::runner(
+            state.pool.clone(),
+            state.rerating_wake.clone(),
+        ));
         let _ = state_tx.send(state.clone());
         state
     }
@@ -166,7 +175,9 @@ pub fn app(state: AppState) -> Router {
                 .patch(price_books::update)
                 .layer(DefaultBodyLimit::max(price_books::MAX_BODY_BYTES)),
         )
-        .route("/charges", get(charges::list));
+        .route("/charges", get(charges::list))
+        .route("/rerating-jobs", post(rerating::create))
+        .route("/rerating-jobs/{job_id}", get(rerating::get));
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(healthz))

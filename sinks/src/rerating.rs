@@ -144,6 +144,30 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
     Ok(outcome)
 }
 
+/// Waits until every running pipeline (one that committed within the last 5 s) has reloaded the state
+/// a job corrected; a stopped pipeline reloads it when it starts. False if `within` passed first.
+pub async fn wait_for_resync(
+    conn: &mut PgConnection,
+    within: std::time::Duration,
+) -> Result<bool, sqlx::Error> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pipeline_leases
+             WHERE resync_done < resync_requested AND committed_at > now() - interval '5 seconds'",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        if pending == 0 {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// The rows the scope's counted events make with today's meters: only events the pipeline has
 /// committed (claimed below the committed offsets) and not voided by a committed void.
 async fn expected_rows(

@@ -241,3 +241,23 @@ pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, s
     tx.commit().await?;
     Ok(state)
 }
+
+/// How many resyncs re-rating jobs have requested of the pipeline on `topic` (see `rerating.rs`).
+pub async fn resync_requests(conn: &mut PgConnection, topic: &str) -> Result<i64, sqlx::Error> {
+    let n: Option<i64> =
+        sqlx::query_scalar("SELECT resync_requested FROM pipeline_leases WHERE topic = $1")
+            .bind(topic)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(n.unwrap_or(0))
+}
+
+/// Records that the pipeline's loaded state includes the first `done` resync requests.
+pub async fn resync_done(conn: &mut PgConnection, topic: &str, done: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE pipeline_leases SET resync_done = GREATEST(resync_done, $2) WHERE topic = $1")
+        .bind(topic)
+        .bind(done)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
