@@ -224,13 +224,16 @@ fn random_book_history(rng: &mut SmallRng, steps: usize) -> Vec<Vec<PriceBook>> 
     history
 }
 
+/// Upcoming-invoice lines: (customer, period, meter, book) → (amount, quantity, windows).
+type Lines = BTreeMap<(String, i64, String, String), (Decimal, Decimal, i64)>;
+
 /// The stored state a sink keeps: rows (group totals and multiset items) and charges.
 #[derive(Default)]
 struct Store {
     rows: BTreeMap<(AggregateKey, Option<Item>), Aggregate>,
     charges: BTreeMap<(String, String, i64), Charge>,
     /// Upcoming-invoice lines: (customer, period, meter, book) → (amount, quantity, windows).
-    lines: BTreeMap<(String, i64, String, String), (Decimal, Decimal, i64)>,
+    lines: Lines,
 }
 
 impl Store {
@@ -296,7 +299,7 @@ impl Store {
     /// The lines a sink should hold: the stored charges summed per (customer, period, meter, book).
     fn lines_from_charges(
         &self,
-    ) -> BTreeMap<(String, i64, String, String), (Decimal, Decimal, i64)> {
+    ) -> Lines {
         let mut lines: BTreeMap<_, (Decimal, Decimal, i64)> = BTreeMap::new();
         for ((customer, meter, _), c) in &self.charges {
             let key = (

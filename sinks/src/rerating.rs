@@ -65,7 +65,7 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
     sqlx::query("SELECT topic FROM pipeline_leases ORDER BY topic FOR UPDATE")
         .fetch_all(&mut *tx)
         .await?;
-    let meters = store::load_meters(&mut *tx).await?;
+    let meters = store::load_meters(&mut tx).await?;
     let multiset: BTreeSet<String> = meters
         .iter()
         .filter(|m| {
@@ -104,7 +104,7 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
         .chain(stored.keys())
         .map(|k| (k.customer_id.clone(), k.meter.clone(), period_of(k.window_start).0))
         .collect();
-    let books = price_books::load_price_books(&mut *tx).await?;
+    let books = price_books::load_price_books(&mut tx).await?;
     for (customer, meter, period) in &periods {
         let (checked, changed, before, after) =
             rerate_period(&mut tx, customer, meter, *period, &books, &multiset).await?;
