@@ -72,6 +72,7 @@ CREATE TABLE charges (
     CONSTRAINT charges_quantity_finite CHECK (quantity <> 'NaN'::numeric),
     CONSTRAINT charges_amount_finite CHECK (amount <> 'NaN'::numeric),
     CONSTRAINT charges_window_ordered CHECK (window_end > window_start)
-);
+) WITH (fillfactor = 70);
+-- Room on each page (fillfactor) lets a re-rated charge be a HOT update: no index changes.
 CREATE INDEX charges_meter_window_idx ON charges (meter, window_start);
 CREATE INDEX charges_window_idx ON charges (window_start);

@@ -1,42 +1,71 @@
 //! `meterflow`: one binary, one subcommand per job (SPEC §10).
 
+mod config;
+mod invoice_run;
 mod kafka;
 mod loadgen;
 mod pipeline;
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::config::{Config, LogFormat};
+
 /// Usage metering and billing: Kafka → timely/differential → Postgres → HTTP.
+///
+/// Configuration: defaults < TOML file (--config) < MF_* environment < flags; `meterflow config
+/// --print-defaults` lists and documents every key.
 #[derive(Debug, Parser)]
 #[command(name = "meterflow", version, about)]
 struct Cli {
-    /// Postgres connection string.
-    #[arg(
-        long,
-        env = "MF_DATABASE_URL",
-        default_value = "postgres://meterflow@127.0.0.1:5432/meterflow",
-        global = true
-    )]
-    database_url: String,
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "MF_KAFKA_BROKERS",
-        default_value = "127.0.0.1:9092",
-        global = true
-    )]
-    brokers: String,
-    /// The events topic (created with 8 partitions if missing).
-    #[arg(
-        long,
-        env = "MF_EVENTS_TOPIC",
-        default_value = "meterflow.events",
-        global = true
-    )]
-    topic: String,
+    /// TOML configuration file; unknown keys are refused [env: MF_CONFIG].
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Postgres connection string (database.url) [env: MF_DATABASE_URL]. A password only through
+    /// the environment.
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+    /// Kafka bootstrap servers (kafka.brokers) [env: MF_KAFKA_BROKERS].
+    #[arg(long, global = true)]
+    brokers: Option<String>,
+    /// The events topic, created with 8 partitions if missing (kafka.events_topic) [env:
+    /// MF_EVENTS_TOPIC].
+    #[arg(long, global = true)]
+    topic: Option<String>,
+    /// Log filter, e.g. `info` or `warn,meterflow_api=debug` (log.level) [env: MF_LOG].
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log lines as text or JSON objects (log.format) [env: MF_LOG_FORMAT].
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    /// The configuration keys set by the flags given, as `(key, value)`.
+    fn overrides(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let mut flag = |key: &'static str, value: Option<String>| {
+            if let Some(value) = value {
+                out.push((key, value));
+            }
+        };
+        flag("database.url", self.database_url.clone());
+        flag("kafka.brokers", self.brokers.clone());
+        flag("kafka.events_topic", self.topic.clone());
+        flag("log.level", self.log_level.clone());
+        flag("log.format", self.log_format.clone());
+        match &self.command {
+            Command::Api(args) => flag("api.addr", args.addr.clone()),
+            Command::Pipeline(args) => args.overrides(&mut flag),
+            _ => {}
+        }
+        out
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,39 +74,99 @@ enum Command {
     Migrate,
     /// Run the streaming pipeline: read events from Kafka, aggregate, commit to Postgres exactly once.
     Pipeline(pipeline::PipelineArgs),
-    /// Serve the HTTP API.
-    Api {
-        /// Address to listen on.
-        #[arg(long, env = "MF_API_ADDR", default_value = "127.0.0.1:3000")]
-        addr: String,
-    },
+    /// Serve the HTTP API (until SIGTERM or Ctrl-C: then finish what is in flight and exit 0).
+    Api(ApiArgs),
     /// Produce a realistic mix of usage events to Kafka.
     Loadgen(loadgen::LoadgenArgs),
+    /// Issue every registered customer's invoice for a billing period (resumable; progress on stderr,
+    /// summary on stdout).
+    InvoiceRun(invoice_run::InvoiceRunArgs),
+    /// Show the configuration: every key documented with its default, or the effective values.
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// Address to listen on (api.addr) [env: MF_API_ADDR; default 127.0.0.1:3000].
+    #[arg(long)]
+    addr: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct ConfigArgs {
+    /// Print every key with its default, environment variable, flag and meaning, as TOML (this is
+    /// deploy/meterflow.example.toml).
+    #[arg(long)]
+    print_defaults: bool,
+    /// Print the effective configuration (file, environment and flags applied), the password masked.
+    #[arg(long)]
+    print: bool,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MF_LOG")
-                .unwrap_or_else(|_| "info,sqlx=warn,librdkafka=warn,rdkafka::client=off".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Command::Config(ConfigArgs {
+        print_defaults: true,
+        ..
+    }) = &cli.command
+    {
+        print!("{}", config::render_defaults());
+        return Ok(());
+    }
+    let env = |name: &str| std::env::var(name).ok();
+    let file = cli.config.clone().or_else(|| {
+        env("MF_CONFIG")
+            .filter(|f| !f.is_empty())
+            .map(PathBuf::from)
+    });
+    let loaded = config::load(file.as_deref(), &env, &cli.overrides())?;
+    let cfg = &loaded.config;
+    if let Command::Config(_) = &cli.command {
+        print!("{}", config::render_effective(&loaded));
+        return Ok(());
+    }
+    init_logging(&cfg.log)?;
+    let (url, brokers, topic) = (
+        cfg.database.url.expose(),
+        cfg.kafka.brokers.as_str(),
+        cfg.kafka.events_topic.as_str(),
+    );
     match &cli.command {
-        Command::Migrate => migrate(&cli.database_url),
-        Command::Pipeline(args) => pipeline::run(args, &cli.database_url, &cli.brokers, &cli.topic),
-        Command::Api { addr } => api(&cli, addr),
-        Command::Loadgen(args) => loadgen::run(args, &cli.brokers, &cli.topic),
+        Command::Migrate => migrate(cfg),
+        Command::Pipeline(args) => pipeline::run(args, cfg),
+        Command::Api(_) => api(cfg),
+        Command::Loadgen(args) => loadgen::run(args, brokers, topic),
+        Command::InvoiceRun(args) => invoice_run::run(args, url, topic),
+        Command::Config(_) => Ok(()),
     }
 }
 
-fn migrate(database_url: &str) -> Result<()> {
+/// Structured logs on stderr: text, or one JSON object per line carrying its spans' fields (so every
+/// line of an HTTP request carries the request's `request_id`).
+fn init_logging(log: &config::LogConfig) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
+        .with_context(|| format!("log.level {:?}", log.level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
+    Ok(())
+}
+
+fn migrate(cfg: &Config) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let pool = connect(database_url, 1).await?;
+        let pool = connect(cfg, 1, Duration::ZERO).await?;
         meterflow_sinks::MIGRATOR
             .run(&pool)
             .await
@@ -90,30 +179,85 @@ fn migrate(database_url: &str) -> Result<()> {
     })
 }
 
-async fn connect(database_url: &str, max: u32) -> Result<sqlx::PgPool> {
+/// A pool of `max` connections; `statement_timeout` (zero: none) applies to every statement on them.
+async fn connect(cfg: &Config, max: u32, statement_timeout: Duration) -> Result<sqlx::PgPool> {
+    let masked = cfg.database.url.masked();
+    let options = meterflow_api::connect_options(cfg.database.url.expose(), statement_timeout)
+        .with_context(|| format!("database.url {masked} is not a valid Postgres URL"))?;
     meterflow_api::pool_options(max)
-        .connect(database_url)
+        .connect_with(options)
         .await
-        .with_context(|| format!("cannot connect to Postgres at {database_url}; is it running? (deploy/local/up starts it)"))
+        .with_context(|| format!("cannot connect to Postgres at {masked}; is it running? (deploy/local/up starts it)"))
 }
 
-fn api(cli: &Cli, addr: &str) -> Result<()> {
+fn api(cfg: &Config) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        kafka::ensure_topic(&cli.brokers, &cli.topic, kafka::DEFAULT_PARTITIONS).await?;
-        let pool = connect(&cli.database_url, 32).await?;
-        let producer = kafka::producer_config(&cli.brokers)
-            .create()
-            .context("creating the Kafka producer")?;
-        let state = meterflow_api::AppState::new(pool, producer, cli.topic.clone());
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        tracing::info!(%addr, topic = %cli.topic, "api listening");
-        meterflow_api::serve(listener, state, shutdown_signal()).await?;
-        tracing::info!("api stopped");
-        Ok(())
-    })
+    let result = runtime.block_on(serve_api(cfg));
+    // Whatever is still running (a readiness probe's metadata call) is abandoned after a moment.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+/// Serves the API until SIGTERM or Ctrl-C, then shuts down gracefully: stop accepting connections,
+/// finish the requests in flight, store and forward every event already accepted, flush Kafka.
+async fn serve_api(cfg: &Config) -> Result<()> {
+    let (brokers, topic, addr) = (&cfg.kafka.brokers, &cfg.kafka.events_topic, &cfg.api.addr);
+    kafka::ensure_topic(brokers, topic, kafka::DEFAULT_PARTITIONS).await?;
+    let statement_timeout = Duration::from_millis(cfg.api.statement_timeout_ms);
+    let pool = connect(cfg, cfg.api.max_connections, statement_timeout).await?;
+    let producer: rdkafka::producer::FutureProducer = kafka::producer_config(brokers)
+        .create()
+        .context("creating the Kafka producer")?;
+    let settings = meterflow_api::Settings {
+        request_timeout: Duration::from_secs(cfg.api.request_timeout_secs),
+        max_event_bytes: cfg.api.max_event_bytes,
+        max_batch_bytes: cfg.api.max_batch_bytes,
+    };
+    let state =
+        meterflow_api::AppState::with_settings(pool, producer.clone(), topic.clone(), settings);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, %topic, "api listening");
+
+    let grace = Duration::from_secs(cfg.api.shutdown_timeout_secs);
+    let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown_signal().await;
+        tracing::info!(
+            "stopping: no new connections; finishing the requests in flight and the accepted events"
+        );
+        let _ = signalled_tx.send(());
+    };
+    let stopped = async {
+        meterflow_api::serve(listener, state.clone(), signal).await?;
+        state.drain().await;
+        anyhow::Ok(())
+    };
+    let overdue = async {
+        if signalled.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        stopped = stopped => stopped?,
+        () = overdue => {
+            tracing::error!(seconds = grace.as_secs(), "requests still in flight after api.shutdown_timeout_secs; exiting");
+            anyhow::bail!("shutdown took longer than api.shutdown_timeout_secs ({} s)", grace.as_secs());
+        }
+    }
+    let producer_flushed =
+        tokio::task::spawn_blocking(move || rdkafka::producer::Producer::flush(&producer, grace))
+            .await;
+    if !matches!(producer_flushed, Ok(Ok(()))) {
+        tracing::warn!(
+            "the Kafka producer did not flush; the outbox relay will resend what it held"
+        );
+    }
+    tracing::info!("api stopped");
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM: the one shutdown path of the API and the pipeline.
@@ -130,4 +274,32 @@ pub(crate) async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    fn longs(command: &clap::Command, out: &mut Vec<String>) {
+        out.extend(
+            command
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(|l| format!("--{l}"))),
+        );
+        for sub in command.get_subcommands() {
+            longs(sub, out);
+        }
+    }
+
+    #[test]
+    fn every_flag_the_configuration_documents_exists() {
+        super::Cli::command().debug_assert();
+        let mut flags = Vec::new();
+        longs(&super::Cli::command(), &mut flags);
+        for key in crate::config::KEYS {
+            if let Some(flag) = key.flag {
+                assert!(flags.iter().any(|f| f == flag), "{flag} ({})", key.path);
+            }
+        }
+    }
 }

@@ -20,13 +20,16 @@ use meterflow_model::{Limits, Meter, MeterSet, PriceBook};
 use meterflow_sinks::{price_books, store, PgClaims};
 use sqlx::{Connection, PgConnection};
 
+use crate::config::Config;
 use crate::kafka;
 
+/// The pipeline's flags: per-process ones, and those that override `[pipeline]` keys of the configuration
+/// (src/config.rs documents each).
 #[derive(Debug, clap::Args)]
 pub struct PipelineArgs {
-    /// Timely worker threads in this process.
-    #[arg(long, short = 'w', default_value_t = 1)]
-    pub workers: usize,
+    /// Timely worker threads in this process (pipeline.workers) [env: MF_PIPELINE_WORKERS; default 1].
+    #[arg(long, short = 'w')]
+    pub workers: Option<usize>,
     /// Processes in the timely cluster.
     #[arg(long, default_value_t = 1)]
     pub processes: usize,
@@ -39,44 +42,73 @@ pub struct PipelineArgs {
     /// Stop once everything in the topic at start-up is committed (backfills, tests, benchmarks).
     #[arg(long)]
     pub until_caught_up: bool,
-    /// How often an epoch closes, i.e. how often results are committed.
-    #[arg(long, default_value_t = 250)]
-    pub epoch_ms: u64,
-    /// Allowed out-of-orderness: a partition's watermark trails its greatest event time by this much.
-    #[arg(long, env = "MF_OUT_OF_ORDERNESS_MS", default_value_t = 5_000)]
-    pub out_of_orderness_ms: u64,
-    /// Allowed lateness: a window is finalized once the watermark passes its end plus this.
-    #[arg(long, env = "MF_ALLOWED_LATENESS_SECS", default_value_t = 3_600)]
-    pub allowed_lateness_secs: u64,
-    /// A partition with no records for this long stops holding the watermark back.
-    #[arg(long, env = "MF_IDLE_TIMEOUT_SECS", default_value_t = 10)]
-    pub idle_timeout_secs: u64,
+    /// How often an epoch closes, i.e. how often results are committed (pipeline.epoch_ms) [env:
+    /// MF_PIPELINE_EPOCH_MS; default 250].
+    #[arg(long)]
+    pub epoch_ms: Option<u64>,
+    /// Allowed out-of-orderness: a partition's watermark trails its greatest event time by this much
+    /// (pipeline.out_of_orderness_ms) [env: MF_OUT_OF_ORDERNESS_MS; default 5000].
+    #[arg(long)]
+    pub out_of_orderness_ms: Option<u64>,
+    /// Allowed lateness: a window is finalized once the watermark passes its end plus this
+    /// (pipeline.allowed_lateness_secs) [env: MF_ALLOWED_LATENESS_SECS; default 3600].
+    #[arg(long)]
+    pub allowed_lateness_secs: Option<u64>,
+    /// A partition with no records for this long stops holding the watermark back
+    /// (pipeline.idle_timeout_secs) [env: MF_IDLE_TIMEOUT_SECS; default 10].
+    #[arg(long)]
+    pub idle_timeout_secs: Option<u64>,
     /// A JSON file with meter definitions (an array of `{"meter","event_type","aggregation",
     /// "value_property","window"}`), created at start-up if missing; more can be added with
-    /// POST /api/v1/meters while running.
-    #[arg(long, env = "MF_METERS_FILE")]
+    /// POST /api/v1/meters while running (pipeline.meters_file) [env: MF_METERS_FILE].
+    #[arg(long)]
     pub meters: Option<std::path::PathBuf>,
-    /// Where to serve the pipeline's Prometheus metrics (empty: nowhere).
-    #[arg(
-        long,
-        env = "MF_PIPELINE_METRICS_ADDR",
-        default_value = "127.0.0.1:9464"
-    )]
-    pub metrics_addr: String,
+    /// Where to serve the pipeline's Prometheus metrics; empty: nowhere (pipeline.metrics_addr) [env:
+    /// MF_PIPELINE_METRICS_ADDR; default 127.0.0.1:9464].
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
+}
+
+impl PipelineArgs {
+    /// Hands each configuration key a flag sets to `flag`.
+    pub fn overrides(&self, flag: &mut dyn FnMut(&'static str, Option<String>)) {
+        flag("pipeline.workers", self.workers.map(|v| v.to_string()));
+        flag("pipeline.epoch_ms", self.epoch_ms.map(|v| v.to_string()));
+        flag(
+            "pipeline.out_of_orderness_ms",
+            self.out_of_orderness_ms.map(|v| v.to_string()),
+        );
+        flag(
+            "pipeline.allowed_lateness_secs",
+            self.allowed_lateness_secs.map(|v| v.to_string()),
+        );
+        flag(
+            "pipeline.idle_timeout_secs",
+            self.idle_timeout_secs.map(|v| v.to_string()),
+        );
+        flag(
+            "pipeline.meters_file",
+            self.meters
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+        );
+        flag("pipeline.metrics_addr", self.metrics_addr.clone());
+    }
 }
 
 /// Runs the pipeline until it is caught up (`--until-caught-up`), stopped by a signal, or fails. A
 /// re-rating job that corrected stored rows asks for a resync: the pipeline then commits what it has,
 /// stops its workers and starts again from the corrected state (like a recovery, in-process).
-pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) -> Result<()> {
+pub fn run(args: &PipelineArgs, cfg: &Config) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
-    if !args.metrics_addr.is_empty() {
-        serve_metrics(&runtime, &args.metrics_addr);
+    meterflow_sinks::metrics::register_all();
+    if !cfg.pipeline.metrics_addr.is_empty() {
+        serve_metrics(&runtime, &cfg.pipeline.metrics_addr);
     }
     let shutdown = Arc::new(AtomicBool::new(false));
     loop {
         let resync = Arc::new(AtomicBool::new(false));
-        run_once(args, database_url, brokers, topic, &runtime, &shutdown, &resync)?;
+        run_once(args, cfg, &runtime, &shutdown, &resync)?;
         if !resync.load(Ordering::Relaxed) || shutdown.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -86,13 +118,16 @@ pub fn run(args: &PipelineArgs, database_url: &str, brokers: &str, topic: &str) 
 
 fn run_once(
     args: &PipelineArgs,
-    database_url: &str,
-    brokers: &str,
-    topic: &str,
+    cfg: &Config,
     runtime: &tokio::runtime::Runtime,
     shutdown: &Arc<AtomicBool>,
     resync: &Arc<AtomicBool>,
 ) -> Result<()> {
+    let (database_url, brokers, topic) = (
+        cfg.database.url.expose(),
+        cfg.kafka.brokers.as_str(),
+        cfg.kafka.events_topic.as_str(),
+    );
     let started = Instant::now();
     // Set by a signal, a resync request, or never: the workers commit what they have and return.
     let stop = Arc::new(AtomicBool::new(false));
@@ -104,14 +139,17 @@ fn run_once(
     let partitions = kafka::partition_count(brokers, topic)?;
 
     let leader = args.process == 0;
-    let lateness_micros = args.allowed_lateness_secs as i64 * 1_000_000;
-    let file_meters = match &args.meters {
-        Some(path) => read_meters_file(path)?,
+    let lateness_micros = cfg.pipeline.allowed_lateness_secs as i64 * 1_000_000;
+    let file_meters = match cfg.pipeline.meters_file() {
+        Some(path) => read_meters_file(&path)?,
         None => Vec::new(),
     };
     let (lease, start_offsets, (watermark, event_times), meters, rating, resyncs) = runtime.block_on(async {
         let mut conn = PgConnection::connect(database_url).await.with_context(|| {
-            format!("cannot connect to Postgres at {database_url}; is it running and migrated?")
+            format!(
+                "cannot connect to Postgres at {}; is it running and migrated?",
+                cfg.database.url.masked()
+            )
         })?;
         for meter in &file_meters {
             anyhow::ensure!(
@@ -196,13 +234,7 @@ fn run_once(
     };
 
     runtime.spawn(stop_on_signal(stop.clone(), shutdown.clone()));
-    spawn_resync_watcher(
-        database_url,
-        topic,
-        resyncs,
-        stop.clone(),
-        resync.clone(),
-    );
+    spawn_resync_watcher(database_url, topic, resyncs, stop.clone(), resync.clone());
 
     let source = SourceConfig {
         brokers: brokers.to_owned(),
@@ -215,14 +247,17 @@ fn run_once(
         watermark: shared_watermark.clone(),
     };
     let config = WorkerConfig {
-        epoch_interval: Duration::from_millis(args.epoch_ms),
+        epoch_interval: Duration::from_millis(cfg.pipeline.epoch_ms),
         watermarks: WatermarkConfig {
-            out_of_orderness_micros: args.out_of_orderness_ms as i64 * 1_000,
-            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+            out_of_orderness_micros: cfg.pipeline.out_of_orderness_ms as i64 * 1_000,
+            idle_timeout: Duration::from_secs(cfg.pipeline.idle_timeout_secs),
             initial: event_times,
         },
         ..WorkerConfig::default()
     };
+    if leader {
+        spawn_lag_monitor(cfg, partitions, config.epochs_behind.clone(), stop.clone());
+    }
     let context = GraphContext {
         meters: registry,
         watermark: shared_watermark,
@@ -231,7 +266,7 @@ fn run_once(
     let database_url_owned = database_url.to_owned();
     let sink = Arc::new(Mutex::new(sink));
     let rating = Arc::new(Mutex::new(rating));
-    let guards = timely::execute(timely_config(args)?, move |worker| {
+    let guards = timely::execute(timely_config(args, cfg.pipeline.workers)?, move |worker| {
         let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
         let claims = PgClaims::new(&database_url_owned).map_err(|e| e.to_string())?;
         let (reader, _handle) =
@@ -442,6 +477,93 @@ fn spawn_book_poller(
     }
 }
 
+/// Every 2 s until `stop`: each partition's consumer lag (its end offset in Kafka minus the offset the sink
+/// committed in Postgres), the records committed since, and worker 0's epoch lag, as Prometheus
+/// metrics. Runs on the leader (process 0) only, which alone commits; a failed look-up keeps the last
+/// values and tries again. It starts after the first interval, out of the way of the start-up.
+fn spawn_lag_monitor(
+    cfg: &Config,
+    partitions: i32,
+    epochs_behind: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+) {
+    use meterflow_sinks::metrics;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let url = cfg.database.url.expose().to_owned();
+    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.events_topic.clone());
+    let spawned = std::thread::Builder::new()
+        .name("lag-monitor".into())
+        .spawn(move || {
+            // Sleeps in short steps so a stop is noticed promptly; false once stopped.
+            let pause = || {
+                for _ in 0..20 {
+                    if stop.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                !stop.load(Ordering::Relaxed)
+            };
+            if !pause() {
+                return;
+            }
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            let consumer: BaseConsumer = match kafka::client_config(&brokers).create() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot create the Kafka client of the lag monitor; no consumer lag metrics");
+                    return;
+                }
+            };
+            let mut conn: Option<PgConnection> = None;
+            let mut committed_before: Option<i64> = None;
+            loop {
+                metrics::EPOCHS_BEHIND.set(epochs_behind.load(Ordering::Relaxed) as i64);
+                let stored = runtime.block_on(async {
+                    if conn.is_none() {
+                        conn = Some(PgConnection::connect(&url).await?);
+                    }
+                    let c = conn.as_mut().expect("connected above");
+                    meterflow_sinks::stored_offsets(c, &topic).await
+                });
+                match stored {
+                    Ok(offsets) => {
+                        let mut committed_sum = 0;
+                        for p in 0..partitions {
+                            let Ok((low, high)) =
+                                consumer.fetch_watermarks(&topic, p, Duration::from_secs(5))
+                            else {
+                                continue;
+                            };
+                            let committed = offsets.get(&p).copied().unwrap_or(low);
+                            committed_sum += committed;
+                            metrics::CONSUMER_LAG
+                                .with_label_values(&[&p.to_string()])
+                                .set((high - committed).max(0));
+                        }
+                        if let Some(before) = committed_before {
+                            metrics::COMMITTED_RECORDS.inc_by((committed_sum - before).max(0) as u64);
+                        }
+                        committed_before = Some(committed_sum);
+                    }
+                    Err(_) => conn = None,
+                }
+                if !pause() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the lag monitor; no consumer lag metrics");
+    }
+}
+
 /// Serves the pipeline's Prometheus metrics; a busy address is reported, not fatal.
 fn serve_metrics(runtime: &tokio::runtime::Runtime, addr: &str) {
     let addr = addr.to_owned();
@@ -505,7 +627,9 @@ fn spawn_resync_watcher(
                 });
                 match requested {
                     Ok(n) if n != seen => {
-                        tracing::info!("a re-rating job corrected stored rows; reloading rating state");
+                        tracing::info!(
+                            "a re-rating job corrected stored rows; reloading rating state"
+                        );
                         resync.store(true, Ordering::Relaxed);
                         stop.store(true, Ordering::Relaxed);
                     }
@@ -519,7 +643,7 @@ fn spawn_resync_watcher(
     }
 }
 
-fn timely_config(args: &PipelineArgs) -> Result<timely::Config> {
+fn timely_config(args: &PipelineArgs, workers: usize) -> Result<timely::Config> {
     let communication = if args.processes > 1 {
         let path = args
             .hostfile
@@ -545,14 +669,14 @@ fn timely_config(args: &PipelineArgs) -> Result<timely::Config> {
             "--process must be below --processes"
         );
         timely::CommunicationConfig::Cluster {
-            threads: args.workers,
+            threads: workers,
             process: args.process,
             addresses,
             report: false,
             zerocopy: false,
         }
-    } else if args.workers > 1 {
-        timely::CommunicationConfig::Process(args.workers)
+    } else if workers > 1 {
+        timely::CommunicationConfig::Process(workers)
     } else {
         timely::CommunicationConfig::Thread
     };

@@ -42,7 +42,13 @@ async fn an_overlapping_job_is_refused_until_the_first_finishes() {
     let api = spawn_api().await;
     let _pipeline = spawn_pipeline(&api.url, &api.topic, 2, &["--epoch-ms", "50"]);
     for i in 0..5 {
-        let e = event(&format!("r{i}"), "cust_123", "api_call", "2024-01-10T10:00:00Z", "2");
+        let e = event(
+            &format!("r{i}"),
+            "cust_123",
+            "api_call",
+            "2024-01-10T10:00:00Z",
+            "2",
+        );
         assert_eq!(api.post_event(&e).await.status(), StatusCode::CREATED);
     }
     api.wait_caught_up(WAIT).await;
@@ -61,7 +67,10 @@ async fn an_overlapping_job_is_refused_until_the_first_finishes() {
 
     let done = wait_for_job(&api, first["job_id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "succeeded", "{done}");
-    assert_eq!(done["to"], "2024-02-01T00:00:00.000Z", "…23:59:59.999Z means the next instant");
+    assert_eq!(
+        done["to"], "2024-02-01T00:00:00.000Z",
+        "…23:59:59.999Z means the next instant"
+    );
     assert!(done["windows_checked"].as_i64().unwrap() >= 1, "{done}");
     assert_eq!(done["windows_changed"], 0, "nothing had drifted: {done}");
     let again = start_job(&api, &scope).await;
@@ -69,7 +78,11 @@ async fn an_overlapping_job_is_refused_until_the_first_finishes() {
     let again: Value = again.json().await.unwrap();
     assert_eq!(again["status"], "pending");
 
-    let bad = start_job(&api, &json!({"from": "2024-02-01T00:00:00Z", "to": "2024-01-01T00:00:00Z"})).await;
+    let bad = start_job(
+        &api,
+        &json!({"from": "2024-02-01T00:00:00Z", "to": "2024-01-01T00:00:00Z"}),
+    )
+    .await;
     let problem = expect_problem(bad, StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED").await;
     assert!(problem.to_string().contains("\"to\""), "{problem}");
     expect_problem(
@@ -106,7 +119,10 @@ async fn a_job_restores_tampered_rows_and_the_pipeline_rates_on_from_the_correct
     let api = spawn_api().await;
     let meters = json!({"meter": "peak", "event_type": "gauge", "aggregation": "max",
                         "value_property": "value", "window": "hour"});
-    assert_eq!(api.post_json("/api/v1/meters", &meters).await.status(), StatusCode::CREATED);
+    assert_eq!(
+        api.post_json("/api/v1/meters", &meters).await.status(),
+        StatusCode::CREATED
+    );
     for (id, meter, price) in [("pb_calls", "api_call", "0.5"), ("pb_peak", "peak", "1")] {
         sqlx::query(
             "INSERT INTO price_books (price_book_id, meter, currency, effective, model)
@@ -153,10 +169,17 @@ async fn a_job_restores_tampered_rows_and_the_pipeline_rates_on_from_the_correct
     }
     let _pipeline = spawn_pipeline(&api.url, &api.topic, 3, &["--epoch-ms", "50"]);
     api.wait_caught_up(WAIT).await;
-    assert_ne!(business_state(&api.pool).await, truth, "the tampering shows");
+    assert_ne!(
+        business_state(&api.pool).await,
+        truth,
+        "the tampering shows"
+    );
 
-    let job = start_job(&api, &json!({"customer_ids": ["cust_t"], "from": "2024-01-10T10:30:00Z",
-                                      "to": "2024-01-10T11:00:00Z", "reason": "drift"}))
+    let job = start_job(
+        &api,
+        &json!({"customer_ids": ["cust_t"], "from": "2024-01-10T10:30:00Z",
+                                      "to": "2024-01-10T11:00:00Z", "reason": "drift"}),
+    )
     .await;
     assert_eq!(job.status(), StatusCode::ACCEPTED);
     let job: Value = job.json().await.unwrap();
@@ -184,7 +207,10 @@ async fn a_job_restores_tampered_rows_and_the_pipeline_rates_on_from_the_correct
         if (value.as_str(), amount.as_str()) == ("5", "2.5") {
             break;
         }
-        assert!(Instant::now() < deadline, "value {value}, charge {amount}: expected 5 and 2.5");
+        assert!(
+            Instant::now() < deadline,
+            "value {value}, charge {amount}: expected 5 and 2.5"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // And the peak meter's period-to-date: 10:00 max 7, 11:00 max 9 again → charges 7 and 2.

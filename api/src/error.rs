@@ -27,6 +27,9 @@ pub enum ApiError {
     Conflict(&'static str, String),
     #[error("{0} is unavailable; retry shortly")]
     Unavailable(&'static str),
+    /// Not answered within the request timeout (`api.request_timeout_secs`).
+    #[error("the request was not answered within {0} s; retry shortly")]
+    Timeout(u64),
     #[error("internal error")]
     Internal(String),
 }
@@ -74,6 +77,11 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UNAVAILABLE",
                 "Service unavailable",
+            ),
+            ApiError::Timeout(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "TIMEOUT",
+                "Request timeout",
             ),
             ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -30,9 +30,9 @@ use serde::Serialize;
 use crate::error::ApiError;
 use crate::AppState;
 
-/// The largest single-event body (SPEC §8).
+/// The largest single-event body by default (SPEC §8; `api.max_event_bytes`).
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
-/// The largest batch body (SPEC §8).
+/// The largest batch body by default (SPEC §8; `api.max_batch_bytes`).
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// The most events in one batch.
 pub const MAX_BATCH_EVENTS: usize = 1000;
@@ -43,7 +43,7 @@ pub async fn post_event(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let format = content_format(&headers)?;
-    let body = body.map_err(|e| body_error(e, MAX_EVENT_BYTES))?;
+    let body = body.map_err(|e| body_error(e, state.settings.max_event_bytes))?;
     let now = Utc::now();
     let event = match decode_as(format, &body, now.timestamp_micros(), &limits(&state)) {
         Ok(event) => event,
@@ -78,7 +78,7 @@ pub async fn post_batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let format = content_format(&headers)?;
-    let body = body.map_err(|e| body_error(e, MAX_BATCH_BYTES))?;
+    let body = body.map_err(|e| body_error(e, state.settings.max_batch_bytes))?;
     let items = split_batch(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     if items.is_empty() || items.len() > MAX_BATCH_EVENTS {
         return Err(ApiError::Validation(vec![

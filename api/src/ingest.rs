@@ -11,8 +11,10 @@
 //! Within a batch the first copy of an id is stored and any later copy answers 409, exactly as if the
 //! requests had come one after the other.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use meterflow_model::Event;
@@ -34,34 +36,52 @@ pub(crate) struct Request {
 
 /// The handle requests use; the task behind it runs until the API stops.
 #[derive(Clone)]
-pub struct Ingester(mpsc::Sender<Request>);
+pub struct Ingester {
+    queue: mpsc::Sender<Request>,
+    /// Events handed over and not yet stored and forwarded (or refused): what a shutdown waits for.
+    unfinished: Arc<AtomicUsize>,
+}
 
 impl Ingester {
     /// Starts the ingest task on the current runtime.
     pub(crate) fn start(state_rx: oneshot::Receiver<AppState>) -> Self {
         let (tx, rx) = mpsc::channel(16_384);
+        let unfinished = Arc::new(AtomicUsize::new(0));
+        let counter = unfinished.clone();
         tokio::spawn(async move {
             if let Ok(state) = state_rx.await {
-                run(state, rx).await;
+                run(state, rx, counter).await;
             }
         });
-        Ingester(tx)
+        Ingester {
+            queue: tx,
+            unfinished,
+        }
     }
 
-    /// Makes `event` durable and unique, forwards it to Kafka, and says how that went.
+    /// Makes `event` durable and unique, forwards it to Kafka, and says how that went. Once handed
+    /// over, the event is stored and forwarded even if the caller goes away.
     pub async fn accept(&self, event: Event) -> Result<(), ApiError> {
         let (reply, answer) = oneshot::channel();
-        self.0
-            .send(Request { event, reply })
-            .await
-            .map_err(|_| ApiError::Unavailable("the ingest queue"))?;
+        self.unfinished.fetch_add(1, Ordering::AcqRel);
+        if self.queue.send(Request { event, reply }).await.is_err() {
+            self.unfinished.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::Unavailable("the ingest queue"));
+        }
         answer
             .await
             .unwrap_or(Err(ApiError::Unavailable("the ingest queue")))
     }
+
+    /// Waits until every event handed over so far is stored and forwarded, or refused.
+    pub async fn drain(&self) {
+        while self.unfinished.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
-async fn run(state: AppState, mut rx: mpsc::Receiver<Request>) {
+async fn run(state: AppState, mut rx: mpsc::Receiver<Request>, unfinished: Arc<AtomicUsize>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -70,8 +90,11 @@ async fn run(state: AppState, mut rx: mpsc::Receiver<Request>) {
         };
         let state = state.clone();
         let requests = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+        let unfinished = unfinished.clone();
         tokio::spawn(async move {
+            let n = requests.len();
             store_and_forward(&state, requests).await;
+            unfinished.fetch_sub(n, Ordering::AcqRel);
             drop(slot);
         });
     }
@@ -114,19 +137,17 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
         }
     });
     let outcomes = futures::future::join_all(sends).await;
+    let mut ingested: HashMap<String, u64> = HashMap::new();
     for (r, outcome) in firsts.into_iter().zip(outcomes) {
         if outcome.is_ok() {
             // Waits (rather than drops) when the outbox cleaner lags: a row left behind would be
             // relayed again, which the pipeline's dedup absorbs, but costs a record.
             let _ = state.published.send(r.event.event_id.clone()).await;
-            state
-                .metrics
-                .events_ingested
-                .with_label_values(&[r.event.event_type.as_str()])
-                .inc();
+            *ingested.entry(r.event.event_type.clone()).or_default() += 1;
         }
         let _ = r.reply.send(outcome);
     }
+    state.metrics.count_ingested(&ingested);
 }
 
 /// Stores the claims, raw events and outbox rows of a batch in one statement; returns the ids stored

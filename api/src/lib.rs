@@ -12,20 +12,28 @@
 //! | `progress.rs` | `GET /api/v1/progress`, `POST /api/v1/watermark` |
 //! | `aggregations.rs` | `GET /api/v1/aggregations` (with `include=event_ids`) |
 //! | `dead_letters.rs` | `GET /api/v1/dead-letters` |
+//! | `customers.rs` | `POST|GET /api/v1/customers`, `GET|PATCH /api/v1/customers/{id}`, `GET …/{id}/upcoming-invoice` |
+//! | `invoices.rs` | `POST|GET /api/v1/invoices`, `GET /api/v1/invoices/{id}`, `POST …/{id}/void`, `GET …/{id}/document` |
+//! | `invoice_runs.rs` | `POST /api/v1/invoice-runs`, `GET /api/v1/invoice-runs/{id}`, background runs and their sweeper |
 //! | `rerating.rs` | `POST /api/v1/rerating-jobs`, `GET /api/v1/rerating-jobs/{id}` and the job runner |
 //! | `page.rs` | list envelopes, page sizes, cursors |
 //! | `time.rs` | RFC 3339 instants, and `…T23:59:59.999Z` as the exclusive end that follows |
 //! | `error.rs` | [`ApiError`] → problem+json |
 //! | `metrics.rs` | Prometheus metrics and the request-tracking middleware |
+//! | `middleware.rs` | request ids (and the span every log line of a request carries), request timeouts |
 
 pub mod aggregations;
 pub mod charges;
+pub mod customers;
 pub mod dead_letters;
 pub mod error;
 pub mod events;
 pub mod ingest;
+pub mod invoice_runs;
+pub mod invoices;
 pub mod meters;
 pub mod metrics;
+pub mod middleware;
 pub mod outbox;
 pub mod page;
 pub mod price_books;
@@ -45,7 +53,6 @@ use axum::{Json, Router};
 use meterflow_model::Limits;
 use rdkafka::producer::{FutureProducer, Producer};
 use sqlx::PgPool;
-use tokio::sync::mpsc;
 
 pub use error::ApiError;
 pub use metrics::Metrics;
@@ -72,6 +79,44 @@ pub fn pool_options(max_connections: u32) -> sqlx::postgres::PgPoolOptions {
         .acquire_timeout(Duration::from_secs(3))
 }
 
+/// Connection options for `url` with a Postgres `statement_timeout` on every connection (zero: none).
+/// A statement cancelled by it fails with SQLSTATE 57014, which the API answers 503.
+pub fn connect_options(
+    url: &str,
+    statement_timeout: Duration,
+) -> Result<sqlx::postgres::PgConnectOptions, sqlx::Error> {
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    Ok(if statement_timeout.is_zero() {
+        options
+    } else {
+        options.options([(
+            "statement_timeout",
+            format!("{}ms", statement_timeout.as_millis()),
+        )])
+    })
+}
+
+/// The API's tunables (the `[api]` section of the configuration).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// A request not answered within this is answered 503 `TIMEOUT`.
+    pub request_timeout: Duration,
+    /// Largest body of `POST /api/v1/events`.
+    pub max_event_bytes: usize,
+    /// Largest body of `POST /api/v1/events/batch`.
+    pub max_batch_bytes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            request_timeout: Duration::from_secs(30),
+            max_event_bytes: events::MAX_EVENT_BYTES,
+            max_batch_bytes: events::MAX_BATCH_BYTES,
+        }
+    }
+}
+
 /// Everything a request handler may use.
 #[derive(Clone)]
 pub struct AppState {
@@ -81,7 +126,7 @@ pub struct AppState {
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
     /// Ids of events Kafka acknowledged, whose outbox rows can go.
-    pub published: mpsc::Sender<String>,
+    pub published: outbox::Acks,
     /// The pipeline's committed watermark (µs; `i64::MIN` before any), refreshed every second: events
     /// older than it minus the retention are refused (SPEC §2).
     pub watermark: Arc<AtomicI64>,
@@ -89,12 +134,24 @@ pub struct AppState {
     pub ingester: ingest::Ingester,
     /// Wakes the re-rating runner when a job is queued.
     pub rerating_wake: Arc<tokio::sync::Notify>,
+    pub settings: Settings,
 }
 
 impl AppState {
-    /// Builds the state and starts the outbox's background tasks on the current runtime.
+    /// Builds the state with the default [`Settings`] and starts the outbox's background tasks on the
+    /// current runtime.
     pub fn new(pool: PgPool, producer: FutureProducer, topic: String) -> Self {
-        let (published, acked) = mpsc::channel(100_000);
+        Self::with_settings(pool, producer, topic, Settings::default())
+    }
+
+    /// [`AppState::new`] with these settings.
+    pub fn with_settings(
+        pool: PgPool,
+        producer: FutureProducer,
+        topic: String,
+        settings: Settings,
+    ) -> Self {
+        let (published, acked) = outbox::Acks::channel(100_000);
         tokio::spawn(outbox::forget_published(pool.clone(), acked));
         tokio::spawn(outbox::relay(
             pool.clone(),
@@ -120,13 +177,23 @@ impl AppState {
             watermark,
             ingester: ingest::Ingester::start(state_rx),
             rerating_wake: Arc::new(tokio::sync::Notify::new()),
+            settings,
         };
         tokio::spawn(rerating::runner(
             state.pool.clone(),
             state.rerating_wake.clone(),
         ));
+        tokio::spawn(invoice_runs::sweep_unfinished(state.pool.clone()));
         let _ = state_tx.send(state.clone());
         state
+    }
+
+    /// Waits until every event handed to the ingester is stored and forwarded to Kafka (or refused),
+    /// and the outbox rows of those Kafka acknowledged are cleared: after this, stopping the process
+    /// leaves nothing for the outbox relay to resend. Call it once the server stopped taking requests.
+    pub async fn drain(&self) {
+        self.ingester.drain().await;
+        self.published.drain().await;
     }
 }
 
@@ -151,11 +218,11 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route(
             "/events",
-            post(events::post_event).layer(DefaultBodyLimit::max(events::MAX_EVENT_BYTES)),
+            post(events::post_event).layer(DefaultBodyLimit::max(state.settings.max_event_bytes)),
         )
         .route(
             "/events/batch",
-            post(events::post_batch).layer(DefaultBodyLimit::max(events::MAX_BATCH_BYTES)),
+            post(events::post_batch).layer(DefaultBodyLimit::max(state.settings.max_batch_bytes)),
         )
         .route("/events/{event_id}/void", post(events::void_event))
         .route("/meters", post(meters::create).get(meters::list))
@@ -177,17 +244,57 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/charges", get(charges::list))
         .route("/rerating-jobs", post(rerating::create))
-        .route("/rerating-jobs/{job_id}", get(rerating::get));
+        .route("/rerating-jobs/{job_id}", get(rerating::get))
+        .route(
+            "/customers",
+            post(customers::create)
+                .get(customers::list)
+                .layer(DefaultBodyLimit::max(customers::MAX_BODY_BYTES)),
+        )
+        .route(
+            "/customers/{customer_id}",
+            get(customers::get_one)
+                .patch(customers::update)
+                .layer(DefaultBodyLimit::max(customers::MAX_BODY_BYTES)),
+        )
+        .route(
+            "/customers/{customer_id}/upcoming-invoice",
+            get(customers::upcoming),
+        )
+        .route(
+            "/invoices",
+            post(invoices::issue)
+                .get(invoices::list)
+                .layer(DefaultBodyLimit::max(invoices::MAX_BODY_BYTES)),
+        )
+        .route("/invoices/{invoice_id}", get(invoices::get_one))
+        .route(
+            "/invoices/{invoice_id}/void",
+            post(invoices::void).layer(DefaultBodyLimit::max(invoices::MAX_BODY_BYTES)),
+        )
+        .route("/invoices/{invoice_id}/document", get(invoices::document))
+        .route(
+            "/invoice-runs",
+            post(invoice_runs::create).layer(DefaultBodyLimit::max(invoices::MAX_BODY_BYTES)),
+        )
+        .route("/invoice-runs/{run_id}", get(invoice_runs::get_one));
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::NotFound })
+        // Outermost last: the request id wraps everything (its span covers the metrics and the
+        // handler), the metrics see the timeout's 503s.
+        .layer(axum::middleware::from_fn_with_state(
+            state.settings.request_timeout,
+            middleware::timeout,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
         ))
+        .layer(axum::middleware::from_fn(middleware::request_id))
         .with_state(state)
 }
 

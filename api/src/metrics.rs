@@ -1,6 +1,8 @@
 //! The API's Prometheus metrics, defined once, with bounded labels (route templates, never raw paths or
 //! customer ids), and the middleware that records every request.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -17,7 +19,13 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     pub http_requests: IntCounterVec,
     pub events_ingested: IntCounterVec,
+    /// The event types with a series of their own so far (at most [`MAX_EVENT_TYPE_LABELS`]).
+    event_types: Mutex<HashSet<String>>,
 }
+
+/// Event types are chosen by clients: past this many distinct ones, further types are counted as
+/// `other`, so the label stays bounded.
+pub const MAX_EVENT_TYPE_LABELS: usize = 200;
 
 impl Metrics {
     pub fn new() -> Self {
@@ -50,6 +58,29 @@ impl Metrics {
             http_duration,
             http_requests,
             events_ingested,
+            event_types: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Adds a batch's accepted events, counted per event type, to `events_ingested_total`.
+    pub fn count_ingested(&self, per_type: &HashMap<String, u64>) {
+        if per_type.is_empty() {
+            return;
+        }
+        let mut known = self
+            .event_types
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (event_type, n) in per_type {
+            let label = if known.contains(event_type) {
+                event_type.as_str()
+            } else if known.len() < MAX_EVENT_TYPE_LABELS {
+                known.insert(event_type.clone());
+                event_type.as_str()
+            } else {
+                "other"
+            };
+            self.events_ingested.with_label_values(&[label]).inc_by(*n);
         }
     }
 
@@ -86,4 +117,29 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
         .observe(started.elapsed().as_secs_f64());
     state.metrics.http_requests.with_label_values(&labels).inc();
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_type_labels_are_bounded() {
+        let metrics = Metrics::new();
+        for i in 0..MAX_EVENT_TYPE_LABELS + 50 {
+            metrics.count_ingested(&HashMap::from([(format!("type_{i}"), 2)]));
+        }
+        let families = metrics.registry.gather();
+        let ingested = families
+            .iter()
+            .find(|f| f.name() == "events_ingested_total")
+            .unwrap();
+        assert_eq!(ingested.get_metric().len(), MAX_EVENT_TYPE_LABELS + 1);
+        let other = ingested
+            .get_metric()
+            .iter()
+            .find(|m| m.get_label()[0].value() == "other")
+            .unwrap();
+        assert_eq!(other.get_counter().get_value(), 100.0);
+    }
 }

@@ -1,6 +1,8 @@
 //! The event outbox's two background tasks: deleting rows whose events Kafka acknowledged (in batches, off
 //! the request path), and relaying rows left behind by a crash.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
@@ -8,10 +10,58 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgPool, Row};
 use tokio::sync::mpsc;
 
+/// Where the ids of events Kafka acknowledged go to have their outbox rows cleared; counts the ids not
+/// cleared yet, so a shutdown can wait for them.
+#[derive(Clone)]
+pub struct Acks {
+    tx: mpsc::Sender<String>,
+    pending: Arc<AtomicUsize>,
+}
+
+/// The receiving side of [`Acks`], for [`forget_published`].
+pub struct AckReceiver {
+    rx: mpsc::Receiver<String>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl Acks {
+    /// A bounded channel of acknowledged ids.
+    pub fn channel(capacity: usize) -> (Acks, AckReceiver) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let pending = Arc::new(AtomicUsize::new(0));
+        (
+            Acks {
+                tx,
+                pending: pending.clone(),
+            },
+            AckReceiver { rx, pending },
+        )
+    }
+
+    /// Queues `event_id`'s outbox row for deletion; waits while the queue is full.
+    pub async fn send(&self, event_id: String) -> Result<(), mpsc::error::SendError<String>> {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let sent = self.tx.send(event_id).await;
+        if sent.is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        sent
+    }
+
+    /// Waits until every queued id has been dealt with (its row deleted, or the deletion failed and
+    /// the relay will resend it).
+    pub async fn drain(&self) {
+        while self.pending.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// Deletes acknowledged outbox rows, up to 1000 per statement.
-pub async fn forget_published(pool: PgPool, mut acked: mpsc::Receiver<String>) {
+pub async fn forget_published(pool: PgPool, acked: AckReceiver) {
+    let AckReceiver { mut rx, pending } = acked;
     let mut ids = Vec::with_capacity(1000);
-    while acked.recv_many(&mut ids, 1000).await > 0 {
+    while rx.recv_many(&mut ids, 1000).await > 0 {
         if let Err(e) =
             sqlx::query("DELETE FROM event_outbox WHERE kind = 'event' AND event_id = ANY($1)")
                 .bind(&ids)
@@ -20,6 +70,7 @@ pub async fn forget_published(pool: PgPool, mut acked: mpsc::Receiver<String>) {
         {
             tracing::warn!(error = %e, rows = ids.len(), "could not clear published outbox rows; the relay will resend them");
         }
+        pending.fetch_sub(ids.len(), Ordering::AcqRel);
         ids.clear();
     }
 }

@@ -213,6 +213,11 @@ async fn run_next(pool: &PgPool) -> Result<bool, sqlx::Error> {
         to_micros: row.try_get(3)?,
     };
     let mut conn = pool.acquire().await?;
+    // A job reads far more than a request: the pool's statement timeout (api.statement_timeout_ms)
+    // does not apply to it. RESET restores the pool's value before the connection goes back.
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
     let result = match rerating::rerate(&mut conn, &scope).await {
         // Done once the running pipeline has reloaded what the job corrected.
         Ok(outcome) => rerating::wait_for_resync(&mut conn, Duration::from_secs(120))
@@ -220,10 +225,21 @@ async fn run_next(pool: &PgPool) -> Result<bool, sqlx::Error> {
             .map(|confirmed| (outcome, confirmed)),
         Err(e) => Err(e),
     };
+    if sqlx::query("RESET statement_timeout")
+        .execute(&mut *conn)
+        .await
+        .is_err()
+    {
+        // Never hand the pool a connection without its timeout.
+        drop(conn.detach());
+    }
     match result {
         Ok((outcome, confirmed)) => {
             if !confirmed {
-                tracing::warn!(job_id, "the pipeline did not confirm reloading within 120 s");
+                tracing::warn!(
+                    job_id,
+                    "the pipeline did not confirm reloading within 120 s"
+                );
             }
             tracing::info!(job_id, ?outcome, "re-rating job succeeded");
             sqlx::query(

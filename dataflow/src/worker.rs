@@ -3,7 +3,8 @@
 //! `max_inflight_epochs` ahead of the sink, and stop cleanly. Building the graph is `operators::build`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
@@ -28,6 +29,9 @@ pub struct WorkerConfig {
     pub max_inflight_epochs: u64,
     /// How worker 0 derives the event-time watermark.
     pub watermarks: WatermarkConfig,
+    /// Where worker 0 publishes how many epochs its inputs are ahead of the sink's last commit (the
+    /// binary exports it as `epoch_frontier_lag`).
+    pub epochs_behind: Arc<AtomicU64>,
 }
 
 impl Default for WorkerConfig {
@@ -36,6 +40,7 @@ impl Default for WorkerConfig {
             epoch_interval: Duration::from_millis(250),
             max_inflight_epochs: 8,
             watermarks: WatermarkConfig::default(),
+            epochs_behind: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -109,6 +114,9 @@ pub fn run_worker(
         // How many epochs the sink (every worker's, via the probe) has yet to commit.
         let committed = probe.with_frontier(|f| f.first().copied()).unwrap_or(epoch);
         let behind = epoch.saturating_sub(committed);
+        if worker.index() == 0 {
+            config.epochs_behind.store(behind, Ordering::Relaxed);
+        }
         if reader_open && behind < config.max_inflight_epochs {
             for _ in 0..16 {
                 match reader.try_recv() {

@@ -297,9 +297,7 @@ impl Store {
     }
 
     /// The lines a sink should hold: the stored charges summed per (customer, period, meter, book).
-    fn lines_from_charges(
-        &self,
-    ) -> Lines {
+    fn lines_from_charges(&self) -> Lines {
         let mut lines: BTreeMap<_, (Decimal, Decimal, i64)> = BTreeMap::new();
         for ((customer, meter, _), c) in &self.charges {
             let key = (

@@ -8,7 +8,7 @@
 //! | `meter.rs` | [`Meter`], [`MeterSet`]: count/sum/max/unique_count/latest, events → row contributions |
 //! | `aggregate.rs` | [`AggregateKey`], [`Aggregate`]: a row's key, sum + count as a group |
 //! | `price.rs` | [`PriceBook`], [`PriceModel`], [`rate_period`]: period-to-date rating (SPEC §5) |
-//! | `invoice.rs` | [`Customer`], [`Invoice`]: issued invoices, lines, adjustments (SPEC §6) |
+//! | `invoice.rs` | [`Customer`], [`Invoice`]: issued invoices, lines, adjustments; the invoice math: lines rounded once, minimum top-ups, corrections (SPEC §6) |
 //! | `money.rs` | checked money arithmetic and the one rounding to a currency's minor unit |
 //! | `batch.rs` | [`EpochBatch`]: what one completed epoch hands the sink |
 //! | `json.rs` | exact decimals in JSON: numbers with their digits, never through f64 |
@@ -32,7 +32,10 @@ pub use event::{
     decode_as, decode_cloudevent, decode_event, sniff_event_id, split_batch, DecodeError, Event,
     FieldError, Format, Limits, DEFAULT_RETENTION_MICROS,
 };
-pub use invoice::{Adjustment, Customer, Invoice, InvoiceLine, InvoiceStatus, LineKind};
+pub use invoice::{
+    Adjustment, Customer, Draft, Invoice, InvoiceError, InvoiceLine, InvoiceStatus, LineKind,
+    PeriodUsage,
+};
 pub use meter::{Aggregation, Contribution, Item, Meter, MeterSet, Skip};
 pub use money::MoneyError;
 pub use price::{

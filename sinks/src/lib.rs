@@ -9,6 +9,9 @@
 //! | `store.rs` | meters, and the event-time progress a restart goes on from |
 //! | `price_books.rs` | price books: created and edited with an audit row each, loaded for rating |
 //! | `rerating.rs` | re-rating jobs: recompute a scope from raw events, correct rows, charges, upcoming lines |
+//! | `customers.rs` | customers: registered, listed, edited (the currency only before the first invoice) |
+//! | `invoices.rs` | issuing (gapless numbers, lines, top-ups, adjustments; one issued invoice per period), voids, reads, the upcoming invoice |
+//! | `invoice_runs.rs` | invoice runs: every registered customer's invoice for a period, in batches, resumable |
 //! | `error.rs` | [`SinkError`], classified transient (retry) or permanent (stop) |
 
 //! ## Recovery (SPEC §9)
@@ -27,8 +30,11 @@
 //! record position, not by worker). `perf/src/bin/recovery.rs` measures it.
 
 pub mod claims;
+pub mod customers;
 pub mod epoch;
 pub mod error;
+pub mod invoice_runs;
+pub mod invoices;
 pub mod lease;
 pub mod metrics;
 pub mod price_books;

@@ -3,6 +3,7 @@
 
 use std::sync::LazyLock;
 
+use meterflow_model::DuplicateKind;
 use prometheus::{
     register_histogram, register_int_counter, register_int_counter_vec, register_int_gauge,
     register_int_gauge_vec, Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -103,3 +104,96 @@ pub static CONSUMER_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
     .expect("a valid metric")
 });
+
+pub static COMMITTED_RECORDS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "pipeline_records_committed_total",
+        "Kafka records (events, duplicates, voids, dead letters) whose results the sink committed"
+    )
+    .expect("a valid metric")
+});
+
+/// The reasons of dead letters (`DecodeError::code`); any other is counted as `OTHER`, so the label
+/// stays bounded.
+pub const DEAD_LETTER_REASONS: [&str; 2] = ["MALFORMED_JSON", "VALIDATION_FAILED"];
+
+/// The `reason` label of a dead letter whose stored reason is `reason` (`CODE: details`).
+pub fn dead_letter_reason(reason: &str) -> &'static str {
+    let code = reason.split(':').next().unwrap_or_default();
+    DEAD_LETTER_REASONS
+        .into_iter()
+        .find(|r| *r == code)
+        .unwrap_or("OTHER")
+}
+
+/// Registers every metric and creates each labelled series at zero, so all of them are exported from
+/// the start (a dashboard shows 0, not "no data", and an alert on `increase` sees the first one).
+pub fn register_all() {
+    LazyLock::force(&COMMIT_SECONDS);
+    LazyLock::force(&COMMIT_ROWS);
+    LazyLock::force(&WINDOW_CLOSE_SECONDS);
+    LazyLock::force(&AGGREGATION_LAG);
+    LazyLock::force(&WATERMARK);
+    LazyLock::force(&EPOCHS_BEHIND);
+    LazyLock::force(&CONSUMER_LAG);
+    LazyLock::force(&COMMITTED_RECORDS);
+    for kind in ["transient", "permanent"] {
+        COMMIT_ERRORS.with_label_values(&[kind]);
+    }
+    for reason in DEAD_LETTER_REASONS.into_iter().chain(["OTHER"]) {
+        DEAD_LETTERS.with_label_values(&[reason]);
+    }
+    for kind in [
+        DuplicateKind::Identical,
+        DuplicateKind::Conflicting,
+        DuplicateKind::Voided,
+    ] {
+        DUPLICATES.with_label_values(&[kind.as_str()]);
+    }
+    LATE_EVENTS.with_label_values(&[LATE_WINDOW_FINALIZED]);
+}
+
+/// The one reason of `late_events_total` so far: the event's window was already finalized.
+pub const LATE_WINDOW_FINALIZED: &str = "window_finalized";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_reasons_are_bounded() {
+        assert_eq!(
+            dead_letter_reason("MALFORMED_JSON: expected value"),
+            "MALFORMED_JSON"
+        );
+        assert_eq!(
+            dead_letter_reason("VALIDATION_FAILED: value: negative"),
+            "VALIDATION_FAILED"
+        );
+        assert_eq!(dead_letter_reason("cust_123 sent garbage"), "OTHER");
+    }
+
+    #[test]
+    fn every_metric_is_exported_once_registered() {
+        register_all();
+        let names: Vec<String> = prometheus::gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        for name in [
+            "sink_commit_duration_seconds",
+            "sink_commit_rows_total",
+            "sink_commit_errors_total",
+            "dead_letters_total",
+            "duplicate_events_total",
+            "late_events_total",
+            "window_close_duration_seconds",
+            "aggregation_lag_seconds",
+            "committed_watermark_seconds",
+            "epoch_frontier_lag",
+            "pipeline_records_committed_total",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+        }
+    }
+}

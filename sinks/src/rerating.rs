@@ -102,7 +102,13 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
     let periods: BTreeSet<(String, String, i64)> = expected
         .keys()
         .chain(stored.keys())
-        .map(|k| (k.customer_id.clone(), k.meter.clone(), period_of(k.window_start).0))
+        .map(|k| {
+            (
+                k.customer_id.clone(),
+                k.meter.clone(),
+                period_of(k.window_start).0,
+            )
+        })
         .collect();
     let books = price_books::load_price_books(&mut tx).await?;
     for (customer, meter, period) in &periods {
@@ -261,7 +267,13 @@ async fn stored_rows(
     from: i64,
     to: i64,
     multiset: &BTreeSet<String>,
-) -> Result<(BTreeMap<AggregateKey, Content>, BTreeMap<AggregateKey, Aggregate>), sqlx::Error> {
+) -> Result<
+    (
+        BTreeMap<AggregateKey, Content>,
+        BTreeMap<AggregateKey, Aggregate>,
+    ),
+    sqlx::Error,
+> {
     let mut stored = BTreeMap::new();
     let mut totals = BTreeMap::new();
     let rows = sqlx::query(

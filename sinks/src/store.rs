@@ -253,11 +253,17 @@ pub async fn resync_requests(conn: &mut PgConnection, topic: &str) -> Result<i64
 }
 
 /// Records that the pipeline's loaded state includes the first `done` resync requests.
-pub async fn resync_done(conn: &mut PgConnection, topic: &str, done: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE pipeline_leases SET resync_done = GREATEST(resync_done, $2) WHERE topic = $1")
-        .bind(topic)
-        .bind(done)
-        .execute(&mut *conn)
-        .await?;
+pub async fn resync_done(
+    conn: &mut PgConnection,
+    topic: &str,
+    done: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE pipeline_leases SET resync_done = GREATEST(resync_done, $2) WHERE topic = $1",
+    )
+    .bind(topic)
+    .bind(done)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }

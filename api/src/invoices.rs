@@ -1,0 +1,429 @@
+//! `POST /api/v1/invoices`, `GET /api/v1/invoices`, `GET /api/v1/invoices/{id}`,
+//! `POST /api/v1/invoices/{id}/void` and `GET /api/v1/invoices/{id}/document` (SPEC §6).
+//!
+//! ```text
+//!  POST {customer_id, period_start, period_end}
+//!     ─► a calendar month, UTC (`…T23:59:59.999Z` is the instant that follows, SPEC §12), else 422
+//!     ─► sinks::invoices::issue, one transaction:
+//!          not registered ─► 404 · ended neither by the clock nor the watermark ─► 409 PERIOD_NOT_ENDED
+//!          already issued (checked under the customer's lock; the unique index is the last guard)
+//!                         ─► 409 INVOICE_ALREADY_EXISTS
+//!          a line in another currency ─► 409 CURRENCY_MISMATCH
+//!     ─► 201 the invoice: gapless number, lines rounded once, top-ups, adjustments, totals
+//!  void  ─► status void (the period is free again); voiding a void invoice changes nothing ─► 200
+//!  document ─► meterflow_documents: text/html, or application/pdf with ?format=pdf
+//! ```
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use meterflow_model::json::decimal_number;
+use meterflow_model::{Adjustment, FieldError, InvoiceError, InvoiceLine, InvoiceStatus, LineKind};
+use meterflow_sinks::customers;
+use meterflow_sinks::invoices::{self as sink, InvoiceFilter, IssueError, Period, StoredInvoice};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::page::{Cursor, Page};
+use crate::time::{exclusive_end, parse_rfc3339};
+use crate::AppState;
+
+/// The largest body of a POST.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewInvoice {
+    customer_id: Option<String>,
+    #[serde(alias = "billing_period_start")]
+    period_start: Option<String>,
+    #[serde(alias = "billing_period_end")]
+    period_end: Option<String>,
+}
+
+/// An invoice as the API shows it: decimals as exact JSON numbers, instants in RFC 3339 UTC.
+#[derive(Debug, Serialize)]
+pub struct InvoiceView {
+    invoice_id: String,
+    number: i64,
+    customer_id: String,
+    billing_period_start: DateTime<Utc>,
+    billing_period_end: DateTime<Utc>,
+    status: InvoiceStatus,
+    currency: String,
+    line_items: Vec<LineView>,
+    adjustments: Vec<AdjustmentView>,
+    subtotal: serde_json::Number,
+    total: serde_json::Number,
+    issued_at: DateTime<Utc>,
+    voided_at: Option<DateTime<Utc>>,
+    void_reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LineView {
+    meter: String,
+    kind: LineKind,
+    description: String,
+    quantity: serde_json::Number,
+    unit_price_summary: String,
+    amount: serde_json::Number,
+    price_book_id: String,
+}
+
+impl From<InvoiceLine> for LineView {
+    fn from(l: InvoiceLine) -> Self {
+        LineView {
+            quantity: decimal_number(&l.quantity),
+            amount: decimal_number(&l.amount),
+            meter: l.meter,
+            kind: l.kind,
+            description: l.description,
+            unit_price_summary: l.unit_price_summary,
+            price_book_id: l.price_book_id,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AdjustmentView {
+    original_invoice_id: String,
+    /// The period of the corrected line.
+    period_start: DateTime<Utc>,
+    meter: String,
+    price_book_id: String,
+    amount: serde_json::Number,
+    reason: String,
+}
+
+impl From<Adjustment> for AdjustmentView {
+    fn from(a: Adjustment) -> Self {
+        AdjustmentView {
+            period_start: seconds(a.period_start),
+            amount: decimal_number(&a.amount),
+            original_invoice_id: a.original_invoice_id,
+            meter: a.meter,
+            price_book_id: a.price_book_id,
+            reason: a.reason,
+        }
+    }
+}
+
+fn seconds(s: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(s, 0).unwrap_or_default()
+}
+
+impl From<StoredInvoice> for InvoiceView {
+    fn from(s: StoredInvoice) -> Self {
+        let i = s.invoice;
+        InvoiceView {
+            invoice_id: i.invoice_id,
+            number: i.number,
+            customer_id: i.customer_id,
+            billing_period_start: seconds(i.billing_period_start),
+            billing_period_end: seconds(i.billing_period_end),
+            status: i.status,
+            currency: i.currency,
+            line_items: i.line_items.into_iter().map(LineView::from).collect(),
+            adjustments: i
+                .adjustments
+                .into_iter()
+                .map(AdjustmentView::from)
+                .collect(),
+            subtotal: decimal_number(&i.subtotal),
+            total: decimal_number(&i.total),
+            issued_at: DateTime::from_timestamp_micros(i.issued_at).unwrap_or_default(),
+            voided_at: s.voided_at,
+            void_reason: s.void_reason,
+        }
+    }
+}
+
+/// How an issue's failure is answered.
+pub(crate) fn issue_error(e: IssueError) -> ApiError {
+    match e {
+        IssueError::UnknownCustomer(_) => ApiError::NotFound,
+        IssueError::AlreadyExists { .. } => {
+            ApiError::Conflict("INVOICE_ALREADY_EXISTS", e.to_string())
+        }
+        IssueError::PeriodNotEnded { .. } => ApiError::Conflict("PERIOD_NOT_ENDED", e.to_string()),
+        IssueError::Invoice(InvoiceError::CurrencyMismatch { .. }) => {
+            ApiError::Conflict("CURRENCY_MISMATCH", e.to_string())
+        }
+        IssueError::Invoice(InvoiceError::Overflow(_)) => ApiError::Conflict(
+            "AMOUNT_OVERFLOW",
+            "an amount of the invoice overflowed the 96-bit decimal range".into(),
+        ),
+        IssueError::Database(e) => e.into(),
+    }
+}
+
+pub async fn issue(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
+    let raw: NewInvoice =
+        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let (customer_id, period) = resolve(raw).map_err(ApiError::Validation)?;
+    let mut conn = state.pool.acquire().await?;
+    let invoice = sink::issue(&mut conn, &customer_id, period, &state.topic, Utc::now())
+        .await
+        .map_err(issue_error)?;
+    let location = format!("/api/v1/invoices/{}", invoice.invoice_id);
+    let view = InvoiceView::from(StoredInvoice {
+        invoice,
+        voided_at: None,
+        void_reason: None,
+    });
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(view),
+    ))
+}
+
+/// The customer and a calendar-month period, or every bad field.
+fn resolve(raw: NewInvoice) -> Result<(String, Period), Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut instant = |field: &str, text: Option<&str>| match text.map(parse_rfc3339) {
+        None => {
+            errors.push(FieldError::new(field, "is required"));
+            None
+        }
+        Some(None) => {
+            errors.push(FieldError::new(
+                field,
+                "must be an RFC 3339 timestamp with an offset, such as 2024-01-01T00:00:00Z",
+            ));
+            None
+        }
+        Some(Some(t)) => Some(t),
+    };
+    let start = instant("period_start", raw.period_start.as_deref());
+    let end = instant("period_end", raw.period_end.as_deref()).map(exclusive_end);
+    let customer_id = raw.customer_id.filter(|c| !c.is_empty());
+    if customer_id.is_none() {
+        errors.push(FieldError::new("customer_id", "is required"));
+    }
+    let period = match (start, end) {
+        (Some(start), Some(end)) => match Period::from_bounds(start, end) {
+            Ok(p) => Some(p),
+            Err(e @ sink::PeriodError::Start) => {
+                errors.push(FieldError::new("period_start", e.to_string()));
+                None
+            }
+            Err(e) => {
+                errors.push(FieldError::new("period_end", e.to_string()));
+                None
+            }
+        },
+        _ => None,
+    };
+    match (customer_id, period) {
+        (Some(c), Some(p)) if errors.is_empty() => Ok((c, p)),
+        _ => Err(errors),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvoiceQuery {
+    customer_id: Option<String>,
+    /// Invoices whose period starts at or after this instant.
+    #[serde(alias = "period_start")]
+    from: Option<DateTime<Utc>>,
+    /// Invoices whose period starts before this instant (`…T23:59:59.999Z` is the instant that follows).
+    #[serde(alias = "period_end")]
+    to: Option<DateTime<Utc>>,
+    status: Option<InvoiceStatus>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+/// Invoices in number (issue) order, a page at a time, with their lines and adjustments.
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<InvoiceQuery>, QueryRejection>,
+) -> Result<Json<Page<InvoiceView>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = crate::page::limit(q.limit)?;
+    let after_number = match q.cursor.as_deref().map(Cursor::decode).transpose()? {
+        Some(c) => Some(
+            c.0.parse::<i64>()
+                .map_err(|_| ApiError::BadRequest("cursor is not one this API returned".into()))?,
+        ),
+        None => None,
+    };
+    let filter = InvoiceFilter {
+        customer_id: q.customer_id.as_deref(),
+        from: q.from,
+        to: q.to.map(exclusive_end),
+        status: q.status,
+        after_number,
+        limit: limit + 1,
+    };
+    let mut conn = state.pool.acquire().await?;
+    let data = sink::list_invoices(&mut conn, &filter)
+        .await?
+        .into_iter()
+        .map(InvoiceView::from)
+        .collect();
+    Ok(Json(Page::from_overfetched(data, limit, |i| {
+        Cursor(i.number.to_string(), String::new(), DateTime::UNIX_EPOCH).encode()
+    })))
+}
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path(invoice_id): Path<String>,
+) -> Result<Json<InvoiceView>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let stored = sink::get_invoice(&mut conn, &invoice_id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(stored.into()))
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VoidRequest {
+    reason: Option<String>,
+}
+
+/// Voids an invoice; the body (`{"reason": …}`) is optional.
+pub async fn void(
+    State(state): State<AppState>,
+    Path(invoice_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<InvoiceView>, ApiError> {
+    let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
+    let request: VoidRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        VoidRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?
+    };
+    if request
+        .reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > 1000)
+    {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "reason",
+            "must be at most 1000 characters",
+        )]));
+    }
+    let mut conn = state.pool.acquire().await?;
+    let stored = sink::void_invoice(
+        &mut conn,
+        &invoice_id,
+        request.reason.as_deref(),
+        Utc::now(),
+    )
+    .await?
+    .ok_or(ApiError::NotFound)?;
+    Ok(Json(stored.into()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentQuery {
+    /// `html` (default) or `pdf`.
+    format: Option<String>,
+}
+
+/// The printable invoice: self-contained HTML, or a PDF with `?format=pdf`.
+pub async fn document(
+    State(state): State<AppState>,
+    Path(invoice_id): Path<String>,
+    query: Result<Query<DocumentQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let pdf = match q.format.as_deref() {
+        None | Some("html") => false,
+        Some("pdf") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "format must be html or pdf, not {other}"
+            )))
+        }
+    };
+    let mut conn = state.pool.acquire().await?;
+    let stored = sink::get_invoice(&mut conn, &invoice_id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let customer = customers::get_customer(&mut conn, &stored.invoice.customer_id)
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("invoice {invoice_id} has no customer")))?
+        .customer;
+    drop(conn);
+    let invoice = stored.invoice;
+    if pdf {
+        let bytes = meterflow_documents::render_pdf(&invoice, &customer);
+        let disposition = format!("inline; filename=\"invoice-{}.pdf\"", invoice.number);
+        Ok((
+            [
+                (header::CONTENT_TYPE, "application/pdf".to_owned()),
+                (header::CONTENT_DISPOSITION, disposition),
+            ],
+            bytes,
+        )
+            .into_response())
+    } else {
+        let html = meterflow_documents::render_html(&invoice, &customer);
+        Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn resolved(v: serde_json::Value) -> Result<(String, Period), Vec<String>> {
+        let raw: NewInvoice = serde_json::from_value(v).unwrap();
+        resolve(raw).map_err(|e| e.into_iter().map(|e| e.field).collect())
+    }
+
+    #[test]
+    fn the_seeds_inclusive_end_means_the_next_months_start() {
+        let (customer, period) = resolved(json!({"customer_id": "cust_123",
+            "period_start": "2024-01-01T00:00:00Z", "period_end": "2024-01-31T23:59:59.999Z"}))
+        .unwrap();
+        assert_eq!(customer, "cust_123");
+        assert_eq!(period.month(), "2024-01");
+        assert_eq!(period.end, parse_rfc3339("2024-02-01T00:00:00Z").unwrap());
+        assert!(resolved(json!({"customer_id": "c",
+            "period_start": "2024-01-01T00:00:00Z", "period_end": "2024-02-01T00:00:00Z"}))
+        .is_ok());
+    }
+
+    #[test]
+    fn a_period_must_be_one_calendar_month() {
+        let bad = |start: &str, end: &str| {
+            resolved(json!({"customer_id": "c", "period_start": start, "period_end": end}))
+                .unwrap_err()
+        };
+        assert_eq!(
+            bad("2024-01-02T00:00:00Z", "2024-02-01T00:00:00Z"),
+            ["period_start"]
+        );
+        assert_eq!(
+            bad("2024-01-01T00:00:00Z", "2024-03-01T00:00:00Z"),
+            ["period_end"]
+        );
+        assert_eq!(
+            bad("2024-01-01T00:00:00Z", "2024-01-31T23:59:59Z"),
+            ["period_end"]
+        );
+        assert_eq!(bad("January", "2024-02-01"), ["period_start", "period_end"]);
+        assert_eq!(
+            resolved(json!({})).unwrap_err(),
+            ["period_start", "period_end", "customer_id"]
+        );
+    }
+}

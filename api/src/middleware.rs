@@ -1,0 +1,104 @@
+//! Two request middlewares: request ids and request timeouts.
+//!
+//! ```text
+//!  request ─► request_id: x-request-id as sent (if sane) or a new one ─► span "request"{request_id, method,
+//!             route} around everything below, so every log line of the request carries the id
+//!          ─► metrics::track ─► timeout: not answered within api.request_timeout_secs ─► 503 TIMEOUT
+//!          ─► handler
+//!  response ◄─ x-request-id echoed
+//! ```
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use rand::Rng;
+use tracing::Instrument;
+
+use crate::ApiError;
+
+/// The header a request id travels in, both ways.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request's id, also in the request's extensions for handlers that record it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+/// Longest request id taken from a client; longer ones are replaced.
+const MAX_ID_LEN: usize = 128;
+
+/// Takes the client's `x-request-id` when it is 1 to 128 visible ASCII characters, else makes one
+/// (128 random bits, hex); runs the request in a span carrying it and echoes it in the response.
+pub async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty() && v.len() <= MAX_ID_LEN && v.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(new_id);
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    // At ERROR level so that the span, and so the id, is there whatever the log filter lets through
+    // (with `warn`, an INFO span would be filtered out and the request's warnings would lack the id).
+    let span = tracing::error_span!(
+        "request",
+        request_id = %id,
+        method = %request.method(),
+        route = %route,
+    );
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let started = Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            millis = started.elapsed().as_secs_f64() * 1e3,
+            "request answered"
+        );
+    });
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID.clone(), value);
+    }
+    response
+}
+
+fn new_id() -> String {
+    format!("{:032x}", rand::rng().random::<u128>())
+}
+
+/// Answers 503 `TIMEOUT` (problem+json, Retry-After) when the rest of the request takes longer than
+/// `limit`; the handler is dropped. Work it handed off (an event queued for storing) still completes, so
+/// a retry of a timed-out event may answer 409: it was accepted.
+pub async fn timeout(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(
+                seconds = limit.as_secs_f64(),
+                "request not answered in time; answered 503"
+            );
+            ApiError::Timeout(limit.as_secs()).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_32_hex_digits_and_differ() {
+        let (a, b) = (new_id(), new_id());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

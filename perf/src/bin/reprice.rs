@@ -1,0 +1,171 @@
+//! `reprice`: the time from a price change to re-rated charges in Postgres (issue 4), against the number
+//! of rated windows.
+//!
+//! For each size: a fresh database gets `customers × windows` hourly aggregate rows (inserted directly:
+//! this measures rating, not metering) and a default per-unit book; `meterflow pipeline` starts, loads
+//! them and rates every window (the first figure). Then:
+//!   - the default book's price changes: every window must be re-rated (the second figure);
+//!   - one customer gets a book of their own: only that customer's windows may change (the third
+//!     figure, and a check that no other charge was rewritten).
+//!
+//! Baseline in the same run: Postgres alone rewriting every charge for the new price with one
+//! `UPDATE charges SET amount = quantity × price` (per-unit only: the naive, non-incremental way).
+//!
+//!     cargo build --release -p meterflow -p meterflow-perf
+//!     target/release/reprice --customers 100,1000,5000 --windows 168
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use clap::Parser;
+use meterflow_perf::{drop_database, fresh_database, Services};
+use serde_json::json;
+use sqlx::PgPool;
+
+#[derive(Debug, Parser)]
+#[command(about = "Time from a price change to re-rated charges in Postgres")]
+struct Args {
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
+    customers: Vec<usize>,
+    /// Hourly windows per customer (168: a week).
+    #[arg(long, default_value_t = 168)]
+    windows: usize,
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    #[command(flatten)]
+    services: Services,
+}
+
+fn pipeline(args: &Args, url: &str, topic: &str) -> Result<Child> {
+    Ok(Command::new(&args.services.meterflow)
+        .args([
+            "pipeline",
+            "--workers",
+            &args.workers.to_string(),
+            "--metrics-addr",
+            "",
+        ])
+        .env("MF_DATABASE_URL", url)
+        .env("MF_EVENTS_TOPIC", topic)
+        .env("MF_KAFKA_BROKERS", &args.services.brokers)
+        .env("MF_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+/// Waits until `sql` (a count) reaches `target`; returns the seconds since `since`.
+async fn wait_count(pool: &PgPool, sql: &str, target: i64, since: Instant) -> Result<f64> {
+    loop {
+        let n: i64 = sqlx::query_scalar(sql).fetch_one(pool).await?;
+        if n >= target {
+            return Ok(since.elapsed().as_secs_f64());
+        }
+        ensure!(
+            since.elapsed() < Duration::from_secs(600),
+            "stuck at {n} of {target}: {sql}"
+        );
+        // Not faster: each poll scans the table, on the same two cores as the pipeline and Postgres.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    for &customers in &args.customers {
+        let url = fresh_database(&args.services.database_url, "mf_perf_reprice", customers).await?;
+        let topic = format!(
+            "perf.reprice.{customers}.{}",
+            chrono::Utc::now().timestamp()
+        );
+        let pool = PgPool::connect(&url).await?;
+        let windows = (customers * args.windows) as i64;
+        sqlx::query(
+            "INSERT INTO aggregations (customer_id, meter, window_start, window_end, value, event_count)
+             SELECT 'c' || c, 'api_call', t, t + interval '1 hour', (c % 7) + h % 5 + 1, 1
+             FROM generate_series(0, $1 - 1) AS c,
+                  generate_series(0, $2 - 1) AS h,
+                  LATERAL (SELECT timestamptz '2024-01-08T00:00:00Z' + h * interval '1 hour' AS t) AS w",
+        )
+        .bind(customers as i64)
+        .bind(args.windows as i64)
+        .execute(&pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO price_books (price_book_id, meter, currency, effective, model)
+             VALUES ('pb_default', 'api_call', 'USD', '[2024-01-01,)', '{\"type\":\"per_unit\",\"unit_price\":\"0.01\"}')",
+        )
+        .execute(&pool)
+        .await?;
+
+        // Start: load the rows and rate every window.
+        let started = Instant::now();
+        let mut running = pipeline(&args, &url, &topic)?;
+        let initial = wait_count(&pool, "SELECT count(*) FROM charges", windows, started).await?;
+
+        // The default book's price changes: every window re-rated.
+        let changed = Instant::now();
+        sqlx::query(
+            "UPDATE price_books SET model = '{\"type\":\"per_unit\",\"unit_price\":\"0.02\"}'
+             WHERE price_book_id = 'pb_default'",
+        )
+        .execute(&pool)
+        .await?;
+        let all = wait_count(
+            &pool,
+            "SELECT count(*) FROM charges WHERE amount = quantity * 0.02",
+            windows,
+            changed,
+        )
+        .await?;
+
+        // One customer's own book: only their windows change.
+        let revisions: i64 = sqlx::query_scalar("SELECT sum(revision)::bigint FROM charges")
+            .fetch_one(&pool)
+            .await?;
+        let narrow = Instant::now();
+        sqlx::query(
+            "INSERT INTO price_books (price_book_id, meter, customer_id, currency, effective, model)
+             VALUES ('pb_c0', 'api_call', 'c0', 'USD', '[2024-01-01,)', '{\"type\":\"per_unit\",\"unit_price\":\"0.05\"}')",
+        )
+        .execute(&pool)
+        .await?;
+        let one = wait_count(
+            &pool,
+            "SELECT count(*) FROM charges WHERE price_book_id = 'pb_c0'",
+            args.windows as i64,
+            narrow,
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rewritten: i64 = sqlx::query_scalar("SELECT sum(revision)::bigint FROM charges")
+            .fetch_one(&pool)
+            .await?;
+        ensure!(
+            rewritten - revisions == args.windows as i64,
+            "a customer's own book rewrote {} charges, expected {}",
+            rewritten - revisions,
+            args.windows
+        );
+        running.kill()?;
+        running.wait()?;
+
+        // Baseline: Postgres alone rewriting every charge for a new per-unit price.
+        let baseline = Instant::now();
+        sqlx::query("UPDATE charges SET amount = quantity * 0.03, revision = revision + 1, updated_at = now()")
+            .execute(&pool)
+            .await?;
+        let baseline = baseline.elapsed().as_secs_f64();
+
+        println!(
+            "{}",
+            json!({"bench": "reprice", "customers": customers, "windows": windows,
+                   "start_to_all_rated_seconds": initial, "default_price_change_seconds": all,
+                   "one_customer_book_seconds": one, "baseline_sql_rewrite_seconds": baseline})
+        );
+        pool.close().await;
+        drop_database(&args.services.database_url, &url).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Customers in Postgres (SPEC §6): registered, read, listed and edited. A customer is billed in one
+//! currency: it can change only while the customer has no issued invoice.
+
+use chrono::{DateTime, Utc};
+use meterflow_model::Customer;
+use sqlx::postgres::PgRow;
+use sqlx::{Connection, PgConnection, Row};
+
+/// A customer as stored, with when it was registered and last changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCustomer {
+    pub customer: Customer,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CustomerError {
+    #[error("a customer with id {0} is already registered")]
+    AlreadyExists(String),
+    #[error("no customer has this id")]
+    NotFound,
+    /// The currency of a customer with issued invoices cannot change.
+    #[error(
+        "the customer has issued invoices in {0}; a customer is billed in one currency (void its invoices \
+         first, or register a new customer)"
+    )]
+    CurrencyLocked(String),
+    #[error("postgres refused the change: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+const COLUMNS: &str = "customer_id, name, email, address, currency, created_at, updated_at";
+
+fn stored(row: &PgRow) -> Result<StoredCustomer, sqlx::Error> {
+    Ok(StoredCustomer {
+        customer: Customer {
+            customer_id: row.try_get(0)?,
+            name: row.try_get(1)?,
+            email: row.try_get(2)?,
+            address: row.try_get(3)?,
+            currency: row.try_get(4)?,
+        },
+        created_at: row.try_get(5)?,
+        updated_at: row.try_get(6)?,
+    })
+}
+
+/// Registers a customer; a taken id is [`CustomerError::AlreadyExists`].
+pub async fn create_customer(
+    conn: &mut PgConnection,
+    customer: &Customer,
+) -> Result<StoredCustomer, CustomerError> {
+    let row = sqlx::query(&format!(
+        "INSERT INTO customers (customer_id, name, email, address, currency)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT ON CONSTRAINT customers_pkey DO NOTHING
+         RETURNING {COLUMNS}"
+    ))
+    .bind(&customer.customer_id)
+    .bind(&customer.name)
+    .bind(&customer.email)
+    .bind(&customer.address)
+    .bind(&customer.currency)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(row) => Ok(stored(&row)?),
+        None => Err(CustomerError::AlreadyExists(customer.customer_id.clone())),
+    }
+}
+
+pub async fn get_customer(
+    conn: &mut PgConnection,
+    customer_id: &str,
+) -> Result<Option<StoredCustomer>, sqlx::Error> {
+    sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM customers WHERE customer_id = $1"
+    ))
+    .bind(customer_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .as_ref()
+    .map(stored)
+    .transpose()
+}
+
+/// Customers in id order after `after`, at most `limit`.
+pub async fn list_customers(
+    conn: &mut PgConnection,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<StoredCustomer>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM customers
+         WHERE ($1::text IS NULL OR customer_id > $1)
+         ORDER BY customer_id LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(stored).collect()
+}
+
+/// Replaces a customer's name, email, address and currency with those of `edit(stored)`; the id stays.
+/// The row is locked meanwhile, as issuing locks it, so a currency change and an issue never interleave.
+pub async fn update_customer(
+    conn: &mut PgConnection,
+    customer_id: &str,
+    edit: impl FnOnce(&Customer) -> Customer,
+) -> Result<StoredCustomer, CustomerError> {
+    let mut tx = conn.begin().await?;
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM customers WHERE customer_id = $1 FOR UPDATE"
+    ))
+    .bind(customer_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let before = stored(&row.ok_or(CustomerError::NotFound)?)?;
+    let after = edit(&before.customer);
+    if after.currency != before.customer.currency {
+        let issued: Option<String> = sqlx::query_scalar(
+            "SELECT currency FROM invoices WHERE customer_id = $1 AND status = 'issued' LIMIT 1",
+        )
+        .bind(customer_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(currency) = issued {
+            return Err(CustomerError::CurrencyLocked(currency));
+        }
+    }
+    let row = sqlx::query(&format!(
+        "UPDATE customers SET name = $2, email = $3, address = $4, currency = $5, updated_at = now()
+         WHERE customer_id = $1
+         RETURNING {COLUMNS}"
+    ))
+    .bind(customer_id)
+    .bind(&after.name)
+    .bind(&after.email)
+    .bind(&after.address)
+    .bind(&after.currency)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(stored(&row)?)
+}

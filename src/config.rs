@@ -1,0 +1,901 @@
+//! The `meterflow` configuration: one typed tree for every subcommand (SPEC §10).
+//!
+//! ```text
+//!  Config::default() ─► TOML file (--config FILE | MF_CONFIG) ─► MF_* environment ─► flags
+//!                        unknown keys refused, naming            one variable per key  (highest)
+//!                        the key and the file
+//! ```
+//! Every key is listed once in [`KEYS`] with its documentation, its environment variable and its flag.
+//! That table renders `meterflow config --print-defaults` (committed as `deploy/meterflow.example.toml`),
+//! and the tests below keep it, the structs and the committed file in step. Values from the environment
+//! and flags are typed like the key's default and checked one by one, so an error names the variable or
+//! flag; [`Config::validate`] then checks the whole tree and names the key.
+//!
+//! Secrets — the password in `database.url` — come from the environment only: a password in the file
+//! or on the command line (visible in `ps`) is refused. [`DatabaseUrl`] masks it in `Debug`, and
+//! `meterflow config --print` shows it as `****`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    pub api: ApiConfig,
+    pub pipeline: PipelineConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: DatabaseUrl,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub events_topic: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            events_topic: "meterflow.events".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub addr: String,
+    pub max_connections: u32,
+    pub request_timeout_secs: u64,
+    pub statement_timeout_ms: u64,
+    pub max_event_bytes: usize,
+    pub max_batch_bytes: usize,
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            addr: "127.0.0.1:3000".into(),
+            max_connections: 32,
+            request_timeout_secs: 30,
+            statement_timeout_ms: 15_000,
+            max_event_bytes: 64 * 1024,
+            max_batch_bytes: 1024 * 1024,
+            shutdown_timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub workers: usize,
+    pub epoch_ms: u64,
+    pub out_of_orderness_ms: u64,
+    pub allowed_lateness_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub meters_file: String,
+    pub metrics_addr: String,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            workers: 1,
+            epoch_ms: 250,
+            out_of_orderness_ms: 5_000,
+            allowed_lateness_secs: 3_600,
+            idle_timeout_secs: 10,
+            meters_file: String::new(),
+            metrics_addr: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// The meters file, if one is configured.
+    pub fn meters_file(&self) -> Option<PathBuf> {
+        (!self.meters_file.is_empty()).then(|| PathBuf::from(&self.meters_file))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info,sqlx=warn,librdkafka=warn,rdkafka::client=off".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with the fields of the enclosing spans (the request id).
+    Json,
+}
+
+/// A Postgres URL whose password never prints: `Debug` masks it, [`DatabaseUrl::masked`] is for
+/// messages, [`DatabaseUrl::expose`] only for connecting.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl Default for DatabaseUrl {
+    fn default() -> Self {
+        DatabaseUrl("postgres://meterflow@127.0.0.1:5432/meterflow".into())
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.masked())
+    }
+}
+
+impl DatabaseUrl {
+    /// The URL itself, to connect with; never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `****`.
+    pub fn masked(&self) -> String {
+        mask_password(&self.0)
+    }
+}
+
+/// `postgres://user:secret@host/db?password=x` → `postgres://user:****@host/db?password=****`.
+pub fn mask_password(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match head.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:****@{host}"),
+                    None => authority.to_owned(),
+                },
+                None => authority.to_owned(),
+            };
+            format!("{scheme}://{authority}{path}")
+        }
+        None => head.to_owned(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=****"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+/// One configuration key: where it lives, how to set it, what it means.
+pub struct Key {
+    /// `section.key`, as in the file.
+    pub path: &'static str,
+    /// The environment variable that sets it.
+    pub env: &'static str,
+    /// The flag that sets it, if any (flags of `meterflow` or of the subcommand that uses the key).
+    pub flag: Option<&'static str>,
+    pub doc: &'static str,
+}
+
+impl Key {
+    fn section(&self) -> &'static str {
+        self.path.split_once('.').map_or(self.path, |(s, _)| s)
+    }
+
+    fn name(&self) -> &'static str {
+        self.path.split_once('.').map_or(self.path, |(_, k)| k)
+    }
+
+    /// How to set this key, for error messages: `pipeline.workers (MF_PIPELINE_WORKERS, --workers)`.
+    fn describe(&self) -> String {
+        match self.flag {
+            Some(flag) => format!("{} ({}, {flag})", self.path, self.env),
+            None => format!("{} ({})", self.path, self.env),
+        }
+    }
+}
+
+/// The sections, in file order, with what they configure.
+pub const SECTIONS: &[(&str, &str)] = &[
+    ("database", "Postgres, used by every subcommand but loadgen."),
+    ("kafka", "The Kafka broker and the events topic."),
+    (
+        "api",
+        "`meterflow api`: the HTTP server, its Postgres pool and its limits.",
+    ),
+    (
+        "pipeline",
+        "`meterflow pipeline`: the dataflow, its epochs and watermarks, its metrics endpoint. Per-process \
+         settings stay flags: --processes, --process, --hostfile, --until-caught-up.",
+    ),
+    ("log", "Logs, written to stderr."),
+];
+
+/// Every key, in file order. A test checks this table against the structs above.
+pub const KEYS: &[Key] = &[
+    Key {
+        path: "database.url",
+        env: "MF_DATABASE_URL",
+        flag: Some("--database-url"),
+        doc: "Postgres connection string. A password is a secret: give it only in MF_DATABASE_URL (a \
+              password in this file or in --database-url is refused); it never prints.",
+    },
+    Key {
+        path: "kafka.brokers",
+        env: "MF_KAFKA_BROKERS",
+        flag: Some("--brokers"),
+        doc: "Kafka bootstrap servers, comma-separated host:port.",
+    },
+    Key {
+        path: "kafka.events_topic",
+        env: "MF_EVENTS_TOPIC",
+        flag: Some("--topic"),
+        doc: "The events topic; created with 8 partitions if missing.",
+    },
+    Key {
+        path: "api.addr",
+        env: "MF_API_ADDR",
+        flag: Some("--addr"),
+        doc: "Address (host:port) the HTTP API listens on.",
+    },
+    Key {
+        path: "api.max_connections",
+        env: "MF_API_MAX_CONNECTIONS",
+        flag: None,
+        doc: "Size of the API's Postgres pool. A request waits at most 3 s for a connection, then is \
+              answered 503 with Retry-After.",
+    },
+    Key {
+        path: "api.request_timeout_secs",
+        env: "MF_API_REQUEST_TIMEOUT_SECS",
+        flag: None,
+        doc: "A request not answered within this many seconds (body read included) is answered 503 \
+              (problem+json, code TIMEOUT, Retry-After). An event whose request timed out may still have \
+              been accepted: a retry then answers 409 DUPLICATE_EVENT.",
+    },
+    Key {
+        path: "api.statement_timeout_ms",
+        env: "MF_API_STATEMENT_TIMEOUT_MS",
+        flag: None,
+        doc: "Postgres statement_timeout of the API's connections, in milliseconds (0: none); a \
+              statement cancelled by it is answered 503. Re-rating jobs run without it.",
+    },
+    Key {
+        path: "api.max_event_bytes",
+        env: "MF_API_MAX_EVENT_BYTES",
+        flag: None,
+        doc: "Largest body of POST /api/v1/events; larger is answered 413.",
+    },
+    Key {
+        path: "api.max_batch_bytes",
+        env: "MF_API_MAX_BATCH_BYTES",
+        flag: None,
+        doc: "Largest body of POST /api/v1/events/batch; larger is answered 413.",
+    },
+    Key {
+        path: "api.shutdown_timeout_secs",
+        env: "MF_API_SHUTDOWN_TIMEOUT_SECS",
+        flag: None,
+        doc: "On SIGTERM or Ctrl-C the API stops accepting connections, finishes the requests in flight \
+              and stores and forwards every event it accepted, then exits 0; if that takes longer than \
+              this many seconds it exits 1 instead.",
+    },
+    Key {
+        path: "pipeline.workers",
+        env: "MF_PIPELINE_WORKERS",
+        flag: Some("--workers"),
+        doc: "Timely worker threads in this process.",
+    },
+    Key {
+        path: "pipeline.epoch_ms",
+        env: "MF_PIPELINE_EPOCH_MS",
+        flag: Some("--epoch-ms"),
+        doc: "How often an epoch closes, i.e. how often results are committed, in milliseconds.",
+    },
+    Key {
+        path: "pipeline.out_of_orderness_ms",
+        env: "MF_OUT_OF_ORDERNESS_MS",
+        flag: Some("--out-of-orderness-ms"),
+        doc: "Allowed out-of-orderness: a partition's watermark trails its greatest event time by this \
+              many milliseconds.",
+    },
+    Key {
+        path: "pipeline.allowed_lateness_secs",
+        env: "MF_ALLOWED_LATENESS_SECS",
+        flag: Some("--allowed-lateness-secs"),
+        doc: "Allowed lateness: a window is finalized once the watermark passes its end plus this many \
+              seconds.",
+    },
+    Key {
+        path: "pipeline.idle_timeout_secs",
+        env: "MF_IDLE_TIMEOUT_SECS",
+        flag: Some("--idle-timeout-secs"),
+        doc: "A partition with no records for this many seconds stops holding the watermark back.",
+    },
+    Key {
+        path: "pipeline.meters_file",
+        env: "MF_METERS_FILE",
+        flag: Some("--meters"),
+        doc: "A JSON file of meter definitions (an array of {\"meter\", \"event_type\", \"aggregation\", \
+              \"value_property\", \"window\"}); each is created at start-up unless it exists. Empty: none. \
+              More can be added with POST /api/v1/meters while running.",
+    },
+    Key {
+        path: "pipeline.metrics_addr",
+        env: "MF_PIPELINE_METRICS_ADDR",
+        flag: Some("--metrics-addr"),
+        doc: "Where the pipeline serves Prometheus metrics at /metrics (host:port); empty: nowhere.",
+    },
+    Key {
+        path: "log.level",
+        env: "MF_LOG",
+        flag: Some("--log-level"),
+        doc: "A tracing filter: a level (error, warn, info, debug, trace), optionally per target \
+              (info,meterflow_api=debug).",
+    },
+    Key {
+        path: "log.format",
+        env: "MF_LOG_FORMAT",
+        flag: Some("--log-format"),
+        doc: "text, or json: one JSON object per line carrying the fields of its spans (every line of an \
+              HTTP request carries its request_id).",
+    },
+];
+
+/// Where a key's effective value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File(PathBuf),
+    Env(&'static str),
+    Flag(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => write!(f, "default"),
+            Source::File(path) => write!(f, "file {}", path.display()),
+            Source::Env(var) => write!(f, "environment {var}"),
+            Source::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// The effective configuration and where each value came from.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub sources: BTreeMap<&'static str, Source>,
+}
+
+/// Builds the configuration: defaults, then `file`, then the environment (`env` looks a variable up),
+/// then `flags` (`(key path, value)` of the flags given). Then validates it.
+pub fn load(
+    file: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    flags: &[(&'static str, String)],
+) -> Result<Loaded> {
+    let defaults = Table::try_from(Config::default()).context("encoding the defaults")?;
+    let mut table = defaults.clone();
+    let mut sources: BTreeMap<&'static str, Source> =
+        KEYS.iter().map(|k| (k.path, Source::Default)).collect();
+
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration file {}", path.display()))?;
+        // Parsing into the typed tree refuses unknown keys and wrong types, naming the key and line.
+        toml::from_str::<Config>(&text)
+            .map_err(|e| anyhow!("configuration file {}: {e}", path.display()))?;
+        let given: Table = text
+            .parse()
+            .map_err(|e| anyhow!("configuration file {}: {e}", path.display()))?;
+        for key in KEYS {
+            let Some(value) = lookup(&given, key.path) else {
+                continue;
+            };
+            if key.path == "database.url" && value.as_str().is_some_and(has_password) {
+                bail!(
+                    "configuration file {}: database.url holds a password; secrets come from the \
+                     environment only: set MF_DATABASE_URL instead",
+                    path.display()
+                );
+            }
+            set(&mut table, key.path, value.clone());
+            sources.insert(key.path, Source::File(path.to_owned()));
+        }
+    }
+
+    for key in KEYS {
+        if let Some(raw) = env(key.env) {
+            let value = typed(&defaults, key, &raw)
+                .map_err(|e| anyhow!("{}={raw:?} (sets {}): {e}", key.env, key.path))?;
+            set(&mut table, key.path, value);
+            sources.insert(key.path, Source::Env(key.env));
+        }
+    }
+
+    for (path, raw) in flags {
+        let key = KEYS
+            .iter()
+            .find(|k| k.path == *path)
+            .with_context(|| format!("no configuration key {path}"))?;
+        let flag = key.flag.unwrap_or(key.path);
+        if key.path == "database.url" && has_password(raw) {
+            bail!(
+                "{flag} holds a password, which the command line shows to everyone (ps); secrets \
+                 come from the environment only: set MF_DATABASE_URL instead"
+            );
+        }
+        let value = typed(&defaults, key, raw)
+            .map_err(|e| anyhow!("{flag} {raw:?} (sets {}): {e}", key.path))?;
+        set(&mut table, key.path, value);
+        sources.insert(key.path, Source::Flag(flag));
+    }
+
+    let config: Config = table
+        .try_into()
+        .context("the merged configuration does not fit its schema")?;
+    config.validate()?;
+    Ok(Loaded { config, sources })
+}
+
+/// Whether `url` carries a password (in the user info or a `password=` parameter).
+fn has_password(url: &str) -> bool {
+    mask_password(url) != url
+}
+
+/// Parses `raw` as the type of `key`'s default, and checks it alone against the schema (so an enum
+/// value or a negative count is refused here, naming the variable or flag).
+fn typed(defaults: &Table, key: &Key, raw: &str) -> Result<Value, String> {
+    let template = lookup(defaults, key.path).ok_or("not a known key")?;
+    let value = match template {
+        Value::String(_) => Value::String(raw.to_owned()),
+        Value::Integer(_) => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| "expected a whole number".to_owned())?,
+        Value::Boolean(_) => match raw.trim() {
+            "true" | "1" => Value::Boolean(true),
+            "false" | "0" => Value::Boolean(false),
+            _ => return Err("expected true or false".into()),
+        },
+        other => return Err(format!("cannot set a {} from text", other.type_str())),
+    };
+    let mut alone = Table::new();
+    set(&mut alone, key.path, value.clone());
+    alone.try_into::<Config>().map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
+fn lookup<'a>(table: &'a Table, path: &str) -> Option<&'a Value> {
+    let (section, name) = path.split_once('.')?;
+    table.get(section)?.as_table()?.get(name)
+}
+
+fn set(table: &mut Table, path: &str, value: Value) {
+    let (section, name) = path.split_once('.').expect("keys are section.name");
+    let section = table
+        .entry(section)
+        .or_insert_with(|| Value::Table(Table::new()));
+    if let Value::Table(t) = section {
+        t.insert(name.to_owned(), value);
+    }
+}
+
+fn key(path: &str) -> &'static Key {
+    KEYS.iter()
+        .find(|k| k.path == path)
+        .expect("validate names only listed keys")
+}
+
+impl Config {
+    /// Checks what the types cannot; every problem names its key and how to set it.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems: Vec<String> = Vec::new();
+        let mut check = |ok: bool, path: &str, what: String| {
+            if !ok {
+                problems.push(format!("{}: {what}", key(path).describe()));
+            }
+        };
+        let url = self.database.url.expose();
+        check(
+            url.starts_with("postgres://") || url.starts_with("postgresql://"),
+            "database.url",
+            format!(
+                "must be a postgres:// URL, not {:?}",
+                self.database.url.masked()
+            ),
+        );
+        check(
+            !self.kafka.brokers.trim().is_empty(),
+            "kafka.brokers",
+            "must name at least one host:port".into(),
+        );
+        let topic = &self.kafka.events_topic;
+        check(
+            !topic.is_empty()
+                && topic.len() <= 249
+                && topic
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            "kafka.events_topic",
+            format!("must be 1 to 249 of [a-zA-Z0-9._-], not {topic:?}"),
+        );
+        check(
+            is_host_port(&self.api.addr),
+            "api.addr",
+            format!("must be host:port, not {:?}", self.api.addr),
+        );
+        check(
+            self.api.max_connections >= 1,
+            "api.max_connections",
+            "must be at least 1".into(),
+        );
+        check(
+            self.api.request_timeout_secs >= 1,
+            "api.request_timeout_secs",
+            "must be at least 1".into(),
+        );
+        check(
+            self.api.max_event_bytes >= 1024,
+            "api.max_event_bytes",
+            "must be at least 1024".into(),
+        );
+        check(
+            self.api.max_batch_bytes >= self.api.max_event_bytes,
+            "api.max_batch_bytes",
+            "must be at least api.max_event_bytes".into(),
+        );
+        check(
+            self.api.shutdown_timeout_secs >= 1,
+            "api.shutdown_timeout_secs",
+            "must be at least 1".into(),
+        );
+        check(
+            self.pipeline.workers >= 1,
+            "pipeline.workers",
+            "must be at least 1".into(),
+        );
+        check(
+            self.pipeline.epoch_ms >= 1,
+            "pipeline.epoch_ms",
+            "must be at least 1".into(),
+        );
+        check(
+            self.pipeline.metrics_addr.is_empty() || is_host_port(&self.pipeline.metrics_addr),
+            "pipeline.metrics_addr",
+            format!(
+                "must be host:port or empty, not {:?}",
+                self.pipeline.metrics_addr
+            ),
+        );
+        check(
+            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
+            "log.level",
+            format!("is not a tracing filter: {:?}", self.log.level),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("invalid configuration:\n  {}", problems.join("\n  "))
+        }
+    }
+}
+
+fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// `meterflow config --print-defaults`: every key with its default, documented.
+pub fn render_defaults() -> String {
+    let mut out = String::from(
+        "# meterflow configuration: every key with its default, its environment variable and its flag.\n\
+         #\n\
+         # Use it with `meterflow --config FILE <command>` or MF_CONFIG=FILE. Every key is optional: one left\n\
+         # out keeps its default. Precedence: flags > MF_* environment > this file > defaults. Unknown keys\n\
+         # are refused, naming the key and the file. The database password is a secret: give it in\n\
+         # MF_DATABASE_URL only (a password in this file is refused).\n\
+         #\n\
+         # This is the output of `meterflow config --print-defaults` (deploy/meterflow.example.toml).\n",
+    );
+    render_keys(&mut out, &Config::default(), None);
+    out
+}
+
+/// `meterflow config --print`: the effective configuration, the password masked, each value not a
+/// default marked with where it came from.
+pub fn render_effective(loaded: &Loaded) -> String {
+    let mut config = loaded.config.clone();
+    config.database.url = DatabaseUrl(config.database.url.masked());
+    let mut out = String::from(
+        "# The effective meterflow configuration (defaults < file < MF_* environment < flags); the\n\
+         # database password, if any, is masked.\n",
+    );
+    render_keys(&mut out, &config, Some(&loaded.sources));
+    out
+}
+
+fn render_keys(out: &mut String, config: &Config, sources: Option<&BTreeMap<&str, Source>>) {
+    let table = Table::try_from(config).expect("the configuration encodes as TOML");
+    for (section, doc) in SECTIONS {
+        out.push('\n');
+        comment(out, doc);
+        out.push_str(&format!("[{section}]\n"));
+        for key in KEYS.iter().filter(|k| k.section() == *section) {
+            comment(out, key.doc);
+            match key.flag {
+                Some(flag) => comment(out, &format!("env {}, flag {flag}", key.env)),
+                None => comment(out, &format!("env {}", key.env)),
+            }
+            if let Some(source) = sources.and_then(|s| s.get(key.path)) {
+                if *source != Source::Default {
+                    comment(out, &format!("set by {source}"));
+                }
+            }
+            let value = lookup(&table, key.path).expect("every key has a value");
+            let mut line = Table::new();
+            line.insert(key.name().to_owned(), value.clone());
+            out.push_str(&toml::to_string(&line).expect("a value encodes as TOML"));
+        }
+    }
+}
+
+/// Appends `text` as `# ` comment lines wrapped at 100 columns.
+fn comment(out: &mut String, text: &str) {
+    let mut line = String::from("#");
+    for word in text.split_whitespace() {
+        if line.len() + 1 + word.len() > 100 && line.len() > 1 {
+            out.push_str(&line);
+            out.push('\n');
+            line = String::from("#");
+        }
+        line.push(' ');
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("meterflow-{}-{name}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn every_key_of_the_tree_is_documented_once_and_nothing_else_is() {
+        let defaults = Table::try_from(Config::default()).unwrap();
+        let mut leaves: Vec<String> = defaults
+            .iter()
+            .flat_map(|(section, t)| {
+                t.as_table()
+                    .unwrap()
+                    .keys()
+                    .map(move |k| format!("{section}.{k}"))
+            })
+            .collect();
+        let mut documented: Vec<String> = KEYS.iter().map(|k| k.path.to_owned()).collect();
+        leaves.sort();
+        documented.sort();
+        assert_eq!(documented, leaves);
+        let mut envs: Vec<&str> = KEYS.iter().map(|k| k.env).collect();
+        envs.sort();
+        envs.dedup();
+        assert_eq!(envs.len(), KEYS.len(), "one environment variable per key");
+        for key in KEYS {
+            assert!(
+                SECTIONS.iter().any(|(s, _)| *s == key.section()),
+                "{} is in a listed section",
+                key.path
+            );
+            assert!(key.env.starts_with("MF_"), "{}", key.env);
+        }
+    }
+
+    #[test]
+    fn the_committed_example_is_the_printed_defaults_and_parses_to_them() {
+        let committed = include_str!("../deploy/meterflow.example.toml");
+        assert_eq!(
+            committed,
+            render_defaults(),
+            "regenerate it: meterflow config --print-defaults > deploy/meterflow.example.toml"
+        );
+        assert_eq!(
+            toml::from_str::<Config>(committed).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn the_spec_environment_names_keep_working() {
+        let env = |name: &str| match name {
+            "MF_DATABASE_URL" => Some("postgres://u@db:5432/x".to_owned()),
+            "MF_KAFKA_BROKERS" => Some("k:9092".to_owned()),
+            "MF_EVENTS_TOPIC" => Some("t.events".to_owned()),
+            "MF_API_ADDR" => Some("0.0.0.0:8080".to_owned()),
+            _ => None,
+        };
+        let c = load(None, &env, &[]).unwrap().config;
+        assert_eq!(c.database.url.expose(), "postgres://u@db:5432/x");
+        assert_eq!(c.kafka.brokers, "k:9092");
+        assert_eq!(c.kafka.events_topic, "t.events");
+        assert_eq!(c.api.addr, "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults() {
+        let file = temp_file(
+            "precedence",
+            "[pipeline]\nworkers = 2\nepoch_ms = 100\nidle_timeout_secs = 7\n",
+        );
+        let env = |name: &str| match name {
+            "MF_PIPELINE_WORKERS" => Some("3".to_owned()),
+            "MF_PIPELINE_EPOCH_MS" => Some("50".to_owned()),
+            _ => None,
+        };
+        let loaded = load(Some(&file), &env, &[("pipeline.workers", "4".into())]).unwrap();
+        let p = &loaded.config.pipeline;
+        assert_eq!(
+            (
+                p.workers,
+                p.epoch_ms,
+                p.idle_timeout_secs,
+                p.allowed_lateness_secs
+            ),
+            (4, 50, 7, 3600)
+        );
+        assert_eq!(
+            loaded.sources["pipeline.workers"],
+            Source::Flag("--workers")
+        );
+        assert_eq!(
+            loaded.sources["pipeline.epoch_ms"],
+            Source::Env("MF_PIPELINE_EPOCH_MS")
+        );
+        assert_eq!(
+            loaded.sources["pipeline.idle_timeout_secs"],
+            Source::File(file.clone())
+        );
+        assert_eq!(
+            loaded.sources["pipeline.allowed_lateness_secs"],
+            Source::Default
+        );
+        std::fs::remove_file(file).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_refused_with_its_name_and_the_file() {
+        let file = temp_file(
+            "unknown",
+            "[api]\naddr = \"127.0.0.1:1\"\nrequest_timeout = 5\n",
+        );
+        let error = load(Some(&file), &no_env, &[]).unwrap_err().to_string();
+        assert!(error.contains("request_timeout"), "{error}");
+        assert!(error.contains(&file.display().to_string()), "{error}");
+        let section = temp_file("section", "[apii]\naddr = \"127.0.0.1:1\"\n");
+        let error = load(Some(&section), &no_env, &[]).unwrap_err().to_string();
+        assert!(error.contains("apii"), "{error}");
+        std::fs::remove_file(file).unwrap();
+        std::fs::remove_file(section).unwrap();
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable_or_key() {
+        let env = |name: &str| (name == "MF_PIPELINE_WORKERS").then(|| "many".to_owned());
+        let error = load(None, &env, &[]).unwrap_err().to_string();
+        assert!(error.contains("MF_PIPELINE_WORKERS"), "{error}");
+        let env = |name: &str| (name == "MF_LOG_FORMAT").then(|| "xml".to_owned());
+        let error = load(None, &env, &[]).unwrap_err().to_string();
+        assert!(
+            error.contains("MF_LOG_FORMAT") && error.contains("json"),
+            "{error}"
+        );
+        let env = |name: &str| (name == "MF_PIPELINE_WORKERS").then(|| "0".to_owned());
+        let error = load(None, &env, &[]).unwrap_err().to_string();
+        assert!(error.contains("pipeline.workers"), "{error}");
+        let error = load(None, &no_env, &[("api.addr", "nowhere".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("api.addr") && error.contains("--addr"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_password_comes_from_the_environment_only_and_never_prints() {
+        let file = temp_file(
+            "secret",
+            "[database]\nurl = \"postgres://u:hunter2@db/x\"\n",
+        );
+        let error = load(Some(&file), &no_env, &[]).unwrap_err().to_string();
+        assert!(
+            error.contains("MF_DATABASE_URL") && !error.contains("hunter2"),
+            "{error}"
+        );
+        let error = load(
+            None,
+            &no_env,
+            &[("database.url", "postgres://u:hunter2@db/x".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!error.contains("hunter2"), "{error}");
+        std::fs::remove_file(file).unwrap();
+
+        let env = |name: &str| {
+            (name == "MF_DATABASE_URL")
+                .then(|| "postgres://u:hunter2@db/x?sslmode=require&password=hunter2".to_owned())
+        };
+        let loaded = load(None, &env, &[]).unwrap();
+        assert!(loaded.config.database.url.expose().contains("hunter2"));
+        let printed = render_effective(&loaded);
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("postgres://u:****@db/x?sslmode=require&password=****"));
+        assert!(printed.contains("set by environment MF_DATABASE_URL"));
+        assert!(!format!("{:?}", loaded.config).contains("hunter2"));
+        assert_eq!(
+            mask_password("postgres://meterflow@127.0.0.1:5432/meterflow"),
+            "postgres://meterflow@127.0.0.1:5432/meterflow"
+        );
+    }
+
+    #[test]
+    fn the_printed_effective_configuration_parses_back() {
+        let env = |name: &str| (name == "MF_API_REQUEST_TIMEOUT_SECS").then(|| "9".to_owned());
+        let loaded = load(None, &env, &[]).unwrap();
+        let back: Config = toml::from_str(&render_effective(&loaded)).unwrap();
+        assert_eq!(back, loaded.config);
+    }
+}
