@@ -19,15 +19,19 @@
 //! ```text
 //!  kill -9 ──► restart: acquire_lease (generation+1: the old instance is fenced)
 //!                       stored_offsets + stored_event_times ──► readers resume at the committed offsets
-//!                       (no other state: dedup claims, multisets and rows live in Postgres)
+//!                       load_rating_state (rows, multisets, charges) + price books ──► worker 0 feeds
+//!                       them to rating at epoch 0; the stored charges are subtracted, so only what
+//!                       changed while it was down (a price book edited) reaches the sink
 //!  records after the committed offsets are read again ──► claims: a record finds its own claim (counts
 //!  again, its epoch never committed) or another's (duplicate) ──► the same results as an uninterrupted run
 //! ```
-//! Nothing is rebuilt in memory at start-up: the dataflow keeps no state between epochs (sums and counts
-//! are added to the stored rows, max / unique_count / latest are recomputed from their stored multisets,
-//! dedup is the `event_ids` table). A restart therefore takes the same time whatever the number of live
-//! windows, and may change `--workers` and `--processes` (partitions are reassigned, claims are keyed by
-//! record position, not by worker). `perf/src/bin/recovery.rs` measures it.
+//! Aggregates need no memory between epochs (sums and counts are added to the stored rows, max /
+//! unique_count / latest are recomputed from their stored multisets, dedup is the `event_ids` table), but
+//! period-to-date rating needs each period's whole usage: the leader loads every stored row and charge
+//! at start-up, so restart time grows with the number of live windows (`perf/src/bin/recovery.rs`). A
+//! restart may change `--workers` and `--processes` (partitions are reassigned, claims are keyed by record
+//! position, not by worker). A re-rating job that corrected stored rows makes a running pipeline do the
+//! same in-process (`rerating.rs`, `resync_requested`).
 
 pub mod claims;
 pub mod customers;
