@@ -66,6 +66,22 @@ pub struct ApiConfig {
     pub max_event_bytes: usize,
     pub max_batch_bytes: usize,
     pub shutdown_timeout_secs: u64,
+    pub auth: AuthMode,
+    pub rate_limit_per_sec: u32,
+    pub rate_limit_burst: u32,
+    pub ingest_rate_limit_per_sec: u32,
+    pub ingest_rate_limit_burst: u32,
+}
+
+/// Whether the API asks for keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every `/api/v1` route needs `Authorization: Bearer <key>` (`meterflow api-key create`).
+    #[default]
+    On,
+    /// No keys, no rate limits: local runs and the seed's scripts only (warned loudly at start).
+    Off,
 }
 
 impl Default for ApiConfig {
@@ -78,6 +94,11 @@ impl Default for ApiConfig {
             max_event_bytes: 64 * 1024,
             max_batch_bytes: 1024 * 1024,
             shutdown_timeout_secs: 30,
+            auth: AuthMode::On,
+            rate_limit_per_sec: 50,
+            rate_limit_burst: 100,
+            ingest_rate_limit_per_sec: 1000,
+            ingest_rate_limit_burst: 2000,
         }
     }
 }
@@ -318,6 +339,40 @@ pub const KEYS: &[Key] = &[
         doc: "On SIGTERM or Ctrl-C the API stops accepting connections, finishes the requests in flight \
               and stores and forwards every event it accepted, then exits 0; if that takes longer than \
               this many seconds it exits 1 instead.",
+    },
+    Key {
+        path: "api.auth",
+        env: "MF_AUTH",
+        flag: None,
+        doc: "\"on\": every /api/v1 route needs Authorization: Bearer <key> (meterflow api-key create); \
+              /healthz, /readyz, /metrics and /api/v1/openapi.json never do. \"off\": no keys and no rate \
+              limits, for local runs and the seed's scripts only; the API warns loudly at start.",
+    },
+    Key {
+        path: "api.rate_limit_per_sec",
+        env: "MF_API_RATE_LIMIT_PER_SEC",
+        flag: None,
+        doc: "Requests per second each API key may make to the routes other than ingest (a token \
+              bucket); beyond it: 429 RATE_LIMITED with Retry-After.",
+    },
+    Key {
+        path: "api.rate_limit_burst",
+        env: "MF_API_RATE_LIMIT_BURST",
+        flag: None,
+        doc: "Size of that bucket: requests a key may make at once after a pause.",
+    },
+    Key {
+        path: "api.ingest_rate_limit_per_sec",
+        env: "MF_API_INGEST_RATE_LIMIT_PER_SEC",
+        flag: None,
+        doc: "Requests per second each API key may make to POST /events, /events/batch and \
+              /events/{id}/void (a batch counts once).",
+    },
+    Key {
+        path: "api.ingest_rate_limit_burst",
+        env: "MF_API_INGEST_RATE_LIMIT_BURST",
+        flag: None,
+        doc: "Size of the ingest bucket.",
     },
     Key {
         path: "pipeline.workers",
@@ -586,6 +641,16 @@ impl Config {
             self.api.max_batch_bytes >= self.api.max_event_bytes,
             "api.max_batch_bytes",
             "must be at least api.max_event_bytes".into(),
+        );
+        check(
+            self.api.rate_limit_per_sec >= 1 && self.api.rate_limit_burst >= 1,
+            "api.rate_limit_per_sec",
+            "the rate and api.rate_limit_burst must be at least 1".into(),
+        );
+        check(
+            self.api.ingest_rate_limit_per_sec >= 1 && self.api.ingest_rate_limit_burst >= 1,
+            "api.ingest_rate_limit_per_sec",
+            "the rate and api.ingest_rate_limit_burst must be at least 1".into(),
         );
         check(
             self.api.shutdown_timeout_secs >= 1,

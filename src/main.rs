@@ -83,6 +83,32 @@ enum Command {
     InvoiceRun(invoice_run::InvoiceRunArgs),
     /// Show the configuration: every key documented with its default, or the effective values.
     Config(ConfigArgs),
+    /// Create, list or revoke API keys (`create` prints the new key alone on stdout's last line).
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiKeyCommand {
+    /// Create a key; it is shown once (only its hash is stored) on stdout's last line.
+    Create {
+        /// ingest: send and void events; read: also every GET; admin: everything.
+        #[arg(long, value_parser = ["admin", "read", "ingest"])]
+        role: String,
+        /// Bind the key to this customer: it sees nothing else (anything else answers 404).
+        #[arg(long, value_name = "ID")]
+        customer: Option<String>,
+        /// A name to recognise the key by in `api-key list`.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List every key (never the keys themselves: they are not stored).
+    List,
+    /// Revoke a key by its id (the part after `mf_`); the API refuses it within seconds.
+    Revoke {
+        #[arg(value_name = "KEY_ID")]
+        key_id: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -139,6 +165,7 @@ fn main() -> Result<()> {
         Command::Loadgen(args) => loadgen::run(args, brokers, topic),
         Command::InvoiceRun(args) => invoice_run::run(args, url, topic),
         Command::Config(_) => Ok(()),
+        Command::ApiKey(command) => api_key(cfg, command),
     }
 }
 
@@ -190,6 +217,76 @@ async fn connect(cfg: &Config, max: u32, statement_timeout: Duration) -> Result<
         .with_context(|| format!("cannot connect to Postgres at {masked}; is it running? (deploy/local/up starts it)"))
 }
 
+/// `meterflow api-key …`: audited as actor `cli`.
+fn api_key(cfg: &Config, command: &ApiKeyCommand) -> Result<()> {
+    use meterflow_api::auth;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let pool = connect(cfg, 1, Duration::ZERO).await?;
+        let hint = "reading or writing api_keys; has `meterflow migrate` run?";
+        match command {
+            ApiKeyCommand::Create {
+                role,
+                customer,
+                name,
+            } => {
+                let role = auth::Role::parse(role).context("role")?;
+                if let Some(c) = customer {
+                    let ok = (1..=128).contains(&c.len())
+                        && c.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b));
+                    anyhow::ensure!(
+                        ok,
+                        "--customer {c:?}: a customer id is 1 to 128 of A-Z a-z 0-9 . _ : -"
+                    );
+                }
+                let (info, key) = auth::create_key(&pool, role, customer.as_deref(), name, "cli")
+                    .await
+                    .context(hint)?;
+                eprintln!(
+                    "api-key: created {} (role {}{}); shown once, store it now:",
+                    info.key_id,
+                    info.role,
+                    info.customer_id
+                        .as_deref()
+                        .map(|c| format!(", bound to customer {c}"))
+                        .unwrap_or_default()
+                );
+                println!("{key}");
+            }
+            ApiKeyCommand::List => {
+                let keys = auth::list_keys(&pool).await.context(hint)?;
+                println!("KEY_ID        ROLE    CUSTOMER  CREATED_AT            REVOKED_AT            NAME");
+                for k in &keys {
+                    let at = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+                    println!(
+                        "{:<13} {:<7} {:<9} {:<21} {:<21} {}",
+                        k.key_id,
+                        k.role,
+                        k.customer_id.as_deref().unwrap_or("-"),
+                        at(k.created_at),
+                        k.revoked_at.map_or("-".into(), at),
+                        k.name
+                    );
+                }
+                eprintln!("api-key: {} keys", keys.len());
+            }
+            ApiKeyCommand::Revoke { key_id } => {
+                let key_id = key_id.strip_prefix("mf_").unwrap_or(key_id);
+                let key_id = key_id.split('_').next().unwrap_or(key_id);
+                anyhow::ensure!(
+                    auth::revoke_key(&pool, key_id, "cli").await.context(hint)?,
+                    "no active key {key_id} (see `meterflow api-key list`)"
+                );
+                eprintln!("api-key: revoked {key_id}; the API refuses it within a few seconds");
+            }
+        }
+        Ok(())
+    })
+}
+
 fn api(cfg: &Config) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(serve_api(cfg));
@@ -212,7 +309,24 @@ async fn serve_api(cfg: &Config) -> Result<()> {
         request_timeout: Duration::from_secs(cfg.api.request_timeout_secs),
         max_event_bytes: cfg.api.max_event_bytes,
         max_batch_bytes: cfg.api.max_batch_bytes,
+        auth: cfg.api.auth == config::AuthMode::On,
+        ingest_rate: meterflow_api::auth::Rate {
+            per_sec: f64::from(cfg.api.ingest_rate_limit_per_sec),
+            burst: f64::from(cfg.api.ingest_rate_limit_burst),
+        },
+        rate: meterflow_api::auth::Rate {
+            per_sec: f64::from(cfg.api.rate_limit_per_sec),
+            burst: f64::from(cfg.api.rate_limit_burst),
+        },
+        ..meterflow_api::Settings::default()
     };
+    if !settings.auth {
+        tracing::warn!(
+            "AUTH IS OFF (api.auth = \"off\" / MF_AUTH=off): every request to /api/v1 is an admin with no \
+             key and no rate limit. Never run like this where anyone else can reach the API."
+        );
+        eprintln!("WARNING: meterflow api: AUTH IS OFF (MF_AUTH=off): anyone who can reach {addr} is an admin");
+    }
     let state =
         meterflow_api::AppState::with_settings(pool, producer.clone(), topic.clone(), settings);
     let listener = tokio::net::TcpListener::bind(addr)

@@ -293,6 +293,19 @@ fn validate(c: &Customer) -> Vec<FieldError> {
             format!("must be at most {MAX_ADDRESS} characters"),
         ));
     }
+    // Postgres text cannot hold U+0000: refused here rather than failing the INSERT.
+    for (field, text) in [
+        ("name", Some(c.name.as_str())),
+        ("email", c.email.as_deref()),
+        ("address", c.address.as_deref()),
+    ] {
+        if text.is_some_and(|t| t.contains('\0')) {
+            errors.push(FieldError::new(
+                field,
+                "must not contain NUL (U+0000) characters",
+            ));
+        }
+    }
     if !is_currency(&c.currency) {
         errors.push(FieldError::new(
             "currency",

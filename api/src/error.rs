@@ -30,6 +30,21 @@ pub enum ApiError {
     /// Not answered within the request timeout (`api.request_timeout_secs`).
     #[error("the request was not answered within {0} s; retry shortly")]
     Timeout(u64),
+    /// No key, or a key that is unknown, malformed or revoked.
+    #[error("send a valid API key: Authorization: Bearer <key>")]
+    Unauthorized,
+    /// The key's role is weaker than the route's.
+    #[error("this API key's role ({0}) may not do this; it needs {1}")]
+    Forbidden(&'static str, &'static str),
+    /// The key's rate limit is spent; retry after this many seconds.
+    #[error("too many requests with this API key; retry in {0} s")]
+    RateLimited(u64),
+    /// An Idempotency-Key reused with another request.
+    #[error("this Idempotency-Key was used with another request; use a new key for a new request")]
+    IdempotencyKeyReused,
+    /// An Idempotency-Key whose first request is still being answered.
+    #[error("a request with this Idempotency-Key is still in progress; retry shortly")]
+    IdempotencyKeyInProgress,
     #[error("internal error")]
     Internal(String),
 }
@@ -82,6 +97,23 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "TIMEOUT",
                 "Request timeout",
+            ),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "Unauthorized"),
+            ApiError::Forbidden(..) => (StatusCode::FORBIDDEN, "FORBIDDEN", "Forbidden"),
+            ApiError::RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMITED",
+                "Rate limited",
+            ),
+            ApiError::IdempotencyKeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "IDEMPOTENCY_KEY_REUSED",
+                "Idempotency-Key reused",
+            ),
+            ApiError::IdempotencyKeyInProgress => (
+                StatusCode::CONFLICT,
+                "IDEMPOTENCY_KEY_IN_PROGRESS",
+                "Idempotency-Key in progress",
             ),
             ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -139,6 +171,18 @@ impl IntoResponse for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        match &self {
+            ApiError::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"meterflow\""),
+                );
+            }
+            ApiError::RateLimited(seconds) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from((*seconds).max(1)));
+            }
+            _ => {}
+        }
         response
     }
 }
@@ -156,6 +200,16 @@ impl From<sqlx::Error> for ApiError {
                     .is_some_and(|c| ["08", "53", "57"].iter().any(|k| c.starts_with(k))) =>
             {
                 ApiError::Unavailable("the database")
+            }
+            // A value Postgres cannot store as text (U+0000, in text or jsonb) is the request's fault;
+            // handlers refuse it by field first, this is the net for the rest.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("22021" | "22P05")) =>
+            {
+                ApiError::Validation(vec![FieldError::new(
+                    "",
+                    "text must not contain NUL (U+0000) characters",
+                )])
             }
             _ => ApiError::Internal(e.to_string()),
         }

@@ -20,20 +20,28 @@
 //! | `time.rs` | RFC 3339 instants, and `…T23:59:59.999Z` as the exclusive end that follows |
 //! | `error.rs` | [`ApiError`] → problem+json |
 //! | `metrics.rs` | Prometheus metrics and the request-tracking middleware |
+//! | `openapi.rs` | the route table: the router and the OpenAPI document (`/api/v1/openapi.json`) are built from it |
+//! | `auth.rs` | API keys (create, list, revoke), the gate: key → role → rate limit → a bound key's customer |
+//! | `idempotency.rs` | `Idempotency-Key` on the admin POSTs: stored responses replayed, reuse refused |
+//! | `audit.rs` | the append-only audit log: who changed what, before and after |
 //! | `middleware.rs` | request ids (and the span every log line of a request carries), request timeouts |
 
 pub mod aggregations;
+pub mod audit;
+pub mod auth;
 pub mod charges;
 pub mod customers;
 pub mod dead_letters;
 pub mod error;
 pub mod events;
+pub mod idempotency;
 pub mod ingest;
 pub mod invoice_runs;
 pub mod invoices;
 pub mod meters;
 pub mod metrics;
 pub mod middleware;
+pub mod openapi;
 pub mod outbox;
 pub mod page;
 pub mod price_books;
@@ -45,10 +53,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use meterflow_model::Limits;
 use rdkafka::producer::{FutureProducer, Producer};
@@ -105,6 +112,15 @@ pub struct Settings {
     pub max_event_bytes: usize,
     /// Largest body of `POST /api/v1/events/batch`.
     pub max_batch_bytes: usize,
+    /// Whether `/api/v1` needs an API key. On by default; off (`MF_AUTH=off`) every request is an
+    /// unbound admin acting as `auth-off`, with no rate limits.
+    pub auth: bool,
+    /// Per-key token bucket of the ingest routes (`POST /events`, `/events/batch`, `/events/{id}/void`).
+    pub ingest_rate: auth::Rate,
+    /// Per-key token bucket of every other `/api/v1` route.
+    pub rate: auth::Rate,
+    /// How long a verified key is trusted before it is read again (so a revocation takes this long).
+    pub key_cache_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -113,6 +129,16 @@ impl Default for Settings {
             request_timeout: Duration::from_secs(30),
             max_event_bytes: events::MAX_EVENT_BYTES,
             max_batch_bytes: events::MAX_BATCH_BYTES,
+            auth: true,
+            ingest_rate: auth::Rate {
+                per_sec: 1000.0,
+                burst: 2000.0,
+            },
+            rate: auth::Rate {
+                per_sec: 50.0,
+                burst: 100.0,
+            },
+            key_cache_ttl: Duration::from_secs(2),
         }
     }
 }
@@ -135,6 +161,8 @@ pub struct AppState {
     /// Wakes the re-rating runner when a job is queued.
     pub rerating_wake: Arc<tokio::sync::Notify>,
     pub settings: Settings,
+    /// Verified keys and rate-limit buckets.
+    pub gate: Arc<auth::Gate>,
 }
 
 impl AppState {
@@ -178,6 +206,7 @@ impl AppState {
             ingester: ingest::Ingester::start(state_rx),
             rerating_wake: Arc::new(tokio::sync::Notify::new()),
             settings,
+            gate: Arc::new(auth::Gate::default()),
         };
         tokio::spawn(rerating::runner(
             state.pool.clone(),
@@ -215,74 +244,22 @@ async fn follow_watermark(pool: PgPool, topic: String, watermark: Arc<AtomicI64>
 
 /// The whole API.
 pub fn app(state: AppState) -> Router {
-    let api = Router::new()
-        .route(
-            "/events",
-            post(events::post_event).layer(DefaultBodyLimit::max(state.settings.max_event_bytes)),
-        )
-        .route(
-            "/events/batch",
-            post(events::post_batch).layer(DefaultBodyLimit::max(state.settings.max_batch_bytes)),
-        )
-        .route("/events/{event_id}/void", post(events::void_event))
-        .route("/meters", post(meters::create).get(meters::list))
-        .route("/progress", get(progress::progress))
-        .route("/watermark", post(progress::advance))
-        .route("/aggregations", get(aggregations::list))
-        .route("/dead-letters", get(dead_letters::list))
-        .route(
-            "/price-books",
-            post(price_books::create)
-                .get(price_books::list)
-                .layer(DefaultBodyLimit::max(price_books::MAX_BODY_BYTES)),
-        )
-        .route(
-            "/price-books/{price_book_id}",
-            get(price_books::get_one)
-                .patch(price_books::update)
-                .layer(DefaultBodyLimit::max(price_books::MAX_BODY_BYTES)),
-        )
-        .route("/charges", get(charges::list))
-        .route("/rerating-jobs", post(rerating::create))
-        .route("/rerating-jobs/{job_id}", get(rerating::get))
-        .route(
-            "/customers",
-            post(customers::create)
-                .get(customers::list)
-                .layer(DefaultBodyLimit::max(customers::MAX_BODY_BYTES)),
-        )
-        .route(
-            "/customers/{customer_id}",
-            get(customers::get_one)
-                .patch(customers::update)
-                .layer(DefaultBodyLimit::max(customers::MAX_BODY_BYTES)),
-        )
-        .route(
-            "/customers/{customer_id}/upcoming-invoice",
-            get(customers::upcoming),
-        )
-        .route(
-            "/invoices",
-            post(invoices::issue)
-                .get(invoices::list)
-                .layer(DefaultBodyLimit::max(invoices::MAX_BODY_BYTES)),
-        )
-        .route("/invoices/{invoice_id}", get(invoices::get_one))
-        .route(
-            "/invoices/{invoice_id}/void",
-            post(invoices::void).layer(DefaultBodyLimit::max(invoices::MAX_BODY_BYTES)),
-        )
-        .route("/invoices/{invoice_id}/document", get(invoices::document))
-        .route(
-            "/invoice-runs",
-            post(invoice_runs::create).layer(DefaultBodyLimit::max(invoices::MAX_BODY_BYTES)),
-        )
-        .route("/invoice-runs/{run_id}", get(invoice_runs::get_one));
-    Router::new()
-        .nest("/api/v1", api)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+    // Every route comes from the table in openapi.rs, which the OpenAPI document is built from too.
+    openapi::router(&state.settings)
+        // Innermost first: the gate (key, role, rate limit, bound customer) runs before replaying a
+        // stored Idempotency-Key response, which runs before auditing the change.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record_changes,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::replay,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::gate,
+        ))
         .fallback(|| async { ApiError::NotFound })
         // Outermost last: the request id wraps everything (its span covers the metrics and the
         // handler), the metrics see the timeout's 503s.

@@ -214,7 +214,9 @@ pub fn meterflow(url: &str, topic: &str) -> Command {
         .env("MF_EVENTS_TOPIC", topic)
         .env("MF_KAFKA_BROKERS", BROKERS)
         .env("MF_LOG", "warn")
-        .env("MF_PIPELINE_METRICS_ADDR", "");
+        .env("MF_PIPELINE_METRICS_ADDR", "")
+        // Keys are tests/auth.rs's subject; the other suites call the API as the seed's scripts do.
+        .env("MF_AUTH", "off");
     cmd
 }
 
@@ -355,12 +357,23 @@ pub struct TestApi {
 }
 
 pub async fn spawn_api() -> TestApi {
+    // Auth off: keys are tests/auth.rs's subject; the other suites call the API without one.
+    spawn_api_with(meterflow_api::Settings {
+        auth: false,
+        ..Default::default()
+    })
+    .await
+}
+
+/// [`spawn_api`] with these settings.
+pub async fn spawn_api_with(settings: meterflow_api::Settings) -> TestApi {
     let url = fresh_database().await;
     let topic = fresh_topic(2).await;
     let pool = meterflow_api::pool_options(10).connect(&url).await.unwrap();
     // The production settings, so a broker outage gives the same 503s as in production.
     let producer = meterflow_api::producer_config(BROKERS).create().unwrap();
-    let state = meterflow_api::AppState::new(pool.clone(), producer, topic.clone());
+    let state =
+        meterflow_api::AppState::with_settings(pool.clone(), producer, topic.clone(), settings);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(meterflow_api::serve(

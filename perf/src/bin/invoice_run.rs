@@ -266,6 +266,7 @@ async fn one_post_per_customer(args: &Args, url: &str) -> Result<Duration> {
         .env("MF_EVENTS_TOPIC", "perf.invoice-run")
         .env("MF_API_ADDR", &args.api_addr)
         .env("MF_LOG", "warn")
+        .env("MF_AUTH", "off")
         .stdout(Stdio::null())
         .spawn()
         .context("starting meterflow api")?);

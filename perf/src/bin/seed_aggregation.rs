@@ -86,6 +86,8 @@ async fn main() -> Result<()> {
                         .env("MF_API_ADDR", format!("127.0.0.1:{}", args.port))
                         .env("MF_PIPELINE_METRICS_ADDR", "")
                         .env("MF_LOG", "warn")
+                        // The seed's scripts send no key (SPEC §8).
+                        .env("MF_AUTH", "off")
                         .stdout(Stdio::null())
                         .spawn()
                         .with_context(|| {

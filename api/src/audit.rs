@@ -1,0 +1,240 @@
+//! The append-only audit log (`audit_log`, migration 0007): who (key id), what, before/after, when.
+//!
+//! ```text
+//!  admin change ─► record_changes: before = the entity's row (to_jsonb) for PATCH and voids
+//!               ─► handler ─► 2xx? after = the entity's row again (id from the path, or the created
+//!                  body) ─► one audit_log row {actor, action, entity, entity_id, before, after, request_id}
+//! ```
+//!
+//! The row is written after the change committed, not in its transaction: a crash between the two loses
+//! the audit row (the change itself stands). Key creation and revocation (`meterflow api-key`) are audited
+//! in their own transaction. The database refuses UPDATE, DELETE and TRUNCATE of the log.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sqlx::{PgConnection, PgPool};
+
+use crate::auth::Principal;
+use crate::middleware::RequestId;
+use crate::{ApiError, AppState};
+
+/// Appends one row.
+#[allow(clippy::too_many_arguments)]
+pub async fn insert(
+    conn: &mut PgConnection,
+    actor: &str,
+    action: &str,
+    entity: &str,
+    entity_id: &str,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+    request_id: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO audit_log (actor, action, entity, entity_id, before, after, request_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(actor)
+    .bind(action)
+    .bind(entity)
+    .bind(entity_id)
+    .bind(before)
+    .bind(after)
+    .bind(request_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// An audited route: its action, entity, table and id column, and where the id is.
+struct Audited {
+    action: &'static str,
+    entity: &'static str,
+    /// `SELECT to_jsonb(t) FROM <table> t WHERE <column> = $1`.
+    snapshot: &'static str,
+    id: IdFrom,
+}
+
+enum IdFrom {
+    /// A path parameter: the entity exists before, so `before` is recorded.
+    Path(&'static str),
+    /// A field of the created entity's response body.
+    Body(&'static str),
+}
+
+fn audited(method: &Method, route: &str) -> Option<Audited> {
+    let a = |action, entity, snapshot, id| {
+        Some(Audited {
+            action,
+            entity,
+            snapshot,
+            id,
+        })
+    };
+    const METER: &str = "SELECT to_jsonb(t) FROM meters t WHERE meter = $1";
+    const PRICE_BOOK: &str = "SELECT to_jsonb(t) FROM price_books t WHERE price_book_id = $1";
+    const CUSTOMER: &str = "SELECT to_jsonb(t) FROM customers t WHERE customer_id = $1";
+    const INVOICE: &str = "SELECT to_jsonb(t) FROM invoices t WHERE invoice_id = $1";
+    const JOB: &str = "SELECT to_jsonb(t) FROM rerating_jobs t WHERE job_id = $1";
+    const EVENT: &str = "SELECT to_jsonb(t) FROM event_ids t WHERE event_id = $1";
+    match (method.as_str(), route) {
+        ("POST", "/meters") => a("meter.create", "meter", METER, IdFrom::Body("meter")),
+        ("POST", "/price-books") => a(
+            "price_book.create",
+            "price_book",
+            PRICE_BOOK,
+            IdFrom::Body("price_book_id"),
+        ),
+        ("PATCH", "/price-books/{price_book_id}") => a(
+            "price_book.update",
+            "price_book",
+            PRICE_BOOK,
+            IdFrom::Path("price_book_id"),
+        ),
+        ("POST", "/customers") => a(
+            "customer.create",
+            "customer",
+            CUSTOMER,
+            IdFrom::Body("customer_id"),
+        ),
+        ("PATCH", "/customers/{customer_id}") => a(
+            "customer.update",
+            "customer",
+            CUSTOMER,
+            IdFrom::Path("customer_id"),
+        ),
+        ("POST", "/invoices") => a(
+            "invoice.issue",
+            "invoice",
+            INVOICE,
+            IdFrom::Body("invoice_id"),
+        ),
+        ("POST", "/invoices/{invoice_id}/void") => a(
+            "invoice.void",
+            "invoice",
+            INVOICE,
+            IdFrom::Path("invoice_id"),
+        ),
+        ("POST", "/rerating-jobs") => a(
+            "rerating_job.create",
+            "rerating_job",
+            JOB,
+            IdFrom::Body("job_id"),
+        ),
+        ("POST", "/events/{event_id}/void") => {
+            a("event.void", "event", EVENT, IdFrom::Path("event_id"))
+        }
+        _ => None,
+    }
+}
+
+async fn snapshot(
+    pool: &PgPool,
+    sql: &'static str,
+    id: &str,
+) -> Result<Option<serde_json::Value>, sqlx::Error> {
+    sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await
+}
+
+/// The middleware on every `/api/v1` route (inside the gate): records the audited changes.
+pub async fn record_changes(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = crate::auth::route(&request);
+    let Some(audited) = audited(request.method(), &route) else {
+        return next.run(request).await;
+    };
+    match record(&state, audited, request, next).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn record(
+    state: &AppState,
+    audited: Audited,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let actor = request
+        .extensions()
+        .get::<Principal>()
+        .map_or("auth-off", |p| p.actor())
+        .to_owned();
+    let request_id = request.extensions().get::<RequestId>().map(|r| r.0.clone());
+    let (mut parts, body) = request.into_parts();
+    let path_id = match audited.id {
+        IdFrom::Path(name) => {
+            let params = <axum::extract::RawPathParams as axum::extract::FromRequestParts<
+                AppState,
+            >>::from_request_parts(&mut parts, state)
+            .await
+            .ok();
+            params.and_then(|p| {
+                p.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_owned())
+            })
+        }
+        IdFrom::Body(_) => None,
+    };
+    let before = match &path_id {
+        Some(id) => snapshot(&state.pool, audited.snapshot, id).await?,
+        None => None,
+    };
+    let response = next.run(Request::from_parts(parts, body)).await;
+    let created = matches!(audited.id, IdFrom::Body(_));
+    let changed = if created {
+        response.status() == StatusCode::CREATED
+    } else {
+        response.status().is_success()
+    };
+    if !changed {
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let (id, body) = match (audited.id, path_id) {
+        (IdFrom::Body(field), _) => {
+            let bytes = axum::body::to_bytes(body, 16 * 1024 * 1024)
+                .await
+                .map_err(|e| ApiError::Internal(format!("reading a response to audit: {e}")))?;
+            let id = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get(field).and_then(|f| f.as_str()).map(str::to_owned));
+            (id, Body::from(bytes))
+        }
+        (IdFrom::Path(_), id) => (id, body),
+    };
+    if let Some(id) = id {
+        let after = snapshot(&state.pool, audited.snapshot, &id).await?;
+        if created || before != after {
+            let mut conn = state.pool.acquire().await?;
+            if let Err(e) = insert(
+                &mut conn,
+                &actor,
+                audited.action,
+                audited.entity,
+                &id,
+                before,
+                after,
+                request_id.as_deref(),
+            )
+            .await
+            {
+                // The change stands; the operator must know its audit row is missing.
+                tracing::error!(action = audited.action, entity_id = %id, error = %e, "audit row not written");
+            }
+        }
+    } else {
+        tracing::error!(
+            action = audited.action,
+            "audited change without an entity id; audit row not written"
+        );
+    }
+    Ok(Response::from_parts(parts, body))
+}

@@ -1,0 +1,643 @@
+//! API keys and the gate every `/api/v1` request passes (SPEC §8, RELIABILITY "Security").
+//!
+//! ```text
+//!  request ─► gate: Authorization: Bearer mf_<key_id>_<secret>
+//!               no/unknown/revoked key ─► 401 UNAUTHORIZED (WWW-Authenticate: Bearer)
+//!               role < route's role    ─► 403 FORBIDDEN        (ingest < read < admin)
+//!               bucket of (key, class) empty ─► 429 RATE_LIMITED (Retry-After)
+//!               key bound to a customer, anything not that customer's ─► 404 NOT_FOUND
+//!          ─► Principal in the request's extensions ─► idempotency ─► audit ─► handler
+//! ```
+//!
+//! Keys carry ≥ 128 random bits, so a fast hash is right: only SHA-256 of the whole key is stored and
+//! compared in constant time. Verified keys are cached for [`Settings::key_cache_ttl`](crate::Settings)
+//! (2 s by default): a revocation is seen within that. With auth off (`MF_AUTH=off`) every request is an
+//! unbound admin acting as `auth-off`, and nothing is rate limited.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::{header, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+
+use crate::openapi::Access;
+use crate::{ApiError, AppState};
+
+/// What a key may do; each role may do everything the weaker ones may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Send and void events.
+    Ingest,
+    /// Also every GET under `/api/v1`.
+    Read,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ingest => "ingest",
+            Role::Read => "read",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "ingest" => Some(Role::Ingest),
+            "read" => Some(Role::Read),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Who is asking: in every `/api/v1` request's extensions once the gate let it through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// `None` with auth off.
+    pub key_id: Option<String>,
+    pub role: Role,
+    /// A bound key sees only this customer.
+    pub customer_id: Option<String>,
+}
+
+impl Principal {
+    /// What the audit log records as the actor: the key id, or `auth-off`.
+    pub fn actor(&self) -> &str {
+        self.key_id.as_deref().unwrap_or("auth-off")
+    }
+
+    /// The principal of every request when auth is off.
+    pub fn auth_off() -> Principal {
+        Principal {
+            key_id: None,
+            role: Role::Admin,
+            customer_id: None,
+        }
+    }
+}
+
+/// A token bucket's refill rate and size.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    pub per_sec: f64,
+    pub burst: f64,
+}
+
+/// Keys look like `mf_<key_id>_<secret>`: 12 hex digits of id (48 bits, for lookup and logs) and 48 hex
+/// digits of secret (192 bits).
+pub const KEY_PREFIX: &str = "mf_";
+
+/// A new key: `(key_id, key)`. Only the hash of `key` is ever stored.
+pub fn generate() -> (String, String) {
+    let mut rng = rand::rng();
+    let id: [u8; 6] = rng.random();
+    let secret: [u8; 24] = rng.random();
+    let key_id = hex(&id);
+    let key = format!("{KEY_PREFIX}{key_id}_{}", hex(&secret));
+    (key_id, key)
+}
+
+/// SHA-256 of the whole key.
+pub fn hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The key id of a well-formed key.
+fn key_id_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(KEY_PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    let hexes = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hexes(id, 12) && hexes(secret, 48)).then_some(id)
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A key as stored, without its hash.
+#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
+pub struct KeyInfo {
+    pub key_id: String,
+    pub role: String,
+    pub customer_id: Option<String>,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Stores a new key and audits it (as `actor`); returns it with the key itself, which is shown once.
+pub async fn create_key(
+    pool: &PgPool,
+    role: Role,
+    customer_id: Option<&str>,
+    name: &str,
+    actor: &str,
+) -> Result<(KeyInfo, String), sqlx::Error> {
+    let (key_id, key) = generate();
+    let mut tx = pool.begin().await?;
+    let (created_at,): (DateTime<Utc>,) = sqlx::query_as(
+        "INSERT INTO api_keys (key_id, key_hash, role, customer_id, name) VALUES ($1, $2, $3, $4, $5)
+         RETURNING created_at",
+    )
+    .bind(&key_id)
+    .bind(hash(&key).as_slice())
+    .bind(role.as_str())
+    .bind(customer_id)
+    .bind(name)
+    .fetch_one(&mut *tx)
+    .await?;
+    let info = KeyInfo {
+        key_id,
+        role: role.as_str().to_owned(),
+        customer_id: customer_id.map(str::to_owned),
+        name: name.to_owned(),
+        created_at,
+        revoked_at: None,
+    };
+    crate::audit::insert(
+        &mut tx,
+        actor,
+        "api_key.create",
+        "api_key",
+        &info.key_id,
+        None,
+        serde_json::to_value(&info).ok(),
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((info, key))
+}
+
+/// Every key, oldest first (never their secrets: only hashes are stored).
+pub async fn list_keys(pool: &PgPool) -> Result<Vec<KeyInfo>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT key_id, role, customer_id, name, created_at, revoked_at FROM api_keys
+         ORDER BY created_at, key_id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Revokes a key and audits it; `false` if there is no such key or it was already revoked.
+pub async fn revoke_key(pool: &PgPool, key_id: &str, actor: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let revoked: Option<(DateTime<Utc>,)> = sqlx::query_as(
+        "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL
+         RETURNING revoked_at",
+    )
+    .bind(key_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((at,)) = revoked else {
+        return Ok(false);
+    };
+    crate::audit::insert(
+        &mut tx,
+        actor,
+        "api_key.revoke",
+        "api_key",
+        key_id,
+        Some(serde_json::json!({"revoked_at": null})),
+        Some(serde_json::json!({"revoked_at": at})),
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// A key as the gate knows it.
+#[derive(Clone, Debug)]
+struct StoredKey {
+    hash: Vec<u8>,
+    role: Role,
+    customer_id: Option<String>,
+    revoked: bool,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The gate's memory: recently verified keys and the rate-limit buckets.
+#[derive(Default)]
+pub struct Gate {
+    /// By key id: the stored key (`None`: no such key) and when it was read.
+    keys: Mutex<HashMap<String, (Option<StoredKey>, Instant)>>,
+    /// By key id and route class (`true`: ingest).
+    buckets: Mutex<HashMap<(String, bool), Bucket>>,
+}
+
+impl Gate {
+    /// The principal of `key`, or 401.
+    async fn verify(&self, pool: &PgPool, key: &str, ttl: Duration) -> Result<Principal, ApiError> {
+        let key_id = key_id_of(key).ok_or(ApiError::Unauthorized)?;
+        let cached = {
+            let keys = self.keys.lock().unwrap();
+            keys.get(key_id)
+                .filter(|(_, at)| at.elapsed() < ttl)
+                .map(|(k, _)| k.clone())
+        };
+        let stored = match cached {
+            Some(stored) => stored,
+            None => {
+                let row: Option<(Vec<u8>, String, Option<String>, bool)> = sqlx::query_as(
+                    "SELECT key_hash, role, customer_id, revoked_at IS NOT NULL FROM api_keys
+                     WHERE key_id = $1",
+                )
+                .bind(key_id)
+                .fetch_optional(pool)
+                .await?;
+                let stored = row.map(|(hash, role, customer_id, revoked)| StoredKey {
+                    hash,
+                    role: Role::parse(&role).unwrap_or(Role::Ingest),
+                    customer_id,
+                    revoked,
+                });
+                let mut keys = self.keys.lock().unwrap();
+                if keys.len() > 10_000 {
+                    keys.retain(|_, (_, at)| at.elapsed() < ttl);
+                }
+                keys.insert(key_id.to_owned(), (stored.clone(), Instant::now()));
+                stored
+            }
+        };
+        match stored {
+            Some(k) if !k.revoked && constant_time_eq(&hash(key), &k.hash) => Ok(Principal {
+                key_id: Some(key_id.to_owned()),
+                role: k.role,
+                customer_id: k.customer_id,
+            }),
+            _ => Err(ApiError::Unauthorized),
+        }
+    }
+
+    /// Takes a token from the key's bucket for this class, or says in how many seconds one is there.
+    fn take(&self, key_id: &str, ingest: bool, rate: Rate) -> Result<(), u64> {
+        let mut buckets = self.buckets.lock().unwrap();
+        let now = Instant::now();
+        let bucket = buckets
+            .entry((key_id.to_owned(), ingest))
+            .or_insert(Bucket {
+                tokens: rate.burst,
+                at: now,
+            });
+        let elapsed = now.duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate.per_sec).min(rate.burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - bucket.tokens) / rate.per_sec).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+/// The matched path of a request (`/api/v1/invoices/{invoice_id}`).
+fn matched(request: &Request) -> &str {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| request.uri().path(), |p| p.as_str())
+}
+
+/// The route of a request, without the `/api/v1` prefix (`/invoices/{invoice_id}`).
+pub fn route(request: &Request) -> String {
+    let path = matched(request);
+    path.strip_prefix("/api/v1").unwrap_or(path).to_owned()
+}
+
+/// Ingest routes: sending and voiding events.
+fn is_ingest(method: &Method, route: &str) -> bool {
+    method == Method::POST
+        && matches!(
+            route,
+            "/events" | "/events/batch" | "/events/{event_id}/void"
+        )
+}
+
+/// The weakest role a route allows: as the route table says (`openapi::ROUTES`), else ingest for events,
+/// read for every GET, admin for the rest.
+pub fn required_role(method: &Method, route: &str) -> Role {
+    match crate::openapi::access(method, &format!("/api/v1{route}")) {
+        Some(Access::Ingest) => return Role::Ingest,
+        Some(Access::Read) => return Role::Read,
+        Some(Access::Admin) => return Role::Admin,
+        Some(Access::Public) | None => {}
+    }
+    if is_ingest(method, route) {
+        Role::Ingest
+    } else if method == Method::GET || method == Method::HEAD {
+        Role::Read
+    } else {
+        Role::Admin
+    }
+}
+
+/// The middleware on every `/api/v1` route: authenticates, checks the role, the rate limit and a bound
+/// key's customer, and leaves the [`Principal`] in the request's extensions.
+pub async fn gate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let path = matched(&request);
+    if !path.starts_with("/api/v1/")
+        || crate::openapi::access(request.method(), path) == Some(Access::Public)
+    {
+        return next.run(request).await;
+    }
+    if !state.settings.auth {
+        request.extensions_mut().insert(Principal::auth_off());
+        return next.run(request).await;
+    }
+    match admit(&state, request).await {
+        Ok(Admitted::Pass(request)) => next.run(request).await,
+        Ok(Admitted::Answer(response)) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+enum Admitted {
+    Pass(Request),
+    Answer(Response),
+}
+
+async fn admit(state: &AppState, mut request: Request) -> Result<Admitted, ApiError> {
+    let key = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    let principal = state
+        .gate
+        .verify(&state.pool, key, state.settings.key_cache_ttl)
+        .await?;
+    let method = request.method().clone();
+    let route = route(&request);
+    let needed = required_role(&method, &route);
+    if principal.role < needed {
+        return Err(ApiError::Forbidden(
+            principal.role.as_str(),
+            needed.as_str(),
+        ));
+    }
+    let ingest = is_ingest(&method, &route);
+    let rate = if ingest {
+        state.settings.ingest_rate
+    } else {
+        state.settings.rate
+    };
+    let key_id = principal.key_id.clone().unwrap_or_default();
+    state
+        .gate
+        .take(&key_id, ingest, rate)
+        .map_err(ApiError::RateLimited)?;
+    request.extensions_mut().insert(principal.clone());
+    match &principal.customer_id {
+        None => Ok(Admitted::Pass(request)),
+        Some(customer) => confine(state, customer, &method, &route, request).await,
+    }
+}
+
+/// A key bound to `customer` sees only that customer: anything else answers 404, as if it did not exist.
+/// List routes are narrowed to the customer; routes about no one customer are refused.
+async fn confine(
+    state: &AppState,
+    customer: &str,
+    method: &Method,
+    route: &str,
+    request: Request,
+) -> Result<Admitted, ApiError> {
+    let (mut parts, body) = request.into_parts();
+    let params = RawPathParams::from_request_parts(&mut parts, state)
+        .await
+        .ok();
+    let param = |name: &str| {
+        params
+            .as_ref()
+            .and_then(|p| {
+                p.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_owned())
+            })
+            .unwrap_or_default()
+    };
+    let owner = |sql: &'static str, id: String| async move {
+        let owner: Option<String> = sqlx::query_scalar(sql)
+            .bind(id)
+            .fetch_optional(&state.pool)
+            .await?;
+        Ok::<_, ApiError>(owner)
+    };
+    let allowed = match (method.as_str(), route) {
+        // Catalogue and progress: about no customer's data.
+        ("GET", "/meters" | "/price-books" | "/price-books/{price_book_id}" | "/progress") => true,
+        ("GET", "/aggregations" | "/charges" | "/invoices") => {
+            narrow_query(&mut parts, customer)?;
+            true
+        }
+        ("GET", "/customers") => {
+            let mine = crate::customers::get_one(
+                State(state.clone()),
+                axum::extract::Path(customer.to_owned()),
+            )
+            .await;
+            let data = match mine {
+                Ok(Json(view)) => vec![view],
+                Err(ApiError::NotFound) => vec![],
+                Err(e) => return Err(e),
+            };
+            let page = serde_json::json!({"data": data, "next_cursor": null});
+            return Ok(Admitted::Answer(Json(page).into_response()));
+        }
+        ("GET" | "PATCH", "/customers/{customer_id}")
+        | ("GET", "/customers/{customer_id}/upcoming-invoice") => param("customer_id") == customer,
+        ("GET", "/invoices/{invoice_id}" | "/invoices/{invoice_id}/document")
+        | ("POST", "/invoices/{invoice_id}/void") => {
+            owner(
+                "SELECT customer_id FROM invoices WHERE invoice_id = $1",
+                param("invoice_id"),
+            )
+            .await?
+                == Some(customer.to_owned())
+        }
+        ("GET", "/rerating-jobs/{job_id}") => {
+            owner(
+                "SELECT customer_ids[1] FROM rerating_jobs WHERE job_id = $1 AND cardinality(customer_ids) = 1",
+                param("job_id"),
+            )
+            .await?
+                == Some(customer.to_owned())
+        }
+        ("POST", "/events/{event_id}/void") => {
+            owner(
+                "SELECT customer_id FROM telemetry_events WHERE event_id = $1 LIMIT 1",
+                param("event_id"),
+            )
+            .await?
+                == Some(customer.to_owned())
+        }
+        ("POST", "/events" | "/events/batch" | "/invoices" | "/rerating-jobs" | "/customers") => {
+            let bytes = axum::body::to_bytes(body, state.settings.max_batch_bytes)
+                .await
+                .map_err(|_| ApiError::PayloadTooLarge(state.settings.max_batch_bytes))?;
+            if !body_is_for(&bytes, route, customer) {
+                return Err(ApiError::NotFound);
+            }
+            return Ok(Admitted::Pass(Request::from_parts(parts, Body::from(bytes))));
+        }
+        // Dead letters, invoice runs, the watermark, meters and price books: not one customer's.
+        _ => false,
+    };
+    if allowed {
+        Ok(Admitted::Pass(Request::from_parts(parts, body)))
+    } else {
+        Err(ApiError::NotFound)
+    }
+}
+
+/// Narrows a list's query to `customer`: another `customer_id` is 404, none becomes this one. Customer
+/// ids of bound keys are URL-safe (`[A-Za-z0-9._:-]`), checked when the key is created.
+fn narrow_query(parts: &mut axum::http::request::Parts, customer: &str) -> Result<(), ApiError> {
+    let asked: Vec<(String, String)> = axum::extract::Query::try_from_uri(&parts.uri)
+        .map(|axum::extract::Query(q)| q)
+        .unwrap_or_default();
+    let mut named = asked.iter().filter(|(k, _)| k == "customer_id");
+    if named.any(|(_, v)| v != customer) {
+        return Err(ApiError::NotFound);
+    }
+    if asked.iter().any(|(k, _)| k == "customer_id") {
+        return Ok(());
+    }
+    let path = parts.uri.path();
+    let query = match parts.uri.query() {
+        Some(q) if !q.is_empty() => format!("{q}&customer_id={customer}"),
+        _ => format!("customer_id={customer}"),
+    };
+    let mut uri = axum::http::uri::Parts::from(parts.uri.clone());
+    uri.path_and_query = Some(
+        format!("{path}?{query}")
+            .parse()
+            .map_err(|_| ApiError::NotFound)?,
+    );
+    parts.uri = axum::http::Uri::from_parts(uri).map_err(|_| ApiError::NotFound)?;
+    Ok(())
+}
+
+/// Whether every customer a POST body names is `customer`. A body that is not JSON passes: the handler
+/// refuses it without reading anyone's data.
+fn body_is_for(body: &Bytes, route: &str, customer: &str) -> bool {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return true;
+    };
+    let one = |item: &serde_json::Value| {
+        ["customer_id", "subject"]
+            .iter()
+            .filter_map(|k| item.get(k))
+            .all(|v| v.as_str() == Some(customer))
+    };
+    match route {
+        "/events/batch" => match &value {
+            serde_json::Value::Array(items) => items.iter().all(one),
+            other => one(other),
+        },
+        "/rerating-jobs" => value
+            .get("customer_ids")
+            .and_then(|c| c.as_array())
+            .is_some_and(|ids| ids.len() == 1 && ids[0].as_str() == Some(customer)),
+        _ => one(&value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_key_parses_hashes_and_carries_192_secret_bits() {
+        let (id, key) = generate();
+        assert_eq!(key_id_of(&key), Some(id.as_str()));
+        assert_eq!(key.len(), 3 + 12 + 1 + 48);
+        assert!(constant_time_eq(&hash(&key), &hash(&key)));
+        assert!(!constant_time_eq(&hash(&key), &hash(&generate().1)));
+        assert_eq!(key_id_of("mf_abc_def"), None);
+        assert_eq!(key_id_of("Bearer x"), None);
+    }
+
+    #[test]
+    fn roles_are_ordered_and_routes_need_the_right_one() {
+        assert!(Role::Ingest < Role::Read && Role::Read < Role::Admin);
+        assert_eq!(required_role(&Method::POST, "/events"), Role::Ingest);
+        assert_eq!(
+            required_role(&Method::POST, "/events/{event_id}/void"),
+            Role::Ingest
+        );
+        assert_eq!(required_role(&Method::GET, "/invoices"), Role::Read);
+        assert_eq!(required_role(&Method::POST, "/invoices"), Role::Admin);
+        assert_eq!(
+            required_role(&Method::PATCH, "/customers/{customer_id}"),
+            Role::Admin
+        );
+    }
+
+    #[test]
+    fn a_bucket_refuses_past_its_burst_and_says_when_to_retry() {
+        let gate = Gate::default();
+        let rate = Rate {
+            per_sec: 1.0,
+            burst: 2.0,
+        };
+        assert!(gate.take("a", false, rate).is_ok());
+        assert!(gate.take("a", false, rate).is_ok());
+        assert_eq!(gate.take("a", false, rate), Err(1));
+        assert!(gate.take("a", true, rate).is_ok(), "another class");
+        assert!(gate.take("b", false, rate).is_ok(), "another key");
+    }
+
+    #[test]
+    fn a_bound_body_must_name_only_its_customer() {
+        let b = |s: &str| Bytes::from(s.to_owned());
+        assert!(body_is_for(&b(r#"{"customer_id":"a"}"#), "/events", "a"));
+        assert!(!body_is_for(&b(r#"{"customer_id":"b"}"#), "/events", "a"));
+        assert!(!body_is_for(
+            &b(r#"[{"customer_id":"a"},{"customer_id":"b"}]"#),
+            "/events/batch",
+            "a"
+        ));
+        assert!(!body_is_for(&b(r#"{"subject":"b"}"#), "/events", "a"));
+        assert!(!body_is_for(
+            &b(r#"{"customer_ids":[]}"#),
+            "/rerating-jobs",
+            "a"
+        ));
+        assert!(body_is_for(
+            &b(r#"{"customer_ids":["a"]}"#),
+            "/rerating-jobs",
+            "a"
+        ));
+    }
+}

@@ -1,0 +1,176 @@
+//! `Idempotency-Key` on the admin POSTs (SPEC §8): the same key with the same request gets the stored
+//! response again; the same key with another request is refused 422 `IDEMPOTENCY_KEY_REUSED`.
+//!
+//! ```text
+//!  POST + Idempotency-Key ─► claim (key id, idempotency key) with SHA-256(method, path, body)
+//!     claimed ─► handler ─► status < 500 (and not 429): stored; else the claim is dropped (retry runs again)
+//!     stored, same hash ─► the stored status, content type and body, with `Idempotent-Replayed: true`
+//!     stored, other hash ─► 422;  claimed by a request still running ─► 409 IDEMPOTENCY_KEY_IN_PROGRESS
+//! ```
+//! Keys are scoped by API key id (`auth-off` with auth off). A claim left by a request that never finished
+//! (the process died) is taken over after a minute.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use crate::auth::Principal;
+use crate::{ApiError, AppState};
+
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The admin POSTs that honour the header.
+fn honoured(method: &Method, route: &str) -> bool {
+    method == Method::POST
+        && matches!(
+            route,
+            "/meters"
+                | "/price-books"
+                | "/customers"
+                | "/invoices"
+                | "/invoice-runs"
+                | "/rerating-jobs"
+        )
+}
+
+/// A stored row: request hash, and (once answered) status, content type and body.
+type StoredAnswer = (Vec<u8>, Option<i32>, Option<String>, Option<Vec<u8>>);
+
+/// Longest Idempotency-Key accepted.
+const MAX_KEY_LEN: usize = 255;
+
+/// The middleware on every `/api/v1` route (inside the gate).
+pub async fn replay(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = crate::auth::route(&request);
+    if !honoured(request.method(), &route) {
+        return next.run(request).await;
+    }
+    let Some(key) = request.headers().get(&IDEMPOTENCY_KEY).cloned() else {
+        return next.run(request).await;
+    };
+    match run(&state, &route, key, request, next).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn run(
+    state: &AppState,
+    route: &str,
+    key: HeaderValue,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let key = key
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+            ))
+        })?
+        .to_owned();
+    let scope = request
+        .extensions()
+        .get::<Principal>()
+        .map_or("auth-off", |p| p.actor())
+        .to_owned();
+    let limit = state.settings.max_batch_bytes;
+    let (parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    let mut hasher = Sha256::new();
+    hasher.update(parts.method.as_str().as_bytes());
+    hasher.update(b" ");
+    hasher.update(parts.uri.path().as_bytes());
+    hasher.update(b"\n");
+    hasher.update(&bytes);
+    let request_hash: [u8; 32] = hasher.finalize().into();
+
+    let claimed: Option<bool> = sqlx::query_scalar(
+        "INSERT INTO idempotency_keys (scope, idem_key, route, request_hash) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (scope, idem_key) DO UPDATE
+             SET request_hash = EXCLUDED.request_hash, route = EXCLUDED.route, created_at = now()
+             WHERE idempotency_keys.status IS NULL
+               AND idempotency_keys.created_at < now() - interval '1 minute'
+         RETURNING true",
+    )
+    .bind(&scope)
+    .bind(&key)
+    .bind(route)
+    .bind(request_hash.as_slice())
+    .fetch_optional(&state.pool)
+    .await?;
+    if claimed.is_none() {
+        let stored: Option<StoredAnswer> = sqlx::query_as(
+            "SELECT request_hash, status, content_type, body FROM idempotency_keys
+                 WHERE scope = $1 AND idem_key = $2",
+        )
+        .bind(&scope)
+        .bind(&key)
+        .fetch_optional(&state.pool)
+        .await?;
+        return match stored {
+            Some((hash, _, _, _)) if hash != request_hash => Err(ApiError::IdempotencyKeyReused),
+            Some((_, Some(status), content_type, body)) => Ok(stored_response(
+                status,
+                content_type,
+                body.unwrap_or_default(),
+            )),
+            _ => Err(ApiError::IdempotencyKeyInProgress),
+        };
+    }
+
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    let status = response.status();
+    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2")
+            .bind(&scope)
+            .bind(&key)
+            .execute(&state.pool)
+            .await?;
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, 16 * 1024 * 1024)
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading a response to store: {e}")))?;
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    sqlx::query(
+        "UPDATE idempotency_keys SET status = $3, content_type = $4, body = $5
+         WHERE scope = $1 AND idem_key = $2",
+    )
+    .bind(&scope)
+    .bind(&key)
+    .bind(i32::from(status.as_u16()))
+    .bind(content_type)
+    .bind(body.as_ref())
+    .execute(&state.pool)
+    .await?;
+    Ok(Response::from_parts(parts, Body::from(body)))
+}
+
+fn stored_response(status: i32, content_type: Option<String>, body: Vec<u8>) -> Response {
+    let status = u16::try_from(status)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    if let Some(value) = content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    headers.insert(REPLAYED.clone(), HeaderValue::from_static("true"));
+    response
+}
