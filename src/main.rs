@@ -325,7 +325,10 @@ async fn serve_api(cfg: &Config) -> Result<()> {
             "AUTH IS OFF (api.auth = \"off\" / MF_AUTH=off): every request to /api/v1 is an admin with no \
              key and no rate limit. Never run like this where anyone else can reach the API."
         );
-        eprintln!("WARNING: meterflow api: AUTH IS OFF (MF_AUTH=off): anyone who can reach {addr} is an admin");
+        // A banner for people reading a terminal; JSON logs stay one object per line.
+        if cfg.log.format == config::LogFormat::Text {
+            eprintln!("WARNING: meterflow api: AUTH IS OFF (MF_AUTH=off): anyone who can reach {addr} is an admin");
+        }
     }
     let state =
         meterflow_api::AppState::with_settings(pool, producer.clone(), topic.clone(), settings);
