@@ -191,7 +191,7 @@ async fn store(
          ), stored AS (
              INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value, properties)
              SELECT i.event_id, i.customer_id, i.event_type, timestamptz 'epoch' + i.micros * interval '1 microsecond',
-                    i.value, i.properties::jsonb
+                    i.value, i.properties::json
              FROM input i JOIN claimed USING (event_id)
          )
          INSERT INTO event_outbox (event_id, payload, customer_id)

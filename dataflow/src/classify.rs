@@ -7,6 +7,9 @@
 //!      │ void record ──Claims::claim_voids──► Retract(event) │ nothing (not counted yet, already voided)
 //!      └ invalid ─► Dead(reason)
 //! ```
+//! A record the claim store refuses for what it holds (a [`ClaimError::Refused`]) is narrowed down
+//! to that record alone, which becomes a dead letter; the others of its batch are claimed as usual.
+//! Only a [`ClaimError::Unavailable`] store makes the reader wait and retry.
 //! Contract of a [`Claims`] store: a claim is keyed by the record's position `(partition, offset)`, so it
 //! is idempotent. The first copy of an id to be claimed counts; replaying that same record after a crash
 //! finds its own claim and counts again (its epoch had not committed), while any other copy is a
@@ -19,8 +22,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use meterflow_model::{
-    decode_as, DeadLetter, DecodeError, Duplicate, DuplicateKind, Event, Limits,
-    DEFAULT_RETENTION_MICROS,
+    check_void_ids, decode_as, printable, DeadLetter, DecodeError, Duplicate, DuplicateKind, Event,
+    Limits, DEFAULT_RETENTION_MICROS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -70,12 +73,28 @@ pub struct VoidCandidate {
     pub offset: i64,
 }
 
-/// The durable claim store. `Err` means "could not decide now": the reader retries the batch.
+/// Why the claim store gave no answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    /// The store cannot answer now (connection lost, Postgres restarting): the reader retries the
+    /// batch with backoff and skips nothing.
+    #[error("the claim store is unavailable: {0}")]
+    Unavailable(String),
+    /// The store refused what the records hold (Postgres SQLSTATE class 22 or 23): retrying cannot
+    /// help. The batch is narrowed down to the refused records, which become dead letters.
+    #[error("the claim store refused the data: {0}")]
+    Refused(String),
+}
+
+/// The durable claim store.
 pub trait Claims: Send {
     /// Claims each candidate (all distinct event_ids), in order.
-    fn claim_events(&mut self, candidates: &[Candidate<'_>]) -> Result<Vec<ClaimOutcome>, String>;
+    fn claim_events(
+        &mut self,
+        candidates: &[Candidate<'_>],
+    ) -> Result<Vec<ClaimOutcome>, ClaimError>;
     /// Claims each void; `Some(event)` when this void takes that counted event back.
-    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, String>;
+    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, ClaimError>;
 }
 
 /// The committed event-time watermark, shared by the sink (writer) and the readers (for the age limit)
@@ -104,7 +123,7 @@ pub fn classify(
     claims: &mut dyn Claims,
     limits: &Limits,
     watermark: &AtomicI64,
-) -> Result<Vec<SourceItem>, String> {
+) -> Result<Vec<SourceItem>, ClaimError> {
     let limits = Limits {
         oldest_micros: read_watermark(watermark)
             .map(|w| w.saturating_sub(DEFAULT_RETENTION_MICROS)),
@@ -119,10 +138,14 @@ pub fn classify(
             RecordKind::Event(format) => {
                 match decode_as(format, &record.payload, reference, &limits) {
                     Ok(event) => segment.push((i, event)),
-                    Err(e) => items[i] = Some(dead(record, &e)),
+                    Err(e) => {
+                        if let Some(item) = items.get_mut(i) {
+                            *item = Some(dead(record, &e));
+                        }
+                    }
                 }
             }
-            RecordKind::Void => match serde_json::from_slice::<VoidRecord>(&record.payload) {
+            RecordKind::Void => match decode_void(&record.payload) {
                 Ok(v) => {
                     claim_segment(records, std::mem::take(&mut segment), claims, &mut items)?;
                     let void = VoidCandidate {
@@ -130,10 +153,23 @@ pub fn classify(
                         partition: record.partition,
                         offset: record.offset,
                     };
-                    let retract = claims.claim_voids(&[void])?.pop().flatten();
-                    items[i] = Some(retract.map_or(Classified::Ignored, Classified::Retract));
+                    let decided = match claims.claim_voids(&[void]) {
+                        Ok(mut retract) => match retract.pop().flatten() {
+                            Some(event) => Classified::Retract(event),
+                            None => Classified::Ignored,
+                        },
+                        Err(ClaimError::Refused(why)) => refused(record, &why),
+                        Err(unavailable) => return Err(unavailable),
+                    };
+                    if let Some(item) = items.get_mut(i) {
+                        *item = Some(decided);
+                    }
                 }
-                Err(e) => items[i] = Some(dead(record, &DecodeError::Malformed(e.to_string()))),
+                Err(e) => {
+                    if let Some(item) = items.get_mut(i) {
+                        *item = Some(dead(record, &e));
+                    }
+                }
             },
         }
     }
@@ -158,7 +194,7 @@ fn claim_segment(
     mut events: Vec<(usize, Event)>,
     claims: &mut dyn Claims,
     items: &mut [Option<Classified>],
-) -> Result<(), String> {
+) -> Result<(), ClaimError> {
     events.sort_by(|(a, ea), (b, eb)| {
         let (ra, rb) = (&records[*a], &records[*b]);
         (&ea.event_id, ra.timestamp_ms, ra.partition, ra.offset).cmp(&(
@@ -197,22 +233,60 @@ fn claim_segment(
                 payload: &records[*i].payload,
             })
             .collect();
-        let outcomes = claims.claim_events(&asks)?;
+        let outcomes = claim_or_narrow(claims, &asks)?;
         for ((i, event), outcome) in round.into_iter().zip(outcomes) {
             items[i] = Some(match outcome {
-                ClaimOutcome::Counts => Classified::Count(event),
-                ClaimOutcome::Duplicate(kind) => duplicate(&records[i], &event.event_id, kind),
+                Ok(ClaimOutcome::Counts) => Classified::Count(event),
+                Ok(ClaimOutcome::Duplicate(kind)) => duplicate(&records[i], &event.event_id, kind),
+                Err(why) => refused(&records[i], &why),
             });
         }
     }
     Ok(())
 }
 
+/// Claims `asks`; when the store refuses the data, halves the batch until each refused candidate stands
+/// alone, so one record the store cannot hold never holds up the others. `Err` only when unavailable.
+fn claim_or_narrow(
+    claims: &mut dyn Claims,
+    asks: &[Candidate<'_>],
+) -> Result<Vec<Result<ClaimOutcome, String>>, ClaimError> {
+    match claims.claim_events(asks) {
+        Ok(outcomes) => Ok(outcomes.into_iter().map(Ok).collect()),
+        Err(ClaimError::Refused(why)) if asks.len() <= 1 => Ok(vec![Err(why)]),
+        Err(ClaimError::Refused(_)) => {
+            let (left, right) = asks.split_at(asks.len() / 2);
+            let mut outcomes = claim_or_narrow(claims, left)?;
+            outcomes.extend(claim_or_narrow(claims, right)?);
+            Ok(outcomes)
+        }
+        Err(unavailable) => Err(unavailable),
+    }
+}
+
+/// A void record's wire form, with ids checked like an event's.
+fn decode_void(payload: &[u8]) -> Result<VoidRecord, DecodeError> {
+    let void: VoidRecord = serde_json::from_slice(payload)
+        .map_err(|e| DecodeError::Malformed(printable(&e.to_string())))?;
+    check_void_ids(&void.event_id, &void.customer_id)?;
+    Ok(void)
+}
+
+/// A record the claim store refused: a dead letter with the store's reason.
+fn refused(record: &RawRecord, why: &str) -> Classified {
+    Classified::Dead(DeadLetter {
+        partition: record.partition,
+        offset: record.offset,
+        reason: printable(&format!("STORE_REFUSED: {why}")),
+        payload: record.payload.clone(),
+    })
+}
+
 fn dead(record: &RawRecord, e: &DecodeError) -> Classified {
     Classified::Dead(DeadLetter {
         partition: record.partition,
         offset: record.offset,
-        reason: format!("{}: {e}", e.code()),
+        reason: printable(&format!("{}: {e}", e.code())),
         payload: record.payload.clone(),
     })
 }
@@ -246,7 +320,10 @@ struct MemoryClaim {
 }
 
 impl Claims for MemoryClaims {
-    fn claim_events(&mut self, candidates: &[Candidate<'_>]) -> Result<Vec<ClaimOutcome>, String> {
+    fn claim_events(
+        &mut self,
+        candidates: &[Candidate<'_>],
+    ) -> Result<Vec<ClaimOutcome>, ClaimError> {
         Ok(candidates
             .iter()
             .map(|c| {
@@ -273,7 +350,7 @@ impl Claims for MemoryClaims {
             .collect())
     }
 
-    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, String> {
+    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, ClaimError> {
         Ok(voids
             .iter()
             .map(|v| {
@@ -295,17 +372,20 @@ impl Claims for MemoryClaims {
 pub struct SharedMemoryClaims(pub Arc<std::sync::Mutex<MemoryClaims>>);
 
 impl Claims for SharedMemoryClaims {
-    fn claim_events(&mut self, candidates: &[Candidate<'_>]) -> Result<Vec<ClaimOutcome>, String> {
+    fn claim_events(
+        &mut self,
+        candidates: &[Candidate<'_>],
+    ) -> Result<Vec<ClaimOutcome>, ClaimError> {
         self.0
             .lock()
-            .map_err(|_| "claims lock poisoned".to_owned())?
+            .map_err(|_| ClaimError::Unavailable("claims lock poisoned".to_owned()))?
             .claim_events(candidates)
     }
 
-    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, String> {
+    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, ClaimError> {
         self.0
             .lock()
-            .map_err(|_| "claims lock poisoned".to_owned())?
+            .map_err(|_| ClaimError::Unavailable("claims lock poisoned".to_owned()))?
             .claim_voids(voids)
     }
 }

@@ -10,12 +10,12 @@
 
 use std::borrow::Cow;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::json::{decimal_number, parse_decimal};
+use crate::json::{decimal_number, parse_decimal, MAX_EVENT_VALUE};
 
 /// A validated usage event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,8 +146,7 @@ pub fn decode_event(
     reference_micros: i64,
     limits: &Limits,
 ) -> Result<Event, DecodeError> {
-    let raw: RawEvent =
-        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let raw: RawEvent = serde_json::from_slice(bytes).map_err(malformed)?;
     validate(
         Parts {
             event_id: raw.event_id,
@@ -195,8 +194,7 @@ pub fn decode_cloudevent(
     reference_micros: i64,
     limits: &Limits,
 ) -> Result<Event, DecodeError> {
-    let raw: RawCloudEvent =
-        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let raw: RawCloudEvent = serde_json::from_slice(bytes).map_err(malformed)?;
     let mut errors = Vec::new();
     if raw.specversion != "1.0" {
         errors.push(field("specversion", "must be \"1.0\""));
@@ -308,7 +306,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// Splits a JSON array (a batch body) into its items, left raw for the per-item decoder.
 pub fn split_batch(bytes: &[u8]) -> Result<Vec<&RawValue>, DecodeError> {
     serde_json::from_slice(bytes)
-        .map_err(|e| DecodeError::Malformed(format!("a batch must be a JSON array of events: {e}")))
+        .map_err(|e| malformed(format!("a batch must be a JSON array of events: {e}")))
 }
 
 /// Reads only the `event_id` (or a CloudEvent's `id`) of a body that failed validation, so a known id
@@ -356,6 +354,13 @@ fn validate(raw: Parts<'_>, reference_micros: i64, limits: &Limits) -> Result<Ev
     check_id(&mut errors, "event_type", &raw.event_type, 64, is_type_char);
 
     let event_time_micros = match DateTime::parse_from_rfc3339(&raw.event_time) {
+        Ok(t) if !(1..=9999).contains(&t.with_timezone(&Utc).year()) => {
+            errors.push(field(
+                "event_time",
+                "must lie in the years 0001 to 9999 (UTC)",
+            ));
+            0
+        }
         Ok(t) => {
             let micros = t.with_timezone(&Utc).timestamp_micros();
             if micros > reference_micros.saturating_add(limits.max_future_micros) {
@@ -387,7 +392,7 @@ fn validate(raw: Parts<'_>, reference_micros: i64, limits: &Limits) -> Result<Ev
         }
         Some(text) if text.starts_with('"') => match serde_json::from_str::<String>(text) {
             Ok(inner) => parse_value(&mut errors, &inner),
-            Err(e) => return Err(DecodeError::Malformed(e.to_string())),
+            Err(e) => return Err(malformed(e)),
         },
         Some(text) if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
             parse_value(&mut errors, text)
@@ -405,30 +410,10 @@ fn validate(raw: Parts<'_>, reference_micros: i64, limits: &Limits) -> Result<Ev
         None => "{}".to_owned(),
         Some(Properties::Raw(raw)) => {
             let Entries(entries) = serde_json::from_str(raw.get())
-                .map_err(|_| DecodeError::Malformed("properties must be a JSON object".into()))?;
-            check_properties(&mut errors, entries)?;
-            if raw.get().len() > limits.max_properties_bytes {
-                errors.push(field("properties", "must be at most 4 KiB when encoded"));
-            }
-            raw.get().to_owned()
+                .map_err(|e| malformed(format!("properties must be a JSON object: {e}")))?;
+            canonical_properties(&mut errors, entries, limits)?
         }
-        Some(Properties::Entries(entries)) => {
-            let mut text = String::from("{");
-            for (i, (Key(key), v)) in entries.iter().enumerate() {
-                if i > 0 {
-                    text.push(',');
-                }
-                text.push_str(&serde_json::to_string(key).unwrap_or_default());
-                text.push(':');
-                text.push_str(v.get());
-            }
-            text.push('}');
-            check_properties(&mut errors, entries)?;
-            if text.len() > limits.max_properties_bytes {
-                errors.push(field("properties", "must be at most 4 KiB when encoded"));
-            }
-            text
-        }
+        Some(Properties::Entries(entries)) => canonical_properties(&mut errors, entries, limits)?,
     };
 
     if !errors.is_empty() {
@@ -444,29 +429,94 @@ fn validate(raw: Parts<'_>, reference_micros: i64, limits: &Limits) -> Result<Ev
     })
 }
 
-/// Properties are a flat object of strings, numbers and booleans, without duplicate keys.
-fn check_properties(
+/// Properties are a flat object of strings, numbers and booleans, without duplicate keys, NUL or lone
+/// surrogates. They are kept in one canonical spelling, whatever path or format they came by: compact,
+/// keys and strings unescaped and written back with JSON's minimal escapes (`"a\u0062"` is `"ab"`),
+/// numbers and booleans with their own digits. So the same event has the same bytes, fingerprint and
+/// metered contributions on every path (HTTP, batch, CloudEvents, Kafka, void, re-rating, restore).
+fn canonical_properties(
     errors: &mut Vec<FieldError>,
     mut entries: Vec<(Key<'_>, &RawValue)>,
-) -> Result<(), DecodeError> {
-    for (Key(key), v) in &entries {
-        if !v.get().starts_with(|c: char| {
-            c == '"' || c == '-' || c == 't' || c == 'f' || c.is_ascii_digit()
-        }) {
-            errors.push(field(
-                &format!("properties.{key}"),
-                "must be a string, number or boolean",
-            ));
+    limits: &Limits,
+) -> Result<String, DecodeError> {
+    let mut text = String::from("{");
+    for (i, (Key(key), v)) in entries.iter().enumerate() {
+        let path = format!("properties.{}", printable(key));
+        if key.contains('\0') {
+            errors.push(field(&path, "must not contain NUL (U+0000) in its name"));
+        }
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(&serde_json::to_string(key).map_err(malformed)?);
+        text.push(':');
+        let raw = v.get();
+        if raw.starts_with('"') {
+            match serde_json::from_str::<String>(raw) {
+                Ok(s) if s.contains('\0') => {
+                    errors.push(field(&path, "must not contain NUL (U+0000)"))
+                }
+                Ok(s) => text.push_str(&serde_json::to_string(&s).map_err(malformed)?),
+                Err(_) => errors.push(field(
+                    &path,
+                    "must be valid Unicode text (no lone surrogate escapes)",
+                )),
+            }
+        } else if raw.starts_with(|c: char| c == '-' || c == 't' || c == 'f' || c.is_ascii_digit())
+        {
+            text.push_str(raw);
+        } else {
+            errors.push(field(&path, "must be a string, number or boolean"));
         }
     }
+    text.push('}');
     entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(DecodeError::Malformed(format!(
-            "duplicate key in properties: {}",
-            w[0].0 .0
-        )));
+    if let Some(pair) = entries
+        .windows(2)
+        .find(|w| w.first().map(|a| &a.0) == w.get(1).map(|b| &b.0))
+    {
+        let key = pair
+            .first()
+            .map(|(k, _)| printable(&k.0))
+            .unwrap_or_default();
+        return Err(malformed(format!("duplicate key in properties: {key}")));
     }
-    Ok(())
+    if text.len() > limits.max_properties_bytes {
+        errors.push(field("properties", "must be at most 4 KiB when encoded"));
+    }
+    Ok(text)
+}
+
+/// Text that is safe to show and to store anywhere (a Postgres `text`, a log line): control characters
+/// (NUL among them) escaped, and at most 512 characters.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(512));
+    for c in text.chars().take(512) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A decoding failure, with its message made [`printable`].
+fn malformed(e: impl std::fmt::Display) -> DecodeError {
+    DecodeError::Malformed(printable(&e.to_string()))
+}
+
+/// Checks the ids of a void record (`{"event_id", "customer_id"}`) with the event's own rules, so a
+/// void that could name no event is a dead letter rather than a query.
+pub fn check_void_ids(event_id: &str, customer_id: &str) -> Result<(), DecodeError> {
+    let mut errors = Vec::new();
+    check_id(&mut errors, "event_id", event_id, 128, is_id_char);
+    check_id(&mut errors, "customer_id", customer_id, 128, is_id_char);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(DecodeError::Invalid(errors))
+    }
 }
 
 impl Event {
@@ -540,6 +590,10 @@ fn parse_value(errors: &mut Vec<FieldError>, text: &str) -> Decimal {
     match parse_decimal(text) {
         Ok(d) if d.is_sign_negative() && !d.is_zero() => {
             errors.push(field("value", "must not be negative"));
+            d
+        }
+        Ok(d) if d > MAX_EVENT_VALUE => {
+            errors.push(field("value", "must be at most 1e20"));
             d
         }
         Ok(d) => d,
@@ -707,9 +761,66 @@ mod tests {
             ["properties.a", "properties.b"]
         );
         assert_eq!(
-            with(r#"{"a\u0062":"x","n":-1.5}"#).unwrap().properties,
-            r#"{"a\u0062":"x","n":-1.5}"#
+            with(r#"{"a\u0062" : "x\/y", "n":-1.5 }"#)
+                .unwrap()
+                .properties,
+            r#"{"ab":"x/y","n":-1.5}"#,
+            "properties are kept in one canonical spelling"
         );
+    }
+
+    #[test]
+    fn nul_and_lone_surrogates_are_refused_in_every_property_position() {
+        let base = r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","properties":"#;
+        let with = |props: &str| decode(&format!("{base}{props}}}"));
+        for props in [
+            r#"{"k":"\u0000"}"#,
+            r#"{"\u0000":"v"}"#,
+            r#"{"k":"\ud800"}"#,
+        ] {
+            match with(props) {
+                Err(DecodeError::Invalid(_)) => {}
+                other => panic!("{props} must be invalid, got {other:?}"),
+            }
+        }
+        // A lone surrogate in a key cannot even be read as a key.
+        assert!(with(r#"{"\ud800":"v"}"#).is_err());
+        // Non-BMP characters, escaped or not, are fine and spelled one way.
+        let a = with(r#"{"k":"\ud83d\ude00"}"#).unwrap();
+        let b = with("{\"k\":\"\u{1F600}\"}").unwrap();
+        assert_eq!(a.properties, b.properties);
+    }
+
+    #[test]
+    fn reasons_never_carry_control_characters() {
+        let json = "{\"event_id\":\"a\",\"customer_id\":\"c\",\"event_type\":\"t\",\"event_time\":\"2024-01-15T14:30:00Z\",\"\\u0000x\":1}";
+        let e = decode(json).unwrap_err();
+        assert!(!e.to_string().contains('\0'), "{e}");
+        assert!(!e.to_string().chars().any(char::is_control), "{e}");
+    }
+
+    #[test]
+    fn years_outside_0001_to_9999_and_values_above_1e20_are_refused() {
+        assert_eq!(
+            invalid_fields(
+                r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"0000-01-01T00:30:00+01:00"}"#
+            ),
+            ["event_time"]
+        );
+        assert_eq!(
+            invalid_fields(
+                r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":"9999999999999999999999999999"}"#
+            ),
+            ["value"]
+        );
+        assert!(decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":1e20}"#).is_ok());
+    }
+
+    #[test]
+    fn void_ids_follow_the_event_id_rules() {
+        assert!(check_void_ids("evt-1", "cust").is_ok());
+        assert!(check_void_ids("\0", "cust").is_err());
+        assert!(check_void_ids("e", "").is_err());
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub fn parse_decimal(text: &str) -> Result<Decimal, &'static str> {
         return Err("must be a decimal number");
     }
     if text.bytes().any(|b| b == b'e' || b == b'E') {
+        // `from_scientific` rounds a long mantissa; refuse it instead, as the plain form does.
+        if significant_digits(text) > 28 {
+            return Err("must be a decimal number with at most 28 significant digits");
+        }
         Decimal::from_scientific(text)
             .map_err(|_| "is out of range or has more than 28 significant digits")
     } else {
@@ -36,6 +40,18 @@ pub fn parse_decimal(text: &str) -> Result<Decimal, &'static str> {
             .map_err(|_| "must be a decimal number with at most 28 significant digits")
     }
 }
+
+/// The significant digits of a number's mantissa (`0.00120e5` has 3).
+fn significant_digits(text: &str) -> usize {
+    let mantissa = text.split(['e', 'E']).next().unwrap_or_default();
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    digits.trim_start_matches('0').trim_end_matches('0').len()
+}
+
+/// The largest value one event (or one property a meter reads) may carry: 10^20. Bounding the input
+/// keeps sums of ordinary traffic far from the 96-bit decimal limit (7.9 × 10^28); a sum that still gets
+/// there is quarantined by the pipeline, never a crash.
+pub const MAX_EVENT_VALUE: Decimal = Decimal::from_parts(1_661_992_960, 1_808_227_885, 5, false, 0);
 
 #[cfg(test)]
 mod tests {
@@ -63,5 +79,18 @@ mod tests {
             Decimal::from_str("1.5").unwrap()
         );
         assert_eq!(parse_decimal("2E3").unwrap(), Decimal::from(2000));
+        assert!(parse_decimal("1.23456789012345678901234567891e1").is_err());
+        assert_eq!(
+            parse_decimal("1.000000000000000000000000000000e2").unwrap(),
+            Decimal::from(100)
+        );
+    }
+
+    #[test]
+    fn the_value_cap_is_ten_to_the_twentieth() {
+        assert_eq!(
+            MAX_EVENT_VALUE,
+            Decimal::from_str("100000000000000000000").unwrap()
+        );
     }
 }

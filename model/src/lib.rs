@@ -29,8 +29,8 @@ pub use batch::{
     PartitionProgress, RatingState, RowChange,
 };
 pub use event::{
-    decode_as, decode_cloudevent, decode_event, sniff_event_id, split_batch, DecodeError, Event,
-    FieldError, Format, Limits, DEFAULT_RETENTION_MICROS,
+    check_void_ids, decode_as, decode_cloudevent, decode_event, printable, sniff_event_id,
+    split_batch, DecodeError, Event, FieldError, Format, Limits, DEFAULT_RETENTION_MICROS,
 };
 pub use invoice::{
     Adjustment, Customer, Draft, Invoice, InvoiceError, InvoiceLine, InvoiceStatus, LineKind,

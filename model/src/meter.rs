@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 
 use crate::aggregate::{Aggregate, AggregateKey};
 use crate::event::{Event, FieldError};
-use crate::json::parse_decimal;
+use crate::json::{parse_decimal, MAX_EVENT_VALUE};
 use crate::window::Window;
 
 /// How a meter aggregates the events of a window.
@@ -155,11 +155,7 @@ impl Meter {
             None => Ok(event.value),
             Some(key) => {
                 let raw = event.property(key).ok_or(Skip::MissingProperty)?;
-                let text = raw.get().trim_matches('"');
-                match parse_decimal(text) {
-                    Ok(d) if !d.is_sign_negative() || d.is_zero() => Ok(d),
-                    _ => Err(Skip::NotANumber),
-                }
+                property_number(raw).ok_or(Skip::NotANumber)
             }
         }
     }
@@ -178,6 +174,21 @@ impl Meter {
         self.value_property
             .as_deref()
             .and_then(|p| p.strip_prefix("properties."))
+    }
+}
+
+/// A property's value as a meter's number: a JSON number, or a string holding one (unescaped first, so
+/// `"100\u0030"` is 1000 on every path), not negative and at most [`MAX_EVENT_VALUE`].
+fn property_number(raw: &RawValue) -> Option<Decimal> {
+    let text = raw.get();
+    let parsed = if text.starts_with('"') {
+        parse_decimal(&serde_json::from_str::<String>(text).ok()?)
+    } else {
+        parse_decimal(text)
+    };
+    match parsed {
+        Ok(d) if (!d.is_sign_negative() || d.is_zero()) && d <= MAX_EVENT_VALUE => Some(d),
+        _ => None,
     }
 }
 

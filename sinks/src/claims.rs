@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use meterflow_dataflow::classify::{Candidate, ClaimOutcome, Claims, VoidCandidate};
+use meterflow_dataflow::classify::{Candidate, ClaimError, ClaimOutcome, Claims, VoidCandidate};
 use meterflow_model::{DuplicateKind, Event};
 use rust_decimal::Decimal;
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
@@ -37,14 +37,15 @@ impl PgClaims {
         })
     }
 
-    /// Runs `f` on a live connection; on any error the connection is dropped (a fresh one is made on
-    /// the next call) and the error is returned for the reader to retry.
+    /// Runs `f` on a live connection. An error caused by what the records hold ([`is_data_error`]) is
+    /// [`ClaimError::Refused`]; any other drops the connection (a
+    /// fresh one is made on the next call) and is [`ClaimError::Unavailable`], for the reader to retry.
     fn with_conn<T>(
         &mut self,
         f: impl for<'c> FnOnce(
             &'c mut PgConnection,
         ) -> futures::future::BoxFuture<'c, Result<T, sqlx::Error>>,
-    ) -> Result<T, String> {
+    ) -> Result<T, ClaimError> {
         let url = self.url.clone();
         let result = self.runtime.block_on(async {
             if self.conn.is_none() {
@@ -53,18 +54,26 @@ impl PgClaims {
                     .log_slow_statements(tracing::log::LevelFilter::Off, Duration::ZERO);
                 self.conn = Some(PgConnection::connect_with(&options).await?);
             }
-            let conn = self.conn.as_mut().expect("connected above");
-            f(conn).await
+            match self.conn.as_mut() {
+                Some(conn) => f(conn).await,
+                None => Err(sqlx::Error::PoolClosed),
+            }
         });
         result.map_err(|e| {
+            if is_data_error(&e) {
+                return ClaimError::Refused(e.to_string());
+            }
             self.conn = None;
-            format!("claiming events in Postgres: {e}")
+            ClaimError::Unavailable(format!("claiming events in Postgres: {e}"))
         })
     }
 }
 
 impl Claims for PgClaims {
-    fn claim_events(&mut self, candidates: &[Candidate<'_>]) -> Result<Vec<ClaimOutcome>, String> {
+    fn claim_events(
+        &mut self,
+        candidates: &[Candidate<'_>],
+    ) -> Result<Vec<ClaimOutcome>, ClaimError> {
         let n = candidates.len();
         let mut ids = Vec::with_capacity(n);
         let mut micros = Vec::with_capacity(n);
@@ -107,7 +116,7 @@ impl Claims for PgClaims {
                      ), stored AS (
                         INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value, properties)
                         SELECT i.event_id, i.customer_id, i.event_type,
-                               timestamptz 'epoch' + i.micros * interval '1 microsecond', i.value, i.properties::jsonb
+                               timestamptz 'epoch' + i.micros * interval '1 microsecond', i.value, i.properties::json
                         FROM input i JOIN claimed c ON c.event_id = i.event_id
                         WHERE c.fresh
                      )
@@ -164,10 +173,10 @@ impl Claims for PgClaims {
                 let Some((fingerprint, partition, offset, voided)) =
                     existing.get(&c.event.event_id)
                 else {
-                    return Err(format!(
+                    return Err(ClaimError::Unavailable(format!(
                         "event {} was neither claimed nor found",
                         c.event.event_id
-                    ));
+                    )));
                 };
                 Ok(
                     if (*partition, *offset) == (Some(c.partition), Some(c.offset)) {
@@ -184,7 +193,7 @@ impl Claims for PgClaims {
             .collect()
     }
 
-    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, String> {
+    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, ClaimError> {
         let ids: Vec<String> = voids.iter().map(|v| v.event_id.clone()).collect();
         let partitions: Vec<i32> = voids.iter().map(|v| v.partition).collect();
         let offsets: Vec<i64> = voids.iter().map(|v| v.offset).collect();
@@ -231,5 +240,17 @@ impl Claims for PgClaims {
             .map(|e| (e.event_id.clone(), e))
             .collect();
         Ok(voids.iter().map(|v| by_id.remove(&v.event_id)).collect())
+    }
+}
+
+/// Whether Postgres refused a statement for the data it carries (SQLSTATE class 22, data exception,
+/// or 23514, a CHECK constraint), which no retry can fix. A unique violation is not among them: it can
+/// come from a race and is retried.
+fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code == "23514"),
+        _ => false,
     }
 }

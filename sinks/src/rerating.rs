@@ -19,8 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use meterflow_model::{
-    decode_event, period_of, rate_period, Aggregate, AggregateKey, Aggregation, Charge, Item,
-    Limits, Measure, MeterSet, PriceBook, WindowUsage,
+    period_of, rate_period, Aggregate, AggregateKey, Aggregation, Charge, Event, Item, Measure,
+    MeterSet, PriceBook, WindowUsage,
 };
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection, Row};
@@ -188,7 +188,7 @@ async fn expected_rows(
              SELECT partition, max(next_offset) AS next FROM source_offsets GROUP BY partition
          )
          SELECT t.event_id, t.customer_id, t.event_type,
-                (extract(epoch FROM t.event_time) * 1000000)::bigint, t.value::text, t.properties::text
+                (extract(epoch FROM t.event_time) * 1000000)::bigint, t.value, t.properties::text
          FROM telemetry_events t
          JOIN event_ids e ON e.event_id = t.event_id
          WHERE t.event_time >= to_timestamp($1) AND t.event_time < to_timestamp($2)
@@ -203,33 +203,17 @@ async fn expected_rows(
     .bind(&scope.customer_ids)
     .fetch_all(&mut *tx)
     .await?;
-    let limits = Limits {
-        max_future_micros: i64::MAX / 4,
-        ..Limits::default()
-    };
     let mut expected: BTreeMap<AggregateKey, Content> = BTreeMap::new();
     for r in rows {
-        let micros: i64 = r.try_get(3)?;
-        let time = chrono::DateTime::from_timestamp_micros(micros)
-            .unwrap_or_default()
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let json = serde_json::json!({
-            "event_id": r.try_get::<String, _>(0)?,
-            "customer_id": r.try_get::<String, _>(1)?,
-            "event_type": r.try_get::<String, _>(2)?,
-            "event_time": time,
-            "value": r.try_get::<String, _>(4)?,
-            "properties": serde_json::value::RawValue::from_string(r.try_get(5)?)
-                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-        });
-        let bytes = serde_json::to_vec(&json).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-        let event = match decode_event(&bytes, micros, &limits) {
-            Ok(event) => event,
-            Err(e) => {
-                // A stored event the decoder refuses now (a stricter rule since): not counted.
-                tracing::warn!(error = %e, "a stored event no longer decodes; left out of the recomputation");
-                continue;
-            }
+        // The event as it was metered: properties are stored as the decoder's canonical text (migration
+        // 0008), so it is rebuilt, not decoded again (a rule added since must not drop a counted event).
+        let event = Event {
+            event_id: r.try_get(0)?,
+            customer_id: r.try_get(1)?,
+            event_type: r.try_get(2)?,
+            event_time_micros: r.try_get(3)?,
+            value: r.try_get(4)?,
+            properties: r.try_get(5)?,
         };
         let (contributions, _skipped) = meters.contributions(&event);
         for c in contributions {
