@@ -388,7 +388,8 @@ fn validate(raw: Parts<'_>, reference_micros: i64, limits: &Limits) -> Result<Ev
         None => Decimal::ONE,
         // A string without escapes is its own content; one with escapes is unescaped by serde.
         Some(text) if text.starts_with('"') && !text.contains('\\') => {
-            parse_value(&mut errors, &text[1..text.len() - 1])
+            let inner = text.strip_prefix('"').and_then(|t| t.strip_suffix('"'));
+            parse_value(&mut errors, inner.unwrap_or_default())
         }
         Some(text) if text.starts_with('"') => match serde_json::from_str::<String>(text) {
             Ok(inner) => parse_value(&mut errors, &inner),
@@ -532,13 +533,9 @@ impl Event {
             value: serde_json::Number,
             properties: &'a RawValue,
         }
-        let fallback;
-        let properties = match serde_json::from_str::<&RawValue>(&self.properties) {
-            Ok(raw) => raw,
-            Err(_) => {
-                fallback = RawValue::from_string("{}".to_owned()).expect("{} is JSON");
-                &fallback
-            }
+        // The decoder made `properties` valid JSON; were it not, the empty payload is a dead letter.
+        let Ok(properties) = serde_json::from_str::<&RawValue>(&self.properties) else {
+            return Vec::new();
         };
         serde_json::to_vec(&Wire {
             event_id: &self.event_id,

@@ -7,8 +7,8 @@ use std::str::FromStr;
 
 /// The decimal as a JSON number with its exact digits.
 pub fn decimal_number(d: &Decimal) -> serde_json::Number {
-    // A Decimal's Display is always a valid JSON number ("-12.340"), so this cannot fail.
-    serde_json::Number::from_str(&d.to_string()).expect("a decimal prints as a JSON number")
+    // A Decimal's Display is always a valid JSON number ("-12.340"); zero stands in were it not.
+    serde_json::Number::from_str(&d.to_string()).unwrap_or_else(|_| serde_json::Number::from(0))
 }
 
 /// `#[serde(serialize_with = "meterflow_model::json::serialize_decimal")]`

@@ -12,6 +12,18 @@
 //! | `money.rs` | checked money arithmetic and the one rounding to a currency's minor unit |
 //! | `batch.rs` | [`EpochBatch`]: what one completed epoch hands the sink |
 //! | `json.rs` | exact decimals in JSON: numbers with their digits, never through f64 |
+//!
+//! Data never reaches a panic: outside tests, this crate may not unwrap, expect, index or do unchecked
+//! arithmetic (the lints below; `clippy.toml` allows them in tests).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 pub mod aggregate;
 pub mod batch;

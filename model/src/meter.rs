@@ -125,7 +125,7 @@ impl Meter {
             customer_id: event.customer_id.clone(),
             meter: self.meter.clone(),
             window_start: start,
-            window_end: start + self.window.seconds(),
+            window_end: start.saturating_add(self.window.seconds()),
         }
     }
 

@@ -82,9 +82,9 @@ impl PriceModel {
                 if money::mul(packages, *package_size)? < quantity {
                     packages = money::add(packages, Decimal::ONE)?;
                 } else if packages > Decimal::ONE
-                    && money::mul(packages - Decimal::ONE, *package_size)? >= quantity
+                    && money::mul(money::sub(packages, Decimal::ONE)?, *package_size)? >= quantity
                 {
-                    packages -= Decimal::ONE;
+                    packages = money::sub(packages, Decimal::ONE)?;
                 }
                 money::mul(packages, *package_price)
             }
@@ -122,7 +122,7 @@ impl PriceModel {
                 }
                 let mut previous = Decimal::ZERO;
                 for (i, tier) in tiers.iter().enumerate() {
-                    let last = i + 1 == tiers.len();
+                    let last = i == tiers.len().saturating_sub(1);
                     match (tier.up_to, last) {
                         (None, false) => errors.push(FieldError::new(
                             format!("model.tiers[{i}].up_to"),
@@ -181,7 +181,7 @@ fn graduated(tiers: &[Tier], from: Decimal, to: Decimal) -> Result<Decimal, Mone
         let lo = lower.max(from);
         let hi = upper.map_or(to, |u| u.min(to));
         if hi > lo {
-            total = money::add(total, money::mul(hi - lo, tier.unit_price)?)?;
+            total = money::add(total, money::mul(money::sub(hi, lo)?, tier.unit_price)?)?;
             // The tier's first unit lies in the added range: its flat fee is added now.
             if from <= lower {
                 total = money::add(total, tier.flat_fee)?;

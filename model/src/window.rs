@@ -25,7 +25,7 @@ impl Window {
     /// Floors towards negative infinity, so instants before 1970 land in the right window too.
     pub fn start_of(self, micros: i64) -> i64 {
         let secs = micros.div_euclid(1_000_000);
-        secs - secs.rem_euclid(self.seconds())
+        secs.saturating_sub(secs.rem_euclid(self.seconds()))
     }
 }
 
