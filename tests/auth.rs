@@ -626,3 +626,133 @@ async fn the_audit_log_records_who_did_what_and_refuses_update_and_delete() {
     .await;
     assert_eq!(count, 2);
 }
+
+/// Finding 1: serde derive takes a JSON array in field order, so the gate's body sniffing let a bound key
+/// post `["id","victim",…]` for another customer. The check now runs on the decoded request, and a body
+/// (or batch item) that is not a JSON object is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_01_bound_key_array_body_is_refused() {
+    let api = spawn_api_with(settings()).await;
+    let ingest = key(&api, Role::Ingest, Some("cust_me")).await;
+    let admin = key(&api, Role::Admin, Some("cust_me")).await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let raw = |path: &str, content_type: &str, key: &str, body: String| {
+        let request = api
+            .client
+            .post(format!("{}{path}", api.base))
+            .bearer_auth(key)
+            .header("content-type", content_type)
+            .body(body);
+        async move { request.send().await.unwrap() }
+    };
+    let json_ct = "application/json";
+    let cases: Vec<(&str, &str, &String, String)> = vec![
+        (
+            "/api/v1/events",
+            json_ct,
+            &ingest,
+            format!(r#"["arr-1","cust_victim","api_call","{now}","1000000"]"#),
+        ),
+        (
+            "/api/v1/events/batch",
+            json_ct,
+            &ingest,
+            format!(r#"[["arr-2","cust_victim","api_call","{now}","1000000"]]"#),
+        ),
+        (
+            "/api/v1/events/batch",
+            json_ct,
+            &ingest,
+            format!(
+                r#"[{{"event_id":"arr-3","customer_id":"cust_me","event_type":"t","event_time":"{now}"}},
+                     ["arr-4","cust_victim","api_call","{now}","1000000"]]"#
+            ),
+        ),
+        (
+            "/api/v1/events",
+            "application/cloudevents+json",
+            &ingest,
+            format!(r#"["1.0","arr-5","src","api_call","cust_victim","{now}"]"#),
+        ),
+        (
+            "/api/v1/events/batch",
+            "application/cloudevents-batch+json",
+            &ingest,
+            format!(r#"[["1.0","arr-6","src","api_call","cust_victim","{now}"]]"#),
+        ),
+        (
+            "/api/v1/invoices",
+            json_ct,
+            &admin,
+            r#"["cust_victim","2024-01-01T00:00:00Z","2024-02-01T00:00:00Z"]"#.to_owned(),
+        ),
+        (
+            "/api/v1/customers",
+            json_ct,
+            &admin,
+            r#"["cust_victim2","Evil",null,null,"JPY"]"#.to_owned(),
+        ),
+        (
+            "/api/v1/rerating-jobs",
+            json_ct,
+            &admin,
+            r#"[["cust_victim"],"2024-01-01T00:00:00Z","2024-01-02T00:00:00Z","x"]"#.to_owned(),
+        ),
+    ];
+    for (path, content_type, key, body) in cases {
+        let response = raw(path, content_type, key, body.clone()).await;
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        // A batch answers per item: only the object item of its own customer may be accepted.
+        let refused = status.is_client_error()
+            || (status == StatusCode::OK
+                && serde_json::from_str::<Value>(&text).unwrap()["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|r| r["status"] != 201 || r["event_id"] == "arr-3"));
+        assert!(refused, "{path} {body}: {status} {text}");
+    }
+    // Objects naming another customer are refused too, in every shape the decoder takes.
+    let cases: Vec<(&str, &str, &String, String)> = vec![
+        ("/api/v1/events", "application/cloudevents+json", &ingest,
+         format!(r#"{{"specversion":"1.0","id":"obj-1","source":"s","type":"api_call","subject":"cust_victim","time":"{now}"}}"#)),
+        ("/api/v1/events/batch", "application/cloudevents-batch+json", &ingest,
+         format!(r#"[{{"specversion":"1.0","id":"obj-2","source":"s","type":"api_call","subject":"cust_victim","time":"{now}"}}]"#)),
+        ("/api/v1/events", json_ct, &ingest,
+         format!(r#"{{"event_id":"obj-3","customer\u005fid":"cust_victim","event_type":"t","event_time":"{now}"}}"#)),
+        ("/api/v1/invoices", json_ct, &admin,
+         r#"{"customer_id":"cust_victim","period_start":"2024-01-01T00:00:00Z","period_end":"2024-02-01T00:00:00Z"}"#.to_owned()),
+        ("/api/v1/customers", json_ct, &admin,
+         r#"{"customer_id":"cust_victim3","name":"Evil"}"#.to_owned()),
+    ];
+    for (path, content_type, key, body) in cases {
+        let response = raw(path, content_type, key, body.clone()).await;
+        let status = response.status();
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "{path} {body}: {}",
+            response.text().await.unwrap()
+        );
+    }
+    for (table, column) in [
+        ("telemetry_events", "customer_id"),
+        ("event_outbox", "customer_id"),
+        ("invoices", "customer_id"),
+        ("customers", "customer_id"),
+    ] {
+        let n = scalar_i64(
+            &api.url,
+            &format!("SELECT count(*) FROM {table} WHERE {column} LIKE 'cust_victim%'"),
+        )
+        .await;
+        assert_eq!(n, 0, "{table} holds a victim's row");
+    }
+    let jobs = scalar_i64(&api.url, "SELECT count(*) FROM rerating_jobs").await;
+    assert_eq!(jobs, 0, "a rerating job was queued");
+    // Its own events, as an object, still go through.
+    let mine = raw("/api/v1/events", json_ct, &ingest, format!(
+        r#"{{"event_id":"own-1","customer_id":"cust_me","event_type":"t","event_time":"{now}"}}"#)).await;
+    assert_eq!(mine.status(), StatusCode::CREATED);
+}

@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::Next;
@@ -501,15 +500,9 @@ async fn confine(
             .await?
                 == Some(customer.to_owned())
         }
-        ("POST", "/events" | "/events/batch" | "/invoices" | "/rerating-jobs" | "/customers") => {
-            let bytes = axum::body::to_bytes(body, state.settings.max_batch_bytes)
-                .await
-                .map_err(|_| ApiError::PayloadTooLarge(state.settings.max_batch_bytes))?;
-            if !body_is_for(&bytes, route, customer) {
-                return Err(ApiError::NotFound);
-            }
-            return Ok(Admitted::Pass(Request::from_parts(parts, Body::from(bytes))));
-        }
+        // Routes whose body names the customer: the handler decodes the body once and checks the decoded
+        // request against the key ([`Caller::may_act_for`]), whatever JSON shape the body came in.
+        ("POST", "/events" | "/events/batch" | "/invoices" | "/rerating-jobs" | "/customers") => true,
         // Dead letters, invoice runs, the watermark, meters and price books: not one customer's.
         _ => false,
     };
@@ -548,29 +541,64 @@ fn narrow_query(parts: &mut axum::http::request::Parts, customer: &str) -> Resul
     Ok(())
 }
 
-/// Whether every customer a POST body names is `customer`. A body that is not JSON passes: the handler
-/// refuses it without reading anyone's data.
-fn body_is_for(body: &Bytes, route: &str, customer: &str) -> bool {
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return true;
-    };
-    let one = |item: &serde_json::Value| {
-        ["customer_id", "subject"]
-            .iter()
-            .filter_map(|k| item.get(k))
-            .all(|v| v.as_str() == Some(customer))
-    };
-    match route {
-        "/events/batch" => match &value {
-            serde_json::Value::Array(items) => items.iter().all(one),
-            other => one(other),
-        },
-        "/rerating-jobs" => value
-            .get("customer_ids")
-            .and_then(|c| c.as_array())
-            .is_some_and(|ids| ids.len() == 1 && ids[0].as_str() == Some(customer)),
-        _ => one(&value),
+/// The caller as the gate admitted it, for handlers: a customer-bound key may act only for its customer.
+/// Handlers whose body names a customer decode it first and then call [`Caller::may_act_for`] with the
+/// decoded customer, so the check sees exactly what will be stored, whatever JSON shape the body had.
+#[derive(Clone, Debug)]
+pub struct Caller(pub Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        // Every `/api/v1` route passed the gate, which leaves the principal; without one, refuse.
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .map(Caller)
+            .ok_or(ApiError::Unauthorized)
     }
+}
+
+impl Caller {
+    /// The customer a bound key is bound to.
+    pub fn bound(&self) -> Option<&str> {
+        self.0.customer_id.as_deref()
+    }
+
+    /// Ok if this caller may act for `customer_id`; a key bound to another customer gets 404, as if the
+    /// thing did not exist.
+    pub fn may_act_for(&self, customer_id: &str) -> Result<(), ApiError> {
+        match self.bound() {
+            Some(bound) if bound != customer_id => Err(ApiError::NotFound),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether a JSON text's top level is an object (leading whitespace allowed). serde's derived structs
+/// also take a JSON array in field order; every body and batch item of the API must be an object.
+pub fn is_object(json: &[u8]) -> bool {
+    json.iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|b| *b == b'{')
+}
+
+/// Decodes a request body that must be a JSON object into `T` (400 MALFORMED_JSON otherwise).
+pub fn decode_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if !is_object(body) {
+        return Err(not_an_object());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))
+}
+
+/// The answer for a body or batch item that is not a JSON object.
+pub fn not_an_object() -> ApiError {
+    ApiError::MalformedJson("the body must be a JSON object".into())
 }
 
 #[cfg(test)]
@@ -619,25 +647,24 @@ mod tests {
     }
 
     #[test]
-    fn a_bound_body_must_name_only_its_customer() {
-        let b = |s: &str| Bytes::from(s.to_owned());
-        assert!(body_is_for(&b(r#"{"customer_id":"a"}"#), "/events", "a"));
-        assert!(!body_is_for(&b(r#"{"customer_id":"b"}"#), "/events", "a"));
-        assert!(!body_is_for(
-            &b(r#"[{"customer_id":"a"},{"customer_id":"b"}]"#),
-            "/events/batch",
-            "a"
-        ));
-        assert!(!body_is_for(&b(r#"{"subject":"b"}"#), "/events", "a"));
-        assert!(!body_is_for(
-            &b(r#"{"customer_ids":[]}"#),
-            "/rerating-jobs",
-            "a"
-        ));
-        assert!(body_is_for(
-            &b(r#"{"customer_ids":["a"]}"#),
-            "/rerating-jobs",
-            "a"
+    fn only_a_json_object_is_an_object() {
+        assert!(is_object(b" \n{\"a\":1}"));
+        for not in [&b"[1]"[..], b"\"x\"", b"1", b"null", b"", b"  "] {
+            assert!(!is_object(not));
+            assert!(decode_object::<serde_json::Value>(not).is_err());
+        }
+        let p = |c: Option<&str>| {
+            Caller(Principal {
+                key_id: None,
+                role: Role::Admin,
+                customer_id: c.map(str::to_owned),
+            })
+        };
+        assert!(p(None).may_act_for("b").is_ok());
+        assert!(p(Some("a")).may_act_for("a").is_ok());
+        assert!(matches!(
+            p(Some("a")).may_act_for("b"),
+            Err(ApiError::NotFound)
         ));
     }
 }

@@ -79,12 +79,13 @@ impl From<StoredCustomer> for CustomerView {
 
 pub async fn create(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
-    let raw: NewCustomer =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let raw: NewCustomer = crate::auth::decode_object(&body)?;
     let customer = resolve(raw).map_err(ApiError::Validation)?;
+    caller.may_act_for(&customer.customer_id)?;
     let mut conn = state.pool.acquire().await?;
     let stored = customers::create_customer(&mut conn, &customer)
         .await
@@ -141,8 +142,7 @@ pub async fn update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CustomerView>, ApiError> {
     let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
-    let fields: Map<String, Value> =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let fields: Map<String, Value> = crate::auth::decode_object(&body)?;
     let patch = Patch::parse(fields).map_err(ApiError::Validation)?;
     let mut conn = state.pool.acquire().await?;
     let stored = customers::update_customer(&mut conn, &customer_id, |c| patch.apply(c))

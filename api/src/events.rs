@@ -27,6 +27,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 
+use crate::auth::{is_object, not_an_object, Caller};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -39,16 +40,22 @@ pub const MAX_BATCH_EVENTS: usize = 1000;
 
 pub async fn post_event(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let format = content_format(&headers)?;
     let body = body.map_err(|e| body_error(e, state.settings.max_event_bytes))?;
+    if !is_object(&body) {
+        return Err(not_an_object());
+    }
     let now = Utc::now();
     let event = match decode_as(format, &body, now.timestamp_micros(), &limits(&state)) {
         Ok(event) => event,
         Err(e) => return Err(refusal(&state, &body, e).await),
     };
+    // Checked on the decoded event: the customer it will be counted for.
+    caller.may_act_for(&event.customer_id)?;
     state.ingester.accept(event.clone()).await?;
     let body = serde_json::json!({
         "event_id": event.event_id,
@@ -74,6 +81,7 @@ pub struct ItemResult {
 /// Each item is decided on its own; the answer is 200 with a result per item, in order.
 pub async fn post_batch(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -96,6 +104,10 @@ pub async fn post_batch(
     let mut valid = Vec::new();
     for (index, item) in items.iter().enumerate() {
         let bytes = item.get().as_bytes();
+        if !is_object(bytes) {
+            outcomes.push(Err(not_an_object()));
+            continue;
+        }
         match decode_as(format, bytes, now.timestamp_micros(), &limits) {
             Ok(event) => {
                 outcomes.push(Ok(event.event_id.clone()));
@@ -103,6 +115,11 @@ pub async fn post_batch(
             }
             Err(e) => outcomes.push(Err(refusal(&state, bytes, e).await)),
         }
+    }
+    // A bound key's batch naming another customer is refused whole, before anything is stored; checked
+    // on the decoded events, the customers they would be counted for.
+    for (_, event) in &valid {
+        caller.may_act_for(&event.customer_id)?;
     }
     let accepted_all = futures::future::join_all(
         valid

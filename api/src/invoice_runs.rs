@@ -43,8 +43,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body.map_err(|e| crate::events::body_error(e, crate::invoices::MAX_BODY_BYTES))?;
-    let raw: NewRun =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let raw: NewRun = crate::auth::decode_object(&body)?;
     let period = match raw.period.as_deref().map(Period::parse_month) {
         None => Err("is required".to_owned()),
         Some(p) => p.map_err(|e| e.to_string()),

@@ -164,12 +164,13 @@ pub(crate) fn issue_error(e: IssueError) -> ApiError {
 
 pub async fn issue(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
-    let raw: NewInvoice =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let raw: NewInvoice = crate::auth::decode_object(&body)?;
     let (customer_id, period) = resolve(raw).map_err(ApiError::Validation)?;
+    caller.may_act_for(&customer_id)?;
     let mut conn = state.pool.acquire().await?;
     let invoice = sink::issue(&mut conn, &customer_id, period, &state.topic, Utc::now())
         .await
@@ -305,7 +306,7 @@ pub async fn void(
     let request: VoidRequest = if body.iter().all(u8::is_ascii_whitespace) {
         VoidRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?
+        crate::auth::decode_object(&body)?
     };
     if request
         .reason

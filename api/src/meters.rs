@@ -28,8 +28,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let meter: Meter =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let meter: Meter = crate::auth::decode_object(&body)?;
     meter.validate().map_err(ApiError::Validation)?;
     let mut conn = state.pool.acquire().await?;
     let status = match store::create_meter(&mut conn, &meter).await? {

@@ -99,8 +99,7 @@ pub async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
-    let raw: NewPriceBook =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let raw: NewPriceBook = crate::auth::decode_object(&body)?;
     let book = resolve(raw, new_id()).map_err(ApiError::Validation)?;
     let mut conn = state.pool.acquire().await?;
     let stored = price_books::create_price_book(&mut conn, &book)
@@ -177,8 +176,7 @@ pub async fn update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<PriceBookView>, ApiError> {
     let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
-    let fields: Map<String, Value> =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let fields: Map<String, Value> = crate::auth::decode_object(&body)?;
     let patch = Patch::parse(fields)?;
     let mut conn = state.pool.acquire().await?;
     let stored =

@@ -132,8 +132,7 @@ pub async fn advance(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let request: AdvanceWatermark =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let request: AdvanceWatermark = crate::auth::decode_object(&body)?;
     let floor: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO watermark_floors AS f (topic, advance_to) VALUES ($1, $2)
          ON CONFLICT ON CONSTRAINT watermark_floors_pkey

@@ -43,11 +43,17 @@ struct JobRequest {
 
 pub async fn create(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body.map_err(|e| crate::events::body_error(e, 64 * 1024))?;
-    let request: JobRequest =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let request: JobRequest = crate::auth::decode_object(&body)?;
+    // A bound key may re-rate its own customer only (an empty list means every customer).
+    if let Some(bound) = caller.bound() {
+        if request.customer_ids.len() != 1 || request.customer_ids.iter().any(|c| c != bound) {
+            return Err(ApiError::NotFound);
+        }
+    }
     let (from, to) = validate(&request)?;
     let job_id = format!("rrj_{:016x}", rand::rng().random::<u64>());
     let mut conn = state.pool.acquire().await?;
