@@ -756,3 +756,92 @@ async fn finding_01_bound_key_array_body_is_refused() {
         r#"{{"event_id":"own-1","customer_id":"cust_me","event_type":"t","event_time":"{now}"}}"#)).await;
     assert_eq!(mine.status(), StatusCode::CREATED);
 }
+
+/// Finding 16: a bound key listed and read every price book, other customers' negotiated ones too. It
+/// now sees the defaults (no customer) and its own customer's books only; another's is 404.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_16_bound_key_sees_only_default_and_own_price_books() {
+    let api = spawn_api_with(settings()).await;
+    let admin = key(&api, Role::Admin, None).await;
+    let mut ids = std::collections::BTreeMap::new();
+    for customer in [None, Some("cust_me"), Some("cust_victim")] {
+        let body = json!({"meter": "api_call", "customer_id": customer,
+                          "effective_from": "2024-01-01T00:00:00Z",
+                          "model": {"type": "per_unit", "unit_price": "0.01"}});
+        let response = send(
+            &api,
+            Method::POST,
+            "/api/v1/price-books",
+            Some(&admin),
+            Some(&body),
+        )
+        .await;
+        let status = response.status();
+        let created: Value = response.json().await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        ids.insert(
+            customer.unwrap_or("default"),
+            created["price_book_id"].as_str().unwrap().to_owned(),
+        );
+    }
+    let bound = key(&api, Role::Read, Some("cust_me")).await;
+    let listed = |path: &'static str| {
+        let (api, bound) = (&api, &bound);
+        async move {
+            let response = send(api, Method::GET, path, Some(bound), None).await;
+            let status = response.status();
+            let page: Value = response.json().await.unwrap();
+            let mut customers: Vec<Option<String>> = match page["data"].as_array() {
+                Some(data) => data
+                    .iter()
+                    .map(|b| b["customer_id"].as_str().map(str::to_owned))
+                    .collect(),
+                None => vec![],
+            };
+            customers.sort();
+            (status, customers)
+        }
+    };
+    let (status, customers) = listed("/api/v1/price-books").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(customers, [None, Some("cust_me".to_owned())]);
+    let (status, customers) = listed("/api/v1/price-books?customer_id=cust_me").await;
+    assert_eq!(
+        (status, customers),
+        (StatusCode::OK, vec![Some("cust_me".to_owned())])
+    );
+    let (status, customers) = listed("/api/v1/price-books?customer_id=cust_victim").await;
+    assert!(
+        status == StatusCode::NOT_FOUND || (status == StatusCode::OK && customers.is_empty()),
+        "{status} {customers:?}"
+    );
+    // Paging does not leak them either: one book per page.
+    let mut seen = vec![];
+    let mut path = "/api/v1/price-books?limit=1".to_owned();
+    loop {
+        let page: Value = send(&api, Method::GET, &path, Some(&bound), None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        for b in page["data"].as_array().unwrap() {
+            seen.push(b["price_book_id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/api/v1/price-books?limit=1&cursor={c}"),
+            None => break,
+        }
+        assert!(seen.len() < 10, "{seen:?}");
+    }
+    assert!(!seen.contains(&ids["cust_victim"]), "{seen:?}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for (whose, expected) in [
+        ("default", StatusCode::OK),
+        ("cust_me", StatusCode::OK),
+        ("cust_victim", StatusCode::NOT_FOUND),
+    ] {
+        let path = format!("/api/v1/price-books/{}", ids[whose]);
+        let response = send(&api, Method::GET, &path, Some(&bound), None).await;
+        assert_eq!(response.status(), expected, "{whose}");
+    }
+}

@@ -454,7 +454,9 @@ async fn confine(
     };
     let allowed = match (method.as_str(), route) {
         // Catalogue and progress: about no customer's data.
-        ("GET", "/meters" | "/price-books" | "/price-books/{price_book_id}" | "/progress") => true,
+        ("GET", "/meters" | "/progress") => true,
+        // Price books: the handlers show a bound key the defaults and its own customer's books only.
+        ("GET", "/price-books" | "/price-books/{price_book_id}") => true,
         ("GET", "/aggregations" | "/charges" | "/invoices") => {
             narrow_query(&mut parts, customer)?;
             true

@@ -27,6 +27,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::page::{Cursor, Page};
 use crate::time::{exclusive_end, parse_rfc3339};
@@ -115,12 +116,17 @@ pub async fn create(
 
 pub async fn get_one(
     State(state): State<AppState>,
+    caller: Caller,
     Path(price_book_id): Path<String>,
 ) -> Result<Json<PriceBookView>, ApiError> {
     let mut conn = state.pool.acquire().await?;
     let stored = price_books::get_price_book(&mut conn, &price_book_id)
         .await?
         .ok_or(ApiError::NotFound)?;
+    // A customer's own book is for that customer's keys (and unbound ones); defaults are for all.
+    if let Some(customer) = &stored.book.customer_id {
+        caller.may_act_for(customer)?;
+    }
     Ok(Json(view(stored)?))
 }
 
@@ -140,6 +146,7 @@ pub struct PriceBookQuery {
 /// Books in (meter, effective_from, price_book_id) order, a page at a time.
 pub async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     query: Result<Query<PriceBookQuery>, QueryRejection>,
 ) -> Result<Json<Page<PriceBookView>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -154,6 +161,7 @@ pub async fn list(
     let filter = BookFilter {
         meter: q.meter.as_deref(),
         customer_id: q.customer_id.as_deref(),
+        visible_to: caller.bound(),
         from: q.from,
         to,
         after: after.as_ref().map(|c| (c.0.as_str(), c.2, c.1.as_str())),

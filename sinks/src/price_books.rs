@@ -84,6 +84,8 @@ pub async fn get_price_book(
 pub struct BookFilter<'a> {
     pub meter: Option<&'a str>,
     pub customer_id: Option<&'a str>,
+    /// Only the default books (no customer) and this customer's: what a key bound to it may see.
+    pub visible_to: Option<&'a str>,
     /// Books in force at some instant of `[from, to)` (either end open when `None`).
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
@@ -107,6 +109,7 @@ pub async fn list_price_books(
            AND ($2::text IS NULL OR customer_id = $2)
            AND effective && tstzrange($3, $4, '[)')
            AND ($5::text IS NULL OR (meter, lower(effective), price_book_id) > ($5, $6, $7))
+           AND ($9::text IS NULL OR customer_id IS NULL OR customer_id = $9)
          ORDER BY meter, lower(effective), price_book_id
          LIMIT $8"
     ))
@@ -118,6 +121,7 @@ pub async fn list_price_books(
     .bind(after_from)
     .bind(after_id)
     .bind(filter.limit)
+    .bind(filter.visible_to)
     .fetch_all(&mut *conn)
     .await?;
     rows.iter().map(stored).collect()
