@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use meterflow_model::{
-    check_void_ids, decode_as, printable, DeadLetter, DecodeError, Duplicate, DuplicateKind, Event,
-    Limits, DEFAULT_RETENTION_MICROS,
+    check_void_ids, decode_as, object, printable, DeadLetter, DecodeError, Duplicate,
+    DuplicateKind, Event, Limits, DEFAULT_RETENTION_MICROS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -266,7 +266,7 @@ fn claim_or_narrow(
 
 /// A void record's wire form, with ids checked like an event's.
 fn decode_void(payload: &[u8]) -> Result<VoidRecord, DecodeError> {
-    let void: VoidRecord = serde_json::from_slice(payload)
+    let void: VoidRecord = serde_json::from_slice(object(payload)?)
         .map_err(|e| DecodeError::Malformed(printable(&e.to_string())))?;
     check_void_ids(&void.event_id, &void.customer_id)?;
     Ok(void)

@@ -146,7 +146,7 @@ pub fn decode_event(
     reference_micros: i64,
     limits: &Limits,
 ) -> Result<Event, DecodeError> {
-    let raw: RawEvent = serde_json::from_slice(bytes).map_err(malformed)?;
+    let raw: RawEvent = serde_json::from_slice(object(bytes)?).map_err(malformed)?;
     validate(
         Parts {
             event_id: raw.event_id,
@@ -194,7 +194,7 @@ pub fn decode_cloudevent(
     reference_micros: i64,
     limits: &Limits,
 ) -> Result<Event, DecodeError> {
-    let raw: RawCloudEvent = serde_json::from_slice(bytes).map_err(malformed)?;
+    let raw: RawCloudEvent = serde_json::from_slice(object(bytes)?).map_err(malformed)?;
     let mut errors = Vec::new();
     if raw.specversion != "1.0" {
         errors.push(field("specversion", "must be \"1.0\""));
@@ -486,6 +486,16 @@ fn canonical_properties(
         errors.push(field("properties", "must be at most 4 KiB when encoded"));
     }
     Ok(text)
+}
+
+/// The bytes, if they hold a JSON object. serde's derived structs also take a JSON array of the fields
+/// in order (`["id","cust",…]`); an event, a CloudEvent and a void are objects only, so that no shape
+/// of a body can carry fields past a check made on another shape (review finding 1).
+pub fn object(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Ok(bytes),
+        _ => Err(DecodeError::Malformed("must be a JSON object".into())),
+    }
 }
 
 /// Text that is safe to show and to store anywhere (a Postgres `text`, a log line): control characters
@@ -811,6 +821,18 @@ mod tests {
             ["value"]
         );
         assert!(decode(r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","value":1e20}"#).is_ok());
+    }
+
+    #[test]
+    fn finding_01_an_array_of_the_fields_is_not_an_event() {
+        let array = br#"["id","cust_victim","api_call","2024-01-15T14:30:00Z","1000000"]"#;
+        assert!(matches!(
+            decode_event(array, NOW, &Limits::default()),
+            Err(DecodeError::Malformed(_))
+        ));
+        let ce = br#"["1.0","id","src","type","victim","2024-01-15T14:30:00Z"]"#;
+        assert!(decode_cloudevent(ce, NOW, &Limits::default()).is_err());
+        assert!(decode_as(Format::Plain, b" 5", NOW, &Limits::default()).is_err());
     }
 
     #[test]

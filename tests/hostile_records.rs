@@ -1,0 +1,246 @@
+//! Kafka records that used to stop or skew billing (issue 13; review findings 2, 4 and 14), each sent
+//! through the real pipeline on a topic and database of its own. Every test asserts the same three
+//! things: the pipeline keeps going (it drains and exits 0 within a bound), the hostile record is a dead
+//! letter with a printable reason (or counted exactly as what it holds), and the good events after it
+//! are counted.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use meterflow_model::{Aggregation, Meter, Window};
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rust_decimal::Decimal;
+use sqlx::{Connection, PgConnection, Row};
+
+const TIME: &str = "2024-03-01T10:15:00Z";
+
+/// One record to produce: its payload, and whether it is a void record.
+struct Record {
+    payload: Vec<u8>,
+    void: bool,
+}
+
+fn event(id: &str, rest: &str) -> Record {
+    Record {
+        payload: format!(
+            r#"{{"event_id":"{id}","customer_id":"c","event_type":"t","event_time":"{TIME}"{rest}}}"#
+        )
+        .into_bytes(),
+        void: false,
+    }
+}
+
+fn raw(bytes: &[u8]) -> Record {
+    Record {
+        payload: bytes.to_vec(),
+        void: false,
+    }
+}
+
+fn void(payload: &str) -> Record {
+    Record {
+        payload: payload.as_bytes().to_vec(),
+        void: true,
+    }
+}
+
+/// Produces the records, in order, to partition 0 of `topic`.
+fn produce_in_order(topic: &str, records: &[Record]) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for r in records {
+        let mut record = BaseRecord::to(topic)
+            .key("c")
+            .partition(0)
+            .payload(&r.payload);
+        if r.void {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: "meterflow-kind",
+                value: Some("void"),
+            }));
+        }
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Runs the pipeline until it has committed the whole topic; fails (rather than hangs) when it exits
+/// with an error or has not finished within `within`.
+fn drain_within(url: &str, topic: &str, within: Duration) {
+    let mut child = meterflow(url, topic)
+        .args(["pipeline", "--until-caught-up", "--workers", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                use std::io::Read;
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            assert!(status.success(), "the pipeline stopped: {status}: {stderr}");
+            return;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the pipeline did not get past the records within {within:?}: a partition is stuck"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn setup(meters: &[Meter]) -> (String, String) {
+    let url = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    for m in meters {
+        meterflow_sinks::store::create_meter(&mut conn, m)
+            .await
+            .unwrap();
+    }
+    (url, topic)
+}
+
+/// `(value, event_count)` of every row of one meter, summed over its windows.
+async fn meter_total(url: &str, meter: &str) -> (Decimal, i64) {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let row = sqlx::query(
+        "SELECT COALESCE(sum(value), 0), COALESCE(sum(event_count), 0)::bigint FROM aggregations WHERE meter = $1",
+    )
+    .bind(meter)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    (row.get::<Decimal, _>(0).normalize(), row.get(1))
+}
+
+/// The reasons of the dead letters, by offset.
+async fn dead_letters(url: &str) -> Vec<(i64, String)> {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    sqlx::query(r#"SELECT "offset", reason FROM dead_letters ORDER BY "offset""#)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn sum_meter(name: &str, property: &str, aggregation: Aggregation) -> Meter {
+    Meter {
+        meter: name.into(),
+        event_type: "t".into(),
+        aggregation,
+        value_property: Some(property.into()),
+        window: Window::Hour,
+    }
+}
+
+const BOUND: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn finding_04a_nul_in_an_unknown_field_name_is_a_dead_letter_and_the_partition_moves_on() {
+    let (url, topic) = setup(&[]).await;
+    produce_in_order(
+        &topic,
+        &[
+            event("a1", ""),
+            event("p1", r#","\u0000":1"#),
+            event("p2", r#","properties":{"\u0000":null}"#),
+            event("a2", r#","value":2"#),
+        ],
+    );
+    drain_within(&url, &topic, BOUND);
+    let dead = dead_letters(&url).await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for (_, reason) in &dead {
+        assert!(
+            !reason.is_empty() && !reason.chars().any(char::is_control),
+            "{reason:?}"
+        );
+    }
+    assert_eq!(meter_total(&url, "t").await, (Decimal::from(3), 2));
+}
+
+#[tokio::test]
+async fn finding_04b_nul_or_a_lone_surrogate_in_a_property_is_a_dead_letter_and_later_events_count()
+{
+    let (url, topic) = setup(&[]).await;
+    produce_in_order(
+        &topic,
+        &[
+            event("b1", r#","properties":{"k":"\u0000"}"#),
+            event("b2", r#","properties":{"k":"\ud800"}"#),
+            event("b3", r#","properties":{"k":"x\udc00y"}"#),
+            raw(b"\xff\xfe not UTF-8"),
+            raw(&[
+                br#"{"event_id":"b4","customer_id":"c","event_type":"t","event_time":"2024-03-01T10:15:00Z","properties":{"k":""#.as_slice(),
+                b"\xc3",
+                br#""}}"#.as_slice(),
+            ]
+            .concat()),
+            event("g1", r#","value":5,"properties":{"k":"\ud83d\ude00"}"#),
+        ],
+    );
+    drain_within(&url, &topic, BOUND);
+    let offsets: Vec<i64> = dead_letters(&url).await.iter().map(|d| d.0).collect();
+    assert_eq!(offsets, [0, 1, 2, 3, 4]);
+    assert_eq!(meter_total(&url, "t").await, (Decimal::from(5), 1));
+}
+
+#[tokio::test]
+async fn finding_04c_a_void_record_with_a_nul_id_is_a_dead_letter() {
+    let (url, topic) = setup(&[]).await;
+    produce_in_order(
+        &topic,
+        &[
+            event("c1", r#","value":3"#),
+            void(r#"{"event_id":"\u0000","customer_id":"c"}"#),
+            void(r#"["c1","c"]"#),
+            event("c2", r#","value":4"#),
+        ],
+    );
+    drain_within(&url, &topic, BOUND);
+    let offsets: Vec<i64> = dead_letters(&url).await.iter().map(|d| d.0).collect();
+    assert_eq!(offsets, [1, 2]);
+    assert_eq!(meter_total(&url, "t").await, (Decimal::from(7), 2));
+}
+
+#[tokio::test]
+async fn finding_02_a_void_takes_back_exactly_what_an_escaped_number_added() {
+    let meters = [
+        sum_meter("tok", "properties.n", Aggregation::Sum),
+        sum_meter("peak", "properties.n", Aggregation::Max),
+        sum_meter("distinct", "properties.u", Aggregation::UniqueCount),
+    ];
+    let (url, topic) = setup(&meters).await;
+    produce_in_order(
+        &topic,
+        &[
+            event("v1", r#","properties":{"n":"100\u0030","u":1e29}"#),
+            event("v2", r#","properties":{"n":7,"u":"x"}"#),
+        ],
+    );
+    drain_within(&url, &topic, BOUND);
+    assert_eq!(meter_total(&url, "tok").await, (Decimal::from(1007), 2));
+    produce_in_order(&topic, &[void(r#"{"event_id":"v1","customer_id":"c"}"#)]);
+    drain_within(&url, &topic, BOUND);
+    assert_eq!(meter_total(&url, "tok").await, (Decimal::from(7), 1));
+    assert_eq!(meter_total(&url, "peak").await.1, 1);
+    assert_eq!(meter_total(&url, "distinct").await.1, 1);
+    assert!(dead_letters(&url).await.is_empty());
+}
