@@ -364,3 +364,82 @@ async fn dead_letters_are_listed_with_their_reason_in_pages() {
     let response = api.get("/api/v1/dead-letters?cursor=abc").await;
     expect_problem(response, StatusCode::BAD_REQUEST, "BAD_REQUEST").await;
 }
+
+/// Finding 11 (issue 13, item 4): one bad item in a group commit or a batch failed every other item with
+/// it. Each item now gets its own outcome: the valid ones 201, the bad one a 4xx.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_11_one_bad_item_never_changes_another_items_status() {
+    let api = spawn_api().await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let good = |id: String| {
+        format!(
+            r#"{{"event_id":"{id}","customer_id":"c","event_type":"t","event_time":"{now}","value":1}}"#
+        )
+    };
+    let bad = |id: &str, poison: &str| {
+        format!(
+            r#"{{"event_id":"{id}","customer_id":"c","event_type":"t","event_time":"{now}","properties":{{"k":"{poison}"}}}}"#
+        )
+    };
+    for (round, poison) in [r"\u0000", r"\ud800"].into_iter().enumerate() {
+        // A batch: ten valid events around one bad one.
+        let mut items: Vec<String> = (0..10).map(|i| good(format!("b{round}-{i}"))).collect();
+        items.insert(5, bad(&format!("b{round}-bad"), poison));
+        let body = format!("[{}]", items.join(","));
+        let response = api
+            .post_raw(
+                "/api/v1/events/batch",
+                "application/json",
+                body.into_bytes(),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let result: Value = response.json().await.unwrap();
+        let statuses: Vec<u64> = result["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["status"].as_u64().unwrap())
+            .collect();
+        for (i, status) in statuses.iter().enumerate() {
+            if i == 5 {
+                assert!(
+                    (400..500).contains(status),
+                    "{poison}: bad item {status}: {result}"
+                );
+            } else {
+                assert_eq!(*status, 201, "{poison}: item {i}: {result}");
+            }
+        }
+        // Concurrent single posts share a group commit.
+        let posts = (0..10)
+            .map(|i| good(format!("s{round}-{i}")))
+            .chain([bad(&format!("s{round}-bad"), poison)])
+            .map(|body| {
+                let api = &api;
+                async move {
+                    let response = api
+                        .post_raw("/api/v1/events", "application/json", body.into_bytes())
+                        .await;
+                    response.status()
+                }
+            });
+        let statuses = futures::future::join_all(posts).await;
+        for (i, status) in statuses.iter().enumerate() {
+            if i == 10 {
+                assert!(status.is_client_error(), "{poison}: bad single {status}");
+            } else {
+                assert_eq!(*status, StatusCode::CREATED, "{poison}: single {i}");
+            }
+        }
+        let stored = scalar_i64(
+            &api.url,
+            &format!("SELECT count(*) FROM event_ids WHERE event_id LIKE '_{round}-%'"),
+        )
+        .await;
+        assert_eq!(
+            stored, 20,
+            "{poison}: the valid events are stored, the bad ones not"
+        );
+    }
+}

@@ -211,6 +211,15 @@ impl From<sqlx::Error> for ApiError {
                     "text must not contain NUL (U+0000) characters",
                 )])
             }
+            // Any other data exception (class 22: a lone surrogate escape in JSON, a number out of
+            // range…) is the request's data too; the database's message stays in the log.
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
+                tracing::info!(error = %e, "the database refused a request's value");
+                ApiError::Validation(vec![FieldError::new(
+                    "",
+                    "a value cannot be stored (invalid text, JSON or number)",
+                )])
+            }
             _ => ApiError::Internal(e.to_string()),
         }
     }

@@ -108,13 +108,19 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
         .partition(|r| seen.insert(r.event.event_id.clone()));
     // The canonical JSON is both the outbox row and the Kafka record: encode it once.
     let payloads: Vec<Vec<u8>> = firsts.iter().map(|r| r.event.to_json()).collect();
-    let stored = match store(state, &firsts, &payloads).await {
-        Ok(stored) => stored,
-        Err(e) => {
+    let (firsts, payloads, stored) = match store(state, &firsts, &payloads).await {
+        Ok(stored) => (firsts, payloads, stored),
+        Err(e) if is_transient(&e) => {
             for r in firsts.into_iter().chain(repeats) {
                 let _ = r.reply.send(Err(e.clone()));
             }
             return;
+        }
+        // Not the database being away: most likely one event's data the statement could not take.
+        // Requests are isolated, so each event is stored on its own and gets its own outcome.
+        Err(e) => {
+            tracing::warn!(error = %e, events = firsts.len(), "a group commit failed; storing its events one by one");
+            store_one_by_one(state, firsts, payloads).await
         }
     };
     for r in repeats {
@@ -148,6 +154,43 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
         let _ = r.reply.send(outcome);
     }
     state.metrics.count_ingested(&ingested);
+}
+
+/// Whether an error is the database (or Kafka) being away for now, the same for every event.
+fn is_transient(e: &ApiError) -> bool {
+    matches!(e, ApiError::Unavailable(_) | ApiError::Timeout(_))
+}
+
+/// Stores each event in a statement of its own. An event the database refuses is answered with that
+/// error here (a 4xx when its data is at fault) and left out; returns the rest, their payloads and the ids
+/// stored.
+async fn store_one_by_one(
+    state: &AppState,
+    requests: Vec<Request>,
+    payloads: Vec<Vec<u8>>,
+) -> (Vec<Request>, Vec<Vec<u8>>, HashSet<String>) {
+    let mut kept = Vec::with_capacity(requests.len());
+    let mut kept_payloads = Vec::with_capacity(requests.len());
+    let mut stored = HashSet::new();
+    for (r, payload) in requests.into_iter().zip(payloads) {
+        match store(
+            state,
+            std::slice::from_ref(&r),
+            std::slice::from_ref(&payload),
+        )
+        .await
+        {
+            Ok(ids) => {
+                stored.extend(ids);
+                kept.push(r);
+                kept_payloads.push(payload);
+            }
+            Err(e) => {
+                let _ = r.reply.send(Err(e));
+            }
+        }
+    }
+    (kept, kept_payloads, stored)
 }
 
 /// Stores the claims, raw events and outbox rows of a batch in one statement; returns the ids stored
