@@ -222,3 +222,29 @@ async fn a_job_restores_tampered_rows_and_the_pipeline_rates_on_from_the_correct
     .unwrap();
     assert_eq!(peaks, ["7", "2"]);
 }
+
+/// Review finding 14: a job recomputed from Postgres's jsonb spelling, which adds spaces, so an event
+/// whose properties filled the 4 KiB limit no longer decoded and was "corrected" away. Properties are
+/// now stored as the decoder's canonical text and rebuilt, not decoded again.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_14_a_job_keeps_an_event_whose_properties_fill_4_kib() {
+    let api = spawn_api().await;
+    let _pipeline = spawn_pipeline(&api.url, &api.topic, 1, &["--epoch-ms", "50"]);
+    let properties: serde_json::Map<String, Value> =
+        (0..455).map(|i| (format!("k{i:03}"), json!(1))).collect();
+    assert_eq!(serde_json::to_string(&properties).unwrap().len(), 4096);
+    let mut e = event("full", "cust_4k", "api_call", "2024-01-10T10:00:00Z", "3");
+    e["properties"] = Value::Object(properties);
+    assert_eq!(api.post_event(&e).await.status(), StatusCode::CREATED);
+    api.wait_caught_up(WAIT).await;
+    let scope = json!({"customer_ids": ["cust_4k"], "from": "2024-01-01T00:00:00Z",
+                       "to": "2024-02-01T00:00:00Z"});
+    let job: Value = start_job(&api, &scope).await.json().await.unwrap();
+    let done = wait_for_job(&api, job["job_id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["windows_changed"], 0, "nothing had drifted: {done}");
+    let rows = api
+        .get_json("/api/v1/aggregations?customer_id=cust_4k&meter=api_call")
+        .await;
+    assert_eq!(rows["data"][0]["event_count"], 1, "{rows}");
+}
