@@ -443,3 +443,49 @@ async fn finding_11_one_bad_item_never_changes_another_items_status() {
         );
     }
 }
+
+/// Finding 12: the void's `void_requested_at` and its outbox row were two statements; when the second
+/// failed, a retry answered 200 "voided" though no void existed. Both are one transaction now.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_12_a_void_whose_outbox_insert_failed_is_not_answered_voided() {
+    let api = spawn_api().await;
+    let mut e = event("evt_void_12");
+    e["event_time"] = json!(chrono::Utc::now().to_rfc3339());
+    assert_eq!(api.post_event(&e).await.status(), StatusCode::CREATED);
+    // The outbox refuses voids for now.
+    for sql in [
+        "CREATE FUNCTION refuse_void() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN RAISE EXCEPTION 'no voids today' USING ERRCODE = '57P01'; END $$",
+        "CREATE TRIGGER refuse_void BEFORE INSERT ON event_outbox FOR EACH ROW
+         WHEN (NEW.kind = 'void') EXECUTE FUNCTION refuse_void()",
+    ] {
+        sqlx::query(sql).execute(&api.pool).await.unwrap();
+    }
+    let path = "/api/v1/events/evt_void_12/void";
+    let first = api.post_json(path, &json!({})).await;
+    assert!(first.status().is_server_error(), "{}", first.status());
+    let requested = scalar_i64(
+        &api.url,
+        "SELECT count(*) FROM event_ids WHERE event_id = 'evt_void_12' AND void_requested_at IS NOT NULL",
+    )
+    .await;
+    assert_eq!(
+        requested, 0,
+        "the void request was rolled back with its outbox row"
+    );
+    sqlx::query("DROP TRIGGER refuse_void ON event_outbox")
+        .execute(&api.pool)
+        .await
+        .unwrap();
+    let retry = api.post_json(path, &json!({})).await;
+    let status = retry.status();
+    let body: Value = retry.json().await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "the retry makes the void: {body}"
+    );
+    assert_eq!(body["status"], "voiding");
+    let again = api.post_json(path, &json!({})).await;
+    assert_eq!(again.status(), StatusCode::OK, "then it is voided");
+}

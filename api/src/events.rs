@@ -171,6 +171,10 @@ pub async fn void_event(
     State(state): State<AppState>,
     Path(event_id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
+    // The void request and its outbox row commit together: a void is "requested" only once it is
+    // sure to reach the pipeline, so a retry after any failure here finds nothing requested and tries
+    // again, and "voided" always means a void record exists.
+    let mut tx = state.pool.begin().await?;
     let row: Option<(String, bool)> = sqlx::query_as(
         "WITH target AS (
              SELECT e.event_id, t.customer_id, e.void_requested_at IS NOT NULL AS already
@@ -185,7 +189,7 @@ pub async fn void_event(
          SELECT customer_id, already FROM target",
     )
     .bind(&event_id)
-    .fetch_optional(&state.pool)
+    .fetch_optional(&mut *tx)
     .await?;
     let Some((customer_id, already)) = row else {
         return Err(ApiError::NotFound);
@@ -208,8 +212,9 @@ pub async fn void_event(
     .bind(&event_id)
     .bind(&payload)
     .bind(&customer_id)
-    .execute(&state.pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     if publish(
         &state,
         &customer_id,
