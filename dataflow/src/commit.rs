@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use meterflow_model::batch::QuarantinedPeriod;
 use meterflow_model::{
     Aggregate, AggregateKey, Charge, DeadLetter, Duplicate, EpochBatch, Item, LateEvent,
     LineChange, PartitionProgress,
@@ -35,6 +36,10 @@ use crate::operators::Epoch;
 pub enum SinkUpdate {
     /// Add this change to the row of the key (and, for multiset meters, to the item's count).
     Row(AggregateKey, Option<Item>, Aggregate),
+    /// The group row's change overflowed the decimal range: quarantine the row (usage.rs).
+    QuarantinedRow(AggregateKey),
+    /// A billing period enters (+1) or leaves (−1) quarantine (rating.rs).
+    QuarantinedPeriod(QuarantinedPeriod, i64),
     /// A window charge of `(customer_id, meter)` appears (+1) or is withdrawn (−1).
     Charge(String, String, Charge, i64),
     /// An upcoming-invoice line changes by this much.
@@ -156,6 +161,10 @@ pub fn commit_epochs<'scope>(
                             match update {
                                 SinkUpdate::Row(key, item, agg) => {
                                     batch.aggregates.push((key, item, agg))
+                                }
+                                SinkUpdate::QuarantinedRow(key) => batch.quarantined_rows.push(key),
+                                SinkUpdate::QuarantinedPeriod(period, diff) => {
+                                    batch.quarantined_periods.push((period, diff))
                                 }
                                 SinkUpdate::Charge(customer, meter, charge, diff) => {
                                     batch.charges.push((customer, meter, charge, diff))

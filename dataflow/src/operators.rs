@@ -15,6 +15,7 @@ use std::sync::Arc;
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::difference::Abelian;
 use differential_dataflow::VecCollection;
+use meterflow_model::batch::QuarantinedPeriod;
 use meterflow_model::{
     period_of, Aggregate, Contribution, Event, LateEvent, LineChange, PartitionProgress, PriceBook,
 };
@@ -64,11 +65,24 @@ pub fn build<'scope>(
 ) -> StreamVec<'scope, Epoch, (Epoch, SinkUpdate)> {
     let scope = items.scope();
     let (contributions, other) = meter(items, context);
-    let charges = charge_changes(contributions.clone(), rating);
+    let (charges, quarantined) = charge_changes(contributions.clone(), rating);
     let lines = line_changes(charges.clone());
     let changes = row_changes(contributions);
     scope.concatenate([
-        changes.map(|((key, item), epoch, usage)| (epoch, SinkUpdate::Row(key, item, usage.0))),
+        changes.flat_map(|((key, item), epoch, usage)| {
+            // An overflowed change carries only its event count; the sink quarantines the row.
+            let quarantine = (usage.overflowed && item.is_none())
+                .then(|| (epoch, SinkUpdate::QuarantinedRow(key.clone())));
+            [
+                Some((epoch, SinkUpdate::Row(key, item, usage.aggregate))),
+                quarantine,
+            ]
+            .into_iter()
+            .flatten()
+        }),
+        quarantined.map(|(period, epoch, diff)| {
+            (epoch, SinkUpdate::QuarantinedPeriod(period, diff as i64))
+        }),
         charges.map(|((customer, meter, charge), epoch, diff)| {
             (
                 epoch,
@@ -133,7 +147,7 @@ fn meter<'scope>(
                                     }
                                 }
                                 let usage = if sign > 0 { c.usage } else { negate(c.usage) };
-                                session.give(Ok(((c.key, c.item), epoch, Usage(usage))));
+                                session.give(Ok(((c.key, c.item), epoch, Usage::of(usage))));
                             }
                         }
                     }
@@ -170,17 +184,24 @@ fn negate(a: Aggregate) -> Aggregate {
 }
 
 /// Each epoch's changes of window charges: rating over everything committed before plus this run's
-/// contributions, minus the charges committed before. Exchange contract: as in `row_changes`, one
-/// update per charge row and epoch.
+/// contributions, minus the charges committed before; and the changes of the periods in quarantine
+/// (all of them at epoch 0, when the sink replaces what it stored). Exchange contract: as in
+/// `row_changes`, one update per charge row (or period) and epoch.
+#[allow(clippy::type_complexity)]
 fn charge_changes<'scope>(
     contributions: VecCollection<'scope, Epoch, RowKey, Usage>,
     inputs: RatingInputs<'scope>,
-) -> StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)> {
+) -> (
+    StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
+    StreamVec<'scope, Epoch, (QuarantinedPeriod, Epoch, isize)>,
+) {
     let usage = contributions.concat(inputs.restored_rows.as_collection());
-    rating::rate(usage, inputs.books.as_collection())
+    let (charges, quarantined) = rating::rate(usage, inputs.books.as_collection());
+    let charges = charges
         .concat(inputs.restored_charges.as_collection().negate())
         .consolidate()
-        .inner
+        .inner;
+    (charges, quarantined.consolidate().inner)
 }
 
 /// An upcoming-invoice line: (customer, period start, meter, price book, currency).

@@ -19,9 +19,17 @@
 //!
 //! Cost: a change to one window re-rates its whole period (at most 744 hourly windows; 44,640 minute
 //! windows for a minute meter), once per epoch and period touched.
+//!
+//! Overflow is data, not a crash (issue 13): when a window's usage overflowed (usage.rs) or pricing the
+//! period-to-date usage leaves the decimal range, the period is rated up to the last window that can
+//! be rated, and the reduce also outputs a [`QuarantinedPeriod`] naming the first window without a
+//! charge and why. The sink stores it in `rating_quarantine` in the same commit (and the
+//! `quarantined_periods` gauge and its alert show it), so the period's later charges are never
+//! withdrawn silently; once the usage is corrected (a void, a re-rating job), the quarantine goes.
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
+use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
 use meterflow_model::{
     period_of, rate_period, Aggregate, AggregateKey, Charge, Item, Measure, PriceBook, WindowUsage,
 };
@@ -52,11 +60,25 @@ enum RateInput {
     Book(PriceBook),
 }
 
-/// Rates `usage` (all of it, accumulated: every row's total or multiset) with `books`.
+/// What rating a period gives: window charges, and at most one quarantine.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+enum Rated {
+    Charge(Charge),
+    Quarantined {
+        from_window: i64,
+        reason: QuarantineReason,
+    },
+}
+
+/// Rates `usage` (all of it, accumulated: every row's total or multiset) with `books`: the window
+/// charges, and the periods in quarantine.
 pub fn rate<'scope>(
     usage: VecCollection<'scope, Epoch, RowKey, Usage>,
     books: VecCollection<'scope, Epoch, PriceBook, isize>,
-) -> VecCollection<'scope, Epoch, ChargeRow, isize> {
+) -> (
+    VecCollection<'scope, Epoch, ChargeRow, isize>,
+    VecCollection<'scope, Epoch, QuarantinedPeriod, isize>,
+) {
     let windows = usage.map(|(key, item)| {
         let (period, _) = period_of(key.window_start);
         (
@@ -94,54 +116,77 @@ pub fn rate<'scope>(
     let books_as_usage = period_books
         .inner
         .map(|((period, book), time, diff)| {
-            let usage = Usage(Aggregate {
+            let usage = Usage::of(Aggregate {
                 value: Decimal::ZERO,
                 event_count: diff as i64,
             });
             ((period, RateInput::Book(book)), time, usage)
         })
         .as_collection();
-    windows
-        .concat(books_as_usage)
-        .reduce_named("RatePeriod", |period, input, output| {
-            for charge in rate_inputs(period, input) {
-                output.push((charge, 1isize));
-            }
-        })
-        .map(|((customer, meter, _), charge)| (customer, meter, charge))
+    let rated =
+        windows
+            .concat(books_as_usage)
+            .reduce_named("RatePeriod", |period, input, output| {
+                for rated in rate_inputs(period, input) {
+                    output.push((rated, 1isize));
+                }
+            });
+    let charges = rated
+        .clone()
+        .flat_map(|((customer, meter, _), rated)| match rated {
+            Rated::Charge(charge) => Some((customer, meter, charge)),
+            Rated::Quarantined { .. } => None,
+        });
+    let quarantined = rated.flat_map(|((customer_id, meter, period_start), rated)| match rated {
+        Rated::Charge(_) => None,
+        Rated::Quarantined {
+            from_window,
+            reason,
+        } => Some(QuarantinedPeriod {
+            customer_id,
+            meter,
+            period_start,
+            from_window,
+            reason,
+        }),
+    });
+    (charges, quarantined)
 }
 
-/// The charges of one period from the reduce's accumulated input.
-fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<Charge> {
+/// The charges of one period from the reduce's accumulated input, up to the first window that cannot be
+/// rated (its usage overflowed, or pricing overflows there), and then that window as a quarantine.
+fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<Rated> {
     struct Window<'a> {
         end: i64,
         total: Decimal,
         counted: bool,
+        overflowed: bool,
         items: Vec<&'a Item>,
     }
     let mut windows: std::collections::BTreeMap<i64, Window<'_>> = Default::default();
     let mut books: Vec<&PriceBook> = Vec::new();
     for (what, usage) in input {
         match what {
-            RateInput::Book(book) if usage.0.event_count > 0 => books.push(book),
+            RateInput::Book(book) if usage.aggregate.event_count > 0 => books.push(book),
             RateInput::Book(_) => {}
             RateInput::Window { start, end, item } => {
                 let window = windows.entry(*start).or_insert(Window {
                     end: *end,
                     total: Decimal::ZERO,
                     counted: false,
+                    overflowed: false,
                     items: Vec::new(),
                 });
                 match item {
-                    None => {
-                        let Some(total) = window.total.checked_add(usage.0.value) else {
-                            tracing::error!(?period, "a window total overflowed; period not rated");
-                            return Vec::new();
-                        };
-                        window.total = total;
-                        window.counted = true;
-                    }
-                    Some(item) if usage.0.event_count > 0 => window.items.push(item),
+                    None if usage.overflowed => window.overflowed = true,
+                    None => match window.total.checked_add(usage.aggregate.value) {
+                        Some(total) => {
+                            window.total = total;
+                            window.counted = true;
+                        }
+                        None => window.overflowed = true,
+                    },
+                    Some(item) if usage.aggregate.event_count > 0 => window.items.push(item),
                     Some(_) => {}
                 }
             }
@@ -150,23 +195,68 @@ fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<Charge>
     if books.is_empty() {
         return Vec::new();
     }
-    let usage: Vec<WindowUsage> = windows
-        .into_iter()
-        .filter(|(_, w)| w.counted || !w.items.is_empty())
-        .filter_map(|(start, w)| {
-            Some(WindowUsage {
+    // The windows before the first overflowed one can be rated; that one and those after cannot.
+    let mut quarantine: Option<(i64, QuarantineReason)> = None;
+    let mut usage: Vec<WindowUsage> = Vec::with_capacity(windows.len());
+    for (start, w) in windows {
+        if w.overflowed {
+            quarantine = Some((start, QuarantineReason::UsageOverflow));
+            break;
+        }
+        if !w.counted && w.items.is_empty() {
+            continue;
+        }
+        if let Some(measure) = Measure::from_items(w.total, w.items) {
+            usage.push(WindowUsage {
                 window_start: start,
                 window_end: w.end,
-                measure: Measure::from_items(w.total, w.items)?,
-            })
-        })
-        .collect();
-    match rate_period(&period.0, &usage, &books) {
-        Ok(charges) => charges,
-        Err(e) => {
-            // Unreachable for validated input (28-digit values, sane prices); never a panic.
-            tracing::error!(?period, error = %e, "rating a period overflowed; period not rated");
-            Vec::new()
+                measure,
+            });
         }
     }
+    let (charges, rating_stopped) = rate_longest_prefix(&period.0, &usage, &books);
+    if let Some(from_window) = rating_stopped {
+        // Pricing stopped before any usage overflow could: the earlier window is where rating ends.
+        quarantine = Some((from_window, QuarantineReason::RatingOverflow));
+    }
+    let mut out: Vec<Rated> = charges.into_iter().map(Rated::Charge).collect();
+    if let Some((from_window, reason)) = quarantine {
+        tracing::warn!(
+            customer = %period.0, meter = %period.1, period = period.2, from_window, reason = reason.as_str(),
+            "a billing period is quarantined: its usage or its charges leave the decimal range"
+        );
+        out.push(Rated::Quarantined {
+            from_window,
+            reason,
+        });
+    }
+    out
+}
+
+/// The charges of the longest prefix of `usage` (in time order) that rates without overflow, and the
+/// first window left out when that is not all of it. Period-to-date amounts only grow along the
+/// period, so the prefixes that rate form a range and a binary search finds the longest one (only
+/// when the whole period does not rate, which is the rare case).
+fn rate_longest_prefix(
+    customer: &str,
+    usage: &[WindowUsage],
+    books: &[&PriceBook],
+) -> (Vec<Charge>, Option<i64>) {
+    if let Ok(charges) = rate_period(customer, usage, books) {
+        return (charges, None);
+    }
+    // Invariant: the first `good` windows rate, the first `bad` do not.
+    let (mut good, mut bad) = (0, usage.len());
+    let mut best = Vec::new();
+    while bad - good > 1 {
+        let mid = good + (bad - good) / 2;
+        match rate_period(customer, usage.get(..mid).unwrap_or_default(), books) {
+            Ok(charges) => {
+                good = mid;
+                best = charges;
+            }
+            Err(_) => bad = mid,
+        }
+    }
+    (best, usage.get(good).map(|w| w.window_start))
 }

@@ -206,8 +206,14 @@ impl RatingHandles {
     /// Feeds what was committed before, and the price books, at epoch 0; returns the books in force and
     /// where later snapshots come from.
     fn start(&mut self, feed: RatingFeed) -> (BTreeSet<PriceBook>, Receiver<Vec<PriceBook>>) {
+        let quarantined: BTreeSet<_> = feed.state.quarantined_rows.into_iter().collect();
         for (key, item, aggregate) in feed.state.rows {
-            self.rows.send(((key, item), 0, Usage(aggregate)));
+            let usage = if item.is_none() && quarantined.contains(&key) {
+                Usage::overflowed(aggregate.event_count)
+            } else {
+                Usage::of(aggregate)
+            };
+            self.rows.send(((key, item), 0, usage));
         }
         for charge in feed.state.charges {
             self.charges.send((charge, 0, 1));

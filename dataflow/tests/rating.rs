@@ -326,6 +326,7 @@ impl Store {
                 .iter()
                 .map(|((c, m, _), ch)| (c.clone(), m.clone(), ch.clone()))
                 .collect(),
+            ..RatingState::default()
         }
     }
 }
@@ -355,7 +356,7 @@ fn run(
     let collector = std::thread::spawn(move || {
         for batch in batch_rx {
             store.apply(&batch);
-            ack_tx.send(batch.epoch).unwrap();
+            let _ = ack_tx.send(batch.epoch); // a heartbeat may come after the workers are done
         }
         store
     });

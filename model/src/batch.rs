@@ -106,12 +106,48 @@ impl LineChange {
     }
 }
 
+/// Why a billing period's rating stopped at a window (issue 13, "overflow is data, not a crash").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum QuarantineReason {
+    /// A window's usage (the sum of its values) left the 96-bit decimal range.
+    UsageOverflow,
+    /// Pricing the period-to-date usage left the decimal range (a quantity times a price, a sum of
+    /// charges).
+    RatingOverflow,
+}
+
+impl QuarantineReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuarantineReason::UsageOverflow => "usage_overflow",
+            QuarantineReason::RatingOverflow => "rating_overflow",
+        }
+    }
+}
+
+/// A billing period of one customer and meter that is rated only up to `from_window`: that window and
+/// the ones after it have no charge, because their usage or their price cannot be represented. The
+/// sink keeps it in `rating_quarantine` until the usage is corrected.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct QuarantinedPeriod {
+    pub customer_id: String,
+    pub meter: String,
+    /// The period's start, seconds since the epoch.
+    pub period_start: i64,
+    /// The first window without a charge, seconds since the epoch.
+    pub from_window: i64,
+    pub reason: QuarantineReason,
+}
+
 /// What the pipeline committed before it stopped, loaded when it starts again so rating (which needs
 /// each period's whole usage, not just the new events) goes on from there (SPEC §9).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RatingState {
     /// Every stored row as one change: a group row's total, or one multiset item with its count.
     pub rows: Vec<RowChange>,
+    /// The group rows among `rows` that are quarantined: their value overflowed, so their stored value
+    /// is not their usage.
+    pub quarantined_rows: Vec<AggregateKey>,
     /// Every stored charge: `(customer_id, meter, charge)`.
     pub charges: Vec<(String, String, Charge)>,
 }
@@ -123,6 +159,11 @@ pub struct EpochBatch {
     pub epoch: u64,
     /// Changes to add to the stored rows, at most one per (key, item).
     pub aggregates: Vec<RowChange>,
+    /// Group rows whose change (or whose total) overflowed the decimal range: their change in
+    /// `aggregates` carries only the event count, and the sink marks the row quarantined.
+    pub quarantined_rows: Vec<AggregateKey>,
+    /// Billing periods entering (`+1`) or leaving (`-1`) quarantine.
+    pub quarantined_periods: Vec<(QuarantinedPeriod, i64)>,
     /// Changes to window charges, at most one `+1` per window.
     pub charges: Vec<ChargeChange>,
     /// Changes to upcoming-invoice lines, at most one per line.
@@ -142,6 +183,8 @@ impl EpochBatch {
     /// Nothing to store but perhaps a watermark.
     pub fn is_empty(&self) -> bool {
         self.aggregates.is_empty()
+            && self.quarantined_rows.is_empty()
+            && self.quarantined_periods.is_empty()
             && self.charges.is_empty()
             && self.lines.is_empty()
             && self.offsets.is_empty()
@@ -151,26 +194,45 @@ impl EpochBatch {
     }
 
     /// Folds a later batch into this one: row changes add up, offsets and the watermark move forward.
+    /// Two changes of a row whose sum overflows quarantine the row (never an error); the only error is
+    /// an upcoming-invoice line change leaving the decimal range, which consecutive changes of one line
+    /// cannot do (they telescope: their sum is the difference of two line totals).
     pub fn absorb(&mut self, later: EpochBatch) -> Result<(), crate::aggregate::Overflow> {
         self.epoch = self.epoch.max(later.epoch);
         self.aggregates.extend(later.aggregates);
+        self.quarantined_rows.extend(later.quarantined_rows);
+        // Stable: a row's changes stay in epoch order, so their partial sums telescope.
         self.aggregates
-            .sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            .sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         let mut merged: Vec<RowChange> = Vec::with_capacity(self.aggregates.len());
         for (key, item, agg) in self.aggregates.drain(..) {
             match merged.last_mut() {
                 Some((last, last_item, acc)) if *last == key && *last_item == item => {
-                    acc.checked_add(&agg)?
+                    let mut sum = *acc;
+                    if sum.checked_add(&agg).is_ok() {
+                        *acc = sum;
+                    } else {
+                        acc.value = rust_decimal::Decimal::ZERO;
+                        acc.event_count = acc.event_count.saturating_add(agg.event_count);
+                        self.quarantined_rows.push(key);
+                    }
                 }
                 _ => merged.push((key, item, agg)),
             }
         }
-        merged.retain(|(_, _, agg)| !agg.is_zero());
+        self.quarantined_rows.sort_unstable();
+        self.quarantined_rows.dedup();
+        let quarantined = &self.quarantined_rows;
+        merged.retain(|(key, item, agg)| {
+            !agg.is_zero() || (item.is_none() && quarantined.binary_search(key).is_ok())
+        });
         self.aggregates = merged;
+        self.quarantined_periods.extend(later.quarantined_periods);
+        consolidate_quarantines(&mut self.quarantined_periods);
         self.charges.extend(later.charges);
         consolidate_charges(&mut self.charges);
         self.lines.extend(later.lines);
-        self.lines.sort_unstable_by(|a, b| a.key().cmp(&b.key()));
+        self.lines.sort_by(|a, b| a.key().cmp(&b.key()));
         let mut lines: Vec<LineChange> = Vec::with_capacity(self.lines.len());
         for line in self.lines.drain(..) {
             match lines.last_mut() {
@@ -183,7 +245,7 @@ impl EpochBatch {
                         .quantity
                         .checked_add(line.quantity)
                         .ok_or(crate::aggregate::Overflow)?;
-                    last.windows += line.windows;
+                    last.windows = last.windows.saturating_add(line.windows);
                 }
                 _ => lines.push(line),
             }
@@ -213,6 +275,20 @@ impl EpochBatch {
     }
 }
 
+/// Adds up the diffs of identical quarantine changes and drops those that cancel.
+pub fn consolidate_quarantines(changes: &mut Vec<(QuarantinedPeriod, i64)>) {
+    changes.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut merged: Vec<(QuarantinedPeriod, i64)> = Vec::with_capacity(changes.len());
+    for (period, diff) in changes.drain(..) {
+        match merged.last_mut() {
+            Some(last) if last.0 == period => last.1 = last.1.saturating_add(diff),
+            _ => merged.push((period, diff)),
+        }
+    }
+    merged.retain(|c| c.1 != 0);
+    *changes = merged;
+}
+
 /// Adds up the diffs of identical charge changes and drops those that cancel.
 pub fn consolidate_charges(charges: &mut Vec<ChargeChange>) {
     charges.sort_unstable_by(|a, b| (&a.0, &a.1, &a.2).cmp(&(&b.0, &b.1, &b.2)));
@@ -220,7 +296,7 @@ pub fn consolidate_charges(charges: &mut Vec<ChargeChange>) {
     for change in charges.drain(..) {
         match merged.last_mut() {
             Some(last) if (&last.0, &last.1, &last.2) == (&change.0, &change.1, &change.2) => {
-                last.3 += change.3
+                last.3 = last.3.saturating_add(change.3)
             }
             _ => merged.push(change),
         }

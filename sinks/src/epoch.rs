@@ -4,8 +4,8 @@
 //!  EpochBatch(e1) EpochBatch(e2) … ──merge what is queued──► one transaction:
 //!      SELECT … FROM pipeline_leases FOR UPDATE       -- fence: still our generation, and progress
 //!                                                     -- exactly where our last commit left it?
-//!      upsert aggregations  (value += Δ, event_count += Δ)
-//!      upsert / delete charges (a window's charge replaced whole)
+//!      upsert aggregations  (value += Δ, event_count += Δ; a sum past the decimal range quarantines)
+//!      upsert / delete charges (a window's charge replaced whole), rating_quarantine
 //!      add to upcoming_lines (Σ charges per customer, period, meter, book)
 //!      insert dead_letters  (ON CONFLICT (topic, partition, offset) DO NOTHING)
 //!      upsert source_offsets (next offset per partition)
@@ -16,6 +16,13 @@
 //! all, so a restart that resumes from the stored offsets neither loses nor repeats a record. When a
 //! COMMIT's outcome is unknown (connection lost), the writer reconnects and reads `committed_epoch` of its
 //! generation to learn whether it happened, instead of guessing. A zombie (older generation) is refused.
+//!
+//! Overflow is data, not a crash (issue 13): a group row whose change overflowed in the dataflow
+//! (`EpochBatch::quarantined_rows`), or whose stored total would leave the 96-bit decimal range, is
+//! marked `quarantined`: its value stays at the last value in range, its event count goes on. The
+//! periods rating could not finish are kept in `rating_quarantine`: the first commit of a run replaces
+//! them all (epoch 0 carries every quarantine of the restored state), later ones apply the changes.
+//! The `quarantined_windows` and `quarantined_periods` gauges follow both tables.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -81,6 +88,8 @@ async fn write_all(
     let mut conn = connect(url).await?;
     let mut last_commit = Instant::now();
     let mut committed_watermark: Option<i64> = None;
+    // The first commit of a run replaces the stored quarantined periods (see the module doc).
+    let mut first = true;
     // The progress this writer expects to find: acquiring the lease reset it to 0, and only this
     // writer's commits move it (compare-and-set, as Materialize's persist does with its frontier).
     let mut expected: i64 = 0;
@@ -98,8 +107,9 @@ async fn write_all(
             continue;
         }
         let started = Instant::now();
-        let committed = commit_with_retry(url, &mut conn, lease, &batch, expected).await?;
+        let committed = commit_with_retry(url, &mut conn, lease, &batch, expected, first).await?;
         expected = committed.epoch;
+        first = false;
         let took = started.elapsed();
         last_commit = Instant::now();
         summary.commit_time += took;
@@ -141,6 +151,10 @@ fn record_metrics(batch: &EpochBatch, committed: &Committed, took: Duration) {
             metrics::WINDOW_CLOSE_SECONDS.observe(since.as_secs_f64());
         }
     }
+    if let Some((windows, periods)) = committed.quarantined {
+        metrics::QUARANTINED_WINDOWS.set(windows);
+        metrics::QUARANTINED_PERIODS.set(periods);
+    }
     if let Some(w) = committed.watermark {
         metrics::WATERMARK.set(w / 1_000_000);
         metrics::AGGREGATION_LAG.set(chrono::Utc::now().timestamp() - w / 1_000_000);
@@ -163,10 +177,11 @@ async fn commit_with_retry(
     lease: &Lease,
     batch: &EpochBatch,
     expected: i64,
+    first: bool,
 ) -> Result<Committed, SinkError> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match commit(conn, lease, batch, expected).await {
+        match commit(conn, lease, batch, expected, first).await {
             Ok(committed) => return Ok(committed),
             Err(SinkError::Transient(e)) => {
                 metrics::COMMIT_ERRORS
@@ -218,6 +233,7 @@ async fn already_committed(
         epoch: committed,
         watermark: watermark.map(|w| w.timestamp_micros()),
         finalized: 0,
+        quarantined: None,
     }))
 }
 
@@ -227,6 +243,7 @@ async fn commit(
     lease: &Lease,
     batch: &EpochBatch,
     expected: i64,
+    first: bool,
 ) -> Result<Committed, SinkError> {
     let mut tx = conn.begin().await?;
     let (generation, progress): (i64, i64) = sqlx::query_as(
@@ -255,7 +272,7 @@ async fn commit(
         .iter()
         .partition(|(_, item, _)| item.is_none());
     if !group.is_empty() {
-        upsert_group_rows(&mut tx, &group).await?;
+        upsert_group_rows(&mut tx, &group, &batch.quarantined_rows).await?;
     }
     if !multiset.is_empty() {
         apply_multiset_rows(&mut tx, &multiset).await?;
@@ -266,6 +283,26 @@ async fn commit(
     if !batch.lines.is_empty() {
         apply_lines(&mut tx, &batch.lines).await?;
     }
+    if first {
+        sqlx::query("DELETE FROM rating_quarantine")
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !batch.quarantined_periods.is_empty() {
+        apply_quarantined_periods(&mut tx, &batch.quarantined_periods).await?;
+    }
+    // Cheap (a partial index each), and a stored total can overflow in any commit of group rows.
+    let quarantined = if first || !group.is_empty() || !batch.quarantined_periods.is_empty() {
+        let counts: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM aggregations WHERE quarantined),
+                    (SELECT count(*) FROM rating_quarantine)",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        Some(counts)
+    } else {
+        None
+    };
     if !batch.dead_letters.is_empty() {
         insert_dead_letters(&mut tx, &lease.topic, &batch.dead_letters).await?;
     }
@@ -373,6 +410,7 @@ async fn commit(
         epoch: batch.epoch as i64,
         watermark: watermark.map(|w| w.timestamp_micros()),
         finalized,
+        quarantined,
     })
 }
 
@@ -385,33 +423,50 @@ struct Committed {
     watermark: Option<i64>,
     /// Windows it finalized.
     finalized: u64,
+    /// How many rows and periods are quarantined after it, when it may have changed that.
+    quarantined: Option<(i64, i64)>,
 }
 
-/// Sums and counts add up: `value += Δ`, `event_count += Δ`.
-async fn upsert_group_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Result<(), SinkError> {
+/// Sums and counts add up: `value += Δ`, `event_count += Δ`. A row in `quarantined` (its change
+/// overflowed), or whose sum would leave the 96-bit decimal range, is quarantined instead: its value
+/// stays as it was (the last value in range), its event count goes on.
+async fn upsert_group_rows(
+    tx: &mut PgConnection,
+    rows: &[&RowChange],
+    quarantined: &[meterflow_model::AggregateKey],
+) -> Result<(), SinkError> {
+    let quarantined: std::collections::HashSet<&meterflow_model::AggregateKey> =
+        quarantined.iter().collect();
     let n = rows.len();
-    let (mut customers, mut meters, mut starts, mut ends, mut values, mut counts) = (
+    let (mut customers, mut meters, mut starts, mut ends, mut values, mut counts, mut flags) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::<Decimal>::with_capacity(n),
         Vec::with_capacity(n),
+        Vec::<bool>::with_capacity(n),
     );
     for (key, _, agg) in rows {
+        let q = quarantined.contains(key);
         customers.push(key.customer_id.as_str());
         meters.push(key.meter.as_str());
         starts.push(key.window_start);
         ends.push(key.window_end);
-        values.push(agg.value);
+        values.push(if q { Decimal::ZERO } else { agg.value });
         counts.push(agg.event_count);
+        flags.push(q);
     }
     sqlx::query(
-        "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
-         SELECT c, m, to_timestamp(s), to_timestamp(e), v, n
-         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::bigint[]) AS u(c, m, s, e, v, n)
+        "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
+                                        quarantined)
+         SELECT c, m, to_timestamp(s), to_timestamp(e), v, n, q
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::bigint[],
+                     $7::bool[]) AS u(c, m, s, e, v, n, q)
          ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
-         SET value = a.value + excluded.value,
+         SET value = CASE WHEN a.quarantined OR excluded.quarantined OR abs(a.value + excluded.value) > $8
+                          THEN a.value ELSE a.value + excluded.value END,
+             quarantined = a.quarantined OR excluded.quarantined OR abs(a.value + excluded.value) > $8,
              event_count = a.event_count + excluded.event_count,
              revision = a.revision + 1,
              updated_at = now()",
@@ -422,8 +477,56 @@ async fn upsert_group_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Result
     .bind(&ends)
     .bind(&values)
     .bind(&counts)
+    .bind(&flags)
+    .bind(Decimal::MAX)
     .execute(&mut *tx)
     .await?;
+    Ok(())
+}
+
+/// Periods enter quarantine (`+1`: upserted, the first window without a charge and the reason) or
+/// leave it (`−1` with no `+1` for the same period: deleted).
+async fn apply_quarantined_periods(
+    tx: &mut PgConnection,
+    changes: &[(meterflow_model::batch::QuarantinedPeriod, i64)],
+) -> Result<(), SinkError> {
+    let period = |q: &meterflow_model::batch::QuarantinedPeriod| {
+        (q.customer_id.clone(), q.meter.clone(), q.period_start)
+    };
+    let added: Vec<_> = changes.iter().filter(|c| c.1 > 0).map(|c| &c.0).collect();
+    let still: std::collections::HashSet<_> = added.iter().map(|q| period(q)).collect();
+    let removed: Vec<_> = changes
+        .iter()
+        .filter(|c| c.1 < 0 && !still.contains(&period(&c.0)))
+        .map(|c| &c.0)
+        .collect();
+    if !removed.is_empty() {
+        sqlx::query(
+            "DELETE FROM rating_quarantine q USING UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(c, m, p)
+             WHERE q.customer_id = u.c AND q.meter = u.m AND q.period_start = to_timestamp(u.p)",
+        )
+        .bind(removed.iter().map(|q| q.customer_id.as_str()).collect::<Vec<_>>())
+        .bind(removed.iter().map(|q| q.meter.as_str()).collect::<Vec<_>>())
+        .bind(removed.iter().map(|q| q.period_start).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !added.is_empty() {
+        sqlx::query(
+            "INSERT INTO rating_quarantine AS q (customer_id, meter, period_start, from_window, reason)
+             SELECT c, m, to_timestamp(p), to_timestamp(f), r
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS u(c, m, p, f, r)
+             ON CONFLICT ON CONSTRAINT rating_quarantine_pkey DO UPDATE
+             SET from_window = excluded.from_window, reason = excluded.reason",
+        )
+        .bind(added.iter().map(|q| q.customer_id.as_str()).collect::<Vec<_>>())
+        .bind(added.iter().map(|q| q.meter.as_str()).collect::<Vec<_>>())
+        .bind(added.iter().map(|q| q.period_start).collect::<Vec<_>>())
+        .bind(added.iter().map(|q| q.from_window).collect::<Vec<_>>())
+        .bind(added.iter().map(|q| q.reason.as_str()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(())
 }
 

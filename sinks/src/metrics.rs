@@ -113,6 +113,22 @@ pub static COMMITTED_RECORDS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("a valid metric")
 });
 
+pub static QUARANTINED_WINDOWS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "quarantined_windows",
+        "Aggregate rows quarantined because their value left the 96-bit decimal range (aggregations.quarantined)"
+    )
+    .expect("a valid metric")
+});
+
+pub static QUARANTINED_PERIODS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "quarantined_periods",
+        "Billing periods rated only up to a window because usage or charges overflowed (rating_quarantine)"
+    )
+    .expect("a valid metric")
+});
+
 /// The reasons of dead letters (`DecodeError::code`); any other is counted as `OTHER`, so the label
 /// stays bounded.
 pub const DEAD_LETTER_REASONS: [&str; 2] = ["MALFORMED_JSON", "VALIDATION_FAILED"];
@@ -137,6 +153,8 @@ pub fn register_all() {
     LazyLock::force(&EPOCHS_BEHIND);
     LazyLock::force(&CONSUMER_LAG);
     LazyLock::force(&COMMITTED_RECORDS);
+    LazyLock::force(&QUARANTINED_WINDOWS);
+    LazyLock::force(&QUARANTINED_PERIODS);
     for kind in ["transient", "permanent"] {
         COMMIT_ERRORS.with_label_values(&[kind]);
     }
@@ -192,6 +210,8 @@ mod tests {
             "committed_watermark_seconds",
             "epoch_frontier_lag",
             "pipeline_records_committed_total",
+            "quarantined_windows",
+            "quarantined_periods",
         ] {
             assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
         }

@@ -162,13 +162,18 @@ pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, s
         .execute(&mut *tx)
         .await?;
     let mut state = RatingState::default();
+    // A value outside the decimal range (stored before quarantines existed) is read as quarantined,
+    // never decoded into a Decimal it does not fit.
     let groups = sqlx::query(
         "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint,
-                extract(epoch FROM window_end)::bigint, value, event_count
+                extract(epoch FROM window_end)::bigint,
+                CASE WHEN abs(value) > $1 THEN 0 ELSE value END, event_count,
+                quarantined OR abs(value) > $1
          FROM aggregations a
          WHERE NOT EXISTS (SELECT 1 FROM meters m WHERE m.meter = a.meter
                            AND m.aggregation IN ('max', 'unique_count', 'latest'))",
     )
+    .bind(Decimal::MAX)
     .fetch_all(&mut *tx)
     .await?;
     for r in groups {
@@ -182,7 +187,11 @@ pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, s
             value: r.try_get(4)?,
             event_count: r.try_get(5)?,
         };
-        if !aggregate.is_zero() {
+        let quarantined: bool = r.try_get(6)?;
+        if quarantined {
+            state.quarantined_rows.push(key.clone());
+            state.rows.push((key, None, aggregate));
+        } else if !aggregate.is_zero() {
             state.rows.push((key, None, aggregate));
         }
     }

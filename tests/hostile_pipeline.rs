@@ -1,0 +1,161 @@
+//! Hostile input against the pipeline and its sink (issue 13, red-team review of b156429), on the real
+//! broker and database: each test provokes one finding and checks that the pipeline stays up, that
+//! nothing is lost and that the failure is visible where it belongs.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use rust_decimal::Decimal;
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+
+/// 2024-01-15T10:00:00Z: an hourly window of January's billing period.
+const W: i64 = 1_705_312_800;
+const HOUR: i64 = 3_600;
+
+fn rfc3339(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0).unwrap().to_rfc3339()
+}
+
+fn event(id: &str, customer: &str, time: i64, value: &str) -> (String, Vec<u8>) {
+    let body = json!({"event_id": id, "customer_id": customer, "event_type": "api_call",
+                      "event_time": rfc3339(time + 60), "value": value});
+    (customer.to_owned(), body.to_string().into_bytes())
+}
+
+/// Runs the pipeline until it has committed everything in the topic; fails the test when it exits
+/// with an error or has not finished within `within`.
+fn drain_within(url: &str, topic: &str, within: Duration, extra: &[&str]) {
+    let mut child = meterflow(url, topic)
+        .args(["pipeline", "--until-caught-up", "--workers", "1"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut stderr);
+            }
+            assert!(status.success(), "the pipeline failed: {stderr}");
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the pipeline did not catch up within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn connect(url: &str) -> PgConnection {
+    PgConnection::connect(url).await.unwrap()
+}
+
+async fn default_book(conn: &mut PgConnection, price: &str) {
+    sqlx::query(
+        "INSERT INTO price_books (price_book_id, meter, customer_id, currency, effective, model)
+         VALUES ('pb_default', 'api_call', NULL, 'USD', tstzrange('2024-01-01T00:00:00Z', NULL, '[)'), $1)",
+    )
+    .bind(json!({"type": "per_unit", "unit_price": price}))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+}
+
+/// (value, event_count, quarantined) of a row of the default meter `api_call`.
+async fn row(conn: &mut PgConnection, customer: &str, start: i64) -> (Decimal, i64, bool) {
+    sqlx::query_as(
+        "SELECT value, event_count, quarantined FROM aggregations
+         WHERE customer_id = $1 AND meter = 'api_call' AND window_start = to_timestamp($2)",
+    )
+    .bind(customer)
+    .bind(start)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
+/// Window start → amount of a customer's charges.
+async fn charges(conn: &mut PgConnection, customer: &str) -> Vec<(i64, Decimal)> {
+    let rows: Vec<(i64, Decimal)> = sqlx::query_as(
+        "SELECT extract(epoch FROM window_start)::bigint, amount FROM charges
+         WHERE customer_id = $1 ORDER BY window_start",
+    )
+    .bind(customer)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(w, a)| (w, a.normalize())).collect()
+}
+
+/// Finding 3 (and 17's mechanism): a window's usage leaves the 96-bit decimal range. It used to panic
+/// a worker, and every restart replayed the same records into the same panic: billing stopped for
+/// every customer, for good. Now the row is quarantined (value frozen, count going on), the period is
+/// in `rating_quarantine` from that window on, the earlier window keeps its charge, another customer is
+/// counted and charged, and a restart runs as well.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_03_a_window_whose_usage_overflows_is_quarantined_and_billing_goes_on() {
+    let url = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut conn = connect(&url).await;
+    default_book(&mut conn, "1").await;
+    // What an earlier run committed: a window holding nearly the whole decimal range.
+    let near_max = Decimal::MAX - Decimal::from(100);
+    sqlx::query(
+        "INSERT INTO aggregations (customer_id, meter, window_start, window_end, value, event_count)
+         VALUES ('a', 'api_call', to_timestamp($1), to_timestamp($1 + 3600), $2, 1)",
+    )
+    .bind(W)
+    .bind(near_max)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    produce(
+        &topic,
+        &[
+            event("a-early", "a", W - HOUR, "10"),
+            event("a-over", "a", W, "1000"),
+            event("b-1", "b", W, "5"),
+        ],
+    );
+    drain_within(&url, &topic, Duration::from_secs(60), &[]);
+
+    assert_eq!(
+        row(&mut conn, "a", W).await,
+        (near_max, 2, true),
+        "the overflowing row is quarantined, its value frozen"
+    );
+    assert_eq!(row(&mut conn, "b", W).await, (Decimal::from(5), 1, false));
+    assert_eq!(
+        charges(&mut conn, "a").await,
+        vec![(W - HOUR, Decimal::from(10))],
+        "the window before the overflow keeps its charge"
+    );
+    assert_eq!(charges(&mut conn, "b").await, vec![(W, Decimal::from(5))]);
+    let quarantine: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT customer_id, extract(epoch FROM from_window)::bigint, reason FROM rating_quarantine",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(quarantine, vec![("a".into(), W, "usage_overflow".into())]);
+
+    // A restart resumes (no crash loop), keeps the quarantine, and counts what comes next.
+    produce(&topic, &[event("b-2", "b", W, "7")]);
+    drain_within(&url, &topic, Duration::from_secs(60), &[]);
+    assert_eq!(row(&mut conn, "b", W).await, (Decimal::from(12), 2, false));
+    assert_eq!(row(&mut conn, "a", W).await, (near_max, 2, true));
+    assert_eq!(
+        scalar_i64(&url, "SELECT count(*) FROM rating_quarantine").await,
+        1
+    );
+}
