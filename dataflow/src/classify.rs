@@ -131,13 +131,13 @@ pub fn classify(
     };
     let mut items: Vec<Option<Classified>> = vec![None; records.len()];
     // Records are decided in order, segment by segment: a void applies to the copies read after it.
-    let mut segment: Vec<(usize, Event)> = Vec::new();
+    let mut segment: Vec<(usize, &RawRecord, Event)> = Vec::new();
     for (i, record) in records.iter().enumerate() {
         let reference = record.timestamp_ms.saturating_mul(1_000);
         match record.kind {
             RecordKind::Event(format) => {
                 match decode_as(format, &record.payload, reference, &limits) {
-                    Ok(event) => segment.push((i, event)),
+                    Ok(event) => segment.push((i, record, event)),
                     Err(e) => {
                         if let Some(item) = items.get_mut(i) {
                             *item = Some(dead(record, &e));
@@ -147,7 +147,7 @@ pub fn classify(
             }
             RecordKind::Void => match decode_void(&record.payload) {
                 Ok(v) => {
-                    claim_segment(records, std::mem::take(&mut segment), claims, &mut items)?;
+                    claim_segment(std::mem::take(&mut segment), claims, &mut items)?;
                     let void = VoidCandidate {
                         event_id: v.event_id,
                         partition: record.partition,
@@ -173,7 +173,7 @@ pub fn classify(
             },
         }
     }
-    claim_segment(records, segment, claims, &mut items)?;
+    claim_segment(segment, claims, &mut items)?;
 
     Ok(records
         .iter()
@@ -190,13 +190,11 @@ pub fn classify(
 /// offset) asks first; the later copies ask in later rounds, so the store judges each against the copy
 /// that counted (identical, conflicting or voided).
 fn claim_segment(
-    records: &[RawRecord],
-    mut events: Vec<(usize, Event)>,
+    mut events: Vec<(usize, &RawRecord, Event)>,
     claims: &mut dyn Claims,
     items: &mut [Option<Classified>],
 ) -> Result<(), ClaimError> {
-    events.sort_by(|(a, ea), (b, eb)| {
-        let (ra, rb) = (&records[*a], &records[*b]);
+    events.sort_by(|(_, ra, ea), (_, rb, eb)| {
         (&ea.event_id, ra.timestamp_ms, ra.partition, ra.offset).cmp(&(
             &eb.event_id,
             rb.timestamp_ms,
@@ -205,41 +203,44 @@ fn claim_segment(
         ))
     });
     // rounds[r] holds the r-th copy of every id that has one.
-    let mut rounds: Vec<Vec<(usize, Event)>> = Vec::new();
-    let mut copy = 0;
+    let mut rounds: Vec<Vec<(usize, &RawRecord, Event)>> = Vec::new();
+    let mut copy = 0usize;
     let mut previous: Option<String> = None;
-    for (i, event) in events {
+    for (i, record, event) in events {
         copy = if previous.as_deref() == Some(event.event_id.as_str()) {
-            copy + 1
+            copy.saturating_add(1)
         } else {
             0
         };
         previous = Some(event.event_id.clone());
-        if rounds.len() <= copy {
-            rounds.push(Vec::new());
+        match rounds.get_mut(copy) {
+            Some(round) => round.push((i, record, event)),
+            None => rounds.push(vec![(i, record, event)]),
         }
-        rounds[copy].push((i, event));
     }
     for round in rounds {
-        let fingerprints: Vec<i64> = round.iter().map(|(_, e)| e.fingerprint()).collect();
+        let fingerprints: Vec<i64> = round.iter().map(|(_, _, e)| e.fingerprint()).collect();
         let asks: Vec<Candidate> = round
             .iter()
             .zip(&fingerprints)
-            .map(|((i, event), fingerprint)| Candidate {
+            .map(|((_, record, event), fingerprint)| Candidate {
                 event,
                 fingerprint: *fingerprint,
-                partition: records[*i].partition,
-                offset: records[*i].offset,
-                payload: &records[*i].payload,
+                partition: record.partition,
+                offset: record.offset,
+                payload: &record.payload,
             })
             .collect();
         let outcomes = claim_or_narrow(claims, &asks)?;
-        for ((i, event), outcome) in round.into_iter().zip(outcomes) {
-            items[i] = Some(match outcome {
+        for ((i, record, event), outcome) in round.into_iter().zip(outcomes) {
+            let decided = match outcome {
                 Ok(ClaimOutcome::Counts) => Classified::Count(event),
-                Ok(ClaimOutcome::Duplicate(kind)) => duplicate(&records[i], &event.event_id, kind),
-                Err(why) => refused(&records[i], &why),
-            });
+                Ok(ClaimOutcome::Duplicate(kind)) => duplicate(record, &event.event_id, kind),
+                Err(why) => refused(record, &why),
+            };
+            if let Some(item) = items.get_mut(i) {
+                *item = Some(decided);
+            }
         }
     }
     Ok(())
