@@ -489,3 +489,94 @@ async fn finding_12_a_void_whose_outbox_insert_failed_is_not_answered_voided() {
     let again = api.post_json(path, &json!({})).await;
     assert_eq!(again.status(), StatusCode::OK, "then it is voided");
 }
+
+/// The API with a producer whose broker never answers (Kafka refuses every event after 1.5 s).
+async fn spawn_api_without_kafka() -> TestApi {
+    let url = fresh_database().await;
+    let topic = unique("nokafka");
+    let pool = meterflow_api::pool_options(10).connect(&url).await.unwrap();
+    let producer = meterflow_api::producer_config(&free_addr())
+        .set("message.timeout.ms", "1500")
+        .create()
+        .unwrap();
+    let settings = meterflow_api::Settings {
+        auth: false,
+        ..Default::default()
+    };
+    let state =
+        meterflow_api::AppState::with_settings(pool.clone(), producer, topic.clone(), settings);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(meterflow_api::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    TestApi {
+        base,
+        pool,
+        url,
+        topic,
+        client: reqwest::Client::new(),
+    }
+}
+
+/// Finding 6: a copy was answered 409 DUPLICATE_EVENT while its first copy was still on its way to Kafka;
+/// when Kafka then refused the first copy, it was withdrawn: one client told "already accepted", the
+/// event counted never. Now a 409 is only given for an event that stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_06_no_409_for_a_copy_whose_first_copy_is_withdrawn() {
+    let api = spawn_api_without_kafka().await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let e = |id: &str| json!({"event_id": id, "customer_id": "c", "event_type": "t", "event_time": now, "value": 1});
+    // Both copies in one batch.
+    let response = api
+        .post_json(
+            "/api/v1/events/batch",
+            &json!([e("dup-batch"), e("dup-batch")]),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let result: Value = response.json().await.unwrap();
+    let batch: Vec<u64> = result["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    // Two concurrent single posts: the second arrives while the first waits for Kafka.
+    let single = e("dup-single");
+    let first = api.post_event(&single);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        api.post_event(&single).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    let singles = vec![
+        first.status().as_u16() as u64,
+        second.status().as_u16() as u64,
+    ];
+    for (id, statuses) in [("dup-batch", batch), ("dup-single", singles)] {
+        // Once a client was told 201 or 409, the event must stay: stored, with its outbox row for the
+        // relay to deliver.
+        let promised = statuses.iter().any(|s| *s == 201 || *s == 409);
+        let kept = scalar_i64(
+            &api.url,
+            &format!(
+                "SELECT count(*) FROM event_ids i JOIN event_outbox o USING (event_id)
+                 WHERE event_id = '{id}' AND o.kind = 'event'"
+            ),
+        )
+        .await;
+        assert!(
+            statuses.iter().all(|s| [201, 409, 503].contains(s)),
+            "{id}: {statuses:?}"
+        );
+        assert_eq!(
+            kept,
+            i64::from(promised),
+            "{id}: statuses {statuses:?}, but the event is {}",
+            if kept == 1 { "kept" } else { "gone" }
+        );
+    }
+}

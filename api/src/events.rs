@@ -102,6 +102,7 @@ pub async fn post_batch(
     // statement and forwarded to Kafka together.
     let mut outcomes: Vec<Result<String, ApiError>> = Vec::with_capacity(items.len());
     let mut valid = Vec::new();
+    let mut invalid = Vec::new();
     for (index, item) in items.iter().enumerate() {
         let bytes = item.get().as_bytes();
         if !is_object(bytes) {
@@ -113,7 +114,22 @@ pub async fn post_batch(
                 outcomes.push(Ok(event.event_id.clone()));
                 valid.push((index, event));
             }
-            Err(e) => outcomes.push(Err(refusal(&state, bytes, e).await)),
+            Err(e) => {
+                if let Some(id) = sniff_event_id(bytes) {
+                    invalid.push((index, id));
+                }
+                outcomes.push(Err(decode_error(e)));
+            }
+        }
+    }
+    // An invalid item whose id is known is a duplicate (SPEC §3): one query for all of them.
+    let ids: Vec<String> = invalid.iter().map(|(_, id)| id.clone()).collect();
+    let known = crate::ingest::answered_duplicates(&state.pool, &ids).await?;
+    for (index, id) in invalid {
+        if known.contains(&id) {
+            if let Some(outcome) = outcomes.get_mut(index) {
+                *outcome = Err(ApiError::DuplicateEvent(id));
+            }
         }
     }
     // A bound key's batch naming another customer is refused whole, before anything is stored; checked
@@ -241,15 +257,20 @@ pub async fn void_event(
 /// other validation, SPEC §3), else the decoding error.
 async fn refusal(state: &AppState, body: &[u8], e: DecodeError) -> ApiError {
     if let Some(id) = sniff_event_id(body) {
-        let known: Result<Option<i32>, _> =
-            sqlx::query_scalar("SELECT 1 FROM event_ids WHERE event_id = $1")
-                .bind(&id)
-                .fetch_optional(&state.pool)
-                .await;
-        if let Ok(Some(_)) = known {
-            return ApiError::DuplicateEvent(id);
+        let ids = [id];
+        match crate::ingest::answered_duplicates(&state.pool, &ids).await {
+            Ok(known) if !known.is_empty() => {
+                let [id] = ids;
+                return ApiError::DuplicateEvent(id);
+            }
+            Ok(_) => {}
+            Err(e) => return e,
         }
     }
+    decode_error(e)
+}
+
+fn decode_error(e: DecodeError) -> ApiError {
     match e {
         DecodeError::Malformed(why) => ApiError::MalformedJson(why),
         DecodeError::Invalid(errors) => ApiError::Validation(errors),

@@ -9,7 +9,11 @@
 //!                                                                           └err─► withdrawn, 503
 //! ```
 //! Within a batch the first copy of an id is stored and any later copy answers 409, exactly as if the
-//! requests had come one after the other.
+//! requests had come one after the other. A copy is told 409 only once its id is marked
+//! `duplicate_answered`: a first copy that Kafka then refuses is kept (the outbox relay delivers it,
+//! and it is answered 201) instead of withdrawn, so "already accepted" always holds (finding 6).
+//! If the statement fails for a reason other than the database being away (one event's data), every
+//! event is stored on its own, so one bad request never changes another's status (finding 11).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -106,6 +110,66 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
     let (firsts, repeats): (Vec<Request>, Vec<Request>) = requests
         .into_iter()
         .partition(|r| seen.insert(r.event.event_id.clone()));
+    let Some((mut fresh, mut payloads, copies)) = store_firsts(state, firsts, repeats).await else {
+        return;
+    };
+    // Copies of a stored id are answered 409 only once the id is marked as answered, so that the first
+    // copy is kept even if Kafka refuses it. A copy whose id is gone again (its first copy was withdrawn
+    // or refused meanwhile) is stored on its own, once; a copy still undecided then is told to retry.
+    let gone = answer_copies(state, copies).await;
+    if !gone.is_empty() {
+        if let Some((retried, retried_payloads, copies)) =
+            store_firsts(state, gone, Vec::new()).await
+        {
+            fresh.extend(retried);
+            payloads.extend(retried_payloads);
+            for r in answer_copies(state, copies).await {
+                let _ = r
+                    .reply
+                    .send(Err(ApiError::Unavailable("the event's first copy")));
+            }
+        }
+    }
+    let now = Utc::now().timestamp_millis();
+    let sends = fresh.iter().zip(&payloads).map(|(r, payload)| async {
+        match crate::events::publish(state, &r.event.customer_id, payload, None, now).await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::warn!(event_id = %r.event.event_id, error = %e, "kafka did not take the event; withdrawing it");
+                match withdraw(state, &r.event).await {
+                    // Another copy was told 409 (or the pipeline counted it): the event stays, and
+                    // the outbox relay delivers it, so it is accepted.
+                    Some(Withdrawal::Kept) => Ok(false),
+                    Some(Withdrawal::Gone) | None => {
+                        Err(ApiError::Unavailable("the event log (Kafka)"))
+                    }
+                }
+            }
+        }
+    });
+    let outcomes = futures::future::join_all(sends).await;
+    let mut ingested: HashMap<String, u64> = HashMap::new();
+    for (r, outcome) in fresh.into_iter().zip(outcomes) {
+        if matches!(outcome, Ok(true)) {
+            // Waits (rather than drops) when the outbox cleaner lags: a row left behind would be
+            // relayed again, which the pipeline's dedup absorbs, but costs a record.
+            let _ = state.published.send(r.event.event_id.clone()).await;
+        }
+        if outcome.is_ok() {
+            *ingested.entry(r.event.event_type.clone()).or_default() += 1;
+        }
+        let _ = r.reply.send(outcome.map(|_| ()));
+    }
+    state.metrics.count_ingested(&ingested);
+}
+
+/// Stores `firsts` (distinct ids); returns those stored with their payloads, and the copies: `repeats`
+/// and the firsts whose id was known already. `None` when everything was answered (the database away).
+async fn store_firsts(
+    state: &AppState,
+    firsts: Vec<Request>,
+    repeats: Vec<Request>,
+) -> Option<(Vec<Request>, Vec<Vec<u8>>, Vec<Request>)> {
     // The canonical JSON is both the outbox row and the Kafka record: encode it once.
     let payloads: Vec<Vec<u8>> = firsts.iter().map(|r| r.event.to_json()).collect();
     let (firsts, payloads, stored) = match store(state, &firsts, &payloads).await {
@@ -114,7 +178,7 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
             for r in firsts.into_iter().chain(repeats) {
                 let _ = r.reply.send(Err(e.clone()));
             }
-            return;
+            return None;
         }
         // Not the database being away: most likely one event's data the statement could not take.
         // Requests are isolated, so each event is stored on its own and gets its own outcome.
@@ -123,37 +187,81 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
             store_one_by_one(state, firsts, payloads).await
         }
     };
-    for r in repeats {
-        let _ = r
-            .reply
-            .send(Err(ApiError::DuplicateEvent(r.event.event_id.clone())));
-    }
-    let now = Utc::now().timestamp_millis();
-    let sends = firsts.iter().zip(&payloads).map(|(r, payload)| async {
-        if !stored.contains(&r.event.event_id) {
-            return Err(ApiError::DuplicateEvent(r.event.event_id.clone()));
+    let mut fresh = Vec::with_capacity(firsts.len());
+    let mut fresh_payloads = Vec::with_capacity(firsts.len());
+    let mut copies = repeats;
+    for (r, payload) in firsts.into_iter().zip(payloads) {
+        if stored.contains(&r.event.event_id) {
+            fresh.push(r);
+            fresh_payloads.push(payload);
+        } else {
+            copies.push(r);
         }
-        match crate::events::publish(state, &r.event.customer_id, payload, None, now).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                tracing::warn!(event_id = %r.event.event_id, error = %e, "kafka did not take the event; withdrawing it");
-                withdraw(state, &r.event).await;
-                Err(ApiError::Unavailable("the event log (Kafka)"))
+    }
+    Some((fresh, fresh_payloads, copies))
+}
+
+/// Answers copies whose id stays 409; returns those whose id is gone (to be stored again).
+async fn answer_copies(state: &AppState, copies: Vec<Request>) -> Vec<Request> {
+    if copies.is_empty() {
+        return copies;
+    }
+    let ids: Vec<String> = copies.iter().map(|r| r.event.event_id.clone()).collect();
+    let answered = match answered_duplicates(&state.pool, &ids).await {
+        Ok(answered) => answered,
+        Err(e) => {
+            for r in copies {
+                let _ = r.reply.send(Err(e.clone()));
             }
+            return Vec::new();
         }
-    });
-    let outcomes = futures::future::join_all(sends).await;
-    let mut ingested: HashMap<String, u64> = HashMap::new();
-    for (r, outcome) in firsts.into_iter().zip(outcomes) {
-        if outcome.is_ok() {
-            // Waits (rather than drops) when the outbox cleaner lags: a row left behind would be
-            // relayed again, which the pipeline's dedup absorbs, but costs a record.
-            let _ = state.published.send(r.event.event_id.clone()).await;
-            *ingested.entry(r.event.event_type.clone()).or_default() += 1;
+    };
+    let mut gone = Vec::new();
+    let mut again = HashSet::new();
+    for r in copies {
+        if answered.contains(&r.event.event_id) {
+            let _ = r
+                .reply
+                .send(Err(ApiError::DuplicateEvent(r.event.event_id.clone())));
+        } else if again.insert(r.event.event_id.clone()) {
+            gone.push(r);
+        } else {
+            // A third copy in one batch of an id that is gone: the second is stored, this one retries.
+            let _ = r
+                .reply
+                .send(Err(ApiError::Unavailable("the event's first copy")));
         }
-        let _ = r.reply.send(outcome);
     }
-    state.metrics.count_ingested(&ingested);
+    gone
+}
+
+/// Of `ids`, those that stay known whatever happens to their first copy: they may be answered 409
+/// DUPLICATE_EVENT. An id whose first copy is not yet counted is marked as answered, which keeps it if
+/// Kafka refuses that copy ([`withdraw`]); an id not stored (any more) is left out.
+pub(crate) async fn answered_duplicates(
+    pool: &sqlx::PgPool,
+    ids: &[String],
+) -> Result<HashSet<String>, ApiError> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    // Rows counted or already marked never go; the others are marked under their row lock, which the
+    // withdrawal's DELETE takes too, so of a mark and a withdrawal exactly one wins.
+    let known: Vec<String> = sqlx::query_scalar(
+        "WITH marked AS (
+             UPDATE event_ids SET duplicate_answered = true
+             WHERE event_id = ANY($1) AND counted_partition IS NULL AND NOT duplicate_answered
+             RETURNING event_id
+         )
+         SELECT event_id FROM marked
+         UNION
+         SELECT event_id FROM event_ids
+         WHERE event_id = ANY($1) AND (counted_partition IS NOT NULL OR duplicate_answered)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(known.into_iter().collect())
 }
 
 /// Whether an error is the database (or Kafka) being away for now, the same for every event.
@@ -254,16 +362,40 @@ async fn store(
     Ok(stored.into_iter().collect())
 }
 
-/// Compensation when Kafka refused: the event was not accepted, so its id is free again. If the delete
-/// fails too, the outbox row stays and the relay delivers the event later, which is consistent with a
+/// What a withdrawal did.
+enum Withdrawal {
+    /// The event is gone: its id is free again.
+    Gone,
+    /// The event stays (another copy was answered 409, or the pipeline counted it); the outbox relay
+    /// delivers it.
+    Kept,
+}
+
+/// Compensation when Kafka refused: the event was not accepted, so its id is free again, unless another
+/// copy was already answered 409 (then it is kept and the relay delivers it). `None` if the delete
+/// failed: the outbox row stays and the relay delivers the event later, which is consistent with a
 /// retry answering 409.
-async fn withdraw(state: &AppState, event: &Event) {
-    let _ = sqlx::query(
-        "WITH gone AS (DELETE FROM event_ids WHERE event_id = $1 AND counted_partition IS NULL RETURNING event_id)
-         DELETE FROM telemetry_events WHERE event_id IN (SELECT event_id FROM gone) AND event_time = $2",
+async fn withdraw(state: &AppState, event: &Event) -> Option<Withdrawal> {
+    let gone: Result<i64, _> = sqlx::query_scalar(
+        "WITH gone AS (
+             DELETE FROM event_ids
+             WHERE event_id = $1 AND counted_partition IS NULL AND NOT duplicate_answered
+             RETURNING event_id
+         ), raw AS (
+             DELETE FROM telemetry_events WHERE event_id IN (SELECT event_id FROM gone) AND event_time = $2
+         )
+         SELECT count(*) FROM gone",
     )
     .bind(&event.event_id)
     .bind(event.event_time())
-    .execute(&state.pool)
+    .fetch_one(&state.pool)
     .await;
+    match gone {
+        Ok(0) => Some(Withdrawal::Kept),
+        Ok(_) => Some(Withdrawal::Gone),
+        Err(e) => {
+            tracing::warn!(event_id = %event.event_id, error = %e, "cannot withdraw the event; the relay delivers it");
+            None
+        }
+    }
 }
