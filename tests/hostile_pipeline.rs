@@ -158,4 +158,73 @@ async fn finding_03_a_window_whose_usage_overflows_is_quarantined_and_billing_go
         scalar_i64(&url, "SELECT count(*) FROM rating_quarantine").await,
         1
     );
+
+    // The way out: a re-rating job recomputes the window from its events (only `a-over` is one; the
+    // near-full row was planted), which ends the row's quarantine; the pipeline then rates the period
+    // again and the period leaves quarantine.
+    let scope = meterflow_sinks::rerating::Scope {
+        customer_ids: vec!["a".into()],
+        from_micros: W * 1_000_000,
+        to_micros: (W + HOUR) * 1_000_000,
+    };
+    meterflow_sinks::rerating::rerate(&mut conn, &scope)
+        .await
+        .unwrap();
+    assert_eq!(
+        row(&mut conn, "a", W).await,
+        (Decimal::from(1000), 1, false)
+    );
+    drain_within(&url, &topic, Duration::from_secs(60), &[]);
+    assert_eq!(
+        scalar_i64(&url, "SELECT count(*) FROM rating_quarantine").await,
+        0
+    );
+    assert_eq!(
+        charges(&mut conn, "a").await,
+        vec![(W - HOUR, Decimal::from(10)), (W, Decimal::from(1000))]
+    );
+}
+
+/// Finding 22: re-rating summed charge amounts with `.sum()` and `+=`, which panic when the sum leaves
+/// the decimal range (and a panic killed the API's job runner). Now the job fails with an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_22_a_rerating_job_whose_amounts_overflow_fails_with_an_error_not_a_panic() {
+    let url = fresh_database().await;
+    let mut conn = connect(&url).await;
+    let huge = Decimal::MAX / Decimal::from(2) + Decimal::ONE;
+    for start in [W, W + HOUR] {
+        sqlx::query(
+            "INSERT INTO aggregations (customer_id, meter, window_start, window_end, value, event_count)
+             VALUES ('c', 'api_call', to_timestamp($1), to_timestamp($1 + 3600), 1, 1)",
+        )
+        .bind(start)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO charges (customer_id, meter, window_start, window_end, quantity, amount, currency,
+                                  price_book_id)
+             VALUES ('c', 'api_call', to_timestamp($1), to_timestamp($1 + 3600), 1, $2, 'USD', 'pb')",
+        )
+        .bind(start)
+        .bind(huge)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let scope = meterflow_sinks::rerating::Scope {
+        customer_ids: vec!["c".into()],
+        from_micros: W * 1_000_000,
+        to_micros: (W + 2 * HOUR) * 1_000_000,
+    };
+    let job = tokio::spawn(async move {
+        let mut conn = connect(&url).await;
+        meterflow_sinks::rerating::rerate(&mut conn, &scope).await
+    })
+    .await;
+    let outcome = job.expect("the re-rating job does not panic");
+    assert!(
+        outcome.is_err(),
+        "Σ charges past the decimal range is an error: {outcome:?}"
+    );
 }

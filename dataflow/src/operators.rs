@@ -48,6 +48,7 @@ pub struct GraphContext {
 pub struct RatingInputs<'scope> {
     pub restored_rows: StreamVec<'scope, Epoch, (RowKey, Epoch, Usage)>,
     pub restored_charges: StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
+    pub restored_quarantines: StreamVec<'scope, Epoch, (QuarantinedPeriod, Epoch, isize)>,
     pub books: StreamVec<'scope, Epoch, (PriceBook, Epoch, isize)>,
 }
 
@@ -184,9 +185,9 @@ fn negate(a: Aggregate) -> Aggregate {
 }
 
 /// Each epoch's changes of window charges: rating over everything committed before plus this run's
-/// contributions, minus the charges committed before; and the changes of the periods in quarantine
-/// (all of them at epoch 0, when the sink replaces what it stored). Exchange contract: as in
-/// `row_changes`, one update per charge row (or period) and epoch.
+/// contributions, minus the charges committed before; and likewise the changes of the periods in
+/// quarantine. Exchange contract: as in `row_changes`, one update per charge row (or period) and
+/// epoch.
 #[allow(clippy::type_complexity)]
 fn charge_changes<'scope>(
     contributions: VecCollection<'scope, Epoch, RowKey, Usage>,
@@ -201,7 +202,11 @@ fn charge_changes<'scope>(
         .concat(inputs.restored_charges.as_collection().negate())
         .consolidate()
         .inner;
-    (charges, quarantined.consolidate().inner)
+    let quarantined = quarantined
+        .concat(inputs.restored_quarantines.as_collection().negate())
+        .consolidate()
+        .inner;
+    (charges, quarantined)
 }
 
 /// An upcoming-invoice line: (customer, period start, meter, price book, currency).

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
+use meterflow_model::batch::QuarantinedPeriod;
 use meterflow_model::{PartitionProgress, PriceBook, RatingState};
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
@@ -83,6 +84,7 @@ pub fn run_worker(
             let rating = RatingInputs {
                 restored_rows: handles.rows.to_stream(scope),
                 restored_charges: handles.charges.to_stream(scope),
+                restored_quarantines: handles.quarantines.to_stream(scope),
                 books: handles.books.to_stream(scope),
             };
             let updates = build(
@@ -199,6 +201,7 @@ fn send_markers(
 struct RatingHandles {
     rows: InputHandleVec<Epoch, (RowKey, Epoch, Usage)>,
     charges: InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
+    quarantines: InputHandleVec<Epoch, (QuarantinedPeriod, Epoch, isize)>,
     books: InputHandleVec<Epoch, (PriceBook, Epoch, isize)>,
 }
 
@@ -217,6 +220,9 @@ impl RatingHandles {
         }
         for charge in feed.state.charges {
             self.charges.send((charge, 0, 1));
+        }
+        for period in feed.state.quarantined_periods {
+            self.quarantines.send((period, 0, 1));
         }
         let mut current = BTreeSet::new();
         self.replace_books(&mut current, feed.books, 0);
@@ -247,6 +253,7 @@ impl RatingHandles {
     fn advance_to(&mut self, epoch: Epoch) {
         self.rows.advance_to(epoch);
         self.charges.advance_to(epoch);
+        self.quarantines.advance_to(epoch);
         self.books.advance_to(epoch);
     }
 }

@@ -150,6 +150,8 @@ pub struct RatingState {
     pub quarantined_rows: Vec<AggregateKey>,
     /// Every stored charge: `(customer_id, meter, charge)`.
     pub charges: Vec<(String, String, Charge)>,
+    /// Every stored quarantined period (`rating_quarantine`).
+    pub quarantined_periods: Vec<QuarantinedPeriod>,
 }
 
 /// Everything one or more completed epochs produced.

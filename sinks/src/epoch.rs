@@ -20,9 +20,9 @@
 //! Overflow is data, not a crash (issue 13): a group row whose change overflowed in the dataflow
 //! (`EpochBatch::quarantined_rows`), or whose stored total would leave the 96-bit decimal range, is
 //! marked `quarantined`: its value stays at the last value in range, its event count goes on. The
-//! periods rating could not finish are kept in `rating_quarantine`: the first commit of a run replaces
-//! them all (epoch 0 carries every quarantine of the restored state), later ones apply the changes.
-//! The `quarantined_windows` and `quarantined_periods` gauges follow both tables.
+//! periods rating could not finish are kept in `rating_quarantine` (changes, like charges: rating
+//! subtracts the stored ones at start-up). The `quarantined_windows` and `quarantined_periods` gauges
+//! follow both tables.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -88,7 +88,7 @@ async fn write_all(
     let mut conn = connect(url).await?;
     let mut last_commit = Instant::now();
     let mut committed_watermark: Option<i64> = None;
-    // The first commit of a run replaces the stored quarantined periods (see the module doc).
+    // The first commit of a run also sets the quarantine gauges.
     let mut first = true;
     // The progress this writer expects to find: acquiring the lease reset it to 0, and only this
     // writer's commits move it (compare-and-set, as Materialize's persist does with its frontier).
@@ -282,11 +282,6 @@ async fn commit(
     }
     if !batch.lines.is_empty() {
         apply_lines(&mut tx, &batch.lines).await?;
-    }
-    if first {
-        sqlx::query("DELETE FROM rating_quarantine")
-            .execute(&mut *tx)
-            .await?;
     }
     if !batch.quarantined_periods.is_empty() {
         apply_quarantined_periods(&mut tx, &batch.quarantined_periods).await?;

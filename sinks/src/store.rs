@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
+use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
 use meterflow_model::{
     Aggregate, AggregateKey, Aggregation, Charge, Item, Meter, RatingState, Window,
 };
@@ -246,6 +247,26 @@ pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, s
             price_book_id: r.try_get(7)?,
         };
         state.charges.push((r.try_get(0)?, r.try_get(1)?, charge));
+    }
+    let quarantined = sqlx::query(
+        "SELECT customer_id, meter, extract(epoch FROM period_start)::bigint,
+                extract(epoch FROM from_window)::bigint, reason
+         FROM rating_quarantine",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for r in quarantined {
+        let reason = match r.try_get::<String, _>(4)?.as_str() {
+            "usage_overflow" => QuarantineReason::UsageOverflow,
+            _ => QuarantineReason::RatingOverflow,
+        };
+        state.quarantined_periods.push(QuarantinedPeriod {
+            customer_id: r.try_get(0)?,
+            meter: r.try_get(1)?,
+            period_start: r.try_get(2)?,
+            from_window: r.try_get(3)?,
+            reason,
+        });
     }
     tx.commit().await?;
     Ok(state)
