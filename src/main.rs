@@ -5,6 +5,7 @@ mod invoice_run;
 mod kafka;
 mod loadgen;
 mod pipeline;
+mod source_check;
 
 use std::path::PathBuf;
 use std::time::Duration;

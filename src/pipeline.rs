@@ -42,6 +42,11 @@ pub struct PipelineArgs {
     /// Stop once everything in the topic at start-up is committed (backfills, tests, benchmarks).
     #[arg(long)]
     pub until_caught_up: bool,
+    /// After the events topic was deleted and recreated: forget where the old one was read and read the
+    /// new one from its start. Events counted before stay counted; their copies count as duplicates.
+    /// Without it the pipeline refuses to start on a recreated topic.
+    #[arg(long)]
+    pub reset_source: bool,
     /// How often an epoch closes, i.e. how often results are committed (pipeline.epoch_ms) [env:
     /// MF_PIPELINE_EPOCH_MS; default 250].
     #[arg(long)]
@@ -160,6 +165,8 @@ fn run_once(
             );
         }
         let lease = if leader {
+            crate::source_check::check_source(&mut conn, brokers, topic, partitions, args.reset_source)
+                .await?;
             let lease = meterflow_sinks::acquire_lease(&mut conn, topic).await?;
             store::set_allowed_lateness(&mut conn, topic, lateness_micros).await?;
             Some(lease)
@@ -317,6 +324,14 @@ fn run_once(
         args.process,
         records as f64 / elapsed.max(1e-9)
     );
+    if written.is_some() {
+        // A clean stop: remember where each partition was read, so a recreated topic is told apart at
+        // the next start even if this was the first run.
+        runtime.block_on(async {
+            let mut conn = PgConnection::connect(database_url).await?;
+            crate::source_check::anchor_positions(&mut conn, brokers, topic, partitions).await
+        })?;
+    }
     if let Some(w) = written {
         eprintln!(
             "pipeline: committed {} transactions: {} aggregate changes, {} dead letters ({:.2}s in commits)",

@@ -244,3 +244,102 @@ async fn finding_02_a_void_takes_back_exactly_what_an_escaped_number_added() {
     assert_eq!(meter_total(&url, "distinct").await.1, 1);
     assert!(dead_letters(&url).await.is_empty());
 }
+
+/// Runs the pipeline once over the topic with more flags; returns whether it succeeded and its stderr.
+fn run_pipeline(url: &str, topic: &str, extra: &[&str]) -> (bool, String) {
+    let out = meterflow(url, topic)
+        .args(["pipeline", "--until-caught-up", "--workers", "1"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn events(prefix: &str, n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| event(&format!("{prefix}{i}"), r#","value":1"#))
+        .collect()
+}
+
+async fn recreate_topic(topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    admin.delete_topics(&[topic], &options).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let created = admin
+            .create_topics(
+                [&NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+                &options,
+            )
+            .await
+            .unwrap();
+        if created.iter().all(Result::is_ok) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "could not recreate {topic}: {created:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn finding_08_a_recreated_topic_is_refused_until_the_source_is_reset() {
+    let (url, topic) = setup(&[]).await;
+    produce_in_order(&topic, &events("old", 20));
+    drain_within(&url, &topic, BOUND);
+    assert_eq!(meter_total(&url, "t").await, (Decimal::from(20), 20));
+    // Deleted and recreated: 25 new events (and two copies of old ones) at offsets 0..27.
+    recreate_topic(&topic).await;
+    let mut again = events("new", 25);
+    again.extend(events("old", 2));
+    produce_in_order(&topic, &again);
+    let (ok, stderr) = run_pipeline(&url, &topic, &[]);
+    assert!(!ok && stderr.contains("--reset-source"), "{stderr}");
+    assert_eq!(meter_total(&url, "t").await, (Decimal::from(20), 20));
+    let (ok, stderr) = run_pipeline(&url, &topic, &["--reset-source"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        meter_total(&url, "t").await,
+        (Decimal::from(45), 45),
+        "every new event counted once, the old copies are duplicates"
+    );
+    let (ok, stderr) = run_pipeline(&url, &topic, &[]);
+    assert!(ok, "the next start accepts the new topic: {stderr}");
+}
+
+#[tokio::test]
+async fn finding_08_a_topic_truncated_below_the_stored_offsets_is_refused() {
+    let (url, topic) = setup(&[]).await;
+    produce_in_order(&topic, &events("a", 10));
+    drain_within(&url, &topic, BOUND);
+    recreate_topic(&topic).await;
+    produce_in_order(&topic, &events("b", 3));
+    let (ok, stderr) = run_pipeline(&url, &topic, &[]);
+    assert!(!ok && stderr.contains("recreated"), "{stderr}");
+}
+
+#[tokio::test]
+async fn finding_09_a_second_topic_on_one_database_is_refused() {
+    let (url, first) = setup(&[]).await;
+    produce_in_order(&first, &events("x", 3));
+    drain_within(&url, &first, BOUND);
+    let second = fresh_topic(1).await;
+    produce_in_order(&second, &events("x", 3));
+    let (ok, stderr) = run_pipeline(&url, &second, &[]);
+    assert!(
+        !ok && stderr.contains("one database serves one"),
+        "{stderr}"
+    );
+    assert_eq!(meter_total(&url, "t").await, (Decimal::from(3), 3));
+}

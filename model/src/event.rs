@@ -488,6 +488,19 @@ fn canonical_properties(
     Ok(text)
 }
 
+/// FNV-1a over the parts, each followed by a 0xff separator, as a stored `bigint`. Stable across builds
+/// and versions (fingerprints and record hashes are stored).
+pub fn fnv1a(parts: &[&[u8]]) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.iter().chain(std::iter::once(&0xff)) {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash as i64
+}
+
 /// The bytes, if they hold a JSON object. serde's derived structs also take a JSON array of the fields
 /// in order (`["id","cust",…]`); an event, a CloudEvent and a void are objects only, so that no shape
 /// of a body can carry fields past a check made on another shape (review finding 1).
@@ -564,19 +577,13 @@ impl Event {
     /// normalized value and the properties): two copies of one event_id with different fingerprints are
     /// conflicting duplicates (SPEC §3). Stable across builds and versions: it is stored.
     pub fn fingerprint(&self) -> i64 {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut feed = |bytes: &[u8]| {
-            for b in bytes.iter().chain(std::iter::once(&0xff)) {
-                hash ^= u64::from(*b);
-                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
-        feed(self.customer_id.as_bytes());
-        feed(self.event_type.as_bytes());
-        feed(&self.event_time_micros.to_le_bytes());
-        feed(self.value.normalize().to_string().as_bytes());
-        feed(self.properties.as_bytes());
-        hash as i64
+        fnv1a(&[
+            self.customer_id.as_bytes(),
+            self.event_type.as_bytes(),
+            &self.event_time_micros.to_le_bytes(),
+            self.value.normalize().to_string().as_bytes(),
+            self.properties.as_bytes(),
+        ])
     }
 
     /// The raw JSON of one property, if present.

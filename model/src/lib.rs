@@ -41,7 +41,7 @@ pub use batch::{
     PartitionProgress, RatingState, RowChange,
 };
 pub use event::{
-    check_void_ids, decode_as, decode_cloudevent, decode_event, object, printable, sniff_event_id,
+    check_void_ids, decode_as, decode_cloudevent, decode_event, fnv1a, object, printable, sniff_event_id,
     split_batch, DecodeError, Event, FieldError, Format, Limits, DEFAULT_RETENTION_MICROS,
 };
 pub use invoice::{

@@ -6,6 +6,7 @@
 //! | `metrics.rs` | the pipeline's Prometheus metrics |
 //! | `epoch.rs` | the epoch sink: one fenced transaction per batch of completed epochs, results + offsets together |
 //! | `lease.rs` | the writer lease (fencing generation) and the stored source offsets a restart resumes from |
+//! | `source.rs` | one events topic per database, anchors that tell a recreated topic, retention gaps, the source reset |
 //! | `store.rs` | meters, and the event-time progress a restart goes on from |
 //! | `price_books.rs` | price books: created and edited with an audit row each, loaded for rating |
 //! | `rerating.rs` | re-rating jobs: recompute a scope from raw events, correct rows, charges, upcoming lines |
@@ -43,6 +44,7 @@ pub mod lease;
 pub mod metrics;
 pub mod price_books;
 pub mod rerating;
+pub mod source;
 pub mod store;
 
 pub use claims::PgClaims;
