@@ -29,9 +29,15 @@ fn event(id: &str, customer: &str, time: i64, value: &str) -> (String, Vec<u8>) 
 /// Runs the pipeline until it has committed everything in the topic; fails the test when it exits
 /// with an error or has not finished within `within`.
 fn drain_within(url: &str, topic: &str, within: Duration, extra: &[&str]) {
+    drain_with_env(url, topic, within, extra, &[]);
+}
+
+/// [`drain_within`] with more environment variables.
+fn drain_with_env(url: &str, topic: &str, within: Duration, extra: &[&str], env: &[(&str, &str)]) {
     let mut child = meterflow(url, topic)
         .args(["pipeline", "--until-caught-up", "--workers", "1"])
         .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -226,5 +232,49 @@ async fn finding_22_a_rerating_job_whose_amounts_overflow_fails_with_an_error_no
     assert!(
         outcome.is_err(),
         "Σ charges past the decimal range is an error: {outcome:?}"
+    );
+}
+
+/// Finding 5 (DATA LOSS): every run's dataflow starts at epoch 0 and taking the lease reset the
+/// committed epoch to 0, so after a transient failure of the run's first commit the writer asked
+/// "is epoch 0 committed?", read `0 >= 0`, and acknowledged the batch without committing it; later
+/// epochs stored offsets past its records. Now an epoch counts as committed only when a commit of this
+/// generation stored it.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_05_a_transient_failure_of_the_first_commit_loses_nothing() {
+    let url = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let records: Vec<(String, Vec<u8>)> = (0..600)
+        .map(|i| {
+            event(
+                &format!("e{i}"),
+                &format!("c{}", i % 3),
+                W + (i % 4) * HOUR,
+                "1",
+            )
+        })
+        .collect();
+    produce(&topic, &records);
+    drain_with_env(
+        &url,
+        &topic,
+        Duration::from_secs(60),
+        // A long first epoch: every record is read into epoch 0.
+        &["--epoch-ms", "3000"],
+        &[("MF_FAILPOINT", "error_before_commit:1")],
+    );
+    assert_eq!(
+        committed(&url).await,
+        600,
+        "every record's offset is stored"
+    );
+    assert_eq!(
+        scalar_i64(
+            &url,
+            "SELECT coalesce(sum(event_count), 0)::bigint FROM aggregations"
+        )
+        .await,
+        600,
+        "every record stored as read is counted"
     );
 }

@@ -9,13 +9,15 @@
 //!      add to upcoming_lines (Σ charges per customer, period, meter, book)
 //!      insert dead_letters  (ON CONFLICT (topic, partition, offset) DO NOTHING)
 //!      upsert source_offsets (next offset per partition)
-//!      UPDATE pipeline_leases SET committed_epoch = e2
+//!      UPDATE pipeline_leases SET committed_epoch = e2 + 1
 //!  COMMIT ──► ack(e2) to the dataflow
 //! ```
 //! Contract: a batch's aggregate changes and the offsets that produced them commit together or not at
 //! all, so a restart that resumes from the stored offsets neither loses nor repeats a record. When a
 //! COMMIT's outcome is unknown (connection lost), the writer reconnects and reads `committed_epoch` of its
-//! generation to learn whether it happened, instead of guessing. A zombie (older generation) is refused.
+//! generation to learn whether it happened, instead of guessing: a data batch stores one past its last
+//! epoch there, so the 0 that taking the lease writes never reads as "epoch 0 committed" (finding 5).
+//! A zombie (older generation) is refused.
 //!
 //! Overflow is data, not a crash (issue 13): a group row whose change overflowed in the dataflow
 //! (`EpochBatch::quarantined_rows`), or whose stored total would leave the 96-bit decimal range, is
@@ -195,7 +197,13 @@ async fn commit_with_retry(
                     Err(SinkError::Transient(_)) => continue,
                     Err(other) => return Err(other),
                 }
-                if let Some(committed) = already_committed(conn, lease, batch.epoch).await? {
+                // A batch without data (a heartbeat) moves no progress: committing it again is harmless.
+                if batch.is_empty() {
+                    continue;
+                }
+                if let Some(committed) =
+                    already_committed(conn, lease, stored_epoch(batch, expected)).await?
+                {
                     return Ok(committed);
                 }
             }
@@ -209,11 +217,24 @@ async fn commit_with_retry(
     }
 }
 
-/// Whether the epoch is committed (after a lost connection left a COMMIT's outcome unknown).
+/// The progress a commit of `batch` stores in `pipeline_leases.committed_epoch`: one past its last
+/// epoch, or (a heartbeat) the progress as it is. Taking the lease resets the progress to 0 and every
+/// run's dataflow starts at epoch 0, so 0 must mean "nothing committed in this generation", never
+/// "epoch 0 committed" (finding 5: a transient failure of the first commit was taken for a commit).
+fn stored_epoch(batch: &EpochBatch, expected: i64) -> i64 {
+    if batch.is_empty() {
+        expected
+    } else {
+        (batch.epoch as i64).saturating_add(1)
+    }
+}
+
+/// Whether this generation committed progress `stored` (see [`stored_epoch`]) already, after a lost
+/// connection left a COMMIT's outcome unknown.
 async fn already_committed(
     conn: &mut PgConnection,
     lease: &Lease,
-    epoch: u64,
+    stored: i64,
 ) -> Result<Option<Committed>, SinkError> {
     let (generation, committed, watermark): (i64, i64, Option<chrono::DateTime<chrono::Utc>>) =
         sqlx::query_as(
@@ -229,7 +250,7 @@ async fn already_committed(
             current: generation,
         });
     }
-    Ok((committed >= epoch as i64).then(|| Committed {
+    Ok((committed >= stored).then(|| Committed {
         epoch: committed,
         watermark: watermark.map(|w| w.timestamp_micros()),
         finalized: 0,
@@ -375,7 +396,7 @@ async fn commit(
          RETURNING committed_watermark, (extract(epoch FROM allowed_lateness) * 1000000)::bigint",
     )
     .bind(&lease.topic)
-    .bind(batch.epoch as i64)
+    .bind(stored_epoch(batch, expected))
     .bind(batch.watermark)
     .fetch_one(&mut *tx)
     .await?;
@@ -396,13 +417,19 @@ async fn commit(
     let moves = !batch.offsets.is_empty();
     if moves {
         failpoint::hit("before_commit");
+        if failpoint::reached("error_before_commit") {
+            // The transaction is dropped (rolled back), as a lost connection would leave it.
+            return Err(SinkError::Transient(sqlx::Error::Protocol(
+                "failpoint error_before_commit".into(),
+            )));
+        }
     }
     tx.commit().await?;
     if moves {
         failpoint::hit("after_commit");
     }
     Ok(Committed {
-        epoch: batch.epoch as i64,
+        epoch: stored_epoch(batch, expected),
         watermark: watermark.map(|w| w.timestamp_micros()),
         finalized,
         quarantined,
@@ -773,8 +800,10 @@ async fn insert_dead_letters(
     Ok(())
 }
 
-/// Crash injection for tests (RELIABILITY.md): `MF_FAILPOINT=before_commit:N` or `after_commit:N` aborts
-/// the process at the N-th time that point is reached, just as a `kill -9` there would.
+/// Fault injection for tests (RELIABILITY.md): `MF_FAILPOINT=before_commit:N` or `after_commit:N` aborts
+/// the process at the N-th time that point is reached, just as a `kill -9` there would;
+/// `error_before_commit:N` makes the N-th commit that moves offsets fail with a transient error instead
+/// of committing, as a lost connection would (it is retried).
 mod failpoint {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
@@ -782,17 +811,24 @@ mod failpoint {
     static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
     static HITS: AtomicU64 = AtomicU64::new(0);
 
-    pub fn hit(point: &str) {
+    /// Whether the armed failpoint is `point` and this is its N-th time.
+    pub fn reached(point: &str) -> bool {
         let armed = ARMED.get_or_init(|| {
             let spec = std::env::var("MF_FAILPOINT").ok()?;
             let (name, n) = spec.split_once(':')?;
             Some((name.to_owned(), n.parse().ok()?))
         });
-        if let Some((name, n)) = armed {
-            if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n {
-                eprintln!("failpoint {point}:{n} reached: aborting");
-                std::process::abort();
-            }
+        match armed {
+            Some((name, n)) if name == point => HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n,
+            _ => false,
+        }
+    }
+
+    /// Aborts the process when the armed failpoint `point` is reached.
+    pub fn hit(point: &str) {
+        if reached(point) {
+            eprintln!("failpoint {point} reached: aborting");
+            std::process::abort();
         }
     }
 }
