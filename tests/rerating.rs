@@ -223,9 +223,47 @@ async fn a_job_restores_tampered_rows_and_the_pipeline_rates_on_from_the_correct
     assert_eq!(peaks, ["7", "2"]);
 }
 
-/// Review finding 14: a job recomputed from Postgres's jsonb spelling, which adds spaces, so an event
-/// whose properties filled the 4 KiB limit no longer decoded and was "corrected" away. Properties are
+/// Review finding 14, as it really was: a job recomputed events from Postgres's jsonb spelling, which
+/// unescapes strings and rewrites numbers, so it counted an escaped number (`"100\u0030"`) that the
+/// dataflow had skipped, and "corrected" the row. (The review's 4 KiB variant does not happen: the job
+/// re-serialised the properties compactly; the test below keeps it as a regression.) Properties are
 /// now stored as the decoder's canonical text and rebuilt, not decoded again.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_14_a_job_agrees_with_the_dataflow_on_an_escaped_number() {
+    let api = spawn_api().await;
+    let meter = json!({"meter": "tok", "event_type": "llm", "aggregation": "sum",
+                       "value_property": "properties.tokens"});
+    assert_eq!(
+        api.post_json("/api/v1/meters", &meter).await.status(),
+        StatusCode::CREATED
+    );
+    let _pipeline = spawn_pipeline(&api.url, &api.topic, 1, &["--epoch-ms", "50"]);
+    let body = r#"{"event_id":"esc","customer_id":"cust_esc","event_type":"llm","event_time":"2024-01-10T10:00:00Z","properties":{"tokens":"100\u0030"}}"#;
+    let posted = api
+        .post_raw(
+            "/api/v1/events",
+            "application/json",
+            body.as_bytes().to_vec(),
+        )
+        .await;
+    assert_eq!(posted.status(), StatusCode::CREATED);
+    api.wait_caught_up(WAIT).await;
+    let scope = json!({"customer_ids": ["cust_esc"], "from": "2024-01-01T00:00:00Z",
+                       "to": "2024-02-01T00:00:00Z"});
+    let job: Value = start_job(&api, &scope).await.json().await.unwrap();
+    let done = wait_for_job(&api, job["job_id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        done["windows_changed"], 0,
+        "the job and the dataflow agree: {done}"
+    );
+    let rows = api
+        .get_json("/api/v1/aggregations?customer_id=cust_esc&meter=tok")
+        .await;
+    assert_eq!(rows["data"][0]["value"].to_string(), "1000", "{rows}");
+}
+
+/// The review's 4 KiB variant of finding 14 (not reproducible on b156429; kept as a regression).
 #[tokio::test(flavor = "multi_thread")]
 async fn finding_14_a_job_keeps_an_event_whose_properties_fill_4_kib() {
     let api = spawn_api().await;
