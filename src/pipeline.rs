@@ -4,6 +4,7 @@
 //! the Postgres writer (process 0), then run the workers. Every worker reads its own partitions from the
 //! committed offsets on; worker 0 hands completed epochs to the writer.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -178,9 +179,9 @@ fn run_once(
         let meters = store::load_meters(&mut conn).await?;
         // Rating needs each period's whole usage: the leader (which alone feeds and commits it) starts
         // from what was committed, read under the lease so nothing commits meanwhile.
-        let rating = if leader {
+        let (rating, resyncs) = if leader {
             let loaded = Instant::now();
-            let state = store::load_rating_state(&mut conn).await?;
+            let (state, resyncs) = store::load_rating_state(&mut conn, topic).await?;
             let books = price_books::load_price_books(&mut conn).await?;
             tracing::info!(
                 rows = state.rows.len(),
@@ -189,11 +190,10 @@ fn run_once(
                 seconds = loaded.elapsed().as_secs_f64(),
                 "loaded the committed rows and charges rating starts from"
             );
-            Some((state, books))
+            (Some((state, books)), resyncs)
         } else {
-            None
+            (None, store::resync_requests(&mut conn, topic).await?)
         };
-        let resyncs = store::resync_requests(&mut conn, topic).await?;
         if leader {
             store::resync_done(&mut conn, topic, resyncs).await?;
         }
@@ -276,8 +276,12 @@ fn run_once(
     let guards = timely::execute(timely_config(args, cfg.pipeline.workers)?, move |worker| {
         let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
         let claims = PgClaims::new(&database_url_owned).map_err(|e| e.to_string())?;
+        let mut source = source.clone();
+        if !leader {
+            source.start_offsets = offsets_under_the_lease(&database_url_owned, &source.topic)?;
+        }
         let (reader, _handle) =
-            spawn_reader(source.clone(), owned, Box::new(claims), 16).map_err(|e| e.to_string())?;
+            spawn_reader(source, owned, Box::new(claims), 16).map_err(|e| e.to_string())?;
         // Worker 0 of process 0 hands epochs to the writer (commit.rs) and feeds rating its restored
         // state and the price books; the others have neither.
         let (sink, rating) = if worker.index() == 0 {
@@ -347,6 +351,23 @@ fn run_once(
         );
     }
     Ok(())
+}
+
+/// The committed offsets as a process other than the leader must read them: once the cluster has
+/// connected, which the leader joins only after taking the lease, so no commit of an earlier leader can
+/// land after them (review finding 7). Read before that, they could be overtaken by the old leader's last
+/// commits, and this process's readers would count those records again.
+fn offsets_under_the_lease(url: &str, topic: &str) -> Result<HashMap<i32, i64>, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime
+        .block_on(async {
+            let mut conn = PgConnection::connect(url).await?;
+            meterflow_sinks::stored_offsets(&mut conn, topic).await
+        })
+        .map_err(|e| format!("reading the committed offsets: {e}"))
 }
 
 /// Waits for the writer in a thread of its own: a permanent sink error (fenced, refused by Postgres)

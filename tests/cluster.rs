@@ -221,3 +221,27 @@ async fn a_zombie_pipeline_that_wakes_up_cannot_commit() {
         "after the zombie woke up",
     );
 }
+
+/// Review finding 7: a process other than the leader read the committed offsets when it started, before
+/// the new leader held the lease, so the old leader's last commits could overtake them and that
+/// process's readers counted those records again. Here process 1 starts first and waits for the cluster;
+/// meanwhile another pipeline (the old leader, finishing) commits the whole topic; then process 0 starts.
+#[tokio::test]
+async fn finding_07_a_non_leader_reads_offsets_only_once_the_leader_holds_the_lease() {
+    let url = fresh_database().await;
+    let topic = fresh_topic(4).await;
+    let events = random_events(400, 7);
+    produce_events(&topic, &events);
+    let hosts = Hostfile::new();
+    let mut second = cluster_process(&url, &topic, &hosts.0, 1, &["--until-caught-up"]);
+    std::thread::sleep(Duration::from_secs(3));
+    drain(&url, &topic, 1);
+    let mut first = cluster_process(&url, &topic, &hosts.0, 0, &["--until-caught-up"]);
+    wait_success(&mut first, Duration::from_secs(120));
+    wait_success(&mut second, Duration::from_secs(120));
+    assert_same(
+        &stored_aggregates(&url).await,
+        &reference(&events),
+        "nothing counted twice",
+    );
+}
