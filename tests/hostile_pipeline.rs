@@ -278,3 +278,99 @@ async fn finding_05_a_transient_failure_of_the_first_commit_loses_nothing() {
         "every record stored as read is counted"
     );
 }
+
+/// (amount of the charge, value of the row) of customer `c`'s window W, once both are `want` or
+/// `within` has passed.
+async fn settled_charge(url: &str, want: u32, within: Duration) -> (Decimal, Decimal) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let mut conn = connect(url).await;
+        let got: Option<(Decimal, Decimal)> = sqlx::query_as(
+            "SELECT c.amount, a.value FROM charges c JOIN aggregations a USING (customer_id, meter, window_start)
+             WHERE c.customer_id = 'c' AND c.window_start = to_timestamp($1)",
+        )
+        .bind(W)
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap();
+        if let Some((amount, value)) = got {
+            let want = Decimal::from(want);
+            if (amount == want && value == want) || std::time::Instant::now() > deadline {
+                return (amount.normalize(), value.normalize());
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no charge for c");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Finding 13a: the pipeline loaded its rating state in one snapshot and read `resync_requested`
+/// afterwards. A re-rating job committing in between had its resync counted as loaded, so the
+/// pipeline rated on the stale state and overwrote the job's charges. Here the load is held up (a lock
+/// on `charges`, read after the snapshot is taken) while a job's correction commits.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_13a_a_rerating_that_commits_during_the_state_load_is_not_lost() {
+    let url = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut conn = connect(&url).await;
+    default_book(&mut conn, "1").await;
+    produce(&topic, &[event("c-1", "c", W, "10")]);
+    drain_within(&url, &topic, Duration::from_secs(60), &[]);
+    assert_eq!(
+        settled_charge(&url, 10, Duration::from_secs(5)).await,
+        (Decimal::from(10), Decimal::from(10))
+    );
+
+    // Hold the state load up after its snapshot.
+    let mut locker = connect(&url).await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE charges IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let _pipeline = spawn_pipeline(&url, &topic, 1, &["--epoch-ms", "50"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting = scalar_i64(
+            &url,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM charges%'",
+        )
+        .await;
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pipeline never reached the charges of its state load"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A re-rating job's correction (as `rerating::rerate` writes it) commits meanwhile.
+    sqlx::query(
+        "UPDATE aggregations SET value = 20 WHERE customer_id = 'c' AND window_start = to_timestamp($1)",
+    )
+    .bind(W)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let done: i64 =
+        sqlx::query_scalar("UPDATE pipeline_leases SET resync_requested = resync_requested + 1 RETURNING resync_requested")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(done, 1);
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    // The job also corrected the charge; charges were locked until now.
+    sqlx::query("UPDATE charges SET amount = 20, quantity = 20 WHERE customer_id = 'c'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    // New usage in the window: the charge must follow the corrected row (20 + 1), not the stale one.
+    produce(&topic, &[event("c-2", "c", W, "1")]);
+    assert_eq!(
+        settled_charge(&url, 21, Duration::from_secs(20)).await,
+        (Decimal::from(21), Decimal::from(21)),
+        "the window's charge follows its corrected usage"
+    );
+}

@@ -155,13 +155,21 @@ pub async fn set_allowed_lateness(
 }
 
 /// Everything committed that rating needs (SPEC §9): each sum/count row's total, each max /
-/// unique_count / latest row's multiset of items, and every charge. Read in one snapshot; the caller
-/// holds the writer lease, so nothing commits meanwhile.
-pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, sqlx::Error> {
+/// unique_count / latest row's multiset of items, every charge and quarantined period; and how many
+/// resyncs re-rating jobs had requested of `topic` by then. Read in one snapshot; the caller holds the
+/// writer lease, so no epoch commits meanwhile, but a re-rating job may: its correction is in the
+/// state exactly when its resync is in the count, so a job committing during the load makes the
+/// pipeline reload (finding 13a).
+pub async fn load_rating_state(
+    conn: &mut PgConnection,
+    topic: &str,
+) -> Result<(RatingState, i64), sqlx::Error> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
+    // The snapshot is taken by this first statement.
+    let resyncs = resync_requests(&mut tx, topic).await?;
     let mut state = RatingState::default();
     // A value outside the decimal range (stored before quarantines existed) is read as quarantined,
     // never decoded into a Decimal it does not fit.
@@ -269,7 +277,7 @@ pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, s
         });
     }
     tx.commit().await?;
-    Ok(state)
+    Ok((state, resyncs))
 }
 
 /// How many resyncs re-rating jobs have requested of the pipeline on `topic` (see `rerating.rs`).
