@@ -580,3 +580,104 @@ async fn finding_06_no_409_for_a_copy_whose_first_copy_is_withdrawn() {
         );
     }
 }
+
+/// Finding 20: every `/readyz` did a Kafka metadata fetch on the blocking pool and a database query; a
+/// flood exhausted the pool. The answer is now cached for about a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_20_readyz_is_cached_for_a_second() {
+    let api = spawn_api().await;
+    let first: Value = api.get("/readyz").await.json().await.unwrap();
+    let bursts = futures::future::join_all((0..20).map(|_| api.get("/readyz"))).await;
+    for response in bursts {
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["checked_at"], first["checked_at"],
+            "checked again: {body}"
+        );
+    }
+    assert!(first["checked_at"].is_string(), "{first}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later: Value = api.get("/readyz").await.json().await.unwrap();
+    assert_ne!(later["checked_at"], first["checked_at"]);
+}
+
+/// Finding 21: `include=event_ids` with `limit=1000&event_ids_limit=1000` listed up to a million ids
+/// in one answer. Ids per answer are bounded (limit × event_ids_limit ≤ 10,000).
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_21_include_event_ids_is_bounded() {
+    let api = spawn_api().await;
+    seed_aggregations(&api.pool).await;
+    let too_many = api
+        .get("/api/v1/aggregations?include=event_ids&limit=1000&event_ids_limit=1000")
+        .await;
+    expect_problem(too_many, StatusCode::BAD_REQUEST, "BAD_REQUEST").await;
+    for path in [
+        "/api/v1/aggregations?include=event_ids",
+        "/api/v1/aggregations?include=event_ids&limit=10&event_ids_limit=1000",
+        "/api/v1/aggregations?include=event_ids&limit=1000",
+    ] {
+        let response = api.get(path).await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+}
+
+/// Finding 19: `POST /watermark` took any instant (2099 refused every later event) and left no audit
+/// row. An instant more than 5 minutes ahead of now is refused, and an advance is audited.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_19_watermark_advance_is_bounded_and_audited() {
+    let api = spawn_api().await;
+    let far = api
+        .post_json(
+            "/api/v1/watermark",
+            &json!({"advance_to": "2099-01-01T00:00:00Z"}),
+        )
+        .await;
+    expect_problem(far, StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_FAILED").await;
+    let floors = scalar_i64(&api.url, "SELECT count(*) FROM watermark_floors").await;
+    assert_eq!(floors, 0);
+    let soon = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339();
+    let ok = api
+        .post_json("/api/v1/watermark", &json!({"advance_to": soon}))
+        .await;
+    assert_eq!(ok.status(), StatusCode::ACCEPTED);
+    let audited = scalar_i64(
+        &api.url,
+        "SELECT count(*) FROM audit_log WHERE action = 'watermark.advance' AND after IS NOT NULL",
+    )
+    .await;
+    assert_eq!(audited, 1);
+}
+
+/// Finding 32: a failed re-rating job showed the raw database message in its `error` field.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_32_job_errors_do_not_expose_database_messages() {
+    let api = spawn_api().await;
+    sqlx::query("ALTER TABLE pipeline_leases RENAME TO pipeline_leases_gone")
+        .execute(&api.pool)
+        .await
+        .unwrap();
+    let created = api
+        .post_json(
+            "/api/v1/rerating-jobs",
+            &json!({"customer_ids": ["c"], "from": "2024-01-01T00:00:00Z", "to": "2024-01-02T00:00:00Z"}),
+        )
+        .await;
+    assert!(created.status().is_success());
+    let job: Value = created.json().await.unwrap();
+    let path = format!("/api/v1/rerating-jobs/{}", job["job_id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let job = loop {
+        let job = api.get_json(&path).await;
+        if job["status"] == "failed" {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(!error.is_empty(), "{job}");
+    for leak in ["pipeline_leases", "relation", "database:", "sqlx"] {
+        assert!(!error.contains(leak), "{leak} in {error}");
+    }
+}

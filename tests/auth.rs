@@ -845,3 +845,110 @@ async fn finding_16_bound_key_sees_only_default_and_own_price_books() {
         assert_eq!(response.status(), expected, "{whose}");
     }
 }
+
+/// Finding 20: before any key is checked, a request could add metric series (one per HTTP method
+/// token) and cost a database query (one per random key id). Unknown methods are labelled `OTHER`, and
+/// lookups of key ids not in the cache are limited per client address.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_20_pre_auth_work_is_bounded() {
+    let api = spawn_api_with(meterflow_api::Settings {
+        key_cache_ttl: Duration::from_secs(60),
+        ..settings()
+    })
+    .await;
+    let admin = key(&api, Role::Admin, None).await;
+    let ok = send(&api, Method::GET, "/api/v1/meters", Some(&admin), None).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    for i in 0..30 {
+        let m = Method::from_bytes(format!("RND{i}").as_bytes()).unwrap();
+        let path = if i % 2 == 0 {
+            "/api/v1/meters"
+        } else {
+            "/nope"
+        };
+        send(&api, m, path, None, None).await;
+    }
+    let metrics = api.get("/metrics").await.text().await.unwrap();
+    assert!(!metrics.contains("RND"), "a series per method");
+    assert!(metrics.contains("method=\"OTHER\""), "{metrics}");
+
+    // Random well-formed keys: each would be a database query.
+    let mut statuses = std::collections::BTreeMap::new();
+    for chunk in 0..6 {
+        let posts = (0..50).map(|i| {
+            let (id, secret): (u64, u128) = (chunk * 1000 + i, 7);
+            let key = format!("mf_{:012x}_{:048x}", id, secret);
+            let api = &api;
+            async move {
+                send(api, Method::GET, "/api/v1/meters", Some(&key), None)
+                    .await
+                    .status()
+            }
+        });
+        for status in futures::future::join_all(posts).await {
+            *statuses.entry(status.as_u16()).or_insert(0) += 1;
+        }
+    }
+    let looked_up = statuses.get(&401).copied().unwrap_or(0);
+    assert!(
+        statuses.keys().all(|s| [401, 429].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        looked_up <= 100,
+        "{looked_up} of 300 random keys reached the database: {statuses:?}"
+    );
+    // A key already verified keeps working.
+    let ok = send(&api, Method::GET, "/api/v1/meters", Some(&admin), None).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+}
+
+/// Finding 21: the ingest rate limit counted requests, so a batch of 1000 events cost one token. A batch
+/// now spends a token per event (it may take the bucket below zero; the key then waits).
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_21_a_batch_spends_a_token_per_event() {
+    let api = spawn_api_with(meterflow_api::Settings {
+        ingest_rate: Rate {
+            per_sec: 1.0,
+            burst: 10.0,
+        },
+        ..settings()
+    })
+    .await;
+    let ingest = key(&api, Role::Ingest, None).await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let batch: Vec<Value> = (0..50)
+        .map(|i| json!({"event_id": format!("rl-{i}"), "customer_id": "c", "event_type": "t", "event_time": now}))
+        .collect();
+    let response = send(
+        &api,
+        Method::POST,
+        "/api/v1/events/batch",
+        Some(&ingest),
+        Some(&json!(batch)),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let one =
+        json!({"event_id": "rl-after", "customer_id": "c", "event_type": "t", "event_time": now});
+    let response = send(
+        &api,
+        Method::POST,
+        "/api/v1/events",
+        Some(&ingest),
+        Some(&one),
+    )
+    .await;
+    let status = response.status();
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "50 events spent the burst of 10"
+    );
+    assert!(retry.is_some_and(|r| r >= 30), "Retry-After {retry:?}");
+}

@@ -13,6 +13,9 @@ use crate::error::ApiError;
 use crate::page::{Cursor, Page};
 use crate::AppState;
 
+/// Most event ids in one answer of `include=event_ids` (`limit × event_ids_limit`).
+pub const MAX_EVENT_IDS_PER_ANSWER: i64 = 10_000;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregationQuery {
@@ -26,7 +29,8 @@ pub struct AggregationQuery {
     cursor: Option<String>,
     /// `event_ids`: list each window's contributing event ids.
     include: Option<String>,
-    /// Most event ids listed per window (default and maximum 1000).
+    /// Most event ids listed per window (at most 1000, and `limit × event_ids_limit` at most 10,000;
+    /// by default as many as that allows, up to 1000).
     event_ids_limit: Option<i64>,
     /// List event ids after this one (the `event_ids_next_cursor` of a previous answer).
     event_ids_after: Option<String>,
@@ -65,8 +69,19 @@ pub async fn list(
             )))
         }
     };
-    let ids_limit = crate::page::limit(q.event_ids_limit)?;
     let limit = crate::page::limit(q.limit)?;
+    // Ids per answer are bounded: by default as many per window as fit, at most 1000.
+    let ids_limit = match q.event_ids_limit {
+        None => (MAX_EVENT_IDS_PER_ANSWER / limit).clamp(1, crate::page::MAX_LIMIT),
+        Some(n) => crate::page::limit(Some(n))?,
+    };
+    if with_ids && limit.saturating_mul(ids_limit) > MAX_EVENT_IDS_PER_ANSWER {
+        return Err(ApiError::BadRequest(format!(
+            "include=event_ids lists at most {MAX_EVENT_IDS_PER_ANSWER} ids per answer: \
+             limit × event_ids_limit is {}; lower one of them",
+            limit.saturating_mul(ids_limit)
+        )));
+    }
     let after = q.cursor.as_deref().map(Cursor::decode).transpose()?;
     let (after_customer, after_meter, after_start) = match &after {
         Some(c) => (Some(c.0.as_str()), Some(c.1.as_str()), Some(c.2)),
@@ -113,27 +128,51 @@ pub async fn list(
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let mut data = data;
     if with_ids {
-        for a in data.iter_mut().take(limit as usize) {
-            let mut ids: Vec<String> = sqlx::query_scalar(
-                "SELECT t.event_id
+        // One query for every window of the page.
+        let shown = data.len().min(usize::try_from(limit).unwrap_or(usize::MAX));
+        let windows = data.get(..shown).unwrap_or_default();
+        let customers: Vec<&str> = windows.iter().map(|a| a.customer_id.as_str()).collect();
+        let meters: Vec<&str> = windows.iter().map(|a| a.meter.as_str()).collect();
+        let starts: Vec<DateTime<Utc>> = windows.iter().map(|a| a.window_start).collect();
+        let ends: Vec<DateTime<Utc>> = windows.iter().map(|a| a.window_end).collect();
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT w.i, x.event_id
+             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+                  WITH ORDINALITY AS w(customer_id, meter, window_start, window_end, i)
+             CROSS JOIN LATERAL (
+                 SELECT t.event_id
                  FROM telemetry_events t
                  JOIN event_ids e ON e.event_id = t.event_id AND e.event_time = t.event_time
-                 WHERE t.customer_id = $1
-                   AND t.event_type = COALESCE((SELECT event_type FROM meters WHERE meter = $2), $2)
-                   AND t.event_time >= $3 AND t.event_time < $4
+                 WHERE t.customer_id = w.customer_id
+                   AND t.event_type = COALESCE((SELECT event_type FROM meters WHERE meter = w.meter), w.meter)
+                   AND t.event_time >= w.window_start AND t.event_time < w.window_end
                    AND e.counted_partition IS NOT NULL AND e.voided_partition IS NULL
                    AND ($5::text IS NULL OR t.event_id > $5)
                  ORDER BY t.event_id
-                 LIMIT $6",
-            )
-            .bind(&a.customer_id)
-            .bind(&a.meter)
-            .bind(a.window_start)
-            .bind(a.window_end)
-            .bind(q.event_ids_after.as_deref())
-            .bind(ids_limit + 1)
-            .fetch_all(&state.pool)
-            .await?;
+                 LIMIT $6
+             ) x
+             ORDER BY w.i, x.event_id",
+        )
+        .bind(&customers)
+        .bind(&meters)
+        .bind(&starts)
+        .bind(&ends)
+        .bind(q.event_ids_after.as_deref())
+        .bind(ids_limit + 1)
+        .fetch_all(&state.pool)
+        .await?;
+        let mut listed: Vec<Vec<String>> = vec![Vec::new(); shown];
+        for (i, id) in rows {
+            // WITH ORDINALITY counts from 1.
+            let slot = i
+                .checked_sub(1)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| listed.get_mut(i));
+            if let Some(ids) = slot {
+                ids.push(id);
+            }
+        }
+        for (a, mut ids) in data.iter_mut().zip(listed) {
             if ids.len() as i64 > ids_limit {
                 ids.truncate(ids_limit as usize);
                 a.event_ids_next_cursor = ids.last().cloned();

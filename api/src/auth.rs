@@ -239,18 +239,62 @@ struct Bucket {
     at: Instant,
 }
 
+/// Most key lookups in the database at once, whoever asks: a flood of unknown keys cannot take the
+/// connections that admitted requests need.
+const CONCURRENT_LOOKUPS: usize = 8;
+
 /// The gate's memory: recently verified keys and the rate-limit buckets.
-#[derive(Default)]
 pub struct Gate {
     /// By key id: the stored key (`None`: no such key) and when it was read.
     keys: Mutex<HashMap<String, (Option<StoredKey>, Instant)>>,
     /// By key id and route class (`true`: ingest).
     buckets: Mutex<HashMap<(String, bool), Bucket>>,
+    /// Before any key is known: database lookups of key ids not in the cache, per client address.
+    lookups: Mutex<HashMap<std::net::IpAddr, Bucket>>,
+    /// Lookups running now.
+    looking_up: tokio::sync::Semaphore,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            keys: Mutex::default(),
+            buckets: Mutex::default(),
+            lookups: Mutex::default(),
+            looking_up: tokio::sync::Semaphore::new(CONCURRENT_LOOKUPS),
+        }
+    }
+}
+
+/// Refills `bucket` at `rate` up to now.
+fn refill(bucket: &mut Bucket, rate: Rate, now: Instant) {
+    let elapsed = now.duration_since(bucket.at).as_secs_f64();
+    bucket.tokens = (bucket.tokens + elapsed * rate.per_sec).min(rate.burst);
+    bucket.at = now;
+}
+
+/// Takes a token from `bucket` (refilled at `rate`), or says in how many seconds one is there.
+fn take_from(bucket: &mut Bucket, rate: Rate, now: Instant) -> Result<(), u64> {
+    refill(bucket, rate, now);
+    if bucket.tokens >= 1.0 {
+        bucket.tokens -= 1.0;
+        Ok(())
+    } else {
+        Err(((1.0 - bucket.tokens) / rate.per_sec).ceil().max(1.0) as u64)
+    }
 }
 
 impl Gate {
-    /// The principal of `key`, or 401.
-    async fn verify(&self, pool: &PgPool, key: &str, ttl: Duration) -> Result<Principal, ApiError> {
+    /// The principal of `key`, or 401. A key id not in the cache costs a database lookup, which is
+    /// limited per client address (429 beyond `lookup_rate`).
+    async fn verify(
+        &self,
+        pool: &PgPool,
+        key: &str,
+        ttl: Duration,
+        client: Option<std::net::IpAddr>,
+        lookup_rate: Rate,
+    ) -> Result<Principal, ApiError> {
         let key_id = key_id_of(key).ok_or(ApiError::Unauthorized)?;
         let cached = {
             let keys = self.keys.lock().unwrap();
@@ -261,6 +305,27 @@ impl Gate {
         let stored = match cached {
             Some(stored) => stored,
             None => {
+                {
+                    let client =
+                        client.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+                    let mut lookups = self.lookups.lock().unwrap();
+                    let now = Instant::now();
+                    if lookups.len() > 10_000 {
+                        // Forget clients whose bucket has refilled: they are as new.
+                        let full = lookup_rate.burst / lookup_rate.per_sec;
+                        lookups.retain(|_, b| now.duration_since(b.at).as_secs_f64() < full);
+                    }
+                    let bucket = lookups.entry(client).or_insert(Bucket {
+                        tokens: lookup_rate.burst,
+                        at: now,
+                    });
+                    take_from(bucket, lookup_rate, now).map_err(ApiError::RateLimited)?;
+                }
+                let _permit = self
+                    .looking_up
+                    .acquire()
+                    .await
+                    .map_err(|_| ApiError::Unavailable("the key check"))?;
                 let row: Option<(Vec<u8>, String, Option<String>, bool)> = sqlx::query_as(
                     "SELECT key_hash, role, customer_id, revoked_at IS NOT NULL FROM api_keys
                      WHERE key_id = $1",
@@ -302,14 +367,27 @@ impl Gate {
                 tokens: rate.burst,
                 at: now,
             });
-        let elapsed = now.duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate.per_sec).min(rate.burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - bucket.tokens) / rate.per_sec).ceil().max(1.0) as u64)
+        take_from(bucket, rate, now)
+    }
+
+    /// Spends what the rest of a batch costs: the gate took one token for the request, a batch of
+    /// `events` takes one per event, in advance. Auth off (no key id): nothing is limited.
+    pub fn spend_batch(&self, caller: &Caller, events: usize, rate: Rate) -> Result<(), ApiError> {
+        match &caller.0.key_id {
+            Some(key_id) if events > 1 => {
+                // The request's own token is taken; this one is the debt the batch leaves.
+                let mut buckets = self.buckets.lock().unwrap();
+                let now = Instant::now();
+                let bucket = buckets.entry((key_id.clone(), true)).or_insert(Bucket {
+                    tokens: rate.burst,
+                    at: now,
+                });
+                refill(bucket, rate, now);
+                // It may go below zero: the key then waits until the bucket refilled.
+                bucket.tokens -= (events - 1) as f64;
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -391,9 +469,19 @@ async fn admit(state: &AppState, mut request: Request) -> Result<Admitted, ApiEr
         })
         .map(str::trim)
         .ok_or(ApiError::Unauthorized)?;
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
     let principal = state
         .gate
-        .verify(&state.pool, key, state.settings.key_cache_ttl)
+        .verify(
+            &state.pool,
+            key,
+            state.settings.key_cache_ttl,
+            client,
+            state.settings.key_lookup_rate,
+        )
         .await?;
     let method = request.method().clone();
     let route = route(&request);

@@ -96,6 +96,10 @@ pub async fn post_batch(
             ),
         ]));
     }
+    // The rate limit counts events, not requests.
+    state
+        .gate
+        .spend_batch(&caller, items.len(), state.settings.ingest_rate)?;
     let now = Utc::now();
     let limits = limits(&state);
     // Decode every item, then hand the valid ones to the ingester at once: they are stored in one

@@ -107,7 +107,7 @@ impl From<RunStatus> for RunView {
             period_start: s.period.start,
             period_end: s.period.end,
             status: s.status.clone(),
-            error: s.error.clone(),
+            error: s.error.as_deref().map(public_error),
             total: s.total,
             done: s.done(),
             issued: s.issued,
@@ -116,7 +116,7 @@ impl From<RunStatus> for RunView {
             failures: s
                 .failures
                 .iter()
-                .map(|(c, e)| json!({"customer_id": c, "error": e}))
+                .map(|(c, e)| json!({"customer_id": c, "error": public_error(e)}))
                 .collect(),
             unregistered_with_usage: json!({
                 "count": s.unregistered,
@@ -182,5 +182,19 @@ pub async fn sweep_unfinished(pool: PgPool) {
             }
             Err(e) => tracing::debug!(error = %e, "cannot look for unfinished invoice runs"),
         }
+    }
+}
+
+/// A run's or a customer's error as shown: a database failure's own message (it names tables, columns
+/// and values) is replaced by a pointer to the log; other errors (currency mismatch, overflow…) stay.
+fn public_error(text: &str) -> String {
+    const DATABASE: [&str; 2] = [
+        "postgres failed during the invoice run:",
+        "postgres refused the issue:",
+    ];
+    if DATABASE.iter().any(|p| text.starts_with(p)) {
+        "a database error stopped it; the log of the process that ran it has the details".to_owned()
+    } else {
+        text.to_owned()
     }
 }

@@ -121,6 +121,9 @@ pub struct Settings {
     pub rate: auth::Rate,
     /// How long a verified key is trusted before it is read again (so a revocation takes this long).
     pub key_cache_ttl: Duration,
+    /// Per client address: database lookups of key ids not in the cache (unknown, random or expired
+    /// keys), before any key is known; beyond it 429.
+    pub key_lookup_rate: auth::Rate,
 }
 
 impl Default for Settings {
@@ -139,6 +142,10 @@ impl Default for Settings {
                 burst: 100.0,
             },
             key_cache_ttl: Duration::from_secs(2),
+            key_lookup_rate: auth::Rate {
+                per_sec: 20.0,
+                burst: 50.0,
+            },
         }
     }
 }
@@ -163,6 +170,8 @@ pub struct AppState {
     pub settings: Settings,
     /// Verified keys and rate-limit buckets.
     pub gate: Arc<auth::Gate>,
+    /// The last readiness answer and when it was checked: `/readyz` checks at most once a second.
+    ready: Arc<tokio::sync::Mutex<Option<(std::time::Instant, StatusCode, serde_json::Value)>>>,
 }
 
 impl AppState {
@@ -207,6 +216,7 @@ impl AppState {
             rerating_wake: Arc::new(tokio::sync::Notify::new()),
             settings,
             gate: Arc::new(auth::Gate::default()),
+            ready: Arc::default(),
         };
         tokio::spawn(rerating::runner(
             state.pool.clone(),
@@ -281,17 +291,34 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // With the client's address: the gate limits key lookups per address.
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-/// Ready when Postgres answers and the Kafka broker has the topic.
+/// Ready when Postgres answers and the Kafka broker has the topic. Checked at most once a second
+/// (callers meanwhile share the last answer), so a flood of probes costs no more than one.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let mut last = state.ready.lock().await;
+    if let Some((at, status, body)) = last.as_ref() {
+        if at.elapsed() < Duration::from_secs(1) {
+            return (*status, Json(body.clone()));
+        }
+    }
+    let (status, body) = check_ready(&state).await;
+    *last = Some((std::time::Instant::now(), status, body.clone()));
+    (status, Json(body))
+}
+
+async fn check_ready(state: &AppState) -> (StatusCode, serde_json::Value) {
     let db = tokio::time::timeout(
         Duration::from_secs(2),
         sqlx::query("SELECT 1").execute(&state.pool),
@@ -321,8 +348,9 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
         "postgres": if db { "up" } else { "down" },
         "kafka": if kafka { "up" } else { "down" },
+        "checked_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
-    (status, Json(body))
+    (status, body)
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {

@@ -240,9 +240,16 @@ pub const ROUTES: &[Route] = &[
                     json!({"advance_to": "2024-01-01T00:00:00Z"}),
                 )),
                 vec![
-                    (202, ok("The floor now in force", schema("Watermark"))),
+                    (
+                        202,
+                        ok("The floor now in force (audited)", schema("Watermark")),
+                    ),
                     (400, problem("MALFORMED_JSON")),
                     (413, problem("PAYLOAD_TOO_LARGE")),
+                    (
+                        422,
+                        problem("VALIDATION_FAILED: more than 5 minutes ahead of now"),
+                    ),
                 ],
             )
         },
@@ -264,7 +271,8 @@ pub const ROUTES: &[Route] = &[
                 query(
                     "event_ids_limit",
                     limit_schema(),
-                    "Most event ids per window",
+                    "Most event ids per window; `limit` × `event_ids_limit` must be at most 10000 \
+                     (by default as many as that allows, up to 1000)",
                 ),
                 query(
                     "event_ids_after",
@@ -277,7 +285,7 @@ pub const ROUTES: &[Route] = &[
                 None,
                 vec![
                     (200, ok("A page of aggregates", page("Aggregation"))),
-                    (400, problem("BAD_REQUEST: a bad filter, limit or cursor")),
+                    (400, problem("BAD_REQUEST: a bad filter, limit or cursor, or more than 10000 event ids asked for")),
                 ],
             )
         },
@@ -1322,7 +1330,9 @@ fn schemas() -> Value {
             json!({"type": "object", "required": ["status", "postgres", "kafka"], "properties": {
             "status": {"type": "string", "enum": ["ready", "unavailable"]},
             "postgres": {"type": "string", "enum": ["up", "down"]},
-            "kafka": {"type": "string", "enum": ["up", "down"]}}}),
+            "kafka": {"type": "string", "enum": ["up", "down"]},
+            "checked_at": {"type": "string", "format": "date-time",
+                           "description": "When this was checked; answers are shared for about a second"}}}),
         ),
     ];
     Value::Object(all.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())

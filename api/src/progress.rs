@@ -125,14 +125,38 @@ struct AdvanceWatermark {
     advance_to: DateTime<Utc>,
 }
 
+/// How far ahead of the API's clock the watermark may be advanced: an advance is irreversible and
+/// makes every older event too old, so a far-future instant (a typo, or a hostile admin key) is refused.
+pub const MAX_ADVANCE_AHEAD: chrono::Duration = chrono::Duration::minutes(5);
+
 /// `POST /api/v1/watermark {"advance_to": t}`: the committed watermark will be at least `t` from the
-/// pipeline's next commit on (it never goes back). 202 with the floor now in force.
+/// pipeline's next commit on (it never goes back). 202 with the floor now in force; 422 for an instant
+/// more than 5 minutes ahead of now. Audited (`watermark.advance`, before and after).
 pub async fn advance(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
+    request_id: Option<axum::Extension<crate::middleware::RequestId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let request: AdvanceWatermark = crate::auth::decode_object(&body)?;
+    let latest = Utc::now()
+        .checked_add_signed(MAX_ADVANCE_AHEAD)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    if request.advance_to > latest {
+        return Err(ApiError::Validation(vec![
+            meterflow_model::FieldError::new(
+                "advance_to",
+                "must be at most 5 minutes ahead of now: an advance cannot be undone",
+            ),
+        ]));
+    }
+    let mut tx = state.pool.begin().await?;
+    let before: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT advance_to FROM watermark_floors WHERE topic = $1 FOR UPDATE")
+            .bind(&state.topic)
+            .fetch_optional(&mut *tx)
+            .await?;
     let floor: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO watermark_floors AS f (topic, advance_to) VALUES ($1, $2)
          ON CONFLICT ON CONSTRAINT watermark_floors_pkey
@@ -141,8 +165,20 @@ pub async fn advance(
     )
     .bind(&state.topic)
     .bind(request.advance_to)
-    .fetch_one(&state.pool)
+    .fetch_one(&mut *tx)
     .await?;
+    crate::audit::insert(
+        &mut tx,
+        caller.0.actor(),
+        "watermark.advance",
+        "watermark",
+        &state.topic,
+        before.map(|b| serde_json::json!({"advance_to": b})),
+        Some(serde_json::json!({"advance_to": floor, "requested": request.advance_to})),
+        request_id.as_ref().map(|r| r.0 .0.as_str()),
+    )
+    .await?;
+    tx.commit().await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({"advance_to": floor})),

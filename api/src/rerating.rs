@@ -267,10 +267,22 @@ async fn run_next(pool: &PgPool) -> Result<bool, sqlx::Error> {
                 "UPDATE rerating_jobs SET status = 'failed', finished_at = now(), error = $2 WHERE job_id = $1",
             )
             .bind(&job_id)
-            .bind(e.to_string())
+            .bind(public_error(&e))
             .execute(pool)
             .await?;
         }
     }
     Ok(true)
+}
+
+/// What a job's `error` field says about a database failure: its SQLSTATE and where the details are,
+/// never the database's own message (it names tables, columns and values).
+pub(crate) fn public_error(e: &sqlx::Error) -> String {
+    match e.as_database_error().and_then(|d| d.code()) {
+        Some(code) => format!(
+            "the database refused the work (SQLSTATE {code}); the API's log has the details"
+        ),
+        None => "the database could not be reached or answered unexpectedly; the API's log has the details"
+            .to_owned(),
+    }
 }
