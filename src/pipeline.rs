@@ -118,7 +118,10 @@ pub fn run(args: &PipelineArgs, cfg: &Config) -> Result<()> {
         if !resync.load(Ordering::Relaxed) || shutdown.load(Ordering::Relaxed) {
             return Ok(());
         }
-        eprintln!("pipeline: a re-rating job corrected the stored state; reloading it");
+        eprintln!(
+            "pipeline: restarting in-process (a re-rating job corrected the stored state, or the \
+             topic gained partitions)"
+        );
     }
 }
 
@@ -242,6 +245,7 @@ fn run_once(
 
     runtime.spawn(stop_on_signal(stop.clone(), shutdown.clone()));
     spawn_resync_watcher(database_url, topic, resyncs, stop.clone(), resync.clone());
+    spawn_partition_watcher(brokers, topic, partitions, stop.clone(), resync.clone());
 
     let source = SourceConfig {
         brokers: brokers.to_owned(),
@@ -633,6 +637,53 @@ async fn stop_on_signal(stop: Arc<AtomicBool>, shutdown: Arc<AtomicBool>) {
 /// Watches for a re-rating job's resync request (`pipeline_leases.resync_requested` moving past
 /// `seen`): then sets `resync` and stops this run, so `run` starts again from the corrected state. Ends
 /// with the run.
+/// How often every process looks for partitions added to the events topic.
+const PARTITION_CHECK: Duration = Duration::from_secs(5);
+
+/// Watches the events topic's partition count: partitions added while running (`kafka-topics --alter
+/// --partitions`) would otherwise be read by no one until a restart, while the API already produces to
+/// them (review finding 18). Every process of a cluster watches, so they all restart together, in-process,
+/// and the partitions are assigned anew.
+fn spawn_partition_watcher(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    stop: Arc<AtomicBool>,
+    restart: Arc<AtomicBool>,
+) {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    let spawned = std::thread::Builder::new()
+        .name("partition-watch".into())
+        .spawn(move || {
+            let mut waited = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                waited += Duration::from_millis(100);
+                if waited < PARTITION_CHECK {
+                    continue;
+                }
+                waited = Duration::ZERO;
+                match kafka::partition_count(&brokers, &topic) {
+                    Ok(now) if now > partitions => {
+                        tracing::warn!(
+                            topic,
+                            before = partitions,
+                            now,
+                            "the events topic gained partitions; restarting in-process to read them"
+                        );
+                        restart.store(true, Ordering::Relaxed);
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "cannot read the partition count"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot watch the topic's partition count");
+    }
+}
+
 fn spawn_resync_watcher(
     database_url: &str,
     topic: &str,

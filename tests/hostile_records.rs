@@ -51,6 +51,11 @@ fn void(payload: &str) -> Record {
 
 /// Produces the records, in order, to partition 0 of `topic`.
 fn produce_in_order(topic: &str, records: &[Record]) {
+    produce_to(topic, 0, records)
+}
+
+/// Produces the records, in order, to one partition of `topic`.
+fn produce_to(topic: &str, partition: i32, records: &[Record]) {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", BROKERS)
         .set("enable.idempotence", "true")
@@ -59,7 +64,7 @@ fn produce_in_order(topic: &str, records: &[Record]) {
     for r in records {
         let mut record = BaseRecord::to(topic)
             .key("c")
-            .partition(0)
+            .partition(partition)
             .payload(&r.payload);
         if r.void {
             record = record.headers(OwnedHeaders::new().insert(Header {
@@ -342,4 +347,38 @@ async fn finding_09_a_second_topic_on_one_database_is_refused() {
         "{stderr}"
     );
     assert_eq!(meter_total(&url, "t").await, (Decimal::from(3), 3));
+}
+
+/// Waits until the default meter `t` has counted `n` events.
+async fn wait_counted(url: &str, n: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (_, count) = meter_total(url, "t").await;
+        if count == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{count} of {n} events counted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn finding_18_partitions_added_while_running_are_read() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+    let (url, topic) = setup(&[]).await;
+    let _pipeline = spawn_pipeline(&url, &topic, 1, &["--epoch-ms", "50"]);
+    produce_in_order(&topic, &events("p0-", 5));
+    wait_counted(&url, 5, BOUND).await;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .unwrap();
+    let added = admin
+        .create_partitions(&[NewPartitions::new(&topic, 2)], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(added.iter().all(Result::is_ok), "{added:?}");
+    produce_to(&topic, 1, &events("p1-", 5));
+    wait_counted(&url, 10, BOUND).await;
 }
