@@ -25,12 +25,20 @@ pub fn producer_config(brokers: &str) -> ClientConfig {
     meterflow_api::producer_config(brokers)
 }
 
-/// Creates `topic` with `partitions` partitions unless it exists.
+/// Creates `topic` with `partitions` partitions unless it exists, replicated as [`replication_for`]
+/// says for the cluster's size.
 pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = client_config(brokers)
         .create()
         .context("creating the Kafka admin client")?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let cluster = {
+        let brokers = brokers.to_owned();
+        tokio::task::spawn_blocking(move || broker_count(&brokers)).await??
+    };
+    let (replicas, min_insync) = replication_for(cluster);
+    let min_insync = min_insync.to_string();
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas))
+        .set("min.insync.replicas", &min_insync);
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
         .create_topics([&new], &options)
@@ -45,6 +53,28 @@ pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result
         }
     }
     Ok(())
+}
+
+/// How a topic meterflow creates is replicated on a cluster of `brokers`: three copies where there are
+/// three brokers, with two in sync for a write (`acks=all`) to count, so an acknowledged event survives
+/// the loss of one broker's disk (review finding 18); one copy on a single broker (a laptop, the tests).
+pub fn replication_for(brokers: usize) -> (i32, i32) {
+    match brokers {
+        0 | 1 => (1, 1),
+        2 => (2, 1),
+        _ => (3, 2),
+    }
+}
+
+/// How many brokers the cluster has.
+fn broker_count(brokers: &str) -> Result<usize> {
+    let consumer: BaseConsumer = client_config(brokers).create()?;
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .with_context(|| {
+            format!("cannot read the cluster metadata from {brokers}; is Kafka running?")
+        })?;
+    Ok(metadata.brokers().len())
 }
 
 /// How many partitions `topic` has (blocking; call before starting workers).
@@ -64,4 +94,17 @@ pub fn partition_count(brokers: &str, topic: &str) -> Result<i32> {
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("topic {topic} has no partitions")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finding_18_topics_are_replicated_where_the_cluster_allows() {
+        assert_eq!(replication_for(1), (1, 1));
+        assert_eq!(replication_for(2), (2, 1));
+        assert_eq!(replication_for(3), (3, 2));
+        assert_eq!(replication_for(9), (3, 2));
+    }
 }
