@@ -41,8 +41,9 @@ pub use batch::{
     PartitionProgress, RatingState, RowChange,
 };
 pub use event::{
-    check_void_ids, decode_as, decode_cloudevent, decode_event, fnv1a, object, printable, sniff_event_id,
-    split_batch, DecodeError, Event, FieldError, Format, Limits, DEFAULT_RETENTION_MICROS,
+    check_void_ids, decode_as, decode_cloudevent, decode_event, fnv1a, object, printable,
+    sniff_event_id, split_batch, DecodeError, Event, FieldError, Format, Limits,
+    DEFAULT_RETENTION_MICROS,
 };
 pub use invoice::{
     Adjustment, Customer, Draft, Invoice, InvoiceError, InvoiceLine, InvoiceStatus, LineKind,
