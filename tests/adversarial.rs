@@ -150,6 +150,15 @@ const CLASSES: &[(&str, &str)] = &[
         "POST /events/{id}/void with NUL, invalid UTF-8, huge or unknown ids",
     ),
     (
+        "odd_headers",
+        "Kafka headers that lie: a CloudEvents content-type on plain JSON, non-UTF-8 values, \
+         meterflow-kind spelled otherwise or on an event, a void without its header",
+    ),
+    (
+        "record_timestamps",
+        "Kafka record timestamps as far ahead as the broker takes, or at the epoch",
+    ),
+    (
         "duplicates",
         "identical and conflicting copies of counted events over Kafka, re-posts over HTTP",
     ),
@@ -366,6 +375,31 @@ struct Item {
     batchable: bool,
     /// A CloudEvent over Kafka with its `content-type` header (else found by its `specversion`).
     ce_header: bool,
+    /// Kafka only, with these headers (instead of those of its format) and record timestamp.
+    raw_kafka: Option<RawKafka>,
+}
+
+#[derive(Clone, Debug)]
+struct RawKafka {
+    headers: Vec<(&'static str, Option<Vec<u8>>)>,
+    timestamp_ms: Option<i64>,
+}
+
+/// `it` as a Kafka record with exactly these headers and this timestamp.
+fn raw_kafka(
+    mut it: Item,
+    headers: &[(&'static str, Option<&[u8]>)],
+    timestamp_ms: Option<i64>,
+) -> Item {
+    it.raw_kafka = Some(RawKafka {
+        headers: headers
+            .iter()
+            .map(|(k, v)| (*k, v.map(<[u8]>::to_vec)))
+            .collect(),
+        timestamp_ms,
+    });
+    it.batchable = false;
+    it
 }
 
 fn item(
@@ -383,6 +417,7 @@ fn item(
         expect,
         batchable: true,
         ce_header: true,
+        raw_kafka: None,
     }
 }
 
@@ -959,6 +994,69 @@ fn hostile(class: &'static str, g: &mut Gen) -> Vec<Item> {
             set(&mut f, "\"data\"", obj(&data));
             out.push(refuse(class, Fmt::Cloud, &e.customer, obj(&f)));
         }
+        "odd_headers" => {
+            let ce = Some(&b"application/cloudevents+json"[..]);
+            let e = g.good();
+            let bytes = e.plain();
+            out.push(raw_kafka(
+                maybe(class, Fmt::Plain, e, bytes),
+                &[("content-type", ce)],
+                None,
+            ));
+            let e = g.good();
+            out.push(raw_kafka(
+                count(class, Fmt::Plain, e),
+                &[("content-type", Some(b"\xff\xfe"))],
+                None,
+            ));
+            let e = g.good();
+            out.push(raw_kafka(
+                count(class, Fmt::Plain, e),
+                &[("content-type", None), ("x-\u{0}", Some(b"\0"))],
+                None,
+            ));
+            let e = g.good();
+            let bytes = e.plain();
+            out.push(raw_kafka(
+                maybe(class, Fmt::Plain, e, bytes),
+                &[("meterflow-kind", Some(b"VOID"))],
+                None,
+            ));
+            let e = g.good();
+            let bytes = e.plain();
+            out.push(raw_kafka(
+                maybe(class, Fmt::Plain, e, bytes),
+                &[("meterflow-kind", Some(b"event"))],
+                None,
+            ));
+            let e = g.good();
+            out.push(raw_kafka(
+                refuse(class, Fmt::Plain, &e.customer.clone(), e.plain()),
+                &[("meterflow-kind", Some(b"void"))],
+                None,
+            ));
+            let e = g.good();
+            out.push(raw_kafka(
+                refuse(class, Fmt::Cloud, &e.customer.clone(), e.cloud()),
+                &[("meterflow-kind", Some(b"void")), ("content-type", ce)],
+                None,
+            ));
+            // A void's payload without the void header is not an event.
+            let c = g.customer();
+            let void = format!(r#"{{"event_id":"{}","customer_id":"{c}"}}"#, g.id());
+            out.push(raw_kafka(refuse(class, Fmt::Plain, &c, void), &[], None));
+        }
+        "record_timestamps" => {
+            // As far ahead as the broker takes (`log.message.timestamp.after.max.ms`, one hour by
+            // default, refuses more): a 2024 event is not "in the future" of it.
+            let ahead = chrono::Utc::now().timestamp_millis() + 50 * 60 * 1000;
+            let e = g.good();
+            out.push(raw_kafka(count(class, Fmt::Plain, e), &[], Some(ahead)));
+            // The epoch: a 2024 event lies in its future (SPEC §2 refuses it), or it counts.
+            let e = g.good();
+            let bytes = e.plain();
+            out.push(raw_kafka(maybe(class, Fmt::Plain, e, bytes), &[], Some(1)));
+        }
         "void_bad_ids" => {
             let c = g.customer();
             let void = |bytes: String, expect: Expect| Item {
@@ -969,6 +1067,7 @@ fn hostile(class: &'static str, g: &mut Gen) -> Vec<Item> {
                 expect,
                 batchable: false,
                 ce_header: false,
+                raw_kafka: None,
             };
             let nope = format!("nope-{}", g.id());
             out.push(void(
@@ -1112,7 +1211,16 @@ async fn produce_items(
     let mut pending = Vec::with_capacity(items.len());
     for item in &items {
         let mut headers = OwnedHeaders::new();
+        if let Some(raw) = &item.raw_kafka {
+            for (key, value) in &raw.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: value.as_deref(),
+                });
+            }
+        }
         match item.fmt {
+            _ if item.raw_kafka.is_some() => {}
             Fmt::Void => {
                 headers = headers.insert(Header {
                     key: "meterflow-kind",
@@ -1131,6 +1239,9 @@ async fn produce_items(
             .key(&item.key)
             .payload(&item.bytes)
             .headers(headers);
+        if let Some(ms) = item.raw_kafka.as_ref().and_then(|r| r.timestamp_ms) {
+            record = record.timestamp(ms);
+        }
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {
@@ -1603,6 +1714,7 @@ async fn hostile_records_among_good_ones_never_halt_skew_or_lose_the_ledger() {
                 expect: Expect::Void(e.id.clone()),
                 batchable: false,
                 ce_header: false,
+                raw_kafka: None,
             });
         }
         let copied: BTreeSet<String> = targets
@@ -1678,6 +1790,7 @@ async fn hostile_records_among_good_ones_never_halt_skew_or_lose_the_ledger() {
         for &class in &classes {
             for it in hostile(class, &mut g) {
                 match it.fmt {
+                    _ if it.raw_kafka.is_some() => {}
                     Fmt::Void => {}
                     _ if !it.batchable || g.rng.random_bool(0.5) => singles.push(it),
                     Fmt::Cloud => ce_batch.push(it),
