@@ -17,7 +17,7 @@ use meterflow_dataflow::{
     run_worker, GraphContext, MeterRegistry, SinkChannels, SourceConfig, WatermarkConfig,
     WorkerConfig,
 };
-use meterflow_model::{Limits, Meter, MeterSet, PriceBook};
+use meterflow_model::{Limits, Meter, PriceBook};
 use meterflow_sinks::{price_books, store, PgClaims};
 use sqlx::{Connection, PgConnection};
 
@@ -161,12 +161,17 @@ fn run_once(
             )
         })?;
         for meter in &file_meters {
-            anyhow::ensure!(
-                store::create_meter(&mut conn, meter).await? != store::MeterCreated::Different,
-                "meter {} in the meters file differs from the stored one; meters are immutable once \
-                 created: give the new definition another name",
-                meter.meter
-            );
+            match store::create_meter(&mut conn, meter).await? {
+                store::MeterCreated::Created | store::MeterCreated::Identical => {}
+                store::MeterCreated::Different => anyhow::bail!(
+                    "meter {} in the meters file differs from the stored one; meters are immutable \
+                     once created: give the new definition another name",
+                    meter.meter
+                ),
+                store::MeterCreated::Collides(why) => {
+                    anyhow::bail!("meter {} in the meters file: {why}", meter.meter)
+                }
+            }
         }
         let lease = if leader {
             crate::source_check::check_source(&mut conn, brokers, topic, partitions, args.reset_source)
@@ -212,7 +217,7 @@ fn run_once(
         }
     });
     let shared_watermark = new_watermark(watermark);
-    let registry = MeterRegistry::new(MeterSet::new(meters));
+    let registry = MeterRegistry::new(meters);
     spawn_meter_poller(database_url, registry.clone(), stop.clone())?;
 
     // The writer thread (process 0 only) and its channels to worker 0.
@@ -455,7 +460,7 @@ fn spawn_meter_poller(
                             );
                             known = meters.len();
                         }
-                        registry.replace(MeterSet::new(meters));
+                        registry.replace(meters);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot reload meters; keeping the current ones")

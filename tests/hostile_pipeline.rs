@@ -374,3 +374,105 @@ async fn finding_13a_a_rerating_that_commits_during_the_state_load_is_not_lost()
         "the window's charge follows its corrected usage"
     );
 }
+
+fn meter(name: &str, event_type: &str, aggregation: &str) -> meterflow_model::Meter {
+    let property = (aggregation != "count").then_some("value");
+    serde_json::from_value(json!({"meter": name, "event_type": event_type,
+        "aggregation": aggregation, "value_property": property}))
+    .unwrap()
+}
+
+/// Finding 15a: a meter may not take the name of an event type that has history under its default
+/// meter (it would reinterpret those rows, and the next restart withdrew their charges), nor the
+/// name of the event type another meter reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_15a_a_meter_named_after_an_event_type_in_use_is_refused() {
+    use meterflow_sinks::store::{create_meter, MeterCreated};
+    let url = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    produce(
+        &topic,
+        &[(
+            "c".into(),
+            json!({"event_id": "g1", "customer_id": "c", "event_type": "gs",
+                   "event_time": rfc3339(W), "value": "3"})
+            .to_string()
+            .into_bytes(),
+        )],
+    );
+    drain_within(&url, &topic, Duration::from_secs(60), &[]);
+    let mut conn = connect(&url).await;
+    let outcome = create_meter(&mut conn, &meter("gs", "gs", "max"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, MeterCreated::Collides(_)),
+        "gs has history under its default meter: {outcome:?}"
+    );
+    assert_eq!(
+        create_meter(&mut conn, &meter("calls", "api_call", "count"))
+            .await
+            .unwrap(),
+        MeterCreated::Created
+    );
+    let outcome = create_meter(&mut conn, &meter("api_call", "other", "sum"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, MeterCreated::Collides(_)),
+        "api_call is the type meter calls reads: {outcome:?}"
+    );
+    // A meter named after the type it reads itself, with no history, is fine; so is re-creating one.
+    assert_eq!(
+        create_meter(&mut conn, &meter("tokens", "tokens", "sum"))
+            .await
+            .unwrap(),
+        MeterCreated::Created
+    );
+    assert_eq!(
+        create_meter(&mut conn, &meter("calls", "api_call", "count"))
+            .await
+            .unwrap(),
+        MeterCreated::Identical
+    );
+}
+
+/// Finding 15b: an event whose type is the name of a meter that reads another type went to its
+/// default meter, named like that meter, and so added its value into the meter's rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_15b_an_event_typed_like_a_meter_name_does_not_add_into_that_meter() {
+    let url = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let mut conn = connect(&url).await;
+    meterflow_sinks::store::create_meter(&mut conn, &meter("api_calls", "api_call", "count"))
+        .await
+        .unwrap();
+    produce(
+        &topic,
+        &[
+            event("a1", "c", W, "1"),
+            (
+                "c".into(),
+                json!({"event_id": "forged", "customer_id": "c", "event_type": "api_calls",
+                       "event_time": rfc3339(W), "value": "1000"})
+                .to_string()
+                .into_bytes(),
+            ),
+        ],
+    );
+    drain_within(&url, &topic, Duration::from_secs(60), &[]);
+    let rows: Vec<(String, Decimal, i64)> = sqlx::query_as(
+        "SELECT meter, value, event_count FROM aggregations WHERE customer_id = 'c' ORDER BY meter",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.0 == "api_calls")
+            .map(|r| (r.1.normalize(), r.2))
+            .collect::<Vec<_>>(),
+        vec![(Decimal::ONE, 1)],
+        "only api_call events count into meter api_calls: {rows:?}"
+    );
+}

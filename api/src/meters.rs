@@ -34,6 +34,7 @@ pub async fn create(
     let status = match store::create_meter(&mut conn, &meter).await? {
         MeterCreated::Created => StatusCode::CREATED,
         MeterCreated::Identical => StatusCode::OK,
+        MeterCreated::Collides(why) => return Err(ApiError::Conflict("METER_NAME_COLLIDES", why)),
         MeterCreated::Different => {
             return Err(ApiError::Conflict(
                 "METER_EXISTS",

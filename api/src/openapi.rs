@@ -190,7 +190,7 @@ pub const ROUTES: &[Route] = &[
                     (400, problem("MALFORMED_JSON")),
                     (
                         409,
-                        problem("METER_EXISTS: a different meter has this name"),
+                        problem("METER_EXISTS: a different meter has this name; METER_NAME_COLLIDES: the name is an event type in use (meter names and event types are disjoint)"),
                     ),
                     (413, problem("PAYLOAD_TOO_LARGE")),
                     (422, problem("VALIDATION_FAILED")),
@@ -1043,7 +1043,7 @@ fn schemas() -> Value {
                     INVOICE_ALREADY_EXISTS, RERATING_IN_PROGRESS, PRICE_BOOK_OVERLAP, PERIOD_NOT_ENDED, \
                     VALIDATION_FAILED (with field paths in `errors`), MALFORMED_JSON, PAYLOAD_TOO_LARGE, \
                     UNAUTHORIZED, FORBIDDEN, NOT_FOUND, RATE_LIMITED, UNAVAILABLE, and the more specific \
-                    METER_EXISTS, CUSTOMER_ALREADY_EXISTS, CURRENCY_LOCKED, CURRENCY_MISMATCH, AMOUNT_OVERFLOW, \
+                    METER_EXISTS, METER_NAME_COLLIDES, CUSTOMER_ALREADY_EXISTS, CURRENCY_LOCKED, CURRENCY_MISMATCH, AMOUNT_OVERFLOW, \
                     INVOICE_RUN_IN_PROGRESS, BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, TIMEOUT.",
                 "required": ["type", "title", "status", "code", "detail"],
                 "properties": {

@@ -1,29 +1,76 @@
 //! [`MeterRegistry`]: the meters in force, shared by every worker of a process and replaced whole when
 //! the definitions change (a poller reloads them from Postgres). A meter applies to the events processed
 //! after it is loaded (SPEC §4).
+//!
+//! Meter names and event types are disjoint (finding 15): an event type no meter reads goes to its
+//! default meter, which is named after the type, so an event whose type is the *name* of a meter that
+//! reads another type would add into that meter's rows. Such an event gets no default meter here (it
+//! is claimed, and contributes to nothing); creating a meter named after an event type in use is
+//! refused on the other side (`sinks::store::create_meter`).
 
+use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-use meterflow_model::MeterSet;
+use meterflow_model::{Contribution, Event, Meter, MeterSet, Skip};
+
+/// The meters in force: by event type, and the names and types they take.
+#[derive(Clone, Debug, Default)]
+pub struct Meters {
+    set: MeterSet,
+    names: HashSet<String>,
+    types: HashSet<String>,
+}
+
+impl Meters {
+    pub fn new(meters: Vec<Meter>) -> Self {
+        Meters {
+            names: meters.iter().map(|m| m.meter.clone()).collect(),
+            types: meters.iter().map(|m| m.event_type.clone()).collect(),
+            set: MeterSet::new(meters),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// Every contribution `event` makes (`MeterSet::contributions`), except a default meter's
+    /// contribution to a row of a meter of that name.
+    pub fn contributions(&self, event: &Event) -> (Vec<Contribution>, Vec<(String, Skip)>) {
+        let (contributions, skipped) = self.set.contributions(event);
+        if self.names.contains(&event.event_type) && !self.types.contains(&event.event_type) {
+            tracing::debug!(
+                event_type = %event.event_type,
+                "an event type that is a meter's name gets no default meter"
+            );
+            return (Vec::new(), skipped);
+        }
+        (contributions, skipped)
+    }
+}
 
 #[derive(Clone, Default)]
-pub struct MeterRegistry(Arc<RwLock<Arc<MeterSet>>>);
+pub struct MeterRegistry(Arc<RwLock<Arc<Meters>>>);
 
 impl MeterRegistry {
-    pub fn new(meters: MeterSet) -> Self {
-        MeterRegistry(Arc::new(RwLock::new(Arc::new(meters))))
+    pub fn new(meters: Vec<Meter>) -> Self {
+        MeterRegistry(Arc::new(RwLock::new(Arc::new(Meters::new(meters)))))
     }
 
     /// The meters in force now (cheap: one lock, one reference count).
-    pub fn current(&self) -> Arc<MeterSet> {
+    pub fn current(&self) -> Arc<Meters> {
         self.0
             .read()
             .map(|m| Arc::clone(&m))
             .unwrap_or_else(|poisoned| Arc::clone(&poisoned.into_inner()))
     }
 
-    pub fn replace(&self, meters: MeterSet) {
-        let fresh = Arc::new(meters);
+    pub fn replace(&self, meters: Vec<Meter>) {
+        let fresh = Arc::new(Meters::new(meters));
         match self.0.write() {
             Ok(mut m) => *m = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,

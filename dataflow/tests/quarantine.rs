@@ -17,8 +17,7 @@ use meterflow_dataflow::{
 };
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
 use meterflow_model::{
-    Aggregate, AggregateKey, Charge, EpochBatch, Format, Limits, MeterSet, PriceBook, PriceModel,
-    RatingState,
+    Aggregate, AggregateKey, Charge, EpochBatch, Format, Limits, PriceBook, PriceModel, RatingState,
 };
 use rust_decimal::Decimal;
 
@@ -126,7 +125,7 @@ fn run(records: Vec<RawRecord>, state: RatingState, books: Vec<PriceBook>) -> Se
     };
     let watermark = new_watermark(None);
     let context = GraphContext {
-        meters: MeterRegistry::new(MeterSet::new(Vec::new())),
+        meters: MeterRegistry::new(Vec::new()),
         watermark: watermark.clone(),
         allowed_lateness_micros: 3_600_000_000,
     };

@@ -19,7 +19,7 @@ use meterflow_dataflow::{
 };
 use meterflow_model::{
     period_of, Aggregate, AggregateKey, Aggregation, Charge, EpochBatch, Format, Item, Limits,
-    Meter, MeterSet, PriceBook, PriceModel, RatingState, Tier, Window,
+    Meter, PriceBook, PriceModel, RatingState, Tier, Window,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -368,7 +368,7 @@ fn run(
     };
     let watermark = new_watermark(None);
     let context = GraphContext {
-        meters: MeterRegistry::new(MeterSet::new(meters())),
+        meters: MeterRegistry::new(meters()),
         watermark: watermark.clone(),
         allowed_lateness_micros: 3_600_000_000,
     };

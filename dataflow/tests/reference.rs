@@ -16,9 +16,7 @@ use meterflow_dataflow::source::{owned_partitions, SourceMessage};
 use meterflow_dataflow::{
     run_worker, GraphContext, MeterRegistry, RawRecord, RecordKind, SinkChannels, WorkerConfig,
 };
-use meterflow_model::{
-    decode_event, Aggregation, EpochBatch, Format, Item, Limits, Meter, MeterSet, Window,
-};
+use meterflow_model::{decode_event, Aggregation, EpochBatch, Format, Item, Limits, Meter, Window};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -471,7 +469,7 @@ fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: u
     };
     let watermark = new_watermark(Some(WATERMARK_MICROS));
     let context = GraphContext {
-        meters: MeterRegistry::new(MeterSet::new(meters())),
+        meters: MeterRegistry::new(meters()),
         watermark: watermark.clone(),
         allowed_lateness_micros: LATENESS_MICROS,
     };

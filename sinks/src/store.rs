@@ -48,20 +48,57 @@ pub async fn list_meters(
 }
 
 /// What creating a meter did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MeterCreated {
     Created,
     /// The same definition existed: nothing changed.
     Identical,
     /// Another definition has that name: meters are immutable, nothing changed.
     Different,
+    /// The name is an event type in use (finding 15): events of that type have rows under their
+    /// default meter, which is named after the type, or another meter reads that type. Meter names
+    /// and event types are disjoint; nothing changed.
+    Collides(String),
 }
 
-/// Creates a meter unless one of that name exists.
+/// Creates a meter unless one of that name exists, or the name is an event type in use (see
+/// [`MeterCreated::Collides`]; the dataflow keeps the other direction: an event whose type is a meter's
+/// name gets no default meter, `dataflow/src/meters.rs`).
 pub async fn create_meter(
     conn: &mut PgConnection,
     meter: &Meter,
 ) -> Result<MeterCreated, sqlx::Error> {
+    let existing = list_meters(conn, Some(&meter.meter)).await?;
+    if !existing.is_empty() {
+        return Ok(if existing.iter().any(|(m, _)| m == meter) {
+            MeterCreated::Identical
+        } else {
+            MeterCreated::Different
+        });
+    }
+    let (history, read_by): (bool, Option<String>) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM aggregations WHERE meter = $1),
+                (SELECT min(meter) FROM meters
+                 WHERE archived_at IS NULL AND event_type = $1 AND $1 <> $2)",
+    )
+    .bind(&meter.meter)
+    .bind(&meter.event_type)
+    .fetch_one(&mut *conn)
+    .await?;
+    if history {
+        return Ok(MeterCreated::Collides(format!(
+            "events of type {0} are stored under their default meter, which is named {0}: a meter \
+             named {0} would reinterpret them; choose another name",
+            meter.meter
+        )));
+    }
+    if let Some(other) = read_by {
+        return Ok(MeterCreated::Collides(format!(
+            "meter {other} reads event type {0}: meter names and event types must differ; choose \
+             another name",
+            meter.meter
+        )));
+    }
     let inserted = sqlx::query(
         "INSERT INTO meters (meter, event_type, aggregation, value_property, \"window\")
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT ON CONSTRAINT meters_pkey DO NOTHING",
