@@ -48,9 +48,16 @@ use sqlx::{Connection, PgConnection, Row};
 /// Classes that still break the system. The test leaves them out until they are fixed; empty this list
 /// as the fixes land (`MF_ADVERSARY_CLASSES=<class>` runs one of them on its own).
 const KNOWN_FAILING_CLASSES: &[&str] = &[
+    // A batch item whose event_id holds a NUL makes the whole batch 422 (the invalid items' ids are
+    // looked up in one query that Postgres refuses), so its good neighbours are refused too.
     "nul_in_string_fields",
     "nul_in_cloudevent",
+    // `POST /events/%FF/void` is a text/plain 400 from the router, not a problem+json.
     "void_bad_paths",
+    // A void read before its event applies to nothing; but when the pipeline is killed after the
+    // event was claimed and before the void's epoch committed, the replayed void finds the claim and
+    // retracts the event (about one run in two).
+    "void_races",
 ];
 
 /// Every hostile class, with what it sends.
@@ -157,6 +164,10 @@ const CLASSES: &[(&str, &str)] = &[
     (
         "record_timestamps",
         "Kafka record timestamps as far ahead as the broker takes, or at the epoch",
+    ),
+    (
+        "void_races",
+        "a void read before its event, a second void of a voided event, a copy of a voided event",
     ),
     (
         "duplicates",
@@ -1745,6 +1756,39 @@ async fn hostile_records_among_good_ones_never_halt_skew_or_lose_the_ledger() {
         }
         tail.shuffle(&mut g.rng);
         stream.extend(tail);
+        if on("void_races") {
+            let void_of = |e: &Good, expect: Expect| Item {
+                class: "void_races",
+                fmt: Fmt::Void,
+                key: e.customer.clone(),
+                bytes: json!({"event_id": e.id, "customer_id": e.customer})
+                    .to_string()
+                    .into_bytes(),
+                expect,
+                batchable: false,
+                ce_header: false,
+                raw_kafka: None,
+            };
+            // A void read before its event applies to nothing, and the event still counts.
+            if let Some(e) = targets.get(13) {
+                stream.insert(0, void_of(e, Expect::VoidNothing));
+            }
+            // A second void of a voided event applies to nothing.
+            if let Some(e) = targets.first() {
+                stream.push(void_of(e, Expect::VoidNothing));
+            }
+            // A copy of a voided event, read after its void, is a duplicate that counts nowhere.
+            if let Some(e) = targets.get(1) {
+                let original = stream
+                    .iter()
+                    .find(|it| matches!(&it.expect, Expect::Count(x) if x.id == e.id))
+                    .unwrap();
+                let mut copy = original.clone();
+                copy.class = "void_races";
+                copy.expect = Expect::Identical;
+                stream.push(copy);
+            }
+        }
         for it in &stream {
             if let Expect::Count(e) = &it.expect {
                 ledger
