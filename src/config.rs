@@ -365,8 +365,9 @@ pub const KEYS: &[Key] = &[
         path: "api.ingest_rate_limit_per_sec",
         env: "MF_API_INGEST_RATE_LIMIT_PER_SEC",
         flag: None,
-        doc: "Requests per second each API key may make to POST /events, /events/batch and \
-              /events/{id}/void (a batch counts once).",
+        doc: "Events per second each API key may send to POST /events, /events/batch and \
+              /events/{id}/void (a batch of n events counts n; it may overdraw the bucket, and the key \
+              then waits until it refilled).",
     },
     Key {
         path: "api.ingest_rate_limit_burst",
