@@ -476,3 +476,40 @@ async fn finding_15b_an_event_typed_like_a_meter_name_does_not_add_into_that_met
         "only api_call events count into meter api_calls: {rows:?}"
     );
 }
+
+/// Finding 10: the age limit was checked twice, by the API against the watermark it knew and by the
+/// reader against the watermark at read time. Between the two the watermark can move (consumer lag, a
+/// backfill, an admin's floor), and an event answered 201 became a dead letter "older than the
+/// retention horizon". The API's decision now stands: its records say it accepted them.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_10_an_event_answered_201_is_never_dead_lettered_as_too_old() {
+    let api = spawn_api().await;
+    let e = json!({"event_id": "accepted-then-old", "customer_id": "c", "event_type": "api_call",
+                   "event_time": rfc3339(W), "value": "2"});
+    assert_eq!(
+        api.post_event(&e).await.status(),
+        reqwest::StatusCode::CREATED
+    );
+    // Before the pipeline reads it, the committed watermark moves 40 days past its time.
+    sqlx::query(
+        "INSERT INTO pipeline_leases (topic, generation, committed_epoch, committed_watermark)
+         VALUES ($1, 0, 0, to_timestamp($2))",
+    )
+    .bind(&api.topic)
+    .bind(W + 40 * 86_400)
+    .execute(&api.pool)
+    .await
+    .unwrap();
+    drain_within(&api.url, &api.topic, Duration::from_secs(60), &[]);
+    let dead: Vec<(String,)> = sqlx::query_as("SELECT reason FROM dead_letters")
+        .fetch_all(&api.pool)
+        .await
+        .unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
+    let mut conn = connect(&api.url).await;
+    assert_eq!(
+        row(&mut conn, "c", W).await,
+        (Decimal::from(2), 1, false),
+        "the accepted event is counted"
+    );
+}

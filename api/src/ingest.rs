@@ -132,7 +132,8 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
     }
     let now = Utc::now().timestamp_millis();
     let sends = fresh.iter().zip(&payloads).map(|(r, payload)| async {
-        match crate::events::publish(state, &r.event.customer_id, payload, None, now).await {
+        // `event`: the reader keeps this 201's decision on the event's age (finding 10).
+        match crate::events::publish(state, &r.event.customer_id, payload, Some("event"), now).await {
             Ok(()) => Ok(true),
             Err(e) => {
                 tracing::warn!(event_id = %r.event.event_id, error = %e, "kafka did not take the event; withdrawing it");

@@ -117,12 +117,11 @@ pub async fn relay_once(
         let customer: String = row.try_get(2)?;
         let kind: String = row.try_get(3)?;
         let mut record = FutureRecord::to(topic).key(&customer).payload(&payload);
-        if kind != "event" {
-            record = record.headers(OwnedHeaders::new().insert(Header {
-                key: "meterflow-kind",
-                value: Some(kind.as_str()),
-            }));
-        }
+        // `event` or `void`: an event's header tells the reader the API accepted it (finding 10).
+        record = record.headers(OwnedHeaders::new().insert(Header {
+            key: "meterflow-kind",
+            value: Some(kind.as_str()),
+        }));
         producer
             .send(record, Duration::from_secs(5))
             .await

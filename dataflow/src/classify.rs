@@ -135,7 +135,15 @@ pub fn classify(
     for (i, record) in records.iter().enumerate() {
         let reference = record.timestamp_ms.saturating_mul(1_000);
         match record.kind {
-            RecordKind::Event(format) => {
+            RecordKind::Event(format) | RecordKind::Accepted(format) => {
+                // The API decided an accepted event's age when it answered 201 (finding 10).
+                let limits = match record.kind {
+                    RecordKind::Accepted(_) => Limits {
+                        oldest_micros: None,
+                        ..limits
+                    },
+                    _ => limits,
+                };
                 match decode_as(format, &record.payload, reference, &limits) {
                     Ok(event) => segment.push((i, record, event)),
                     Err(e) => {

@@ -30,32 +30,40 @@ pub struct RawRecord {
 }
 
 /// What a record holds, from its headers: `content-type: application/cloudevents+json` marks a
-/// CloudEvent, `meterflow-kind: void` a void written by the API.
+/// CloudEvent, `meterflow-kind: void` a void written by the API, `meterflow-kind: event` an event the
+/// API accepted (answered 201).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecordKind {
     Event(Format),
+    /// An event the API accepted: it judged the event's age against the watermark it knew then, and
+    /// that decision stands (finding 10), so the reader does not refuse it as too old.
+    Accepted(Format),
     Void,
 }
 
-/// The header the API sets on void records.
+/// The header the API sets on the records it writes: `void` or `event`.
 pub const KIND_HEADER: &str = "meterflow-kind";
 
 impl RecordKind {
     fn of(headers: Option<&rdkafka::message::BorrowedHeaders>) -> RecordKind {
-        let mut kind = RecordKind::Event(Format::Plain);
+        let (mut format, mut accepted) = (Format::Plain, false);
         if let Some(headers) = headers {
             for h in headers.iter() {
                 match (h.key, h.value) {
                     (KIND_HEADER, Some(b"void")) => return RecordKind::Void,
+                    (KIND_HEADER, Some(b"event")) => accepted = true,
                     ("content-type", Some(v)) => {
-                        kind =
-                            RecordKind::Event(Format::of_content_type(std::str::from_utf8(v).ok()))
+                        format = Format::of_content_type(std::str::from_utf8(v).ok())
                     }
                     _ => {}
                 }
             }
         }
-        kind
+        if accepted {
+            RecordKind::Accepted(format)
+        } else {
+            RecordKind::Event(format)
+        }
     }
 }
 
