@@ -27,6 +27,18 @@
 //! | `commit.rs` | `commit_epochs`: gathers each completed epoch on worker 0, hands it to the sink, holds the epoch open until the sink acknowledges |
 //! | `worker.rs` | driving a worker: feeding inputs, ticking epochs, backpressure, shutdown |
 //! | `usage.rs` | [`Usage`], the aggregate as a differential difference |
+//!
+//! Data never reaches a panic: outside tests this crate may not unwrap, expect, index or do unchecked
+//! arithmetic (the lints below; `clippy.toml` allows the first three in tests).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 pub mod classify;
 pub mod commit;

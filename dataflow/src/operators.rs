@@ -119,9 +119,10 @@ fn meter<'scope>(
         items.unary(Pipeline, "Meter", move |_cap, _info| {
             move |input, output| {
                 input.for_each_stamp(|cap, data| {
-                    let epoch = *cap
-                        .least()
-                        .expect("a stamp of a total order has a least time");
+                    // Epochs are totally ordered: a stamp always has a least time.
+                    let Some(&epoch) = cap.least() else {
+                        return;
+                    };
                     let meters = context.meters.current();
                     let watermark = read_watermark(&context.watermark);
                     let mut session = output.session(&cap);
@@ -166,7 +167,11 @@ fn late(
     context: &GraphContext,
 ) -> Option<LateEvent> {
     let watermark = watermark?;
-    let closes = (c.key.window_end * 1_000_000).saturating_add(context.allowed_lateness_micros);
+    let closes = c
+        .key
+        .window_end
+        .saturating_mul(1_000_000)
+        .saturating_add(context.allowed_lateness_micros);
     (closes <= watermark).then(|| LateEvent {
         event_id: event.event_id.clone(),
         customer_id: event.customer_id.clone(),
@@ -180,7 +185,7 @@ fn late(
 fn negate(a: Aggregate) -> Aggregate {
     Aggregate {
         value: -a.value,
-        event_count: -a.event_count,
+        event_count: a.event_count.saturating_neg(),
     }
 }
 

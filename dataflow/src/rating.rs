@@ -102,7 +102,10 @@ pub fn rate<'scope>(
         )
         .filter(|((_, period), book)| {
             let (_, end) = period_of(*period);
-            book.overlaps(period * 1_000_000, end * 1_000_000)
+            book.overlaps(
+                period.saturating_mul(1_000_000),
+                end.saturating_mul(1_000_000),
+            )
         });
     let period_books = periods
         .map(|(customer, meter, period)| ((meter, period), customer))
@@ -248,8 +251,8 @@ fn rate_longest_prefix(
     // Invariant: the first `good` windows rate, the first `bad` do not.
     let (mut good, mut bad) = (0, usage.len());
     let mut best = Vec::new();
-    while bad - good > 1 {
-        let mid = good + (bad - good) / 2;
+    while bad.saturating_sub(good) > 1 {
+        let mid = good.midpoint(bad);
         match rate_period(customer, usage.get(..mid).unwrap_or_default(), books) {
             Ok(charges) => {
                 good = mid;

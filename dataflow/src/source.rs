@@ -99,7 +99,7 @@ pub enum SourceMessage {
 /// The partitions worker `index` of `peers` owns.
 pub fn owned_partitions(partitions: i32, index: usize, peers: usize) -> Vec<i32> {
     (0..partitions)
-        .filter(|p| *p as usize % peers == index)
+        .filter(|p| (*p as usize).checked_rem(peers) == Some(index))
         .collect()
 }
 
@@ -191,7 +191,7 @@ fn read(
         match consumer.poll(timeout) {
             Some(Ok(msg)) => {
                 let partition = msg.partition();
-                next.insert(partition, msg.offset() + 1);
+                next.insert(partition, msg.offset().saturating_add(1));
                 batch.push(RawRecord {
                     partition,
                     offset: msg.offset(),
@@ -239,7 +239,7 @@ fn classify_until_decided(
             Err(e) => {
                 tracing::warn!(topic = %config.topic, error = %e, ?backoff, "cannot claim events; retrying");
                 std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
             }
         }
     }

@@ -85,7 +85,7 @@ impl Monoid for Usage {
 impl Abelian for Usage {
     fn negate(&mut self) {
         self.aggregate.value = -self.aggregate.value;
-        self.aggregate.event_count = -self.aggregate.event_count;
+        self.aggregate.event_count = self.aggregate.event_count.saturating_neg();
     }
 }
 
@@ -119,7 +119,7 @@ impl Semigroup for LineTotal {
             tracing::error!("an upcoming-invoice line quantity saturated the decimal range");
             self.quantity.saturating_add(rhs.quantity)
         });
-        self.windows += rhs.windows;
+        self.windows = self.windows.saturating_add(rhs.windows);
     }
 }
 
@@ -133,7 +133,7 @@ impl Abelian for LineTotal {
     fn negate(&mut self) {
         self.amount = -self.amount;
         self.quantity = -self.quantity;
-        self.windows = -self.windows;
+        self.windows = self.windows.saturating_neg();
     }
 }
 

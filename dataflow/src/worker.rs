@@ -157,13 +157,14 @@ pub fn run_worker(
         }
         // Epochs stretch while the sink lags: a longer epoch folds more events into each aggregate
         // change, so a slow database receives fewer, larger commits instead of a growing queue.
-        let interval = config.epoch_interval * (1 + behind.min(config.max_inflight_epochs) as u32);
+        let stretch = 1u32.saturating_add(behind.min(config.max_inflight_epochs) as u32);
+        let interval = config.epoch_interval.saturating_mul(stretch);
         if caught_up || last_tick.elapsed() >= interval {
             send_markers(&mut markers, epoch, &mut moved, &next_offsets);
-            records.advance_to(epoch + 1);
-            markers.advance_to(epoch + 1);
-            rating_inputs.advance_to(epoch + 1);
-            summary.epochs += 1;
+            records.advance_to(epoch.saturating_add(1));
+            markers.advance_to(epoch.saturating_add(1));
+            rating_inputs.advance_to(epoch.saturating_add(1));
+            summary.epochs = summary.epochs.saturating_add(1);
             last_tick = Instant::now();
         }
         if fed {
