@@ -513,3 +513,46 @@ async fn finding_10_an_event_answered_201_is_never_dead_lettered_as_too_old() {
         "the accepted event is counted"
     );
 }
+
+/// Finding 19: "in the future" is judged against the record's timestamp, which the producer sets, and
+/// the watermark follows the greatest event time read: one record with a forged timestamp moved the
+/// watermark (monotone, so for good) far past the clock, finalizing windows early and making every later
+/// event too old. The watermark now trusts event times only up to the reader's clock plus the
+/// tolerance for the future (5 minutes).
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_19_a_forged_record_timestamp_does_not_move_the_watermark_past_the_clock() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let url = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let now = chrono::Utc::now().timestamp();
+    let body = json!({"event_id": "forged", "customer_id": "c", "event_type": "api_call",
+                      "event_time": rfc3339(now + 59 * 60), "value": "1"})
+    .to_string();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            BaseRecord::to(&topic)
+                .key("c")
+                .payload(body.as_bytes())
+                .timestamp((now + 55 * 60) * 1000),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    drain_within(&url, &topic, Duration::from_secs(60), &[]);
+    let watermark: Option<i64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM committed_watermark)::bigint FROM pipeline_leases",
+    )
+    .fetch_one(&mut connect(&url).await)
+    .await
+    .unwrap();
+    let bound = chrono::Utc::now().timestamp() + 5 * 60;
+    assert!(
+        watermark.is_some_and(|w| w <= bound),
+        "the watermark {watermark:?} stays within the clock plus 5 minutes ({bound})"
+    );
+}

@@ -124,6 +124,7 @@ pub fn run_worker(
                 match reader.try_recv() {
                     Ok(SourceMessage::Items(batch)) => {
                         fed = true;
+                        let trusted = trusted_event_time();
                         summary.records += batch.len() as u64;
                         for item in batch {
                             let progress =
@@ -138,7 +139,7 @@ pub fn run_worker(
                             if let Classified::Count(e) = &item.what {
                                 progress.max_event_time_micros = progress
                                     .max_event_time_micros
-                                    .max(Some(e.event_time_micros));
+                                    .max(Some(e.event_time_micros.min(trusted)));
                             }
                             moved.insert(item.partition);
                             records.send(item);
@@ -183,6 +184,16 @@ pub fn run_worker(
         worker.step_or_park(Some(Duration::from_millis(5)));
     }
     Ok(summary)
+}
+
+/// The latest event time the watermark may follow: this worker's clock plus the tolerance for the
+/// future (SPEC §2). "In the future" is judged against the record's timestamp, which the producer sets;
+/// without this bound one record with a forged timestamp would move the (monotone) watermark past the
+/// clock for good (finding 19).
+fn trusted_event_time() -> i64 {
+    chrono::Utc::now()
+        .timestamp_micros()
+        .saturating_add(meterflow_model::Limits::default().max_future_micros)
 }
 
 /// Marks, at `epoch`, how far each partition that moved during the epoch has been read.
