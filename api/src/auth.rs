@@ -297,7 +297,10 @@ impl Gate {
     ) -> Result<Principal, ApiError> {
         let key_id = key_id_of(key).ok_or(ApiError::Unauthorized)?;
         let cached = {
-            let keys = self.keys.lock().unwrap();
+            let keys = self
+                .keys
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             keys.get(key_id)
                 .filter(|(_, at)| at.elapsed() < ttl)
                 .map(|(k, _)| k.clone())
@@ -308,7 +311,10 @@ impl Gate {
                 {
                     let client =
                         client.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-                    let mut lookups = self.lookups.lock().unwrap();
+                    let mut lookups = self
+                        .lookups
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     let now = Instant::now();
                     if lookups.len() > 10_000 {
                         // Forget clients whose bucket has refilled: they are as new.
@@ -339,7 +345,10 @@ impl Gate {
                     customer_id,
                     revoked,
                 });
-                let mut keys = self.keys.lock().unwrap();
+                let mut keys = self
+                    .keys
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if keys.len() > 10_000 {
                     keys.retain(|_, (_, at)| at.elapsed() < ttl);
                 }
@@ -359,7 +368,10 @@ impl Gate {
 
     /// Takes a token from the key's bucket for this class, or says in how many seconds one is there.
     fn take(&self, key_id: &str, ingest: bool, rate: Rate) -> Result<(), u64> {
-        let mut buckets = self.buckets.lock().unwrap();
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
         let bucket = buckets
             .entry((key_id.to_owned(), ingest))
@@ -376,7 +388,10 @@ impl Gate {
         match &caller.0.key_id {
             Some(key_id) if events > 1 => {
                 // The request's own token is taken; this one is the debt the batch leaves.
-                let mut buckets = self.buckets.lock().unwrap();
+                let mut buckets = self
+                    .buckets
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let now = Instant::now();
                 let bucket = buckets.entry((key_id.clone(), true)).or_insert(Bucket {
                     tokens: rate.burst,

@@ -149,7 +149,9 @@ pub async fn post_batch(
     .await;
     for ((index, _), result) in valid.iter().zip(accepted_all) {
         if let Err(e) = result {
-            outcomes[*index] = Err(e);
+            if let Some(outcome) = outcomes.get_mut(*index) {
+                *outcome = Err(e);
+            }
         }
     }
     let mut results = Vec::with_capacity(items.len());

@@ -25,6 +25,14 @@
 //! | `idempotency.rs` | `Idempotency-Key` on the admin POSTs: stored responses replayed, reuse refused |
 //! | `audit.rs` | the append-only audit log: who changed what, before and after |
 //! | `middleware.rs` | request ids (and the span every log line of a request carries), request timeouts |
+//!
+//! Data never reaches a panic: outside tests this crate may not unwrap, expect or index (the lints
+//! below; `clippy.toml` allows them in tests). Arithmetic on data is checked by hand (money through
+//! `meterflow_model::money`).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
 
 pub mod aggregations;
 pub mod audit;

@@ -125,7 +125,7 @@ pub fn run_worker(
                     Ok(SourceMessage::Items(batch)) => {
                         fed = true;
                         let trusted = trusted_event_time();
-                        summary.records += batch.len() as u64;
+                        summary.records = summary.records.saturating_add(batch.len() as u64);
                         for item in batch {
                             let progress =
                                 next_offsets
@@ -135,7 +135,7 @@ pub fn run_worker(
                                         next_offset: 0,
                                         max_event_time_micros: None,
                                     });
-                            progress.next_offset = item.offset + 1;
+                            progress.next_offset = item.offset.saturating_add(1);
                             if let Classified::Count(e) = &item.what {
                                 progress.max_event_time_micros = progress
                                     .max_event_time_micros

@@ -807,7 +807,9 @@ async fn with_details(
             reason: row.try_get(6)?,
         };
         let id: String = row.try_get(0)?;
-        invoices[at[&id]].invoice.adjustments.push(adjustment);
+        if let Some(issued) = at.get(&id).and_then(|i| invoices.get_mut(*i)) {
+            issued.invoice.adjustments.push(adjustment);
+        }
     }
     Ok(invoices)
 }

@@ -14,6 +14,14 @@
 //! | `invoices.rs` | issuing (gapless numbers, lines, top-ups, adjustments; one issued invoice per period), voids, reads, the upcoming invoice |
 //! | `invoice_runs.rs` | invoice runs: every registered customer's invoice for a period, in batches, resumable |
 //! | `error.rs` | [`SinkError`], classified transient (retry) or permanent (stop) |
+//!
+//! Data never reaches a panic: outside tests this crate may not unwrap, expect or index (the lints
+//! below; `clippy.toml` allows them in tests). Arithmetic on data is checked by hand (money through
+//! `meterflow_model::money`).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
 
 //! ## Recovery (SPEC §9)
 //!
