@@ -170,6 +170,10 @@ const CLASSES: &[(&str, &str)] = &[
         "a void read before its event, a second void of a voided event, a copy of a voided event",
     ),
     (
+        "cross_path_duplicates",
+        "the same event produced to Kafka and posted over HTTP at once",
+    ),
+    (
         "duplicates",
         "identical and conflicting copies of counted events over Kafka, re-posts over HTTP",
     ),
@@ -373,6 +377,9 @@ enum Expect {
     Identical,
     /// Another payload under a counted id: a conflicting duplicate, kept in `duplicate_events`.
     Conflicting(String),
+    /// The same event sent over Kafka and over HTTP at once: over Kafka counted or an identical
+    /// duplicate; over HTTP 201 or 409 (whichever came second). It counts exactly once.
+    EitherPath(Good),
 }
 
 #[derive(Clone, Debug)]
@@ -1144,6 +1151,8 @@ struct Ledger {
     /// Records the API produced: accepted events and voids.
     api_events: usize,
     api_voids: usize,
+    /// Events sent both ways that the API answered 201.
+    either_path_201: BTreeSet<String>,
     http_requests: usize,
     problems: Vec<String>,
 }
@@ -1369,6 +1378,18 @@ fn judge(ledger: &mut Ledger, it: &Item, via: &str, status: u16, problem: bool, 
     let body = cut(body, 200);
     let refused_well = (400..500).contains(&status) && problem;
     match &it.expect {
+        Expect::EitherPath(e) => match status {
+            201 => {
+                ledger.api_events += 1;
+                ledger.either_path_201.insert(e.id.clone());
+            }
+            409 if problem => {}
+            _ if status < 500 => ledger.problem(format!(
+                "{}: {via}: an event also sent over Kafka ({}) got {status}, neither 201 nor a 409 problem: {body}",
+                it.class, e.id
+            )),
+            _ => {}
+        },
         Expect::Count(e) => {
             if status == 201 {
                 ledger.api_events += 1;
@@ -1756,6 +1777,18 @@ async fn hostile_records_among_good_ones_never_halt_skew_or_lose_the_ledger() {
         }
         tail.shuffle(&mut g.rng);
         stream.extend(tail);
+        let mut either_path = Vec::new();
+        if on("cross_path_duplicates") {
+            for _ in 0..5 {
+                let e = g.good();
+                ledger
+                    .must_count
+                    .insert(e.id.clone(), ("cross_path_duplicates", e.clone()));
+                let mut it = count("cross_path_duplicates", Fmt::Plain, e.clone());
+                it.expect = Expect::EitherPath(e);
+                either_path.push(it);
+            }
+        }
         if on("void_races") {
             let void_of = |e: &Good, expect: Expect| Item {
                 class: "void_races",
@@ -1851,7 +1884,15 @@ async fn hostile_records_among_good_ones_never_halt_skew_or_lose_the_ledger() {
             .take(2)
             .cloned()
             .collect();
+        // The events sent both ways race: their Kafka copies are produced while the API is posted.
+        let racing = tokio::spawn(produce_items(
+            producer.clone(),
+            api.topic.clone(),
+            either_path.clone(),
+        ));
+        singles.extend(either_path);
         post_singles(&api, &mut ledger, singles).await;
+        ledger.kafka.extend(racing.await.unwrap());
         let half = batch.len() / 2;
         let second = batch.split_off(half);
         post_batch(&api, &mut ledger, batch, false).await;
@@ -2129,6 +2170,8 @@ async fn hostile_records_among_good_ones_never_halt_skew_or_lose_the_ledger() {
     let kafka = std::mem::take(&mut ledger.kafka);
     let mut mine: BTreeSet<(i32, i64)> = BTreeSet::new();
     let mut outcomes: BTreeMap<&str, BTreeMap<&str, usize>> = BTreeMap::new();
+    let mut kafka_won: BTreeSet<String> = BTreeSet::new();
+    let mut either_path_api_duplicates = 0;
     for (it, pos) in &kafka {
         mine.insert(*pos);
         let c = counted.get(pos);
@@ -2173,6 +2216,12 @@ async fn hostile_records_among_good_ones_never_halt_skew_or_lose_the_ledger() {
             }
             Expect::Identical => nothing_else(false),
             Expect::Conflicting(id) => x == Some(id) && c.is_none() && v.is_none() && d.is_none(),
+            Expect::EitherPath(e) => {
+                if c == Some(&e.id) {
+                    kafka_won.insert(e.id.clone());
+                }
+                (c.is_none() || c == Some(&e.id)) && v.is_none() && d.is_none() && x.is_none()
+            }
         };
         if !ok {
             ledger.problem(format!(
@@ -2187,17 +2236,28 @@ async fn hostile_records_among_good_ones_never_halt_skew_or_lose_the_ledger() {
                     Expect::VoidNothing => "an ignored void (or a dead letter)".into(),
                     Expect::Identical => "an identical duplicate (no row)".into(),
                     Expect::Conflicting(id) => format!("a conflicting duplicate of {id}"),
+                    Expect::EitherPath(e) =>
+                        format!("counted as {} or an identical duplicate", e.id),
                 },
                 preview(&it.bytes)
             ));
         }
     }
     // What the API produced: counted events and applied voids, nothing else.
+    // An event sent both ways counts once: by its Kafka copy (then the API's, if the API answered
+    // 201, is a duplicate) or by the API's.
+    for id in &ledger.either_path_201 {
+        if kafka_won.contains(id) {
+            either_path_api_duplicates += 1;
+        }
+    }
     let api_counted = counted.keys().filter(|p| !mine.contains(p)).count();
     let api_voided = voided.keys().filter(|p| !mine.contains(p)).count();
-    if api_counted != ledger.api_events || api_voided != ledger.api_voids {
+    if api_counted + either_path_api_duplicates != ledger.api_events
+        || api_voided != ledger.api_voids
+    {
         ledger.problem(format!(
-            "api: {} events and {} voids were accepted over HTTP, but {api_counted} records of the API's were counted and {api_voided} voids applied",
+            "api: {} events ({either_path_api_duplicates} of them also counted from Kafka) and {} voids were accepted over HTTP, but {api_counted} records of the API's were counted and {api_voided} voids applied",
             ledger.api_events, ledger.api_voids
         ));
     }
