@@ -3,9 +3,9 @@
 //!
 //! A seeded generator mixes hostile records with good ones, over Kafka (plain JSON, CloudEvents with
 //! and without their header, void records) and over HTTP (`POST /events`, `/events/batch`,
-//! CloudEvents single and batch, `POST /events/{id}/void`), voids events both ways, and kills and
-//! restarts the pipeline once. Every hostile record belongs to a named class ([`CLASSES`]). The test
-//! asserts that
+//! CloudEvents single and batch, `POST /events/{id}/void`), voids events both ways, and kills
+//! (SIGKILL) and restarts the pipeline twice. Every hostile record belongs to a named class
+//! ([`CLASSES`]). The test asserts that
 //!
 //! - the pipeline process never exits and the API's `/healthz` answers, after every round;
 //! - every good event is counted, wherever it stood among hostile ones;
@@ -13,7 +13,10 @@
 //!   claim), a duplicate (nothing, or a `duplicate_events` row when conflicting), a dead letter with a
 //!   non-empty reason, or a void (applied: `event_ids.voided_*`; or ignored);
 //! - the aggregations equal a reference computed here, in plain Rust, from the good events minus the
-//!   voided ones (sharing no code with the dataflow);
+//!   voided ones (sharing no code with the dataflow): default meters (sum of `value`, hourly) for
+//!   `adv.call` and `adv.tokens`, and two meters the test creates over `adv.prop` (a sum of
+//!   `properties.n`, hourly; a count, per minute); and so do the `adv.tokens` charges of a default
+//!   per-unit price book;
 //! - no HTTP answer is a 5xx but a 503 with Retry-After; a refused body or batch item is a 4xx
 //!   problem+json, and the good items of a batch get 201 whatever their neighbours.
 //!
@@ -25,8 +28,9 @@
 //! the classes in [`KNOWN_FAILING_CLASSES`] are left out, so main stays green while they are fixed.
 //! The same seed and seconds always send the same records.
 //!
-//! The overflow class sends its huge values to a customer of its own, whose rows are not compared: the
-//! quarantine of an overflowing window is the pipeline's design. Everything else must stay exact.
+//! The overflow class sends its huge values to a customer of its own, priced so that its rating
+//! overflows; that customer's rows are not compared (the quarantine is the pipeline's design), and
+//! everything else must stay exact.
 
 mod common;
 
@@ -64,7 +68,8 @@ const KNOWN_FAILING_CLASSES: &[&str] = &[
 const CLASSES: &[(&str, &str)] = &[
     (
         "huge_values",
-        "ten values of 9999999999999999999999999999 in one window (own customer)",
+        "ten values of 10^20 and ten of 9999999999999999999999999999 in one window, priced at \
+         10^13 (own customer)",
     ),
     (
         "nul_in_field_name",
