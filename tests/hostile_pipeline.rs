@@ -556,3 +556,65 @@ async fn finding_19_a_forged_record_timestamp_does_not_move_the_watermark_past_t
         "the watermark {watermark:?} stays within the clock plus 5 minutes ({bound})"
     );
 }
+
+/// Finding 23: a re-rating job held every pipeline lease row (`FOR UPDATE`) for its whole
+/// recomputation, so a long job stopped every epoch commit, i.e. all ingestion. Now it reads and
+/// recomputes from a snapshot without the lease and holds it only to apply its corrections. Here the
+/// job is held up in its reading (a lock on `meters`) while events keep coming.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_23_the_pipeline_commits_while_a_rerating_job_recomputes() {
+    let url = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let _pipeline = spawn_pipeline(&url, &topic, 1, &["--epoch-ms", "50"]);
+    let first: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| event(&format!("a{i}"), "c", W, "1"))
+        .collect();
+    produce(&topic, &first);
+    wait_until_committed(&url, 20, Duration::from_secs(30), "the pipeline").await;
+
+    let mut locker = connect(&url).await;
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE meters IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let job_url = url.clone();
+    let job = tokio::spawn(async move {
+        let mut conn = connect(&job_url).await;
+        let scope = meterflow_sinks::rerating::Scope {
+            customer_ids: vec!["c".into()],
+            from_micros: W * 1_000_000,
+            to_micros: (W + HOUR) * 1_000_000,
+        };
+        meterflow_sinks::rerating::rerate(&mut conn, &scope).await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while scalar_i64(
+        &url,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM meters%'
+           AND query NOT LIKE '%pg_stat_activity%'",
+    )
+    .await
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // While the job is held up, events are still committed.
+    let second: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| event(&format!("b{i}"), "c", W, "1"))
+        .collect();
+    produce(&topic, &second);
+    wait_until_committed(
+        &url,
+        40,
+        Duration::from_secs(10),
+        "the pipeline during a re-rating job",
+    )
+    .await;
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    let outcome = job.await.unwrap().unwrap();
+    assert_eq!(outcome.windows_changed, 0, "nothing was wrong: {outcome:?}");
+    let mut conn = connect(&url).await;
+    assert_eq!(row(&mut conn, "c", W).await, (Decimal::from(40), 40, false));
+}

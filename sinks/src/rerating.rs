@@ -2,10 +2,12 @@
 //! current price books through the same `model/` code the dataflow uses, and correct what differs.
 //!
 //! ```text
-//!  one transaction, holding every pipeline lease row (so no epoch commits meanwhile):
+//!  one read-only snapshot, holding no lock (the pipeline keeps committing, finding 23):
 //!    events counted and committed in the scope (event_ids ⋈ telemetry_events, below the committed
 //!    offsets, minus committed voids) ──decode + MeterSet──► expected rows
-//!    stored rows (aggregations, meter_values) ──compare──► correct what differs
+//!    stored rows (aggregations, meter_values) ──compare──► corrections: expected − stored, per row/item
+//!  one transaction, holding every pipeline lease row (so no epoch commits meanwhile):
+//!    stored rows += corrections (what the pipeline committed since the snapshot stays added)
 //!    every period the scope touches ──rate_period over its (corrected) rows──► correct charges,
 //!                                                                          rebuild upcoming lines
 //!    pipeline_leases.resync_requested += 1 ──► the running pipeline reloads its rating state
@@ -60,12 +62,15 @@ enum Content {
 pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, sqlx::Error> {
     let from = (scope.from_micros / 1_000_000).div_euclid(DAY) * DAY;
     let to = ((scope.to_micros + 999_999) / 1_000_000 + DAY - 1).div_euclid(DAY) * DAY;
-    let mut tx = conn.begin().await?;
-    // No epoch commits while we read and correct: the sink takes this lock first in every commit.
-    sqlx::query("SELECT topic FROM pipeline_leases ORDER BY topic FOR UPDATE")
-        .fetch_all(&mut *tx)
+    // Reading and recomputing takes long for a wide scope: it runs in a snapshot, without the lease,
+    // so the pipeline keeps committing meanwhile (finding 23). What the pipeline commits after the
+    // snapshot are changes for events the snapshot does not count, so the corrections are applied as
+    // differences (expected − stored as of the snapshot), which keeps those changes.
+    let mut snapshot = conn.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *snapshot)
         .await?;
-    let meters = store::load_meters(&mut tx).await?;
+    let meters = store::load_meters(&mut snapshot).await?;
     let multiset: BTreeSet<String> = meters
         .iter()
         .filter(|m| {
@@ -78,9 +83,15 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
         .collect();
     let meter_set = MeterSet::new(meters);
 
-    let expected = expected_rows(&mut tx, scope, from, to, &meter_set).await?;
-    let (stored, stored_totals) =
-        stored_rows(&mut tx, &scope.customer_ids, from, to, &multiset).await?;
+    let expected = expected_rows(&mut snapshot, scope, from, to, &meter_set).await?;
+    let (stored, stored_totals, quarantined) =
+        stored_rows(&mut snapshot, &scope.customer_ids, from, to, &multiset).await?;
+    snapshot.commit().await?;
+    let mut tx = conn.begin().await?;
+    // No epoch commits while we correct: the sink takes this lock first in every commit.
+    sqlx::query("SELECT topic FROM pipeline_leases ORDER BY topic FOR UPDATE")
+        .fetch_all(&mut *tx)
+        .await?;
     let mut outcome = Outcome::default();
     let keys: BTreeSet<&AggregateKey> = expected.keys().chain(stored.keys()).collect();
     outcome.windows_checked = keys.len() as u64;
@@ -91,11 +102,18 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
             Some(Content::Items(items)) => stored_totals.get(key) == multiset_row(items).as_ref(),
             _ => true,
         };
-        if want == stored.get(key) && row_right {
+        let had = stored.get(key);
+        let is_quarantined = quarantined.contains(key);
+        if want == had && row_right && !is_quarantined {
             continue;
         }
         outcome.windows_changed += 1;
-        write_row(&mut tx, key, want).await?;
+        if is_quarantined {
+            // Its stored value is not its usage: write it whole (README "Overflow is data").
+            write_row(&mut tx, key, want).await?;
+        } else {
+            correct_row(&mut tx, key, want, had).await?;
+        }
     }
 
     // Charges: every period the scope touches, for the customers with rows there.
@@ -245,7 +263,7 @@ async fn expected_rows(
 
 /// The stored rows with a window starting in `[from, to)` (seconds), of the given customers (all when
 /// empty).
-/// Also returns the stored aggregate of each multiset row.
+/// Also returns the stored aggregate of each multiset row, and the quarantined rows.
 async fn stored_rows(
     tx: &mut PgConnection,
     customers: &[String],
@@ -256,17 +274,18 @@ async fn stored_rows(
     (
         BTreeMap<AggregateKey, Content>,
         BTreeMap<AggregateKey, Aggregate>,
+        BTreeSet<AggregateKey>,
     ),
     sqlx::Error,
 > {
     let mut stored = BTreeMap::new();
     let mut totals = BTreeMap::new();
-    // A quarantined row (its value overflowed, README "Overflow is data") shows an impossible count, so
-    // it never equals what the events give and the job rewrites it, which ends the quarantine.
+    let mut quarantined = BTreeSet::new();
+    // A quarantined row (its value overflowed, README "Overflow is data") is rewritten whole by a job,
+    // which ends the quarantine.
     let rows = sqlx::query(
         "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint,
-                extract(epoch FROM window_end)::bigint, value,
-                CASE WHEN quarantined THEN -1 ELSE event_count END
+                extract(epoch FROM window_end)::bigint, value, event_count, quarantined
          FROM aggregations
          WHERE window_start >= to_timestamp($1) AND window_start < to_timestamp($2)
            AND (cardinality($3::text[]) = 0 OR customer_id = ANY($3))",
@@ -282,6 +301,9 @@ async fn stored_rows(
             value: r.try_get(4)?,
             event_count: r.try_get(5)?,
         };
+        if r.try_get::<bool, _>(6)? {
+            quarantined.insert(key.clone());
+        }
         if multiset.contains(&key.meter) {
             totals.insert(key.clone(), total);
             stored.insert(key, Content::Items(BTreeMap::new()));
@@ -313,7 +335,7 @@ async fn stored_rows(
     }
     // A multiset row whose items are all gone is no row.
     stored.retain(|_, c| !matches!(c, Content::Items(items) if items.is_empty()));
-    Ok((stored, totals))
+    Ok((stored, totals, quarantined))
 }
 
 fn key_of(r: &sqlx::postgres::PgRow) -> Result<AggregateKey, sqlx::Error> {
@@ -339,6 +361,174 @@ fn item_of(r: &sqlx::postgres::PgRow) -> Result<Item, sqlx::Error> {
             value: num.unwrap_or_default(),
         },
     })
+}
+
+/// Corrects a stored row by the difference between what it should be (`want`) and what it was in the
+/// snapshot (`had`): a group row's value and count, a multiset row's item counts (the row is then
+/// recomputed from its items). Changes the pipeline committed since the snapshot stay added.
+async fn correct_row(
+    tx: &mut PgConnection,
+    key: &AggregateKey,
+    want: Option<&Content>,
+    had: Option<&Content>,
+) -> Result<(), sqlx::Error> {
+    let overflow = || sqlx::Error::Decode(Box::new(meterflow_model::aggregate::Overflow));
+    let items_of = |c: Option<&Content>| -> Option<BTreeMap<Item, i64>> {
+        match c {
+            Some(Content::Items(items)) => Some(items.clone()),
+            Some(Content::Total(_)) => None,
+            None => Some(BTreeMap::new()),
+        }
+    };
+    let total_of = |c: Option<&Content>| match c {
+        Some(Content::Total(t)) => Some(*t),
+        Some(Content::Items(_)) => None,
+        None => Some(Aggregate::default()),
+    };
+    let start = key.window_start;
+    let is_items =
+        matches!(want, Some(Content::Items(_))) || matches!(had, Some(Content::Items(_)));
+    if !is_items {
+        let (Some(w), Some(h)) = (total_of(want), total_of(had)) else {
+            return write_row(tx, key, want).await;
+        };
+        let value = w.value.checked_sub(h.value).ok_or_else(overflow)?;
+        let count = w
+            .event_count
+            .checked_sub(h.event_count)
+            .ok_or_else(overflow)?;
+        sqlx::query(
+            "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
+             VALUES ($1, $2, to_timestamp($3), to_timestamp($4), $5, $6)
+             ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
+             SET value = a.value + excluded.value, event_count = a.event_count + excluded.event_count,
+                 revision = a.revision + 1, updated_at = now()",
+        )
+        .bind(&key.customer_id)
+        .bind(&key.meter)
+        .bind(start)
+        .bind(key.window_end)
+        .bind(value)
+        .bind(count)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM aggregations WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3)
+               AND value = 0 AND event_count = 0",
+        )
+        .bind(&key.customer_id)
+        .bind(&key.meter)
+        .bind(start)
+        .execute(&mut *tx)
+        .await?;
+        return Ok(());
+    }
+    let (Some(w), Some(h)) = (items_of(want), items_of(had)) else {
+        return write_row(tx, key, want).await;
+    };
+    let mut kind = None;
+    for item in w.keys().chain(h.keys()) {
+        let delta = w
+            .get(item)
+            .copied()
+            .unwrap_or(0)
+            .checked_sub(h.get(item).copied().unwrap_or(0))
+            .ok_or_else(overflow)?;
+        let (k, sort_time, text, num) = item_columns(item);
+        kind = Some(k);
+        if delta == 0 {
+            continue;
+        }
+        let updated = sqlx::query(
+            "UPDATE meter_values SET count = count + $6
+             WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3) AND sort_time = $4
+               AND item = $5",
+        )
+        .bind(&key.customer_id)
+        .bind(&key.meter)
+        .bind(start)
+        .bind(sort_time)
+        .bind(&text)
+        .bind(delta)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            sqlx::query(
+                "INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
+                 VALUES ($1, $2, to_timestamp($3), $4, $5, $6, $7, $8)",
+            )
+            .bind(&key.customer_id)
+            .bind(&key.meter)
+            .bind(start)
+            .bind(sort_time)
+            .bind(&text)
+            .bind(num)
+            .bind(k)
+            .bind(delta)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    sqlx::query(
+        "DELETE FROM meter_values WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3)
+           AND count = 0",
+    )
+    .bind(&key.customer_id)
+    .bind(&key.meter)
+    .bind(start)
+    .execute(&mut *tx)
+    .await?;
+    // The row shows what its items make now (also when it had been tampered with).
+    sqlx::query(
+        "WITH agg AS (
+             SELECT max(v.num) AS max_num, count(*) AS items, sum(v.count)::bigint AS events,
+                    (array_agg(v.num ORDER BY v.sort_time DESC, v.item DESC))[1] AS latest
+             FROM meter_values v
+             WHERE v.customer_id = $1 AND v.meter = $2 AND v.window_start = to_timestamp($3)
+         )
+         INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
+         SELECT $1, $2, to_timestamp($3), to_timestamp($4),
+                CASE $5 WHEN 'max' THEN COALESCE(agg.max_num, 0)
+                        WHEN 'unique_count' THEN agg.items
+                        ELSE COALESCE(agg.latest, 0) END,
+                agg.events
+         FROM agg WHERE agg.items > 0
+         ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
+         SET value = excluded.value, event_count = excluded.event_count,
+             revision = a.revision + 1, updated_at = now()",
+    )
+    .bind(&key.customer_id)
+    .bind(&key.meter)
+    .bind(start)
+    .bind(key.window_end)
+    .bind(kind.unwrap_or("max"))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM aggregations a WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3)
+           AND NOT EXISTS (SELECT 1 FROM meter_values v WHERE v.customer_id = a.customer_id
+                           AND v.meter = a.meter AND v.window_start = a.window_start)",
+    )
+    .bind(&key.customer_id)
+    .bind(&key.meter)
+    .bind(start)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The `meter_values` columns of an item: (kind, sort_time, item text, num).
+fn item_columns(item: &Item) -> (&'static str, i64, String, Option<Decimal>) {
+    match item {
+        Item::Max(v) => ("max", 0, v.to_string(), Some(*v)),
+        Item::Unique(text) => ("unique_count", 0, text.clone(), None),
+        Item::Latest {
+            time_micros,
+            event_id,
+            value,
+        } => ("latest", *time_micros, event_id.clone(), Some(*value)),
+    }
 }
 
 /// Replaces a stored row by what it should be (or removes it).
@@ -461,7 +651,7 @@ async fn rerate_period(
 ) -> Result<(u64, u64, Decimal, Decimal), sqlx::Error> {
     let end = period_of(period).1;
     let customers = vec![customer.to_owned()];
-    let (rows, _) = stored_rows(&mut *tx, &customers, period, end, multiset).await?;
+    let (rows, _, _) = stored_rows(&mut *tx, &customers, period, end, multiset).await?;
     let windows: Vec<WindowUsage> = rows
         .iter()
         .filter(|(k, _)| k.meter == meter)
