@@ -364,4 +364,40 @@ mod tests {
         assert_eq!(a.offsets, vec![progress(0, 12), progress(1, 5)]);
         assert_eq!(a.watermark, Some(7));
     }
+
+    /// Finding 3 in the sink: two queued changes of a row whose sum overflows quarantine the row
+    /// instead of failing the writer (which stopped the pipeline for good).
+    #[test]
+    fn finding_03_absorbing_changes_that_overflow_quarantines_the_row() {
+        let huge = Aggregate::of(Decimal::MAX - Decimal::ONE);
+        let mut a = EpochBatch {
+            epoch: 1,
+            aggregates: vec![
+                (key("a"), None, huge),
+                (key("b"), None, Aggregate::of(Decimal::ONE)),
+            ],
+            ..EpochBatch::default()
+        };
+        let b = EpochBatch {
+            epoch: 2,
+            aggregates: vec![(key("a"), None, huge)],
+            ..EpochBatch::default()
+        };
+        a.absorb(b).unwrap();
+        assert_eq!(a.quarantined_rows, vec![key("a")]);
+        assert_eq!(
+            a.aggregates,
+            vec![
+                (
+                    key("a"),
+                    None,
+                    Aggregate {
+                        value: Decimal::ZERO,
+                        event_count: 2
+                    }
+                ),
+                (key("b"), None, Aggregate::of(Decimal::ONE)),
+            ]
+        );
+    }
 }
