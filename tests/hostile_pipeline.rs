@@ -618,3 +618,41 @@ async fn finding_23_the_pipeline_commits_while_a_rerating_job_recomputes() {
     let mut conn = connect(&url).await;
     assert_eq!(row(&mut conn, "c", W).await, (Decimal::from(40), 40, false));
 }
+
+/// Finding 3, on the API: a quarantined window says so in `GET /api/v1/aggregations`.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_03_a_quarantined_window_is_marked_on_the_api() {
+    let api = spawn_api().await;
+    for (customer, quarantined) in [("q", true), ("ok", false)] {
+        sqlx::query(
+            "INSERT INTO aggregations (customer_id, meter, window_start, window_end, value, event_count,
+                                       quarantined)
+             VALUES ($1, 'api_call', to_timestamp($2), to_timestamp($2 + 3600), 5, 1, $3)",
+        )
+        .bind(customer)
+        .bind(W)
+        .bind(quarantined)
+        .execute(&api.pool)
+        .await
+        .unwrap();
+    }
+    let page = api.get_json("/api/v1/aggregations?meter=api_call").await;
+    let flags: Vec<(String, serde_json::Value)> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["customer_id"].as_str().unwrap().to_owned(),
+                r["quarantined"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        flags,
+        vec![
+            ("ok".into(), serde_json::Value::Null),
+            ("q".into(), serde_json::Value::Bool(true))
+        ]
+    );
+}

@@ -46,6 +46,10 @@ pub struct Aggregation {
     value: Decimal,
     event_count: i64,
     finalized: bool,
+    /// The window's sum left the decimal range: `value` is its last value in range, not its usage
+    /// (README "Overflow is data, not a crash"). Shown only when true.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    quarantined: bool,
     revision: i32,
     updated_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,7 +92,8 @@ pub async fn list(
         None => (None, None, None),
     };
     let rows = sqlx::query(
-        "SELECT customer_id, meter, window_start, window_end, value, event_count, finalized, revision, updated_at
+        "SELECT customer_id, meter, window_start, window_end, value, event_count, finalized, revision, updated_at,
+                quarantined
          FROM aggregations
          WHERE ($1::text IS NULL OR customer_id = $1)
            AND ($2::text IS NULL OR meter = $2)
@@ -121,6 +126,7 @@ pub async fn list(
                 finalized: r.try_get(6)?,
                 revision: r.try_get(7)?,
                 updated_at: r.try_get(8)?,
+                quarantined: r.try_get(9)?,
                 event_ids: None,
                 event_ids_next_cursor: None,
             })

@@ -1142,6 +1142,7 @@ fn schemas() -> Value {
                 "value", "event_count", "finalized", "revision", "updated_at"], "properties": {
             "customer_id": string, "meter": string, "window_start": time, "window_end": time,
             "value": number, "event_count": integer, "finalized": {"type": "boolean"},
+            "quarantined": {"type": "boolean", "description": "present (true) when the window's sum left the decimal range: value is its last value in range"},
             "revision": integer, "updated_at": time,
             "event_ids": {"type": "array", "items": string},
             "event_ids_next_cursor": string}}),
