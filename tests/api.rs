@@ -681,3 +681,49 @@ async fn finding_32_job_errors_do_not_expose_database_messages() {
         assert!(!error.contains(leak), "{leak} in {error}");
     }
 }
+
+/// Finding 23: a re-rating job `running` for 10 minutes was claimed again by any API instance, though
+/// its runner was alive (a long job), so two recomputations ran. A runner now holds a session lock on
+/// its job: only a job whose runner is gone (lock free) is claimed again, and then at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_23_a_running_job_is_not_claimed_again_while_its_runner_lives() {
+    let api = spawn_api().await;
+    // Another instance's runner, alive: it holds the job's lock.
+    let mut runner = sqlx::PgConnection::connect(&api.url).await.unwrap();
+    use sqlx::Connection;
+    sqlx::query("SELECT pg_advisory_lock(hashtext('meterflow.rerating'), hashtext('rrj_live'))")
+        .execute(&mut runner)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO rerating_jobs (job_id, customer_ids, scope, reason, status, started_at)
+         VALUES ('rrj_live', '{c}', tstzrange('2024-01-01', '2024-01-02', '[)'), 'long', 'running',
+                 now() - interval '11 minutes')",
+    )
+    .execute(&api.pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, restarted): (String, bool) = sqlx::query_as(
+        "SELECT status, started_at > now() - interval '10 minutes' FROM rerating_jobs WHERE job_id = 'rrj_live'",
+    )
+    .fetch_one(&api.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (status.as_str(), restarted),
+        ("running", false),
+        "claimed again while its runner lives"
+    );
+    // The runner dies: its lock goes with its connection, and the job is taken over and finished.
+    runner.close().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let job = api.get_json("/api/v1/rerating-jobs/rrj_live").await;
+        if job["status"] == "succeeded" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -180,8 +180,10 @@ pub async fn get(
 }
 
 /// Runs pending jobs one at a time, oldest first, for as long as the API runs. Woken by new jobs, and
-/// every second in case another API instance queued one. A job left `running` by a crashed instance is
-/// picked up again (its recomputation is one transaction: it either happened or it did not).
+/// every second in case another API instance queued one. The runner of a job holds a session lock on it
+/// (`pg_advisory_lock`, on the connection that runs it), so a job left `running` is picked up again as
+/// soon as its runner is gone (a crashed instance's connection ends, and its lock with it), and never
+/// while it still runs, however long (its recomputation is one transaction: it happened or it did not).
 pub async fn runner(pool: PgPool, wake: std::sync::Arc<tokio::sync::Notify>) {
     loop {
         match run_next(&pool).await {
@@ -196,18 +198,70 @@ pub async fn runner(pool: PgPool, wake: std::sync::Arc<tokio::sync::Notify>) {
     }
 }
 
-/// Claims and runs the oldest pending job; false when there is none.
+/// The session lock of a job's runner (two keys, so it cannot meet another advisory lock by chance):
+/// taken if free, and released.
+const TRY_LOCK_JOB: &str =
+    "SELECT pg_try_advisory_lock(hashtext('meterflow.rerating'), hashtext($1))";
+const UNLOCK_JOB: &str = "SELECT pg_advisory_unlock(hashtext('meterflow.rerating'), hashtext($1))";
+
+/// Claims and runs the oldest job that is pending, or running without a runner; false when there is
+/// none.
 async fn run_next(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let candidates: Vec<String> = sqlx::query_scalar(
+        "SELECT job_id FROM rerating_jobs WHERE status IN ('pending', 'running')
+         ORDER BY created_at LIMIT 20",
+    )
+    .fetch_all(pool)
+    .await?;
+    if candidates.is_empty() {
+        return Ok(false);
+    }
+    let mut conn = pool.acquire().await?;
+    for job_id in candidates {
+        let locked: bool = sqlx::query_scalar(TRY_LOCK_JOB)
+            .bind(&job_id)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !locked {
+            // Its runner lives (in this or another instance).
+            continue;
+        }
+        let ran = claim_and_run(pool, &mut conn, &job_id).await;
+        let unlocked: Result<bool, _> = sqlx::query_scalar(UNLOCK_JOB)
+            .bind(&job_id)
+            .fetch_one(&mut *conn)
+            .await;
+        let reset = sqlx::query("RESET statement_timeout")
+            .execute(&mut *conn)
+            .await;
+        if !matches!(unlocked, Ok(true)) || reset.is_err() {
+            // Never hand the pool a connection that holds a job's lock or lacks its timeout.
+            drop(conn.detach());
+            return ran;
+        }
+        match ran {
+            Ok(false) => continue,
+            other => return other,
+        }
+    }
+    Ok(false)
+}
+
+/// Claims `job_id` (whose lock this connection holds) and runs it; false if it is no longer pending or
+/// running (finished meanwhile).
+async fn claim_and_run(
+    pool: &PgPool,
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+    job_id: &str,
+) -> Result<bool, sqlx::Error> {
     let claimed = sqlx::query(
         "UPDATE rerating_jobs SET status = 'running', started_at = now()
-         WHERE job_id = (SELECT job_id FROM rerating_jobs
-                         WHERE status = 'pending'
-                            OR (status = 'running' AND started_at < now() - interval '10 minutes')
-                         ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1)
+         WHERE job_id = $1 AND status IN ('pending', 'running')
          RETURNING job_id, customer_ids, (extract(epoch FROM lower(scope)) * 1000000)::bigint,
                    (extract(epoch FROM upper(scope)) * 1000000)::bigint",
     )
-    .fetch_optional(pool)
+    .bind(job_id)
+    .fetch_optional(&mut **conn)
     .await?;
     let Some(row) = claimed else {
         return Ok(false);
@@ -218,27 +272,18 @@ async fn run_next(pool: &PgPool) -> Result<bool, sqlx::Error> {
         from_micros: row.try_get(2)?,
         to_micros: row.try_get(3)?,
     };
-    let mut conn = pool.acquire().await?;
     // A job reads far more than a request: the pool's statement timeout (api.statement_timeout_ms)
-    // does not apply to it. RESET restores the pool's value before the connection goes back.
+    // does not apply to it. The caller RESETs it before the connection goes back.
     sqlx::query("SET statement_timeout = 0")
-        .execute(&mut *conn)
+        .execute(&mut **conn)
         .await?;
-    let result = match rerating::rerate(&mut conn, &scope).await {
+    let result = match rerating::rerate(conn, &scope).await {
         // Done once the running pipeline has reloaded what the job corrected.
-        Ok(outcome) => rerating::wait_for_resync(&mut conn, Duration::from_secs(120))
+        Ok(outcome) => rerating::wait_for_resync(conn, Duration::from_secs(120))
             .await
             .map(|confirmed| (outcome, confirmed)),
         Err(e) => Err(e),
     };
-    if sqlx::query("RESET statement_timeout")
-        .execute(&mut *conn)
-        .await
-        .is_err()
-    {
-        // Never hand the pool a connection without its timeout.
-        drop(conn.detach());
-    }
     match result {
         Ok((outcome, confirmed)) => {
             if !confirmed {
