@@ -455,6 +455,34 @@ async fn every_route_isolates_keys_roles_customers_and_body_shapes() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(covered >= 28, "only {covered} routes covered");
+    // Idempotency-Key answers are per key: the victim's stored answer is not replayed to another key.
+    let body = json!({"customer_id": format!("{VICTIM}_idem"), "name": "Idem"}).to_string();
+    let created = api
+        .client
+        .post(format!("{}/api/v1/customers", api.base))
+        .bearer_auth(&admin)
+        .header("idempotency-key", "iso-shared")
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let before = state_digest(&api).await;
+    let replayed = api
+        .client
+        .post(format!("{}/api/v1/customers", api.base))
+        .bearer_auth(&bound[&Role::Admin])
+        .header("idempotency-key", "iso-shared")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(replayed.headers().get("idempotent-replayed").is_none());
+    let status = replayed.status();
+    let text = replayed.text().await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
     // Nothing the bound keys sent changed anything.
     assert_eq!(
         state_digest(&api).await,
