@@ -16,6 +16,8 @@
 //! duplicate, before or after a restart. Within one batch the copies are claimed in the order
 //! (record timestamp, partition, offset), so the least of them is the original. Dedup therefore needs no
 //! memory in the dataflow at all: the claim store (Postgres in production) is the truth.
+//! A void of an id of which no copy was claimed yet leaves a tombstone: that event, whenever it is read,
+//! is a voided duplicate. So what a void does never depends on whether a replay met the event first.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -325,7 +327,8 @@ struct MemoryClaim {
     fingerprint: i64,
     counted: Option<(i32, i64)>,
     voided: Option<(i32, i64)>,
-    event: Event,
+    /// `None` for a tombstone: a void read before any copy of its event.
+    event: Option<Event>,
 }
 
 impl Claims for MemoryClaims {
@@ -344,7 +347,7 @@ impl Claims for MemoryClaims {
                             fingerprint: c.fingerprint,
                             counted: Some(here),
                             voided: None,
-                            event: c.event.clone(),
+                            event: Some(c.event.clone()),
                         });
                 if claim.counted == Some(here) {
                     ClaimOutcome::Counts
@@ -364,13 +367,21 @@ impl Claims for MemoryClaims {
             .iter()
             .map(|v| {
                 let here = (v.partition, v.offset);
-                let claim = self.ids.get_mut(&v.event_id)?;
+                let claim = self
+                    .ids
+                    .entry(v.event_id.clone())
+                    .or_insert_with(|| MemoryClaim {
+                        fingerprint: 0,
+                        counted: None,
+                        voided: None,
+                        event: None,
+                    });
                 match claim.voided {
                     None => claim.voided = Some(here),
                     Some(at) if at == here => {}
                     Some(_) => return None,
                 }
-                claim.counted.map(|_| claim.event.clone())
+                claim.counted.and(claim.event.clone())
             })
             .collect())
     }

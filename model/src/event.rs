@@ -318,9 +318,10 @@ pub fn sniff_event_id(bytes: &[u8]) -> Option<String> {
         id: Option<String>,
     }
     let id: Id = serde_json::from_slice(bytes).ok()?;
+    // Only an id that could be stored is worth a look-up (one with NUL would even fail the query).
     id.event_id
         .or(id.id)
-        .filter(|i| !i.is_empty() && i.len() <= 128)
+        .filter(|i| !i.is_empty() && i.len() <= 128 && i.bytes().all(is_id_char))
 }
 
 /// An event's fields before validation, whichever format they came in.
@@ -840,6 +841,16 @@ mod tests {
         let ce = br#"["1.0","id","src","type","victim","2024-01-15T14:30:00Z"]"#;
         assert!(decode_cloudevent(ce, NOW, &Limits::default()).is_err());
         assert!(decode_as(Format::Plain, b" 5", NOW, &Limits::default()).is_err());
+    }
+
+    #[test]
+    fn only_a_storable_id_is_sniffed() {
+        assert_eq!(
+            sniff_event_id(br#"{"event_id":"e-1","x":1}"#).as_deref(),
+            Some("e-1")
+        );
+        assert_eq!(sniff_event_id(br#"{"event_id":"e\u0000"}"#), None);
+        assert_eq!(sniff_event_id(br#"{"id":"bad id"}"#), None);
     }
 
     #[test]

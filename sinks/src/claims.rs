@@ -201,9 +201,16 @@ impl Claims for PgClaims {
             Box::pin(async move {
                 let mut tx = conn.begin().await?;
                 // Claim each void (idempotently, by position); for those whose event had counted, read
-                // the event back to retract exactly what it contributed.
+                // the event back to retract exactly what it contributed. A void of an id not seen yet
+                // leaves a tombstone (voided, never counted), so the event, read later, is a voided
+                // duplicate — on the first run and on any replay alike.
                 let rows = sqlx::query(
-                    "WITH voided AS (
+                    "WITH tombstones AS (
+                        INSERT INTO event_ids (event_id, event_time, fingerprint, source, voided_partition, voided_offset)
+                        SELECT v.id, timestamptz 'epoch', 0, 'kafka', v.p, v.o
+                        FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS v(id, p, o)
+                        ON CONFLICT ON CONSTRAINT event_ids_pkey DO NOTHING
+                     ), voided AS (
                         UPDATE event_ids e SET voided_partition = v.p, voided_offset = v.o
                         FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS v(id, p, o)
                         WHERE e.event_id = v.id
