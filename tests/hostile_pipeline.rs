@@ -656,3 +656,38 @@ async fn finding_03_a_quarantined_window_is_marked_on_the_api() {
         ]
     );
 }
+
+/// Findings 3 and 17, on invoices: a period in rating quarantine is billed only up to its quarantined
+/// window, so issuing its invoice is refused (409 PERIOD_QUARANTINED) until the usage is corrected.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_17_a_quarantined_period_is_not_invoiced() {
+    let api = spawn_api().await;
+    let response = api
+        .post_json(
+            "/api/v1/customers",
+            &json!({"customer_id": "q", "name": "Q", "currency": "USD"}),
+        )
+        .await;
+    assert_eq!(response.status(), reqwest::StatusCode::CREATED);
+    sqlx::query(
+        "INSERT INTO rating_quarantine (customer_id, meter, period_start, from_window, reason)
+         VALUES ('q', 'api_call', '2024-01-01T00:00:00Z', to_timestamp($1), 'usage_overflow')",
+    )
+    .bind(W)
+    .execute(&api.pool)
+    .await
+    .unwrap();
+    let response = api
+        .post_json(
+            "/api/v1/invoices",
+            &json!({"customer_id": "q", "period_start": "2024-01-01T00:00:00Z",
+                    "period_end": "2024-01-31T23:59:59.999Z"}),
+        )
+        .await;
+    expect_problem(
+        response,
+        reqwest::StatusCode::CONFLICT,
+        "PERIOD_QUARANTINED",
+    )
+    .await;
+}

@@ -154,6 +154,9 @@ pub(crate) fn issue_error(e: IssueError) -> ApiError {
         IssueError::Invoice(InvoiceError::CurrencyMismatch { .. }) => {
             ApiError::Conflict("CURRENCY_MISMATCH", e.to_string())
         }
+        IssueError::Invoice(InvoiceError::Quarantined { .. }) => {
+            ApiError::Conflict("PERIOD_QUARANTINED", e.to_string())
+        }
         IssueError::Invoice(InvoiceError::Overflow(_)) => ApiError::Conflict(
             "AMOUNT_OVERFLOW",
             "an amount of the invoice overflowed the 96-bit decimal range".into(),

@@ -598,7 +598,7 @@ pub const ROUTES: &[Route] = &[
                     (404, problem("NOT_FOUND: the customer is not registered")),
                     (
                         409,
-                        problem("INVOICE_ALREADY_EXISTS, PERIOD_NOT_ENDED, CURRENCY_MISMATCH or AMOUNT_OVERFLOW"),
+                        problem("INVOICE_ALREADY_EXISTS, PERIOD_NOT_ENDED, PERIOD_QUARANTINED, CURRENCY_MISMATCH or AMOUNT_OVERFLOW"),
                     ),
                     (413, problem("PAYLOAD_TOO_LARGE")),
                     (422, problem("VALIDATION_FAILED")),
@@ -1046,7 +1046,7 @@ fn schemas() -> Value {
                     INVOICE_ALREADY_EXISTS, RERATING_IN_PROGRESS, PRICE_BOOK_OVERLAP, PERIOD_NOT_ENDED, \
                     VALIDATION_FAILED (with field paths in `errors`), MALFORMED_JSON, PAYLOAD_TOO_LARGE, \
                     UNAUTHORIZED, FORBIDDEN, NOT_FOUND, RATE_LIMITED, UNAVAILABLE, and the more specific \
-                    METER_EXISTS, METER_NAME_COLLIDES, CUSTOMER_ALREADY_EXISTS, CURRENCY_LOCKED, CURRENCY_MISMATCH, AMOUNT_OVERFLOW, \
+                    METER_EXISTS, METER_NAME_COLLIDES, PERIOD_QUARANTINED, CUSTOMER_ALREADY_EXISTS, CURRENCY_LOCKED, CURRENCY_MISMATCH, AMOUNT_OVERFLOW, \
                     INVOICE_RUN_IN_PROGRESS, BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, TIMEOUT.",
                 "required": ["type", "title", "status", "code", "detail"],
                 "properties": {

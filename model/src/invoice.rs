@@ -140,6 +140,21 @@ pub enum InvoiceError {
     },
     #[error(transparent)]
     Overflow(#[from] MoneyError),
+    /// The period's usage of a meter is in rating quarantine (its usage or its price left the decimal
+    /// range, README "Overflow is data, not a crash"): it is charged only up to a window, so it is
+    /// not invoiced until the usage is corrected.
+    #[error(
+        "usage of meter {meter} in {} is quarantined from window {} on (its usage or its price left          the decimal range): correct the usage (void the offending events, run a re-rating job), then          issue the invoice",
+        month(*.period_start),
+        instant(*.from_window)
+    )]
+    Quarantined {
+        meter: String,
+        /// Seconds since the epoch.
+        period_start: i64,
+        /// Seconds since the epoch.
+        from_window: i64,
+    },
 }
 
 /// An amount rounded once to the currency's minor unit ([`round_to_minor_unit`]) and written with
@@ -148,6 +163,14 @@ pub fn billed_amount(amount: Decimal, currency: &str) -> Decimal {
     let mut rounded = round_to_minor_unit(amount, currency);
     rounded.rescale(minor_unit_digits(currency));
     rounded
+}
+
+/// `2024-01-15T10:00:00Z` for `secs` seconds since the epoch.
+fn instant(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0).map_or_else(
+        || secs.to_string(),
+        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
 }
 
 /// `2024-01` for a period starting at `start` (seconds).

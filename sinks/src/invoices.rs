@@ -292,6 +292,27 @@ pub async fn issue_batch(
             None => todo.push(c),
         }
     }
+    // A period in rating quarantine is charged only up to a window: not invoiced (findings 3, 17).
+    let quarantined: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT DISTINCT ON (customer_id) customer_id, meter, extract(epoch FROM from_window)::bigint
+         FROM rating_quarantine WHERE customer_id = ANY($1) AND period_start = $2
+         ORDER BY customer_id, meter",
+    )
+    .bind(todo.iter().map(|c| c.customer_id.as_str()).collect::<Vec<_>>())
+    .bind(period.start)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (customer_id, meter, from_window) in quarantined {
+        todo.retain(|c| c.customer_id != customer_id);
+        outcome.failed.push((
+            customer_id,
+            InvoiceError::Quarantined {
+                meter,
+                period_start: p,
+                from_window,
+            },
+        ));
+    }
     if todo.is_empty() {
         return Ok(outcome);
     }
