@@ -32,8 +32,14 @@ fn drain_within(url: &str, topic: &str, within: Duration, extra: &[&str]) {
     drain_with_env(url, topic, within, extra, &[]);
 }
 
-/// [`drain_within`] with more environment variables.
-fn drain_with_env(url: &str, topic: &str, within: Duration, extra: &[&str], env: &[(&str, &str)]) {
+/// [`drain_within`] with more environment variables; returns what the pipeline wrote to stderr.
+fn drain_with_env(
+    url: &str,
+    topic: &str,
+    within: Duration,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> String {
     let mut child = meterflow(url, topic)
         .args(["pipeline", "--until-caught-up", "--workers", "1"])
         .args(extra)
@@ -51,7 +57,7 @@ fn drain_with_env(url: &str, topic: &str, within: Duration, extra: &[&str], env:
                 let _ = e.read_to_string(&mut stderr);
             }
             assert!(status.success(), "the pipeline failed: {stderr}");
-            return;
+            return stderr;
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
@@ -255,13 +261,17 @@ async fn finding_05_a_transient_failure_of_the_first_commit_loses_nothing() {
         })
         .collect();
     produce(&topic, &records);
-    drain_with_env(
+    let log = drain_with_env(
         &url,
         &topic,
         Duration::from_secs(60),
         // A long first epoch: every record is read into epoch 0.
         &["--epoch-ms", "3000"],
         &[("MF_FAILPOINT", "error_before_commit:1")],
+    );
+    assert!(
+        log.contains("failpoint error_before_commit"),
+        "the first commit failed once: {log}"
     );
     assert_eq!(
         committed(&url).await,
