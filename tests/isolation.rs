@@ -455,6 +455,12 @@ async fn every_route_isolates_keys_roles_customers_and_body_shapes() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(covered >= 28, "only {covered} routes covered");
+    // Nothing the bound keys sent changed anything.
+    assert_eq!(
+        state_digest(&api).await,
+        before,
+        "the bound keys changed stored data"
+    );
     // Idempotency-Key answers are per key: the victim's stored answer is not replayed to another key.
     let body = json!({"customer_id": format!("{VICTIM}_idem"), "name": "Idem"}).to_string();
     let created = api
