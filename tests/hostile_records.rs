@@ -382,3 +382,50 @@ async fn finding_18_partitions_added_while_running_are_read() {
     produce_to(&topic, 1, &events("p1-", 5));
     wait_counted(&url, 10, BOUND).await;
 }
+
+/// Review finding 21 (state per distinct event type): each event type no meter reads is a default meter
+/// with rows and rating state of its own, so a key varying `event_type` grew the pipeline's state
+/// without end. A customer now gets at most 1000 distinct event types, over Kafka and HTTP alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_21_a_customer_gets_at_most_1000_distinct_event_types() {
+    let api = spawn_api().await;
+    let records: Vec<Record> = (0..1005)
+        .map(|i| Record {
+            payload: format!(
+                r#"{{"event_id":"ty{i}","customer_id":"c","event_type":"t{i:04}","event_time":"{TIME}"}}"#
+            )
+            .into_bytes(),
+            void: false,
+        })
+        .collect();
+    produce_in_order(&api.topic, &records);
+    drain_within(&api.url, &api.topic, Duration::from_secs(120));
+    let counted = scalar_i64(
+        &api.url,
+        "SELECT count(*) FROM event_ids WHERE counted_partition IS NOT NULL",
+    )
+    .await;
+    assert_eq!(counted, 1000);
+    let refused = dead_letters(&api.url).await;
+    assert_eq!(refused.len(), 5, "{refused:?}");
+    assert!(
+        refused[0].1.contains("1000 distinct event types"),
+        "{refused:?}"
+    );
+    // Over HTTP: a 1001st type is a 422 naming the field, a known one is accepted.
+    let event = |id: &str, kind: &str| serde_json::json!({"event_id": id, "customer_id": "c", "event_type": kind, "event_time": TIME});
+    let (status, body) = problem(api.post_event(&event("h1", "t9999")).await).await;
+    assert_eq!(status, reqwest::StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.to_string().contains("event_type"), "{body}");
+    assert_eq!(
+        api.post_event(&event("h2", "t0001")).await.status(),
+        reqwest::StatusCode::CREATED
+    );
+    // Another customer is not affected.
+    let mut other = event("h3", "t9999");
+    other["customer_id"] = "d".into();
+    assert_eq!(
+        api.post_event(&other).await.status(),
+        reqwest::StatusCode::CREATED
+    );
+}

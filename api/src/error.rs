@@ -211,6 +211,13 @@ impl From<sqlx::Error> for ApiError {
                     "text must not contain NUL (U+0000) characters",
                 )])
             }
+            // The bound on distinct event types per customer (migration 0013, review finding 21).
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("22M01") => {
+                ApiError::Validation(vec![FieldError::new(
+                    "event_type",
+                    "this customer already has 1000 distinct event types; define meters over fewer types",
+                )])
+            }
             // Any other data exception (class 22: a lone surrogate escape in JSON, a number out of
             // range…) is the request's data too; the database's message stays in the log.
             sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
