@@ -701,3 +701,73 @@ async fn finding_17_a_quarantined_period_is_not_invoiced() {
     )
     .await;
 }
+
+/// Finding 2's crash loop, in the sink: a retraction that meets no stored item (a void taking back what
+/// was never added) made `meter_values` break its non-negative CHECK, a permanent error that stopped the
+/// pipeline at every restart. The sink now drops such a retraction; the row shows its stored items.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_02_a_retraction_of_an_item_never_stored_does_not_stop_the_sink() {
+    use meterflow_model::{Aggregate, AggregateKey, EpochBatch, Item, PartitionProgress};
+    let url = fresh_database().await;
+    let mut conn = connect(&url).await;
+    let lease = meterflow_sinks::acquire_lease(&mut conn, "t")
+        .await
+        .unwrap();
+    let (batches, batch_rx) = crossbeam_channel::bounded(4);
+    let (ack_tx, acks) = crossbeam_channel::unbounded();
+    let writer = meterflow_sinks::spawn_writer(
+        url.clone(),
+        lease,
+        batch_rx,
+        ack_tx,
+        std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+    )
+    .unwrap();
+    let key = AggregateKey {
+        customer_id: "c".into(),
+        meter: "peak".into(),
+        window_start: W,
+        window_end: W + HOUR,
+    };
+    let change = |item: &str, n: i64| {
+        (
+            key.clone(),
+            Some(Item::Max(item.parse().unwrap())),
+            Aggregate {
+                value: Decimal::ZERO,
+                event_count: n,
+            },
+        )
+    };
+    batches
+        .send(EpochBatch {
+            epoch: 0,
+            aggregates: vec![change("7", 1), change("99", -1)],
+            offsets: vec![PartitionProgress {
+                partition: 0,
+                next_offset: 2,
+                max_event_time_micros: None,
+            }],
+            ..EpochBatch::default()
+        })
+        .unwrap();
+    drop(batches);
+    let outcome = tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    assert!(outcome.is_ok(), "the sink goes on: {outcome:?}");
+    assert_eq!(acks.try_recv().ok(), Some(0));
+    assert_eq!(row_of(&mut conn, "peak").await, (Decimal::from(7), 1));
+    assert_eq!(committed(&url).await, 2);
+}
+
+async fn row_of(conn: &mut PgConnection, meter: &str) -> (Decimal, i64) {
+    let (value, count): (Decimal, i64) = sqlx::query_as(
+        "SELECT value, event_count FROM aggregations WHERE customer_id = 'c' AND meter = $1",
+    )
+    .bind(meter)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    (value.normalize(), count)
+}

@@ -595,26 +595,38 @@ async fn apply_multiset_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Resu
         kinds.push(kind);
         counts.push(agg.event_count);
     }
-    sqlx::query(
-        // Existing items change by their delta (a retraction only ever meets an existing item); new
-        // items are inserted. Not an upsert: Postgres checks CHECK constraints on the proposed row
-        // before it finds the conflict, and a retraction's proposed row has a negative count.
+    // Existing items change by their delta; new items are inserted. Not an upsert: Postgres checks
+    // CHECK constraints on the proposed row before it finds the conflict, and a retraction's proposed
+    // row has a negative count. A retraction should only ever meet an existing item; one that does not
+    // (or takes more than is stored) is data at fault, not a reason to stop the pipeline (finding 2's
+    // crash loop): it is dropped, counted and logged, and the row shows the items stored.
+    let (orphans, over): (i64, i64) = sqlx::query_as(
         "WITH u AS (
              SELECT c, m, to_timestamp(s) AS s, t, i, x, k, n
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::numeric[], $7::text[], $8::bigint[])
                AS u(c, m, s, t, i, x, k, n)
          ), changed AS (
-             UPDATE meter_values v SET count = v.count + u.n
+             UPDATE meter_values v SET count = GREATEST(v.count + u.n, 0)
              FROM u
              WHERE v.customer_id = u.c AND v.meter = u.m AND v.window_start = u.s AND v.sort_time = u.t AND v.item = u.i
              RETURNING v.customer_id, v.meter, v.window_start, v.sort_time, v.item
+         ), inserted AS (
+             INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
+             SELECT c, m, s, t, i, x, k, n FROM u
+             WHERE n > 0 AND NOT EXISTS (
+                 SELECT 1 FROM changed
+                 WHERE changed.customer_id = u.c AND changed.meter = u.m AND changed.window_start = u.s
+                   AND changed.sort_time = u.t AND changed.item = u.i)
          )
-         INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
-         SELECT c, m, s, t, i, x, k, n FROM u
-         WHERE NOT EXISTS (
-             SELECT 1 FROM changed
-             WHERE changed.customer_id = u.c AND changed.meter = u.m AND changed.window_start = u.s
-               AND changed.sort_time = u.t AND changed.item = u.i)",
+         -- Every part of a WITH reads the rows as they were before the statement.
+         SELECT (SELECT count(*) FROM u WHERE n < 0 AND NOT EXISTS (
+                     SELECT 1 FROM changed
+                     WHERE changed.customer_id = u.c AND changed.meter = u.m AND changed.window_start = u.s
+                       AND changed.sort_time = u.t AND changed.item = u.i)),
+                (SELECT count(*) FROM u JOIN meter_values v
+                   ON v.customer_id = u.c AND v.meter = u.m AND v.window_start = u.s AND v.sort_time = u.t
+                  AND v.item = u.i
+                 WHERE v.count + u.n < 0)",
     )
     .bind(&customers)
     .bind(&meters)
@@ -624,8 +636,17 @@ async fn apply_multiset_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Resu
     .bind(&nums)
     .bind(&kinds)
     .bind(&counts)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
+    if orphans > 0 || over > 0 {
+        tracing::warn!(
+            orphans,
+            over,
+            "retractions met no stored item, or took more than it holds (a void of what was never \
+             counted); dropped"
+        );
+        metrics::DROPPED_RETRACTIONS.inc_by(orphans.saturating_add(over).unsigned_abs());
+    }
     sqlx::query(
         "DELETE FROM meter_values v
          USING UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS u(c, m, s, t, i)

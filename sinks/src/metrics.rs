@@ -131,6 +131,14 @@ pub static QUARANTINED_PERIODS: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("a valid metric")
 });
 
+pub static DROPPED_RETRACTIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "sink_dropped_retractions_total",
+        "Retractions of max/unique_count/latest items that met no stored item (never expected; dropped, not fatal)"
+    )
+    .expect("a valid metric")
+});
+
 /// The reasons of dead letters (`DecodeError::code`); any other is counted as `OTHER`, so the label
 /// stays bounded.
 pub const DEAD_LETTER_REASONS: [&str; 2] = ["MALFORMED_JSON", "VALIDATION_FAILED"];
@@ -157,6 +165,7 @@ pub fn register_all() {
     LazyLock::force(&COMMITTED_RECORDS);
     LazyLock::force(&QUARANTINED_WINDOWS);
     LazyLock::force(&QUARANTINED_PERIODS);
+    LazyLock::force(&DROPPED_RETRACTIONS);
     for kind in ["transient", "permanent"] {
         COMMIT_ERRORS.with_label_values(&[kind]);
     }
