@@ -21,12 +21,12 @@
 //! |---|---|
 //! | `source.rs` | the Kafka reader threads: deterministic partition assignment, start offsets, catch-up |
 //! | `classify.rs` | decode, validate and claim (dedup, voids) on the reader threads; [`Claims`](classify::Claims) |
-//! | `meters.rs` | [`MeterRegistry`](meters::MeterRegistry): the meters in force, reloadable |
+//! | `meters.rs` | [`MeterRegistry`](meters::MeterRegistry): the meters in force, reloadable; no default meter on a meter's name |
 //! | `operators.rs` | `build`: the dataflow graph, one small named operator per step |
 //! | `rating.rs` | `rate`: window usage + price books → period-to-date window charges (SPEC §5) |
 //! | `commit.rs` | `commit_epochs`: gathers each completed epoch on worker 0, hands it to the sink, holds the epoch open until the sink acknowledges |
 //! | `worker.rs` | driving a worker: feeding inputs, ticking epochs, backpressure, shutdown |
-//! | `usage.rs` | [`Usage`], the aggregate as a differential difference |
+//! | `usage.rs` | [`Usage`], the aggregate as a differential difference; a sum past the decimal range is a sticky *overflowed* usage (quarantine) |
 //!
 //! Data never reaches a panic: outside tests this crate may not unwrap, expect, index or do unchecked
 //! arithmetic (the lints below; `clippy.toml` allows the first three in tests).

@@ -4,10 +4,10 @@
 //! |---|---|
 //! | `claims.rs` | [`PgClaims`]: durable dedup and voids on `event_ids`, called by the Kafka readers |
 //! | `metrics.rs` | the pipeline's Prometheus metrics |
-//! | `epoch.rs` | the epoch sink: one fenced transaction per batch of completed epochs, results + offsets together |
+//! | `epoch.rs` | the epoch sink: one fenced transaction per batch of completed epochs, results + offsets together; quarantined rows and periods |
 //! | `lease.rs` | the writer lease (fencing generation) and the stored source offsets a restart resumes from |
 //! | `source.rs` | one events topic per database, anchors that tell a recreated topic, retention gaps, the source reset |
-//! | `store.rs` | meters, and the event-time progress a restart goes on from |
+//! | `store.rs` | meters (names disjoint from event types), the event-time progress and the rating state a restart goes on from |
 //! | `price_books.rs` | price books: created and edited with an audit row each, loaded for rating |
 //! | `rerating.rs` | re-rating jobs: recompute a scope from raw events, correct rows, charges, upcoming lines |
 //! | `customers.rs` | customers: registered, listed, edited (the currency only before the first invoice) |
