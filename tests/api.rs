@@ -727,3 +727,71 @@ async fn finding_23_a_running_job_is_not_claimed_again_while_its_runner_lives() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Finding 30 (tier 4): the outbox relay produced with the relaying moment as the record's timestamp, so
+/// an event relayed late (or by an instance whose clock is behind) carried another time than the one
+/// it was accepted at. The relay keeps the time the event was stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_30_a_relayed_record_keeps_its_acceptance_time() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let api = spawn_api().await;
+    let payload = br#"{"event_id":"evt_late_relay","customer_id":"cust_9","event_type":"api_call","event_time":"2024-01-15T10:15:00Z","value":7}"#;
+    let event = meterflow_model::decode_event(payload, i64::MAX / 2, &Default::default()).unwrap();
+    let stored_ms: i64 = sqlx::query_scalar(
+        "WITH i AS (INSERT INTO event_ids (event_id, event_time, fingerprint, source)
+                    VALUES ('evt_late_relay', '2024-01-15T10:15:00Z', $2, 'api') RETURNING event_id),
+              e AS (INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value)
+                    SELECT event_id, 'cust_9', 'api_call', '2024-01-15T10:15:00Z', 7 FROM i RETURNING event_id)
+         INSERT INTO event_outbox (event_id, payload, customer_id, created_at)
+         SELECT event_id, $1, 'cust_9', now() - interval '1 hour' FROM e
+         RETURNING (extract(epoch FROM created_at) * 1000)::bigint",
+    )
+    .bind(&payload[..])
+    .bind(event.fingerprint())
+    .fetch_one(&api.pool)
+    .await
+    .unwrap();
+    let producer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .unwrap();
+    for _ in 0..50 {
+        meterflow_api::outbox::relay_once(
+            &api.pool,
+            &producer,
+            &api.topic,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        if scalar_i64(&api.url, "SELECT count(*) FROM event_outbox").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("group.id", unique("relay-ts"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&api.topic]).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let timestamp = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record never came"
+        );
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            if m.payload() == Some(&payload[..]) {
+                break m.timestamp().to_millis().unwrap();
+            }
+        }
+    };
+    assert!(
+        (timestamp - stored_ms).abs() < 1000,
+        "record time {timestamp}, stored at {stored_ms}: {} s apart",
+        (timestamp - stored_ms) / 1000
+    );
+}

@@ -103,7 +103,8 @@ pub async fn relay_once(
 ) -> Result<usize, RelayError> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
-        "SELECT event_id, payload, customer_id, kind FROM event_outbox
+        "SELECT event_id, payload, customer_id, kind, (extract(epoch FROM created_at) * 1000)::bigint
+         FROM event_outbox
          WHERE created_at < now() - make_interval(secs => $1)
          ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED",
     )
@@ -116,7 +117,13 @@ pub async fn relay_once(
         let payload: Vec<u8> = row.try_get(1)?;
         let customer: String = row.try_get(2)?;
         let kind: String = row.try_get(3)?;
-        let mut record = FutureRecord::to(topic).key(&customer).payload(&payload);
+        // The time it was stored (accepted), not the time of this relay: a late relay, or one by an
+        // instance whose clock is behind, must not change the record's time (finding 30).
+        let stored_ms: i64 = row.try_get(4)?;
+        let mut record = FutureRecord::to(topic)
+            .key(&customer)
+            .payload(&payload)
+            .timestamp(stored_ms);
         // `event` or `void`: an event's header tells the reader the API accepted it (finding 10).
         record = record.headers(OwnedHeaders::new().insert(Header {
             key: "meterflow-kind",
