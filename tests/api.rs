@@ -795,3 +795,26 @@ async fn finding_30_a_relayed_record_keeps_its_acceptance_time() {
         (timestamp - stored_ms) / 1000
     );
 }
+
+/// Issue 13 ("no 5xx except 503 with Retry-After"): a batch answers 200 with a status per item; when an
+/// item is 503 (retry), the answer says when, as a single 503 would.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_with_an_item_to_retry_carries_retry_after() {
+    let api = spawn_api_without_kafka().await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let response = api
+        .post_json(
+            "/api/v1/events/batch",
+            &json!([{"event_id": "ra-1", "customer_id": "c", "event_type": "t", "event_time": now}]),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let retry = response.headers().get("retry-after").cloned();
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["results"][0]["status"], 503, "{result}");
+    assert_eq!(
+        retry.as_ref().and_then(|v| v.to_str().ok()),
+        Some("1"),
+        "{result}"
+    );
+}

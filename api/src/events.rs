@@ -178,12 +178,21 @@ pub async fn post_batch(
             }
         });
     }
+    // An item to retry (503) is answered as a single 503 would be: the batch says when.
+    let retry = results.iter().any(|r| r.status == 503);
     let body = serde_json::json!({
         "accepted": accepted,
-        "rejected": results.len() - accepted,
+        "rejected": results.len().saturating_sub(accepted),
         "results": results,
     });
-    Ok((StatusCode::OK, Json(body)))
+    let mut response = (StatusCode::OK, Json(body)).into_response();
+    if retry {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+    }
+    Ok(response)
 }
 
 /// `POST /api/v1/events/{event_id}/void`: retracts a counted event from every aggregate (SPEC §2). The
