@@ -952,3 +952,41 @@ async fn finding_21_a_batch_spends_a_token_per_event() {
     );
     assert!(retry.is_some_and(|r| r >= 30), "Retry-After {retry:?}");
 }
+
+/// Finding 31 (tier 4): when the audit's snapshot after a committed change failed, the client got a 5xx
+/// for a change that happened (and a retry then made another, or a 409). The answer is now the
+/// handler's, and the audit row is still written (without the `after` snapshot).
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_31_a_committed_change_is_not_answered_5xx_when_its_audit_snapshot_fails() {
+    let api = spawn_api_with(settings()).await;
+    let admin = key(&api, Role::Admin, None).await;
+    // The application may read the customer's columns it uses, not a new one: a whole-row snapshot fails.
+    for sql in [
+        "ALTER TABLE customers ADD COLUMN secret text",
+        "REVOKE SELECT ON customers FROM current_user",
+        "GRANT SELECT (customer_id, name, email, address, currency, created_at, updated_at) ON customers TO current_user",
+    ] {
+        sqlx::query(sql).execute(&api.pool).await.unwrap();
+    }
+    let body = json!({"customer_id": "cust_snap", "name": "Snap", "currency": "USD"});
+    let response = send(
+        &api,
+        Method::POST,
+        "/api/v1/customers",
+        Some(&admin),
+        Some(&body),
+    )
+    .await;
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let audited = scalar_i64(
+        &api.url,
+        "SELECT count(*) FROM audit_log WHERE action = 'customer.create' AND entity_id = 'cust_snap'",
+    )
+    .await;
+    assert_eq!(
+        audited, 1,
+        "the change is audited even without its snapshot"
+    );
+}

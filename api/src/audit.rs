@@ -7,7 +7,8 @@
 //! ```
 //!
 //! The row is written after the change committed, not in its transaction: a crash between the two loses
-//! the audit row (the change itself stands). Key creation and revocation (`meterflow api-key`) are audited
+//! the audit row (the change itself stands). Once the change committed, nothing in auditing it turns
+//! the answer into a 5xx: a failed `after` snapshot is logged and the row written without it. Key creation and revocation (`meterflow api-key`) are audited
 //! in their own transaction. The database refuses UPDATE, DELETE and TRUNCATE of the log.
 
 use axum::body::Body;
@@ -197,35 +198,53 @@ async fn record(
     if !changed {
         return Ok(response);
     }
+    // From here on the change has committed: whatever fails while auditing it is logged, and the
+    // client gets the handler's answer (a 5xx would make it retry a change that happened).
     let (parts, body) = response.into_parts();
     let (id, body) = match (audited.id, path_id) {
-        (IdFrom::Body(field), _) => {
-            let bytes = axum::body::to_bytes(body, 16 * 1024 * 1024)
-                .await
-                .map_err(|e| ApiError::Internal(format!("reading a response to audit: {e}")))?;
-            let id = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get(field).and_then(|f| f.as_str()).map(str::to_owned));
-            (id, Body::from(bytes))
-        }
+        (IdFrom::Body(field), _) => match axum::body::to_bytes(body, 16 * 1024 * 1024).await {
+            Ok(bytes) => {
+                let id = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.get(field).and_then(|f| f.as_str()).map(str::to_owned));
+                (id, Body::from(bytes))
+            }
+            Err(e) => {
+                tracing::error!(action = audited.action, error = %e, "cannot read a response to audit; audit row not written");
+                return Err(ApiError::Internal(format!(
+                    "reading a response to audit: {e}"
+                )));
+            }
+        },
         (IdFrom::Path(_), id) => (id, body),
     };
     if let Some(id) = id {
-        let after = snapshot(&state.pool, audited.snapshot, &id).await?;
+        let after = match snapshot(&state.pool, audited.snapshot, &id).await {
+            Ok(after) => after,
+            Err(e) => {
+                // Audited without its snapshot: the row still says who changed what, when.
+                tracing::error!(action = audited.action, entity_id = %id, error = %e, "no snapshot after the change; auditing it without one");
+                None
+            }
+        };
         if created || before != after {
-            let mut conn = state.pool.acquire().await?;
-            if let Err(e) = insert(
-                &mut conn,
-                &actor,
-                audited.action,
-                audited.entity,
-                &id,
-                before,
-                after,
-                request_id.as_deref(),
-            )
-            .await
-            {
+            let written = match state.pool.acquire().await {
+                Ok(mut conn) => {
+                    insert(
+                        &mut conn,
+                        &actor,
+                        audited.action,
+                        audited.entity,
+                        &id,
+                        before,
+                        after,
+                        request_id.as_deref(),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 // The change stands; the operator must know its audit row is missing.
                 tracing::error!(action = audited.action, entity_id = %id, error = %e, "audit row not written");
             }
