@@ -64,7 +64,8 @@ pub struct WorkerSummary {
 }
 
 /// Runs one worker until its reader is caught up (and the sink has committed everything), `stop` is set,
-/// or the reader fails.
+/// or the reader fails; a failed reader sets `stop` (shared by the process's workers), so every worker
+/// commits what it has and stops, and this one returns the failure.
 pub fn run_worker(
     worker: &mut Worker,
     config: &WorkerConfig,
@@ -104,6 +105,9 @@ pub fn run_worker(
     let mut last_tick = Instant::now();
     let mut caught_up = false;
     let mut reader_open = true;
+    // A failed reader stops every worker of the process (finding 33b): the others would otherwise go
+    // on committing, and move the watermark, while this worker's partitions are never read again.
+    let mut failed: Option<String> = None;
 
     while !stop.load(Ordering::Relaxed) && !caught_up {
         let epoch = *records.time();
@@ -146,7 +150,12 @@ pub fn run_worker(
                         }
                     }
                     Ok(SourceMessage::CaughtUp) => caught_up = true,
-                    Ok(SourceMessage::Failed(why)) => return Err(why),
+                    Ok(SourceMessage::Failed(why)) => {
+                        tracing::error!(error = %why, "a Kafka reader failed; stopping every worker");
+                        stop.store(true, Ordering::Relaxed);
+                        failed = Some(why);
+                        break;
+                    }
                     Err(TryRecvError::Empty) => break,
                     // A worker without partitions has no reader: it only keeps time.
                     Err(TryRecvError::Disconnected) => {
@@ -183,7 +192,10 @@ pub fn run_worker(
     while !probe.done() {
         worker.step_or_park(Some(Duration::from_millis(5)));
     }
-    Ok(summary)
+    match failed {
+        Some(why) => Err(why),
+        None => Ok(summary),
+    }
 }
 
 /// The latest event time the watermark may follow: this worker's clock plus the tolerance for the
