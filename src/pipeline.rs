@@ -153,60 +153,67 @@ fn run_once(
         Some(path) => read_meters_file(&path)?,
         None => Vec::new(),
     };
-    let (lease, start_offsets, (watermark, event_times), meters, rating, resyncs) = runtime.block_on(async {
-        let mut conn = PgConnection::connect(database_url).await.with_context(|| {
-            format!(
-                "cannot connect to Postgres at {}; is it running and migrated?",
-                cfg.database.url.masked()
-            )
-        })?;
-        for meter in &file_meters {
-            match store::create_meter(&mut conn, meter).await? {
-                store::MeterCreated::Created | store::MeterCreated::Identical => {}
-                store::MeterCreated::Different => anyhow::bail!(
+    let (lease, start_offsets, (watermark, event_times), meters, rating, resyncs) = runtime
+        .block_on(async {
+            let mut conn = PgConnection::connect(database_url).await.with_context(|| {
+                format!(
+                    "cannot connect to Postgres at {}; is it running and migrated?",
+                    cfg.database.url.masked()
+                )
+            })?;
+            for meter in &file_meters {
+                match store::create_meter(&mut conn, meter).await? {
+                    store::MeterCreated::Created | store::MeterCreated::Identical => {}
+                    store::MeterCreated::Different => anyhow::bail!(
                     "meter {} in the meters file differs from the stored one; meters are immutable \
                      once created: give the new definition another name",
                     meter.meter
                 ),
-                store::MeterCreated::Collides(why) => {
-                    anyhow::bail!("meter {} in the meters file: {why}", meter.meter)
+                    store::MeterCreated::Collides(why) => {
+                        anyhow::bail!("meter {} in the meters file: {why}", meter.meter)
+                    }
                 }
             }
-        }
-        let lease = if leader {
-            crate::source_check::check_source(&mut conn, brokers, topic, partitions, args.reset_source)
+            let lease = if leader {
+                crate::source_check::check_source(
+                    &mut conn,
+                    brokers,
+                    topic,
+                    partitions,
+                    args.reset_source,
+                )
                 .await?;
-            let lease = meterflow_sinks::acquire_lease(&mut conn, topic).await?;
-            store::set_allowed_lateness(&mut conn, topic, lateness_micros).await?;
-            Some(lease)
-        } else {
-            None
-        };
-        let offsets = meterflow_sinks::stored_offsets(&mut conn, topic).await?;
-        let times = store::stored_event_times(&mut conn, topic).await?;
-        let meters = store::load_meters(&mut conn).await?;
-        // Rating needs each period's whole usage: the leader (which alone feeds and commits it) starts
-        // from what was committed, read under the lease so nothing commits meanwhile.
-        let (rating, resyncs) = if leader {
-            let loaded = Instant::now();
-            let (state, resyncs) = store::load_rating_state(&mut conn, topic).await?;
-            let books = price_books::load_price_books(&mut conn).await?;
-            tracing::info!(
-                rows = state.rows.len(),
-                charges = state.charges.len(),
-                books = books.len(),
-                seconds = loaded.elapsed().as_secs_f64(),
-                "loaded the committed rows and charges rating starts from"
-            );
-            (Some((state, books)), resyncs)
-        } else {
-            (None, store::resync_requests(&mut conn, topic).await?)
-        };
-        if leader {
-            store::resync_done(&mut conn, topic, resyncs).await?;
-        }
-        anyhow::Ok((lease, offsets, times, meters, rating, resyncs))
-    })?;
+                let lease = meterflow_sinks::acquire_lease(&mut conn, topic).await?;
+                store::set_allowed_lateness(&mut conn, topic, lateness_micros).await?;
+                Some(lease)
+            } else {
+                None
+            };
+            let offsets = meterflow_sinks::stored_offsets(&mut conn, topic).await?;
+            let times = store::stored_event_times(&mut conn, topic).await?;
+            let meters = store::load_meters(&mut conn).await?;
+            // Rating needs each period's whole usage: the leader (which alone feeds and commits it) starts
+            // from what was committed, read under the lease so nothing commits meanwhile.
+            let (rating, resyncs) = if leader {
+                let loaded = Instant::now();
+                let (state, resyncs) = store::load_rating_state(&mut conn, topic).await?;
+                let books = price_books::load_price_books(&mut conn).await?;
+                tracing::info!(
+                    rows = state.rows.len(),
+                    charges = state.charges.len(),
+                    books = books.len(),
+                    seconds = loaded.elapsed().as_secs_f64(),
+                    "loaded the committed rows and charges rating starts from"
+                );
+                (Some((state, books)), resyncs)
+            } else {
+                (None, store::resync_requests(&mut conn, topic).await?)
+            };
+            if leader {
+                store::resync_done(&mut conn, topic, resyncs).await?;
+            }
+            anyhow::Ok((lease, offsets, times, meters, rating, resyncs))
+        })?;
     let rating = rating.map(|(state, books)| {
         let (tx, rx) = crossbeam_channel::bounded(1);
         spawn_book_poller(database_url, books.clone(), tx, stop.clone());
