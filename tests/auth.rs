@@ -990,3 +990,48 @@ async fn finding_31_a_committed_change_is_not_answered_5xx_when_its_audit_snapsh
         "the change is audited even without its snapshot"
     );
 }
+
+/// Finding 31 (tier 4): a request with an Idempotency-Key that timed out left its claim unanswered; a
+/// retry got 409 IDEMPOTENCY_KEY_IN_PROGRESS for a minute and then ran the change again. The handler now
+/// runs to the end and stores its answer, which the retry gets.
+#[tokio::test(flavor = "multi_thread")]
+async fn finding_31_a_timed_out_idempotent_request_is_answered_to_its_retry() {
+    let api = spawn_api_with(meterflow_api::Settings {
+        request_timeout: Duration::from_secs(1),
+        ..settings()
+    })
+    .await;
+    let admin = key(&api, Role::Admin, None).await;
+    // The customers table is locked: the creation waits past the request timeout.
+    let mut blocker = api.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE customers IN EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let post = || {
+        api.client
+            .post(format!("{}/api/v1/customers", api.base))
+            .bearer_auth(&admin)
+            .header("idempotency-key", "slow-1")
+            .json(&json!({"customer_id": "cust_slow", "name": "Slow"}))
+            .send()
+    };
+    let first = post().await.unwrap();
+    expect_problem(first, StatusCode::SERVICE_UNAVAILABLE, "TIMEOUT").await;
+    blocker.rollback().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let retry = loop {
+        let retry = post().await.unwrap();
+        if retry.status() != StatusCode::CONFLICT {
+            break retry;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still in progress: {}",
+            retry.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+}

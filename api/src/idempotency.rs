@@ -7,8 +7,9 @@
 //!     stored, same hash ─► the stored status, content type and body, with `Idempotent-Replayed: true`
 //!     stored, other hash ─► 422;  claimed by a request still running ─► 409 IDEMPOTENCY_KEY_IN_PROGRESS
 //! ```
-//! Keys are scoped by API key id (`auth-off` with auth off). A claim left by a request that never finished
-//! (the process died) is taken over after a minute.
+//! Keys are scoped by API key id (`auth-off` with auth off). The handler runs to the end and its answer is
+//! stored even when the request itself is dropped (request timeout, client gone), so a retry gets that
+//! answer. A claim left by a request that never finished (the process died) is taken over after a minute.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -127,9 +128,27 @@ async fn run(
         };
     }
 
-    let response = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
+    // The handler and the storing of its answer run to the end even if this request is dropped (the
+    // client gave up, or the request timeout answered 503): a retry then gets the stored answer instead
+    // of waiting for the claim to expire and running the change a second time (finding 31).
+    let state = state.clone();
+    let request = Request::from_parts(parts, Body::from(bytes));
+    tokio::spawn(async move { answer_and_store(&state, scope, key, request, next).await })
+        .await
+        .map_err(|e| {
+            ApiError::Internal(format!("the handler of an idempotent request failed: {e}"))
+        })?
+}
+
+/// Runs the handler and stores its answer under the claim (or drops the claim for a 5xx or 429).
+async fn answer_and_store(
+    state: &AppState,
+    scope: String,
+    key: String,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let response = next.run(request).await;
     let status = response.status();
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
         sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2")
