@@ -1,5 +1,5 @@
-//! Rebuild when a migration is added or changed: `sqlx::migrate!` embeds the directory at compile time
-//! (as sqlx's documentation advises).
+// `sqlx::migrate!` embeds ../migrations at compile time: rebuild when a migration is added or changed
+// (what `sqlx migrate build-script` generates).
 fn main() {
     println!("cargo:rerun-if-changed=../migrations");
 }
