@@ -51,10 +51,7 @@ use sqlx::{Connection, PgConnection, Row};
 
 /// Classes that still break the system. The test leaves them out until they are fixed; empty this list
 /// as the fixes land (`MF_ADVERSARY_CLASSES=<class>` runs one of them on its own).
-const KNOWN_FAILING_CLASSES: &[&str] = &[
-    // `POST /events/%FF/void` is a text/plain 400 from the router, not a problem+json.
-    "void_bad_paths",
-];
+const KNOWN_FAILING_CLASSES: &[&str] = &[];
 
 /// Every hostile class, with what it sends.
 const CLASSES: &[(&str, &str)] = &[

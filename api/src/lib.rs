@@ -279,6 +279,7 @@ pub fn app(state: AppState) -> Router {
             auth::gate,
         ))
         .fallback(|| async { ApiError::NotFound })
+        .layer(axum::middleware::from_fn(middleware::problem_rejections))
         // Outermost last: the request id wraps everything (its span covers the metrics and the
         // handler), the metrics see the timeout's 503s.
         .layer(axum::middleware::from_fn_with_state(

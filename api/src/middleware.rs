@@ -90,6 +90,29 @@ pub async fn timeout(State(limit): State<Duration>, request: Request, next: Next
     }
 }
 
+/// axum's own rejections (a path segment that is not UTF-8, say `/events/%FF/void`) answer in
+/// text/plain; every 4xx of this API is a problem+json, so they are rewritten into one, keeping the
+/// status and the reason.
+pub async fn problem_rejections(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let plain = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/plain"));
+    if !status.is_client_error() || !plain {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let mut problem =
+        ApiError::BadRequest(String::from_utf8_lossy(&body).into_owned()).into_response();
+    *problem.status_mut() = status;
+    problem
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
