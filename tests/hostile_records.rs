@@ -429,3 +429,33 @@ async fn finding_21_a_customer_gets_at_most_1000_distinct_event_types() {
         reqwest::StatusCode::CREATED
     );
 }
+
+/// Review finding 18 (retention): records Kafka deleted before the pipeline read them were skipped
+/// without a trace (`auto.offset.reset=earliest`). Now a dead letter at the first lost offset names the
+/// gap, and the records after it are counted. `DeleteRecords` stands in for retention.
+#[tokio::test]
+async fn finding_18_records_deleted_before_they_were_read_leave_a_dead_letter() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::{Offset, TopicPartitionList};
+    let (url, topic) = setup(&[]).await;
+    produce_in_order(&topic, &events("r", 10));
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .create()
+        .unwrap();
+    let mut before = TopicPartitionList::new();
+    before
+        .add_partition_offset(&topic, 0, Offset::Offset(4))
+        .unwrap();
+    admin
+        .delete_records(&before, &AdminOptions::new())
+        .await
+        .unwrap();
+    drain_within(&url, &topic, BOUND);
+    let dead = dead_letters(&url).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, 0);
+    assert!(dead[0].1.starts_with("RETENTION_GAP"), "{dead:?}");
+    assert_eq!(meter_total(&url, "t").await, (Decimal::from(6), 6));
+}
