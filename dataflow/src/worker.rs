@@ -184,6 +184,14 @@ pub fn run_worker(
         }
     }
 
+    // Book changes that came before the reader's "caught up" still apply: the loop polls them first,
+    // so one that arrived during the loop's last turn would otherwise be dropped.
+    if let Some((current, updates)) = &mut books {
+        let epoch = *records.time();
+        while let Ok(snapshot) = updates.try_recv() {
+            rating_inputs.replace_books(current, snapshot, epoch);
+        }
+    }
     // Close the inputs; the dataflow drains and the sink commits what is left.
     send_markers(&mut markers, *records.time(), &mut moved, &next_offsets);
     drop(records);
