@@ -280,6 +280,7 @@ pub fn app(state: AppState) -> Router {
         ))
         .fallback(|| async { ApiError::NotFound })
         .layer(axum::middleware::from_fn(middleware::problem_rejections))
+        .layer(axum::middleware::from_fn(middleware::refuse_nul))
         // Outermost last: the request id wraps everything (its span covers the metrics and the
         // handler), the metrics see the timeout's 503s.
         .layer(axum::middleware::from_fn_with_state(

@@ -113,6 +113,22 @@ pub async fn problem_rejections(request: Request, next: Next) -> Response {
     problem
 }
 
+/// A query or path that holds NUL (`%00`) can name nothing this API stores (Postgres text cannot hold
+/// it): 400 before any handler or query sees it, whatever the route.
+pub async fn refuse_nul(request: Request, next: Next) -> Response {
+    let has_nul = |text: &str| {
+        text.as_bytes()
+            .windows(3)
+            .any(|w| w.eq_ignore_ascii_case(b"%00"))
+    };
+    let uri = request.uri();
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return ApiError::BadRequest("the path and query must not contain NUL (%00)".into())
+            .into_response();
+    }
+    next.run(request).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
