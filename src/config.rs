@@ -71,6 +71,10 @@ pub struct ApiConfig {
     pub rate_limit_burst: u32,
     pub ingest_rate_limit_per_sec: u32,
     pub ingest_rate_limit_burst: u32,
+    pub max_in_flight: usize,
+    pub queue_timeout_ms: u64,
+    pub ingest_queue: usize,
+    pub pool_acquire_timeout_ms: u64,
 }
 
 /// Whether the API asks for keys.
@@ -99,6 +103,10 @@ impl Default for ApiConfig {
             rate_limit_burst: 100,
             ingest_rate_limit_per_sec: 1000,
             ingest_rate_limit_burst: 2000,
+            max_in_flight: 0,
+            queue_timeout_ms: 100,
+            ingest_queue: 16_384,
+            pool_acquire_timeout_ms: 500,
         }
     }
 }
@@ -302,8 +310,8 @@ pub const KEYS: &[Key] = &[
         path: "api.max_connections",
         env: "MF_API_MAX_CONNECTIONS",
         flag: None,
-        doc: "Size of the API's Postgres pool. A request waits at most 3 s for a connection, then is \
-              answered 503 with Retry-After.",
+        doc: "Size of the API's Postgres pool. A request waits at most api.pool_acquire_timeout_ms for \
+              a connection, then is answered 503 with Retry-After.",
     },
     Key {
         path: "api.request_timeout_secs",
@@ -374,6 +382,37 @@ pub const KEYS: &[Key] = &[
         env: "MF_API_INGEST_RATE_LIMIT_BURST",
         flag: None,
         doc: "Size of the ingest bucket.",
+    },
+    Key {
+        path: "api.max_in_flight",
+        env: "MF_API_MAX_IN_FLIGHT",
+        flag: None,
+        doc: "Admission control: requests served at once (health, readiness and metrics apart); as many \
+              more may wait for a slot, any further one is answered 503 OVERLOADED with Retry-After at \
+              once. 0: 8 per pool connection (api.max_connections). Refusals are counted in \
+              api_refused_total{reason}.",
+    },
+    Key {
+        path: "api.queue_timeout_ms",
+        env: "MF_API_QUEUE_TIMEOUT_MS",
+        flag: None,
+        doc: "Longest a request waits for a slot before its handler starts, in milliseconds; then it is \
+              answered 503 OVERLOADED with Retry-After rather than served late.",
+    },
+    Key {
+        path: "api.ingest_queue",
+        env: "MF_API_INGEST_QUEUE",
+        flag: None,
+        doc: "Events queued for the group commit; when it is full, a new event is answered 503 \
+              OVERLOADED with Retry-After at once (nothing stored).",
+    },
+    Key {
+        path: "api.pool_acquire_timeout_ms",
+        env: "MF_API_POOL_ACQUIRE_TIMEOUT_MS",
+        flag: None,
+        doc: "Longest wait for a Postgres connection from the pool, in milliseconds (also for the first \
+              connection at start); an API request that waited this long is answered 503 with \
+              Retry-After (counted as api_refused_total{reason=\"db_pool\"}).",
     },
     Key {
         path: "pipeline.workers",
@@ -652,6 +691,13 @@ impl Config {
             self.api.ingest_rate_limit_per_sec >= 1 && self.api.ingest_rate_limit_burst >= 1,
             "api.ingest_rate_limit_per_sec",
             "the rate and api.ingest_rate_limit_burst must be at least 1".into(),
+        );
+        check(
+            self.api.queue_timeout_ms >= 1
+                && self.api.pool_acquire_timeout_ms >= 1
+                && self.api.ingest_queue >= 1,
+            "api.queue_timeout_ms",
+            "it, api.pool_acquire_timeout_ms and api.ingest_queue must be at least 1".into(),
         );
         check(
             self.api.shutdown_timeout_secs >= 1,

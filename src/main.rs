@@ -213,6 +213,7 @@ async fn connect(cfg: &Config, max: u32, statement_timeout: Duration) -> Result<
     let options = meterflow_api::connect_options(cfg.database.url.expose(), statement_timeout)
         .with_context(|| format!("database.url {masked} is not a valid Postgres URL"))?;
     meterflow_api::pool_options(max)
+        .acquire_timeout(Duration::from_millis(cfg.api.pool_acquire_timeout_ms))
         .connect_with(options)
         .await
         .with_context(|| format!("cannot connect to Postgres at {masked}; is it running? (deploy/local/up starts it)"))
@@ -319,6 +320,13 @@ async fn serve_api(cfg: &Config) -> Result<()> {
             per_sec: f64::from(cfg.api.rate_limit_per_sec),
             burst: f64::from(cfg.api.rate_limit_burst),
         },
+        // 0: 8 slots per pool connection (admission.rs says why).
+        max_in_flight: match cfg.api.max_in_flight {
+            0 => (cfg.api.max_connections as usize).saturating_mul(8),
+            n => n,
+        },
+        queue_timeout: Duration::from_millis(cfg.api.queue_timeout_ms),
+        ingest_queue: cfg.api.ingest_queue,
         ..meterflow_api::Settings::default()
     };
     if !settings.auth {

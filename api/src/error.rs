@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use meterflow_model::FieldError;
 use serde::Serialize;
 
+use crate::admission::Refused;
+
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("the body is not valid JSON of the expected shape: {0}")]
@@ -27,6 +29,15 @@ pub enum ApiError {
     Conflict(&'static str, String),
     #[error("{0} is unavailable; retry shortly")]
     Unavailable(&'static str),
+    /// Refused by admission control: the API is past what it can serve now (admission.rs).
+    #[error("{}", .0.detail())]
+    Overloaded(Overload),
+    /// No Postgres connection came free within the pool's wait (`api.pool_acquire_timeout_ms`): the
+    /// database is busy or away.
+    #[error(
+        "no database connection came free in time (the database is busy or away); retry shortly"
+    )]
+    PoolTimedOut,
     /// Not answered within the request timeout (`api.request_timeout_secs`).
     #[error("the request was not answered within {0} s; retry shortly")]
     Timeout(u64),
@@ -47,6 +58,36 @@ pub enum ApiError {
     IdempotencyKeyInProgress,
     #[error("internal error")]
     Internal(String),
+}
+
+/// Which bound refused an `OVERLOADED` request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overload {
+    /// Too many requests already waiting for a slot.
+    InFlight,
+    /// No slot came free within the queueing budget.
+    QueueTime,
+    /// The ingest queue was full.
+    IngestQueue,
+}
+
+impl Overload {
+    fn detail(self) -> &'static str {
+        match self {
+            Overload::InFlight | Overload::QueueTime => {
+                "the API is serving as many requests as it can; retry after the Retry-After delay"
+            }
+            Overload::IngestQueue => "the ingest queue is full; retry after the Retry-After delay",
+        }
+    }
+
+    fn refused(self) -> Refused {
+        match self {
+            Overload::InFlight => Refused::InFlight,
+            Overload::QueueTime => Refused::QueueTime,
+            Overload::IngestQueue => Refused::IngestQueue,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -93,6 +134,14 @@ impl ApiError {
                 "UNAVAILABLE",
                 "Service unavailable",
             ),
+            ApiError::Overloaded(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "OVERLOADED", "Overloaded")
+            }
+            ApiError::PoolTimedOut => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "Service unavailable",
+            ),
             ApiError::Timeout(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "TIMEOUT",
@@ -125,6 +174,17 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// Which bound gave way, if this is a refusal (admission.rs; `api_refused_total{reason}`).
+    pub fn refused(&self) -> Option<Refused> {
+        match self {
+            ApiError::Overloaded(overload) => Some(overload.refused()),
+            ApiError::PoolTimedOut => Some(Refused::DbPool),
+            ApiError::RateLimited(_) => Some(Refused::RateLimit),
+            ApiError::Timeout(_) => Some(Refused::RequestTimeout),
+            _ => None,
+        }
+    }
+
     /// The status and the problem document, for a response or an item of a batch result.
     pub fn to_problem(&self) -> (StatusCode, serde_json::Value) {
         let (status, code, title) = self.parts();
@@ -183,6 +243,10 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
+        // For `api_refused_total{reason}` (metrics.rs).
+        if let Some(refused) = self.refused() {
+            response.extensions_mut().insert(refused);
+        }
         response
     }
 }
@@ -190,8 +254,8 @@ impl IntoResponse for ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
+            sqlx::Error::PoolTimedOut => ApiError::PoolTimedOut,
             sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Protocol(_) => ApiError::Unavailable("the database"),
             sqlx::Error::Database(db)

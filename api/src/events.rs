@@ -156,6 +156,8 @@ pub async fn post_batch(
     }
     let mut results = Vec::with_capacity(items.len());
     let mut accepted = 0;
+    // An item refused by a bound (a full ingest queue…) counts the batch as refused for that reason.
+    let mut refused = None;
     for (index, (item, outcome)) in items.iter().zip(outcomes).enumerate() {
         results.push(match outcome {
             Ok(event_id) => {
@@ -168,6 +170,7 @@ pub async fn post_batch(
                 }
             }
             Err(e) => {
+                refused = refused.or(e.refused());
                 let (status, problem) = e.to_problem();
                 ItemResult {
                     index,
@@ -191,6 +194,9 @@ pub async fn post_batch(
             header::RETRY_AFTER,
             axum::http::HeaderValue::from_static("1"),
         );
+    }
+    if let Some(refused) = refused {
+        response.extensions_mut().insert(refused);
     }
     Ok(response)
 }

@@ -25,11 +25,13 @@ use meterflow_model::Event;
 use rust_decimal::Decimal;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Overload};
 use crate::AppState;
 
 /// Most events stored in one statement.
 const MAX_BATCH: usize = 1_000;
+/// Events queued for the group commit by default (`api.ingest_queue`).
+pub const DEFAULT_QUEUE: usize = 16_384;
 /// Batches between storing and answering at once (each waits for Kafka).
 const IN_FLIGHT: usize = 8;
 
@@ -47,9 +49,9 @@ pub struct Ingester {
 }
 
 impl Ingester {
-    /// Starts the ingest task on the current runtime.
-    pub(crate) fn start(state_rx: oneshot::Receiver<AppState>) -> Self {
-        let (tx, rx) = mpsc::channel(16_384);
+    /// Starts the ingest task on the current runtime, with room for `capacity` queued events.
+    pub(crate) fn start(state_rx: oneshot::Receiver<AppState>, capacity: usize) -> Self {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
         let unfinished = Arc::new(AtomicUsize::new(0));
         let counter = unfinished.clone();
         tokio::spawn(async move {
@@ -64,17 +66,28 @@ impl Ingester {
     }
 
     /// Makes `event` durable and unique, forwards it to Kafka, and says how that went. Once handed
-    /// over, the event is stored and forwarded even if the caller goes away.
+    /// over, the event is stored and forwarded even if the caller goes away. A full queue refuses at
+    /// once (503 `OVERLOADED`, nothing stored) rather than making the caller wait behind it.
     pub async fn accept(&self, event: Event) -> Result<(), ApiError> {
         let (reply, answer) = oneshot::channel();
         self.unfinished.fetch_add(1, Ordering::AcqRel);
-        if self.queue.send(Request { event, reply }).await.is_err() {
+        if let Err(e) = self.queue.try_send(Request { event, reply }) {
             self.unfinished.fetch_sub(1, Ordering::AcqRel);
-            return Err(ApiError::Unavailable("the ingest queue"));
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => ApiError::Overloaded(Overload::IngestQueue),
+                mpsc::error::TrySendError::Closed(_) => ApiError::Unavailable("the ingest queue"),
+            });
         }
         answer
             .await
             .unwrap_or(Err(ApiError::Unavailable("the ingest queue")))
+    }
+
+    /// Events queued and not yet taken into a batch.
+    pub fn queued(&self) -> usize {
+        self.queue
+            .max_capacity()
+            .saturating_sub(self.queue.capacity())
     }
 
     /// Waits until every event handed over so far is stored and forwarded, or refused.
@@ -267,7 +280,10 @@ pub(crate) async fn answered_duplicates(
 
 /// Whether an error is the database (or Kafka) being away for now, the same for every event.
 fn is_transient(e: &ApiError) -> bool {
-    matches!(e, ApiError::Unavailable(_) | ApiError::Timeout(_))
+    matches!(
+        e,
+        ApiError::Unavailable(_) | ApiError::Timeout(_) | ApiError::PoolTimedOut
+    )
 }
 
 /// Stores each event in a statement of its own. An event the database refuses is answered with that

@@ -34,6 +34,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod admission;
 pub mod aggregations;
 pub mod audit;
 pub mod auth;
@@ -87,7 +88,8 @@ pub fn producer_config(brokers: &str) -> rdkafka::config::ClientConfig {
 }
 
 /// The API's Postgres pool settings: a request waits at most 3 s for a connection, then is answered 503
-/// with Retry-After instead of hanging while the database is down.
+/// with Retry-After instead of hanging while the database is down. `meterflow api` shortens the wait
+/// to `api.pool_acquire_timeout_ms` (500 ms by default: admission control, see admission.rs).
 pub fn pool_options(max_connections: u32) -> sqlx::postgres::PgPoolOptions {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(max_connections)
@@ -132,6 +134,15 @@ pub struct Settings {
     /// Per client address: database lookups of key ids not in the cache (unknown, random or expired
     /// keys), before any key is known; beyond it 429.
     pub key_lookup_rate: auth::Rate,
+    /// Requests being served at once, health and metrics apart (`api.max_in_flight`); as many more may
+    /// wait up to `queue_timeout` for a slot, any further one is answered 503 `OVERLOADED` at once.
+    pub max_in_flight: usize,
+    /// Longest a request waits for a slot before its handler starts; then 503 `OVERLOADED`
+    /// (`api.queue_timeout_ms`).
+    pub queue_timeout: Duration,
+    /// Events queued for the group commit; when full, a new event is answered 503 `OVERLOADED` at
+    /// once (`api.ingest_queue`).
+    pub ingest_queue: usize,
 }
 
 impl Default for Settings {
@@ -154,6 +165,9 @@ impl Default for Settings {
                 per_sec: 20.0,
                 burst: 50.0,
             },
+            max_in_flight: admission::DEFAULT_MAX_IN_FLIGHT,
+            queue_timeout: admission::DEFAULT_QUEUE_TIMEOUT,
+            ingest_queue: ingest::DEFAULT_QUEUE,
         }
     }
 }
@@ -173,6 +187,8 @@ pub struct AppState {
     pub watermark: Arc<AtomicI64>,
     /// Where accepted events queue to be stored and forwarded (group commit).
     pub ingester: ingest::Ingester,
+    /// The API's slots: how many requests are served at once, and how long one may wait for a slot.
+    pub admission: Arc<admission::Admission>,
     /// Wakes the re-rating runner when a job is queued.
     pub rerating_wake: Arc<tokio::sync::Notify>,
     pub settings: Settings,
@@ -220,7 +236,11 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             published,
             watermark,
-            ingester: ingest::Ingester::start(state_rx),
+            ingester: ingest::Ingester::start(state_rx, settings.ingest_queue),
+            admission: Arc::new(admission::Admission::new(
+                settings.max_in_flight,
+                settings.queue_timeout,
+            )),
             rerating_wake: Arc::new(tokio::sync::Notify::new()),
             settings,
             gate: Arc::new(auth::Gate::default()),
@@ -286,6 +306,12 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.settings.request_timeout,
             middleware::timeout,
+        ))
+        // Admission control: past the slots a request is refused before anything else runs; inside
+        // the metrics, which count its refusals.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admission::admit,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -364,6 +390,9 @@ async fn check_ready(state: &AppState) -> (StatusCode, serde_json::Value) {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    state
+        .metrics
+        .set_queues(state.admission.waiting(), state.ingester.queued());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -9,9 +9,10 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
+use crate::admission::Refused;
 use crate::AppState;
 
 pub struct Metrics {
@@ -19,6 +20,14 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     pub http_requests: IntCounterVec,
     pub events_ingested: IntCounterVec,
+    /// Requests refused or given up on, by which bound: `api_refused_total{reason}` (admission.rs).
+    pub refused: IntCounterVec,
+    /// Requests holding a slot (`api_requests_in_flight`).
+    pub in_flight: IntGauge,
+    /// Requests waiting for a slot (`api_requests_waiting`), set when scraped.
+    waiting: IntGauge,
+    /// Events queued for the group commit (`api_ingest_queue_depth`), set when scraped.
+    ingest_queue: IntGauge,
     /// The event types with a series of their own so far (at most [`MAX_EVENT_TYPE_LABELS`]).
     event_types: Mutex<HashSet<String>>,
 }
@@ -48,10 +57,35 @@ impl Metrics {
             &["event_type"],
         )
         .expect("valid metric");
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "api_refused_total",
+                "Requests refused (503 OVERLOADED, 503 on no free database connection, 429) or timed \
+                 out, by the bound that gave way",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in Refused::ALL {
+            refused.with_label_values(&[reason.as_str()]);
+        }
+        let in_flight = IntGauge::new("api_requests_in_flight", "Requests holding a slot")
+            .expect("valid metric");
+        let waiting = IntGauge::new("api_requests_waiting", "Requests waiting for a slot")
+            .expect("valid metric");
+        let ingest_queue = IntGauge::new(
+            "api_ingest_queue_depth",
+            "Events queued for the group commit",
+        )
+        .expect("valid metric");
         for m in [
             Box::new(http_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_requests.clone()),
             Box::new(events_ingested.clone()),
+            Box::new(refused.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(waiting.clone()),
+            Box::new(ingest_queue.clone()),
         ] {
             registry.register(m).expect("metric registered once");
         }
@@ -60,6 +94,10 @@ impl Metrics {
             http_duration,
             http_requests,
             events_ingested,
+            refused,
+            in_flight,
+            waiting,
+            ingest_queue,
             event_types: Mutex::new(HashSet::new()),
         }
     }
@@ -84,6 +122,14 @@ impl Metrics {
             };
             self.events_ingested.with_label_values(&[label]).inc_by(*n);
         }
+    }
+
+    /// Sets the gauges read at scrape time: requests waiting for a slot, events queued for the group
+    /// commit.
+    pub fn set_queues(&self, waiting: usize, ingest_queue: usize) {
+        self.waiting.set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        self.ingest_queue
+            .set(i64::try_from(ingest_queue).unwrap_or(i64::MAX));
     }
 
     /// The text exposition of every metric.
@@ -118,7 +164,7 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-/// Records latency and count per method, route template and status.
+/// Records latency and count per method, route template and status, and refusals by reason.
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = method_label(request.method());
@@ -128,6 +174,13 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(request).await;
+    if let Some(refused) = response.extensions().get::<Refused>() {
+        state
+            .metrics
+            .refused
+            .with_label_values(&[refused.as_str()])
+            .inc();
+    }
     let status = response.status().as_u16().to_string();
     let labels = [method, route.as_str(), status.as_str()];
     state

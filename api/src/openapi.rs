@@ -848,10 +848,17 @@ pub fn document() -> Value {
         operation["summary"] = json!(route.summary);
         operation["tags"] = json!([tag(route.path)]);
         operation["x-required-role"] = json!(route.access.as_str());
-        let mut shared = vec![(
-            "503",
-            "UNAVAILABLE (Postgres or Kafka) or TIMEOUT; see Retry-After",
-        )];
+        // Health, readiness and metrics are never refused by admission control (admission.rs); every
+        // other route may be.
+        let mut shared = Vec::new();
+        if !crate::admission::EXEMPT.contains(&route.path) {
+            shared.push((
+                "503",
+                "OVERLOADED (admission control: too many requests in flight, or the ingest queue is \
+                 full), UNAVAILABLE (Postgres or Kafka, or no free database connection) or TIMEOUT; \
+                 retry after the Retry-After delay",
+            ));
+        }
         if route.access == Access::Public {
             operation["security"] = json!([]);
         } else {
@@ -871,7 +878,11 @@ pub fn document() -> Value {
         }
         if let Some(responses) = operation["responses"].as_object_mut() {
             for (status, text) in shared {
-                responses.entry(status).or_insert_with(|| problem(text));
+                let mut answer = problem(text);
+                if matches!(status, "503" | "429") {
+                    answer["headers"] = retry_after();
+                }
+                responses.entry(status).or_insert(answer);
             }
         }
         paths
@@ -953,6 +964,14 @@ fn ok(description: &str, schema: Value) -> Value {
 fn problem(description: &str) -> Value {
     json!({"description": description,
            "content": {"application/problem+json": {"schema": schema("Problem")}}})
+}
+
+/// The `Retry-After` header of a 503 or 429: whole seconds to wait before retrying.
+fn retry_after() -> Value {
+    json!({"Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "integer", "minimum": 1},
+    }})
 }
 
 fn path_param(name: &str) -> Value {
