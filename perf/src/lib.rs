@@ -1,5 +1,7 @@
 //! Benchmark helpers shared by the scenario binaries in `src/bin/` (see `perf/README.md`).
 
+pub mod load;
+
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -69,4 +71,103 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
 
 pub fn rate(events: u64, took: Duration) -> f64 {
     events as f64 / took.as_secs_f64().max(1e-9)
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Proc {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Whether the process is still running (a crash under load shows here).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A whole meterflow on the local services: a fresh database and topic, `meterflow api` (the seed's
+/// scripts send no key, so `MF_AUTH=off`) and `meterflow pipeline`. Dropping it stops both processes;
+/// the database is left for inspection until [`Stack::drop_database`].
+pub struct Stack {
+    pub url: String,
+    pub topic: String,
+    pub base: String,
+    pub api: Proc,
+    pub pipeline: Proc,
+}
+
+impl Stack {
+    /// Starts a stack on `port`. `env` is extra environment for both processes (e.g. API limits).
+    pub async fn start(
+        services: &Services,
+        prefix: &str,
+        port: u16,
+        workers: usize,
+        env: &[(String, String)],
+    ) -> Result<Stack> {
+        let url = fresh_database(&services.database_url, prefix, 0).await?;
+        let topic = format!("perf.{prefix}.{}", chrono::Utc::now().timestamp());
+        let spawn = |sub: &[&str]| -> Result<Proc> {
+            let child = std::process::Command::new(&services.meterflow)
+                .args(sub)
+                .env("MF_DATABASE_URL", &url)
+                .env("MF_EVENTS_TOPIC", &topic)
+                .env("MF_KAFKA_BROKERS", &services.brokers)
+                .env("MF_API_ADDR", format!("127.0.0.1:{port}"))
+                .env("MF_PIPELINE_METRICS_ADDR", "")
+                .env("MF_LOG", "warn")
+                .env("MF_AUTH", "off")
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .with_context(|| {
+                    format!(
+                        "starting {} (cargo build --release first)",
+                        services.meterflow
+                    )
+                })?;
+            Ok(Proc(child))
+        };
+        let base = format!("http://127.0.0.1:{port}");
+        let api = spawn(&["api"])?;
+        wait_ready(&base).await?;
+        let pipeline = spawn(&["pipeline", "--workers", &workers.to_string()])?;
+        Ok(Stack {
+            url,
+            topic,
+            base,
+            api,
+            pipeline,
+        })
+    }
+
+    /// Stops both processes and drops the database.
+    pub async fn drop_database(self, admin_url: &str) -> Result<()> {
+        let url = self.url.clone();
+        drop(self);
+        drop_database(admin_url, &url).await
+    }
+}
+
+/// Waits until `GET {base}/readyz` answers 2xx (10 s at most).
+pub async fn wait_ready(base: &str) -> Result<()> {
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the API at {base} did not become ready within 10 s")
 }
