@@ -5,6 +5,7 @@ mod invoice_run;
 mod kafka;
 mod loadgen;
 mod pipeline;
+mod retention;
 mod source_check;
 
 use std::path::PathBuf;
@@ -82,6 +83,9 @@ enum Command {
     /// Issue every registered customer's invoice for a billing period (resumable; progress on stderr,
     /// summary on stdout).
     InvoiceRun(invoice_run::InvoiceRunArgs),
+    /// Drop (optionally archive first) raw-event month partitions wholly behind the retention
+    /// horizon (committed watermark − 35 days); `--dry-run` only lists them.
+    Retention(retention::RetentionArgs),
     /// Show the configuration: every key documented with its default, or the effective values.
     Config(ConfigArgs),
     /// Create, list or revoke API keys (`create` prints the new key alone on stdout's last line).
@@ -165,6 +169,7 @@ fn main() -> Result<()> {
         Command::Api(_) => api(cfg),
         Command::Loadgen(args) => loadgen::run(args, brokers, topic),
         Command::InvoiceRun(args) => invoice_run::run(args, url, topic),
+        Command::Retention(args) => retention::run(args, url),
         Command::Config(_) => Ok(()),
         Command::ApiKey(command) => api_key(cfg, command),
     }

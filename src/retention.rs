@@ -1,0 +1,355 @@
+//! `meterflow retention`: the seed's "archive old data". Raw events (`telemetry_events`) are partitioned
+//! by month (migration 0003); this drops, optionally archiving first, the month partitions that lie
+//! wholly behind the retention horizon.
+//!
+//! ```text
+//!  horizon = min committed watermark (pipeline_leases) − 35 days   (none yet: nothing is old; refuse)
+//!  for each month partition older than --before, oldest first:
+//!    month not wholly before the horizon ─► kept (an event of it may still arrive, be voided, re-rated)
+//!    else, one transaction:
+//!      LOCK the partition (SHARE: no writes) ─► count ─► [--archive] COPY … TO STDOUT (CSV, header)
+//!        ─► DIR/telemetry_events_YYYY_MM.csv.gz.tmp, fsync, line count = row count, rename
+//!      DETACH PARTITION + DROP TABLE ─► [--prune-event-ids] DELETE its event_ids rows (never one an
+//!        unsent outbox row still needs) ─► telemetry_retention.archived_before = month end ─► COMMIT
+//! ```
+//! Why the horizon: an event older than it is refused on both paths (SPEC §2), so no new copy, late
+//! event or void can need a dropped month; inside it, all three can. Dedup is not affected by dropping
+//! raw events: its truth is `event_ids`, kept unless `--prune-event-ids` (then an id of a dropped month
+//! posted again with a recent event time would count as new: the SPEC promises dedup for the retention
+//! horizon, and that id's first copy is past it). A re-rating job over an archived month would find no
+//! raw events and zero the month: migration 0014 refuses such jobs, and this command refuses to run
+//! while a pending or running job covers a month it would drop.
+//!
+//! An archive restores with `gzip -dc F | psql "$MF_DATABASE_URL" -c "\copy telemetry_events FROM STDIN
+//! (FORMAT csv, HEADER)"` (after `CREATE TABLE telemetry_events_YYYY_MM PARTITION OF telemetry_events
+//! FOR VALUES FROM ('YYYY-MM-01') TO (…)`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Months, NaiveDate, Utc};
+use futures::StreamExt;
+use meterflow_model::DEFAULT_RETENTION_MICROS;
+use sqlx::{Connection, PgConnection};
+
+#[derive(Debug, clap::Args)]
+pub struct RetentionArgs {
+    /// Drop the raw events of the months before this one (YYYY-MM). Only months wholly behind the
+    /// retention horizon (the committed watermark − 35 days) are touched; later ones are kept and
+    /// reported.
+    #[arg(long, value_name = "YYYY-MM")]
+    before: String,
+    /// Write each month's raw events to DIR/telemetry_events_YYYY_MM.csv.gz (gzip'd CSV with a header,
+    /// `COPY … FROM` restores it) before dropping it.
+    #[arg(long, value_name = "DIR")]
+    archive: Option<PathBuf>,
+    /// Say what would be archived and dropped; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also delete the dropped months' event_ids rows (the dedup claims, ~100 bytes each). Without it
+    /// they are kept, so an old id posted again is still recognised.
+    #[arg(long)]
+    prune_event_ids: bool,
+}
+
+pub fn run(args: &RetentionArgs, database_url: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(retention(args, database_url))
+}
+
+/// A month partition of telemetry_events: its name and first instant.
+struct Partition {
+    name: String,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+}
+
+fn parse_month(text: &str) -> Result<DateTime<Utc>> {
+    let date = NaiveDate::parse_from_str(&format!("{text}-01"), "%Y-%m-%d")
+        .with_context(|| format!("--before {text}: expected a month as YYYY-MM"))?;
+    Ok(date.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc())
+}
+
+/// `telemetry_events_YYYY_MM` (the names migration 0003 gives) → the partition; anything else (the
+/// default partition) is not a month.
+fn month_partition(name: &str) -> Option<Partition> {
+    let rest = name.strip_prefix("telemetry_events_")?;
+    let (year, month) = rest.split_once('_')?;
+    if year.len() != 4 || month.len() != 2 {
+        return None;
+    }
+    let start = NaiveDate::from_ymd_opt(year.parse().ok()?, month.parse().ok()?, 1)?
+        .and_hms_opt(0, 0, 0)?
+        .and_utc();
+    let end = start.checked_add_months(Months::new(1))?;
+    Some(Partition {
+        name: name.to_owned(),
+        start,
+        end,
+    })
+}
+
+async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
+    let before = parse_month(&args.before)?;
+    let mut conn = PgConnection::connect(url)
+        .await
+        .context("connecting to Postgres")?;
+
+    // The horizon: what both paths refuse as too old (SPEC §2), i.e. the committed watermark − 35 days;
+    // with several topics, the least watermark. No watermark yet: nothing is too old.
+    let (leases, with_watermark, watermark): (i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT count(*), count(committed_watermark), min(committed_watermark) FROM pipeline_leases",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let watermark = match watermark {
+        Some(w) if leases > 0 && with_watermark == leases => w,
+        _ => bail!(
+            "no committed watermark yet: until the pipeline commits one, an event of any age is accepted, \
+             so no month is past the retention horizon; nothing was changed"
+        ),
+    };
+    let horizon = watermark - chrono::Duration::microseconds(DEFAULT_RETENTION_MICROS);
+    println!(
+        "retention: committed watermark {watermark}, retention horizon {horizon} (35 days before); \
+         months before {} that end by the horizon are {}",
+        before.format("%Y-%m"),
+        if args.dry_run {
+            "listed (dry run)"
+        } else if args.archive.is_some() {
+            "archived and dropped"
+        } else {
+            "dropped"
+        }
+    );
+
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'telemetry_events'::regclass ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await?;
+    let mut due = Vec::new();
+    for p in names.iter().filter_map(|n| month_partition(n)) {
+        if p.start >= before {
+            continue;
+        }
+        if p.end > horizon {
+            println!(
+                "  kept {}: not wholly behind the retention horizon ({horizon})",
+                p.name
+            );
+            continue;
+        }
+        due.push(p);
+    }
+    if due.is_empty() {
+        println!("retention: nothing to do");
+        return Ok(());
+    }
+    let busy: Option<String> = sqlx::query_scalar(
+        "SELECT job_id FROM rerating_jobs
+         WHERE status IN ('pending', 'running') AND lower(scope) < $1 LIMIT 1",
+    )
+    .bind(due.iter().map(|p| p.end).max())
+    .fetch_optional(&mut conn)
+    .await?;
+    if let Some(job) = busy {
+        bail!("re-rating job {job} is pending or running over a month to drop (it reads the raw events); wait for it to finish");
+    }
+
+    let (mut rows, mut ids) = (0_i64, 0_i64);
+    for p in &due {
+        let (r, i) = if args.dry_run {
+            dry_run(&mut conn, p, args).await?
+        } else {
+            drop_month(&mut conn, p, args).await?
+        };
+        rows += r;
+        ids += i;
+    }
+    println!(
+        "retention: {} {} month(s), {rows} raw events{}",
+        if args.dry_run {
+            "would drop"
+        } else {
+            "dropped"
+        },
+        due.len(),
+        if args.prune_event_ids {
+            format!(", {ids} event_ids rows")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+const PRUNE_IDS: &str = "event_ids e WHERE e.event_time >= $1 AND e.event_time < $2
+    AND NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = e.event_id)";
+
+async fn dry_run(
+    conn: &mut PgConnection,
+    p: &Partition,
+    args: &RetentionArgs,
+) -> Result<(i64, i64)> {
+    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", p.name))
+        .fetch_one(&mut *conn)
+        .await?;
+    let ids: i64 = if args.prune_event_ids {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {PRUNE_IDS}"))
+            .bind(p.start)
+            .bind(p.end)
+            .fetch_one(&mut *conn)
+            .await?
+    } else {
+        0
+    };
+    println!(
+        "  would {}drop {} ({rows} rows){}",
+        match &args.archive {
+            Some(dir) => format!("archive to {} and ", archive_path(dir, p).display()),
+            None => String::new(),
+        },
+        p.name,
+        if args.prune_event_ids {
+            format!(" and delete {ids} event_ids rows")
+        } else {
+            String::new()
+        }
+    );
+    Ok((rows, ids))
+}
+
+fn archive_path(dir: &Path, p: &Partition) -> PathBuf {
+    dir.join(format!("{}.csv.gz", p.name))
+}
+
+async fn drop_month(
+    conn: &mut PgConnection,
+    p: &Partition,
+    args: &RetentionArgs,
+) -> Result<(i64, i64)> {
+    let mut tx = conn.begin().await?;
+    // No writes while it is read: the archive is exactly what is dropped.
+    sqlx::query(&format!("LOCK TABLE {} IN SHARE MODE", p.name))
+        .execute(&mut *tx)
+        .await?;
+    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", p.name))
+        .fetch_one(&mut *tx)
+        .await?;
+    let archived = match &args.archive {
+        Some(dir) => {
+            let path = archive_path(dir, p);
+            let written = archive(&mut tx, p, dir, &path).await?;
+            if written != rows {
+                bail!(
+                    "{}: the archive holds {written} rows but the partition {rows}; nothing was dropped",
+                    p.name
+                );
+            }
+            Some(path)
+        }
+        None => None,
+    };
+    sqlx::query(&format!(
+        "ALTER TABLE telemetry_events DETACH PARTITION {}",
+        p.name
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!("DROP TABLE {}", p.name))
+        .execute(&mut *tx)
+        .await?;
+    let ids = if args.prune_event_ids {
+        sqlx::query(&format!("DELETE FROM {PRUNE_IDS}"))
+            .bind(p.start)
+            .bind(p.end)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+    } else {
+        0
+    };
+    sqlx::query(
+        "INSERT INTO telemetry_retention (singleton, archived_before) VALUES (true, $1)
+         ON CONFLICT ON CONSTRAINT telemetry_retention_pkey DO UPDATE
+         SET archived_before = GREATEST(telemetry_retention.archived_before, EXCLUDED.archived_before),
+             updated_at = now()",
+    )
+    .bind(p.end)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    println!(
+        "  dropped {} ({rows} rows){}{}",
+        p.name,
+        match archived {
+            Some(path) => format!(", archived to {}", path.display()),
+            None => String::new(),
+        },
+        if args.prune_event_ids {
+            format!(", {ids} event_ids rows deleted")
+        } else {
+            String::new()
+        }
+    );
+    Ok((rows, i64::try_from(ids).unwrap_or(i64::MAX)))
+}
+
+/// Writes the partition as gzip'd CSV (header first) to `path` through a temporary file, fsynced and
+/// renamed into place; returns the data rows written.
+async fn archive(conn: &mut PgConnection, p: &Partition, dir: &Path, path: &Path) -> Result<i64> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("gz.tmp");
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+    let mut stream = conn
+        .copy_out_raw(&format!(
+            "COPY (SELECT event_id, customer_id, event_type, event_time, value, properties, received_at
+                   FROM {} ORDER BY event_time, event_id)
+             TO STDOUT WITH (FORMAT csv, HEADER)",
+            p.name
+        ))
+        .await?;
+    // Every row is one line: ids and types have no line breaks, and JSON text escapes them.
+    let mut lines = 0_i64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as i64;
+        gz.write_all(&chunk)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+    }
+    drop(stream);
+    let file = gz.finish()?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(lines - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn month_partitions_are_recognised_by_name() {
+        let p = month_partition("telemetry_events_2024_02").unwrap();
+        assert_eq!(p.start.to_rfc3339(), "2024-02-01T00:00:00+00:00");
+        assert_eq!(p.end.to_rfc3339(), "2024-03-01T00:00:00+00:00");
+        assert!(month_partition("telemetry_events_default").is_none());
+        assert!(month_partition("telemetry_events_2024_2").is_none());
+        assert!(parse_month("2024-13").is_err());
+        assert_eq!(
+            parse_month("2024-12").unwrap().to_rfc3339(),
+            "2024-12-01T00:00:00+00:00"
+        );
+    }
+}
