@@ -77,6 +77,10 @@ struct Args {
     /// Extra environment for the API and pipeline, e.g. `--env MF_API_MAX_IN_FLIGHT=512`.
     #[arg(long, value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Users keep their cadence when told 429/503 with `Retry-After` (by default they wait as told, as
+    /// a well-behaved client does; this shows what clients that ignore it do to the box).
+    #[arg(long)]
+    ignore_retry_after: bool,
     /// Keep the run's database (it is dropped otherwise).
     #[arg(long)]
     keep_database: bool,
@@ -221,12 +225,14 @@ async fn main() -> Result<()> {
         per_user_rate: setup.rate / setup.users.max(1) as f64,
         customers: 100,
         run: stamp.clone(),
+        honour_retry_after: !args.ignore_retry_after,
     });
     let stop = Arc::new(AtomicBool::new(false));
     let database = stack.url.rsplit_once('/').map_or("", |(_, n)| n).to_owned();
     let sampling = tokio::spawn(sampler::sample(
         sampler::Targets {
             api: stack.api.id(),
+            tool: std::process::id(),
             pipeline: stack.pipeline.id(),
             database_url: args.services.database_url.clone(),
             database,
@@ -316,18 +322,25 @@ async fn report_progress(recorder: Arc<Recorder>, seconds: u64) {
 /// and hour).
 async fn loss_check(stack: &Stack, accepted: &[String]) -> Result<Value> {
     let pool = sqlx::PgPool::connect(&stack.url).await?;
-    let mut stored = 0i64;
-    let mut distinct = 0i64;
-    for chunk in accepted.chunks(20_000) {
-        let (n, d): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), count(DISTINCT event_id) FROM telemetry_events WHERE event_id = ANY($1)",
-        )
-        .bind(chunk)
-        .fetch_one(&pool)
+    // The ids go into a temporary table, so that Postgres joins them with one hash join instead of
+    // probing every month partition's index per id.
+    let mut conn = pool.acquire().await?;
+    sqlx::query("CREATE TEMP TABLE accepted (event_id text NOT NULL)")
+        .execute(&mut *conn)
         .await?;
-        stored += n;
-        distinct += d;
+    for chunk in accepted.chunks(50_000) {
+        sqlx::query("INSERT INTO accepted SELECT unnest($1::text[])")
+            .bind(chunk)
+            .execute(&mut *conn)
+            .await?;
     }
+    sqlx::query("ANALYZE accepted").execute(&mut *conn).await?;
+    let (stored, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT t.event_id) FROM telemetry_events t JOIN accepted USING (event_id)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    drop(conn);
     let deadline = Instant::now() + Duration::from_secs(180);
     let client = reqwest::Client::new();
     let (mut differing, mut events, mut aggregated);
@@ -432,7 +445,7 @@ fn resource_summary(samples: &[Value]) -> Value {
         "api_cpu_pct": stat(&["api", "cpu_pct"]),
         "pipeline_rss_mb": stat(&["pipeline", "rss_mb"]), "pipeline_fds": stat(&["pipeline", "fds"]),
         "pipeline_cpu_pct": stat(&["pipeline", "cpu_pct"]),
-        "kafka_cpu_pct": stat(&["kafka", "cpu_pct"]), "postgres_cpu_pct": stat(&["postgres", "cpu_pct"]),
+        "kafka_cpu_pct": stat(&["kafka", "cpu_pct"]), "load_tool_cpu_pct": stat(&["load_tool", "cpu_pct"]), "postgres_cpu_pct": stat(&["postgres", "cpu_pct"]),
         "db_connections_active": stat(&["db_connections", "active"]),
         "db_connections_idle": stat(&["db_connections", "idle"]),
         "db_bytes": stat(&["db_bytes"]), "kafka_topic_bytes": stat(&["kafka_topic_bytes"]),

@@ -69,6 +69,9 @@ pub struct Mix {
     pub customers: usize,
     /// Makes event ids unique to this run.
     pub run: String,
+    /// Whether a user told 429/503 with `Retry-After: n` waits n seconds (skipping the requests due
+    /// meanwhile), as a well-behaved client does; otherwise it keeps its cadence regardless.
+    pub honour_retry_after: bool,
 }
 
 impl Mix {
@@ -92,6 +95,7 @@ impl Mix {
 /// One user's schedule.
 struct Pace {
     next: Instant,
+    paused_until: Option<Instant>,
     n: u64,
     rng: rand::rngs::SmallRng,
 }
@@ -114,6 +118,7 @@ async fn paced_request(user: &mut GooseUser, mix: &Mix, recorder: &Recorder) -> 
         let phase = period.mul_f64(rng.random_range(0.0..1.0));
         user.set_session_data(Pace {
             next: Instant::now() + phase,
+            paused_until: None,
             n: 0,
             rng,
         });
@@ -122,6 +127,16 @@ async fn paced_request(user: &mut GooseUser, mix: &Mix, recorder: &Recorder) -> 
         return Ok(());
     };
     let (due, n) = (pace.next, pace.n);
+    if let Some(until) = pace.paused_until.take() {
+        if until > due {
+            // Told to come back later: the requests due meanwhile are not sent.
+            let skipped = (until - due).as_secs_f64() / period.as_secs_f64();
+            let skipped = skipped.ceil().max(1.0);
+            pace.next += period.mul_f64(skipped);
+            recorder.deferred(due, skipped as u64);
+            return Ok(());
+        }
+    }
     pace.next += period;
     pace.n += 1;
     let endpoint = mix.pick(&mut pace.rng);
@@ -184,7 +199,13 @@ async fn paced_request(user: &mut GooseUser, mix: &Mix, recorder: &Recorder) -> 
         Ok(goose) => recorder::Outcome::of(goose.response, endpoint).await,
         Err(_) => recorder::Outcome::transport(),
     };
-    recorder.finished(endpoint, due, sent, Instant::now(), outcome, ids);
+    let done = Instant::now();
+    if let (true, Some(secs)) = (mix.honour_retry_after, outcome.retry_after) {
+        if let Some(pace) = user.get_session_data_mut::<Pace>() {
+            pace.paused_until = Some(done + Duration::from_secs(secs));
+        }
+    }
+    recorder.finished(endpoint, due, sent, done, outcome, ids);
     Ok(())
 }
 

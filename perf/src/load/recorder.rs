@@ -14,7 +14,8 @@ use super::{Endpoint, BATCH_EVENTS};
 /// How a request ended.
 pub struct Outcome {
     status: Option<u16>,
-    retry_after: bool,
+    /// `Retry-After` in seconds, when the answer carried one.
+    pub retry_after: Option<u64>,
     /// Event ids the API accepted: a 201, or a batch's items answered 201.
     accepted: Accepted,
 }
@@ -35,7 +36,10 @@ impl Outcome {
             return Outcome::transport();
         };
         let status = response.status().as_u16();
-        let retry_after = response.headers().contains_key("retry-after");
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
         let accepted = match (endpoint, status) {
             (Endpoint::PostEvent, 201) => Accepted::All,
             (Endpoint::PostBatch, 200) => match response.json::<Value>().await {
@@ -55,7 +59,7 @@ impl Outcome {
     pub fn transport() -> Outcome {
         Outcome {
             status: None,
-            retry_after: false,
+            retry_after: None,
             accepted: Accepted::None,
         }
     }
@@ -66,7 +70,7 @@ impl Outcome {
             (Endpoint::PostEvent, Some(201)) => Class::Ok,
             (Endpoint::PostEvent, Some(_)) if self.status.is_some_and(|s| s < 300) => Class::Error,
             (_, Some(s)) if (200..300).contains(&s) => Class::Ok,
-            (_, Some(429 | 503)) if self.retry_after => Class::Refused,
+            (_, Some(429 | 503)) if self.retry_after.is_some() => Class::Refused,
             (_, Some(_)) => Class::Error,
         }
     }
@@ -130,6 +134,8 @@ impl EndpointStats {
 #[derive(Default)]
 struct Second {
     started: u64,
+    /// Requests a user did not send because it was told to retry later (honouring `Retry-After`).
+    deferred: u64,
     ok: u64,
     refused: u64,
     errors: u64,
@@ -140,6 +146,7 @@ struct Inner {
     endpoints: BTreeMap<Endpoint, EndpointStats>,
     seconds: Vec<Second>,
     accepted: Vec<String>,
+    deferred: u64,
 }
 
 /// Shared by every goose user.
@@ -156,6 +163,7 @@ impl Recorder {
                 endpoints: BTreeMap::new(),
                 seconds: Vec::new(),
                 accepted: Vec::new(),
+                deferred: 0,
             }),
         }
     }
@@ -173,6 +181,15 @@ impl Recorder {
 
     fn index(&self, at: Instant) -> usize {
         at.saturating_duration_since(self.start).as_secs() as usize
+    }
+
+    /// `n` requests due at `due` were not sent: the user honours a `Retry-After`.
+    pub fn deferred(&self, due: Instant, n: u64) {
+        let at = self.index(due);
+        if let Ok(mut inner) = self.inner.lock() {
+            Self::second(&mut inner, at).deferred += n;
+            inner.deferred += n;
+        }
     }
 
     /// A request began (counted in the second it was due: the offered rate).
@@ -267,6 +284,7 @@ impl Recorder {
             "requests": total, "ok": ok, "refused": refused, "errors": errors,
             "error_rate": ratio(errors, total), "refused_rate": ratio(refused, total),
             "non_2xx_rate": ratio(refused + errors, total),
+            "deferred_by_retry_after": inner.deferred,
             "latency_ms": percentiles(&all_latency), "service_ms": percentiles(&all_service),
             "endpoints": endpoints,
         })
@@ -286,7 +304,7 @@ impl Recorder {
                     json!({"p50": ms(h.value_at_quantile(0.5)), "p99": ms(h.value_at_quantile(0.99)),
                            "max": ms(h.max())})
                 });
-                json!({"t": t, "offered": s.started, "ok": s.ok, "refused": s.refused,
+                json!({"t": t, "offered": s.started, "deferred": s.deferred, "ok": s.ok, "refused": s.refused,
                        "errors": s.errors, "latency_ms": p})
             })
             .collect()

@@ -17,6 +17,8 @@ const TICKS: f64 = 100.0;
 pub struct Targets {
     pub api: u32,
     pub pipeline: u32,
+    /// The load tool itself: it shares the cores.
+    pub tool: u32,
     pub database_url: String,
     pub database: String,
     /// Kafka's log directory (`deploy/local/up`: `$KDATA/logs`) and this run's topic.
@@ -124,7 +126,7 @@ pub async fn sample(targets: Targets, stop: Arc<AtomicBool>) -> Vec<Value> {
         .ok();
     let kafka = pids(None, Some("kafka.Kafka"));
     let start = Instant::now();
-    let mut last: Option<(Instant, [Usage; 4], (u64, u64))> = None;
+    let mut last: Option<(Instant, [Usage; 5], (u64, u64))> = None;
     let mut samples = Vec::new();
     while !stop.load(Ordering::Acquire) {
         let postgres = pids(Some("postgres"), None);
@@ -133,6 +135,7 @@ pub async fn sample(targets: Targets, stop: Arc<AtomicBool>) -> Vec<Value> {
             read_usage(targets.pipeline).unwrap_or_default(),
             sum_usage(&kafka),
             sum_usage(&postgres),
+            read_usage(targets.tool).unwrap_or_default(),
         ];
         let machine = machine_ticks();
         let at = Instant::now();
@@ -156,6 +159,7 @@ pub async fn sample(targets: Targets, stop: Arc<AtomicBool>) -> Vec<Value> {
                 "pipeline": {"rss_mb": mb(now[1].rss_kb), "fds": now[1].fds, "cpu_pct": cpu(1)},
                 "kafka": {"rss_mb": mb(now[2].rss_kb), "cpu_pct": cpu(2)},
                 "postgres": {"rss_mb": mb(now[3].rss_kb), "cpu_pct": cpu(3), "processes": postgres.len()},
+                "load_tool": {"rss_mb": mb(now[4].rss_kb), "cpu_pct": cpu(4)},
                 "db_connections": connections,
                 "db_bytes": db_bytes,
                 "kafka_topic_bytes": dir_bytes(&targets.kafka_logs, &format!("{}-", targets.topic)),
