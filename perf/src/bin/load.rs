@@ -264,6 +264,7 @@ async fn main() -> Result<()> {
 
     let summary = recorder.summary();
     let timeline = recorder.timeline();
+    let phases = phases(&setup.plan, &recorder, &samples);
     let verdict = thresholds(&args, &setup, &summary, &recorder, &loss, alive, &samples);
     let passed = verdict.iter().all(|(_, ok, _)| *ok);
     let result = json!({
@@ -280,7 +281,8 @@ async fn main() -> Result<()> {
         "passed": passed,
         "thresholds": verdict.iter().map(|(name, ok, detail)| json!({"name": name, "passed": ok, "detail": detail})).collect::<Vec<_>>(),
         "summary": summary,
-        "phases": phases(&setup.plan, &recorder),
+        "phases": phases,
+        "knee": knee(&phases),
         "loss_check": loss,
         "loss_check_seconds": check_seconds,
         "processes_alive_after": {"api": alive.0, "pipeline": alive.1},
@@ -409,7 +411,9 @@ async fn scrape_metrics(base: &str) -> Value {
 }
 
 /// Latency and classes per step of the plan (a stress level, the spike, the recovery).
-fn phases(plan: &Plan, recorder: &Recorder) -> Vec<Value> {
+/// Per step of the plan (a stress level, the spike, the recovery): answers by class, latency, and the
+/// mean CPU and the peak RSS of each component meanwhile, so a reader can see which gave way first.
+fn phases(plan: &Plan, recorder: &Recorder, samples: &[Value]) -> Vec<Value> {
     let mut start = 0u64;
     let mut out = Vec::new();
     for (users, secs) in &plan.steps {
@@ -417,11 +421,45 @@ fn phases(plan: &Plan, recorder: &Recorder) -> Vec<Value> {
         if *secs > 1 {
             let mut w = recorder.window(start as usize, end as usize);
             w["users"] = json!(users);
+            let during: Vec<Value> = samples
+                .iter()
+                .filter(|s| {
+                    s["t"]
+                        .as_f64()
+                        .is_some_and(|t| t >= start as f64 && t < end as f64)
+                })
+                .cloned()
+                .collect();
+            let mean = |path: &[&str]| {
+                let xs = series(&during, path);
+                (xs.iter().sum::<f64>() / xs.len().max(1) as f64 * 10.0).round() / 10.0
+            };
+            let peak = |path: &[&str]| series(&during, path).into_iter().fold(0.0, f64::max);
+            w["cpu_pct_mean"] = json!({
+                "machine": mean(&["machine_cpu_pct"]), "api": mean(&["api", "cpu_pct"]),
+                "pipeline": mean(&["pipeline", "cpu_pct"]), "postgres": mean(&["postgres", "cpu_pct"]),
+                "kafka": mean(&["kafka", "cpu_pct"]), "load_tool": mean(&["load_tool", "cpu_pct"]),
+            });
+            w["rss_mb_peak"] =
+                json!({"api": peak(&["api", "rss_mb"]), "pipeline": peak(&["pipeline", "rss_mb"])});
+            w["db_connections_active_peak"] = json!(peak(&["db_connections", "active"]));
             out.push(w);
         }
         start = end;
     }
     out
+}
+
+/// The first level whose p99 reached 200 ms or whose refusals passed 1 %: where latency bends.
+fn knee(phases: &[Value]) -> Value {
+    phases
+        .iter()
+        .find(|p| {
+            let total = p["ok"].as_f64().unwrap_or(0.0) + p["refused"].as_f64().unwrap_or(0.0);
+            p["latency_ms"]["p99"].as_f64().unwrap_or(0.0) >= 200.0
+                || p["refused"].as_f64().unwrap_or(0.0) > 0.01 * total.max(1.0)
+        })
+        .map_or(json!(null), |p| json!({"users": p["users"], "from_s": p["from_s"], "p99_ms": p["latency_ms"]["p99"], "refused": p["refused"], "cpu_pct_mean": p["cpu_pct_mean"]}))
 }
 
 fn series(samples: &[Value], path: &[&str]) -> Vec<f64> {
@@ -646,6 +684,22 @@ fn print_summary(name: &str, result: &Value, verdict: &Verdict) {
         "\n{name}: {} requests, ok {}, refused {}, errors {}; latency p50 {} ms p99 {} ms max {} ms",
         s["requests"], s["ok"], s["refused"], s["errors"], s["latency_ms"]["p50"], s["latency_ms"]["p99"], s["latency_ms"]["max"]
     );
+    for p in result["phases"].as_array().into_iter().flatten() {
+        eprintln!(
+            "  {:>5} users from {:>4} s: ok {} refused {} errors {}  p50 {} ms p99 {} ms  cpu % {}",
+            p["users"],
+            p["from_s"],
+            p["ok"],
+            p["refused"],
+            p["errors"],
+            p["latency_ms"]["p50"],
+            p["latency_ms"]["p99"],
+            p["cpu_pct_mean"]
+        );
+    }
+    if !result["knee"].is_null() {
+        eprintln!("  latency bends at: {}", result["knee"]);
+    }
     for (name, ok, detail) in verdict {
         eprintln!("  [{}] {name}: {detail}", if *ok { "pass" } else { "FAIL" });
     }
