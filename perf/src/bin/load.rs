@@ -759,9 +759,14 @@ fn html(name: &str, result: &Value, verdict: &Verdict) -> String {
             log: false,
             series: vec![
                 Series {
-                    name: "offered (due)",
+                    name: "sent",
                     color: "#999",
                     points: tl(&|s| s["offered"].as_f64()),
+                },
+                Series {
+                    name: "deferred (Retry-After)",
+                    color: "#bcbd22",
+                    points: tl(&|s| s["deferred"].as_f64()),
                 },
                 Series {
                     name: "ok",
@@ -821,6 +826,11 @@ fn html(name: &str, result: &Value, verdict: &Verdict) -> String {
                     name: "kafka",
                     color: "#8c564b",
                     points: sm(&["kafka", "cpu_pct"]),
+                },
+                Series {
+                    name: "load tool",
+                    color: "#e377c2",
+                    points: sm(&["load_tool", "cpu_pct"]),
                 },
                 Series {
                     name: "machine (of 200)",
