@@ -42,6 +42,8 @@ pub enum Endpoint {
     GetCharges,
     /// `POST /api/v1/events/batch` with [`BATCH_EVENTS`] of the seed's events.
     PostBatch,
+    /// `GET /healthz`: no work at all, the floor of the load tool and the HTTP stack on this box.
+    Health,
 }
 
 /// Events per batch request in the batch scenario.
@@ -54,6 +56,7 @@ impl Endpoint {
             Endpoint::GetAggregations => "GET /api/v1/aggregations",
             Endpoint::GetCharges => "GET /api/v1/charges",
             Endpoint::PostBatch => "POST /api/v1/events/batch",
+            Endpoint::Health => "GET /healthz",
         }
     }
 }
@@ -180,6 +183,12 @@ async fn paced_request(user: &mut GooseUser, mix: &Mix, recorder: &Recorder) -> 
         Endpoint::GetCharges => (
             GooseMethod::Get,
             format!("/api/v1/charges?customer_id={customer}"),
+            String::new(),
+            vec![],
+        ),
+        Endpoint::Health => (
+            GooseMethod::Get,
+            "/healthz".to_owned(),
             String::new(),
             vec![],
         ),
