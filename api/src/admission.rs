@@ -13,6 +13,7 @@
 //!           a key's token bucket spent ─► 429 RATE_LIMITED                          (rate_limit)
 //!           not answered within api.request_timeout_secs ─► 503 TIMEOUT             (request_timeout)
 //! ```
+//! The request timeout runs inside the slot (one middleware layer fewer per request).
 //! Every such answer is counted in `api_refused_total{reason}` (see [`Refused`]), so a load test can
 //! tell which bound gave way first; `api_requests_in_flight` and `api_requests_waiting` show the slots.
 //!
@@ -126,8 +127,9 @@ impl Drop for Count<'_> {
 
 /// The middleware: runs the request in a slot, or refuses it (see the module doc).
 pub async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = state.settings.request_timeout;
     if EXEMPT.contains(&request.uri().path()) {
-        return next.run(request).await;
+        return crate::middleware::within(limit, request, next).await;
     }
     let admission = &state.admission;
     let permit = match admission.slots.clone().try_acquire_owned() {
@@ -155,7 +157,7 @@ pub async fn admit(State(state): State<AppState>, request: Request, next: Next) 
         gauge: &state.metrics.in_flight,
         _permit: permit,
     };
-    next.run(request).await
+    crate::middleware::within(limit, request, next).await
 }
 
 /// A slot taken: gives it back and lowers `api_requests_in_flight` when the request ends (also when the

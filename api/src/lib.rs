@@ -172,9 +172,22 @@ impl Default for Settings {
     }
 }
 
-/// Everything a request handler may use.
+/// Everything a request handler may use: one [`Shared`] behind an `Arc`, because axum clones the state
+/// for every middleware and handler of every request (cloning the fields one by one was a tenth of the
+/// API's CPU per `POST /api/v1/events`: perf/results/api-profile.md).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Shared {
     pub pool: PgPool,
     pub producer: FutureProducer,
     pub topic: String,
@@ -228,7 +241,7 @@ impl AppState {
             watermark.clone(),
         ));
         let (state_tx, state_rx) = tokio::sync::oneshot::channel();
-        let state = AppState {
+        let state = AppState(Arc::new(Shared {
             pool,
             producer,
             topic,
@@ -245,7 +258,7 @@ impl AppState {
             settings,
             gate: Arc::new(auth::Gate::default()),
             ready: Arc::default(),
-        };
+        }));
         tokio::spawn(rerating::runner(
             state.pool.clone(),
             state.rerating_wake.clone(),
@@ -299,16 +312,12 @@ pub fn app(state: AppState) -> Router {
             auth::gate,
         ))
         .fallback(|| async { ApiError::NotFound })
+        // NUL in the path or query refused, axum's text/plain rejections made problem+json.
         .layer(axum::middleware::from_fn(middleware::problem_rejections))
-        .layer(axum::middleware::from_fn(middleware::refuse_nul))
         // Outermost last: the request id wraps everything (its span covers the metrics and the
         // handler), the metrics see the timeout's 503s.
-        .layer(axum::middleware::from_fn_with_state(
-            state.settings.request_timeout,
-            middleware::timeout,
-        ))
-        // Admission control: past the slots a request is refused before anything else runs; inside
-        // the metrics, which count its refusals.
+        // Admission control, and in the slot the request timeout (middleware::within): past the slots
+        // a request is refused before anything else runs; inside the metrics, which count refusals.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admission::admit,

@@ -168,11 +168,8 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = method_label(request.method());
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    // A clone of the matched path is a reference count, not a copy of the text.
+    let route = request.extensions().get::<MatchedPath>().cloned();
     let response = next.run(request).await;
     if let Some(refused) = response.extensions().get::<Refused>() {
         state
@@ -181,8 +178,12 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
             .with_label_values(&[refused.as_str()])
             .inc();
     }
-    let status = response.status().as_u16().to_string();
-    let labels = [method, route.as_str(), status.as_str()];
+    let status = response.status();
+    let labels = [
+        method,
+        route.as_ref().map_or("unmatched", MatchedPath::as_str),
+        status.as_str(),
+    ];
     state
         .metrics
         .http_duration

@@ -3,7 +3,9 @@
 //! ```text
 //!  request ─► request_id: x-request-id as sent (if sane) or a new one ─► span "request"{request_id, method,
 //!             route} around everything below, so every log line of the request carries the id
-//!          ─► metrics::track ─► timeout: not answered within api.request_timeout_secs ─► 503 TIMEOUT
+//!          ─► metrics::track ─► admission::admit (a slot, or 503 OVERLOADED) ─► within: not answered
+//!             within api.request_timeout_secs ─► 503 TIMEOUT
+//!          ─► problem_rejections (NUL in path/query ─► 400; axum's text/plain 4xx ─► problem+json)
 //!          ─► handler
 //!  response ◄─ x-request-id echoed
 //! ```
@@ -41,18 +43,14 @@ pub async fn request_id(mut request: Request, next: Next) -> Response {
         })
         .map(str::to_owned)
         .unwrap_or_else(new_id);
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
+    let route = request.extensions().get::<MatchedPath>().cloned();
     // At ERROR level so that the span, and so the id, is there whatever the log filter lets through
     // (with `warn`, an INFO span would be filtered out and the request's warnings would lack the id).
     let span = tracing::error_span!(
         "request",
         request_id = %id,
         method = %request.method(),
-        route = %route,
+        route = route.as_ref().map_or("unmatched", MatchedPath::as_str),
     );
     request.extensions_mut().insert(RequestId(id.clone()));
     let started = Instant::now();
@@ -78,6 +76,12 @@ fn new_id() -> String {
 /// `limit`; the handler is dropped. Work it handed off (an event queued for storing) still completes, so
 /// a retry of a timed-out event may answer 409: it was accepted.
 pub async fn timeout(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    within(limit, request, next).await
+}
+
+/// [`timeout`] as a function, for a middleware that does more (admission.rs runs it in its slot, one
+/// layer fewer per request).
+pub async fn within(limit: Duration, request: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
@@ -92,8 +96,12 @@ pub async fn timeout(State(limit): State<Duration>, request: Request, next: Next
 
 /// axum's own rejections (a path segment that is not UTF-8, say `/events/%FF/void`) answer in
 /// text/plain; every 4xx of this API is a problem+json, so they are rewritten into one, keeping the
-/// status and the reason.
+/// status and the reason. A path or query holding NUL is refused first ([`refuse_nul`]: one layer
+/// for both, as each layer costs every request an allocation or two).
 pub async fn problem_rejections(request: Request, next: Next) -> Response {
+    if has_nul(&request) {
+        return nul_refused();
+    }
     let response = next.run(request).await;
     let status = response.status();
     let plain = response
@@ -116,17 +124,24 @@ pub async fn problem_rejections(request: Request, next: Next) -> Response {
 /// A query or path that holds NUL (`%00`) can name nothing this API stores (Postgres text cannot hold
 /// it): 400 before any handler or query sees it, whatever the route.
 pub async fn refuse_nul(request: Request, next: Next) -> Response {
+    if has_nul(&request) {
+        return nul_refused();
+    }
+    next.run(request).await
+}
+
+fn has_nul(request: &Request) -> bool {
     let has_nul = |text: &str| {
         text.as_bytes()
             .windows(3)
             .any(|w| w.eq_ignore_ascii_case(b"%00"))
     };
     let uri = request.uri();
-    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
-        return ApiError::BadRequest("the path and query must not contain NUL (%00)".into())
-            .into_response();
-    }
-    next.run(request).await
+    has_nul(uri.path()) || uri.query().is_some_and(has_nul)
+}
+
+fn nul_refused() -> Response {
+    ApiError::BadRequest("the path and query must not contain NUL (%00)".into()).into_response()
 }
 
 #[cfg(test)]
