@@ -66,6 +66,11 @@ enum IdFrom {
     Body(&'static str),
 }
 
+/// Whether `method` on `route` (without `/api/v1`) is audited: the router layers only those routes.
+pub(crate) fn is_audited(method: &Method, route: &str) -> bool {
+    audited(method, route).is_some()
+}
+
 fn audited(method: &Method, route: &str) -> Option<Audited> {
     let a = |action, entity, snapshot, id| {
         Some(Audited {

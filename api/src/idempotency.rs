@@ -25,7 +25,7 @@ pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-ke
 pub static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// The admin POSTs that honour the header.
-fn honoured(method: &Method, route: &str) -> bool {
+pub(crate) fn honoured(method: &Method, route: &str) -> bool {
     method == Method::POST
         && matches!(
             route,

@@ -296,17 +296,9 @@ async fn follow_watermark(pool: PgPool, topic: String, watermark: Arc<AtomicI64>
 /// The whole API.
 pub fn app(state: AppState) -> Router {
     // Every route comes from the table in openapi.rs, which the OpenAPI document is built from too.
-    openapi::router(&state.settings)
-        // Innermost first: the gate (key, role, rate limit, bound customer) runs before replaying a
-        // stored Idempotency-Key response, which runs before auditing the change.
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            audit::record_changes,
-        ))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            idempotency::replay,
-        ))
+    // The gate (key, role, rate limit, bound customer) runs before replaying a stored Idempotency-Key
+    // response, which runs before auditing the change (those two only on the routes they concern).
+    openapi::router(&state)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::gate,

@@ -44,6 +44,14 @@ impl Verb {
         }
     }
 
+    fn method(self) -> axum::http::Method {
+        match self {
+            Verb::Get => axum::http::Method::GET,
+            Verb::Post => axum::http::Method::POST,
+            Verb::Patch => axum::http::Method::PATCH,
+        }
+    }
+
     fn filter(self) -> MethodFilter {
         match self {
             Verb::Get => MethodFilter::GET,
@@ -808,10 +816,27 @@ pub const ROUTES: &[Route] = &[
     },
 ];
 
-/// A router with every row of [`ROUTES`].
-pub fn router(settings: &Settings) -> Router<AppState> {
+/// A router with every row of [`ROUTES`]. The routes that replay an `Idempotency-Key` or are audited
+/// get those middlewares (innermost first: auditing, inside replaying a stored response); the others,
+/// `POST /api/v1/events` among them, do not pay for two layers that would only pass them on.
+pub fn router(state: &AppState) -> Router<AppState> {
     ROUTES.iter().fold(Router::new(), |router, route| {
-        router.route(route.path, (route.handler)(route.verb.filter(), settings))
+        let mut methods = (route.handler)(route.verb.filter(), &state.settings);
+        let method = route.verb.method();
+        let path = route.path.strip_prefix("/api/v1").unwrap_or(route.path);
+        if crate::audit::is_audited(&method, path) {
+            methods = methods.route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                crate::audit::record_changes,
+            ));
+        }
+        if crate::idempotency::honoured(&method, path) {
+            methods = methods.route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                crate::idempotency::replay,
+            ));
+        }
+        router.route(route.path, methods)
     })
 }
 
