@@ -9,8 +9,10 @@
 //!    else, one transaction:
 //!      LOCK the partition (SHARE: no writes) ─► count ─► [--archive] COPY … TO STDOUT (CSV, header)
 //!        ─► DIR/telemetry_events_YYYY_MM.csv.gz.tmp, fsync, line count = row count, rename
-//!      DETACH PARTITION + DROP TABLE ─► [--prune-event-ids] DELETE its event_ids rows (never one an
-//!        unsent outbox row still needs) ─► telemetry_retention.archived_before = month end ─► COMMIT
+//!        (an empty month leaves no file)
+//!      DETACH PARTITION + DROP TABLE ─► telemetry_retention.archived_before = month end ─► COMMIT
+//!  [--prune-event-ids] one DELETE of the dropped months' event_ids rows, never one an unsent outbox
+//!    row still needs (event_ids has no index on event_time: one pass for all months)
 //! ```
 //! Why the horizon: an event older than it is refused on both paths (SPEC §2), so no new copy, late
 //! event or void can need a dropped month; inside it, all three can. Dedup is not affected by dropping
@@ -162,14 +164,25 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
     }
 
     let (mut rows, mut ids) = (0_i64, 0_i64);
+    let from = due.iter().map(|p| p.start).min().unwrap_or(before);
+    let to = due.iter().map(|p| p.end).max().unwrap_or(before);
     for p in &due {
-        let (r, i) = if args.dry_run {
+        rows += if args.dry_run {
             dry_run(&mut conn, p, args).await?
         } else {
             drop_month(&mut conn, p, args).await?
         };
-        rows += r;
-        ids += i;
+    }
+    if args.prune_event_ids {
+        ids = if args.dry_run {
+            sqlx::query_scalar(&format!("SELECT count(*) FROM {PRUNE_IDS}"))
+                .bind(from)
+                .bind(to)
+                .fetch_one(&mut conn)
+                .await?
+        } else {
+            prune_ids(&mut conn, from, to).await?
+        };
     }
     println!(
         "retention: {} {} month(s), {rows} raw events{}",
@@ -191,48 +204,26 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
 const PRUNE_IDS: &str = "event_ids e WHERE e.event_time >= $1 AND e.event_time < $2
     AND NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = e.event_id)";
 
-async fn dry_run(
-    conn: &mut PgConnection,
-    p: &Partition,
-    args: &RetentionArgs,
-) -> Result<(i64, i64)> {
+async fn dry_run(conn: &mut PgConnection, p: &Partition, args: &RetentionArgs) -> Result<i64> {
     let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", p.name))
         .fetch_one(&mut *conn)
         .await?;
-    let ids: i64 = if args.prune_event_ids {
-        sqlx::query_scalar(&format!("SELECT count(*) FROM {PRUNE_IDS}"))
-            .bind(p.start)
-            .bind(p.end)
-            .fetch_one(&mut *conn)
-            .await?
-    } else {
-        0
-    };
     println!(
-        "  would {}drop {} ({rows} rows){}",
+        "  would {}drop {} ({rows} rows)",
         match &args.archive {
-            Some(dir) => format!("archive to {} and ", archive_path(dir, p).display()),
-            None => String::new(),
+            Some(dir) if rows > 0 => format!("archive to {} and ", archive_path(dir, p).display()),
+            _ => String::new(),
         },
         p.name,
-        if args.prune_event_ids {
-            format!(" and delete {ids} event_ids rows")
-        } else {
-            String::new()
-        }
     );
-    Ok((rows, ids))
+    Ok(rows)
 }
 
 fn archive_path(dir: &Path, p: &Partition) -> PathBuf {
     dir.join(format!("{}.csv.gz", p.name))
 }
 
-async fn drop_month(
-    conn: &mut PgConnection,
-    p: &Partition,
-    args: &RetentionArgs,
-) -> Result<(i64, i64)> {
+async fn drop_month(conn: &mut PgConnection, p: &Partition, args: &RetentionArgs) -> Result<i64> {
     let mut tx = conn.begin().await?;
     // No writes while it is read: the archive is exactly what is dropped.
     sqlx::query(&format!("LOCK TABLE {} IN SHARE MODE", p.name))
@@ -242,6 +233,8 @@ async fn drop_month(
         .fetch_one(&mut *tx)
         .await?;
     let archived = match &args.archive {
+        // An empty month (migration 0003 created every month from 2020) leaves no file.
+        Some(_) if rows == 0 => None,
         Some(dir) => {
             let path = archive_path(dir, p);
             let written = archive(&mut tx, p, dir, &path).await?;
@@ -264,16 +257,6 @@ async fn drop_month(
     sqlx::query(&format!("DROP TABLE {}", p.name))
         .execute(&mut *tx)
         .await?;
-    let ids = if args.prune_event_ids {
-        sqlx::query(&format!("DELETE FROM {PRUNE_IDS}"))
-            .bind(p.start)
-            .bind(p.end)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-    } else {
-        0
-    };
     sqlx::query(
         "INSERT INTO telemetry_retention (singleton, archived_before) VALUES (true, $1)
          ON CONFLICT ON CONSTRAINT telemetry_retention_pkey DO UPDATE
@@ -285,19 +268,26 @@ async fn drop_month(
     .await?;
     tx.commit().await?;
     println!(
-        "  dropped {} ({rows} rows){}{}",
+        "  dropped {} ({rows} rows){}",
         p.name,
         match archived {
             Some(path) => format!(", archived to {}", path.display()),
             None => String::new(),
         },
-        if args.prune_event_ids {
-            format!(", {ids} event_ids rows deleted")
-        } else {
-            String::new()
-        }
     );
-    Ok((rows, i64::try_from(ids).unwrap_or(i64::MAX)))
+    Ok(rows)
+}
+
+/// Deletes the event_ids rows of the dropped months, `[from, to)`, in one statement (event_ids has no
+/// index on event_time: one pass, not one per month), never a row an unsent outbox row still needs.
+async fn prune_ids(conn: &mut PgConnection, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<i64> {
+    let deleted = sqlx::query(&format!("DELETE FROM {PRUNE_IDS}"))
+        .bind(from)
+        .bind(to)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(i64::try_from(deleted).unwrap_or(i64::MAX))
 }
 
 /// Writes the partition as gzip'd CSV (header first) to `path` through a temporary file, fsynced and
