@@ -170,7 +170,7 @@ fn setup(args: &Args) -> Setup {
             };
             (plan, mixed, args.rate.unwrap_or(100.0), users)
         }
-        Scenario::Ingest => {
+        Scenario::Ingest | Scenario::Floor => {
             let rate = args.rate.unwrap_or(10_000.0);
             let users = args.users.unwrap_or((rate / 10.0).ceil() as usize);
             let plan = Plan {
@@ -180,19 +180,12 @@ fn setup(args: &Args) -> Setup {
                     (0, 2),
                 ],
             };
-            (plan, vec![(Endpoint::PostEvent, 1)], rate, users)
-        }
-        Scenario::Floor => {
-            let rate = args.rate.unwrap_or(10_000.0);
-            let users = args.users.unwrap_or((rate / 10.0).ceil() as usize);
-            let plan = Plan {
-                steps: vec![
-                    (users, 10),
-                    (users, if args.short { 30 } else { 60 }),
-                    (0, 2),
-                ],
+            let endpoint = if args.scenario == Scenario::Floor {
+                Endpoint::Health
+            } else {
+                Endpoint::PostEvent
             };
-            (plan, vec![(Endpoint::Health, 1)], rate, users)
+            (plan, vec![(endpoint, 1)], rate, users)
         }
         Scenario::Batch => {
             let rate = args.rate.unwrap_or(100.0);

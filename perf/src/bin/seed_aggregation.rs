@@ -9,13 +9,13 @@
 //!     cargo build --release -p meterflow -p meterflow-perf
 //!     target/release/seed_aggregation --events 100000 --runs 3
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use meterflow_perf::{drop_database, fresh_database, median, Services};
+use meterflow_perf::{drop_database, fresh_database, median, wait_ready, Proc, Services};
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -42,15 +42,6 @@ struct Args {
     services: Services,
     #[arg(long, default_value_t = 3917)]
     port: u16,
-}
-
-/// A child process killed when dropped.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn events(n: usize, customers: usize, run: usize) -> Vec<Value> {
@@ -99,7 +90,7 @@ async fn main() -> Result<()> {
                 ))
             };
             let _api = spawn(&["api"])?;
-            wait_ready(&client, &base).await?;
+            wait_ready(&base).await?;
             let workers = args.workers.to_string();
             let _pipeline = spawn(&["pipeline", "--workers", &workers])?;
             let batch = events(args.events, args.customers, run);
@@ -177,18 +168,6 @@ async fn footprint(url: &str) -> Result<()> {
     ]);
     println!("{}", json!({"footprint": tables}));
     Ok(())
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) -> Result<()> {
-    for _ in 0..200 {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("the API did not become ready")
 }
 
 async fn post_single(
