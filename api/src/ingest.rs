@@ -32,8 +32,10 @@ use crate::AppState;
 const MAX_BATCH: usize = 1_000;
 /// Events queued for the group commit by default (`api.ingest_queue`).
 pub const DEFAULT_QUEUE: usize = 16_384;
-/// Batches between storing and answering at once (each waits for Kafka).
-const IN_FLIGHT: usize = 8;
+/// Batches being stored at once. Few, so that under load the queue grows into larger batches (one
+/// statement and one commit for many events) instead of many small commits competing for the same
+/// cores; a batch gives its slot back once stored, and waits for Kafka without holding it.
+pub(crate) const STORING: usize = 2;
 
 pub(crate) struct Request {
     event: Event,
@@ -99,7 +101,7 @@ impl Ingester {
 }
 
 async fn run(state: AppState, mut rx: mpsc::Receiver<Request>, unfinished: Arc<AtomicUsize>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let slots = Arc::new(Semaphore::new(STORING));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -110,14 +112,17 @@ async fn run(state: AppState, mut rx: mpsc::Receiver<Request>, unfinished: Arc<A
         let unfinished = unfinished.clone();
         tokio::spawn(async move {
             let n = requests.len();
-            store_and_forward(&state, requests).await;
+            store_and_forward(&state, requests, slot).await;
             unfinished.fetch_sub(n, Ordering::AcqRel);
-            drop(slot);
         });
     }
 }
 
-async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
+async fn store_and_forward(
+    state: &AppState,
+    requests: Vec<Request>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
     // The first copy of each id in the batch is stored; later copies are duplicates of it.
     let mut seen = HashSet::new();
     let (firsts, repeats): (Vec<Request>, Vec<Request>) = requests
@@ -143,6 +148,8 @@ async fn store_and_forward(state: &AppState, requests: Vec<Request>) {
             }
         }
     }
+    // Stored: the next batch may be stored while this one waits for Kafka.
+    drop(slot);
     let now = Utc::now().timestamp_millis();
     let sends = fresh.iter().zip(&payloads).map(|(r, payload)| async {
         // `event`: the reader keeps this 201's decision on the event's age (finding 10).
@@ -221,7 +228,7 @@ async fn answer_copies(state: &AppState, copies: Vec<Request>) -> Vec<Request> {
         return copies;
     }
     let ids: Vec<String> = copies.iter().map(|r| r.event.event_id.clone()).collect();
-    let answered = match answered_duplicates(&state.pool, &ids).await {
+    let answered = match answered_duplicates(&state.ingest_pool, &ids).await {
         Ok(answered) => answered,
         Err(e) => {
             for r in copies {
@@ -374,7 +381,7 @@ async fn store(
     .bind(&properties)
     .bind(payloads)
     .bind(&fingerprints)
-    .fetch_all(&state.pool)
+    .fetch_all(&state.ingest_pool)
     .await?;
     Ok(stored.into_iter().collect())
 }

@@ -121,6 +121,21 @@ pub fn connect_options(
     })
 }
 
+/// A small pool beside `pool` for the statements that run thousands of times a second with the same
+/// shape: the group commit's INSERT and the outbox cleaner's DELETE. They need no plan for their
+/// parameters, so here Postgres may cache a generic plan (`plan_cache_mode = auto`) instead of planning
+/// each call again as [`connect_options`] makes the list queries do (0.2 ms of a 0.8 ms single-event
+/// commit, measured with `pg_stat_statements.track_planning` under `load spike`).
+fn ingest_pool(pool: &PgPool) -> PgPool {
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("plan_cache_mode", "auto")]);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(ingest::STORING as u32 + 2)
+        .acquire_timeout(pool.options().get_acquire_timeout())
+        .connect_lazy_with(options)
+}
+
 /// The API's tunables (the `[api]` section of the configuration).
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -197,6 +212,9 @@ impl std::ops::Deref for AppState {
 /// What [`AppState`] holds.
 pub struct Shared {
     pub pool: PgPool,
+    /// The group commit's and the outbox cleaner's connections: the same database and timeouts as
+    /// `pool`, but Postgres may cache generic plans here (see [`ingest_pool`]).
+    pub ingest_pool: PgPool,
     pub producer: FutureProducer,
     pub topic: String,
     pub limits: Limits,
@@ -233,8 +251,9 @@ impl AppState {
         topic: String,
         settings: Settings,
     ) -> Self {
+        let ingest_pool = ingest_pool(&pool);
         let (published, acked) = outbox::Acks::channel(100_000);
-        tokio::spawn(outbox::forget_published(pool.clone(), acked));
+        tokio::spawn(outbox::forget_published(ingest_pool.clone(), acked));
         tokio::spawn(outbox::relay(
             pool.clone(),
             producer.clone(),
@@ -251,6 +270,7 @@ impl AppState {
         let (state_tx, state_rx) = tokio::sync::oneshot::channel();
         let state = AppState(Arc::new(Shared {
             pool,
+            ingest_pool,
             producer,
             topic,
             limits: Limits::default(),

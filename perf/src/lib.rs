@@ -40,7 +40,21 @@ pub async fn fresh_database(admin_url: &str, prefix: &str, n: usize) -> Result<S
     let pool = sqlx::PgPool::connect(&url).await?;
     meterflow_sinks::MIGRATOR.run(&pool).await?;
     pool.close().await;
+    checkpoint(&mut admin).await;
     Ok(url)
+}
+
+/// Flushes the set-up's writes (a new database is thousands of partition files) before a benchmark
+/// measures anything, so that the next timed checkpoint, and its fsync of every dirty file, does not
+/// land inside the measurement. Needs `pg_checkpoint` (granted by `deploy/local/up`); without it the
+/// run goes on and says so.
+async fn checkpoint(admin: &mut PgConnection) {
+    if let Err(e) = sqlx::query("CHECKPOINT").execute(admin).await {
+        eprintln!(
+            "warning: CHECKPOINT before the measurement failed ({e}); run deploy/local/up, \
+             which grants pg_checkpoint to meterflow"
+        );
+    }
 }
 
 /// Drops a database made by [`fresh_database`], retrying while its last connections close (an
