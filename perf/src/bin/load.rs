@@ -761,7 +761,12 @@ fn print_summary(name: &str, result: &Value, verdict: &Verdict) {
                 st["total_ms"],
                 st["calls"],
                 st["mean_ms"],
-                st["query"].as_str().unwrap_or("").chars().take(70).collect::<String>()
+                st["query"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(70)
+                    .collect::<String>()
             );
         }
     }
