@@ -389,7 +389,7 @@ pub const KEYS: &[Key] = &[
         flag: None,
         doc: "Admission control: requests served at once (health, readiness and metrics apart); as many \
               more may wait for a slot, any further one is answered 503 OVERLOADED with Retry-After at \
-              once. 0: 8 per pool connection (api.max_connections). Refusals are counted in \
+              once. 0: 4 per pool connection (api.max_connections). Refusals are counted in \
               api_refused_total{reason}.",
     },
     Key {

@@ -325,9 +325,9 @@ async fn serve_api(cfg: &Config) -> Result<()> {
             per_sec: f64::from(cfg.api.rate_limit_per_sec),
             burst: f64::from(cfg.api.rate_limit_burst),
         },
-        // 0: 8 slots per pool connection (admission.rs says why).
+        // 0: 4 slots per pool connection (admission.rs says why).
         max_in_flight: match cfg.api.max_in_flight {
-            0 => (cfg.api.max_connections as usize).saturating_mul(8),
+            0 => (cfg.api.max_connections as usize).saturating_mul(4),
             n => n,
         },
         queue_timeout: Duration::from_millis(cfg.api.queue_timeout_ms),
