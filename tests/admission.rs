@@ -240,3 +240,54 @@ async fn no_free_database_connection_is_a_prompt_503() {
     drop(held);
     assert_eq!(api.get("/api/v1/meters").await.status(), StatusCode::OK);
 }
+
+/// Two batches of new customers stored at once, in opposite orders, must not deadlock on the
+/// per-customer event-type rows (migration 0013): a deadlock made the group commit fall back to one
+/// statement per event, a second's wait and a thousand commits (seen under `seed_aggregation`).
+#[tokio::test]
+async fn concurrent_batches_of_new_customers_commit_without_falling_back_one_by_one() {
+    let api = spawn_api_with(settings()).await;
+    let run = unique("dl");
+    for round in 0..4 {
+        let batch = |k: usize| {
+            let mut customers: Vec<usize> = (0..1000).collect();
+            // Each request lists the same new customers in an order of its own.
+            customers.rotate_left(k * 167);
+            if k % 2 == 1 {
+                customers.reverse();
+            }
+            let events: Vec<Value> = customers
+                .iter()
+                .map(|c| {
+                    json!({
+                        "event_id": format!("{run}_{round}_{k}_{c}"),
+                        "customer_id": format!("{run}_cust_{round}_{c}"),
+                        "event_type": "api_call",
+                        "event_time": "2024-01-15T14:30:00Z",
+                        "value": "1",
+                    })
+                })
+                .collect();
+            Value::Array(events)
+        };
+        let batches: Vec<Value> = (0..6).map(batch).collect();
+        let responses = futures::future::join_all(
+            batches
+                .iter()
+                .map(|b| api.post_json("/api/v1/events/batch", b)),
+        )
+        .await;
+        for response in responses {
+            assert_eq!(response.status(), StatusCode::OK);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["accepted"], 1000, "{body}");
+        }
+    }
+    let metrics = api.get("/metrics").await.text().await.unwrap();
+    let one_by_one = metrics
+        .lines()
+        .find(|l| l.starts_with("api_group_commits_total{outcome=\"one_by_one\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert_eq!(one_by_one, Some(0), "{metrics}");
+}

@@ -194,7 +194,14 @@ async fn store_firsts(
     // The canonical JSON is both the outbox row and the Kafka record: encode it once.
     let payloads: Vec<Vec<u8>> = firsts.iter().map(|r| r.event.to_json()).collect();
     let (firsts, payloads, stored) = match store(state, &firsts, &payloads).await {
-        Ok(stored) => (firsts, payloads, stored),
+        Ok(stored) => {
+            state
+                .metrics
+                .group_commits
+                .with_label_values(&["stored"])
+                .inc();
+            (firsts, payloads, stored)
+        }
         Err(e) if is_transient(&e) => {
             for r in firsts.into_iter().chain(repeats) {
                 let _ = r.reply.send(Err(e.clone()));
@@ -205,6 +212,11 @@ async fn store_firsts(
         // Requests are isolated, so each event is stored on its own and gets its own outcome.
         Err(e) => {
             tracing::warn!(error = %e, events = firsts.len(), "a group commit failed; storing its events one by one");
+            state
+                .metrics
+                .group_commits
+                .with_label_values(&["one_by_one"])
+                .inc();
             store_one_by_one(state, firsts, payloads).await
         }
     };
@@ -325,13 +337,49 @@ async fn store_one_by_one(
     (kept, kept_payloads, stored)
 }
 
+/// Attempts of a group commit that Postgres rolled back as a deadlock or a serialization failure.
+const ATTEMPTS: usize = 3;
+
 /// Stores the claims, raw events and outbox rows of a batch in one statement; returns the ids stored
 /// (the others were known already).
+///
+/// Concurrent batches take their row locks in one order (event ids, then customer and event type for
+/// the event-type rows of migration 0013), so they do not deadlock one another; a statement Postgres
+/// still rolls back as a deadlock or serialization failure (SQLSTATE class 40) is tried again as it
+/// is, up to [`ATTEMPTS`] times, before it counts as failed.
 async fn store(
     state: &AppState,
     requests: &[Request],
     payloads: &[Vec<u8>],
 ) -> Result<HashSet<String>, ApiError> {
+    let mut attempt = 1;
+    loop {
+        match store_once(state, requests, payloads).await {
+            Err(e) if attempt < ATTEMPTS && rolled_back(&e) => {
+                state
+                    .metrics
+                    .group_commits
+                    .with_label_values(&["retried"])
+                    .inc();
+                tracing::info!(error = %e, attempt, "a group commit was rolled back; trying it again");
+                attempt += 1;
+            }
+            result => return result.map_err(ApiError::from),
+        }
+    }
+}
+
+/// Whether Postgres rolled the statement back for its concurrency with others (class 40: deadlock,
+/// serialization failure), which says nothing about the events in it.
+fn rolled_back(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("40")))
+}
+
+async fn store_once(
+    state: &AppState,
+    requests: &[Request],
+    payloads: &[Vec<u8>],
+) -> Result<HashSet<String>, sqlx::Error> {
     if requests.is_empty() {
         return Ok(HashSet::new());
     }
@@ -361,6 +409,7 @@ async fn store(
          ), claimed AS (
              INSERT INTO event_ids (event_id, event_time, fingerprint, source)
              SELECT event_id, timestamptz 'epoch' + micros * interval '1 microsecond', fingerprint, 'api' FROM input
+             ORDER BY event_id
              ON CONFLICT ON CONSTRAINT event_ids_pkey DO NOTHING
              RETURNING event_id
          ), stored AS (
@@ -368,6 +417,7 @@ async fn store(
              SELECT i.event_id, i.customer_id, i.event_type, timestamptz 'epoch' + i.micros * interval '1 microsecond',
                     i.value, i.properties::json
              FROM input i JOIN claimed USING (event_id)
+             ORDER BY i.customer_id, i.event_type
          )
          INSERT INTO event_outbox (event_id, payload, customer_id)
          SELECT i.event_id, i.payload, i.customer_id FROM input i JOIN claimed USING (event_id)

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub events_ingested: IntCounterVec,
     /// Requests refused or given up on, by which bound: `api_refused_total{reason}` (admission.rs).
     pub refused: IntCounterVec,
+    /// Group commits by how they went: `api_group_commits_total{outcome}` (ingest.rs).
+    pub group_commits: IntCounterVec,
     /// Requests holding a slot (`api_requests_in_flight`).
     pub in_flight: IntGauge,
     /// Requests waiting for a slot (`api_requests_waiting`), set when scraped.
@@ -69,6 +71,18 @@ impl Metrics {
         for reason in Refused::ALL {
             refused.with_label_values(&[reason.as_str()]);
         }
+        let group_commits = IntCounterVec::new(
+            Opts::new(
+                "api_group_commits_total",
+                "Group commits of accepted events: stored in one statement, retried after a \
+                 deadlock or serialization failure, or stored one by one after the statement failed",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for outcome in ["stored", "retried", "one_by_one"] {
+            group_commits.with_label_values(&[outcome]);
+        }
         let in_flight = IntGauge::new("api_requests_in_flight", "Requests holding a slot")
             .expect("valid metric");
         let waiting = IntGauge::new("api_requests_waiting", "Requests waiting for a slot")
@@ -83,6 +97,7 @@ impl Metrics {
             Box::new(http_requests.clone()),
             Box::new(events_ingested.clone()),
             Box::new(refused.clone()),
+            Box::new(group_commits.clone()),
             Box::new(in_flight.clone()),
             Box::new(waiting.clone()),
             Box::new(ingest_queue.clone()),
@@ -95,6 +110,7 @@ impl Metrics {
             http_requests,
             events_ingested,
             refused,
+            group_commits,
             in_flight,
             waiting,
             ingest_queue,

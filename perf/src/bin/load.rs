@@ -408,11 +408,14 @@ async fn loss_check(stack: &Stack, accepted: &[String]) -> Result<Value> {
     }))
 }
 
+/// One `pg_stat_statements` row: calls, total ms, mean ms, rows, WAL bytes, the statement's text.
+type StatementRow = (i64, f64, f64, i64, rust_decimal::Decimal, String);
+
 /// Where the database's time went during the run: the run's own database in `pg_stat_statements`,
 /// by total execution time, with calls, rows and WAL bytes. `null` where the extension is not loaded
 /// (`deploy/local/up` loads it).
 async fn top_statements(url: &str) -> Value {
-    let rows: Result<Vec<(i64, f64, f64, i64, rust_decimal::Decimal, String)>, _> = async {
+    let rows: Result<Vec<StatementRow>, _> = async {
         let pool = sqlx::PgPool::connect(url).await?;
         sqlx::query_as(
             "SELECT calls, total_exec_time, mean_exec_time, rows, wal_bytes,
