@@ -311,7 +311,8 @@ pub const KEYS: &[Key] = &[
         env: "MF_API_MAX_CONNECTIONS",
         flag: None,
         doc: "Size of the API's Postgres pool. A request waits at most api.pool_acquire_timeout_ms for \
-              a connection, then is answered 503 with Retry-After.",
+              a connection, then is answered 503 with Retry-After. The group commit of ingested events \
+              keeps 4 connections of its own besides.",
     },
     Key {
         path: "api.request_timeout_secs",

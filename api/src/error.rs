@@ -261,7 +261,7 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::Database(db)
                 if db
                     .code()
-                    .is_some_and(|c| ["08", "53", "57"].iter().any(|k| c.starts_with(k))) =>
+                    .is_some_and(|c| ["08", "40", "53", "57"].iter().any(|k| c.starts_with(k))) =>
             {
                 ApiError::Unavailable("the database")
             }

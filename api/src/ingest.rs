@@ -36,6 +36,9 @@ pub const DEFAULT_QUEUE: usize = 16_384;
 /// statement and one commit for many events) instead of many small commits competing for the same
 /// cores; a batch gives its slot back once stored, and waits for Kafka without holding it.
 pub(crate) const STORING: usize = 2;
+/// Batches stored or waiting for Kafka at once: while Kafka is slow, the queue stops draining and fills,
+/// so that `api.ingest_queue` refuses instead of storing events whose forwarding cannot keep up.
+const FORWARDING: usize = 16;
 
 pub(crate) struct Request {
     event: Event,
@@ -102,8 +105,12 @@ impl Ingester {
 
 async fn run(state: AppState, mut rx: mpsc::Receiver<Request>, unfinished: Arc<AtomicUsize>) {
     let slots = Arc::new(Semaphore::new(STORING));
+    let forwarding = Arc::new(Semaphore::new(FORWARDING));
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let Ok(forward) = forwarding.clone().acquire_owned().await else {
+            return;
+        };
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
@@ -114,6 +121,7 @@ async fn run(state: AppState, mut rx: mpsc::Receiver<Request>, unfinished: Arc<A
             let n = requests.len();
             store_and_forward(&state, requests, slot).await;
             unfinished.fetch_sub(n, Ordering::AcqRel);
+            drop(forward);
         });
     }
 }
@@ -369,10 +377,11 @@ async fn store(
     }
 }
 
-/// Whether Postgres rolled the statement back for its concurrency with others (class 40: deadlock,
-/// serialization failure), which says nothing about the events in it.
+/// Whether Postgres rolled the statement back for its concurrency with others (40P01 deadlock,
+/// 40001 serialization failure), which says nothing about the events in it. Not the rest of class 40:
+/// "statement completion unknown" may have committed, and a retry would then answer its own events 409.
 fn rolled_back(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("40")))
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
 }
 
 async fn store_once(

@@ -108,6 +108,7 @@ impl Claims for PgClaims {
                         SELECT event_id, timestamptz 'epoch' + micros * interval '1 microsecond', fingerprint, 'kafka',
                                partition, \"offset\"
                         FROM input
+                        ORDER BY event_id
                         ON CONFLICT ON CONSTRAINT event_ids_pkey DO UPDATE
                         SET counted_partition = excluded.counted_partition, counted_offset = excluded.counted_offset
                         WHERE e.counted_partition IS NULL AND e.voided_partition IS NULL
@@ -119,6 +120,7 @@ impl Claims for PgClaims {
                                timestamptz 'epoch' + i.micros * interval '1 microsecond', i.value, i.properties::json
                         FROM input i JOIN claimed c ON c.event_id = i.event_id
                         WHERE c.fresh
+                        ORDER BY i.customer_id, i.event_type
                      )
                      SELECT event_id FROM claimed",
                 )
