@@ -74,13 +74,20 @@ async fn assert_overloaded(response: reqwest::Response) {
 
 /// `api_refused_total{reason}` as the metrics endpoint shows it (0 when absent).
 async fn refused(api: &TestApi, reason: &str) -> u64 {
+    counter(api, &format!("api_refused_total{{reason=\"{reason}\"}}"))
+        .await
+        .unwrap_or(0)
+}
+
+/// The value of one counter series (`name{label="value"}`) as the metrics endpoint shows it.
+async fn counter(api: &TestApi, series: &str) -> Option<u64> {
     let response = api.get("/metrics").await;
     assert_eq!(response.status(), StatusCode::OK);
     let text = response.text().await.unwrap();
-    let series = format!("api_refused_total{{reason=\"{reason}\"}} ");
+    let series = format!("{series} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&series))
-        .map_or(0, |v| v.trim().parse().unwrap())
+        .map(|v| v.trim().parse().unwrap())
 }
 
 /// How many times each id is stored.
@@ -283,15 +290,9 @@ async fn concurrent_batches_of_new_customers_commit_without_falling_back_one_by_
             assert_eq!(body["accepted"], 1000, "{body}");
         }
     }
-    let metrics = api.get("/metrics").await.text().await.unwrap();
-    let count = |outcome: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(&format!("api_group_commits_total{{outcome=\"{outcome}\"}}")))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|n| n.parse::<u64>().ok())
-    };
     // Neither fell back nor needed the retry: the lock order alone keeps them apart.
-    assert_eq!(count("one_by_one"), Some(0), "{metrics}");
-    assert_eq!(count("retried"), Some(0), "{metrics}");
+    for outcome in ["one_by_one", "retried"] {
+        let series = format!("api_group_commits_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(counter(&api, &series).await, Some(0), "{series}");
+    }
 }

@@ -26,6 +26,7 @@ use rust_decimal::Decimal;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::{ApiError, Overload};
+use crate::metrics::GroupCommit;
 use crate::AppState;
 
 /// Most events stored in one statement.
@@ -203,11 +204,7 @@ async fn store_firsts(
     let payloads: Vec<Vec<u8>> = firsts.iter().map(|r| r.event.to_json()).collect();
     let (firsts, payloads, stored) = match store(state, &firsts, &payloads).await {
         Ok(stored) => {
-            state
-                .metrics
-                .group_commits
-                .with_label_values(&["stored"])
-                .inc();
+            state.metrics.count_group_commit(GroupCommit::Stored);
             (firsts, payloads, stored)
         }
         Err(e) if is_transient(&e) => {
@@ -220,11 +217,7 @@ async fn store_firsts(
         // Requests are isolated, so each event is stored on its own and gets its own outcome.
         Err(e) => {
             tracing::warn!(error = %e, events = firsts.len(), "a group commit failed; storing its events one by one");
-            state
-                .metrics
-                .group_commits
-                .with_label_values(&["one_by_one"])
-                .inc();
+            state.metrics.count_group_commit(GroupCommit::OneByOne);
             store_one_by_one(state, firsts, payloads).await
         }
     };
@@ -364,11 +357,7 @@ async fn store(
     loop {
         match store_once(state, requests, payloads).await {
             Err(e) if attempt < ATTEMPTS && rolled_back(&e) => {
-                state
-                    .metrics
-                    .group_commits
-                    .with_label_values(&["retried"])
-                    .inc();
+                state.metrics.count_group_commit(GroupCommit::Retried);
                 tracing::info!(error = %e, attempt, "a group commit was rolled back; trying it again");
                 attempt += 1;
             }

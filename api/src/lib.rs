@@ -122,10 +122,11 @@ pub fn connect_options(
 }
 
 /// A small pool beside `pool` for the statements that run thousands of times a second with the same
-/// shape: the group commit's INSERT, its check of duplicates, and the outbox cleaner's DELETE. They need no plan for their
-/// parameters, so here Postgres may cache a generic plan (`plan_cache_mode = auto`) instead of planning
-/// each call again as [`connect_options`] makes the list queries do (0.2 ms of a 0.8 ms single-event
-/// commit, measured with `pg_stat_statements.track_planning` under `load spike`).
+/// shape: the group commit's INSERT, its check of duplicates, and the outbox cleaner's DELETE. They
+/// need no plan for their parameters, so here Postgres may cache a generic plan (`plan_cache_mode =
+/// auto`) instead of planning each call again as [`connect_options`] makes the list queries do (0.2 ms
+/// of a 0.8 ms single-event commit, measured with `pg_stat_statements.track_planning` under
+/// `load spike`).
 fn ingest_pool(pool: &PgPool) -> PgPool {
     let options = (*pool.connect_options())
         .clone()

@@ -34,6 +34,33 @@ pub struct Metrics {
     event_types: Mutex<HashSet<String>>,
 }
 
+/// How a group commit of accepted events went: the `outcome` label of `api_group_commits_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupCommit {
+    /// Stored in one statement.
+    Stored,
+    /// Rolled back as a deadlock or serialization failure, and tried again.
+    Retried,
+    /// The statement failed, and each event was stored on its own.
+    OneByOne,
+}
+
+impl GroupCommit {
+    pub const ALL: [GroupCommit; 3] = [
+        GroupCommit::Stored,
+        GroupCommit::Retried,
+        GroupCommit::OneByOne,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupCommit::Stored => "stored",
+            GroupCommit::Retried => "retried",
+            GroupCommit::OneByOne => "one_by_one",
+        }
+    }
+}
+
 /// Event types are chosen by clients: past this many distinct ones, further types are counted as
 /// `other`, so the label stays bounded.
 pub const MAX_EVENT_TYPE_LABELS: usize = 200;
@@ -80,8 +107,8 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
-        for outcome in ["stored", "retried", "one_by_one"] {
-            group_commits.with_label_values(&[outcome]);
+        for outcome in GroupCommit::ALL {
+            group_commits.with_label_values(&[outcome.as_str()]);
         }
         let in_flight = IntGauge::new("api_requests_in_flight", "Requests holding a slot")
             .expect("valid metric");
@@ -138,6 +165,13 @@ impl Metrics {
             };
             self.events_ingested.with_label_values(&[label]).inc_by(*n);
         }
+    }
+
+    /// Counts one group commit in `api_group_commits_total{outcome}`.
+    pub fn count_group_commit(&self, outcome: GroupCommit) {
+        self.group_commits
+            .with_label_values(&[outcome.as_str()])
+            .inc();
     }
 
     /// Sets the gauges read at scrape time: requests waiting for a slot, events queued for the group
