@@ -48,6 +48,12 @@ def summarize(runs, versions):
     title = f"## N = {n:,} events" if n else "## peers"
     lines.append(title)
     lines.append("")
+    if versions.get("cpu"):
+        lines.append(
+            f"Machine: {versions.get('nproc')} cores, {versions.get('cpu')}, {versions.get('mem_total')}; "
+            f"Python {versions.get('python')}; run started {versions.get('date_utc')}."
+        )
+        lines.append("")
     if versions.get("file"):
         f = versions["file"]
         lines.append(
