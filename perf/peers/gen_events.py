@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 SEED = 20240115
+GENERATOR_VERSION = 1  # bump when the bytes for a given N and seed change
 N_CUSTOMERS = 10_000
 TYPES = ["api_call", "storage_gb_hour", "llm_tokens", "seat", "compute_second"]
 WEIGHTS = [0.40, 0.25, 0.15, 0.12, 0.08]
@@ -214,7 +215,7 @@ def main(argv=None):
     t1 = time.perf_counter()
     md5 = write_jsonl(path, cust, etype, secs, places, k, region)
     t2 = time.perf_counter()
-    exp.update({"seed": a.seed, "md5": md5, "bytes": os.path.getsize(path), "file": os.path.basename(path)})
+    exp.update({"generator_version": GENERATOR_VERSION, "seed": a.seed, "md5": md5, "bytes": os.path.getsize(path), "file": os.path.basename(path)})
     with open(exp_path, "w") as f:
         json.dump(exp, f, indent=2)
         f.write("\n")
