@@ -22,6 +22,7 @@ LABELS = {
     "flink": ("PyFlink SQL (streaming, parallelism 2)", "apache-flink"),
     "flink_batch": ("PyFlink SQL (batch, parallelism 2)", "apache-flink"),
     "meterflow": ("meterflow import --csv (whole process)", "meterflow"),
+    "meterflow_store": ("meterflow import, results stored (whole process)", "meterflow"),
 }
 
 
@@ -76,6 +77,7 @@ def summarize(runs, versions):
         rss_tree = max((r.get("tree_peak_rss_kb") or 0) for r in rs) / 1024
         groups = sorted({(r.get("verify") or {}).get("groups") for r in rs}, key=lambda g: (g is None, g))
         ok = all(r.get("exit_code") == 0 and (r.get("verify") or {}).get("ok") for r in rs)
+        unchecked = [r for r in rs if (r.get("verify") or {}).get("not_checked")]
         bad = [
             f"round {r.get('round')}: "
             + ("timeout" if r.get("timed_out") else f"exit {r.get('exit_code')}" if r.get("exit_code") else "checks failed")
@@ -85,8 +87,8 @@ def summarize(runs, versions):
         eps = fmt_int(n / med) if n and med > 0 else "-"
         lines.append(
             f"| {label} | {ver} | {len(rs)} | {med:.2f} | {min(walls):.2f} | {max(walls):.2f} | {eps} "
-            f"| {fmt_int(rss_tv)} | {fmt_int(rss_tree)} | {' / '.join(str(g) for g in groups)} "
-            f"| {'yes' if ok else 'NO (' + '; '.join(bad) + ')'} |"
+            f"| {fmt_int(rss_tv)} | {fmt_int(rss_tree)} | {' / '.join('-' if g is None else str(g) for g in groups)} "
+            f"| {'yes' if ok else 'not checked (no MF_STORE_EXPORT)' if unchecked and all(r.get('exit_code') == 0 for r in rs) else 'NO (' + '; '.join(bad) + ')'} |"
         )
     lines.append("")
     for e, why in skipped.items():
