@@ -80,7 +80,7 @@ def draw(n, seed):
     late = rng.integers(0, 600, n)
     places = rng.integers(0, 4, n)
     # uniform over the values with `places` decimals in [0, 100]: k / 10**places, k in [0, 100*10**places]
-    k = rng.integers(0, 100 * 10 ** places + 1)
+    k = rng.integers(0, 100 * 10**places + 1)
     region = rng.integers(0, len(REGIONS), n)
     i = np.arange(n, dtype=np.int64)
     secs = (i * SPAN_S) // n + jitter + np.where(late_mask, late, 0)
@@ -99,7 +99,7 @@ def _value_strings():
     """The decimal string of k / 10**p with exactly p places, for p in 0..3, k in 0..100*10**p."""
     out = []
     for p in range(4):
-        scale = 10 ** p
+        scale = 10**p
         for k in range(100 * scale + 1):
             out.append(str(k) if p == 0 else f"{k // scale}.{k % scale:0{p}d}")
     return out
@@ -113,10 +113,17 @@ def write_jsonl(path, cust, etype, secs, places, k, region):
     matrix filled from lookup tables, then the NULs are dropped."""
     n = len(cust)
     ct = _table(
-        [f'","customer_id":"cust_{c:05d}","event_type":"{t}","event_time":"' for c in range(N_CUSTOMERS) for t in TYPES]
+        [
+            f'","customer_id":"cust_{c:05d}","event_type":"{t}","event_time":"'
+            for c in range(N_CUSTOMERS)
+            for t in TYPES
+        ]
     )
     tt = _table(
-        [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(START_EPOCH + s)) for s in range(int(secs.max()) + 1)]
+        [
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(START_EPOCH + s))
+            for s in range(int(secs.max()) + 1)
+        ]
     )
     vr = _table(
         [f'","value":"{v}","properties":{{"region":"{r}"}}}}\n' for v in _value_strings() for r in REGIONS]
@@ -215,7 +222,15 @@ def main(argv=None):
     t1 = time.perf_counter()
     md5 = write_jsonl(path, cust, etype, secs, places, k, region)
     t2 = time.perf_counter()
-    exp.update({"generator_version": GENERATOR_VERSION, "seed": a.seed, "md5": md5, "bytes": os.path.getsize(path), "file": os.path.basename(path)})
+    exp.update(
+        {
+            "generator_version": GENERATOR_VERSION,
+            "seed": a.seed,
+            "md5": md5,
+            "bytes": os.path.getsize(path),
+            "file": os.path.basename(path),
+        }
+    )
     with open(exp_path, "w") as f:
         json.dump(exp, f, indent=2)
         f.write("\n")

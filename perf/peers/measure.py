@@ -16,6 +16,7 @@ Runs `/usr/bin/time -v -o TIMEFILE timeout -k 10 T CMD` with stdout+stderr to L,
   loadavg_before          /proc/loadavg just before the start
   log_tail                the last lines of L
 """
+
 import argparse
 import json
 import os
@@ -74,7 +75,10 @@ TIME_FIELDS = {
     "Maximum resident set size (kbytes)": ("max_rss_kb", int),
     "User time (seconds)": ("user_s", float),
     "System time (seconds)": ("sys_s", float),
-    "Percent of CPU this job got": ("cpu_percent", lambda s: int(s.rstrip("%")) if s.rstrip("%").isdigit() else None),
+    "Percent of CPU this job got": (
+        "cpu_percent",
+        lambda s: int(s.rstrip("%")) if s.rstrip("%").isdigit() else None,
+    ),
     "Elapsed (wall clock) time (h:mm:ss or m:ss)": ("elapsed", str),
     "Major (requiring I/O) page faults": ("major_faults", int),
     "Minor (reclaiming a frame) page faults": ("minor_faults", int),

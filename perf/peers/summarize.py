@@ -8,6 +8,7 @@ seconds over its runs, events/s = N / median wall, peak RSS (GNU time -v, and th
 tree; both the largest over the runs), output groups, verified (yes = every run exited 0 and passed
 every check of verify.py).  Skipped engines are listed under the table with the reason.
 """
+
 import argparse
 import json
 import statistics
@@ -80,15 +81,27 @@ def summarize(runs, versions):
         unchecked = [r for r in rs if (r.get("verify") or {}).get("not_checked")]
         bad = [
             f"round {r.get('round')}: "
-            + ("timeout" if r.get("timed_out") else f"exit {r.get('exit_code')}" if r.get("exit_code") else "checks failed")
+            + (
+                "timeout"
+                if r.get("timed_out")
+                else f"exit {r.get('exit_code')}"
+                if r.get("exit_code")
+                else "checks failed"
+            )
             for r in rs
             if not (r.get("exit_code") == 0 and (r.get("verify") or {}).get("ok"))
         ]
         eps = fmt_int(n / med) if n and med > 0 else "-"
+        if ok:
+            verified = "yes"
+        elif unchecked and all(r.get("exit_code") == 0 for r in rs):
+            verified = "not checked (no MF_STORE_EXPORT)"
+        else:
+            verified = "NO (" + "; ".join(bad) + ")"
+        group_text = " / ".join("-" if g is None else str(g) for g in groups)
         lines.append(
             f"| {label} | {ver} | {len(rs)} | {med:.2f} | {min(walls):.2f} | {max(walls):.2f} | {eps} "
-            f"| {fmt_int(rss_tv)} | {fmt_int(rss_tree)} | {' / '.join('-' if g is None else str(g) for g in groups)} "
-            f"| {'yes' if ok else 'not checked (no MF_STORE_EXPORT)' if unchecked and all(r.get('exit_code') == 0 for r in rs) else 'NO (' + '; '.join(bad) + ')'} |"
+            f"| {fmt_int(rss_tv)} | {fmt_int(rss_tree)} | {group_text} | {verified} |"
         )
     lines.append("")
     for e, why in skipped.items():

@@ -11,6 +11,7 @@
   missing file); headerless, part-file directories and Pathway-style outputs are read.
 Prints "N passed, M failed" and exits non-zero on a failure.
 """
+
 import csv
 import json
 import os
@@ -33,8 +34,11 @@ def check(name, cond, detail=""):
 
 
 def gen(n, out_dir):
-    subprocess.run([sys.executable, os.path.join(HERE, "gen_events.py"), str(n), "--out-dir", out_dir], check=True,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, os.path.join(HERE, "gen_events.py"), str(n), "--out-dir", out_dir],
+        check=True,
+        stderr=subprocess.DEVNULL,
+    )
     with open(os.path.join(out_dir, f"events_{n}.expected.json")) as f:
         return os.path.join(out_dir, f"events_{n}.jsonl"), json.load(f)
 
@@ -61,7 +65,10 @@ def main():
     inp, exp = gen(n, tmp)
     other = os.path.join(tmp, "again")
     inp2, exp2 = gen(n, other)
-    check("generator deterministic (md5)", exp["md5"] == exp2["md5"] and open(inp, "rb").read() == open(inp2, "rb").read())
+    check(
+        "generator deterministic (md5)",
+        exp["md5"] == exp2["md5"] and open(inp, "rb").read() == open(inp2, "rb").read(),
+    )
 
     total, groups, prev_max, disorder = Decimal(0), set(), None, 0
     places_ok = True
@@ -81,7 +88,11 @@ def main():
     expected_total = exp["total_sum"]
     check("expected total_sum == recount", Decimal(expected_total) == total, f"{expected_total} vs {total}")
     check("expected total_sum_milli == recount", exp["total_sum_milli"] == int(total * 1000))
-    check("expected_groups == recount", exp["expected_groups"] == len(groups), f"{exp['expected_groups']} vs {len(groups)}")
+    check(
+        "expected_groups == recount",
+        exp["expected_groups"] == len(groups),
+        f"{exp['expected_groups']} vs {len(groups)}",
+    )
     check("values: 0..3 places in [0, 100]", places_ok)
     check("max disorder < 12 min", disorder < 720, f"{disorder}")
 
@@ -95,8 +106,14 @@ def main():
         p = os.path.join(tmp, name + ".csv")
         rewrite(ref, p, fn, header)
         r = verify.verify(p, e, ref)
-        failed = {k for k in ("count_ok", "sum_ok", "groups_ok", "no_dup_ok", "rows_equal") if r.get(k) is False}
-        check(f"{name}: fails {sorted(expect_fail)}", (not r["ok"]) and failed == set(expect_fail), f"failed {sorted(failed)}")
+        failed = {
+            k for k in ("count_ok", "sum_ok", "groups_ok", "no_dup_ok", "rows_equal") if r.get(k) is False
+        }
+        check(
+            f"{name}: fails {sorted(expect_fail)}",
+            (not r["ok"]) and failed == set(expect_fail),
+            f"failed {sorted(failed)}",
+        )
 
     def bump_count(b):
         b[0][4] = str(int(b[0][4]) + 1)

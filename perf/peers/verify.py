@@ -20,6 +20,7 @@ as integers of thousandths.
                   mismatched_groups == 0); skipped (null) without --reference
 ok = all of them true.  Exit status 0 when ok, 1 otherwise.
 """
+
 import argparse
 import glob
 import json
@@ -59,7 +60,9 @@ def load(con, name, path):
     if not files:
         raise RuntimeError(f"no output at {path}")
     header_line = first_line(files[0]).strip().replace('"', "")
-    header = header_line.split(",") if ("event_count" in header_line and "window_start" in header_line) else None
+    header = (
+        header_line.split(",") if ("event_count" in header_line and "window_start" in header_line) else None
+    )
     flist = "[" + ",".join(q(f) for f in files) + "]"
     if header:
         cols = header
@@ -115,9 +118,7 @@ def verify(output, expected, reference=None):
     )
     total_cnt, total_milli = con.execute("SELECT sum(cnt * diff), sum(milli * diff) FROM o").fetchone()
     groups = con.execute("SELECT count(*) FROM g WHERE weight <> 0").fetchone()[0]
-    dups = con.execute(
-        "SELECT count(*) FROM g WHERE weight > 1 OR weight < 0"
-    ).fetchone()[0]
+    dups = con.execute("SELECT count(*) FROM g WHERE weight > 1 OR weight < 0").fetchone()[0]
     res.update(
         {
             "total_count": int(total_cnt or 0),

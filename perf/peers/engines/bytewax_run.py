@@ -12,6 +12,7 @@ to_system_utc=None: with the default (identity) the runtime maps each window's c
 (January 2024) to a system time in the past and wakes every key with an open window on every
 activation; this is the documented setting for replaying historical data.
 """
+
 import json
 import sys
 from pathlib import Path

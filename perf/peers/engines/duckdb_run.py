@@ -6,6 +6,7 @@ STRUCT), GROUP BY customer_id, event_type, time_bucket(1 hour), exact
 sum(CAST(value AS DECIMAL(18,3))) (-> DECIMAL(38,3)) and count(*), COPY ... TO csv.
 Threads: DuckDB's default (= cores; 2 on the benchmark machine).
 """
+
 import sys
 
 import duckdb

@@ -10,6 +10,7 @@ window_start, window_end with SUM(CAST(value AS DECIMAL(18,3))) and COUNT(*); fi
 format=csv (OUT_DIR becomes a directory of part files, no header).  All SQL, no Python UDF, so
 the data never crosses into Python.  "batch" runs the same statements in batch mode.
 """
+
 import os
 import sys
 

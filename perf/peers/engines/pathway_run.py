@@ -9,6 +9,7 @@ computed with Pathway's own string expressions (pad to 3 decimals, drop the dot,
 no float, no Python UDF.  The output has value_sum_milli (integer thousandths) and the CSV
 writer's time,diff columns.  PATHWAY_THREADS defaults to 2 here (Pathway's own default is 1).
 """
+
 import datetime
 import os
 import sys

@@ -5,6 +5,7 @@ scan_ndjson with a full schema, str.to_datetime, cast(pl.Decimal(18,3)),
 group_by(customer_id, event_type, event_time.dt.truncate("1h")), sum / len,
 sink_csv(engine="streaming").  Thread pool: POLARS_MAX_THREADS (default here 2).
 """
+
 import os
 import sys
 
