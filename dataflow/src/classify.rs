@@ -52,12 +52,16 @@ pub enum Classified {
 }
 
 /// An event read at a position, asking to be the copy that counts.
+#[derive(Clone, Copy)]
 pub struct Candidate<'a> {
     pub event: &'a Event,
     pub fingerprint: i64,
     pub partition: i32,
     pub offset: i64,
     pub payload: &'a [u8],
+    /// The record says the API stored it (`meterflow-kind: event`): its id is claimed already, by the
+    /// API, so a claim store need not try it as new.
+    pub accepted: bool,
 }
 
 /// The answer for one candidate.
@@ -239,6 +243,7 @@ fn claim_segment(
                 partition: record.partition,
                 offset: record.offset,
                 payload: &record.payload,
+                accepted: matches!(record.kind, RecordKind::Accepted(_)),
             })
             .collect();
         let outcomes = claim_or_narrow(claims, &asks)?;

@@ -1,5 +1,6 @@
 //! Benchmark helpers shared by the scenario binaries in `src/bin/` (see `perf/README.md`).
 
+pub mod cpu;
 pub mod load;
 
 use std::time::Duration;
@@ -184,4 +185,62 @@ pub async fn wait_ready(base: &str) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     anyhow::bail!("the API at {base} did not become ready within 10 s")
+}
+
+/// One `pg_stat_statements` row: calls, total ms, mean ms, rows, WAL records, full-page images, WAL
+/// bytes, the statement's text.
+type StatementRow = (i64, f64, f64, i64, i64, i64, rust_decimal::Decimal, String);
+
+/// Where the database's time went during a run: the run's own database in `pg_stat_statements`, by
+/// total execution time, with calls, rows and WAL. An error object where the extension is not
+/// loaded (`deploy/local/up` loads it).
+pub async fn top_statements(url: &str) -> serde_json::Value {
+    let rows: Result<Vec<StatementRow>, _> = async {
+        let pool = sqlx::PgPool::connect(url).await?;
+        sqlx::query_as(
+            "SELECT calls, total_exec_time, mean_exec_time, rows, wal_records, wal_fpi, wal_bytes,
+                    left(regexp_replace(query, '\\s+', ' ', 'g'), 160)
+               FROM pg_stat_statements
+              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+              ORDER BY total_exec_time DESC LIMIT 12",
+        )
+        .fetch_all(&pool)
+        .await
+    }
+    .await;
+    match rows {
+        Ok(rows) => rows
+            .into_iter()
+            .map(
+                |(calls, total, mean, rows, wal_records, wal_fpi, wal, query)| {
+                    serde_json::json!({"calls": calls, "total_ms": total.round(),
+                    "mean_ms": (mean * 1000.0).round() / 1000.0, "rows": rows,
+                    "wal_records": wal_records, "wal_fpi": wal_fpi, "wal_bytes": wal.to_string(),
+                    "query": query})
+                },
+            )
+            .collect(),
+        Err(e) => serde_json::json!({"unavailable": e.to_string()}),
+    }
+}
+
+/// Prints the first `n` rows of [`top_statements`] on stderr, one line each.
+pub fn print_statements(statements: &serde_json::Value, n: usize) {
+    let Some(rows) = statements.as_array() else {
+        eprintln!("  pg_stat_statements: {statements}");
+        return;
+    };
+    eprintln!("  postgres, by total time (pg_stat_statements):");
+    for st in rows.iter().take(n) {
+        let query: String = st["query"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(70)
+            .collect();
+        eprintln!(
+            "    {:>8} ms {:>8} calls {:>8} ms each {:>10} WAL bytes  {query}",
+            st["total_ms"], st["calls"], st["mean_ms"], st["wal_bytes"]
+        );
+    }
 }

@@ -11,7 +11,21 @@
 //! idempotent: a replay after a crash finds its own claim and counts again, any other copy never does.
 //! The reader threads call this; the sink's epoch commit stays the only place where results and offsets
 //! become durable.
+//!
+//! Most batches hold only ids never seen before. Those take a fast path first: two `COPY`s in one
+//! transaction, of the claims and of the raw rows, with no conflict handling at all. The unique key
+//! of `event_ids` still judges every id; if one was there already (a replay after a crash, a copy of
+//! an event, a race with another reader), the `COPY` fails, the transaction rolls back, and the batch
+//! takes the statement above, which decides each id. The next [`STATEMENT_BATCHES_AFTER_FALLBACK`]
+//! batches then go to the statement directly, so a replay does not pay twice per batch. Records the
+//! API stored (`meterflow-kind: event`) always take the statement: their claim exists already.
+//!
+//! The fast path commits asynchronously (`synchronous_commit = off`). Nothing depends on a claim
+//! until the epoch holding its records commits, and that commit is synchronous: it flushes the WAL up
+//! to itself, and so every claim before it. A claim lost in a Postgres crash belongs to records whose
+//! epoch never committed; they are read again and claimed again.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use meterflow_dataflow::classify::{Candidate, ClaimError, ClaimOutcome, Claims, VoidCandidate};
@@ -19,11 +33,16 @@ use meterflow_model::{DuplicateKind, Event};
 use rust_decimal::Decimal;
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
+/// After the fast path met an id it knew, this many batches are claimed by the statement directly.
+pub const STATEMENT_BATCHES_AFTER_FALLBACK: u32 = 16;
+
 /// Claims against Postgres, from a reader thread (it owns a small runtime and one connection).
 pub struct PgClaims {
     url: String,
     runtime: tokio::runtime::Runtime,
     conn: Option<PgConnection>,
+    /// Batches still to claim by the statement before trying the fast path again.
+    statement_batches: u32,
 }
 
 impl PgClaims {
@@ -34,6 +53,7 @@ impl PgClaims {
                 .enable_all()
                 .build()?,
             conn: None,
+            statement_batches: 0,
         })
     }
 
@@ -71,6 +91,166 @@ impl PgClaims {
 
 impl Claims for PgClaims {
     fn claim_events(
+        &mut self,
+        candidates: &[Candidate<'_>],
+    ) -> Result<Vec<ClaimOutcome>, ClaimError> {
+        let (accepted, new): (Vec<usize>, Vec<usize>) =
+            (0..candidates.len()).partition(|&i| candidates.get(i).is_some_and(|c| c.accepted));
+        let mut by_statement = accepted;
+        if self.statement_batches > 0 {
+            self.statement_batches = self.statement_batches.saturating_sub(1);
+            by_statement.extend(new);
+        } else if !new.is_empty() {
+            let fresh: Vec<Candidate> = new
+                .iter()
+                .filter_map(|&i| candidates.get(i).copied())
+                .collect();
+            match self.copy_new(&fresh)? {
+                FastPath::Stored => crate::metrics::CLAIM_FAST_BATCHES.inc(),
+                FastPath::Known => {
+                    crate::metrics::CLAIM_FALLBACKS.inc();
+                    self.statement_batches = STATEMENT_BATCHES_AFTER_FALLBACK;
+                    by_statement.extend(new);
+                }
+                FastPath::Refused => by_statement.extend(new),
+            }
+        }
+        let mut outcomes = vec![ClaimOutcome::Counts; candidates.len()];
+        if by_statement.is_empty() {
+            return Ok(outcomes);
+        }
+        // In the candidates' order (by event id): concurrent claims lock ids in one order.
+        by_statement.sort_unstable();
+        let asks: Vec<Candidate> = by_statement
+            .iter()
+            .filter_map(|&i| candidates.get(i).copied())
+            .collect();
+        for (i, outcome) in by_statement.iter().zip(self.claim_by_statement(&asks)?) {
+            if let Some(slot) = outcomes.get_mut(*i) {
+                *slot = outcome;
+            }
+        }
+        Ok(outcomes)
+    }
+
+    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, ClaimError> {
+        let ids: Vec<String> = voids.iter().map(|v| v.event_id.clone()).collect();
+        let partitions: Vec<i32> = voids.iter().map(|v| v.partition).collect();
+        let offsets: Vec<i64> = voids.iter().map(|v| v.offset).collect();
+        let retracted = self.with_conn(move |conn| {
+            Box::pin(async move {
+                let mut tx = conn.begin().await?;
+                // Claim each void (idempotently, by position); for those whose event had counted, read
+                // the event back to retract exactly what it contributed. A void of an id not seen yet
+                // leaves a tombstone (voided, never counted), so the event, read later, is a voided
+                // duplicate — on the first run and on any replay alike.
+                let rows = sqlx::query(
+                    "WITH tombstones AS (
+                        INSERT INTO event_ids (event_id, event_time, fingerprint, source, voided_partition, voided_offset)
+                        SELECT v.id, timestamptz 'epoch', 0, 'kafka', v.p, v.o
+                        FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS v(id, p, o)
+                        ON CONFLICT ON CONSTRAINT event_ids_pkey DO NOTHING
+                     ), voided AS (
+                        UPDATE event_ids e SET voided_partition = v.p, voided_offset = v.o
+                        FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS v(id, p, o)
+                        WHERE e.event_id = v.id
+                          AND (e.voided_partition IS NULL OR (e.voided_partition, e.voided_offset) = (v.p, v.o))
+                        RETURNING e.event_id, e.event_time, e.counted_partition IS NOT NULL AS counted
+                     )
+                     SELECT t.event_id, t.customer_id, t.event_type, t.event_time, t.value, t.properties::text
+                     FROM voided v JOIN telemetry_events t ON t.event_id = v.event_id AND t.event_time = v.event_time
+                     WHERE v.counted",
+                )
+                .bind(&ids)
+                .bind(&partitions)
+                .bind(&offsets)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                rows.into_iter()
+                    .map(|r| {
+                        let time: chrono::DateTime<chrono::Utc> = r.try_get(3)?;
+                        Ok(Event {
+                            event_id: r.try_get(0)?,
+                            customer_id: r.try_get(1)?,
+                            event_type: r.try_get(2)?,
+                            event_time_micros: time.timestamp_micros(),
+                            value: r.try_get(4)?,
+                            properties: r.try_get(5)?,
+                        })
+                    })
+                    .collect::<Result<Vec<Event>, sqlx::Error>>()
+            })
+        })?;
+        let mut by_id: std::collections::HashMap<String, Event> = retracted
+            .into_iter()
+            .map(|e| (e.event_id.clone(), e))
+            .collect();
+        Ok(voids.iter().map(|v| by_id.remove(&v.event_id)).collect())
+    }
+}
+
+/// What the fast path did with a batch.
+enum FastPath {
+    /// Every claim and raw row is stored: each event counts.
+    Stored,
+    /// An id was there already: nothing is stored, the statement must decide.
+    Known,
+    /// Postgres refused what a record holds (or a time cannot be written): nothing is stored, the
+    /// statement decides and names the record.
+    Refused,
+}
+
+impl PgClaims {
+    /// The fast path: the batch's claims and raw rows by `COPY`, all or nothing.
+    fn copy_new(&mut self, candidates: &[Candidate<'_>]) -> Result<FastPath, ClaimError> {
+        let Some((claims, rows)) = copy_text(candidates) else {
+            return Ok(FastPath::Refused);
+        };
+        self.with_conn(move |conn| {
+            Box::pin(async move {
+                let mut tx = conn.begin().await?;
+                let stored = async {
+                    sqlx::query("SET LOCAL synchronous_commit = off")
+                        .execute(&mut *tx)
+                        .await?;
+                    let mut copy = tx
+                        .copy_in_raw(
+                            "COPY event_ids (event_id, event_time, fingerprint, source, counted_partition, counted_offset) FROM STDIN",
+                        )
+                        .await?;
+                    copy.send(claims).await?;
+                    copy.finish().await?;
+                    let mut copy = tx
+                        .copy_in_raw(
+                            "COPY telemetry_events (event_id, customer_id, event_type, event_time, value, properties) FROM STDIN",
+                        )
+                        .await?;
+                    copy.send(rows).await?;
+                    copy.finish().await?;
+                    Ok::<_, sqlx::Error>(())
+                }
+                .await;
+                match stored {
+                    Ok(()) => tx.commit().await.map(|()| FastPath::Stored),
+                    // Any refusal rolls back the whole batch; the statement then decides each record.
+                    Err(sqlx::Error::Database(db)) => {
+                        tx.rollback().await?;
+                        Ok(if db.code().as_deref() == Some("23505") {
+                            FastPath::Known
+                        } else {
+                            FastPath::Refused
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+        })
+    }
+
+    /// Claims each candidate by one statement that decides it: new, a replay of the copy that
+    /// counted, or a duplicate (identical, conflicting, voided).
+    fn claim_by_statement(
         &mut self,
         candidates: &[Candidate<'_>],
     ) -> Result<Vec<ClaimOutcome>, ClaimError> {
@@ -194,61 +374,65 @@ impl Claims for PgClaims {
             })
             .collect()
     }
+}
 
-    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, ClaimError> {
-        let ids: Vec<String> = voids.iter().map(|v| v.event_id.clone()).collect();
-        let partitions: Vec<i32> = voids.iter().map(|v| v.partition).collect();
-        let offsets: Vec<i64> = voids.iter().map(|v| v.offset).collect();
-        let retracted = self.with_conn(move |conn| {
-            Box::pin(async move {
-                let mut tx = conn.begin().await?;
-                // Claim each void (idempotently, by position); for those whose event had counted, read
-                // the event back to retract exactly what it contributed. A void of an id not seen yet
-                // leaves a tombstone (voided, never counted), so the event, read later, is a voided
-                // duplicate — on the first run and on any replay alike.
-                let rows = sqlx::query(
-                    "WITH tombstones AS (
-                        INSERT INTO event_ids (event_id, event_time, fingerprint, source, voided_partition, voided_offset)
-                        SELECT v.id, timestamptz 'epoch', 0, 'kafka', v.p, v.o
-                        FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS v(id, p, o)
-                        ON CONFLICT ON CONSTRAINT event_ids_pkey DO NOTHING
-                     ), voided AS (
-                        UPDATE event_ids e SET voided_partition = v.p, voided_offset = v.o
-                        FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS v(id, p, o)
-                        WHERE e.event_id = v.id
-                          AND (e.voided_partition IS NULL OR (e.voided_partition, e.voided_offset) = (v.p, v.o))
-                        RETURNING e.event_id, e.event_time, e.counted_partition IS NOT NULL AS counted
-                     )
-                     SELECT t.event_id, t.customer_id, t.event_type, t.event_time, t.value, t.properties::text
-                     FROM voided v JOIN telemetry_events t ON t.event_id = v.event_id AND t.event_time = v.event_time
-                     WHERE v.counted",
+/// The two `COPY` texts of a batch: its claims (in the candidates' order, by id) and its raw rows
+/// (by customer, event type and time, the order of their index). `None` when an event time has no
+/// calendar date (the statement then refuses that record).
+fn copy_text(candidates: &[Candidate<'_>]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut claims = String::with_capacity(candidates.len() * 64);
+    let mut times = Vec::with_capacity(candidates.len());
+    for c in candidates {
+        let time = chrono::DateTime::from_timestamp_micros(c.event.event_time_micros)?
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        escape_copy(&c.event.event_id, &mut claims);
+        let _ = writeln!(
+            claims,
+            "\t{time}\t{}\tkafka\t{}\t{}",
+            c.fingerprint, c.partition, c.offset
+        );
+        times.push(time);
+    }
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| {
+            candidates.get(i).map(|c| {
+                (
+                    &c.event.customer_id,
+                    &c.event.event_type,
+                    c.event.event_time_micros,
                 )
-                .bind(&ids)
-                .bind(&partitions)
-                .bind(&offsets)
-                .fetch_all(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                rows.into_iter()
-                    .map(|r| {
-                        let time: chrono::DateTime<chrono::Utc> = r.try_get(3)?;
-                        Ok(Event {
-                            event_id: r.try_get(0)?,
-                            customer_id: r.try_get(1)?,
-                            event_type: r.try_get(2)?,
-                            event_time_micros: time.timestamp_micros(),
-                            value: r.try_get(4)?,
-                            properties: r.try_get(5)?,
-                        })
-                    })
-                    .collect::<Result<Vec<Event>, sqlx::Error>>()
             })
-        })?;
-        let mut by_id: std::collections::HashMap<String, Event> = retracted
-            .into_iter()
-            .map(|e| (e.event_id.clone(), e))
-            .collect();
-        Ok(voids.iter().map(|v| by_id.remove(&v.event_id)).collect())
+        };
+        key(a).cmp(&key(b))
+    });
+    let mut rows = String::with_capacity(candidates.len() * 160);
+    for i in order {
+        let (Some(c), Some(time)) = (candidates.get(i), times.get(i)) else {
+            continue;
+        };
+        escape_copy(&c.event.event_id, &mut rows);
+        rows.push('\t');
+        escape_copy(&c.event.customer_id, &mut rows);
+        rows.push('\t');
+        escape_copy(&c.event.event_type, &mut rows);
+        let _ = write!(rows, "\t{time}\t{}\t", c.event.value);
+        escape_copy(&c.event.properties, &mut rows);
+        rows.push('\n');
+    }
+    Some((claims.into_bytes(), rows.into_bytes()))
+}
+
+/// A field in `COPY`'s text format: backslash, tab, newline and carriage return escaped.
+fn escape_copy(field: &str, out: &mut String) {
+    for ch in field.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            _ => out.push(ch),
+        }
     }
 }
 

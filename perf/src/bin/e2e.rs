@@ -1,9 +1,15 @@
 //! `e2e`: a pre-filled Kafka topic drained into Postgres by `meterflow pipeline`, against the baseline of
 //! `../shared/PERF.md` measured in the same run on the same topic: a bare rdkafka consumer COPYing the raw
-//! events into `telemetry_events`. Prints one JSON line per run and a summary line with the medians and
-//! their ratio.
+//! events into `telemetry_events`. Prints one JSON line per run and a summary line per topic shape with
+//! the medians and their ratio.
 //!
-//!     cargo build --release && target/release/e2e --events 5000000 --runs 3
+//!     cargo build --release && target/release/e2e --events 1000000 --runs 3
+//!
+//! Two topic shapes (`--shapes`): `live`, event times within the two minutes before they were
+//! produced, the normal case; and `backfill`, spread over 48 hours, so that nearly every event falls
+//! in a window the watermark has already closed (a late event). Each run also records where the CPU
+//! went (per pipeline thread and per kind of Postgres process, [`meterflow_perf::cpu`]) and the run
+//! database's statements with their WAL (`pg_stat_statements`).
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -11,7 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use meterflow_perf::{drop_database, fresh_database, median, rate, Services};
+use meterflow_perf::cpu::CpuWatch;
+use meterflow_perf::{
+    drop_database, fresh_database, median, print_statements, rate, top_statements, Services,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -37,34 +46,77 @@ struct Args {
     /// Measure meterflow only (for comparing shapes on one topic).
     #[arg(long)]
     no_baseline: bool,
-    /// Reuse this topic instead of creating and filling a new one (it must hold --events events).
+    /// Topic shapes to measure, in order: `live` (event times within two minutes of production) and
+    /// `backfill` (spread over 48 hours: nearly every event is late).
+    #[arg(long, value_delimiter = ',', default_value = "live,backfill")]
+    shapes: Vec<Shape>,
+    /// Reuse this topic instead of creating and filling a new one (it must hold --events events;
+    /// give one shape only).
     #[arg(long)]
     topic: Option<String>,
     #[command(flatten)]
     services: Services,
 }
 
+/// How a topic's event times are spread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Shape {
+    Live,
+    Backfill,
+}
+
+impl Shape {
+    fn spread_hours(self) -> u64 {
+        match self {
+            Shape::Live => 0,
+            Shape::Backfill => 48,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Live => "live",
+            Shape::Backfill => "backfill",
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let topic = match &args.topic {
-        Some(t) => t.clone(),
-        None => prefill(&args)?,
-    };
+    if args.topic.is_some() && args.shapes.len() != 1 {
+        bail!("--topic reuses one topic: give one --shapes value with it");
+    }
+    for &shape in &args.shapes {
+        let topic = match &args.topic {
+            Some(t) => t.clone(),
+            None => prefill(&args, shape)?,
+        };
+        measure(&args, shape, &topic).await?;
+    }
+    Ok(())
+}
+
+/// `--runs` alternating runs of meterflow and the baseline on one topic, then the summary line.
+async fn measure(args: &Args, shape: Shape, topic: &str) -> Result<()> {
     let mut ours = Vec::new();
     let mut baseline = Vec::new();
     for run in 0..args.runs {
         let url = fresh_database(&args.services.database_url, "mf_perf_e2e", run).await?;
-        let took = drain_with_meterflow(&args, &topic, &url)?;
+        let (took, cpu) = drain_with_meterflow(args, topic, &url)?;
         let rows: i64 = scalar(
             &url,
             "SELECT coalesce(sum(event_count), 0)::bigint FROM aggregations",
         )
         .await?;
+        let late: i64 = scalar(&url, "SELECT count(*) FROM late_events").await?;
+        let statements = top_statements(&url).await;
         let r = rate(args.events, took);
+        eprintln!("e2e {} meterflow run {run}: {r:.0} events/s", shape.name());
+        print_statements(&statements, 6);
         println!(
             "{}",
-            serde_json::json!({"bench": "e2e", "side": "meterflow", "workers": args.workers, "processes": args.processes, "run": run, "events": args.events, "aggregated_events": rows, "seconds": took.as_secs_f64(), "events_per_s": r})
+            serde_json::json!({"bench": "e2e", "shape": shape.name(), "side": "meterflow", "workers": args.workers, "processes": args.processes, "run": run, "events": args.events, "aggregated_events": rows, "late_events": late, "seconds": took.as_secs_f64(), "events_per_s": r, "cpu_seconds": cpu, "postgres_statements": statements})
         );
         ours.push(r);
         drop_database(&args.services.database_url, &url).await?;
@@ -73,12 +125,17 @@ async fn main() -> Result<()> {
         }
 
         let url = fresh_database(&args.services.database_url, "mf_perf_base", run).await?;
-        let took = copy_baseline(&args.services.brokers, &topic, &url).await?;
+        let watch = CpuWatch::start(Some(std::process::id()));
+        let took = copy_baseline(&args.services.brokers, topic, &url).await?;
+        let cpu = watch.finish();
         let rows: i64 = scalar(&url, "SELECT count(*) FROM telemetry_events").await?;
+        let statements = top_statements(&url).await;
         let r = rate(args.events, took);
+        eprintln!("e2e {} baseline run {run}: {r:.0} events/s", shape.name());
+        print_statements(&statements, 3);
         println!(
             "{}",
-            serde_json::json!({"bench": "e2e", "side": "baseline_copy", "run": run, "events": args.events, "stored_rows": rows, "seconds": took.as_secs_f64(), "events_per_s": r})
+            serde_json::json!({"bench": "e2e", "shape": shape.name(), "side": "baseline_copy", "run": run, "events": args.events, "stored_rows": rows, "seconds": took.as_secs_f64(), "events_per_s": r, "cpu_seconds": cpu, "postgres_statements": statements})
         );
         baseline.push(r);
         drop_database(&args.services.database_url, &url).await?;
@@ -86,14 +143,18 @@ async fn main() -> Result<()> {
     let (m, b) = (median(ours), median(baseline));
     println!(
         "{}",
-        serde_json::json!({"bench": "e2e", "summary": true, "topic": topic, "events": args.events, "runs": args.runs, "workers": args.workers, "processes": args.processes,
+        serde_json::json!({"bench": "e2e", "summary": true, "shape": shape.name(), "topic": topic, "events": args.events, "runs": args.runs, "workers": args.workers, "processes": args.processes,
             "meterflow_events_per_s_median": m.round(), "baseline_events_per_s_median": b.round(), "ratio": (m / b * 100.0).round() / 100.0})
     );
     Ok(())
 }
 
-fn prefill(args: &Args) -> Result<String> {
-    let topic = format!("perf.e2e.{}", chrono::Utc::now().timestamp());
+fn prefill(args: &Args, shape: Shape) -> Result<String> {
+    let topic = format!(
+        "perf.e2e.{}.{}",
+        shape.name(),
+        chrono::Utc::now().timestamp()
+    );
     eprintln!("e2e: filling {topic} with {} events ...", args.events);
     let status = Command::new(&args.services.meterflow)
         .args([
@@ -103,7 +164,7 @@ fn prefill(args: &Args) -> Result<String> {
             "--events",
             &args.events.to_string(),
             "--spread-hours",
-            "48",
+            &shape.spread_hours().to_string(),
         ])
         .env("MF_EVENTS_TOPIC", &topic)
         .env("MF_KAFKA_BROKERS", &args.services.brokers)
@@ -120,8 +181,13 @@ fn prefill(args: &Args) -> Result<String> {
     Ok(topic)
 }
 
-/// Wall time of `meterflow pipeline --until-caught-up` as a whole process, start-up included.
-fn drain_with_meterflow(args: &Args, topic: &str, url: &str) -> Result<Duration> {
+/// Wall time of `meterflow pipeline --until-caught-up` as a whole process, start-up included, and
+/// where the CPU went meanwhile.
+fn drain_with_meterflow(
+    args: &Args,
+    topic: &str,
+    url: &str,
+) -> Result<(Duration, serde_json::Value)> {
     let started = Instant::now();
     let mut command = if args.processes > 1 {
         let mut c = Command::new("deploy/local/cluster");
@@ -142,17 +208,22 @@ fn drain_with_meterflow(args: &Args, topic: &str, url: &str) -> Result<Duration>
         ]);
         c
     };
-    let out = command
+    let child = command
         .env("MF_EVENTS_TOPIC", topic)
         .env("MF_DATABASE_URL", url)
         .env("MF_KAFKA_BROKERS", &args.services.brokers)
         .env("MF_LOG", "warn")
-        .output()?;
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let watch = CpuWatch::start(Some(child.id()));
+    let out = child.wait_with_output()?;
     let took = started.elapsed();
+    let cpu = watch.finish();
     if !out.status.success() {
         bail!("pipeline failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(took)
+    Ok((took, cpu))
 }
 
 #[derive(Deserialize)]

@@ -271,7 +271,7 @@ async fn main() -> Result<()> {
     stop.store(true, Ordering::Release);
     let samples = sampling.await.unwrap_or_default();
     let metrics = scrape_metrics(&stack.base).await;
-    let statements = top_statements(&stack.url).await;
+    let statements = meterflow_perf::top_statements(&stack.url).await;
     driven.context("running the goose plan")?;
     let loss = loss?;
 
@@ -406,38 +406,6 @@ async fn loss_check(stack: &Stack, accepted: &[String]) -> Result<Value> {
         "hour_windows_differing": differing,
         "passed": lost == 0 && stored == distinct && differing == 0,
     }))
-}
-
-/// One `pg_stat_statements` row: calls, total ms, mean ms, rows, WAL bytes, the statement's text.
-type StatementRow = (i64, f64, f64, i64, rust_decimal::Decimal, String);
-
-/// Where the database's time went during the run: the run's own database in `pg_stat_statements`,
-/// by total execution time, with calls, rows and WAL bytes. `null` where the extension is not loaded
-/// (`deploy/local/up` loads it).
-async fn top_statements(url: &str) -> Value {
-    let rows: Result<Vec<StatementRow>, _> = async {
-        let pool = sqlx::PgPool::connect(url).await?;
-        sqlx::query_as(
-            "SELECT calls, total_exec_time, mean_exec_time, rows, wal_bytes,
-                    left(regexp_replace(query, '\\s+', ' ', 'g'), 160)
-               FROM pg_stat_statements
-              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-              ORDER BY total_exec_time DESC LIMIT 12",
-        )
-        .fetch_all(&pool)
-        .await
-    }
-    .await;
-    match rows {
-        Ok(rows) => rows
-            .into_iter()
-            .map(|(calls, total, mean, rows, wal, query)| {
-                json!({"calls": calls, "total_ms": total.round(), "mean_ms": (mean * 1000.0).round() / 1000.0,
-                       "rows": rows, "wal_bytes": wal.to_string(), "query": query})
-            })
-            .collect(),
-        Err(e) => json!({"unavailable": e.to_string()}),
-    }
 }
 
 async fn scrape_metrics(base: &str) -> Value {
@@ -756,22 +724,8 @@ fn print_summary(name: &str, result: &Value, verdict: &Verdict) {
     if !result["knee"].is_null() {
         eprintln!("  latency bends at: {}", result["knee"]);
     }
-    if let Some(statements) = result["postgres_statements"].as_array() {
-        eprintln!("  postgres, by total time (pg_stat_statements):");
-        for st in statements.iter().take(5) {
-            eprintln!(
-                "    {:>8} ms {:>8} calls {:>8} ms each  {}",
-                st["total_ms"],
-                st["calls"],
-                st["mean_ms"],
-                st["query"]
-                    .as_str()
-                    .unwrap_or("")
-                    .chars()
-                    .take(70)
-                    .collect::<String>()
-            );
-        }
+    if result["postgres_statements"].is_array() {
+        meterflow_perf::print_statements(&result["postgres_statements"], 5);
     }
     for (name, ok, detail) in verdict {
         eprintln!("  [{}] {name}: {detail}", if *ok { "pass" } else { "FAIL" });
