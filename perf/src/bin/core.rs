@@ -1,0 +1,684 @@
+//! `core`: the dataflow alone (`../shared/PERF.md`, ids `core` and `scale`), from decoded events in
+//! memory to aggregates and charges: no Kafka, no Postgres, no claims. `meterflow_dataflow::operators::build`
+//! runs inside `timely::execute` with W workers, fed the way `worker.rs` feeds it (items one by one,
+//! offset markers per partition, the price books at epoch 0 on worker 0), and its sink stream is
+//! counted on every worker (or, with `--commit`, handed over by `commit_epochs` to a thread that
+//! counts each epoch's batch and acknowledges it at once).
+//!
+//!     cargo build --release --locked -p meterflow-perf --bin core
+//!     target/release/core --events 4000000 --workers 1,2 --runs 3            # books price every window
+//!     target/release/core --events 4000000 --workers 1,2 --runs 3 --no-books # rating does nothing
+//!
+//! The input is the peers' workload shape (`../shared/peers/WORKLOAD.md`): 10,000 customers, 5 event
+//! types (40/25/15/12/8 %), event *i* of N at `i·H/N` ± 60 s with 2 % a further 0–600 s late, values
+//! decimals in [0, 100] with 0–3 places, and by default the peers' density (H = 48 h per 10M events,
+//! about 4.4 events per customer × type × hour). No meter is defined, so every type goes to its default meter
+//! (hourly sum and count per customer × type), the peers' aggregation. `--events` is the whole data
+//! set: the same for every worker count (so the results are identical and the 1→2 ratio compares the
+//! same work). It is generated before timing, already classified as counted items, each customer on a
+//! partition (`fnv1a(customer) % --partitions`) and each partition on the worker a reader would give it
+//! (`owned_partitions`). An epoch is `--epoch-events` consecutive events of the stream, all workers
+//! together (each feeds its share): epoch e is fed, the inputs advance to e+1, and the worker steps
+//! until the output frontier passes `e + 1 − --inflight`. The committed watermark follows the epochs
+//! (greatest event time so far minus 5 s, as the sink would set it).
+//!
+//! Each worker count runs as its own process, alternating (1, 2, 1, 2, …), so one run's memory does not
+//! weigh on the next. Prints one JSON line per run (workers, events, seconds, events/s, events/s per
+//! worker, output updates by kind, peak RSS) and a summary: medians over `--runs` and the 1→2 ratio.
+//! Each run checks that the row changes add up to every event exactly once (count and exact sum).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use crossbeam_channel::unbounded;
+use meterflow_dataflow::classify::{Classified, SourceItem};
+use meterflow_dataflow::commit::commit_epochs;
+use meterflow_dataflow::operators::{build, Epoch};
+use meterflow_dataflow::rating::{ChargeRow, RowKey};
+use meterflow_dataflow::source::owned_partitions;
+use meterflow_dataflow::usage::Usage;
+use meterflow_dataflow::{GraphContext, MeterRegistry, RatingInputs, SinkChannels, SinkUpdate};
+use meterflow_model::batch::QuarantinedPeriod;
+use meterflow_model::{fnv1a, EpochBatch, Event, PartitionProgress, PriceBook, PriceModel, Tier};
+use meterflow_perf::median;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::{Operator, Probe};
+use timely::dataflow::{InputHandleVec, ProbeHandle};
+
+/// The allocator the `meterflow` binary runs with, so the figures are the pipeline's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// 2024-01-15T00:00:00Z, the peers' first event time, in microseconds.
+const BASE_MICROS: i64 = 1_705_276_800_000_000;
+const TYPES: [(&str, u32); 5] = [
+    ("api_call", 40),
+    ("storage_gb_hour", 25),
+    ("llm_tokens", 15),
+    ("seat", 12),
+    ("compute_second", 8),
+];
+const REGIONS: [&str; 3] = ["eu", "us", "apac"];
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    about = "The dataflow alone: decoded events in memory -> aggregates and charges, 1 and 2 workers",
+    long_about = "The dataflow alone (operators::build in timely::execute): decoded, classified events \
+in memory -> aggregates, window charges and invoice lines, no Kafka, no Postgres. Each worker count \
+runs as its own process, alternating; one JSON line per run, then a summary with medians and the \
+1->2 worker ratio. Goals (issue 15): >= 1M events/s per worker, >= 1.7x from 1 to 2 workers."
+)]
+struct Args {
+    /// Events in the data set, all workers together (the same set for every worker count).
+    #[arg(long, default_value_t = 4_000_000)]
+    events: usize,
+    /// Worker counts to compare, e.g. `1,2`; each run is its own process.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    workers: Vec<usize>,
+    /// Runs per worker count (alternating); the summary gives medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Events per epoch, all workers together (each worker feeds its share).
+    #[arg(long, default_value_t = 200_000)]
+    epoch_events: usize,
+    /// Epochs a worker may feed ahead of the output frontier (1: wait for each epoch).
+    #[arg(long, default_value_t = 1)]
+    inflight: u64,
+    /// No price book: rating finds nothing to price (no charges, no lines).
+    #[arg(long)]
+    no_books: bool,
+    /// Hand the sink stream over with `commit_epochs` (everything to worker 0, one batch per epoch)
+    /// to a thread that counts and acknowledges, instead of counting on each worker.
+    #[arg(long)]
+    commit: bool,
+    /// Distinct customers.
+    #[arg(long, default_value_t = 10_000)]
+    customers: usize,
+    /// Kafka partitions the customers are spread over (workers own `p % W`).
+    #[arg(long, default_value_t = 12)]
+    partitions: i32,
+    /// Hours of event time the stream spans. Default: the peers' density (10M events in 48 h, so
+    /// about 4.4 events per customer × type × hour), i.e. 48 × events / 10M.
+    #[arg(long)]
+    hours: Option<f64>,
+    #[arg(long, default_value_t = 20_240_115)]
+    seed: u64,
+    /// Internal: run one measurement with this many workers in this process.
+    #[arg(long, hide = true)]
+    child: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.partitions < 1 || args.epoch_events == 0 || args.inflight == 0 || args.customers == 0 {
+        bail!("--partitions, --epoch-events, --inflight and --customers must be positive");
+    }
+    if let Some(workers) = args.child {
+        let line = run(&args, workers)?;
+        println!("{line}");
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let mut rates: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut seconds: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut rss: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut cpu_rates: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for _ in 0..args.runs {
+        for &w in &args.workers {
+            let mut cmd = Command::new(&exe);
+            cmd.arg("--child")
+                .arg(w.to_string())
+                .args(["--events", &args.events.to_string()])
+                .args(["--epoch-events", &args.epoch_events.to_string()])
+                .args(["--inflight", &args.inflight.to_string()])
+                .args(["--customers", &args.customers.to_string()])
+                .args(["--partitions", &args.partitions.to_string()])
+                .args(["--hours", &hours(&args).to_string()])
+                .args(["--seed", &args.seed.to_string()]);
+            if args.no_books {
+                cmd.arg("--no-books");
+            }
+            if args.commit {
+                cmd.arg("--commit");
+            }
+            let out = cmd.output().context("running a measurement")?;
+            if !out.status.success() {
+                bail!(
+                    "the {w}-worker run failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let line = String::from_utf8(out.stdout)?;
+            let line = line.trim();
+            println!("{line}");
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            rates.entry(w).or_default().push(f("events_per_s"));
+            seconds.entry(w).or_default().push(f("seconds"));
+            rss.entry(w).or_default().push(f("peak_rss_mb"));
+            cpu_rates
+                .entry(w)
+                .or_default()
+                .push(f("events_per_worker_cpu_s"));
+        }
+    }
+    let by_workers: serde_json::Map<String, serde_json::Value> = rates
+        .iter()
+        .map(|(w, r)| {
+            let m = median(r.clone());
+            (
+                w.to_string(),
+                serde_json::json!({
+                    "median_events_per_s": m.round(),
+                    "median_events_per_s_per_worker": (m / *w as f64).round(),
+                    "median_seconds": median(seconds[w].clone()),
+                    "median_peak_rss_mb": median(rss[w].clone()).round(),
+                    "median_events_per_worker_cpu_s": median(cpu_rates[w].clone()).round(),
+                    "runs": r.iter().map(|x| x.round()).collect::<Vec<_>>(),
+                }),
+            )
+        })
+        .collect();
+    let scaling = match (rates.get(&1), rates.get(&2)) {
+        (Some(one), Some(two)) => Some(median(two.clone()) / median(one.clone())),
+        _ => None,
+    };
+    // Per CPU-second of the workers: what 2 workers would reach on 2 free cores is about
+    // 2 × this ratio × the 1-worker rate, whatever else the machine ran.
+    let cpu_efficiency = match (cpu_rates.get(&1), cpu_rates.get(&2)) {
+        (Some(one), Some(two)) => Some(median(two.clone()) / median(one.clone())),
+        _ => None,
+    };
+    let per_worker_ok = rates
+        .iter()
+        .all(|(w, r)| median(r.clone()) / *w as f64 >= 1_000_000.0);
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "core",
+            "summary": true,
+            "events": args.events,
+            "epoch_events": args.epoch_events,
+            "inflight": args.inflight,
+            "books": !args.no_books,
+            "commit": args.commit,
+            "workers": by_workers,
+            "scaling_1_to_2": scaling.map(|s| (s * 1000.0).round() / 1000.0),
+            "cpu_efficiency_2_vs_1": cpu_efficiency.map(|s| (s * 1000.0).round() / 1000.0),
+            "goal_1m_per_worker": per_worker_ok,
+            "goal_scaling_1_7": scaling.map(|s| s >= 1.7),
+        })
+    );
+    Ok(())
+}
+
+/// The span of event time, in hours.
+fn hours(args: &Args) -> f64 {
+    args.hours
+        .unwrap_or(48.0 * args.events as f64 / 10_000_000.0)
+}
+
+/// One worker's input, by epoch, and the partitions it owns.
+struct Share {
+    epochs: Vec<Vec<SourceItem>>,
+}
+
+/// The data set, split as the readers would split it.
+struct DataSet {
+    shares: Vec<Share>,
+    /// The greatest event time up to and including each epoch (for the watermark).
+    max_time: Vec<i64>,
+    total: Decimal,
+}
+
+fn generate(args: &Args, workers: usize) -> DataSet {
+    let mut rng = SmallRng::seed_from_u64(args.seed);
+    let n = args.events;
+    let epochs = n.div_ceil(args.epoch_events);
+    let span = (hours(args) * 3_600_000_000.0) as i64;
+    let customers: Vec<(String, i32)> = (0..args.customers)
+        .map(|c| {
+            let id = format!("cust_{c:05}");
+            let p = (fnv1a(&[id.as_bytes()]) as u64 % args.partitions as u64) as i32;
+            (id, p)
+        })
+        .collect();
+    let worker_of: Vec<usize> = (0..args.partitions)
+        .map(|p| {
+            (0..workers)
+                .find(|w| owned_partitions(args.partitions, *w, workers).contains(&p))
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut shares: Vec<Share> = (0..workers)
+        .map(|_| Share {
+            epochs: (0..epochs).map(|_| Vec::new()).collect(),
+        })
+        .collect();
+    let mut offsets = vec![0i64; args.partitions as usize];
+    let mut max_time = vec![i64::MIN; epochs];
+    let mut total = Decimal::ZERO;
+    let weight: u32 = TYPES.iter().map(|t| t.1).sum();
+    for i in 0..n {
+        let (customer, partition) = &customers[rng.random_range(0..customers.len())];
+        let mut pick = rng.random_range(0..weight);
+        let event_type = TYPES
+            .iter()
+            .find(|(_, w)| {
+                let hit = pick < *w;
+                pick = pick.saturating_sub(*w);
+                hit
+            })
+            .map_or("api_call", |t| t.0);
+        let mut t = BASE_MICROS
+            + (i as i128 * span as i128 / n as i128) as i64
+            + rng.random_range(-60_000_000..=60_000_000);
+        if rng.random_range(0..100) < 2 {
+            t -= rng.random_range(0..=600_000_000);
+        }
+        let places = rng.random_range(0..=3u32);
+        let value = Decimal::new(rng.random_range(0..=100 * 10i64.pow(places)), places);
+        total += value;
+        let event = Event {
+            event_id: format!("evt_{i:09}"),
+            customer_id: customer.clone(),
+            event_type: event_type.to_owned(),
+            event_time_micros: t,
+            value,
+            properties: format!(r#"{{"region":"{}"}}"#, REGIONS[i % 3]),
+        };
+        let offset = &mut offsets[*partition as usize];
+        let epoch = i / args.epoch_events;
+        max_time[epoch] = max_time[epoch].max(t);
+        shares[worker_of[*partition as usize]].epochs[epoch].push(SourceItem {
+            partition: *partition,
+            offset: *offset,
+            what: Classified::Count(event),
+        });
+        *offset += 1;
+    }
+    for e in 1..epochs {
+        max_time[e] = max_time[e].max(max_time[e - 1]);
+    }
+    DataSet {
+        shares,
+        max_time,
+        total,
+    }
+}
+
+/// A book for each event type's default meter, in force forever, for every customer: graduated tiers
+/// that a busy customer crosses within the period.
+fn books() -> Vec<PriceBook> {
+    let d = |s: &str| s.parse::<Decimal>().unwrap_or_default();
+    TYPES
+        .iter()
+        .map(|(t, _)| PriceBook {
+            price_book_id: format!("pb_{t}"),
+            meter: (*t).to_owned(),
+            customer_id: None,
+            currency: "USD".into(),
+            effective_from: 0,
+            effective_to: None,
+            model: PriceModel::Graduated {
+                tiers: vec![
+                    Tier {
+                        up_to: Some(d("500")),
+                        unit_price: d("0.010"),
+                        flat_fee: d("1"),
+                    },
+                    Tier {
+                        up_to: Some(d("2000")),
+                        unit_price: d("0.008"),
+                        flat_fee: Decimal::ZERO,
+                    },
+                    Tier {
+                        up_to: None,
+                        unit_price: d("0.005"),
+                        flat_fee: Decimal::ZERO,
+                    },
+                ],
+            },
+            minimum_per_period: None,
+        })
+        .collect()
+}
+
+/// What the sink stream carried.
+#[derive(Default, Clone, Debug)]
+struct Counts {
+    rows: u64,
+    quarantined: u64,
+    charges: u64,
+    lines: u64,
+    late: u64,
+    offsets: u64,
+    other: u64,
+    /// Σ event_count and Σ value over the group rows' changes: every event exactly once.
+    row_events: i64,
+    row_value: Decimal,
+}
+
+impl Counts {
+    fn add(&mut self, update: &SinkUpdate) {
+        match update {
+            SinkUpdate::Row(_, item, agg) => {
+                self.rows += 1;
+                if item.is_none() {
+                    self.row_events += agg.event_count;
+                    self.row_value += agg.value;
+                }
+            }
+            SinkUpdate::QuarantinedRow(_) | SinkUpdate::QuarantinedPeriod(..) => {
+                self.quarantined += 1
+            }
+            SinkUpdate::Charge(..) => self.charges += 1,
+            SinkUpdate::Line(_) => self.lines += 1,
+            SinkUpdate::Late(_) => self.late += 1,
+            SinkUpdate::Offset(_) => self.offsets += 1,
+            SinkUpdate::DeadLetter(_) | SinkUpdate::Duplicate(_) => self.other += 1,
+        }
+    }
+
+    fn add_batch(&mut self, b: &EpochBatch) {
+        self.rows += b.aggregates.len() as u64;
+        for (_, item, agg) in &b.aggregates {
+            if item.is_none() {
+                self.row_events += agg.event_count;
+                self.row_value += agg.value;
+            }
+        }
+        self.quarantined += (b.quarantined_rows.len() + b.quarantined_periods.len()) as u64;
+        self.charges += b.charges.len() as u64;
+        self.lines += b.lines.len() as u64;
+        self.late += b.late_events.len() as u64;
+        self.offsets += b.offsets.len() as u64;
+        self.other += (b.dead_letters.len() + b.duplicates.len()) as u64;
+    }
+
+    fn merge(&mut self, o: &Counts) {
+        self.rows += o.rows;
+        self.quarantined += o.quarantined;
+        self.charges += o.charges;
+        self.lines += o.lines;
+        self.late += o.late;
+        self.offsets += o.offsets;
+        self.other += o.other;
+        self.row_events += o.row_events;
+        self.row_value += o.row_value;
+    }
+
+    fn total(&self) -> u64 {
+        self.rows
+            + self.quarantined
+            + self.charges
+            + self.lines
+            + self.late
+            + self.offsets
+            + self.other
+    }
+}
+
+/// The rating inputs of a worker (as `worker.rs` has them); only worker 0 sends the books.
+#[derive(Default)]
+struct RatingHandles {
+    rows: InputHandleVec<Epoch, (RowKey, Epoch, Usage)>,
+    charges: InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
+    quarantines: InputHandleVec<Epoch, (QuarantinedPeriod, Epoch, isize)>,
+    books: InputHandleVec<Epoch, (PriceBook, Epoch, isize)>,
+}
+
+impl RatingHandles {
+    fn advance_to(&mut self, epoch: Epoch) {
+        self.rows.advance_to(epoch);
+        self.charges.advance_to(epoch);
+        self.quarantines.advance_to(epoch);
+        self.books.advance_to(epoch);
+    }
+}
+
+/// One measurement with `workers` workers in this process: the JSON line.
+fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
+    let generated = Instant::now();
+    let data = generate(args, workers);
+    let generate_s = generated.elapsed().as_secs_f64();
+    let rss_before = rss_mb("VmRSS");
+    let epochs = data.max_time.len();
+    let max_time = Arc::new(data.max_time);
+    let shares = Arc::new(Mutex::new(
+        data.shares.into_iter().map(Some).collect::<Vec<_>>(),
+    ));
+    let watermark = Arc::new(AtomicI64::new(i64::MIN));
+    let context = GraphContext {
+        meters: MeterRegistry::new(Vec::new()),
+        watermark: watermark.clone(),
+        allowed_lateness_micros: 3_600_000_000,
+    };
+    let barrier = Arc::new(Barrier::new(workers));
+    let with_books = !args.no_books;
+    let inflight = args.inflight;
+    let commit = args.commit;
+
+    // With --commit: worker 0 hands each completed epoch to this thread, which counts and acknowledges.
+    let (sink, collector) = if args.commit {
+        let (batch_tx, batch_rx) = crossbeam_channel::bounded::<EpochBatch>(8);
+        let (ack_tx, ack_rx) = unbounded();
+        let collector = std::thread::spawn(move || {
+            let mut counts = Counts::default();
+            for batch in batch_rx {
+                counts.add_batch(&batch);
+                let _ = ack_tx.send(batch.epoch);
+            }
+            counts
+        });
+        let sink = SinkChannels {
+            batches: batch_tx,
+            acks: ack_rx,
+        };
+        (Arc::new(Mutex::new(Some(sink))), Some(collector))
+    } else {
+        (Arc::new(Mutex::new(None)), None)
+    };
+
+    let guards = timely::execute(timely::Config::process(workers), move |worker| {
+        let index = worker.index();
+        let share = shares.lock().ok().and_then(|mut s| s[index].take());
+        let Some(mut share) = share else {
+            return (Instant::now(), Instant::now(), 0.0, Counts::default());
+        };
+        let sink = if index == 0 {
+            sink.lock().ok().and_then(|mut s| s.take())
+        } else {
+            None
+        };
+        let counts = Arc::new(Mutex::new(Counts::default()));
+        let seen = counts.clone();
+        let context = context.clone();
+        let (mut items, mut markers, mut rating, probe) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let mut items = InputHandleVec::<Epoch, SourceItem>::new();
+            let mut markers = InputHandleVec::<Epoch, (Epoch, PartitionProgress)>::new();
+            let mut handles = RatingHandles::default();
+            let probe = ProbeHandle::new();
+            let inputs = RatingInputs {
+                restored_rows: handles.rows.to_stream(scope),
+                restored_charges: handles.charges.to_stream(scope),
+                restored_quarantines: handles.quarantines.to_stream(scope),
+                books: handles.books.to_stream(scope),
+            };
+            let updates = build(
+                items.to_stream(scope),
+                markers.to_stream(scope),
+                inputs,
+                context,
+            );
+            if commit {
+                commit_epochs(updates, sink, Default::default()).probe_with(&probe);
+            } else {
+                updates
+                    .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                        Pipeline,
+                        "Count",
+                        move |_, _| {
+                            move |input, _output| {
+                                let mut c = Counts::default();
+                                input.for_each(|_, data| {
+                                    for (_, u) in data.drain(..) {
+                                        c.add(&u);
+                                    }
+                                });
+                                if let Ok(mut counts) = seen.lock() {
+                                    counts.merge(&c);
+                                }
+                            }
+                        },
+                    )
+                    .probe_with(&probe);
+            }
+            (items, markers, handles, probe)
+        });
+        if index == 0 && with_books {
+            for book in books() {
+                rating.books.send((book, 0, 1));
+            }
+        }
+        let mut next_offsets: BTreeMap<i32, PartitionProgress> = BTreeMap::new();
+        barrier.wait();
+        let started = Instant::now();
+        let cpu_started = thread_cpu_s();
+        for e in 0..epochs {
+            let epoch = e as Epoch;
+            for item in share.epochs[e].drain(..) {
+                let progress = next_offsets
+                    .entry(item.partition)
+                    .or_insert(PartitionProgress {
+                        partition: item.partition,
+                        next_offset: 0,
+                        max_event_time_micros: None,
+                    });
+                progress.next_offset = item.offset + 1;
+                if let Classified::Count(ev) = &item.what {
+                    progress.max_event_time_micros = progress
+                        .max_event_time_micros
+                        .max(Some(ev.event_time_micros));
+                }
+                items.send(item);
+            }
+            for progress in next_offsets.values() {
+                markers.send((epoch, *progress));
+            }
+            items.advance_to(epoch + 1);
+            markers.advance_to(epoch + 1);
+            rating.advance_to(epoch + 1);
+            // Wait until the output frontier passes epoch + 1 − inflight.
+            let until = (epoch + 2).saturating_sub(inflight);
+            while probe.less_than(&until) {
+                worker.step();
+            }
+            if index == 0 && until > 0 {
+                // The sink would set the committed watermark once the epoch is stored.
+                let done = (until - 1) as usize;
+                watermark.store(max_time[done].saturating_sub(5_000_000), Ordering::Release);
+            }
+        }
+        drop(items);
+        drop(markers);
+        drop(rating);
+        while !probe.done() {
+            worker.step();
+        }
+        let finished = Instant::now();
+        let cpu = thread_cpu_s() - cpu_started;
+        let counts = counts.lock().map(|c| c.clone()).unwrap_or_default();
+        (started, finished, cpu, counts)
+    })
+    .map_err(anyhow::Error::msg)?;
+    let results: Vec<_> = guards
+        .join()
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let mut counts = Counts::default();
+    for (_, _, _, c) in &results {
+        counts.merge(c);
+    }
+    if let Some(collector) = collector {
+        let c = collector
+            .join()
+            .map_err(|_| anyhow::anyhow!("collector panicked"))?;
+        counts.merge(&c);
+    }
+    let started = results.iter().map(|r| r.0).min().context("no worker")?;
+    let finished = results.iter().map(|r| r.1).max().context("no worker")?;
+    let seconds = finished.duration_since(started).as_secs_f64();
+    let rate = args.events as f64 / seconds;
+    let cpu: f64 = results.iter().map(|r| r.2).sum();
+    let exact = counts.row_events == args.events as i64 && counts.row_value == data.total;
+    if !exact {
+        bail!(
+            "the row changes do not add up to the input: {} events, sum {} (expected {}, {})",
+            counts.row_events,
+            counts.row_value,
+            args.events,
+            data.total
+        );
+    }
+    Ok(serde_json::json!({
+        "bench": "core",
+        "workers": workers,
+        "events": args.events,
+        "epochs": epochs,
+        "hours": hours(args),
+        "epoch_events": args.epoch_events,
+        "inflight": args.inflight,
+        "books": with_books,
+        "commit": args.commit,
+        "seconds": (seconds * 1000.0).round() / 1000.0,
+        "events_per_s": rate.round(),
+        "events_per_s_per_worker": (rate / workers as f64).round(),
+        "worker_cpu_s": (cpu * 1000.0).round() / 1000.0,
+        "events_per_worker_cpu_s": (args.events as f64 / cpu).round(),
+        "output_updates": counts.total(),
+        "rows": counts.rows,
+        "charges": counts.charges,
+        "lines": counts.lines,
+        "late": counts.late,
+        "offsets": counts.offsets,
+        "quarantined": counts.quarantined,
+        "exact": exact,
+        "generate_s": (generate_s * 100.0).round() / 100.0,
+        "rss_before_mb": rss_before.round(),
+        "peak_rss_mb": rss_mb("VmHWM").round(),
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').next().unwrap_or("").to_owned(),
+    }))
+}
+
+/// CPU time of the calling thread so far (`/proc/thread-self/schedstat`, nanoseconds on a CPU): unlike
+/// wall time, it does not count the time other processes of a busy machine took.
+fn thread_cpu_s() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |ns| ns / 1e9)
+}
+
+/// A line of `/proc/self/status` in MB (`VmRSS` now, `VmHWM` the peak).
+fn rss_mb(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
