@@ -8,7 +8,7 @@
 //!  worker loop: feed classified items + offset markers, advance the epoch ◄──┘
 //!      │
 //!      ▼  build(): meter ─► contributions (row, item, Σvalue, count) ─► consolidate (exchange by row)
-//!                   │    └─► + restored rows ─► rate (with price books) ─► charge changes ─► lines
+//!                   │   (its row changes + restored rows) ─► rate (with price books) ─► charge changes ─► lines
 //!                   └─► late events, duplicates, dead letters   offsets ──┐          │
 //!                                     └───────────────────────────────────┴─► commit_epochs (worker 0,
 //!                                                                             watermark)

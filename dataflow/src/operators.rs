@@ -66,9 +66,11 @@ pub fn build<'scope>(
 ) -> StreamVec<'scope, Epoch, (Epoch, SinkUpdate)> {
     let scope = items.scope();
     let (contributions, other) = meter(items, context);
-    let (charges, quarantined) = charge_changes(contributions.clone(), rating);
-    let lines = line_changes(charges.clone());
+    // Rating reads the row changes, not the contributions: the same collection, already added up per
+    // row and epoch (one update where there were as many as the row's events in the epoch).
     let changes = row_changes(contributions);
+    let (charges, quarantined) = charge_changes(changes.clone().as_collection(), rating);
+    let lines = line_changes(charges.clone());
     scope.concatenate([
         changes.flat_map(|((key, item), epoch, usage)| {
             // An overflowed change carries only its event count; the sink quarantines the row.
@@ -190,18 +192,18 @@ fn negate(a: Aggregate) -> Aggregate {
 }
 
 /// Each epoch's changes of window charges: rating over everything committed before plus this run's
-/// contributions, minus the charges committed before; and likewise the changes of the periods in
+/// row changes, minus the charges committed before; and likewise the changes of the periods in
 /// quarantine. Exchange contract: as in `row_changes`, one update per charge row (or period) and
 /// epoch.
 #[allow(clippy::type_complexity)]
 fn charge_changes<'scope>(
-    contributions: VecCollection<'scope, Epoch, RowKey, Usage>,
+    row_changes: VecCollection<'scope, Epoch, RowKey, Usage>,
     inputs: RatingInputs<'scope>,
 ) -> (
     StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
     StreamVec<'scope, Epoch, (QuarantinedPeriod, Epoch, isize)>,
 ) {
-    let usage = contributions.concat(inputs.restored_rows.as_collection());
+    let usage = row_changes.concat(inputs.restored_rows.as_collection());
     let (charges, quarantined) = rating::rate(usage, inputs.books.as_collection());
     let charges = charges
         .concat(inputs.restored_charges.as_collection().negate())
