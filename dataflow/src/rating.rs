@@ -50,14 +50,16 @@ pub type ChargeRow = (String, String, Charge);
 type PeriodKey = (String, String, i64);
 
 /// What the rating reduce sees of a period: its windows' usage and the books that may price it.
+/// Boxed where large and rare (a book, a multiset item), so the common value, a group window, is 32
+/// bytes: every update is moved through sorts and merges several times. A box orders as what it holds.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 enum RateInput {
     Window {
         start: i64,
         end: i64,
-        item: Option<Item>,
+        item: Option<Box<Item>>,
     },
-    Book(PriceBook),
+    Book(Box<PriceBook>),
 }
 
 /// What rating a period gives: window charges, and at most one quarantine.
@@ -86,7 +88,7 @@ pub fn rate<'scope>(
             RateInput::Window {
                 start: key.window_start,
                 end: key.window_end,
-                item,
+                item: item.map(Box::new),
             },
         )
     });
@@ -123,7 +125,7 @@ pub fn rate<'scope>(
                 value: Decimal::ZERO,
                 event_count: diff as i64,
             });
-            ((period, RateInput::Book(book)), time, usage)
+            ((period, RateInput::Book(Box::new(book))), time, usage)
         })
         .as_collection();
     let rated =
@@ -166,11 +168,20 @@ fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<Rated> 
         overflowed: bool,
         items: Vec<&'a Item>,
     }
+    // The books first: a period no book prices is passed over before its windows are gathered.
+    let books: Vec<&PriceBook> = input
+        .iter()
+        .filter_map(|(what, usage)| match what {
+            RateInput::Book(book) if usage.aggregate.event_count > 0 => Some(&**book),
+            _ => None,
+        })
+        .collect();
+    if books.is_empty() {
+        return Vec::new();
+    }
     let mut windows: std::collections::BTreeMap<i64, Window<'_>> = Default::default();
-    let mut books: Vec<&PriceBook> = Vec::new();
     for (what, usage) in input {
         match what {
-            RateInput::Book(book) if usage.aggregate.event_count > 0 => books.push(book),
             RateInput::Book(_) => {}
             RateInput::Window { start, end, item } => {
                 let window = windows.entry(*start).or_insert(Window {
@@ -189,14 +200,11 @@ fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<Rated> 
                         }
                         None => window.overflowed = true,
                     },
-                    Some(item) if usage.aggregate.event_count > 0 => window.items.push(item),
+                    Some(item) if usage.aggregate.event_count > 0 => window.items.push(&**item),
                     Some(_) => {}
                 }
             }
         }
-    }
-    if books.is_empty() {
-        return Vec::new();
     }
     // The windows before the first overflowed one can be rated; that one and those after cannot.
     let mut quarantine: Option<(i64, QuarantineReason)> = None;
