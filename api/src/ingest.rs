@@ -416,9 +416,13 @@ async fn store_once(
                     i.value, i.properties::json
              FROM input i JOIN claimed USING (event_id)
              ORDER BY i.customer_id, i.event_type
+             RETURNING customer_id, event_type
+         ), noted AS (
+             -- The bound on event types per customer (migration 0016): 22M01 past it.
+             SELECT meterflow_note_event_types(array_agg(customer_id), array_agg(event_type)) FROM stored
          )
          INSERT INTO event_outbox (event_id, payload, customer_id)
-         SELECT i.event_id, i.payload, i.customer_id FROM input i JOIN claimed USING (event_id)
+         SELECT i.event_id, i.payload, i.customer_id FROM input i JOIN claimed USING (event_id) CROSS JOIN noted
          RETURNING event_id",
     )
     .bind(&ids)

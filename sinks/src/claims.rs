@@ -207,11 +207,25 @@ impl PgClaims {
         let Some((claims, rows)) = copy_text(candidates) else {
             return Ok(FastPath::Refused);
         };
+        let pairs: std::collections::BTreeSet<(&str, &str)> = candidates
+            .iter()
+            .map(|c| (c.event.customer_id.as_str(), c.event.event_type.as_str()))
+            .collect();
+        let (customers, types): (Vec<String>, Vec<String>) = pairs
+            .into_iter()
+            .map(|(c, t)| (c.to_owned(), t.to_owned()))
+            .unzip();
         self.with_conn(move |conn| {
             Box::pin(async move {
                 let mut tx = conn.begin().await?;
                 let stored = async {
                     sqlx::query("SET LOCAL synchronous_commit = off")
+                        .execute(&mut *tx)
+                        .await?;
+                    // The bound on event types per customer (migration 0016): 22M01 past it.
+                    sqlx::query("SELECT meterflow_note_event_types($1, $2)")
+                        .bind(&customers)
+                        .bind(&types)
                         .execute(&mut *tx)
                         .await?;
                     let mut copy = tx
@@ -301,8 +315,12 @@ impl PgClaims {
                         FROM input i JOIN claimed c ON c.event_id = i.event_id
                         WHERE c.fresh
                         ORDER BY i.customer_id, i.event_type
+                        RETURNING customer_id, event_type
+                     ), noted AS (
+                        -- The bound on event types per customer (migration 0016): 22M01 past it.
+                        SELECT meterflow_note_event_types(array_agg(customer_id), array_agg(event_type)) FROM stored
                      )
-                     SELECT event_id FROM claimed",
+                     SELECT event_id FROM claimed CROSS JOIN noted",
                 )
                 .bind(&ids)
                 .bind(&micros)

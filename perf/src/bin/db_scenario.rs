@@ -696,11 +696,8 @@ async fn seed(url: &str, sizes: Sizes) -> Result<Duration> {
     .await?;
     step("customers, price books", t);
 
-    // The trigger that bounds event types per customer reads every stored row again; the seed
-    // fills customer_event_types itself (above), so it is off while the events are written.
-    sqlx::query("ALTER TABLE telemetry_events DISABLE TRIGGER telemetry_events_event_types_seen")
-        .execute(&pool)
-        .await?;
+    // The seed fills customer_event_types itself (above), as the writers of events do through
+    // meterflow_note_event_types (migration 0016).
     let t = Instant::now();
     let keys = sizes.customers * TYPES.len() as i64;
     const CHUNK: i64 = 500_000;
@@ -745,9 +742,6 @@ async fn seed(url: &str, sizes: Sizes) -> Result<Duration> {
                 Ok(())
             }
         })
-        .await?;
-    sqlx::query("ALTER TABLE telemetry_events ENABLE TRIGGER telemetry_events_event_types_seen")
-        .execute(&pool)
         .await?;
     step("telemetry_events + event_ids", t);
 
