@@ -2,7 +2,7 @@
 //! window's period-to-date charge, incrementally.
 //!
 //! ```text
-//!  usage (every row ever committed + this run's contributions)
+//!  usage (every row ever committed + this run's row changes)
 //!     └─map─► ((customer, meter, period), window, item) ────────────────────────────────┐
 //!               └─distinct─► periods ─► (meter, period) ─distinct─┐                      │
 //!  books (price_books, reloaded every second) ─► (meter, book) ──join, overlap─► (meter, period, book)
@@ -28,6 +28,7 @@
 //! withdrawn silently; once the usage is corrected (a void, a re-rating job), the quarantine goes.
 
 use differential_dataflow::collection::AsCollection;
+use differential_dataflow::operators::ThresholdTotal;
 use differential_dataflow::VecCollection;
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
 use meterflow_model::{
@@ -92,11 +93,14 @@ pub fn rate<'scope>(
             },
         )
     });
-    let periods = windows.clone().map(|(period, _)| period).distinct();
+    // Epochs are totally ordered, so `distinct_total`: one arrangement (the input's) and a look at each
+    // changed key's count before and after, instead of `distinct`'s input and output traces and its
+    // replay of every changed key's history.
+    let periods = windows.clone().map(|(period, _)| period).distinct_total();
     let meter_periods = periods
         .clone()
         .map(|(_, meter, period)| (meter, period))
-        .distinct();
+        .distinct_total();
     let meter_period_books = meter_periods
         .join_map(
             books.map(|book| (book.meter.clone(), book)),
