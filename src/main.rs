@@ -1,6 +1,7 @@
 //! `meterflow`: one binary, one subcommand per job (SPEC §10).
 
 mod config;
+mod import;
 mod invoice_run;
 mod kafka;
 mod loadgen;
@@ -86,6 +87,9 @@ enum Command {
     Api(ApiArgs),
     /// Produce a realistic mix of usage events to Kafka.
     Loadgen(loadgen::LoadgenArgs),
+    /// Import a file of events (JSON Lines): with --csv, aggregated by the engine alone into a CSV (no
+    /// Kafka, no Postgres); without, produced to the events topic for the pipeline to store (--wait).
+    Import(import::ImportArgs),
     /// Issue every registered customer's invoice for a billing period (resumable; progress on stderr,
     /// summary on stdout).
     InvoiceRun(invoice_run::InvoiceRunArgs),
@@ -174,6 +178,7 @@ fn main() -> Result<()> {
         Command::Pipeline(args) => pipeline::run(args, cfg),
         Command::Api(_) => api(cfg),
         Command::Loadgen(args) => loadgen::run(args, brokers, topic),
+        Command::Import(args) => import::run(args, cfg),
         Command::InvoiceRun(args) => invoice_run::run(args, url, topic),
         Command::Retention(args) => retention::run(args, url),
         Command::Config(_) => Ok(()),

@@ -1,0 +1,992 @@
+//! `meterflow import FILE`: a file of events (JSON Lines, one event per line) through meterflow's decode,
+//! dedup and metering, in one of two modes.
+//!
+//! * `--csv OUT`, the engine alone (no Kafka, no Postgres): every line is decoded and validated by the
+//!   pipeline's decoder (`decode_as(Plain, …)`, as `dataflow/src/classify.rs` decodes a plain record), a
+//!   line that fails is a dead letter (counted and summarised, never a panic); the events are
+//!   deduplicated by `event_id` in memory, exactly (the first copy in file order counts, every later
+//!   copy is a duplicate); each counted event goes through the pipeline's meters
+//!   (`meterflow_dataflow::meters::Meters`, here the default meters: per event type, hourly, sum of
+//!   `value` and count) and its contributions are added up per row as the dataflow adds them
+//!   ([`Usage`], the same commutative group: a sum past the decimal range is quarantined, not written).
+//!   The output is one CSV row per non-empty row: `customer_id,event_type,window_start,value_sum,
+//!   event_count` (the peers' format, `perf/peers`), sorted.
+//!
+//!   How: W workers each read their own byte range of the file (cut at line boundaries) with large
+//!   positioned reads, and keep their own rows and their own dedup table of `(hash of event_id, line
+//!   position)`: 16 bytes per event, the id itself is read back from the file only when two hashes are
+//!   equal, so dedup is exact without keeping the ids in memory. Afterwards each copy a later range
+//!   counted of an id an earlier range holds is taken back out (the negation of its contributions, as a
+//!   void retracts), then the rows are merged by customer range and written. This path does not run
+//!   the timely dataflow (`operators::build`): for a whole file known in advance the dataflow's epochs,
+//!   exchange and consolidation add only cost (see the import section of the README for figures).
+//!
+//! * without `--csv`, the results stored in Postgres by the pipeline itself: every line is produced as
+//!   is to the events topic with the idempotent producer (as `meterflow loadgen` does), keyed by its
+//!   customer, and with `--wait` the import waits until the pipeline has committed every record
+//!   produced. The running pipeline decodes, claims (the claim store deduplicates by event_id, so
+//!   importing the same file twice counts every event once), meters, rates and commits them exactly
+//!   once, as it does any other record; invalid lines become its dead letters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use differential_dataflow::difference::{Abelian, IsZero, Semigroup};
+use hashbrown::HashTable;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use meterflow_dataflow::meters::Meters;
+use meterflow_dataflow::usage::Usage;
+use meterflow_model::{decode_as, DecodeError, Event, Format, Limits};
+
+#[derive(Debug, clap::Args)]
+#[command(
+    long_about = "Import a file of events (JSON Lines: one event per line, as POST /api/v1/events takes \
+one; blank lines are skipped).\n\n\
+With --csv OUT: the engine alone, no Kafka, no Postgres. Each line is decoded and validated by the \
+pipeline's decoder (a line that fails is a dead letter, summarised at the end), events are deduplicated \
+by event_id in memory (exact: the first copy in the file counts), metered by the default meters (per \
+event type, hourly sum of value and count) and written as CSV: \
+customer_id,event_type,window_start,value_sum,event_count. It runs on --workers threads, not through \
+the timely dataflow.\n\n\
+Without --csv: the results are stored in Postgres by the running pipeline. Every line is produced, as \
+is, to the events topic with the idempotent producer (as `meterflow loadgen` does); with --wait the \
+import waits until the pipeline has committed all of them. The pipeline's claim store deduplicates by \
+event_id, so importing the same file twice counts every event once. Events older than 35 days behind \
+the pipeline's committed watermark are dead letters there (SPEC §2).\n\n\
+A progress bar is drawn on stderr when it is a terminal (not with --quiet)."
+)]
+pub struct ImportArgs {
+    /// The file to import (JSON Lines).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Write the aggregates to this CSV file (`-`: stdout) instead of producing to Kafka.
+    #[arg(long, value_name = "OUT")]
+    pub csv: Option<PathBuf>,
+    /// Worker threads of the --csv engine.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Without --csv: wait until the pipeline has committed every record produced.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up (exit 1) after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub wait_timeout_secs: u64,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+pub fn run(args: &ImportArgs, cfg: &crate::config::Config) -> Result<()> {
+    match &args.csv {
+        Some(out) => {
+            let summary = import_csv(args, out)?;
+            eprintln!("{}", summary.line(out));
+            for sample in &summary.dead_samples {
+                eprintln!("import: dead letter: {sample}");
+            }
+            Ok(())
+        }
+        None => produce::run(args, cfg),
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub records: u64,
+    pub counted: u64,
+    pub duplicates: u64,
+    pub dead_letters: u64,
+    pub dead_reasons: BTreeMap<&'static str, u64>,
+    /// The first few dead letters: `line N: reason`.
+    pub dead_samples: Vec<String>,
+    pub rows: u64,
+    /// Rows whose sum left the decimal range: not written (the pipeline quarantines them).
+    pub quarantined_rows: u64,
+    pub seconds: f64,
+    /// Seconds per phase: read, decode, dedup and meter each range; take back later copies across
+    /// ranges; merge, sort and write.
+    pub phases: [f64; 3],
+}
+
+impl Summary {
+    fn line(&self, out: &Path) -> String {
+        let reasons: Vec<String> = self
+            .dead_reasons
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        format!(
+            "import: {} records in {:.2} s ({:.0} records/s): {} counted, {} duplicates, {} dead letters{}, \
+             {} rows{} -> {}",
+            self.records,
+            self.seconds,
+            self.records as f64 / self.seconds.max(1e-9),
+            self.counted,
+            self.duplicates,
+            self.dead_letters,
+            if reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", reasons.join(", "))
+            },
+            self.rows,
+            if self.quarantined_rows > 0 {
+                format!(", {} rows quarantined (sum past the decimal range, not written)", self.quarantined_rows)
+            } else {
+                String::new()
+            },
+            out.display()
+        ) + &format!(
+            " [read+decode+dedup+meter {:.2} s, dedup across ranges {:.2} s, merge+write {:.2} s]",
+            self.phases[0], self.phases[1], self.phases[2]
+        )
+    }
+}
+
+const DEAD_SAMPLES: usize = 5;
+const CHUNK: usize = 4 << 20;
+
+fn progress_bar(total: u64, quiet: bool, what: &str) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    let template = format!(
+        "import: {what} {{bar:40}} {{bytes}}/{{total_bytes}} ({{bytes_per_sec}}, eta {{eta}})"
+    );
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Runs `f` while a thread moves the bar to `done` every 100 ms.
+fn with_progress<T>(bar: &ProgressBar, done: &AtomicU64, f: impl FnOnce() -> T) -> T {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        if !bar.is_hidden() {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    bar.set_position(done.load(Ordering::Relaxed));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+        let out = f();
+        stop.store(true, Ordering::Relaxed);
+        out
+    })
+}
+
+// ---- hashing -----------------------------------------------------------------------------------
+
+/// A folded multiply: fast and well mixed in every bit (hashbrown uses the top 7 and the low bits).
+fn mix(x: u64) -> u64 {
+    let p = u128::from(x).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+/// A seeded hash of bytes (the seed is random per run: a file cannot aim at collisions; equal hashes
+/// are always checked on the bytes themselves).
+fn hash_bytes(seed: u64, bytes: &[u8]) -> u64 {
+    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        h = mix(h ^ u64::from_le_bytes(w));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut w = [0u8; 8];
+        if let Some(dst) = w.get_mut(..rest.len()) {
+            dst.copy_from_slice(rest);
+        }
+        h = mix(h ^ u64::from_le_bytes(w) ^ 0xc4ce_b9fe_1a85_ec53);
+    }
+    mix(h)
+}
+
+// ---- metering ----------------------------------------------------------------------------------
+
+/// Strings by number, in order of first sight.
+#[derive(Default)]
+struct Interner {
+    names: Vec<Box<str>>,
+    table: HashTable<(u64, u32)>,
+}
+
+impl Interner {
+    fn intern(&mut self, seed: u64, name: &str) -> u32 {
+        let h = hash_bytes(seed, name.as_bytes());
+        let names = &self.names;
+        if let Some(&(_, id)) = self.table.find(h, |&(eh, id)| {
+            eh == h && names.get(id as usize).is_some_and(|n| &**n == name)
+        }) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(name.into());
+        self.table.insert_unique(h, (h, id), |&(eh, _)| eh);
+        id
+    }
+}
+
+/// A row: (customer, meter, window start, window end) with customer and meter interned.
+type RowKey = (u32, u32, i64, i64);
+
+/// Rows added up as the dataflow adds them: [`Usage`] per row.
+struct Rows {
+    seed: u64,
+    meters: Meters,
+    customers: Interner,
+    meter_names: Interner,
+    rows: HashTable<(RowKey, Usage)>,
+}
+
+fn row_hash(seed: u64, k: &RowKey) -> u64 {
+    mix(mix(seed ^ u64::from(k.0) ^ (u64::from(k.1) << 32)) ^ k.2 as u64) ^ k.3 as u64
+}
+
+impl Rows {
+    fn new(seed: u64, expected_rows: usize) -> Self {
+        Rows {
+            seed,
+            // No meter is defined in this mode: every event type goes to its default meter, exactly as in
+            // the pipeline (dataflow/src/meters.rs).
+            meters: Meters::new(Vec::new()),
+            customers: Interner::default(),
+            meter_names: Interner::default(),
+            rows: HashTable::with_capacity(expected_rows),
+        }
+    }
+
+    /// Adds the event's contributions (their negation with `retract`).
+    fn add(&mut self, event: &Event, retract: bool) -> Result<()> {
+        let (contributions, _skipped) = self.meters.contributions(event);
+        for c in contributions {
+            if c.item.is_some() {
+                bail!(
+                    "meter {} is not a sum or count meter; --csv supports only those",
+                    c.key.meter
+                );
+            }
+            let key: RowKey = (
+                self.customers.intern(self.seed, &c.key.customer_id),
+                self.meter_names.intern(self.seed, &c.key.meter),
+                c.key.window_start,
+                c.key.window_end,
+            );
+            let mut usage = Usage::of(c.usage);
+            if retract {
+                usage.negate();
+            }
+            let h = row_hash(self.seed, &key);
+            match self.rows.find_mut(h, |(k, _)| *k == key) {
+                Some((_, sum)) => sum.plus_equals(&usage),
+                None => {
+                    let seed = self.seed;
+                    self.rows
+                        .insert_unique(h, (key, usage), |(k, _)| row_hash(seed, k));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- reading -----------------------------------------------------------------------------------
+
+/// Calls `f(position, line)` for every line whose first byte lies in `[start, end)` (a line ends at
+/// `\n`; a final line may lack it). Adds the bytes read to `done`.
+fn for_each_line(
+    file: &File,
+    start: u64,
+    end: u64,
+    done: &AtomicU64,
+    mut f: impl FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut base = if start == 0 {
+        0
+    } else {
+        // The line that holds byte `start - 1` belongs to the range before.
+        match find_newline(file, start - 1)? {
+            Some(nl) => nl + 1,
+            None => {
+                done.fetch_add(end.saturating_sub(start), Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+    };
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK * 2);
+    let mut reported = start;
+    loop {
+        let mut consumed = 0usize;
+        while let Some(nl) = buf.get(consumed..).and_then(|b| memchr::memchr(b'\n', b)) {
+            let at = base + consumed as u64;
+            if at >= end {
+                done.fetch_add(end.saturating_sub(reported), Ordering::Relaxed);
+                return Ok(());
+            }
+            f(at, buf.get(consumed..consumed + nl).unwrap_or_default())?;
+            consumed += nl + 1;
+        }
+        buf.drain(..consumed);
+        base += consumed as u64;
+        if base >= end {
+            done.fetch_add(end.saturating_sub(reported), Ordering::Relaxed);
+            return Ok(());
+        }
+        let old = buf.len();
+        buf.resize(old + CHUNK, 0);
+        let n = read_at(
+            file,
+            buf.get_mut(old..).unwrap_or_default(),
+            base + old as u64,
+        )?;
+        buf.truncate(old + n);
+        let now = (base + buf.len() as u64).min(end);
+        done.fetch_add(now.saturating_sub(reported), Ordering::Relaxed);
+        reported = reported.max(now);
+        if n == 0 {
+            if !buf.is_empty() {
+                f(base, &buf)?;
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn read_at(file: &File, buf: &mut [u8], at: u64) -> Result<usize> {
+    loop {
+        match file.read_at(buf, at) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the file"),
+        }
+    }
+}
+
+/// The position of the first `\n` at or after `at`.
+fn find_newline(file: &File, mut at: u64) -> Result<Option<u64>> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = read_at(file, &mut buf, at)?;
+        let Some(read) = buf.get(..n) else {
+            return Ok(None);
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        if let Some(i) = memchr::memchr(b'\n', read) {
+            return Ok(Some(at + i as u64));
+        }
+        at += n as u64;
+    }
+}
+
+/// The line that starts at `at`, without its `\n`.
+fn line_at(file: &File, at: u64) -> Result<Vec<u8>> {
+    let end = find_newline(file, at)?;
+    let len = match end {
+        Some(nl) => nl - at,
+        None => file.metadata()?.len().saturating_sub(at),
+    };
+    let mut line = vec![0u8; usize::try_from(len)?];
+    file.read_exact_at(&mut line, at)
+        .context("reading a line back")?;
+    Ok(line)
+}
+
+/// The line without a trailing `\r`, or `None` for a blank line.
+fn record(line: &[u8]) -> Option<&[u8]> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    (!line.iter().all(u8::is_ascii_whitespace)).then_some(line)
+}
+
+// ---- the --csv engine --------------------------------------------------------------------------
+
+/// What the import decides for every line: the same every time a line is read.
+#[derive(Clone, Copy)]
+struct Decoder {
+    /// "In the future" is measured from the start of the import, as the pipeline measures it from the
+    /// record's timestamp.
+    reference_micros: i64,
+    limits: Limits,
+}
+
+impl Decoder {
+    fn decode(&self, line: &[u8]) -> Result<Event, DecodeError> {
+        // As dataflow/src/classify.rs decodes a plain record (before any watermark: nothing is too old).
+        decode_as(Format::Plain, line, self.reference_micros, &self.limits)
+    }
+
+    fn event_at(&self, file: &File, at: u64) -> Result<Event> {
+        let line = line_at(file, at)?;
+        let line = record(&line).unwrap_or_default();
+        self.decode(line)
+            .map_err(|e| anyhow::anyhow!("the line at byte {at} no longer decodes ({e}); was the file changed during the import?"))
+    }
+}
+
+/// One worker's share.
+struct Worker {
+    rows: Rows,
+    /// (hash of event_id, position of the line of the copy that counts).
+    seen: HashTable<(u64, u64)>,
+    lines: u64,
+    records: u64,
+    counted: u64,
+    duplicates: u64,
+    dead: u64,
+    dead_reasons: BTreeMap<&'static str, u64>,
+    /// (line index within the range, reason).
+    dead_samples: Vec<(u64, String)>,
+}
+
+fn csv_worker(
+    path: &Path,
+    (start, end): (u64, u64),
+    decoder: Decoder,
+    seed: u64,
+    done: &AtomicU64,
+) -> Result<Worker> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // About 160 bytes a line: size the dedup table once instead of growing it.
+    let expected = usize::try_from(end.saturating_sub(start) / 150).unwrap_or(0);
+    let mut w = Worker {
+        rows: Rows::new(seed, expected / 4),
+        seen: HashTable::with_capacity(expected),
+        lines: 0,
+        records: 0,
+        counted: 0,
+        duplicates: 0,
+        dead: 0,
+        dead_reasons: BTreeMap::new(),
+        dead_samples: Vec::new(),
+    };
+    for_each_line(&file, start, end, done, |at, line| {
+        let index = w.lines;
+        w.lines += 1;
+        let Some(line) = record(line) else {
+            return Ok(());
+        };
+        w.records += 1;
+        let event = match decoder.decode(line) {
+            Ok(event) => event,
+            Err(e) => {
+                w.dead += 1;
+                *w.dead_reasons.entry(e.code()).or_default() += 1;
+                if w.dead_samples.len() < DEAD_SAMPLES {
+                    w.dead_samples.push((index, format!("{}: {e}", e.code())));
+                }
+                return Ok(());
+            }
+        };
+        let h = hash_bytes(seed, event.event_id.as_bytes());
+        let mut failed = None;
+        let duplicate = w
+            .seen
+            .find(h, |&(eh, first)| {
+                eh == h
+                    && match decoder.event_at(&file, first) {
+                        Ok(e) => e.event_id == event.event_id,
+                        Err(e) => {
+                            failed = Some(e);
+                            false
+                        }
+                    }
+            })
+            .is_some();
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if duplicate {
+            w.duplicates += 1;
+            return Ok(());
+        }
+        w.seen.insert_unique(h, (h, at), |&(eh, _)| eh);
+        w.counted += 1;
+        w.rows.add(&event, false)
+    })?;
+    Ok(w)
+}
+
+/// The copies that a later range counted of ids an earlier range holds, taken back out: thread `t` of
+/// `threads` checks the ids whose hash is `t` modulo `threads`.
+fn retract_later_copies(
+    path: &Path,
+    workers: &[Worker],
+    decoder: Decoder,
+    seed: u64,
+    (t, threads): (u64, u64),
+) -> Result<(Rows, u64)> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut retracted = Rows::new(seed, 0);
+    let mut n = 0u64;
+    for (i, later) in workers.iter().enumerate().skip(1) {
+        for &(h, at) in later.seen.iter() {
+            if h % threads != t {
+                continue;
+            }
+            let mut mine: Option<Event> = None;
+            let mut failed = None;
+            let earlier = workers.get(..i).unwrap_or_default();
+            let held = earlier.iter().any(|w| {
+                w.seen
+                    .find(h, |&(eh, first)| {
+                        if eh != h {
+                            return false;
+                        }
+                        let result = (|| -> Result<bool> {
+                            if mine.is_none() {
+                                mine = Some(decoder.event_at(&file, at)?);
+                            }
+                            let theirs = decoder.event_at(&file, first)?;
+                            Ok(mine.as_ref().is_some_and(|m| m.event_id == theirs.event_id))
+                        })();
+                        result.unwrap_or_else(|e| {
+                            failed = Some(e);
+                            false
+                        })
+                    })
+                    .is_some()
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if held {
+                if let Some(event) = &mine {
+                    retracted.add(event, true)?;
+                    n += 1;
+                }
+            }
+        }
+    }
+    Ok((retracted, n))
+}
+
+/// `(start, end)` byte ranges of about equal size.
+fn ranges(len: u64, n: usize) -> Vec<(u64, u64)> {
+    let n = n.max(1) as u64;
+    (0..n).map(|i| (len * i / n, len * (i + 1) / n)).collect()
+}
+
+pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
+    let started = Instant::now();
+    // Transparent huge pages off for this process: mimalloc asks for them, and on a VM each fault of a
+    // 2 MiB page zeroes all of it, again after every purge. With them, half of a 1M-event import was
+    // the kernel zeroing pages (2.4 s of system time, perf: clear_page_erms); without, 0.2 s.
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::debug!(error = %e, "could not turn transparent huge pages off");
+    }
+    let path = args.file.as_path();
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    let workers = args.workers.clamp(1, 256);
+    let seed: u64 = rand::random();
+    let decoder = Decoder {
+        reference_micros: chrono::Utc::now().timestamp_micros(),
+        limits: Limits::default(),
+    };
+    let done = AtomicU64::new(0);
+    let bar = progress_bar(len, args.quiet, "reading");
+    let results: Vec<Result<Worker>> = with_progress(&bar, &done, || {
+        let done = &done;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ranges(len, workers)
+                .into_iter()
+                .map(|range| s.spawn(move || csv_worker(path, range, decoder, seed, done)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("an import worker panicked")))
+                })
+                .collect()
+        })
+    });
+    bar.finish_and_clear();
+    let shares = results.into_iter().collect::<Result<Vec<Worker>>>()?;
+    let read = started.elapsed().as_secs_f64();
+
+    let threads = workers as u64;
+    let retractions = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let shares = &shares;
+                s.spawn(move || retract_later_copies(path, shares, decoder, seed, (t, threads)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a dedup thread panicked")))
+            })
+            .collect::<Result<Vec<(Rows, u64)>>>()
+    })?;
+
+    let mut summary = Summary::default();
+    let mut lines_before = 0u64;
+    for w in &shares {
+        summary.records += w.records;
+        summary.counted += w.counted;
+        summary.duplicates += w.duplicates;
+        summary.dead_letters += w.dead;
+        for (r, n) in &w.dead_reasons {
+            *summary.dead_reasons.entry(r).or_default() += n;
+        }
+        for (i, reason) in &w.dead_samples {
+            if summary.dead_samples.len() < DEAD_SAMPLES {
+                summary
+                    .dead_samples
+                    .push(format!("line {}: {reason}", lines_before + i + 1));
+            }
+        }
+        lines_before += w.lines;
+    }
+    let mut parts: Vec<&Rows> = shares.iter().map(|w| &w.rows).collect();
+    for (rows, n) in &retractions {
+        summary.counted -= n;
+        summary.duplicates += n;
+        parts.push(rows);
+    }
+    let deduped = started.elapsed().as_secs_f64();
+    let (rows, quarantined) = write_csv(&parts, out, workers)?;
+    summary.rows = rows;
+    summary.quarantined_rows = quarantined;
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.phases = [read, deduped - read, summary.seconds - deduped];
+    Ok(summary)
+}
+
+/// Merges the parts' rows (by customer range, one range per thread), sorts them and writes the CSV.
+/// Returns (rows written, rows quarantined).
+fn write_csv(parts: &[&Rows], out: &Path, threads: usize) -> Result<(u64, u64)> {
+    // Global, sorted names; each part's ids mapped onto them.
+    let mut customers: Vec<&str> = parts
+        .iter()
+        .flat_map(|p| p.customers.names.iter().map(|n| &**n))
+        .collect();
+    customers.sort_unstable();
+    customers.dedup();
+    let mut meters: Vec<&str> = parts
+        .iter()
+        .flat_map(|p| p.meter_names.names.iter().map(|n| &**n))
+        .collect();
+    meters.sort_unstable();
+    meters.dedup();
+    let rank = |all: &[&str], name: &str| all.binary_search(&name).unwrap_or(0) as u32;
+    let maps: Vec<(Vec<u32>, Vec<u32>)> = parts
+        .iter()
+        .map(|p| {
+            (
+                p.customers
+                    .names
+                    .iter()
+                    .map(|n| rank(&customers, n))
+                    .collect(),
+                p.meter_names
+                    .names
+                    .iter()
+                    .map(|n| rank(&meters, n))
+                    .collect(),
+            )
+        })
+        .collect();
+    let threads = threads.max(1);
+    let n = customers.len();
+    let shards: Vec<Result<(Vec<u8>, u64, u64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (customers, meters, maps) = (&customers, &meters, &maps);
+                let (lo, hi) = ((n * t / threads) as u32, (n * (t + 1) / threads) as u32);
+                s.spawn(move || -> Result<(Vec<u8>, u64, u64)> {
+                    // The shard's rows of every part, with global ids, sorted; equal keys added up.
+                    let mut all: Vec<(RowKey, Usage)> = Vec::new();
+                    for (p, (cmap, mmap)) in parts.iter().zip(maps) {
+                        for ((c, m, ws, we), usage) in p.rows.iter() {
+                            let c = cmap.get(*c as usize).copied().unwrap_or(0);
+                            if c < lo || c >= hi {
+                                continue;
+                            }
+                            let m = mmap.get(*m as usize).copied().unwrap_or(0);
+                            all.push(((c, m, *ws, *we), *usage));
+                        }
+                    }
+                    all.sort_unstable_by_key(|(k, _)| *k);
+                    let mut rows: Vec<(RowKey, Usage)> = Vec::with_capacity(all.len());
+                    for (k, u) in all {
+                        match rows.last_mut() {
+                            Some((last, sum)) if *last == k => sum.plus_equals(&u),
+                            _ => rows.push((k, u)),
+                        }
+                    }
+                    let mut text = Vec::with_capacity(rows.len() * 56);
+                    let mut windows: HashMap<i64, String> = HashMap::new();
+                    let (mut written, mut quarantined) = (0u64, 0u64);
+                    for ((c, m, ws, _), usage) in rows {
+                        if usage.overflowed {
+                            quarantined += 1;
+                            continue;
+                        }
+                        if usage.is_zero() {
+                            continue;
+                        }
+                        let window = windows.entry(ws).or_insert_with(|| {
+                            chrono::DateTime::from_timestamp(ws, 0)
+                                .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                                .unwrap_or_else(|| ws.to_string())
+                        });
+                        let customer = customers.get(c as usize).copied().unwrap_or_default();
+                        let meter = meters.get(m as usize).copied().unwrap_or_default();
+                        writeln!(
+                            text,
+                            "{customer},{meter},{window},{},{}",
+                            usage.aggregate.value, usage.aggregate.event_count
+                        )?;
+                        written += 1;
+                    }
+                    Ok((text, written, quarantined))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a writer thread panicked")))
+            })
+            .collect()
+    });
+    let mut sink: Box<dyn Write> = if out == Path::new("-") {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(File::create(out).with_context(|| format!("creating {}", out.display()))?)
+    };
+    sink.write_all(b"customer_id,event_type,window_start,value_sum,event_count\n")?;
+    let (mut written, mut quarantined) = (0, 0);
+    for shard in shards {
+        let (text, w, q) = shard?;
+        sink.write_all(&text)
+            .with_context(|| format!("writing {}", out.display()))?;
+        written += w;
+        quarantined += q;
+    }
+    sink.flush()
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok((written, quarantined))
+}
+
+// ---- the stored mode ---------------------------------------------------------------------------
+
+mod produce {
+    use super::*;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use sqlx::{Connection, PgConnection};
+
+    pub fn run(args: &ImportArgs, cfg: &crate::config::Config) -> Result<()> {
+        let (brokers, topic) = (cfg.kafka.brokers.as_str(), cfg.kafka.events_topic.as_str());
+        let started = Instant::now();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(crate::kafka::ensure_topic(
+            brokers,
+            topic,
+            crate::kafka::DEFAULT_PARTITIONS,
+        ))?;
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            crate::kafka::producer_config(brokers)
+                .set("linger.ms", "20")
+                .set("batch.size", "1000000")
+                .set("compression.type", "lz4")
+                .set("queue.buffering.max.messages", "1000000")
+                .create()
+                .context("creating the Kafka producer")?;
+        let path = args.file.as_path();
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let len = file.metadata()?.len();
+        let decoder = Decoder {
+            reference_micros: chrono::Utc::now().timestamp_micros(),
+            limits: Limits::default(),
+        };
+        let done = AtomicU64::new(0);
+        let bar = progress_bar(len, args.quiet, "producing");
+        let (mut produced, mut undecodable) = (0u64, 0u64);
+        with_progress(&bar, &done, || {
+            for_each_line(&file, 0, len, &done, |_, line| {
+                let Some(line) = record(line) else {
+                    return Ok(());
+                };
+                // Keyed by customer, as applications produce; a line that does not decode goes as is
+                // (the pipeline makes it a dead letter, with its reason).
+                let key = match decoder.decode(line) {
+                    Ok(e) => Some(e.customer_id),
+                    Err(_) => {
+                        undecodable += 1;
+                        None
+                    }
+                };
+                let mut record = BaseRecord::<str, [u8]>::to(topic).payload(line);
+                if let Some(key) = key.as_deref() {
+                    record = record.key(key);
+                }
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            record = r;
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Err((e, _)) => return Err(e).context("producing to Kafka"),
+                    }
+                }
+                produced += 1;
+                Ok(())
+            })
+        })?;
+        producer
+            .flush(Duration::from_secs(120))
+            .context("flushing the last records to Kafka")?;
+        bar.finish_and_clear();
+        let ends = end_offsets(brokers, topic)?;
+        eprintln!(
+            "import: produced {produced} records ({undecodable} will be dead letters) to {topic} in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        if !args.wait {
+            eprintln!("import: the pipeline commits them as it reads them (--wait waits for that)");
+            return Ok(());
+        }
+        runtime.block_on(wait_committed(args, cfg, topic, &ends))?;
+        eprintln!(
+            "import: the pipeline has committed every record produced ({:.1} s in all)",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// The next offset of every partition of `topic` (after the import's records).
+    fn end_offsets(brokers: &str, topic: &str) -> Result<Vec<(i32, i64)>> {
+        let consumer: BaseConsumer = crate::kafka::client_config(brokers).create()?;
+        let partitions = crate::kafka::partition_count(brokers, topic)?;
+        (0..partitions)
+            .map(|p| {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .with_context(|| format!("reading the end offset of {topic}/{p}"))?;
+                Ok((p, high))
+            })
+            .collect()
+    }
+
+    async fn wait_committed(
+        args: &ImportArgs,
+        cfg: &crate::config::Config,
+        topic: &str,
+        ends: &[(i32, i64)],
+    ) -> Result<()> {
+        let masked = cfg.database.url.masked();
+        let mut conn = PgConnection::connect(cfg.database.url.expose())
+            .await
+            .with_context(|| format!("cannot connect to Postgres at {masked}"))?;
+        let total: i64 = ends.iter().map(|(_, e)| e).sum();
+        let bar = progress_bar(u64::try_from(total).unwrap_or(0), args.quiet, "committing");
+        if let Ok(style) = ProgressStyle::with_template(
+            "import: committed {bar:40} {pos}/{len} records (eta {eta})",
+        ) {
+            bar.set_style(style);
+        }
+        let deadline = Instant::now() + Duration::from_secs(args.wait_timeout_secs);
+        loop {
+            let stored: Vec<(i32, i64)> = sqlx::query_as(
+                "SELECT partition, next_offset FROM source_offsets WHERE topic = $1",
+            )
+            .bind(topic)
+            .fetch_all(&mut conn)
+            .await
+            .context("reading source_offsets; has `meterflow migrate` run?")?;
+            let committed = |p: i32| {
+                stored
+                    .iter()
+                    .find(|(sp, _)| *sp == p)
+                    .map_or(0, |(_, o)| *o)
+            };
+            let covered: i64 = ends.iter().map(|(p, e)| committed(*p).min(*e)).sum();
+            bar.set_position(u64::try_from(covered).unwrap_or(0));
+            if ends.iter().all(|(p, e)| committed(*p) >= *e) {
+                bar.finish_and_clear();
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bar.abandon();
+                bail!(
+                    "--wait: after {} s the pipeline has committed {covered} of {total} records of {topic}; \
+                     is `meterflow pipeline` running?",
+                    args.wait_timeout_secs
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_the_file_once() {
+        assert_eq!(ranges(10, 3), vec![(0, 3), (3, 6), (6, 10)]);
+        assert_eq!(ranges(0, 2), vec![(0, 0), (0, 0)]);
+    }
+
+    #[test]
+    fn every_line_is_read_by_exactly_one_range() {
+        let dir = std::env::temp_dir().join(format!("mf-import-lines-{}", std::process::id()));
+        let text = b"a\nbb\n\nccc\r\ndddd\nlast";
+        std::fs::write(&dir, text).unwrap();
+        let file = File::open(&dir).unwrap();
+        for n in 1..=text.len() {
+            let mut lines = Vec::new();
+            let done = AtomicU64::new(0);
+            for (start, end) in ranges(text.len() as u64, n) {
+                for_each_line(&file, start, end, &done, |at, line| {
+                    lines.push((at, line.to_vec()));
+                    Ok(())
+                })
+                .unwrap();
+            }
+            let expected: Vec<(u64, Vec<u8>)> = vec![
+                (0, b"a".to_vec()),
+                (2, b"bb".to_vec()),
+                (5, b"".to_vec()),
+                (6, b"ccc\r".to_vec()),
+                (11, b"dddd".to_vec()),
+                (16, b"last".to_vec()),
+            ];
+            assert_eq!(lines, expected, "{n} ranges");
+            assert_eq!(
+                done.load(Ordering::Relaxed),
+                text.len() as u64,
+                "{n} ranges"
+            );
+            assert_eq!(line_at(&file, 6).unwrap(), b"ccc\r");
+            assert_eq!(line_at(&file, 16).unwrap(), b"last");
+        }
+        std::fs::remove_file(&dir).unwrap();
+    }
+}
