@@ -193,8 +193,9 @@ fn negate(a: Aggregate) -> Aggregate {
 
 /// Each epoch's changes of window charges: rating over everything committed before plus this run's
 /// row changes, minus the charges committed before; and likewise the changes of the periods in
-/// quarantine. Exchange contract: as in `row_changes`, one update per charge row (or period) and
-/// epoch.
+/// quarantine. Exchange contract: one update per charge row (or period) and epoch: the rating reduce
+/// routes by period and subtracts the period's committed charges itself (rating.rs); the quarantines
+/// are consolidated as in `row_changes`.
 #[allow(clippy::type_complexity)]
 fn charge_changes<'scope>(
     row_changes: VecCollection<'scope, Epoch, RowKey, Usage>,
@@ -204,11 +205,12 @@ fn charge_changes<'scope>(
     StreamVec<'scope, Epoch, (QuarantinedPeriod, Epoch, isize)>,
 ) {
     let usage = row_changes.concat(inputs.restored_rows.as_collection());
-    let (charges, quarantined) = rating::rate(usage, inputs.books.as_collection());
-    let charges = charges
-        .concat(inputs.restored_charges.as_collection().negate())
-        .consolidate()
-        .inner;
+    let (charges, quarantined) = rating::rate(
+        usage,
+        inputs.books.as_collection(),
+        inputs.restored_charges.as_collection(),
+    );
+    let charges = charges.inner;
     let quarantined = quarantined
         .concat(inputs.restored_quarantines.as_collection().negate())
         .consolidate()

@@ -7,15 +7,17 @@
 //!               └─distinct─► periods ─► (meter, period) ─distinct─┐                      │
 //!  books (price_books, reloaded every second) ─► (meter, book) ──join, overlap─► (meter, period, book)
 //!               periods ────────────────────────────────join, scope─► ((customer, meter, period), book)
+//!  stored charges (fed back at a restart) ─► ((customer, meter, period), charge) ─────────┤
 //!                                                                                        ▼
-//!                             reduce per (customer, meter, period): rate_period ─► window charges
+//!          reduce per (customer, meter, period): rate_period − stored ─► window charge changes
 //! ```
 //! Contract: for every (customer, meter, period) with usage, the output holds exactly the charges
 //! `meterflow_model::rate_period` gives for the period's whole usage and the books that overlap it
-//! (the default ones and the customer's own). A late event, a void or a price book created, edited or
-//! closed changes only the periods it touches, and within them only the windows whose charge moves
-//! (differential emits the difference of the reduce's output). Exchange: the reduce routes by period
-//! key, so all of a period's windows and books meet on one worker.
+//! (the default ones and the customer's own), minus the charges stored for it (so after a restart
+//! only what changed while the pipeline was down leaves). A late event, a void or a price book
+//! created, edited or closed changes only the periods it touches, and within them only the windows
+//! whose charge moves (differential emits the difference of the reduce's output). Exchange: the reduce
+//! routes by period key, so all of a period's windows, books and stored charges meet on one worker.
 //!
 //! Cost: a change to one window re-rates its whole period (at most 744 hourly windows; 44,640 minute
 //! windows for a minute meter), once per epoch and period touched.
@@ -61,6 +63,9 @@ enum RateInput {
         item: Option<Box<Item>>,
     },
     Book(Box<PriceBook>),
+    /// A charge the sink stores already (fed back at a restart): the reduce withdraws it from what it
+    /// gives, so only the difference leaves.
+    Stored(Box<Charge>),
 }
 
 /// What rating a period gives: window charges, and at most one quarantine.
@@ -74,10 +79,11 @@ enum Rated {
 }
 
 /// Rates `usage` (all of it, accumulated: every row's total or multiset) with `books`: the window
-/// charges, and the periods in quarantine.
+/// charges minus the `stored` ones (what the sink holds), and the periods in quarantine.
 pub fn rate<'scope>(
     usage: VecCollection<'scope, Epoch, RowKey, Usage>,
     books: VecCollection<'scope, Epoch, PriceBook, isize>,
+    stored: VecCollection<'scope, Epoch, ChargeRow, isize>,
 ) -> (
     VecCollection<'scope, Epoch, ChargeRow, isize>,
     VecCollection<'scope, Epoch, QuarantinedPeriod, isize>,
@@ -132,14 +138,32 @@ pub fn rate<'scope>(
             ((period, RateInput::Book(Box::new(book))), time, usage)
         })
         .as_collection();
-    let rated =
-        windows
-            .concat(books_as_usage)
-            .reduce_named("RatePeriod", |period, input, output| {
-                for rated in rate_inputs(period, input) {
-                    output.push((rated, 1isize));
-                }
+    // The stored charges meet their period's windows in the reduce, which gives the difference: the
+    // charges leave consolidated, one update per charge and epoch, with no arrangement of their own.
+    let stored_as_usage = stored
+        .inner
+        .map(|((customer, meter, charge), time, diff)| {
+            let (period, _) = period_of(charge.window_start);
+            let usage = Usage::of(Aggregate {
+                value: Decimal::ZERO,
+                event_count: diff as i64,
             });
+            (
+                (
+                    (customer, meter, period),
+                    RateInput::Stored(Box::new(charge)),
+                ),
+                time,
+                usage,
+            )
+        })
+        .as_collection();
+    let rated = windows
+        .concat(books_as_usage)
+        .concat(stored_as_usage)
+        .reduce_named("RatePeriod", |period, input, output| {
+            output.extend(rate_inputs(period, input));
+        });
     let charges = rated
         .clone()
         .flat_map(|((customer, meter, _), rated)| match rated {
@@ -163,8 +187,19 @@ pub fn rate<'scope>(
 }
 
 /// The charges of one period from the reduce's accumulated input, up to the first window that cannot be
-/// rated (its usage overflowed, or pricing overflows there), and then that window as a quarantine.
-fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<Rated> {
+/// rated (its usage overflowed, or pricing overflows there), and then that window as a quarantine;
+/// minus the period's stored charges.
+fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<(Rated, isize)> {
+    let mut out: Vec<(Rated, isize)> = input
+        .iter()
+        .filter_map(|(what, usage)| match what {
+            RateInput::Stored(charge) if usage.aggregate.event_count != 0 => Some((
+                Rated::Charge((**charge).clone()),
+                usage.aggregate.event_count.saturating_neg() as isize,
+            )),
+            _ => None,
+        })
+        .collect();
     struct Window<'a> {
         end: i64,
         total: Decimal,
@@ -181,12 +216,12 @@ fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<Rated> 
         })
         .collect();
     if books.is_empty() {
-        return Vec::new();
+        return out;
     }
     let mut windows: std::collections::BTreeMap<i64, Window<'_>> = Default::default();
     for (what, usage) in input {
         match what {
-            RateInput::Book(_) => {}
+            RateInput::Book(_) | RateInput::Stored(_) => {}
             RateInput::Window { start, end, item } => {
                 let window = windows.entry(*start).or_insert(Window {
                     end: *end,
@@ -234,16 +269,19 @@ fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<Rated> 
         // Pricing stopped before any usage overflow could: the earlier window is where rating ends.
         quarantine = Some((from_window, QuarantineReason::RatingOverflow));
     }
-    let mut out: Vec<Rated> = charges.into_iter().map(Rated::Charge).collect();
+    out.extend(charges.into_iter().map(|c| (Rated::Charge(c), 1)));
     if let Some((from_window, reason)) = quarantine {
         tracing::warn!(
             customer = %period.0, meter = %period.1, period = period.2, from_window, reason = reason.as_str(),
             "a billing period is quarantined: its usage or its charges leave the decimal range"
         );
-        out.push(Rated::Quarantined {
-            from_window,
-            reason,
-        });
+        out.push((
+            Rated::Quarantined {
+                from_window,
+                reason,
+            },
+            1,
+        ));
     }
     out
 }
