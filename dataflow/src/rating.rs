@@ -29,6 +29,8 @@
 //! `quarantined_periods` gauge and its alert show it), so the period's later charges are never
 //! withdrawn silently; once the usage is corrected (a void, a re-rating job), the quarantine goes.
 
+use std::sync::Arc;
+
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::operators::ThresholdTotal;
 use differential_dataflow::VecCollection;
@@ -39,6 +41,7 @@ use meterflow_model::{
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::OkErr;
 
 use crate::operators::Epoch;
 use crate::usage::Usage;
@@ -68,10 +71,11 @@ enum RateInput {
     Stored(Box<Charge>),
 }
 
-/// What rating a period gives: window charges, and at most one quarantine.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// What rating a period gives: window charges, and at most one quarantine. A charge is shared, not
+/// copied, as the reduce's output trace merges its batches (it orders as the charge it holds).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Rated {
-    Charge(Charge),
+    Charge(Arc<Charge>),
     Quarantined {
         from_window: i64,
         reason: QuarantineReason,
@@ -164,26 +168,32 @@ pub fn rate<'scope>(
         .reduce_named("RatePeriod", |period, input, output| {
             output.extend(rate_inputs(period, input));
         });
-    let charges = rated
-        .clone()
-        .flat_map(|((customer, meter, _), rated)| match rated {
-            Rated::Charge(charge) => Some((customer, meter, charge)),
-            Rated::Quarantined { .. } => None,
-        });
-    let quarantined = rated.flat_map(|((customer_id, meter, period_start), rated)| match rated {
-        Rated::Charge(_) => None,
-        Rated::Quarantined {
-            from_window,
-            reason,
-        } => Some(QuarantinedPeriod {
-            customer_id,
-            meter,
-            period_start,
-            from_window,
-            reason,
-        }),
+    // One pass splits them (no copy of every charge for a branch that keeps only the quarantines).
+    let (charges, quarantined) = rated.inner.ok_err(|((key, rated), time, diff)| {
+        let (customer_id, meter, period_start) = key;
+        match rated {
+            Rated::Charge(charge) => Ok((
+                (customer_id, meter, Arc::unwrap_or_clone(charge)),
+                time,
+                diff,
+            )),
+            Rated::Quarantined {
+                from_window,
+                reason,
+            } => Err((
+                QuarantinedPeriod {
+                    customer_id,
+                    meter,
+                    period_start,
+                    from_window,
+                    reason,
+                },
+                time,
+                diff,
+            )),
+        }
     });
-    (charges, quarantined)
+    (charges.as_collection(), quarantined.as_collection())
 }
 
 /// The charges of one period from the reduce's accumulated input, up to the first window that cannot be
@@ -194,7 +204,7 @@ fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<(Rated,
         .iter()
         .filter_map(|(what, usage)| match what {
             RateInput::Stored(charge) if usage.aggregate.event_count != 0 => Some((
-                Rated::Charge((**charge).clone()),
+                Rated::Charge(Arc::new((**charge).clone())),
                 usage.aggregate.event_count.saturating_neg() as isize,
             )),
             _ => None,
@@ -269,7 +279,7 @@ fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<(Rated,
         // Pricing stopped before any usage overflow could: the earlier window is where rating ends.
         quarantine = Some((from_window, QuarantineReason::RatingOverflow));
     }
-    out.extend(charges.into_iter().map(|c| (Rated::Charge(c), 1)));
+    out.extend(charges.into_iter().map(|c| (Rated::Charge(Arc::new(c)), 1)));
     if let Some((from_window, reason)) = quarantine {
         tracing::warn!(
             customer = %period.0, meter = %period.1, period = period.2, from_window, reason = reason.as_str(),
