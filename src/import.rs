@@ -42,7 +42,7 @@ use hashbrown::HashTable;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use meterflow_dataflow::meters::Meters;
 use meterflow_dataflow::usage::Usage;
-use meterflow_model::{decode_as, DecodeError, Event, Format, Limits};
+use meterflow_model::{decode_as, Aggregate, DecodeError, Event, Format, Limits, Meter, Window};
 
 #[derive(Debug, clap::Args)]
 #[command(
@@ -248,15 +248,77 @@ struct Rows {
     meters: Meters,
     customers: Interner,
     meter_names: Interner,
-    rows: HashTable<(RowKey, Usage)>,
+    /// Event types seen, and each one's default meter: (meter id, window) by type id.
+    types: Interner,
+    defaults: Vec<(u32, Window)>,
+    rows: WindowRows,
 }
 
-fn row_hash(seed: u64, k: &RowKey) -> u64 {
-    mix(mix(seed ^ u64::from(k.0) ^ (u64::from(k.1) << 32)) ^ k.2 as u64) ^ k.3 as u64
+/// The rows, one small table per (meter, window) keyed by customer: events arrive roughly in time
+/// order, so the tables of the windows being filled stay in cache, where one table of every row would
+/// be a cache miss per event.
+#[derive(Default)]
+struct WindowRows {
+    /// (meter, window start) → index in `tables`.
+    index: HashTable<(u32, i64, usize)>,
+    /// (meter, window start, window end, customer → usage).
+    tables: Vec<WindowTable>,
+    /// The last table used.
+    last: Option<(u32, i64, usize)>,
+}
+
+/// (meter, window start, window end, customer → usage).
+type WindowTable = (u32, i64, i64, HashTable<(u32, Usage)>);
+
+fn window_hash(meter: u32, start: i64) -> u64 {
+    mix(u64::from(meter) ^ mix(start as u64))
+}
+
+fn customer_hash(customer: u32) -> u64 {
+    mix(u64::from(customer) ^ 0x51_7cc1_b727_220a)
+}
+
+impl WindowRows {
+    fn add(&mut self, (customer, meter, start, end): RowKey, usage: Usage) {
+        let i = match self.last {
+            Some((m, s, i)) if m == meter && s == start => i,
+            _ => {
+                let h = window_hash(meter, start);
+                let i = match self.index.find(h, |&(m, s, _)| m == meter && s == start) {
+                    Some(&(_, _, i)) => i,
+                    None => {
+                        let i = self.tables.len();
+                        self.tables.push((meter, start, end, HashTable::new()));
+                        self.index
+                            .insert_unique(h, (meter, start, i), |&(m, s, _)| window_hash(m, s));
+                        i
+                    }
+                };
+                self.last = Some((meter, start, i));
+                i
+            }
+        };
+        let Some((_, _, _, table)) = self.tables.get_mut(i) else {
+            return;
+        };
+        let h = customer_hash(customer);
+        match table.find_mut(h, |(c, _)| *c == customer) {
+            Some((_, sum)) => sum.plus_equals(&usage),
+            None => {
+                table.insert_unique(h, (customer, usage), |(c, _)| customer_hash(*c));
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (RowKey, &Usage)> + '_ {
+        self.tables
+            .iter()
+            .flat_map(|(m, s, e, table)| table.iter().map(move |(c, u)| ((*c, *m, *s, *e), u)))
+    }
 }
 
 impl Rows {
-    fn new(seed: u64, expected_rows: usize) -> Self {
+    fn new(seed: u64) -> Self {
         Rows {
             seed,
             // No meter is defined in this mode: every event type goes to its default meter, exactly as in
@@ -264,12 +326,39 @@ impl Rows {
             meters: Meters::new(Vec::new()),
             customers: Interner::default(),
             meter_names: Interner::default(),
-            rows: HashTable::with_capacity(expected_rows),
+            types: Interner::default(),
+            defaults: Vec::new(),
+            rows: WindowRows::default(),
         }
     }
 
     /// Adds the event's contributions (their negation with `retract`).
     fn add(&mut self, event: &Event, retract: bool) -> Result<()> {
+        if self.meters.is_empty() {
+            // Every type goes to its default meter (`MeterSet::contributions` with no meter): one
+            // contribution, `Meter::default_for(type)`'s row, `Aggregate::of(value)`. The definition is
+            // looked up once per type, not built (3 strings) and keyed (2 more) per event; the unit test
+            // `the_default_meter_path_equals_meter_set_contributions` holds the two paths equal.
+            let t = self.types.intern(self.seed, &event.event_type);
+            let (meter, window) = match self.defaults.get(t as usize) {
+                Some(d) => *d,
+                None => {
+                    let m = Meter::default_for(&event.event_type);
+                    let d = (self.meter_names.intern(self.seed, &m.meter), m.window);
+                    self.defaults.push(d);
+                    d
+                }
+            };
+            let start = window.start_of(event.event_time_micros);
+            let key: RowKey = (
+                self.customers.intern(self.seed, &event.customer_id),
+                meter,
+                start,
+                start.saturating_add(window.seconds()),
+            );
+            self.add_row(key, Aggregate::of(event.value), retract);
+            return Ok(());
+        }
         let (contributions, _skipped) = self.meters.contributions(event);
         for c in contributions {
             if c.item.is_some() {
@@ -284,21 +373,36 @@ impl Rows {
                 c.key.window_start,
                 c.key.window_end,
             );
-            let mut usage = Usage::of(c.usage);
-            if retract {
-                usage.negate();
-            }
-            let h = row_hash(self.seed, &key);
-            match self.rows.find_mut(h, |(k, _)| *k == key) {
-                Some((_, sum)) => sum.plus_equals(&usage),
-                None => {
-                    let seed = self.seed;
-                    self.rows
-                        .insert_unique(h, (key, usage), |(k, _)| row_hash(seed, k));
-                }
-            }
+            self.add_row(key, c.usage, retract);
         }
         Ok(())
+    }
+
+    fn add_row(&mut self, key: RowKey, aggregate: Aggregate, retract: bool) {
+        let mut usage = Usage::of(aggregate);
+        if retract {
+            usage.negate();
+        }
+        self.rows.add(key, usage);
+    }
+
+    /// The rows with names: (customer, meter, window start, window end) → usage.
+    #[cfg(test)]
+    fn named(&self) -> BTreeMap<(String, String, i64, i64), Usage> {
+        let name = |i: &Interner, id: u32| {
+            i.names
+                .get(id as usize)
+                .map_or(String::new(), |n| n.to_string())
+        };
+        self.rows
+            .iter()
+            .map(|((c, m, ws, we), u)| {
+                (
+                    (name(&self.customers, c), name(&self.meter_names, m), ws, we),
+                    *u,
+                )
+            })
+            .collect()
     }
 }
 
@@ -462,7 +566,7 @@ fn csv_worker(
     // About 160 bytes a line: size the dedup table once instead of growing it.
     let expected = usize::try_from(end.saturating_sub(start) / 150).unwrap_or(0);
     let mut w = Worker {
-        rows: Rows::new(seed, expected / 4),
+        rows: Rows::new(seed),
         seen: HashTable::with_capacity(expected),
         lines: 0,
         records: 0,
@@ -529,7 +633,7 @@ fn retract_later_copies(
     (t, threads): (u64, u64),
 ) -> Result<(Rows, u64)> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut retracted = Rows::new(seed, 0);
+    let mut retracted = Rows::new(seed);
     let mut n = 0u64;
     for (i, later) in workers.iter().enumerate().skip(1) {
         for &(h, at) in later.seen.iter() {
@@ -655,12 +759,14 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
         }
         lines_before += w.lines;
     }
-    let mut parts: Vec<&Rows> = shares.iter().map(|w| &w.rows).collect();
-    for (rows, n) in &retractions {
+    // The dedup tables are done with: freed before the merge needs its memory.
+    let mut parts: Vec<Rows> = shares.into_iter().map(|w| w.rows).collect();
+    for (rows, n) in retractions {
         summary.counted -= n;
         summary.duplicates += n;
         parts.push(rows);
     }
+    let parts: Vec<&Rows> = parts.iter().collect();
     let deduped = started.elapsed().as_secs_f64();
     let (rows, quarantined) = write_csv(&parts, out, workers)?;
     summary.rows = rows;
@@ -668,6 +774,18 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
     summary.seconds = started.elapsed().as_secs_f64();
     summary.phases = [read, deduped - read, summary.seconds - deduped];
     Ok(summary)
+}
+
+/// The rows of `p` whose customer (mapped by `cmap`) lies in `lo..hi`.
+fn in_shard<'a>(
+    p: &'a Rows,
+    cmap: &'a [u32],
+    lo: u32,
+    hi: u32,
+) -> impl Iterator<Item = (RowKey, &'a Usage)> + 'a {
+    p.rows
+        .iter()
+        .filter(move |((c, ..), _)| cmap.get(*c as usize).is_some_and(|c| (lo..hi).contains(c)))
 }
 
 /// Merges the parts' rows (by customer range, one range per thread), sorts them and writes the CSV.
@@ -713,25 +831,27 @@ fn write_csv(parts: &[&Rows], out: &Path, threads: usize) -> Result<(u64, u64)> 
                 let (lo, hi) = ((n * t / threads) as u32, (n * (t + 1) / threads) as u32);
                 s.spawn(move || -> Result<(Vec<u8>, u64, u64)> {
                     // The shard's rows of every part, with global ids, sorted; equal keys added up.
-                    let mut all: Vec<(RowKey, Usage)> = Vec::new();
+                    let len = parts
+                        .iter()
+                        .zip(maps)
+                        .map(|(p, (cmap, _))| in_shard(p, cmap, lo, hi).count())
+                        .sum();
+                    let mut rows: Vec<(RowKey, Usage)> = Vec::with_capacity(len);
                     for (p, (cmap, mmap)) in parts.iter().zip(maps) {
-                        for ((c, m, ws, we), usage) in p.rows.iter() {
-                            let c = cmap.get(*c as usize).copied().unwrap_or(0);
-                            if c < lo || c >= hi {
-                                continue;
-                            }
-                            let m = mmap.get(*m as usize).copied().unwrap_or(0);
-                            all.push(((c, m, *ws, *we), *usage));
+                        for ((c, m, ws, we), usage) in in_shard(p, cmap, lo, hi) {
+                            let c = cmap.get(c as usize).copied().unwrap_or(0);
+                            let m = mmap.get(m as usize).copied().unwrap_or(0);
+                            rows.push(((c, m, ws, we), *usage));
                         }
                     }
-                    all.sort_unstable_by_key(|(k, _)| *k);
-                    let mut rows: Vec<(RowKey, Usage)> = Vec::with_capacity(all.len());
-                    for (k, u) in all {
-                        match rows.last_mut() {
-                            Some((last, sum)) if *last == k => sum.plus_equals(&u),
-                            _ => rows.push((k, u)),
+                    rows.sort_unstable_by_key(|(k, _)| *k);
+                    rows.dedup_by(|(k, u), (first, sum)| {
+                        let same = k == first;
+                        if same {
+                            sum.plus_equals(u);
                         }
-                    }
+                        same
+                    });
                     let mut text = Vec::with_capacity(rows.len() * 56);
                     let mut windows: HashMap<i64, String> = HashMap::new();
                     let (mut written, mut quarantined) = (0u64, 0u64);
@@ -947,6 +1067,40 @@ mod produce {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_meter_path_equals_meter_set_contributions() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        let mut fast = Rows::new(1);
+        let mut general = Rows::new(1);
+        // A meter set that reads a type no event has: the general path, the same default meters.
+        general.meters = Meters::new(vec![Meter {
+            meter: "other_meter".into(),
+            ..Meter::default_for("other")
+        }]);
+        for i in 0..5_000 {
+            // Around window edges, before and after 1970.
+            let hour = rng.random_range(-1_000_000i64..1_000_000) * 3_600_000_000;
+            let micros = hour + [0, -1, 1, rng.random_range(0..3_600_000_000)][i % 4];
+            let event = Event {
+                event_id: format!("e{i}"),
+                customer_id: format!("c{}", rng.random_range(0..50)),
+                event_type: ["api_call", "tokens", "a.b-c"][rng.random_range(0..3)].into(),
+                event_time_micros: micros,
+                value: rust_decimal::Decimal::new(
+                    rng.random_range(0..100_000),
+                    rng.random_range(0..5),
+                ),
+                properties: "{}".into(),
+            };
+            let retract = rng.random_range(0..10) == 0;
+            fast.add(&event, retract).unwrap();
+            general.add(&event, retract).unwrap();
+        }
+        assert!(fast.meters.is_empty() && !general.meters.is_empty());
+        assert_eq!(fast.named(), general.named());
+    }
 
     #[test]
     fn ranges_cover_the_file_once() {
