@@ -6,6 +6,9 @@
 //! Measured from the restart: the first commit (it is working again) and the drain of what was left.
 //! Baseline in the same run: the same restart with no state at all (size 0).
 //!
+//! A default price book prices every window (`--no-book` leaves it out), so the restart also restores
+//! the rating state and rates: every window has its charge at the end, which the run checks.
+//!
 //!     cargo build --release -p meterflow -p meterflow-perf
 //!     target/release/recovery --windows 0,100000,1000000
 
@@ -29,6 +32,9 @@ struct Args {
     more: usize,
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// No price book: windows are metered, not rated (what this benchmark measured before issue 15).
+    #[arg(long)]
+    no_book: bool,
     #[command(flatten)]
     services: Services,
 }
@@ -98,6 +104,14 @@ async fn main() -> Result<()> {
         let url = fresh_database(&args.services.database_url, "mf_perf_recovery", size).await?;
         let topic = format!("perf.recovery.{size}.{}", chrono::Utc::now().timestamp());
         let pool = sqlx::PgPool::connect(&url).await?;
+        if !args.no_book {
+            sqlx::query(
+                "INSERT INTO price_books (price_book_id, meter, currency, effective, model)
+                 VALUES ('pb_default', 'api_call', 'USD', '[2024-01-01,)', '{\"type\":\"per_unit\",\"unit_price\":\"0.01\"}')",
+            )
+            .execute(&pool)
+            .await?;
+        }
         // Build the state: `size` live windows.
         produce(&args.services.brokers, &topic, 0, size.max(1))?;
         let built = Instant::now();
@@ -143,9 +157,18 @@ async fn main() -> Result<()> {
             total == (size.max(1) + args.more) as i64,
             "exactly once: {total} counted"
         );
+        let (windows_now, charged): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM aggregations), (SELECT count(*) FROM charges)",
+        )
+        .fetch_one(&pool)
+        .await?;
+        anyhow::ensure!(
+            args.no_book || charged == windows_now,
+            "every window priced: {charged} charges for {windows_now} windows"
+        );
         println!(
             "{}",
-            json!({"bench": "recovery", "live_windows": windows, "build_seconds": build_seconds, "killed_at_records": at_kill,
+            json!({"bench": "recovery", "live_windows": windows, "price_book": !args.no_book, "charges": charged, "build_seconds": build_seconds, "killed_at_records": at_kill,
                    "restart_to_first_commit_seconds": first_commit, "restart_to_drained_seconds": drained,
                    "records_after_kill": (size.max(1) + args.more) as i64 - at_kill})
         );
