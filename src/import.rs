@@ -194,47 +194,72 @@ fn mix(x: u64) -> u64 {
 }
 
 /// A seeded hash of bytes (the seed is random per run: a file cannot aim at collisions; equal hashes
-/// are always checked on the bytes themselves).
+/// are always checked on the bytes themselves). Words of 8 bytes; the tail is the last 8 bytes
+/// (overlapping) or, for fewer than 8, the bytes shifted in: no copy, no call.
 fn hash_bytes(seed: u64, bytes: &[u8]) -> u64 {
-    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(0xff51_afd7_ed55_8ccd);
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(c);
-        h = mix(h ^ u64::from_le_bytes(w));
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut w = [0u8; 8];
-        if let Some(dst) = w.get_mut(..rest.len()) {
-            dst.copy_from_slice(rest);
+    let len = bytes.len();
+    let mut h = seed ^ (len as u64).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    if len >= 8 {
+        let mut at = 0;
+        while at + 8 <= len {
+            h = mix(h ^ word(bytes, at));
+            at += 8;
         }
-        h = mix(h ^ u64::from_le_bytes(w) ^ 0xc4ce_b9fe_1a85_ec53);
+        if at < len {
+            h = mix(h ^ word(bytes, len - 8) ^ 0xc4ce_b9fe_1a85_ec53);
+        }
+    } else {
+        let w = bytes
+            .iter()
+            .enumerate()
+            .fold(0u64, |w, (i, b)| w | (u64::from(*b) << (8 * i)));
+        h = mix(h ^ w ^ 0xc4ce_b9fe_1a85_ec53);
     }
     mix(h)
 }
 
+/// The 8 bytes at `at` as a little-endian word (0 past the end).
+fn word(bytes: &[u8], at: usize) -> u64 {
+    bytes
+        .get(at..at + 8)
+        .and_then(|w| <[u8; 8]>::try_from(w).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
 // ---- metering ----------------------------------------------------------------------------------
 
-/// Strings by number, in order of first sight.
+/// Strings by number, in order of first sight. A name of up to 16 bytes is also kept in its table
+/// entry, so finding it touches the table alone.
 #[derive(Default)]
 struct Interner {
     names: Vec<Box<str>>,
-    table: HashTable<(u64, u32)>,
+    /// (hash, id, length, the first 16 bytes).
+    table: HashTable<(u64, u32, u32, [u8; 16])>,
 }
 
 impl Interner {
     fn intern(&mut self, seed: u64, name: &str) -> u32 {
         let h = hash_bytes(seed, name.as_bytes());
         let names = &self.names;
-        if let Some(&(_, id)) = self.table.find(h, |&(eh, id)| {
-            eh == h && names.get(id as usize).is_some_and(|n| &**n == name)
+        let len = name.len();
+        if let Some(&(_, id, _, _)) = self.table.find(h, |(eh, id, elen, inline)| {
+            *eh == h
+                && *elen as usize == len
+                && match inline.get(..len) {
+                    Some(inline) => inline == name.as_bytes(),
+                    None => names.get(*id as usize).is_some_and(|n| &**n == name),
+                }
         }) {
             return id;
         }
         let id = self.names.len() as u32;
+        let mut inline = [0u8; 16];
+        if let (Some(dst), Some(src)) = (inline.get_mut(..len), name.as_bytes().get(..len)) {
+            dst.copy_from_slice(src);
+        }
         self.names.push(name.into());
-        self.table.insert_unique(h, (h, id), |&(eh, _)| eh);
+        self.table
+            .insert_unique(h, (h, id, len as u32, inline), |(eh, ..)| *eh);
         id
     }
 }
@@ -1100,6 +1125,27 @@ mod tests {
         }
         assert!(fast.meters.is_empty() && !general.meters.is_empty());
         assert_eq!(fast.named(), general.named());
+    }
+
+    #[test]
+    fn interning_finds_short_and_long_names_and_hashes_differ_by_tail() {
+        let mut i = Interner::default();
+        let long = "a_customer_name_longer_than_sixteen_bytes";
+        let names = [
+            "",
+            "a",
+            "cust_00001",
+            "cust_00002",
+            long,
+            "abcdefgh",
+            "abcdefgi",
+        ];
+        let ids: Vec<u32> = names.iter().map(|n| i.intern(7, n)).collect();
+        assert_eq!(ids, [0, 1, 2, 3, 4, 5, 6]);
+        let again: Vec<u32> = names.iter().map(|n| i.intern(7, n)).collect();
+        assert_eq!(again, ids);
+        assert_ne!(hash_bytes(7, b"cust_00001"), hash_bytes(7, b"cust_00002"));
+        assert_ne!(hash_bytes(7, b"abc"), hash_bytes(7, b"abc\0"));
     }
 
     #[test]
