@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -580,8 +580,10 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
             rating.advance_to(epoch + 1);
             // Wait until the output frontier passes epoch + 1 − inflight.
             let until = (epoch + 2).saturating_sub(inflight);
+            // Park while there is nothing to do (as `worker.rs` does): a worker that spins while
+            // it waits for another takes a core from it and bills the spin as work.
             while probe.less_than(&until) {
-                worker.step();
+                worker.step_or_park(Some(Duration::from_millis(1)));
             }
             if index == 0 && until > 0 {
                 // The sink would set the committed watermark once the epoch is stored.
@@ -593,7 +595,7 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
         drop(markers);
         drop(rating);
         while !probe.done() {
-            worker.step();
+            worker.step_or_park(Some(Duration::from_millis(1)));
         }
         let finished = Instant::now();
         let cpu = thread_cpu_s() - cpu_started;
