@@ -71,6 +71,11 @@ pub struct ImportArgs {
     /// Worker threads of the --csv engine.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// --csv only: `direct` adds the rows up on the workers themselves; `dataflow` feeds the same
+    /// decoded, deduplicated events through the pipeline's timely graph (`operators::build`, no price
+    /// book) and writes the rows it outputs (slower; for comparison).
+    #[arg(long, default_value = "direct", value_parser = ["direct", "dataflow"])]
+    pub engine: String,
     /// Without --csv: wait until the pipeline has committed every record produced.
     #[arg(long)]
     pub wait: bool,
@@ -85,7 +90,11 @@ pub struct ImportArgs {
 pub fn run(args: &ImportArgs, cfg: &crate::config::Config) -> Result<()> {
     match &args.csv {
         Some(out) => {
-            let summary = import_csv(args, out)?;
+            let summary = if args.engine == "dataflow" {
+                dataflow_engine::import_csv(args, out)?
+            } else {
+                import_csv(args, out)?
+            };
             eprintln!("{}", summary.line(out));
             for sample in &summary.dead_samples {
                 eprintln!("import: dead letter: {sample}");
@@ -582,10 +591,28 @@ struct Worker {
 
 fn csv_worker(
     path: &Path,
+    range: (u64, u64),
+    decoder: Decoder,
+    seed: u64,
+    done: &AtomicU64,
+) -> Result<Worker> {
+    let mut rows = Rows::new(seed);
+    let mut w = read_range(path, range, decoder, seed, done, |event| {
+        rows.add(&event, false)
+    })?;
+    w.rows = rows;
+    Ok(w)
+}
+
+/// Reads, decodes and deduplicates the lines of one byte range: `on_event` gets each event that counts
+/// (the first copy of its id within the range).
+fn read_range(
+    path: &Path,
     (start, end): (u64, u64),
     decoder: Decoder,
     seed: u64,
     done: &AtomicU64,
+    mut on_event: impl FnMut(Event) -> Result<()>,
 ) -> Result<Worker> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // About 160 bytes a line: size the dedup table once instead of growing it.
@@ -643,7 +670,7 @@ fn csv_worker(
         }
         w.seen.insert_unique(h, (h, at), |&(eh, _)| eh);
         w.counted += 1;
-        w.rows.add(&event, false)
+        on_event(event)
     })?;
     Ok(w)
 }
@@ -652,16 +679,15 @@ fn csv_worker(
 /// `threads` checks the ids whose hash is `t` modulo `threads`.
 fn retract_later_copies(
     path: &Path,
-    workers: &[Worker],
+    workers: &[&HashTable<(u64, u64)>],
     decoder: Decoder,
-    seed: u64,
     (t, threads): (u64, u64),
-) -> Result<(Rows, u64)> {
+    mut retract: impl FnMut(Event) -> Result<()>,
+) -> Result<u64> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut retracted = Rows::new(seed);
     let mut n = 0u64;
     for (i, later) in workers.iter().enumerate().skip(1) {
-        for &(h, at) in later.seen.iter() {
+        for &(h, at) in later.iter() {
             if h % threads != t {
                 continue;
             }
@@ -669,37 +695,36 @@ fn retract_later_copies(
             let mut failed = None;
             let earlier = workers.get(..i).unwrap_or_default();
             let held = earlier.iter().any(|w| {
-                w.seen
-                    .find(h, |&(eh, first)| {
-                        if eh != h {
-                            return false;
+                w.find(h, |&(eh, first)| {
+                    if eh != h {
+                        return false;
+                    }
+                    let result = (|| -> Result<bool> {
+                        if mine.is_none() {
+                            mine = Some(decoder.event_at(&file, at)?);
                         }
-                        let result = (|| -> Result<bool> {
-                            if mine.is_none() {
-                                mine = Some(decoder.event_at(&file, at)?);
-                            }
-                            let theirs = decoder.event_at(&file, first)?;
-                            Ok(mine.as_ref().is_some_and(|m| m.event_id == theirs.event_id))
-                        })();
-                        result.unwrap_or_else(|e| {
-                            failed = Some(e);
-                            false
-                        })
+                        let theirs = decoder.event_at(&file, first)?;
+                        Ok(mine.as_ref().is_some_and(|m| m.event_id == theirs.event_id))
+                    })();
+                    result.unwrap_or_else(|e| {
+                        failed = Some(e);
+                        false
                     })
-                    .is_some()
+                })
+                .is_some()
             });
             if let Some(e) = failed {
                 return Err(e);
             }
             if held {
-                if let Some(event) = &mine {
-                    retracted.add(event, true)?;
+                if let Some(event) = mine {
+                    retract(event)?;
                     n += 1;
                 }
             }
         }
     }
-    Ok((retracted, n))
+    Ok(n)
 }
 
 /// `(start, end)` byte ranges of about equal size.
@@ -752,8 +777,14 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
     let retractions = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let shares = &shares;
-                s.spawn(move || retract_later_copies(path, shares, decoder, seed, (t, threads)))
+                let tables: Vec<&HashTable<(u64, u64)>> = shares.iter().map(|w| &w.seen).collect();
+                s.spawn(move || {
+                    let mut rows = Rows::new(seed);
+                    let n = retract_later_copies(path, &tables, decoder, (t, threads), |e| {
+                        rows.add(&e, true)
+                    })?;
+                    Ok((rows, n))
+                })
             })
             .collect();
         handles
@@ -765,9 +796,29 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
             .collect::<Result<Vec<(Rows, u64)>>>()
     })?;
 
+    let mut summary = tally(&shares);
+    // The dedup tables are done with: freed before the merge needs its memory.
+    let mut parts: Vec<Rows> = shares.into_iter().map(|w| w.rows).collect();
+    for (rows, n) in retractions {
+        summary.counted -= n;
+        summary.duplicates += n;
+        parts.push(rows);
+    }
+    let parts: Vec<&Rows> = parts.iter().collect();
+    let deduped = started.elapsed().as_secs_f64();
+    let (rows, quarantined) = write_csv(&parts, out, workers)?;
+    summary.rows = rows;
+    summary.quarantined_rows = quarantined;
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.phases = [read, deduped - read, summary.seconds - deduped];
+    Ok(summary)
+}
+
+/// The workers' counts, and the first dead letters with their line numbers.
+fn tally(shares: &[Worker]) -> Summary {
     let mut summary = Summary::default();
     let mut lines_before = 0u64;
-    for w in &shares {
+    for w in shares {
         summary.records += w.records;
         summary.counted += w.counted;
         summary.duplicates += w.duplicates;
@@ -784,21 +835,7 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
         }
         lines_before += w.lines;
     }
-    // The dedup tables are done with: freed before the merge needs its memory.
-    let mut parts: Vec<Rows> = shares.into_iter().map(|w| w.rows).collect();
-    for (rows, n) in retractions {
-        summary.counted -= n;
-        summary.duplicates += n;
-        parts.push(rows);
-    }
-    let parts: Vec<&Rows> = parts.iter().collect();
-    let deduped = started.elapsed().as_secs_f64();
-    let (rows, quarantined) = write_csv(&parts, out, workers)?;
-    summary.rows = rows;
-    summary.quarantined_rows = quarantined;
-    summary.seconds = started.elapsed().as_secs_f64();
-    summary.phases = [read, deduped - read, summary.seconds - deduped];
-    Ok(summary)
+    summary
 }
 
 /// The rows of `p` whose customer (mapped by `cmap`) lies in `lo..hi`.
@@ -931,6 +968,263 @@ fn write_csv(parts: &[&Rows], out: &Path, threads: usize) -> Result<(u64, u64)> 
     sink.flush()
         .with_context(|| format!("writing {}", out.display()))?;
     Ok((written, quarantined))
+}
+
+// ---- the --csv engine through the timely dataflow ---------------------------------------------
+
+mod dataflow_engine {
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Mutex, RwLock};
+
+    use meterflow_dataflow::classify::{Classified, SourceItem};
+    use meterflow_dataflow::operators::{build, Epoch};
+    use meterflow_dataflow::rating::{ChargeRow, RowKey as GraphRowKey};
+    use meterflow_dataflow::{GraphContext, MeterRegistry, RatingInputs, SinkUpdate};
+    use meterflow_model::batch::QuarantinedPeriod;
+    use meterflow_model::{AggregateKey, PartitionProgress, PriceBook};
+    use timely::container::CapacityContainerBuilder;
+    use timely::dataflow::channels::pact::Pipeline;
+    use timely::dataflow::operators::{Operator, Probe};
+    use timely::dataflow::{InputHandleVec, ProbeHandle};
+
+    use super::*;
+
+    /// Events per epoch, all workers together.
+    const EPOCH_EVENTS: u64 = 200_000;
+
+    type Collected = HashMap<AggregateKey, Usage>;
+    type DedupTables = Arc<RwLock<Vec<Option<HashTable<(u64, u64)>>>>>;
+    type RatingHandles = (
+        InputHandleVec<Epoch, (GraphRowKey, Epoch, Usage)>,
+        InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
+        InputHandleVec<Epoch, (QuarantinedPeriod, Epoch, isize)>,
+        InputHandleVec<Epoch, (PriceBook, Epoch, isize)>,
+    );
+
+    /// Each timely worker reads its byte range as `csv_worker` does and feeds the counted events in
+    /// epochs; once every worker has read its range, the copies a later range counted of ids an
+    /// earlier range holds are fed as retractions (`Classified::Retract`, as a void); the graph's row
+    /// changes are added up per row and written like the direct engine's.
+    pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
+        let started = Instant::now();
+        if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+            tracing::debug!(error = %e, "could not turn transparent huge pages off");
+        }
+        let path = args.file.clone();
+        let len = std::fs::metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        let workers = args.workers.clamp(1, 256);
+        let seed: u64 = rand::random();
+        let decoder = Decoder {
+            reference_micros: chrono::Utc::now().timestamp_micros(),
+            limits: Limits::default(),
+        };
+        let done = Arc::new(AtomicU64::new(0));
+        let bar = progress_bar(len, args.quiet, "reading");
+        let tables: DedupTables = Arc::new(RwLock::new((0..workers).map(|_| None).collect()));
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let context = GraphContext {
+            meters: MeterRegistry::new(Vec::new()),
+            watermark: meterflow_dataflow::classify::new_watermark(None),
+            allowed_lateness_micros: 3_600_000_000,
+        };
+        let ranges = ranges(len, workers);
+        let done_worker = done.clone();
+        type Out = (Worker, Collected, u64);
+        let guards = with_progress(&bar, &done, || {
+            timely::execute(
+                timely::Config::process(workers),
+                move |worker| -> Result<Out, String> {
+                    let index = worker.index();
+                    let range = ranges.get(index).copied().unwrap_or((0, 0));
+                    let collected: Arc<Mutex<Collected>> = Arc::default();
+                    let seen = collected.clone();
+                    let context = context.clone();
+                    let (mut items, mut markers, mut rating, probe) = worker
+                        .dataflow::<Epoch, _, _>(|scope| {
+                            let mut items = InputHandleVec::<Epoch, SourceItem>::new();
+                            let mut markers =
+                                InputHandleVec::<Epoch, (Epoch, PartitionProgress)>::new();
+                            let mut rows =
+                                InputHandleVec::<Epoch, (GraphRowKey, Epoch, Usage)>::new();
+                            let mut charges =
+                                InputHandleVec::<Epoch, (ChargeRow, Epoch, isize)>::new();
+                            let mut quarantines =
+                                InputHandleVec::<Epoch, (QuarantinedPeriod, Epoch, isize)>::new();
+                            let mut books =
+                                InputHandleVec::<Epoch, (PriceBook, Epoch, isize)>::new();
+                            let probe = ProbeHandle::new();
+                            let inputs = RatingInputs {
+                                restored_rows: rows.to_stream(scope),
+                                restored_charges: charges.to_stream(scope),
+                                restored_quarantines: quarantines.to_stream(scope),
+                                books: books.to_stream(scope),
+                            };
+                            build(
+                                items.to_stream(scope),
+                                markers.to_stream(scope),
+                                inputs,
+                                context,
+                            )
+                            .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                                Pipeline,
+                                "Collect",
+                                move |_, _| {
+                                    move |input, _output| {
+                                        let Ok(mut rows) = seen.lock() else {
+                                            return;
+                                        };
+                                        input.for_each(|_, data| {
+                                            for (_, update) in data.drain(..) {
+                                                match update {
+                                                    SinkUpdate::Row(key, None, agg) => {
+                                                        rows.entry(key)
+                                                            .or_default()
+                                                            .plus_equals(&Usage::of(agg));
+                                                    }
+                                                    SinkUpdate::QuarantinedRow(key) => {
+                                                        let u = rows.entry(key).or_default();
+                                                        *u = Usage::overflowed(
+                                                            u.aggregate.event_count,
+                                                        );
+                                                    }
+                                                    _ => {}
+                                                }
+                                            }
+                                        });
+                                    }
+                                },
+                            )
+                            .probe_with(&probe);
+                            (items, markers, (rows, charges, quarantines, books), probe)
+                        });
+                    let mut epoch: Epoch = 0;
+                    let mut fed = 0u64;
+                    let mut offset = 0i64;
+                    let advance =
+                        |items: &mut InputHandleVec<Epoch, SourceItem>,
+                         markers: &mut InputHandleVec<Epoch, (Epoch, PartitionProgress)>,
+                         rating: &mut RatingHandles,
+                         epoch: &mut Epoch| {
+                            *epoch += 1;
+                            items.advance_to(*epoch);
+                            markers.advance_to(*epoch);
+                            rating.0.advance_to(*epoch);
+                            rating.1.advance_to(*epoch);
+                            rating.2.advance_to(*epoch);
+                            rating.3.advance_to(*epoch);
+                        };
+                    let per_worker = (EPOCH_EVENTS / workers as u64).max(1);
+                    let mut share =
+                        read_range(&path, range, decoder, seed, &done_worker, |event| {
+                            items.send(SourceItem {
+                                partition: index as i32,
+                                offset,
+                                what: Classified::Count(event),
+                            });
+                            offset += 1;
+                            fed += 1;
+                            if fed.is_multiple_of(per_worker) {
+                                advance(&mut items, &mut markers, &mut rating, &mut epoch);
+                                // One epoch in flight at most: the graph keeps up with the reading.
+                                let until = epoch.saturating_sub(1);
+                                while probe.less_than(&until) {
+                                    worker.step();
+                                }
+                            }
+                            Ok(())
+                        })
+                        .map_err(|e| format!("{e:#}"))?;
+                    // Hand over the dedup table; step until every worker has (no one blocks the graph).
+                    if let Ok(mut t) = tables.write() {
+                        if let Some(slot) = t.get_mut(index) {
+                            *slot = Some(std::mem::take(&mut share.seen));
+                        }
+                    }
+                    arrived.fetch_add(1, Ordering::SeqCst);
+                    while arrived.load(Ordering::SeqCst) < workers {
+                        worker.step();
+                    }
+                    advance(&mut items, &mut markers, &mut rating, &mut epoch);
+                    let retracted = {
+                        let t = tables
+                            .read()
+                            .map_err(|_| "dedup tables lock poisoned".to_owned())?;
+                        let all: Vec<&HashTable<(u64, u64)>> = t.iter().flatten().collect();
+                        retract_later_copies(
+                            &path,
+                            &all,
+                            decoder,
+                            (index as u64, workers as u64),
+                            |event| {
+                                items.send(SourceItem {
+                                    partition: index as i32,
+                                    offset,
+                                    what: Classified::Retract(event),
+                                });
+                                offset += 1;
+                                Ok(())
+                            },
+                        )
+                        .map_err(|e| format!("{e:#}"))?
+                    };
+                    drop(items);
+                    drop(markers);
+                    drop(rating);
+                    while !probe.done() {
+                        worker.step();
+                    }
+                    let rows = collected
+                        .lock()
+                        .map(|mut c| std::mem::take(&mut *c))
+                        .unwrap_or_default();
+                    Ok((share, rows, retracted))
+                },
+            )
+            .map_err(anyhow::Error::msg)
+        })?;
+        let results: Vec<Out> = guards
+            .join()
+            .into_iter()
+            .map(|r| {
+                r.map_err(anyhow::Error::msg)
+                    .and_then(|r| r.map_err(anyhow::Error::msg))
+            })
+            .collect::<Result<_>>()?;
+        bar.finish_and_clear();
+        let read = started.elapsed().as_secs_f64();
+        let mut shares = Vec::new();
+        let mut parts = Vec::new();
+        let mut retracted = 0;
+        for (share, collected, n) in results {
+            shares.push(share);
+            retracted += n;
+            let mut rows = Rows::new(seed);
+            for (key, usage) in collected {
+                let k = (
+                    rows.customers.intern(seed, &key.customer_id),
+                    rows.meter_names.intern(seed, &key.meter),
+                    key.window_start,
+                    key.window_end,
+                );
+                rows.rows.add(k, usage);
+            }
+            parts.push(rows);
+        }
+        let mut summary = tally(&shares);
+        summary.counted -= retracted;
+        summary.duplicates += retracted;
+        drop(shares);
+        let parts: Vec<&Rows> = parts.iter().collect();
+        let (rows, quarantined) = write_csv(&parts, out, workers)?;
+        summary.rows = rows;
+        summary.quarantined_rows = quarantined;
+        summary.seconds = started.elapsed().as_secs_f64();
+        summary.phases = [read, 0.0, summary.seconds - read];
+        Ok(summary)
+    }
 }
 
 // ---- the stored mode ---------------------------------------------------------------------------

@@ -161,16 +161,15 @@ fn csv_equals_a_brute_force_reference_with_duplicates_invalid_lines_and_disorder
     assert!(duplicates > 300 && dead > 100 && expected.len() > 500);
     let input = temp_file("import-in.jsonl");
     write(&input, &lines);
-    for workers in [1, 2, 3, 7] {
+    let runs = [1, 2, 3, 7]
+        .map(|w| ("direct", w))
+        .into_iter()
+        .chain([("dataflow", 1), ("dataflow", 3)]);
+    for (engine, workers) in runs {
         let out = temp_file("import-out.csv");
         let run = Command::new(env!("CARGO_BIN_EXE_meterflow"))
-            .args([
-                "import",
-                "--quiet",
-                "--workers",
-                &workers.to_string(),
-                "--csv",
-            ])
+            .args(["import", "--quiet", "--engine", engine])
+            .args(["--workers", &workers.to_string(), "--csv"])
             .arg(&out)
             .arg(&input)
             .env("MF_LOG", "warn")
@@ -178,9 +177,10 @@ fn csv_equals_a_brute_force_reference_with_duplicates_invalid_lines_and_disorder
             .unwrap();
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(run.status.success(), "{stderr}");
-        assert_same(&read_csv(&out), &expected, &format!("{workers} workers"));
+        let context = format!("{engine}, {workers} workers");
+        assert_same(&read_csv(&out), &expected, &context);
         let summary = format!("{counted} counted, {duplicates} duplicates, {dead} dead letters");
-        assert!(stderr.contains(&summary), "{workers} workers: {stderr}");
+        assert!(stderr.contains(&summary), "{context}: {stderr}");
         assert!(stderr.contains("import: dead letter: line "), "{stderr}");
         std::fs::remove_file(&out).unwrap();
     }
