@@ -347,8 +347,7 @@ async fn commit(
             "INSERT INTO late_events (event_id, meter, customer_id, window_start, event_time, watermark)
              SELECT i, m, c, to_timestamp(s), timestamptz 'epoch' + t * interval '1 microsecond',
                     timestamptz 'epoch' + w * interval '1 microsecond'
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) AS u(i, m, c, s, t, w)
-             ON CONFLICT ON CONSTRAINT late_events_pkey DO NOTHING",
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) AS u(i, m, c, s, t, w)",
         )
         .bind(late.iter().map(|l| l.event_id.as_str()).collect::<Vec<_>>())
         .bind(late.iter().map(|l| l.meter.as_str()).collect::<Vec<_>>())
