@@ -13,14 +13,22 @@
 //!   event_count` (the peers' format, `perf/peers`), sorted.
 //!
 //!   How: W workers each read their own byte range of the file (cut at line boundaries) with large
-//!   positioned reads, and keep their own rows and their own dedup table of `(hash of event_id, line
-//!   position)`: 16 bytes per event, the id itself is read back from the file only when two hashes are
-//!   equal, so dedup is exact without keeping the ids in memory. Afterwards each copy a later range
-//!   counted of an id an earlier range holds is taken back out (the negation of its contributions, as a
-//!   void retracts), then the rows are merged by customer range and written. This path does not run
-//!   the timely dataflow (`operators::build`): for a whole file known in advance the dataflow's epochs,
-//!   exchange and consolidation add only cost (see the import section of the README for figures).
+//!   positioned reads, decode every line and add every valid event's contributions into their own rows
+//!   (one small table per meter and window, keyed by customer: events come roughly in time order, so
+//!   the tables being filled stay in cache), and append `(hash of event_id, line position)` to a list:
+//!   16 bytes per event, no id kept in memory. Then dedup, in parallel by part of the hash space: the
+//!   lists are sorted, and where hashes are equal the lines are read back and compared by event_id
+//!   (exact); every copy of an id but the first in file order is taken back out (the negation of its
+//!   contributions, as a void retracts). The rows are merged by customer range, sorted and written.
+//!   Rows are a commutative group, so counting first and retracting after gives the same sums as
+//!   deduplicating first.
 //!
+//!   `--engine dataflow` feeds the same decoded events through the pipeline's timely graph instead
+//!   (`operators::build`, the copies to take back as `Classified::Retract`) and writes the rows it
+//!   outputs: the same CSV, about 3× the CPU (its consolidation sorts and moves keys of two strings,
+//!   exchanges hash them with SipHash, each contribution allocates its strings), so the default
+//!   adds the rows up on the workers directly.
+
 //! * without `--csv`, the results stored in Postgres by the pipeline itself: every line is produced as
 //!   is to the events topic with the idempotent producer (as `meterflow loadgen` does), keyed by its
 //!   customer, and with `--wait` the import waits until the pipeline has committed every record
@@ -577,8 +585,9 @@ impl Decoder {
 /// One worker's share.
 struct Worker {
     rows: Rows,
-    /// (hash of event_id, position of the line of the copy that counts).
-    seen: HashTable<(u64, u64)>,
+    /// (hash of event_id, position of its line) of every valid event, by hash modulo the worker count:
+    /// dedup sorts these after the read (sequential, where a table probe per event is a cache miss).
+    seen: Vec<Vec<(u64, u64)>>,
     lines: u64,
     records: u64,
     counted: u64,
@@ -595,31 +604,36 @@ fn csv_worker(
     decoder: Decoder,
     seed: u64,
     done: &AtomicU64,
+    parts: usize,
 ) -> Result<Worker> {
     let mut rows = Rows::new(seed);
-    let mut w = read_range(path, range, decoder, seed, done, |event| {
+    let mut w = read_range(path, range, decoder, seed, done, parts, |event| {
         rows.add(&event, false)
     })?;
     w.rows = rows;
     Ok(w)
 }
 
-/// Reads, decodes and deduplicates the lines of one byte range: `on_event` gets each event that counts
-/// (the first copy of its id within the range).
+/// Reads and decodes the lines of one byte range: `on_event` gets every valid event; its id's hash and
+/// position are kept for [`later_copies`].
 fn read_range(
     path: &Path,
     (start, end): (u64, u64),
     decoder: Decoder,
     seed: u64,
     done: &AtomicU64,
+    parts: usize,
     mut on_event: impl FnMut(Event) -> Result<()>,
 ) -> Result<Worker> {
+    let parts = parts.max(1);
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // About 160 bytes a line: size the dedup table once instead of growing it.
     let expected = usize::try_from(end.saturating_sub(start) / 150).unwrap_or(0);
     let mut w = Worker {
         rows: Rows::new(seed),
-        seen: HashTable::with_capacity(expected),
+        seen: (0..parts)
+            .map(|_| Vec::with_capacity(expected / parts))
+            .collect(),
         lines: 0,
         records: 0,
         counted: 0,
@@ -647,80 +661,48 @@ fn read_range(
             }
         };
         let h = hash_bytes(seed, event.event_id.as_bytes());
-        let mut failed = None;
-        let duplicate = w
-            .seen
-            .find(h, |&(eh, first)| {
-                eh == h
-                    && match decoder.event_at(&file, first) {
-                        Ok(e) => e.event_id == event.event_id,
-                        Err(e) => {
-                            failed = Some(e);
-                            false
-                        }
-                    }
-            })
-            .is_some();
-        if let Some(e) = failed {
-            return Err(e);
+        if let Some(ids) = w.seen.get_mut((h % parts as u64) as usize) {
+            ids.push((h, at));
         }
-        if duplicate {
-            w.duplicates += 1;
-            return Ok(());
-        }
-        w.seen.insert_unique(h, (h, at), |&(eh, _)| eh);
         w.counted += 1;
         on_event(event)
     })?;
     Ok(w)
 }
 
-/// The copies that a later range counted of ids an earlier range holds, taken back out: thread `t` of
-/// `threads` checks the ids whose hash is `t` modulo `threads`.
-fn retract_later_copies(
+/// Every copy of an id but the first in file order, each passed to `retract` (they were all counted):
+/// the (hash, position) pairs of one part of the hash space, from every range, sorted; where hashes are
+/// equal, the lines are read back and compared by event_id (exact; a hash collision costs a read).
+fn later_copies(
     path: &Path,
-    workers: &[&HashTable<(u64, u64)>],
+    parts: &[&[(u64, u64)]],
     decoder: Decoder,
-    (t, threads): (u64, u64),
     mut retract: impl FnMut(Event) -> Result<()>,
 ) -> Result<u64> {
+    let mut all: Vec<(u64, u64)> = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        all.extend_from_slice(p);
+    }
+    all.sort_unstable();
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut n = 0u64;
-    for (i, later) in workers.iter().enumerate().skip(1) {
-        for &(h, at) in later.iter() {
-            if h % threads != t {
-                continue;
-            }
-            let mut mine: Option<Event> = None;
-            let mut failed = None;
-            let earlier = workers.get(..i).unwrap_or_default();
-            let held = earlier.iter().any(|w| {
-                w.find(h, |&(eh, first)| {
-                    if eh != h {
-                        return false;
-                    }
-                    let result = (|| -> Result<bool> {
-                        if mine.is_none() {
-                            mine = Some(decoder.event_at(&file, at)?);
-                        }
-                        let theirs = decoder.event_at(&file, first)?;
-                        Ok(mine.as_ref().is_some_and(|m| m.event_id == theirs.event_id))
-                    })();
-                    result.unwrap_or_else(|e| {
-                        failed = Some(e);
-                        false
-                    })
-                })
-                .is_some()
-            });
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            if held {
-                if let Some(event) = mine {
-                    retract(event)?;
-                    n += 1;
-                }
+    for group in all.chunk_by(|a, b| a.0 == b.0) {
+        if group.len() < 2 {
+            continue;
+        }
+        // (event_id, position, event), the first copy of each id first.
+        let mut copies = group
+            .iter()
+            .map(|&(_, at)| decoder.event_at(&file, at).map(|e| (at, e)))
+            .collect::<Result<Vec<(u64, Event)>>>()?;
+        copies.sort_unstable_by(|(a, ea), (b, eb)| (&ea.event_id, a).cmp(&(&eb.event_id, b)));
+        let mut previous: Option<String> = None;
+        for (_, event) in copies {
+            if previous.as_deref() == Some(event.event_id.as_str()) {
+                retract(event)?;
+                n += 1;
+            } else {
+                previous = Some(event.event_id.clone());
             }
         }
     }
@@ -758,7 +740,7 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
         std::thread::scope(|s| {
             let handles: Vec<_> = ranges(len, workers)
                 .into_iter()
-                .map(|range| s.spawn(move || csv_worker(path, range, decoder, seed, done)))
+                .map(|range| s.spawn(move || csv_worker(path, range, decoder, seed, done, workers)))
                 .collect();
             handles
                 .into_iter()
@@ -777,12 +759,13 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
     let retractions = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let tables: Vec<&HashTable<(u64, u64)>> = shares.iter().map(|w| &w.seen).collect();
+                let parts: Vec<&[(u64, u64)]> = shares
+                    .iter()
+                    .filter_map(|w| w.seen.get(t as usize).map(Vec::as_slice))
+                    .collect();
                 s.spawn(move || {
                     let mut rows = Rows::new(seed);
-                    let n = retract_later_copies(path, &tables, decoder, (t, threads), |e| {
-                        rows.add(&e, true)
-                    })?;
+                    let n = later_copies(path, &parts, decoder, |e| rows.add(&e, true))?;
                     Ok((rows, n))
                 })
             })
@@ -994,7 +977,7 @@ mod dataflow_engine {
     const EPOCH_EVENTS: u64 = 200_000;
 
     type Collected = HashMap<AggregateKey, Usage>;
-    type DedupTables = Arc<RwLock<Vec<Option<HashTable<(u64, u64)>>>>>;
+    type DedupTables = Arc<RwLock<Vec<Option<Vec<Vec<(u64, u64)>>>>>>;
     type RatingHandles = (
         InputHandleVec<Epoch, (GraphRowKey, Epoch, Usage)>,
         InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
@@ -1003,8 +986,8 @@ mod dataflow_engine {
     );
 
     /// Each timely worker reads its byte range as `csv_worker` does and feeds the counted events in
-    /// epochs; once every worker has read its range, the copies a later range counted of ids an
-    /// earlier range holds are fed as retractions (`Classified::Retract`, as a void); the graph's row
+    /// epochs; once every worker has read its range, every copy of an id but the first is fed as a
+    /// retraction (`Classified::Retract`, as a void); the graph's row
     /// changes are added up per row and written like the direct engine's.
     pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
         let started = Instant::now();
@@ -1117,8 +1100,14 @@ mod dataflow_engine {
                             rating.3.advance_to(*epoch);
                         };
                     let per_worker = (EPOCH_EVENTS / workers as u64).max(1);
-                    let mut share =
-                        read_range(&path, range, decoder, seed, &done_worker, |event| {
+                    let mut share = read_range(
+                        &path,
+                        range,
+                        decoder,
+                        seed,
+                        &done_worker,
+                        workers,
+                        |event| {
                             items.send(SourceItem {
                                 partition: index as i32,
                                 offset,
@@ -1135,8 +1124,9 @@ mod dataflow_engine {
                                 }
                             }
                             Ok(())
-                        })
-                        .map_err(|e| format!("{e:#}"))?;
+                        },
+                    )
+                    .map_err(|e| format!("{e:#}"))?;
                     // Hand over the dedup table; step until every worker has (no one blocks the graph).
                     if let Ok(mut t) = tables.write() {
                         if let Some(slot) = t.get_mut(index) {
@@ -1152,22 +1142,20 @@ mod dataflow_engine {
                         let t = tables
                             .read()
                             .map_err(|_| "dedup tables lock poisoned".to_owned())?;
-                        let all: Vec<&HashTable<(u64, u64)>> = t.iter().flatten().collect();
-                        retract_later_copies(
-                            &path,
-                            &all,
-                            decoder,
-                            (index as u64, workers as u64),
-                            |event| {
-                                items.send(SourceItem {
-                                    partition: index as i32,
-                                    offset,
-                                    what: Classified::Retract(event),
-                                });
-                                offset += 1;
-                                Ok(())
-                            },
-                        )
+                        let parts: Vec<&[(u64, u64)]> = t
+                            .iter()
+                            .flatten()
+                            .filter_map(|p| p.get(index).map(Vec::as_slice))
+                            .collect();
+                        later_copies(&path, &parts, decoder, |event| {
+                            items.send(SourceItem {
+                                partition: index as i32,
+                                offset,
+                                what: Classified::Retract(event),
+                            });
+                            offset += 1;
+                            Ok(())
+                        })
                         .map_err(|e| format!("{e:#}"))?
                     };
                     drop(items);
