@@ -294,11 +294,22 @@ impl MeterSet {
                     }
                 })
                 .collect(),
-            None => vec![Contribution {
-                key: Meter::default_for(&event.event_type).key(event),
-                item: None,
-                usage: Aggregate::of(event.value),
-            }],
+            // The default meter's row, as `Meter::default_for(type).key(event)` gives it, without
+            // building that meter for every event (its three strings, made and dropped).
+            None => {
+                let window = Window::Hour;
+                let start = window.start_of(event.event_time_micros);
+                vec![Contribution {
+                    key: AggregateKey {
+                        customer_id: event.customer_id.clone(),
+                        meter: event.event_type.clone(),
+                        window_start: start,
+                        window_end: start.saturating_add(window.seconds()),
+                    },
+                    item: None,
+                    usage: Aggregate::of(event.value),
+                }]
+            }
         };
         (contributions, skipped)
     }
@@ -344,6 +355,14 @@ mod tests {
         assert_eq!(c[0].key.meter, "api_call");
         assert_eq!(c[0].key.window_end - c[0].key.window_start, 3_600);
         assert_eq!(c[0].usage, Aggregate::of(Decimal::new(25, 1)));
+    }
+
+    #[test]
+    fn the_default_row_is_the_default_meters_key() {
+        let e = event("a", "1969-12-31T23:59:59.5Z", "2.5", "{}");
+        let (c, _) = MeterSet::default().contributions(&e);
+        assert_eq!(c[0].key, Meter::default_for("api_call").key(&e));
+        assert_eq!(c[0].key, AggregateKey::default_meter(&e));
     }
 
     #[test]
