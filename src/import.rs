@@ -1220,8 +1220,7 @@ mod dataflow_engine {
 mod produce {
     use super::*;
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::producer::{BaseRecord, Producer};
     use sqlx::{Connection, PgConnection};
 
     pub fn run(args: &ImportArgs, cfg: &crate::config::Config) -> Result<()> {
@@ -1235,14 +1234,7 @@ mod produce {
             topic,
             crate::kafka::DEFAULT_PARTITIONS,
         ))?;
-        let producer: ThreadedProducer<DefaultProducerContext> =
-            crate::kafka::producer_config(brokers)
-                .set("linger.ms", "20")
-                .set("batch.size", "1000000")
-                .set("compression.type", "lz4")
-                .set("queue.buffering.max.messages", "1000000")
-                .create()
-                .context("creating the Kafka producer")?;
+        let producer = crate::kafka::bulk_producer(brokers)?;
         let path = args.file.as_path();
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let len = file.metadata()?.len();
@@ -1271,16 +1263,7 @@ mod produce {
                 if let Some(key) = key.as_deref() {
                     record = record.key(key);
                 }
-                loop {
-                    match producer.send(record) {
-                        Ok(()) => break,
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                            record = r;
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                        Err((e, _)) => return Err(e).context("producing to Kafka"),
-                    }
-                }
+                crate::kafka::send_waiting(&producer, record)?;
                 produced += 1;
                 Ok(())
             })

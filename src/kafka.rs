@@ -8,6 +8,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 
 /// Partitions of a topic meterflow creates (SPEC §11).
@@ -23,6 +26,39 @@ pub fn client_config(brokers: &str) -> ClientConfig {
 /// a bounded wait (the API answers 503 rather than hang while the broker is down).
 pub fn producer_config(brokers: &str) -> ClientConfig {
     meterflow_api::producer_config(brokers)
+}
+
+/// A producer for bulk writes (`loadgen`, `import`): [`producer_config`], plus large lz4 batches and a
+/// queue of a million records.
+pub fn bulk_producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>> {
+    producer_config(brokers)
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .context("creating the Kafka producer")
+}
+
+/// Queues `record`, waiting while the producer's queue is full; any other refusal is an error.
+pub fn send_waiting<K, P>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, K, P>,
+) -> Result<()>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e).context("producing to Kafka"),
+        }
+    }
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists, replicated as [`replication_for`]

@@ -12,8 +12,7 @@ use anyhow::{Context, Result};
 use chrono::{SecondsFormat, Utc};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer};
 
 use crate::kafka;
 
@@ -63,13 +62,7 @@ pub fn run(args: &LoadgenArgs, brokers: &str, topic: &str) -> Result<()> {
         topic,
         kafka::DEFAULT_PARTITIONS,
     ))?;
-    let producer: ThreadedProducer<DefaultProducerContext> = kafka::producer_config(brokers)
-        .set("linger.ms", "20")
-        .set("batch.size", "1000000")
-        .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .context("creating the Kafka producer")?;
+    let producer = kafka::bulk_producer(brokers)?;
 
     let mut rng = SmallRng::seed_from_u64(args.seed);
     let started = Instant::now();
@@ -88,17 +81,10 @@ pub fn run(args: &LoadgenArgs, brokers: &str, topic: &str) -> Result<()> {
         }
         let (customer, payload, bad) = next_event(&mut rng, args, produced);
         invalid += bad as u64;
-        let mut record = BaseRecord::to(topic).key(&customer).payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e).context("producing to Kafka"),
-            }
-        }
+        kafka::send_waiting(
+            &producer,
+            BaseRecord::to(topic).key(&customer).payload(&payload),
+        )?;
         produced += 1;
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
