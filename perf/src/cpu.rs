@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 /// Clock ticks per second of `/proc/*/stat` (the kernel's USER_HZ, 100 on Linux).
-const TICKS: f64 = 100.0;
+pub const TICKS: f64 = 100.0;
 
 /// utime + stime of one `/proc/.../stat` file.
 pub fn stat_ticks(path: &str) -> Option<u64> {
@@ -33,7 +33,8 @@ pub fn stat_ticks(path: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-fn numeric_entries(dir: &str) -> Vec<u32> {
+/// The entries of `dir` named by a number (pids in `/proc`, tids in `task/`).
+pub fn numeric_entries(dir: &str) -> Vec<u32> {
     std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())

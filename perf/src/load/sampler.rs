@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// Clock ticks per second of `/proc/*/stat` (the kernel's USER_HZ, 100 on Linux).
-const TICKS: f64 = 100.0;
+use crate::cpu::{numeric_entries, stat_ticks, TICKS};
 
 /// What one sample watches.
 pub struct Targets {
@@ -35,12 +34,7 @@ struct Usage {
 }
 
 fn read_usage(pid: u32) -> Option<Usage> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let cpu_ticks = stat_ticks(&format!("/proc/{pid}/stat"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kb = status
         .lines()
@@ -51,7 +45,7 @@ fn read_usage(pid: u32) -> Option<Usage> {
         .map(|d| d.count() as u64)
         .unwrap_or(0);
     Some(Usage {
-        cpu_ticks: utime + stime,
+        cpu_ticks,
         rss_kb,
         fds,
     })
@@ -59,10 +53,8 @@ fn read_usage(pid: u32) -> Option<Usage> {
 
 /// Processes whose command line contains `needle` (Kafka) or whose name is `comm` (Postgres).
 fn pids(comm: Option<&str>, needle: Option<&str>) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return vec![];
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    numeric_entries("/proc")
+        .into_iter()
         .filter(|pid| {
             let comm_ok = comm.is_none_or(|c| {
                 std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|s| s.trim() == c)
