@@ -442,7 +442,7 @@ fn copy_text(candidates: &[Candidate<'_>]) -> Option<(Vec<u8>, Vec<u8>)> {
 }
 
 /// A field in `COPY`'s text format: backslash, tab, newline and carriage return escaped.
-fn escape_copy(field: &str, out: &mut String) {
+pub fn escape_copy(field: &str, out: &mut String) {
     for ch in field.chars() {
         match ch {
             '\\' => out.push_str("\\\\"),

@@ -21,6 +21,7 @@ use meterflow_perf::cpu::CpuWatch;
 use meterflow_perf::{
     drop_database, fresh_database, median, print_statements, rate, top_statements, Services,
 };
+use meterflow_sinks::claims::escape_copy;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -263,7 +264,7 @@ async fn copy_baseline(brokers: &str, topic: &str, url: &str) -> Result<Duration
     }
     consumer.assign(&assignment)?;
     let mut conn = PgConnection::connect(url).await?;
-    let mut buffer = Vec::with_capacity(16 << 20);
+    let mut buffer = String::with_capacity(16 << 20);
     let mut rows = 0;
     while !ends.is_empty() {
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
@@ -292,15 +293,15 @@ async fn copy_baseline(brokers: &str, topic: &str, url: &str) -> Result<Duration
             .enumerate()
             {
                 if i > 0 {
-                    buffer.push(b'\t');
+                    buffer.push('\t');
                 }
-                escape_copy_text(field, &mut buffer);
+                escape_copy(field, &mut buffer);
             }
-            buffer.push(b'\n');
+            buffer.push('\n');
             rows += 1;
         }
         if rows == 100_000 || (ends.is_empty() && rows > 0) {
-            copy(&mut conn, &buffer).await?;
+            copy(&mut conn, buffer.as_bytes()).await?;
             buffer.clear();
             rows = 0;
         }
@@ -315,19 +316,6 @@ async fn copy(conn: &mut PgConnection, rows: &[u8]) -> Result<()> {
     copy.send(rows).await?;
     copy.finish().await?;
     Ok(())
-}
-
-/// COPY's text format: backslash, tab, newline and carriage return escaped.
-fn escape_copy_text(field: &str, out: &mut Vec<u8>) {
-    for b in field.bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
-        }
-    }
 }
 
 async fn scalar(url: &str, sql: &str) -> Result<i64> {
