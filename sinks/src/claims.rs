@@ -30,6 +30,8 @@ use std::time::Duration;
 
 use meterflow_dataflow::classify::{Candidate, ClaimError, ClaimOutcome, Claims, VoidCandidate};
 use meterflow_model::{DuplicateKind, Event};
+
+use crate::copy_text;
 use rust_decimal::Decimal;
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
 
@@ -207,14 +209,7 @@ impl PgClaims {
         let Some((claims, rows)) = copy_text(candidates) else {
             return Ok(FastPath::Refused);
         };
-        let pairs: std::collections::BTreeSet<(&str, &str)> = candidates
-            .iter()
-            .map(|c| (c.event.customer_id.as_str(), c.event.event_type.as_str()))
-            .collect();
-        let (customers, types): (Vec<String>, Vec<String>) = pairs
-            .into_iter()
-            .map(|(c, t)| (c.to_owned(), t.to_owned()))
-            .unzip();
+        let (customers, types) = copy_text::event_type_pairs(candidates.iter().map(|c| c.event));
         self.with_conn(move |conn| {
             Box::pin(async move {
                 let mut tx = conn.begin().await?;
@@ -394,64 +389,23 @@ impl PgClaims {
     }
 }
 
-/// The two `COPY` texts of a batch: its claims (in the candidates' order, by id) and its raw rows
-/// (by customer, event type and time, the order of their index). `None` when an event time has no
-/// calendar date (the statement then refuses that record).
+/// The two `COPY` texts of a batch: its claims (in the candidates' order, by id) and its raw rows.
+/// `None` when an event time has no calendar date (the statement then refuses that record).
 fn copy_text(candidates: &[Candidate<'_>]) -> Option<(Vec<u8>, Vec<u8>)> {
     let mut claims = String::with_capacity(candidates.len() * 64);
-    let mut times = Vec::with_capacity(candidates.len());
     for c in candidates {
-        let time = chrono::DateTime::from_timestamp_micros(c.event.event_time_micros)?
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        escape_copy(&c.event.event_id, &mut claims);
+        copy_text::escape(&c.event.event_id, &mut claims);
         let _ = writeln!(
             claims,
-            "\t{time}\t{}\tkafka\t{}\t{}",
-            c.fingerprint, c.partition, c.offset
+            "\t{}\t{}\tkafka\t{}\t{}",
+            copy_text::time(c.event.event_time_micros)?,
+            c.fingerprint,
+            c.partition,
+            c.offset
         );
-        times.push(time);
     }
-    let mut order: Vec<usize> = (0..candidates.len()).collect();
-    order.sort_by(|&a, &b| {
-        let key = |i: usize| {
-            candidates.get(i).map(|c| {
-                (
-                    &c.event.customer_id,
-                    &c.event.event_type,
-                    c.event.event_time_micros,
-                )
-            })
-        };
-        key(a).cmp(&key(b))
-    });
-    let mut rows = String::with_capacity(candidates.len() * 160);
-    for i in order {
-        let (Some(c), Some(time)) = (candidates.get(i), times.get(i)) else {
-            continue;
-        };
-        escape_copy(&c.event.event_id, &mut rows);
-        rows.push('\t');
-        escape_copy(&c.event.customer_id, &mut rows);
-        rows.push('\t');
-        escape_copy(&c.event.event_type, &mut rows);
-        let _ = write!(rows, "\t{time}\t{}\t", c.event.value);
-        escape_copy(&c.event.properties, &mut rows);
-        rows.push('\n');
-    }
-    Some((claims.into_bytes(), rows.into_bytes()))
-}
-
-/// A field in `COPY`'s text format: backslash, tab, newline and carriage return escaped.
-pub fn escape_copy(field: &str, out: &mut String) {
-    for ch in field.chars() {
-        match ch {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            _ => out.push(ch),
-        }
-    }
+    let rows = copy_text::telemetry_rows(candidates.iter().map(|c| c.event))?;
+    Some((claims.into_bytes(), rows))
 }
 
 /// Whether Postgres refused a statement for the data it carries (SQLSTATE class 22, data exception,

@@ -3,6 +3,7 @@
 //! | file | owns |
 //! |---|---|
 //! | `claims.rs` | [`PgClaims`]: durable dedup and voids on `event_ids`, called by the Kafka readers |
+//! | `copy_text.rs` | `COPY`'s text format: fields, times, `bytea`, raw event rows (the claims fast path and the API's group commit) |
 //! | `metrics.rs` | the pipeline's Prometheus metrics |
 //! | `epoch.rs` | the epoch sink: one fenced transaction per batch of completed epochs, results + offsets together; quarantined rows and periods |
 //! | `lease.rs` | the writer lease (fencing generation) and the stored source offsets a restart resumes from |
@@ -43,6 +44,7 @@
 //! same in-process (`rerating.rs`, `resync_requested`).
 
 pub mod claims;
+pub mod copy_text;
 pub mod customers;
 pub mod epoch;
 pub mod error;
