@@ -10,6 +10,14 @@
 //! in a window the watermark has already closed (a late event). Each run also records where the CPU
 //! went (per pipeline thread and per kind of Postgres process, [`meterflow_perf::cpu`]) and the run
 //! database's statements with their WAL (`pg_stat_statements`).
+//!
+//! `--floor` adds a third side: the writes SPEC requires of the pipeline, done by a bare consumer with
+//! nothing else, as cheaply as Postgres takes them. It decodes each event as the pipeline does, COPYs
+//! its raw row and its claim (SPEC §3), a `late_events` row for an event whose window had closed
+//! (SPEC §4: `window_end` + 1 h of lateness at or before the watermark, the least over partitions of
+//! their greatest event time), and at the end one aggregate row per window, written once (no
+//! revisions, no offsets, no epochs). No real pipeline can write less; where the pipeline falls short
+//! of a ratio to the baseline, its ratio to this floor says how much of the gap is the work itself.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -21,7 +29,7 @@ use meterflow_perf::cpu::CpuWatch;
 use meterflow_perf::{
     drop_database, fresh_database, median, print_statements, rate, top_statements, Services,
 };
-use meterflow_sinks::claims::escape_copy;
+use meterflow_sinks::copy_text;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -55,6 +63,9 @@ struct Args {
     /// give one shape only).
     #[arg(long)]
     topic: Option<String>,
+    /// Also measure the floor: the writes SPEC requires, alone, by a bare consumer (module doc).
+    #[arg(long)]
+    floor: bool,
     #[command(flatten)]
     services: Services,
 }
@@ -102,6 +113,7 @@ async fn main() -> Result<()> {
 async fn measure(args: &Args, shape: Shape, topic: &str) -> Result<()> {
     let mut ours = Vec::new();
     let mut baseline = Vec::new();
+    let mut floor = Vec::new();
     for run in 0..args.runs {
         let url = fresh_database(&args.services.database_url, "mf_perf_e2e", run).await?;
         let (took, cpu) = drain_with_meterflow(args, topic, &url)?;
@@ -140,14 +152,41 @@ async fn measure(args: &Args, shape: Shape, topic: &str) -> Result<()> {
         );
         baseline.push(r);
         drop_database(&args.services.database_url, &url).await?;
+        if args.floor {
+            floor.push(measure_floor(args, shape, topic, run).await?);
+        }
     }
     let (m, b) = (median(ours), median(baseline));
+    let mut summary = serde_json::json!({"bench": "e2e", "summary": true, "shape": shape.name(), "topic": topic, "events": args.events, "runs": args.runs, "workers": args.workers, "processes": args.processes,
+            "meterflow_events_per_s_median": m.round(), "baseline_events_per_s_median": b.round(), "ratio": (m / b * 100.0).round() / 100.0});
+    if args.floor {
+        let f = median(floor);
+        summary["floor_events_per_s_median"] = f.round().into();
+        summary["floor_to_baseline"] = ((f / b * 100.0).round() / 100.0).into();
+        summary["meterflow_to_floor"] = ((m / f * 100.0).round() / 100.0).into();
+    }
+    println!("{summary}");
+    Ok(())
+}
+
+/// One run of the floor (module doc) on a fresh database; returns its rate.
+async fn measure_floor(args: &Args, shape: Shape, topic: &str, run: usize) -> Result<f64> {
+    let url = fresh_database(&args.services.database_url, "mf_perf_floor", run).await?;
+    let watch = CpuWatch::start(Some(std::process::id()));
+    let took = floor_writes(&args.services.brokers, topic, &url).await?;
+    let cpu = watch.finish();
+    let late: i64 = scalar(&url, "SELECT count(*) FROM late_events").await?;
+    let windows: i64 = scalar(&url, "SELECT count(*) FROM aggregations").await?;
+    let statements = top_statements(&url).await;
+    let r = rate(args.events, took);
+    eprintln!("e2e {} floor run {run}: {r:.0} events/s", shape.name());
+    print_statements(&statements, 5);
     println!(
         "{}",
-        serde_json::json!({"bench": "e2e", "summary": true, "shape": shape.name(), "topic": topic, "events": args.events, "runs": args.runs, "workers": args.workers, "processes": args.processes,
-            "meterflow_events_per_s_median": m.round(), "baseline_events_per_s_median": b.round(), "ratio": (m / b * 100.0).round() / 100.0})
+        serde_json::json!({"bench": "e2e", "shape": shape.name(), "side": "floor", "run": run, "events": args.events, "late_events": late, "windows": windows, "seconds": took.as_secs_f64(), "events_per_s": r, "cpu_seconds": cpu, "postgres_statements": statements})
     );
-    Ok(())
+    drop_database(&args.services.database_url, &url).await?;
+    Ok(r)
 }
 
 fn prefill(args: &Args, shape: Shape) -> Result<String> {
@@ -242,27 +281,7 @@ struct RawEvent<'a> {
 /// columns into `telemetry_events` in batches of 100k rows.
 async fn copy_baseline(brokers: &str, topic: &str, url: &str) -> Result<Duration> {
     let started = Instant::now();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "meterflow-perf-baseline")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = metadata.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| p.id())
-        .collect();
-    let mut assignment = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for &p in &partitions {
-        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
-        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        if high > 0 {
-            ends.insert(p, high);
-        }
-    }
-    consumer.assign(&assignment)?;
+    let (consumer, mut ends) = from_the_start(brokers, topic)?;
     let mut conn = PgConnection::connect(url).await?;
     let mut buffer = String::with_capacity(16 << 20);
     let mut rows = 0;
@@ -295,7 +314,7 @@ async fn copy_baseline(brokers: &str, topic: &str, url: &str) -> Result<Duration
                 if i > 0 {
                     buffer.push('\t');
                 }
-                escape_copy(field, &mut buffer);
+                copy_text::escape(field, &mut buffer);
             }
             buffer.push('\n');
             rows += 1;
@@ -307,6 +326,146 @@ async fn copy_baseline(brokers: &str, topic: &str, url: &str) -> Result<Duration
         }
     }
     Ok(started.elapsed())
+}
+
+/// A consumer assigned every partition of `topic` from its start, and each non-empty partition's end.
+fn from_the_start(brokers: &str, topic: &str) -> Result<(BaseConsumer, HashMap<i32, i64>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "meterflow-perf-baseline")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for &p in &partitions {
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high > 0 {
+            ends.insert(p, high);
+        }
+    }
+    consumer.assign(&assignment)?;
+    Ok((consumer, ends))
+}
+
+/// An hour window's key in the floor: customer, event type, start (seconds).
+type Window = (String, String, i64);
+
+/// The floor's writes (module doc): per 100k events one transaction of three COPYs (claims, raw rows,
+/// late rows), then every window's aggregate once.
+async fn floor_writes(brokers: &str, topic: &str, url: &str) -> Result<Duration> {
+    const HOUR: i64 = 3_600_000_000;
+    let started = Instant::now();
+    let (consumer, mut ends) = from_the_start(brokers, topic)?;
+    let partitions = ends.len();
+    let mut conn = PgConnection::connect(url).await?;
+    let limits = meterflow_model::event::Limits::default();
+    let now = chrono::Utc::now().timestamp_micros();
+    let mut batch: Vec<(meterflow_model::Event, i32, i64)> = Vec::with_capacity(100_000);
+    let mut late = String::new();
+    let mut latest: HashMap<i32, i64> = HashMap::new();
+    let mut windows: HashMap<Window, (rust_decimal::Decimal, i64)> = HashMap::new();
+    while !ends.is_empty() {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message?;
+            let partition = message.partition();
+            if ends
+                .get(&partition)
+                .is_some_and(|end| message.offset() + 1 >= *end)
+            {
+                ends.remove(&partition);
+            }
+            let payload = message.payload().unwrap_or_default();
+            let Ok(event) = meterflow_model::event::decode_event(payload, now, &limits) else {
+                continue;
+            };
+            let start = event.event_time_micros.div_euclid(HOUR) * HOUR;
+            let watermark = (latest.len() == partitions)
+                .then(|| latest.values().min().copied())
+                .flatten();
+            if let Some(w) = watermark.filter(|w| start + 2 * HOUR <= *w) {
+                copy_text::escape(&event.event_id, &mut late);
+                late.push('\t');
+                copy_text::escape(&event.event_type, &mut late);
+                late.push('\t');
+                copy_text::escape(&event.customer_id, &mut late);
+                for micros in [start, event.event_time_micros, w] {
+                    late.push('\t');
+                    late.push_str(&copy_text::time(micros).unwrap_or_default());
+                }
+                late.push('\n');
+            }
+            let max = latest.entry(partition).or_insert(event.event_time_micros);
+            *max = (*max).max(event.event_time_micros);
+            let total = windows
+                .entry((event.customer_id.clone(), event.event_type.clone(), start))
+                .or_default();
+            total.0 += event.value;
+            total.1 += 1;
+            batch.push((event, partition, message.offset()));
+        }
+        if batch.len() == 100_000 || (ends.is_empty() && !batch.is_empty()) {
+            floor_batch(&mut conn, &batch, late.as_bytes()).await?;
+            batch.clear();
+            late.clear();
+        }
+    }
+    let mut rows = String::with_capacity(windows.len() * 80);
+    for ((customer, meter, start), (value, count)) in &windows {
+        copy_text::escape(customer, &mut rows);
+        rows.push('\t');
+        copy_text::escape(meter, &mut rows);
+        for micros in [*start, start + HOUR] {
+            rows.push('\t');
+            rows.push_str(&copy_text::time(micros).unwrap_or_default());
+        }
+        rows.push_str(&format!("\t{value}\t{count}\n"));
+    }
+    let mut copy = conn
+        .copy_in_raw("COPY aggregations (customer_id, meter, window_start, window_end, value, event_count) FROM STDIN")
+        .await?;
+    copy.send(rows.as_bytes()).await?;
+    copy.finish().await?;
+    Ok(started.elapsed())
+}
+
+/// One transaction of the floor: the batch's claims, raw rows and late rows.
+async fn floor_batch(
+    conn: &mut PgConnection,
+    batch: &[(meterflow_model::Event, i32, i64)],
+    late: &[u8],
+) -> Result<()> {
+    let mut claims = String::with_capacity(batch.len() * 64);
+    for (event, partition, offset) in batch {
+        copy_text::escape(&event.event_id, &mut claims);
+        claims.push_str(&format!(
+            "\t{}\t{}\tkafka\t{partition}\t{offset}\n",
+            copy_text::time(event.event_time_micros).unwrap_or_default(),
+            event.fingerprint()
+        ));
+    }
+    let rows = copy_text::telemetry_rows(batch.iter().map(|(e, _, _)| e)).unwrap_or_default();
+    let mut tx = conn.begin().await?;
+    for (statement, text) in [
+        ("COPY event_ids (event_id, event_time, fingerprint, source, counted_partition, counted_offset) FROM STDIN", claims.as_bytes()),
+        ("COPY telemetry_events (event_id, customer_id, event_type, event_time, value, properties) FROM STDIN", rows.as_slice()),
+        ("COPY late_events (event_id, meter, customer_id, window_start, event_time, watermark) FROM STDIN", late),
+    ] {
+        if text.is_empty() {
+            continue;
+        }
+        let mut copy = tx.copy_in_raw(statement).await?;
+        copy.send(text).await?;
+        copy.finish().await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 async fn copy(conn: &mut PgConnection, rows: &[u8]) -> Result<()> {
