@@ -293,10 +293,10 @@ async fn commit(
         .iter()
         .partition(|(_, item, _)| item.is_none());
     if !group.is_empty() {
-        upsert_group_rows(&mut tx, &group, &batch.quarantined_rows).await?;
+        upsert_group_rows(&mut tx, &lease.topic, &group, &batch.quarantined_rows).await?;
     }
     if !multiset.is_empty() {
-        apply_multiset_rows(&mut tx, &multiset).await?;
+        apply_multiset_rows(&mut tx, &lease.topic, &multiset).await?;
     }
     if !batch.charges.is_empty() {
         apply_charges(&mut tx, &batch.charges).await?;
@@ -453,6 +453,7 @@ struct Committed {
 /// stays as it was (the last value in range), its event count goes on.
 async fn upsert_group_rows(
     tx: &mut PgConnection,
+    topic: &str,
     rows: &[&RowChange],
     quarantined: &[meterflow_model::AggregateKey],
 ) -> Result<(), SinkError> {
@@ -480,10 +481,14 @@ async fn upsert_group_rows(
     }
     sqlx::query(
         "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
-                                        quarantined)
-         SELECT c, m, to_timestamp(s), to_timestamp(e), v, n, q
+                                        quarantined, finalized)
+         SELECT c, m, to_timestamp(s), to_timestamp(e), v, n, q,
+                -- Born finalized when the last committed watermark closed its window already (a late
+                -- window, as in a backfill): no finalizing UPDATE below (a non-HOT write) for it.
+                COALESCE(to_timestamp(e) + l.allowed_lateness <= l.committed_watermark, false)
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::bigint[],
                      $7::bool[]) AS u(c, m, s, e, v, n, q)
+         LEFT JOIN pipeline_leases l ON l.topic = $9
          ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
          SET value = CASE WHEN a.quarantined OR excluded.quarantined OR abs(a.value + excluded.value) > $8
                           THEN a.value ELSE a.value + excluded.value END,
@@ -500,6 +505,7 @@ async fn upsert_group_rows(
     .bind(&counts)
     .bind(&flags)
     .bind(Decimal::MAX)
+    .bind(topic)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -553,7 +559,11 @@ async fn apply_quarantined_periods(
 
 /// Max, unique_count and latest rows: update the multiset of items (`meter_values`), then recompute
 /// each touched row from its multiset.
-async fn apply_multiset_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Result<(), SinkError> {
+async fn apply_multiset_rows(
+    tx: &mut PgConnection,
+    topic: &str,
+    rows: &[&RowChange],
+) -> Result<(), SinkError> {
     let n = rows.len();
     let (
         mut customers,
@@ -681,13 +691,17 @@ async fn apply_multiset_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Resu
     touched.sort_unstable();
     touched.dedup();
     sqlx::query(
-        "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
+        "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
+                                        finalized)
          SELECT k.c, k.m, to_timestamp(k.s), to_timestamp(k.e),
                 CASE k.kind WHEN 'max' THEN COALESCE(agg.max_num, 0)
                             WHEN 'unique_count' THEN agg.items
                             ELSE COALESCE(agg.latest, 0) END,
-                COALESCE(agg.events, 0)
+                COALESCE(agg.events, 0),
+                -- Born finalized when the last committed watermark closed its window (upsert_group_rows).
+                COALESCE(to_timestamp(k.e) + l.allowed_lateness <= l.committed_watermark, false)
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS k(c, m, s, e, kind)
+         LEFT JOIN pipeline_leases l ON l.topic = $6
          CROSS JOIN LATERAL (
              SELECT max(v.num) AS max_num, count(*) AS items, sum(v.count)::bigint AS events,
                     (array_agg(v.num ORDER BY v.sort_time DESC, v.item DESC))[1] AS latest
@@ -705,6 +719,7 @@ async fn apply_multiset_rows(tx: &mut PgConnection, rows: &[&RowChange]) -> Resu
     .bind(touched.iter().map(|t| t.2).collect::<Vec<_>>())
     .bind(touched.iter().map(|t| t.3).collect::<Vec<_>>())
     .bind(touched.iter().map(|t| t.4).collect::<Vec<_>>())
+    .bind(topic)
     .execute(&mut *tx)
     .await?;
     Ok(())
