@@ -578,6 +578,19 @@ async fn finding_06_no_409_for_a_copy_whose_first_copy_is_withdrawn() {
             "{id}: statuses {statuses:?}, but the event is {}",
             if kept == 1 { "kept" } else { "gone" }
         );
+        // A withdrawn event leaves no outbox row behind: the relay would deliver it, and the
+        // pipeline count an event its client was told 503 for.
+        let outbox = scalar_i64(
+            &api.url,
+            &format!(
+                "SELECT count(*) FROM event_outbox WHERE event_id = '{id}' AND kind = 'event'"
+            ),
+        )
+        .await;
+        assert_eq!(
+            outbox, kept,
+            "{id}: statuses {statuses:?}, outbox rows {outbox}"
+        );
     }
 }
 
