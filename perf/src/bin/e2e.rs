@@ -358,13 +358,63 @@ fn from_the_start(brokers: &str, topic: &str) -> Result<(BaseConsumer, HashMap<i
 type Window = (String, String, i64);
 
 /// The floor's writes (module doc): per 100k events one transaction of three COPYs (claims, raw rows,
-/// late rows), then every window's aggregate once.
+/// late rows), then every window's aggregate once. The consumer decodes and spells the next batch while
+/// two connections write the previous ones, as the pipeline's two readers do.
 async fn floor_writes(brokers: &str, topic: &str, url: &str) -> Result<Duration> {
-    const HOUR: i64 = 3_600_000_000;
+    const WRITERS: usize = 2;
     let started = Instant::now();
+    let (sender, receiver) = tokio::sync::mpsc::channel::<[Vec<u8>; 3]>(WRITERS);
+    let receiver = std::sync::Arc::new(tokio::sync::Mutex::new(receiver));
+    let mut writers = Vec::new();
+    for _ in 0..WRITERS {
+        let mut conn = PgConnection::connect(url).await?;
+        let receiver = receiver.clone();
+        writers.push(tokio::spawn(async move {
+            loop {
+                let next = receiver.lock().await.recv().await;
+                let Some(texts) = next else {
+                    return Ok::<_, anyhow::Error>(());
+                };
+                floor_commit(&mut conn, &texts).await?;
+            }
+        }));
+    }
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    let windows = tokio::task::spawn_blocking(move || floor_read(&brokers, &topic, &sender)).await??;
+    for writer in writers {
+        writer.await??;
+    }
+    let mut rows = String::with_capacity(windows.len() * 80);
+    for ((customer, meter, start), (value, count)) in &windows {
+        copy_text::escape(customer, &mut rows);
+        rows.push('\t');
+        copy_text::escape(meter, &mut rows);
+        for micros in [*start, start + FLOOR_HOUR] {
+            rows.push('\t');
+            rows.push_str(&copy_text::time(micros).unwrap_or_default());
+        }
+        rows.push_str(&format!("\t{value}\t{count}\n"));
+    }
+    let mut conn = PgConnection::connect(url).await?;
+    let mut copy = conn
+        .copy_in_raw("COPY aggregations (customer_id, meter, window_start, window_end, value, event_count) FROM STDIN")
+        .await?;
+    copy.send(rows.as_bytes()).await?;
+    copy.finish().await?;
+    Ok(started.elapsed())
+}
+
+const FLOOR_HOUR: i64 = 3_600_000_000;
+
+/// The floor's reader: decodes every event, totals its window, and sends the COPY texts of each 100k
+/// events to the writers; returns the windows' totals.
+fn floor_read(
+    brokers: &str,
+    topic: &str,
+    writers: &tokio::sync::mpsc::Sender<[Vec<u8>; 3]>,
+) -> Result<HashMap<Window, (rust_decimal::Decimal, i64)>> {
     let (consumer, mut ends) = from_the_start(brokers, topic)?;
     let partitions = ends.len();
-    let mut conn = PgConnection::connect(url).await?;
     let limits = meterflow_model::event::Limits::default();
     let now = chrono::Utc::now().timestamp_micros();
     let mut batch: Vec<(meterflow_model::Event, i32, i64)> = Vec::with_capacity(100_000);
@@ -385,11 +435,11 @@ async fn floor_writes(brokers: &str, topic: &str, url: &str) -> Result<Duration>
             let Ok(event) = meterflow_model::event::decode_event(payload, now, &limits) else {
                 continue;
             };
-            let start = event.event_time_micros.div_euclid(HOUR) * HOUR;
+            let start = event.event_time_micros.div_euclid(FLOOR_HOUR) * FLOOR_HOUR;
             let watermark = (latest.len() == partitions)
                 .then(|| latest.values().min().copied())
                 .flatten();
-            if let Some(w) = watermark.filter(|w| start + 2 * HOUR <= *w) {
+            if let Some(w) = watermark.filter(|w| start + 2 * FLOOR_HOUR <= *w) {
                 copy_text::escape(&event.event_id, &mut late);
                 late.push('\t');
                 copy_text::escape(&event.event_type, &mut late);
@@ -411,36 +461,18 @@ async fn floor_writes(brokers: &str, topic: &str, url: &str) -> Result<Duration>
             batch.push((event, partition, message.offset()));
         }
         if batch.len() == 100_000 || (ends.is_empty() && !batch.is_empty()) {
-            floor_batch(&mut conn, &batch, late.as_bytes()).await?;
+            let texts = floor_texts(&batch, std::mem::take(&mut late));
+            writers
+                .blocking_send(texts)
+                .map_err(|_| anyhow::anyhow!("the floor's writers stopped"))?;
             batch.clear();
-            late.clear();
         }
     }
-    let mut rows = String::with_capacity(windows.len() * 80);
-    for ((customer, meter, start), (value, count)) in &windows {
-        copy_text::escape(customer, &mut rows);
-        rows.push('\t');
-        copy_text::escape(meter, &mut rows);
-        for micros in [*start, start + HOUR] {
-            rows.push('\t');
-            rows.push_str(&copy_text::time(micros).unwrap_or_default());
-        }
-        rows.push_str(&format!("\t{value}\t{count}\n"));
-    }
-    let mut copy = conn
-        .copy_in_raw("COPY aggregations (customer_id, meter, window_start, window_end, value, event_count) FROM STDIN")
-        .await?;
-    copy.send(rows.as_bytes()).await?;
-    copy.finish().await?;
-    Ok(started.elapsed())
+    Ok(windows)
 }
 
-/// One transaction of the floor: the batch's claims, raw rows and late rows.
-async fn floor_batch(
-    conn: &mut PgConnection,
-    batch: &[(meterflow_model::Event, i32, i64)],
-    late: &[u8],
-) -> Result<()> {
+/// A batch's claims, raw rows and late rows as COPY texts.
+fn floor_texts(batch: &[(meterflow_model::Event, i32, i64)], late: String) -> [Vec<u8>; 3] {
     let mut claims = String::with_capacity(batch.len() * 64);
     for (event, partition, offset) in batch {
         copy_text::escape(&event.event_id, &mut claims);
@@ -451,17 +483,25 @@ async fn floor_batch(
         ));
     }
     let rows = copy_text::telemetry_rows(batch.iter().map(|(e, _, _)| e)).unwrap_or_default();
+    [claims.into_bytes(), rows, late.into_bytes()]
+}
+
+/// One transaction of the floor: a batch's claims, raw rows and late rows.
+async fn floor_commit(conn: &mut PgConnection, texts: &[Vec<u8>; 3]) -> Result<()> {
     let mut tx = conn.begin().await?;
     for (statement, text) in [
-        ("COPY event_ids (event_id, event_time, fingerprint, source, counted_partition, counted_offset) FROM STDIN", claims.as_bytes()),
-        ("COPY telemetry_events (event_id, customer_id, event_type, event_time, value, properties) FROM STDIN", rows.as_slice()),
-        ("COPY late_events (event_id, meter, customer_id, window_start, event_time, watermark) FROM STDIN", late),
-    ] {
+        "COPY event_ids (event_id, event_time, fingerprint, source, counted_partition, counted_offset) FROM STDIN",
+        "COPY telemetry_events (event_id, customer_id, event_type, event_time, value, properties) FROM STDIN",
+        "COPY late_events (event_id, meter, customer_id, window_start, event_time, watermark) FROM STDIN",
+    ]
+    .into_iter()
+    .zip(texts)
+    {
         if text.is_empty() {
             continue;
         }
         let mut copy = tx.copy_in_raw(statement).await?;
-        copy.send(text).await?;
+        copy.send(text.as_slice()).await?;
         copy.finish().await?;
     }
     tx.commit().await?;
