@@ -116,6 +116,7 @@ impl Default for ApiConfig {
 pub struct PipelineConfig {
     pub workers: usize,
     pub epoch_ms: u64,
+    pub catch_up_epoch_ms: u64,
     pub out_of_orderness_ms: u64,
     pub allowed_lateness_secs: u64,
     pub idle_timeout_secs: u64,
@@ -128,6 +129,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             workers: 1,
             epoch_ms: 250,
+            catch_up_epoch_ms: 2_000,
             out_of_orderness_ms: 5_000,
             allowed_lateness_secs: 3_600,
             idle_timeout_secs: 10,
@@ -426,6 +428,14 @@ pub const KEYS: &[Key] = &[
         env: "MF_PIPELINE_EPOCH_MS",
         flag: Some("--epoch-ms"),
         doc: "How often an epoch closes, i.e. how often results are committed, in milliseconds.",
+    },
+    Key {
+        path: "pipeline.catch_up_epoch_ms",
+        env: "MF_PIPELINE_CATCH_UP_EPOCH_MS",
+        flag: None,
+        doc: "While the pipeline is behind the topic's end (a backfill, a restart, a burst), an epoch \
+              lasts at least this long, in milliseconds: fewer, larger commits, each window revised fewer \
+              times. 0: never.",
     },
     Key {
         path: "pipeline.out_of_orderness_ms",

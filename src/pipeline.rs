@@ -271,6 +271,9 @@ fn run_once(
     };
     let config = WorkerConfig {
         epoch_interval: Duration::from_millis(cfg.pipeline.epoch_ms),
+        catch_up_interval: (cfg.pipeline.catch_up_epoch_ms > 0)
+            .then(|| Duration::from_millis(cfg.pipeline.catch_up_epoch_ms)),
+        full_batch: source.batch_size,
         watermarks: WatermarkConfig {
             out_of_orderness_micros: cfg.pipeline.out_of_orderness_ms as i64 * 1_000,
             idle_timeout: Duration::from_secs(cfg.pipeline.idle_timeout_secs),

@@ -28,6 +28,11 @@ pub struct WorkerConfig {
     pub epoch_interval: Duration,
     /// How many epochs the inputs may run ahead of the sink's last commit.
     pub max_inflight_epochs: u64,
+    /// While the reader is behind (its last batch was full: more records were waiting in Kafka), an
+    /// epoch lasts at least this long.
+    pub catch_up_interval: Option<Duration>,
+    /// The reader's batch size: a batch this large says records were waiting.
+    pub full_batch: usize,
     /// How worker 0 derives the event-time watermark.
     pub watermarks: WatermarkConfig,
     /// Where worker 0 publishes how many epochs its inputs are ahead of the sink's last commit (the
@@ -40,6 +45,8 @@ impl Default for WorkerConfig {
         WorkerConfig {
             epoch_interval: Duration::from_millis(250),
             max_inflight_epochs: 8,
+            catch_up_interval: None,
+            full_batch: usize::MAX,
             watermarks: WatermarkConfig::default(),
             epochs_behind: Arc::new(AtomicU64::new(0)),
         }
@@ -105,6 +112,8 @@ pub fn run_worker(
     let mut last_tick = Instant::now();
     let mut caught_up = false;
     let mut reader_open = true;
+    // The reader's last batch was full: it is behind the topic's end (catch_up_interval).
+    let mut backlogged = false;
     // A failed reader stops every worker of the process (finding 33b): the others would otherwise go
     // on committing, and move the watermark, while this worker's partitions are never read again.
     let mut failed: Option<String> = None;
@@ -128,6 +137,7 @@ pub fn run_worker(
                 match reader.try_recv() {
                     Ok(SourceMessage::Items(batch)) => {
                         fed = true;
+                        backlogged = batch.len() >= config.full_batch;
                         let trusted = trusted_event_time();
                         summary.records = summary.records.saturating_add(batch.len() as u64);
                         for item in batch {
@@ -168,7 +178,15 @@ pub fn run_worker(
         // Epochs stretch while the sink lags: a longer epoch folds more events into each aggregate
         // change, so a slow database receives fewer, larger commits instead of a growing queue.
         let stretch = 1u32.saturating_add(behind.min(config.max_inflight_epochs) as u32);
-        let interval = config.epoch_interval.saturating_mul(stretch);
+        let mut interval = config.epoch_interval.saturating_mul(stretch);
+        // While the reader is behind the topic's end (a backfill, a restart, a burst), an epoch lasts
+        // at least `catch_up_interval`: fewer, larger commits, and each window revised fewer times
+        // (issue 15: 1M backfill events made 677k row changes in 35 commits at 250 ms, 494k in 7).
+        if let Some(catch_up) = config.catch_up_interval {
+            if reader_open && backlogged {
+                interval = interval.max(catch_up);
+            }
+        }
         if caught_up || last_tick.elapsed() >= interval {
             send_markers(&mut markers, epoch, &mut moved, &next_offsets);
             records.advance_to(epoch.saturating_add(1));

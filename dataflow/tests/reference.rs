@@ -44,6 +44,8 @@ struct Outcome {
     dead_letters: BTreeSet<(i32, i64)>,
     late: BTreeSet<(String, String)>,
     conflicting: BTreeSet<(i32, i64)>,
+    /// Batches the sink received (not compared: it depends on pacing).
+    batches: usize,
 }
 
 fn meters() -> Vec<Meter> {
@@ -376,6 +378,18 @@ impl Store {
 }
 
 fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: usize) -> Outcome {
+    run_paced(records, workers, epoch_ms, chunk, None)
+}
+
+/// [`run_dataflow`] with the catch-up pacing: while the reader hands over full chunks, an epoch lasts
+/// at least `catch_up`.
+fn run_paced(
+    records: Vec<RawRecord>,
+    workers: usize,
+    epoch_ms: u64,
+    chunk: usize,
+    catch_up: Option<Duration>,
+) -> Outcome {
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<EpochBatch>(4);
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
     let sink = Arc::new(Mutex::new(Some(SinkChannels {
@@ -396,6 +410,7 @@ fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: u
         let mut last_epoch = 0;
         let mut last_watermark = None;
         for batch in batch_rx {
+            out.batches += 1;
             assert!(batch.epoch >= last_epoch, "epochs arrive in order");
             last_epoch = batch.epoch;
             assert!(
@@ -465,6 +480,8 @@ fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: u
     let records = Arc::new(records);
     let config = WorkerConfig {
         epoch_interval: Duration::from_millis(epoch_ms),
+        catch_up_interval: catch_up,
+        full_batch: chunk,
         ..WorkerConfig::default()
     };
     let watermark = new_watermark(Some(WATERMARK_MICROS));
@@ -523,6 +540,16 @@ fn the_dataflow_equals_the_reference_for_1_2_and_4_workers() {
                 );
                 assert_same(&got, &expected, &context);
             }
+            // Catch-up pacing: epochs of at least 20 ms while full chunks come.
+            let got = run_paced(
+                records.clone(),
+                workers,
+                0,
+                50,
+                Some(Duration::from_millis(20)),
+            );
+            let context = format!("seed {seed}, {workers} workers, catch-up epochs");
+            assert_same(&got, &expected, &context);
         }
     }
 }
@@ -627,4 +654,23 @@ fn sorted_and_shuffled_inputs_give_identical_windows() {
         "every distinct event counted once"
     );
     let _ = Decimal::from_str("0");
+}
+
+/// Issue 15: while the reader is behind (its chunks are full), epochs last at least the catch-up
+/// interval, so a backlog becomes a few large commits instead of one per turn; the results stay the
+/// reference's.
+#[test]
+fn epochs_stretch_while_the_reader_is_behind() {
+    let records = random_records(7, 3_000);
+    let expected = reference(&records);
+    let per_turn = run_paced(records.clone(), 1, 0, 10, None);
+    let caught_up = run_paced(records, 1, 0, 10, Some(Duration::from_secs(30)));
+    assert_same(&per_turn, &expected, "epoch per turn");
+    assert_same(&caught_up, &expected, "catch-up epochs");
+    assert!(
+        caught_up.batches <= 3 && per_turn.batches > 3 * caught_up.batches,
+        "catch-up: {} commits, per turn: {}",
+        caught_up.batches,
+        per_turn.batches
+    );
 }
