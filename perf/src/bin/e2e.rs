@@ -380,7 +380,8 @@ async fn floor_writes(brokers: &str, topic: &str, url: &str) -> Result<Duration>
         }));
     }
     let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
-    let windows = tokio::task::spawn_blocking(move || floor_read(&brokers, &topic, &sender)).await??;
+    let windows =
+        tokio::task::spawn_blocking(move || floor_read(&brokers, &topic, &sender)).await??;
     for writer in writers {
         writer.await??;
     }
