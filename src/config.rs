@@ -432,7 +432,7 @@ pub const KEYS: &[Key] = &[
     Key {
         path: "pipeline.catch_up_epoch_ms",
         env: "MF_PIPELINE_CATCH_UP_EPOCH_MS",
-        flag: None,
+        flag: Some("--catch-up-epoch-ms"),
         doc: "While the pipeline is behind the topic's end (a backfill, a restart, a burst), an epoch \
               lasts at least this long, in milliseconds: fewer, larger commits, each window revised fewer \
               times. 0: never.",

@@ -52,6 +52,10 @@ pub struct PipelineArgs {
     /// MF_PIPELINE_EPOCH_MS; default 250].
     #[arg(long)]
     pub epoch_ms: Option<u64>,
+    /// While the pipeline is behind the topic's end, an epoch lasts at least this long; 0: never
+    /// (pipeline.catch_up_epoch_ms) [env: MF_PIPELINE_CATCH_UP_EPOCH_MS; default 2000].
+    #[arg(long)]
+    pub catch_up_epoch_ms: Option<u64>,
     /// Allowed out-of-orderness: a partition's watermark trails its greatest event time by this much
     /// (pipeline.out_of_orderness_ms) [env: MF_OUT_OF_ORDERNESS_MS; default 5000].
     #[arg(long)]
@@ -80,6 +84,10 @@ impl PipelineArgs {
     pub fn overrides(&self, flag: &mut dyn FnMut(&'static str, Option<String>)) {
         flag("pipeline.workers", self.workers.map(|v| v.to_string()));
         flag("pipeline.epoch_ms", self.epoch_ms.map(|v| v.to_string()));
+        flag(
+            "pipeline.catch_up_epoch_ms",
+            self.catch_up_epoch_ms.map(|v| v.to_string()),
+        );
         flag(
             "pipeline.out_of_orderness_ms",
             self.out_of_orderness_ms.map(|v| v.to_string()),

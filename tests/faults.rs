@@ -57,7 +57,14 @@ async fn a_pipeline_killed_at_20_50_and_80_percent_resumes_exactly() {
         let url = loop {
             attempt += 1;
             let url = fresh_database().await;
-            let mut pipeline = spawn_pipeline(&url, &topic, 2, &["--epoch-ms", "20"]);
+            // A commit every 20 ms even though the whole input waits in the topic: catch-up epochs
+            // (2 s while the reader is behind) would commit it all at once, after the kill's mark.
+            let mut pipeline = spawn_pipeline(
+                &url,
+                &topic,
+                2,
+                &["--epoch-ms", "20", "--catch-up-epoch-ms", "0"],
+            );
             let at =
                 wait_until_committed(&url, target, Duration::from_secs(120), "the first run").await;
             pipeline.kill();
