@@ -30,10 +30,10 @@ use std::time::Duration;
 
 use meterflow_dataflow::classify::{Candidate, ClaimError, ClaimOutcome, Claims, VoidCandidate};
 use meterflow_model::{DuplicateKind, Event};
-
-use crate::copy_text;
 use rust_decimal::Decimal;
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
+
+use crate::copy_text;
 
 /// After the fast path met an id it knew, this many batches are claimed by the statement directly.
 pub const STATEMENT_BATCHES_AFTER_FALLBACK: u32 = 16;
@@ -392,19 +392,25 @@ impl PgClaims {
 /// The two `COPY` texts of a batch: its claims (in the candidates' order, by id) and its raw rows.
 /// `None` when an event time has no calendar date (the statement then refuses that record).
 fn copy_text(candidates: &[Candidate<'_>]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let times = candidates
+        .iter()
+        .map(|c| copy_text::time(c.event.event_time_micros))
+        .collect::<Option<Vec<String>>>()?;
     let mut claims = String::with_capacity(candidates.len() * 64);
-    for c in candidates {
+    for (c, time) in candidates.iter().zip(&times) {
         copy_text::escape(&c.event.event_id, &mut claims);
         let _ = writeln!(
             claims,
-            "\t{}\t{}\tkafka\t{}\t{}",
-            copy_text::time(c.event.event_time_micros)?,
-            c.fingerprint,
-            c.partition,
-            c.offset
+            "\t{time}\t{}\tkafka\t{}\t{}",
+            c.fingerprint, c.partition, c.offset
         );
     }
-    let rows = copy_text::telemetry_rows(candidates.iter().map(|c| c.event))?;
+    let rows = copy_text::telemetry_rows(
+        candidates
+            .iter()
+            .zip(&times)
+            .map(|(c, t)| (c.event, t.as_str())),
+    );
     Some((claims.into_bytes(), rows))
 }
 

@@ -1,11 +1,12 @@
-//! `COPY … FROM STDIN` in its text format, for the writers that store new events in bulk: the
-//! pipeline's claims fast path (`claims.rs`) and the API's group commit. One spelling of a field, a
-//! time and a raw row, so what either writer stores reads back the same.
+//! `COPY … FROM STDIN` in its text format, for what stores new events in bulk: the pipeline's claims
+//! fast path (`claims.rs`), and the `e2e` benchmark's baseline and floor, which must write what the
+//! pipeline writes. One spelling of a field, a time and a raw row.
 //!
 //! ```text
 //!  field  ──escape──►  \\ \t \n \r          (everything else as it is)
 //!  time   ──────────►  2024-01-15T14:00:00.000000Z   (None: no calendar date; the caller's statement refuses it)
-//!  events ──────────►  telemetry_events rows, by customer, event type and time (their index's order)
+//!  events ──────────►  telemetry_events rows, by customer, event type and time (their index's order),
+//!                      each with the time its caller spelled once
 //! ```
 
 use std::fmt::Write as _;
@@ -31,20 +32,12 @@ pub fn time(micros: i64) -> Option<String> {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
 }
 
-/// Bytes as a `bytea` field (`\\x` and hex: the backslash itself escaped for `COPY`).
-pub fn bytea(bytes: &[u8], out: &mut String) {
-    out.push_str("\\\\x");
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-}
-
 /// The raw rows of `events` for `COPY telemetry_events (event_id, customer_id, event_type, event_time,
-/// value, properties)`, ordered by customer, event type and time, the order of their index. `None` when
-/// an event time has no calendar date.
-pub fn telemetry_rows<'e>(events: impl IntoIterator<Item = &'e Event>) -> Option<Vec<u8>> {
-    let mut events: Vec<&Event> = events.into_iter().collect();
-    events.sort_unstable_by(|a, b| {
+/// value, properties)`, ordered by customer, event type and time, the order of their index. Each event
+/// comes with its [`time`], which the caller spells once for this and its claim.
+pub fn telemetry_rows<'e>(events: impl IntoIterator<Item = (&'e Event, &'e str)>) -> Vec<u8> {
+    let mut events: Vec<(&Event, &str)> = events.into_iter().collect();
+    events.sort_unstable_by(|(a, _), (b, _)| {
         (&a.customer_id, &a.event_type, a.event_time_micros).cmp(&(
             &b.customer_id,
             &b.event_type,
@@ -52,17 +45,17 @@ pub fn telemetry_rows<'e>(events: impl IntoIterator<Item = &'e Event>) -> Option
         ))
     });
     let mut rows = String::with_capacity(events.len() * 160);
-    for e in events {
+    for (e, time) in events {
         escape(&e.event_id, &mut rows);
         rows.push('\t');
         escape(&e.customer_id, &mut rows);
         rows.push('\t');
         escape(&e.event_type, &mut rows);
-        let _ = write!(rows, "\t{}\t{}\t", time(e.event_time_micros)?, e.value);
+        let _ = write!(rows, "\t{time}\t{}\t", e.value);
         escape(&e.properties, &mut rows);
         rows.push('\n');
     }
-    Some(rows.into_bytes())
+    rows.into_bytes()
 }
 
 /// The distinct (customer, event type) pairs of `events`, sorted, as the two arrays
@@ -86,14 +79,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fields_times_and_bytes_are_spelled_for_copy() {
+    fn fields_and_times_are_spelled_for_copy() {
         let mut out = String::new();
         escape("a\\b\tc\nd\re", &mut out);
         assert_eq!(out, "a\\\\b\\tc\\nd\\re");
         assert_eq!(time(0).as_deref(), Some("1970-01-01T00:00:00.000000Z"));
         assert_eq!(time(i64::MAX), None);
-        let mut out = String::new();
-        bytea(&[0, 0xab, b'\\'], &mut out);
-        assert_eq!(out, "\\\\x00ab5c");
     }
 }

@@ -474,16 +474,24 @@ fn floor_read(
 
 /// A batch's claims, raw rows and late rows as COPY texts.
 fn floor_texts(batch: &[(meterflow_model::Event, i32, i64)], late: String) -> [Vec<u8>; 3] {
+    let times: Vec<String> = batch
+        .iter()
+        .map(|(e, _, _)| copy_text::time(e.event_time_micros).unwrap_or_default())
+        .collect();
     let mut claims = String::with_capacity(batch.len() * 64);
-    for (event, partition, offset) in batch {
+    for ((event, partition, offset), time) in batch.iter().zip(&times) {
         copy_text::escape(&event.event_id, &mut claims);
         claims.push_str(&format!(
-            "\t{}\t{}\tkafka\t{partition}\t{offset}\n",
-            copy_text::time(event.event_time_micros).unwrap_or_default(),
+            "\t{time}\t{}\tkafka\t{partition}\t{offset}\n",
             event.fingerprint()
         ));
     }
-    let rows = copy_text::telemetry_rows(batch.iter().map(|(e, _, _)| e)).unwrap_or_default();
+    let rows = copy_text::telemetry_rows(
+        batch
+            .iter()
+            .zip(&times)
+            .map(|((e, _, _), t)| (e, t.as_str())),
+    );
     [claims.into_bytes(), rows, late.into_bytes()]
 }
 
