@@ -5,7 +5,7 @@
 
 mod common;
 
-use meterflow_dataflow::classify::{Candidate, ClaimOutcome, Claims};
+use meterflow_model::claims::{Candidate, ClaimOutcome, Claims};
 use meterflow_model::{DuplicateKind, Event};
 use meterflow_sinks::claims::PgClaims;
 use rust_decimal::Decimal;

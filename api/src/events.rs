@@ -20,6 +20,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{SecondsFormat, Utc};
+use meterflow_model::wire::{RecordKindHeader, VoidRecord, KIND_HEADER};
 use meterflow_model::{
     decode_as, sniff_event_id, split_batch, DecodeError, Format, Limits, DEFAULT_RETENTION_MICROS,
 };
@@ -249,9 +250,10 @@ pub async fn void_event(
             Json(serde_json::json!({"event_id": event_id, "status": "voided"})),
         ));
     }
-    let payload = serde_json::to_vec(&serde_json::json!({
-        "event_id": event_id, "customer_id": customer_id,
-    }))
+    let payload = serde_json::to_vec(&VoidRecord {
+        event_id: event_id.clone(),
+        customer_id: customer_id.clone(),
+    })
     .unwrap_or_default();
     // Outbox first: once the request is acknowledged, the void reaches the pipeline.
     sqlx::query(
@@ -268,7 +270,7 @@ pub async fn void_event(
         &state,
         &customer_id,
         &payload,
-        Some("void"),
+        RecordKindHeader::Void,
         Utc::now().timestamp_millis(),
     )
     .await
@@ -346,19 +348,17 @@ pub(crate) async fn publish(
     state: &AppState,
     customer_id: &str,
     payload: &[u8],
-    kind: Option<&str>,
+    kind: RecordKindHeader,
     timestamp_ms: i64,
 ) -> Result<(), rdkafka::error::KafkaError> {
-    let mut record = FutureRecord::to(&state.topic)
+    let record = FutureRecord::to(&state.topic)
         .key(customer_id)
         .payload(payload)
-        .timestamp(timestamp_ms);
-    if let Some(kind) = kind {
-        record = record.headers(OwnedHeaders::new().insert(Header {
-            key: "meterflow-kind",
-            value: Some(kind),
+        .timestamp(timestamp_ms)
+        .headers(OwnedHeaders::new().insert(Header {
+            key: KIND_HEADER,
+            value: Some(kind.as_str()),
         }));
-    }
     state
         .producer
         .send(record, Duration::from_secs(5))

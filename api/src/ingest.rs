@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use meterflow_model::wire::RecordKindHeader;
 use meterflow_model::Event;
 use rust_decimal::Decimal;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -162,7 +163,7 @@ async fn store_and_forward(
     let now = Utc::now().timestamp_millis();
     let sends = fresh.iter().zip(&payloads).map(|(r, payload)| async {
         // `event`: the reader keeps this 201's decision on the event's age (finding 10).
-        match crate::events::publish(state, &r.event.customer_id, payload, Some("event"), now).await {
+        match crate::events::publish(state, &r.event.customer_id, payload, RecordKindHeader::Event, now).await {
             Ok(()) => Ok(true),
             Err(e) => {
                 tracing::warn!(event_id = %r.event.event_id, error = %e, "kafka did not take the event; withdrawing it");

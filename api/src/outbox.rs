@@ -126,7 +126,7 @@ pub async fn relay_once(
             .timestamp(stored_ms);
         // `event` or `void`: an event's header tells the reader the API accepted it (finding 10).
         record = record.headers(OwnedHeaders::new().insert(Header {
-            key: "meterflow-kind",
+            key: meterflow_model::wire::KIND_HEADER,
             value: Some(kind.as_str()),
         }));
         producer

@@ -7,22 +7,19 @@
 //!      │ void record ──Claims::claim_voids──► Retract(event) │ nothing (not counted yet, already voided)
 //!      └ invalid ─► Dead(reason)
 //! ```
-//! A record the claim store refuses for what it holds (a [`ClaimError::Refused`]) is narrowed down
+//! A record the claim store refuses for what it holds (a [`ClaimError::Refused`](meterflow_model::claims::ClaimError::Refused)) is narrowed down
 //! to that record alone, which becomes a dead letter; the others of its batch are claimed as usual.
-//! Only a [`ClaimError::Unavailable`] store makes the reader wait and retry.
-//! Contract of a [`Claims`] store: a claim is keyed by the record's position `(partition, offset)`, so it
-//! is idempotent. The first copy of an id to be claimed counts; replaying that same record after a crash
-//! finds its own claim and counts again (its epoch had not committed), while any other copy is a
-//! duplicate, before or after a restart. Within one batch the copies are claimed in the order
-//! (record timestamp, partition, offset), so the least of them is the original. Dedup therefore needs no
-//! memory in the dataflow at all: the claim store (Postgres in production) is the truth.
-//! A void of an id of which no copy was claimed yet leaves a tombstone: that event, whenever it is read,
-//! is a voided duplicate. So what a void does never depends on whether a replay met the event first.
+//! Only a [`ClaimError::Unavailable`](meterflow_model::claims::ClaimError::Unavailable) store makes the reader wait and retry.
+//! The claim store is a port of the model ([`meterflow_model::claims`], with its contract and the
+//! in-memory reference); Postgres implements it in production. Dedup therefore needs no memory in the
+//! dataflow at all: the claim store is the truth. Within one batch the copies are claimed in the order
+//! (record timestamp, partition, offset), so the least of them is the original.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+use meterflow_model::claims::{Candidate, ClaimError, ClaimOutcome, Claims, VoidCandidate};
+use meterflow_model::wire::VoidRecord;
 use meterflow_model::{
     check_void_ids, decode_as, object, printable, DeadLetter, DecodeError, Duplicate,
     DuplicateKind, Event, Limits, DEFAULT_RETENTION_MICROS,
@@ -51,58 +48,6 @@ pub enum Classified {
     Ignored,
 }
 
-/// An event read at a position, asking to be the copy that counts.
-#[derive(Clone, Copy)]
-pub struct Candidate<'a> {
-    pub event: &'a Event,
-    pub fingerprint: i64,
-    pub partition: i32,
-    pub offset: i64,
-    pub payload: &'a [u8],
-    /// The record says the API stored it (`meterflow-kind: event`): its id is claimed already, by the
-    /// API, so a claim store need not try it as new.
-    pub accepted: bool,
-}
-
-/// The answer for one candidate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClaimOutcome {
-    Counts,
-    Duplicate(DuplicateKind),
-}
-
-/// A void record read at a position.
-#[derive(Clone, Debug)]
-pub struct VoidCandidate {
-    pub event_id: String,
-    pub partition: i32,
-    pub offset: i64,
-}
-
-/// Why the claim store gave no answer.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ClaimError {
-    /// The store cannot answer now (connection lost, Postgres restarting): the reader retries the
-    /// batch with backoff and skips nothing.
-    #[error("the claim store is unavailable: {0}")]
-    Unavailable(String),
-    /// The store refused what the records hold (Postgres SQLSTATE class 22 or 23): retrying cannot
-    /// help. The batch is narrowed down to the refused records, which become dead letters.
-    #[error("the claim store refused the data: {0}")]
-    Refused(String),
-}
-
-/// The durable claim store.
-pub trait Claims: Send {
-    /// Claims each candidate (all distinct event_ids), in order.
-    fn claim_events(
-        &mut self,
-        candidates: &[Candidate<'_>],
-    ) -> Result<Vec<ClaimOutcome>, ClaimError>;
-    /// Claims each void; `Some(event)` when this void takes that counted event back.
-    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, ClaimError>;
-}
-
 /// The committed event-time watermark, shared by the sink (writer) and the readers (for the age limit)
 /// and the dataflow (to tell late events). `i64::MIN` until the first watermark.
 pub type SharedWatermark = Arc<AtomicI64>;
@@ -113,14 +58,6 @@ pub fn new_watermark(initial: Option<i64>) -> SharedWatermark {
 
 pub fn read_watermark(w: &AtomicI64) -> Option<i64> {
     Some(w.load(Ordering::Acquire)).filter(|w| *w != i64::MIN)
-}
-
-/// The wire form of a void record (written by `POST /api/v1/events/{id}/void`).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VoidRecord {
-    pub event_id: String,
-    pub customer_id: String,
 }
 
 /// Decodes, validates and claims a batch of records, in order of position.
@@ -319,98 +256,4 @@ fn duplicate(record: &RawRecord, event_id: &str, kind: DuplicateKind) -> Classif
             Vec::new()
         },
     })
-}
-
-/// Claims kept in memory: the reference semantics of [`Claims`], for tests and single-shot runs.
-#[derive(Clone, Default)]
-pub struct MemoryClaims {
-    ids: HashMap<String, MemoryClaim>,
-}
-
-#[derive(Clone)]
-struct MemoryClaim {
-    fingerprint: i64,
-    counted: Option<(i32, i64)>,
-    voided: Option<(i32, i64)>,
-    /// `None` for a tombstone: a void read before any copy of its event.
-    event: Option<Event>,
-}
-
-impl Claims for MemoryClaims {
-    fn claim_events(
-        &mut self,
-        candidates: &[Candidate<'_>],
-    ) -> Result<Vec<ClaimOutcome>, ClaimError> {
-        Ok(candidates
-            .iter()
-            .map(|c| {
-                let here = (c.partition, c.offset);
-                let claim =
-                    self.ids
-                        .entry(c.event.event_id.clone())
-                        .or_insert_with(|| MemoryClaim {
-                            fingerprint: c.fingerprint,
-                            counted: Some(here),
-                            voided: None,
-                            event: Some(c.event.clone()),
-                        });
-                if claim.counted == Some(here) {
-                    ClaimOutcome::Counts
-                } else if claim.voided.is_some() {
-                    ClaimOutcome::Duplicate(DuplicateKind::Voided)
-                } else if claim.fingerprint == c.fingerprint {
-                    ClaimOutcome::Duplicate(DuplicateKind::Identical)
-                } else {
-                    ClaimOutcome::Duplicate(DuplicateKind::Conflicting)
-                }
-            })
-            .collect())
-    }
-
-    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, ClaimError> {
-        Ok(voids
-            .iter()
-            .map(|v| {
-                let here = (v.partition, v.offset);
-                let claim = self
-                    .ids
-                    .entry(v.event_id.clone())
-                    .or_insert_with(|| MemoryClaim {
-                        fingerprint: 0,
-                        counted: None,
-                        voided: None,
-                        event: None,
-                    });
-                match claim.voided {
-                    None => claim.voided = Some(here),
-                    Some(at) if at == here => {}
-                    Some(_) => return None,
-                }
-                claim.counted.and(claim.event.clone())
-            })
-            .collect())
-    }
-}
-
-/// [`MemoryClaims`] shared by several readers (the workers of one test process).
-#[derive(Clone, Default)]
-pub struct SharedMemoryClaims(pub Arc<std::sync::Mutex<MemoryClaims>>);
-
-impl Claims for SharedMemoryClaims {
-    fn claim_events(
-        &mut self,
-        candidates: &[Candidate<'_>],
-    ) -> Result<Vec<ClaimOutcome>, ClaimError> {
-        self.0
-            .lock()
-            .map_err(|_| ClaimError::Unavailable("claims lock poisoned".to_owned()))?
-            .claim_events(candidates)
-    }
-
-    fn claim_voids(&mut self, voids: &[VoidCandidate]) -> Result<Vec<Option<Event>>, ClaimError> {
-        self.0
-            .lock()
-            .map_err(|_| ClaimError::Unavailable("claims lock poisoned".to_owned()))?
-            .claim_voids(voids)
-    }
 }

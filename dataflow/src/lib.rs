@@ -20,7 +20,7 @@
 //! | file | owns |
 //! |---|---|
 //! | `source.rs` | the Kafka reader threads: deterministic partition assignment, start offsets, catch-up |
-//! | `classify.rs` | decode, validate and claim (dedup, voids) on the reader threads; [`Claims`](classify::Claims) |
+//! | `classify.rs` | decode, validate and claim (dedup, voids) on the reader threads; the claim store is `meterflow_model::claims` |
 //! | `meters.rs` | [`MeterRegistry`](meters::MeterRegistry): the meters in force, reloadable; no default meter on a meter's name |
 //! | `operators.rs` | `build`: the dataflow graph, one small named operator per step |
 //! | `rating.rs` | `rate`: window usage + price books → period-to-date window charges (SPEC §5) |
@@ -49,7 +49,7 @@ pub mod source;
 pub mod usage;
 pub mod worker;
 
-pub use classify::{Claims, MemoryClaims, SharedWatermark};
+pub use classify::SharedWatermark;
 pub use commit::{SinkChannels, SinkUpdate, WatermarkConfig};
 pub use meters::MeterRegistry;
 pub use operators::{GraphContext, RatingInputs};

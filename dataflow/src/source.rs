@@ -9,6 +9,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
+use meterflow_model::claims::Claims;
+use meterflow_model::wire::{RecordKindHeader, KIND_HEADER};
 use meterflow_model::{Format, Limits};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -16,7 +18,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::classify::{classify, Claims, SharedWatermark, SourceItem};
+use crate::classify::{classify, SharedWatermark, SourceItem};
 
 /// One Kafka record as read, before decoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,17 +43,17 @@ pub enum RecordKind {
     Void,
 }
 
-/// The header the API sets on the records it writes: `void` or `event`.
-pub const KIND_HEADER: &str = "meterflow-kind";
-
 impl RecordKind {
     fn of(headers: Option<&rdkafka::message::BorrowedHeaders>) -> RecordKind {
         let (mut format, mut accepted) = (Format::Plain, false);
         if let Some(headers) = headers {
             for h in headers.iter() {
                 match (h.key, h.value) {
-                    (KIND_HEADER, Some(b"void")) => return RecordKind::Void,
-                    (KIND_HEADER, Some(b"event")) => accepted = true,
+                    (KIND_HEADER, Some(v)) => match RecordKindHeader::parse(v) {
+                        Some(RecordKindHeader::Void) => return RecordKind::Void,
+                        Some(RecordKindHeader::Event) => accepted = true,
+                        None => {}
+                    },
                     ("content-type", Some(v)) => {
                         format = Format::of_content_type(std::str::from_utf8(v).ok())
                     }

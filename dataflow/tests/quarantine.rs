@@ -9,13 +9,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meterflow_dataflow::classify::{classify, new_watermark, SharedMemoryClaims};
+use meterflow_dataflow::classify::{classify, new_watermark};
 use meterflow_dataflow::source::SourceMessage;
 use meterflow_dataflow::worker::RatingFeed;
 use meterflow_dataflow::{
     run_worker, GraphContext, MeterRegistry, RawRecord, RecordKind, SinkChannels, WorkerConfig,
 };
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
+use meterflow_model::claims::SharedMemoryClaims;
 use meterflow_model::{
     Aggregate, AggregateKey, Charge, EpochBatch, Format, Limits, PriceBook, PriceModel, RatingState,
 };

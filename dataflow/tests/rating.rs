@@ -11,12 +11,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meterflow_dataflow::classify::{classify, new_watermark, SharedMemoryClaims};
+use meterflow_dataflow::classify::{classify, new_watermark};
 use meterflow_dataflow::source::{owned_partitions, SourceMessage};
 use meterflow_dataflow::worker::RatingFeed;
 use meterflow_dataflow::{
     run_worker, GraphContext, MeterRegistry, RawRecord, RecordKind, SinkChannels, WorkerConfig,
 };
+use meterflow_model::claims::SharedMemoryClaims;
 use meterflow_model::{
     period_of, Aggregate, AggregateKey, Aggregation, Charge, EpochBatch, Format, Item, Limits,
     Meter, PriceBook, PriceModel, RatingState, Tier, Window,

@@ -13,7 +13,8 @@
 use std::sync::atomic::AtomicI64;
 
 use libfuzzer_sys::fuzz_target;
-use meterflow_dataflow::classify::{classify, Classified, MemoryClaims};
+use meterflow_dataflow::classify::{classify, Classified};
+use meterflow_model::claims::MemoryClaims;
 use meterflow_dataflow::{RawRecord, RecordKind};
 use meterflow_model::{decode_as, Aggregation, Format, Limits, Meter, MeterSet, Window};
 

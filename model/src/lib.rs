@@ -11,6 +11,8 @@
 //! | `invoice.rs` | [`Customer`], [`Invoice`]: issued invoices, lines, adjustments; the invoice math: lines rounded once, minimum top-ups, corrections (SPEC §6) |
 //! | `money.rs` | checked money arithmetic and the one rounding to a currency's minor unit |
 //! | `batch.rs` | [`EpochBatch`]: what one completed epoch hands the sink |
+//! | `claims.rs` | the claim-store port ([`claims::Claims`]) the Kafka readers call, and its in-memory reference |
+//! | `wire.rs` | the Kafka wire format between the API and the pipeline: key, `meterflow-kind` header, void record |
 //! | `json.rs` | exact decimals in JSON: numbers with their digits, never through f64 |
 //!
 //! Data never reaches a panic: outside tests, this crate may not unwrap, expect, index or do unchecked
@@ -27,6 +29,7 @@
 
 pub mod aggregate;
 pub mod batch;
+pub mod claims;
 pub mod event;
 pub mod invoice;
 pub mod json;
@@ -34,6 +37,7 @@ pub mod meter;
 pub mod money;
 pub mod price;
 pub mod window;
+pub mod wire;
 
 pub use aggregate::{Aggregate, AggregateKey};
 pub use batch::{

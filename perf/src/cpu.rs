@@ -99,6 +99,16 @@ fn sample(target: Option<u32>) -> HashMap<u64, (String, u64)> {
     out
 }
 
+/// Takes `next`'s ticks into `last`, keeping a process's first label: a backend that exits has an
+/// empty command line in its last sample (it would read as the postmaster), but its ticks still count.
+fn merge(last: &mut HashMap<u64, (String, u64)>, next: HashMap<u64, (String, u64)>) {
+    for (id, (label, ticks)) in next {
+        last.entry(id)
+            .and_modify(|(_, t)| *t = ticks)
+            .or_insert((label, ticks));
+    }
+}
+
 /// A sampler running until [`CpuWatch::finish`].
 pub struct CpuWatch {
     stop: Arc<AtomicBool>,
@@ -115,9 +125,9 @@ impl CpuWatch {
             let mut last = first.clone();
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(200));
-                last.extend(sample(target));
+                merge(&mut last, sample(target));
             }
-            last.extend(sample(target));
+            merge(&mut last, sample(target));
             let mut used: HashMap<String, u64> = HashMap::new();
             for (id, (label, ticks)) in last {
                 let before = first.get(&id).map_or(0, |(_, t)| *t);

@@ -28,7 +28,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use meterflow_dataflow::classify::{Candidate, ClaimError, ClaimOutcome, Claims, VoidCandidate};
+use meterflow_model::claims::{Candidate, ClaimError, ClaimOutcome, Claims, VoidCandidate};
 use meterflow_model::{DuplicateKind, Event};
 use rust_decimal::Decimal;
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
