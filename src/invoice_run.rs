@@ -1,5 +1,5 @@
 //! `meterflow invoice-run --period 2024-01`: every registered customer's invoice for a period, through
-//! the same `sinks::invoice_runs` code as `POST /api/v1/invoice-runs`, with a progress bar on stderr
+//! the same `store::invoice_runs` code as `POST /api/v1/invoice-runs`, with a progress bar on stderr
 //! and a summary on stdout. An unfinished run of the period (this command or the API was killed) is
 //! resumed rather than started again.
 
@@ -7,8 +7,8 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use meterflow_sinks::invoice_runs::{self as runs, RunError, RunOptions, RunStatus};
-use meterflow_sinks::invoices::{self, Period};
+use meterflow_store::invoice_runs::{self as runs, RunError, RunOptions, RunStatus};
+use meterflow_store::invoices::{self, Period};
 use sqlx::{Connection, PgConnection};
 
 #[derive(Debug, clap::Args)]

@@ -18,7 +18,8 @@ use meterflow_dataflow::{
     WorkerConfig,
 };
 use meterflow_model::{Limits, Meter, PriceBook};
-use meterflow_sinks::{price_books, store, PgClaims};
+use meterflow_sinks::{restore, PgClaims};
+use meterflow_store::{meters, price_books};
 use sqlx::{Connection, PgConnection};
 
 use crate::config::Config;
@@ -170,14 +171,14 @@ fn run_once(
                 )
             })?;
             for meter in &file_meters {
-                match store::create_meter(&mut conn, meter).await? {
-                    store::MeterCreated::Created | store::MeterCreated::Identical => {}
-                    store::MeterCreated::Different => anyhow::bail!(
+                match meters::create_meter(&mut conn, meter).await? {
+                    meters::MeterCreated::Created | meters::MeterCreated::Identical => {}
+                    meters::MeterCreated::Different => anyhow::bail!(
                     "meter {} in the meters file differs from the stored one; meters are immutable \
                      once created: give the new definition another name",
                     meter.meter
                 ),
-                    store::MeterCreated::Collides(why) => {
+                    meters::MeterCreated::Collides(why) => {
                         anyhow::bail!("meter {} in the meters file: {why}", meter.meter)
                     }
                 }
@@ -192,19 +193,19 @@ fn run_once(
                 )
                 .await?;
                 let lease = meterflow_sinks::acquire_lease(&mut conn, topic).await?;
-                store::set_allowed_lateness(&mut conn, topic, lateness_micros).await?;
+                restore::set_allowed_lateness(&mut conn, topic, lateness_micros).await?;
                 Some(lease)
             } else {
                 None
             };
             let offsets = meterflow_sinks::stored_offsets(&mut conn, topic).await?;
-            let times = store::stored_event_times(&mut conn, topic).await?;
-            let meters = store::load_meters(&mut conn).await?;
+            let times = restore::stored_event_times(&mut conn, topic).await?;
+            let meters = meters::load_meters(&mut conn).await?;
             // Rating needs each period's whole usage: the leader (which alone feeds and commits it) starts
             // from what was committed, read under the lease so nothing commits meanwhile.
             let (rating, resyncs) = if leader {
                 let loaded = Instant::now();
-                let (state, resyncs) = store::load_rating_state(&mut conn, topic).await?;
+                let (state, resyncs) = restore::load_rating_state(&mut conn, topic).await?;
                 let books = price_books::load_price_books(&mut conn).await?;
                 tracing::info!(
                     rows = state.rows.len(),
@@ -215,10 +216,10 @@ fn run_once(
                 );
                 (Some((state, books)), resyncs)
             } else {
-                (None, store::resync_requests(&mut conn, topic).await?)
+                (None, restore::resync_requests(&mut conn, topic).await?)
             };
             if leader {
-                store::resync_done(&mut conn, topic, resyncs).await?;
+                restore::resync_done(&mut conn, topic, resyncs).await?;
             }
             anyhow::Ok((lease, offsets, times, meters, rating, resyncs))
         })?;
@@ -467,7 +468,7 @@ fn spawn_meter_poller(
                 std::thread::sleep(Duration::from_secs(1));
                 let loaded = runtime.block_on(async {
                     let mut conn = PgConnection::connect(&url).await?;
-                    store::load_meters(&mut conn).await
+                    meters::load_meters(&mut conn).await
                 });
                 match loaded {
                     Ok(meters) => {
@@ -733,7 +734,7 @@ fn spawn_resync_watcher(
                         conn = Some(PgConnection::connect(&url).await?);
                     }
                     let c = conn.as_mut().expect("connected above");
-                    store::resync_requests(c, &topic).await
+                    restore::resync_requests(c, &topic).await
                 });
                 match requested {
                     Ok(n) if n != seen => {

@@ -397,7 +397,7 @@ fn meter(name: &str, event_type: &str, aggregation: &str) -> meterflow_model::Me
 /// name of the event type another meter reads.
 #[tokio::test(flavor = "multi_thread")]
 async fn finding_15a_a_meter_named_after_an_event_type_in_use_is_refused() {
-    use meterflow_sinks::store::{create_meter, MeterCreated};
+    use meterflow_store::meters::{create_meter, MeterCreated};
     let url = fresh_database().await;
     let topic = fresh_topic(1).await;
     produce(
@@ -454,7 +454,7 @@ async fn finding_15b_an_event_typed_like_a_meter_name_does_not_add_into_that_met
     let url = fresh_database().await;
     let topic = fresh_topic(1).await;
     let mut conn = connect(&url).await;
-    meterflow_sinks::store::create_meter(&mut conn, &meter("api_calls", "api_call", "count"))
+    meterflow_store::meters::create_meter(&mut conn, &meter("api_calls", "api_call", "count"))
         .await
         .unwrap();
     produce(

@@ -113,7 +113,7 @@ async fn setup(meters: &[Meter]) -> (String, String) {
     let topic = fresh_topic(1).await;
     let mut conn = PgConnection::connect(&url).await.unwrap();
     for m in meters {
-        meterflow_sinks::store::create_meter(&mut conn, m)
+        meterflow_store::meters::create_meter(&mut conn, m)
             .await
             .unwrap();
     }

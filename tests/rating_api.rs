@@ -217,7 +217,7 @@ async fn price_books_round_trip_in_both_shapes_with_exact_decimals() {
 
     // What the pipeline reads: the same books, as the model's types.
     let mut conn = api.pool.acquire().await.unwrap();
-    let books = meterflow_sinks::price_books::load_price_books(&mut conn)
+    let books = meterflow_store::price_books::load_price_books(&mut conn)
         .await
         .unwrap();
     assert_eq!(books.len(), 2);

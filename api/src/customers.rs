@@ -22,8 +22,8 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use meterflow_model::money::is_currency;
 use meterflow_model::{Customer, FieldError};
-use meterflow_sinks::customers::{self, CustomerError, StoredCustomer};
-use meterflow_sinks::invoices::{self as sink, Period};
+use meterflow_store::customers::{self, CustomerError, StoredCustomer};
+use meterflow_store::invoices::{self as sink, Period};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 

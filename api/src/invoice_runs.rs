@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  POST {period: "2024-01"} ─► 422 bad period · 409 PERIOD_NOT_ENDED · 409 INVOICE_RUN_IN_PROGRESS
-//!                           ─► sinks::invoice_runs::create_run (customers snapshotted as items)
+//!                           ─► store::invoice_runs::create_run (customers snapshotted as items)
 //!                           ─► tokio task: execute on a connection of its own ─► 202 {run_id, status}
 //!  sweeper (every 10 s)     ─► unfinished runs nobody holds (their process died) are resumed here
 //!  GET                      ─► status and counts: total, issued, skipped_existing, failed, unregistered
@@ -20,8 +20,8 @@ use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use meterflow_model::FieldError;
-use meterflow_sinks::invoice_runs::{self as runs, RunError, RunOptions, RunStatus};
-use meterflow_sinks::invoices::{self as sink, Period};
+use meterflow_store::invoice_runs::{self as runs, RunError, RunOptions, RunStatus};
+use meterflow_store::invoices::{self as sink, Period};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::{ConnectOptions, PgPool};

@@ -4,7 +4,7 @@
 //! ```text
 //!  POST {customer_id, period_start, period_end}
 //!     ─► a calendar month, UTC (`…T23:59:59.999Z` is the instant that follows, SPEC §12), else 422
-//!     ─► sinks::invoices::issue, one transaction:
+//!     ─► store::invoices::issue, one transaction:
 //!          not registered ─► 404 · ended neither by the clock nor the watermark ─► 409 PERIOD_NOT_ENDED
 //!          already issued (checked under the customer's lock; the unique index is the last guard)
 //!                         ─► 409 INVOICE_ALREADY_EXISTS
@@ -23,8 +23,8 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use meterflow_model::json::decimal_number;
 use meterflow_model::{Adjustment, FieldError, InvoiceError, InvoiceLine, InvoiceStatus, LineKind};
-use meterflow_sinks::customers;
-use meterflow_sinks::invoices::{self as sink, InvoiceFilter, IssueError, Period, StoredInvoice};
+use meterflow_store::customers;
+use meterflow_store::invoices::{self as sink, InvoiceFilter, IssueError, Period, StoredInvoice};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;

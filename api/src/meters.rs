@@ -10,7 +10,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use meterflow_model::Meter;
-use meterflow_sinks::store::{self, MeterCreated};
+use meterflow_store::meters::{self as store, MeterCreated};
 use serde::Serialize;
 
 use crate::error::ApiError;

@@ -4,7 +4,7 @@
 //!  POST body ─► NewPriceBook: unknown fields, wrong JSON types ─► 400 MALFORMED_JSON
 //!            ─► resolve: the seed's shape (metric_type, top-level unit_price, no currency ─► USD),
 //!               exact decimals (numbers or strings), RFC 3339 times, every bad field ─► 422 with its path
-//!            ─► sinks::price_books::create_price_book: the exclusion constraint refuses an overlap
+//!            ─► store::price_books::create_price_book: the exclusion constraint refuses an overlap
 //!               ─► 409 PRICE_BOOK_OVERLAP; else the book and its audit row commit together ─► 201
 //!  PATCH     ─► only model, minimum_per_period, effective_to (anything else ─► 422), same checks,
 //!               audited in the transaction that changes the book
@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use meterflow_model::json::{decimal_number, parse_decimal};
 use meterflow_model::money::is_currency;
 use meterflow_model::{FieldError, Meter, PriceBook, PriceModel, Tier};
-use meterflow_sinks::price_books::{self, BookFilter, PriceBookError, StoredPriceBook};
+use meterflow_store::price_books::{self, BookFilter, PriceBookError, StoredPriceBook};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};

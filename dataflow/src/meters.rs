@@ -6,7 +6,7 @@
 //! default meter, which is named after the type, so an event whose type is the *name* of a meter that
 //! reads another type would add into that meter's rows. Such an event gets no default meter here (it
 //! is claimed, and contributes to nothing); creating a meter named after an event type in use is
-//! refused on the other side (`sinks::store::create_meter`).
+//! refused on the other side (`store::meters::create_meter`).
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};

@@ -40,20 +40,4 @@ impl From<sqlx::Error> for SinkError {
     }
 }
 
-/// Connection-level failures and SQLSTATE classes 08 (connection), 40 (rollback), 53 (resources),
-/// 57 (operator intervention: shutdown, admin terminate) are worth retrying.
-pub fn is_transient(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => {
-            let code = db.code().unwrap_or_default();
-            ["08", "40", "53", "57"]
-                .iter()
-                .any(|class| code.starts_with(class))
-        }
-        _ => false,
-    }
-}
+pub use meterflow_store::is_transient;

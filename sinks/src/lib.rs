@@ -1,19 +1,16 @@
-//! Postgres: where results become durable. Knows nothing of timely or axum.
+//! Postgres for the pipeline's own tables: where results become durable. Knows nothing of timely or
+//! axum; what the API and the jobs own (customers, meters, price books, invoices) is `meterflow_store`.
 //!
 //! | file | owns |
 //! |---|---|
 //! | `claims.rs` | [`PgClaims`]: durable dedup and voids on `event_ids`, called by the Kafka readers |
-//! | `copy_text.rs` | `COPY`'s text format: fields, times, `bytea`, raw event rows (the claims fast path and the API's group commit) |
+//! | `copy_text.rs` | `COPY`'s text format: fields, times, raw event rows (the claims fast path; perf's e2e and floor) |
 //! | `metrics.rs` | the pipeline's Prometheus metrics |
 //! | `epoch.rs` | the epoch sink: one fenced transaction per batch of completed epochs, results + offsets together; quarantined rows and periods |
 //! | `lease.rs` | the writer lease (fencing generation) and the stored source offsets a restart resumes from |
+//! | `restore.rs` | the event-time progress and the rating state a restart goes on from; re-rating's resync requests |
 //! | `source.rs` | one events topic per database, anchors that tell a recreated topic, retention gaps, the source reset |
-//! | `store.rs` | meters (names disjoint from event types), the event-time progress and the rating state a restart goes on from |
-//! | `price_books.rs` | price books: created and edited with an audit row each, loaded for rating |
 //! | `rerating.rs` | re-rating jobs: recompute a scope from raw events, correct rows, charges, upcoming lines |
-//! | `customers.rs` | customers: registered, listed, edited (the currency only before the first invoice) |
-//! | `invoices.rs` | issuing (gapless numbers, lines, top-ups, adjustments; one issued invoice per period), voids, reads, the upcoming invoice |
-//! | `invoice_runs.rs` | invoice runs: every registered customer's invoice for a period, in batches, resumable |
 //! | `error.rs` | [`SinkError`], classified transient (retry) or permanent (stop) |
 //!
 //! Data never reaches a panic: outside tests this crate may not unwrap, expect or index (the lints
@@ -45,17 +42,13 @@
 
 pub mod claims;
 pub mod copy_text;
-pub mod customers;
 pub mod epoch;
 pub mod error;
-pub mod invoice_runs;
-pub mod invoices;
 pub mod lease;
 pub mod metrics;
-pub mod price_books;
 pub mod rerating;
+pub mod restore;
 pub mod source;
-pub mod store;
 
 pub use claims::PgClaims;
 pub use epoch::{spawn_writer, WriterSummary};

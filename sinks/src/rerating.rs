@@ -27,7 +27,7 @@ use meterflow_model::{
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection, Row};
 
-use crate::{price_books, store};
+use meterflow_store::{meters, price_books};
 
 /// What a job covers: customers (empty: all) and a half-open time range, microseconds.
 #[derive(Clone, Debug)]
@@ -70,7 +70,7 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *snapshot)
         .await?;
-    let meters = store::load_meters(&mut snapshot).await?;
+    let meters = meters::load_meters(&mut snapshot).await?;
     let multiset: BTreeSet<String> = meters
         .iter()
         .filter(|m| {

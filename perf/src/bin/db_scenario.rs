@@ -328,7 +328,7 @@ fn queries() -> Vec<SqlQuery> {
 }
 
 /// The SQL the API runs for the timed GETs (api/src/aggregations.rs, api/src/charges.rs,
-/// sinks/src/invoices.rs `list_invoices` / `get_invoice` + `with_details`), with the parameters of a
+/// store/src/invoices.rs `list_invoices` / `get_invoice` + `with_details`), with the parameters of a
 /// customer-scoped GET.
 fn api_queries() -> Vec<SqlQuery> {
     vec![

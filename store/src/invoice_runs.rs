@@ -21,8 +21,8 @@
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, Row};
 
-use crate::error::is_transient;
 use crate::invoices::{self, Period, ONE_ISSUED_PER_PERIOD};
+use crate::is_transient;
 
 /// The unique index that allows one unfinished run per period.
 pub const ONE_ACTIVE_PER_PERIOD: &str = "invoice_runs_one_active_per_period";

@@ -1,0 +1,143 @@
+//! Meters in Postgres: the ones in force, listed, and registered (a name is never an event type, and a
+//! meter, once stored, is never redefined in place).
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use meterflow_model::{Aggregation, Meter, Window};
+use sqlx::{PgConnection, Row};
+
+/// The meters in force (not archived).
+pub async fn load_meters(conn: &mut PgConnection) -> Result<Vec<Meter>, sqlx::Error> {
+    Ok(list_meters(conn, None)
+        .await?
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect())
+}
+
+/// The meters in force with their creation time, all or the one named.
+pub async fn list_meters(
+    conn: &mut PgConnection,
+    name: Option<&str>,
+) -> Result<Vec<(Meter, DateTime<Utc>)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT meter, event_type, aggregation, value_property, \"window\", created_at
+         FROM meters WHERE archived_at IS NULL AND ($1::text IS NULL OR meter = $1) ORDER BY meter",
+    )
+    .bind(name)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let meter = Meter {
+                meter: r.try_get(0)?,
+                event_type: r.try_get(1)?,
+                aggregation: parse_aggregation(r.try_get(2)?)?,
+                value_property: r.try_get(3)?,
+                window: parse_window(r.try_get(4)?)?,
+            };
+            Ok((meter, r.try_get(5)?))
+        })
+        .collect()
+}
+
+/// What creating a meter did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeterCreated {
+    Created,
+    /// The same definition existed: nothing changed.
+    Identical,
+    /// Another definition has that name: meters are immutable, nothing changed.
+    Different,
+    /// The name is an event type in use (finding 15): events of that type have rows under their
+    /// default meter, which is named after the type, or another meter reads that type. Meter names
+    /// and event types are disjoint; nothing changed.
+    Collides(String),
+}
+
+/// Creates a meter unless one of that name exists, or the name is an event type in use (see
+/// [`MeterCreated::Collides`]; the dataflow keeps the other direction: an event whose type is a meter's
+/// name gets no default meter, `dataflow/src/meters.rs`).
+pub async fn create_meter(
+    conn: &mut PgConnection,
+    meter: &Meter,
+) -> Result<MeterCreated, sqlx::Error> {
+    let existing = list_meters(conn, Some(&meter.meter)).await?;
+    if !existing.is_empty() {
+        return Ok(if existing.iter().any(|(m, _)| m == meter) {
+            MeterCreated::Identical
+        } else {
+            MeterCreated::Different
+        });
+    }
+    let (history, read_by): (bool, Option<String>) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM aggregations WHERE meter = $1),
+                (SELECT min(meter) FROM meters
+                 WHERE archived_at IS NULL AND event_type = $1 AND $1 <> $2)",
+    )
+    .bind(&meter.meter)
+    .bind(&meter.event_type)
+    .fetch_one(&mut *conn)
+    .await?;
+    if history {
+        return Ok(MeterCreated::Collides(format!(
+            "events of type {0} are stored under their default meter, which is named {0}: a meter \
+             named {0} would reinterpret them; choose another name",
+            meter.meter
+        )));
+    }
+    if let Some(other) = read_by {
+        return Ok(MeterCreated::Collides(format!(
+            "meter {other} reads event type {0}: meter names and event types must differ; choose \
+             another name",
+            meter.meter
+        )));
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO meters (meter, event_type, aggregation, value_property, \"window\")
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT ON CONSTRAINT meters_pkey DO NOTHING",
+    )
+    .bind(&meter.meter)
+    .bind(&meter.event_type)
+    .bind(meter.aggregation.as_str())
+    .bind(&meter.value_property)
+    .bind(window_name(meter.window))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(MeterCreated::Created);
+    }
+    let existing = list_meters(conn, Some(&meter.meter)).await?;
+    Ok(if existing.iter().any(|(m, _)| m == meter) {
+        MeterCreated::Identical
+    } else {
+        MeterCreated::Different
+    })
+}
+
+pub fn window_name(w: Window) -> &'static str {
+    match w {
+        Window::Minute => "minute",
+        Window::Hour => "hour",
+        Window::Day => "day",
+    }
+}
+
+fn parse_window(s: String) -> Result<Window, sqlx::Error> {
+    match s.as_str() {
+        "minute" => Ok(Window::Minute),
+        "hour" => Ok(Window::Hour),
+        "day" => Ok(Window::Day),
+        other => Err(sqlx::Error::Decode(
+            format!("unknown window {other}").into(),
+        )),
+    }
+}
+
+fn parse_aggregation(s: String) -> Result<Aggregation, sqlx::Error> {
+    serde_json::Value::from_str(&format!("\"{s}\""))
+        .and_then(serde_json::from_value)
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
