@@ -54,12 +54,7 @@ const FORBIDDEN: &[(&str, &str, &str)] = &[
 ];
 
 /// Forbidden arrows that still exist, each with why; remove the entry with the arrow.
-const NOT_YET_REMOVED: &[(&str, &str, &str)] = &[(
-    "api",
-    "sinks",
-    "POST /api/v1/rerating-jobs runs the re-rating executor (meterflow_sinks::rerating) in the API \
-     process; it moves to the pipeline leader (issue 16)",
-)];
+const NOT_YET_REMOVED: &[(&str, &str, &str)] = &[];
 
 /// The crate every other may use, and `perf`, which no crate may use.
 const MODEL: &str = "model";

@@ -15,7 +15,7 @@
 //! | `customers.rs` | `POST|GET /api/v1/customers`, `GET|PATCH /api/v1/customers/{id}`, `GET …/{id}/upcoming-invoice` |
 //! | `invoices.rs` | `POST|GET /api/v1/invoices`, `GET /api/v1/invoices/{id}`, `POST …/{id}/void`, `GET …/{id}/document` |
 //! | `invoice_runs.rs` | `POST /api/v1/invoice-runs`, `GET /api/v1/invoice-runs/{id}`, background runs and their sweeper |
-//! | `rerating.rs` | `POST /api/v1/rerating-jobs`, `GET /api/v1/rerating-jobs/{id}` and the job runner |
+//! | `rerating.rs` | `POST /api/v1/rerating-jobs`, `GET /api/v1/rerating-jobs/{id}`: queued here, run beside the API by `meterflow_sinks::rerating_jobs` |
 //! | `page.rs` | list envelopes, page sizes, cursors |
 //! | `time.rs` | RFC 3339 instants, and `…T23:59:59.999Z` as the exclusive end that follows |
 //! | `error.rs` | [`ApiError`] → problem+json |
@@ -229,7 +229,8 @@ pub struct Shared {
     pub ingester: ingest::Ingester,
     /// The API's slots: how many requests are served at once, and how long one may wait for a slot.
     pub admission: Arc<admission::Admission>,
-    /// Wakes the re-rating runner when a job is queued.
+    /// Wakes the re-rating runner (`meterflow_sinks::rerating_jobs::runner`, which the process that
+    /// serves the API runs beside it) when a job is queued.
     pub rerating_wake: Arc<tokio::sync::Notify>,
     pub settings: Settings,
     /// Verified keys and rate-limit buckets.
@@ -288,10 +289,6 @@ impl AppState {
             gate: Arc::new(auth::Gate::default()),
             ready: Arc::default(),
         }));
-        tokio::spawn(rerating::runner(
-            state.pool.clone(),
-            state.rerating_wake.clone(),
-        ));
         tokio::spawn(invoice_runs::sweep_unfinished(state.pool.clone()));
         let _ = state_tx.send(state.clone());
         state

@@ -11,6 +11,7 @@
 //! | `restore.rs` | the event-time progress and the rating state a restart goes on from; re-rating's resync requests |
 //! | `source.rs` | one events topic per database, anchors that tell a recreated topic, retention gaps, the source reset |
 //! | `rerating.rs` | re-rating jobs: recompute a scope from raw events, correct rows, charges, upcoming lines |
+//! | `rerating_jobs.rs` | the runner that executes queued re-rating jobs, one at a time, with a session lock each |
 //! | `error.rs` | [`SinkError`], classified transient (retry) or permanent (stop) |
 //!
 //! Data never reaches a panic: outside tests this crate may not unwrap, expect or index (the lints
@@ -47,6 +48,7 @@ pub mod error;
 pub mod lease;
 pub mod metrics;
 pub mod rerating;
+pub mod rerating_jobs;
 pub mod restore;
 pub mod source;
 

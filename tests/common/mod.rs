@@ -374,6 +374,11 @@ pub async fn spawn_api_with(settings: meterflow_api::Settings) -> TestApi {
     let producer = meterflow_api::producer_config(BROKERS).create().unwrap();
     let state =
         meterflow_api::AppState::with_settings(pool.clone(), producer, topic.clone(), settings);
+    // As `meterflow api` does: the re-rating jobs the API queues run beside it.
+    tokio::spawn(meterflow_sinks::rerating_jobs::runner(
+        pool.clone(),
+        state.rerating_wake.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(meterflow_api::serve(
