@@ -3,8 +3,8 @@
 //! the API (woken through [`AppState::rerating_wake`](crate::AppState)).
 //!
 //! A job whose scope (customers × time) overlaps a pending or running one is refused with 409
-//! `RERATING_IN_PROGRESS`: the check and the insert run under a table lock, so of two concurrent
-//! requests exactly one wins. Once a job finishes, the same scope can be started again.
+//! `RERATING_IN_PROGRESS` (`meterflow_store::rerating_jobs::queue`: of two concurrent requests exactly
+//! one wins). Once a job finishes, the same scope can be started again.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -15,11 +15,11 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use meterflow_model::json::decimal_number;
 use meterflow_model::FieldError;
+use meterflow_store::rerating_jobs::{self as jobs, Queued};
 use rand::Rng;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sqlx::{Connection, Row};
 
 use crate::error::ApiError;
 use crate::time::{exclusive_end, parse_rfc3339};
@@ -55,23 +55,16 @@ pub async fn create(
     let (from, to) = validate(&request)?;
     let job_id = format!("rrj_{:016x}", rand::rng().random::<u64>());
     let mut conn = state.pool.acquire().await?;
-    let mut tx = conn.begin().await?;
-    sqlx::query("LOCK TABLE rerating_jobs IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await?;
-    let busy: Option<String> = sqlx::query_scalar(
-        "SELECT job_id FROM rerating_jobs
-         WHERE status IN ('pending', 'running')
-           AND scope && tstzrange($1, $2, '[)')
-           AND (cardinality(customer_ids) = 0 OR cardinality($3::text[]) = 0 OR customer_ids && $3)
-         LIMIT 1",
+    let reason = request.reason.as_deref().unwrap_or("");
+    if let Queued::Busy(busy) = jobs::queue(
+        &mut conn,
+        &job_id,
+        &request.customer_ids,
+        (from, to),
+        reason,
     )
-    .bind(from)
-    .bind(to)
-    .bind(&request.customer_ids)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(busy) = busy {
+    .await?
+    {
         return Err(ApiError::Conflict(
             "RERATING_IN_PROGRESS",
             format!(
@@ -80,18 +73,6 @@ pub async fn create(
             ),
         ));
     }
-    sqlx::query(
-        "INSERT INTO rerating_jobs (job_id, customer_ids, scope, reason)
-         VALUES ($1, $2, tstzrange($3, $4, '[)'), $5)",
-    )
-    .bind(&job_id)
-    .bind(&request.customer_ids)
-    .bind(from)
-    .bind(to)
-    .bind(request.reason.as_deref().unwrap_or(""))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
     state.rerating_wake.notify_one();
     Ok((
         StatusCode::ACCEPTED,
@@ -146,33 +127,27 @@ pub async fn get(
     State(state): State<AppState>,
     Path(job_id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let row = sqlx::query(
-        "SELECT job_id, customer_ids, lower(scope), upper(scope), reason, status, windows_checked,
-                windows_changed, amount_before, amount_after, error, created_at, started_at, finished_at
-         FROM rerating_jobs WHERE job_id = $1",
-    )
-    .bind(&job_id)
-    .fetch_optional(&state.pool)
-    .await?
-    .ok_or(ApiError::NotFound)?;
+    let job = jobs::get(&state.pool, &job_id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     let money = |d: Option<Decimal>| d.map(|d| Value::Number(decimal_number(&d)));
     let time = |t: Option<DateTime<Utc>>| {
         t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
     };
     Ok(Json(json!({
-        "job_id": row.try_get::<String, _>(0)?,
-        "customer_ids": row.try_get::<Vec<String>, _>(1)?,
-        "from": time(row.try_get(2)?),
-        "to": time(row.try_get(3)?),
-        "reason": row.try_get::<String, _>(4)?,
-        "status": row.try_get::<String, _>(5)?,
-        "windows_checked": row.try_get::<i64, _>(6)?,
-        "windows_changed": row.try_get::<i64, _>(7)?,
-        "amount_before": money(row.try_get(8)?),
-        "amount_after": money(row.try_get(9)?),
-        "error": row.try_get::<Option<String>, _>(10)?,
-        "created_at": time(row.try_get(11)?),
-        "started_at": time(row.try_get(12)?),
-        "finished_at": time(row.try_get(13)?),
+        "job_id": job.job_id,
+        "customer_ids": job.customer_ids,
+        "from": time(job.from),
+        "to": time(job.to),
+        "reason": job.reason,
+        "status": job.status,
+        "windows_checked": job.windows_checked,
+        "windows_changed": job.windows_changed,
+        "amount_before": money(job.amount_before),
+        "amount_after": money(job.amount_after),
+        "error": job.error,
+        "created_at": time(job.created_at),
+        "started_at": time(job.started_at),
+        "finished_at": time(job.finished_at),
     })))
 }

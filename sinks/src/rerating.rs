@@ -29,25 +29,7 @@ use sqlx::{Connection, PgConnection, Row};
 
 use meterflow_store::{meters, price_books};
 
-/// What a job covers: customers (empty: all) and a half-open time range, microseconds.
-#[derive(Clone, Debug)]
-pub struct Scope {
-    pub customer_ids: Vec<String>,
-    pub from_micros: i64,
-    pub to_micros: i64,
-}
-
-/// What a job found and did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
-    /// Rows (windows of a meter) compared, and charges compared.
-    pub windows_checked: u64,
-    /// Rows or charges that differed and were corrected.
-    pub windows_changed: u64,
-    /// Σ charge amounts of the scope's periods before and after.
-    pub amount_before: Decimal,
-    pub amount_after: Decimal,
-}
+pub use meterflow_store::rerating_jobs::{Outcome, Scope};
 
 const DAY: i64 = 86_400;
 

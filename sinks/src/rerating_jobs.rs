@@ -1,5 +1,5 @@
 //! The runner of re-rating jobs: it takes the jobs `POST /api/v1/rerating-jobs` queued in
-//! `rerating_jobs`, oldest first, runs each through [`rerating::rerate`], waits for the running pipeline
+//! `rerating_jobs` (through `meterflow_store::rerating_jobs`, the table's one writer), oldest first, runs each through [`rerating::rerate`], waits for the running pipeline
 //! to reload what the job corrected, and records the outcome on the job.
 //!
 //! ```text
@@ -10,9 +10,10 @@
 
 use std::time::Duration;
 
-use sqlx::{PgPool, Row};
+use meterflow_store::rerating_jobs as jobs;
+use sqlx::PgPool;
 
-use crate::rerating::{self, Scope};
+use crate::rerating;
 
 /// Runs pending jobs one at a time, oldest first, for as long as its process runs. Woken by new jobs, and
 /// every second in case another API instance queued one. The runner of a job holds a session lock on it
@@ -42,12 +43,7 @@ const UNLOCK_JOB: &str = "SELECT pg_advisory_unlock(hashtext('meterflow.rerating
 /// Claims and runs the oldest job that is pending, or running without a runner; false when there is
 /// none.
 async fn run_next(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    let candidates: Vec<String> = sqlx::query_scalar(
-        "SELECT job_id FROM rerating_jobs WHERE status IN ('pending', 'running')
-         ORDER BY created_at LIMIT 20",
-    )
-    .fetch_all(pool)
-    .await?;
+    let candidates = jobs::unfinished(pool).await?;
     if candidates.is_empty() {
         return Ok(false);
     }
@@ -89,23 +85,8 @@ async fn claim_and_run(
     conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
     job_id: &str,
 ) -> Result<bool, sqlx::Error> {
-    let claimed = sqlx::query(
-        "UPDATE rerating_jobs SET status = 'running', started_at = now()
-         WHERE job_id = $1 AND status IN ('pending', 'running')
-         RETURNING job_id, customer_ids, (extract(epoch FROM lower(scope)) * 1000000)::bigint,
-                   (extract(epoch FROM upper(scope)) * 1000000)::bigint",
-    )
-    .bind(job_id)
-    .fetch_optional(&mut **conn)
-    .await?;
-    let Some(row) = claimed else {
+    let Some(scope) = jobs::claim(conn, job_id).await? else {
         return Ok(false);
-    };
-    let job_id: String = row.try_get(0)?;
-    let scope = Scope {
-        customer_ids: row.try_get(1)?,
-        from_micros: row.try_get(2)?,
-        to_micros: row.try_get(3)?,
     };
     // A job reads far more than a request: the pool's statement timeout (api.statement_timeout_ms)
     // does not apply to it. The caller RESETs it before the connection goes back.
@@ -128,28 +109,11 @@ async fn claim_and_run(
                 );
             }
             tracing::info!(job_id, ?outcome, "re-rating job succeeded");
-            sqlx::query(
-                "UPDATE rerating_jobs SET status = 'succeeded', finished_at = now(), windows_checked = $2,
-                        windows_changed = $3, amount_before = $4, amount_after = $5
-                 WHERE job_id = $1",
-            )
-            .bind(&job_id)
-            .bind(outcome.windows_checked as i64)
-            .bind(outcome.windows_changed as i64)
-            .bind(outcome.amount_before)
-            .bind(outcome.amount_after)
-            .execute(pool)
-            .await?;
+            jobs::succeed(pool, job_id, &outcome).await?;
         }
         Err(e) => {
             tracing::error!(job_id, error = %e, "re-rating job failed");
-            sqlx::query(
-                "UPDATE rerating_jobs SET status = 'failed', finished_at = now(), error = $2 WHERE job_id = $1",
-            )
-            .bind(&job_id)
-            .bind(public_error(&e))
-            .execute(pool)
-            .await?;
+            jobs::fail(pool, job_id, &public_error(&e)).await?;
         }
     }
     Ok(true)

@@ -13,6 +13,7 @@
 //! | `price_books.rs` | `price_books` and their audit rows: created and edited, loaded for rating |
 //! | `customers.rs` | `customers`: registered, listed, edited (the currency only before the first invoice) |
 //! | `invoices.rs` | `invoices` and their lines: issuing (gapless numbers, top-ups, adjustments; one issued invoice per period), voids, reads, the upcoming invoice |
+//! | `rerating_jobs.rs` | `rerating_jobs`: queued (no two unfinished jobs overlap), claimed, finished |
 //! | `invoice_runs.rs` | `invoice_runs`: every registered customer's invoice for a period, in batches, resumable |
 //!
 //! Data never reaches a panic: outside tests this crate may not unwrap, expect or index (the lints
@@ -28,6 +29,7 @@ pub mod invoice_runs;
 pub mod invoices;
 pub mod meters;
 pub mod price_books;
+pub mod rerating_jobs;
 
 /// Connection-level failures and SQLSTATE classes 08 (connection), 40 (rollback), 53 (resources),
 /// 57 (operator intervention: shutdown, admin terminate) are worth retrying.
