@@ -18,8 +18,8 @@ use meterflow_dataflow::{
     WorkerConfig,
 };
 use meterflow_model::{Limits, Meter, PriceBook};
-use meterflow_sinks::{restore, PgClaims};
-use meterflow_store::{meters, price_books};
+use meterflow_sinks::restore;
+use meterflow_store::{meters, price_books, PgClaims};
 use sqlx::{Connection, PgConnection};
 
 use crate::config::Config;

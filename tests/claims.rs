@@ -7,7 +7,7 @@ mod common;
 
 use meterflow_model::claims::{Candidate, ClaimOutcome, Claims};
 use meterflow_model::{DuplicateKind, Event};
-use meterflow_sinks::claims::PgClaims;
+use meterflow_store::claims::PgClaims;
 use rust_decimal::Decimal;
 
 /// Events whose text needs `COPY`'s escapes: tabs, newlines and backslashes, and non-ASCII.
@@ -42,8 +42,8 @@ fn candidates(events: &[Event], offset: i64, accepted: bool) -> Vec<Candidate<'_
 /// (batches by the fast path, fallbacks): process-wide counters, so one test reads them.
 fn paths() -> (u64, u64) {
     (
-        meterflow_sinks::metrics::CLAIM_FAST_BATCHES.get(),
-        meterflow_sinks::metrics::CLAIM_FALLBACKS.get(),
+        meterflow_store::metrics::CLAIM_FAST_BATCHES.get(),
+        meterflow_store::metrics::CLAIM_FALLBACKS.get(),
     )
 }
 

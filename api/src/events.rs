@@ -20,10 +20,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{SecondsFormat, Utc};
-use meterflow_model::wire::{RecordKindHeader, VoidRecord, KIND_HEADER};
+use meterflow_model::wire::{RecordKindHeader, KIND_HEADER};
 use meterflow_model::{
     decode_as, sniff_event_id, split_batch, DecodeError, Format, Limits, DEFAULT_RETENTION_MICROS,
 };
+use meterflow_store::events;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Serialize;
@@ -141,7 +142,7 @@ pub async fn post_batch(
     }
     // An invalid item whose id is known is a duplicate (SPEC §3): one query for all of them.
     let ids: Vec<String> = invalid.iter().map(|(_, id)| id.clone()).collect();
-    let known = crate::ingest::answered_duplicates(&state.pool, &ids).await?;
+    let known = events::answered_duplicates(&state.pool, &ids).await?;
     for (index, id) in invalid {
         if known.contains(&id) {
             if let Some(outcome) = outcomes.get_mut(index) {
@@ -224,62 +225,26 @@ pub async fn void_event(
     // The void request and its outbox row commit together: a void is "requested" only once it is
     // sure to reach the pipeline, so a retry after any failure here finds nothing requested and tries
     // again, and "voided" always means a void record exists.
-    let mut tx = state.pool.begin().await?;
-    let row: Option<(String, bool)> = sqlx::query_as(
-        "WITH target AS (
-             SELECT e.event_id, t.customer_id, e.void_requested_at IS NOT NULL AS already
-             FROM event_ids e JOIN telemetry_events t ON t.event_id = e.event_id AND t.event_time = e.event_time
-             WHERE e.event_id = $1
-             FOR UPDATE OF e
-         ), requested AS (
-             UPDATE event_ids e SET void_requested_at = now()
-             FROM target WHERE e.event_id = target.event_id AND NOT target.already
-             RETURNING e.event_id
-         )
-         SELECT customer_id, already FROM target",
-    )
-    .bind(&event_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((customer_id, already)) = row else {
+    let Some(void) = events::request_void(&state.pool, &event_id).await? else {
         return Err(ApiError::NotFound);
     };
-    if already {
+    if void.already {
         return Ok((
             StatusCode::OK,
             Json(serde_json::json!({"event_id": event_id, "status": "voided"})),
         ));
     }
-    let payload = serde_json::to_vec(&VoidRecord {
-        event_id: event_id.clone(),
-        customer_id: customer_id.clone(),
-    })
-    .unwrap_or_default();
-    // Outbox first: once the request is acknowledged, the void reaches the pipeline.
-    sqlx::query(
-        "INSERT INTO event_outbox (event_id, kind, payload, customer_id) VALUES ($1, 'void', $2, $3)
-         ON CONFLICT ON CONSTRAINT event_outbox_pkey DO NOTHING",
-    )
-    .bind(&event_id)
-    .bind(&payload)
-    .bind(&customer_id)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
     if publish(
         &state,
-        &customer_id,
-        &payload,
+        &void.customer_id,
+        &void.payload,
         RecordKindHeader::Void,
         Utc::now().timestamp_millis(),
     )
     .await
     .is_ok()
     {
-        let _ = sqlx::query("DELETE FROM event_outbox WHERE event_id = $1 AND kind = 'void'")
-            .bind(&event_id)
-            .execute(&state.pool)
-            .await;
+        let _ = events::forget_void(&state.pool, &event_id).await;
     }
     // If Kafka did not answer, the relay delivers the void from the outbox.
     Ok((
@@ -293,13 +258,13 @@ pub async fn void_event(
 async fn refusal(state: &AppState, body: &[u8], e: DecodeError) -> ApiError {
     if let Some(id) = sniff_event_id(body) {
         let ids = [id];
-        match crate::ingest::answered_duplicates(&state.pool, &ids).await {
+        match events::answered_duplicates(&state.pool, &ids).await {
             Ok(known) if !known.is_empty() => {
                 let [id] = ids;
                 return ApiError::DuplicateEvent(id);
             }
             Ok(_) => {}
-            Err(e) => return e,
+            Err(e) => return ApiError::from(e),
         }
     }
     decode_error(e)

@@ -23,7 +23,7 @@ use std::time::Duration;
 use chrono::Utc;
 use meterflow_model::wire::RecordKindHeader;
 use meterflow_model::Event;
-use rust_decimal::Decimal;
+use meterflow_store::events;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::{ApiError, Overload};
@@ -242,7 +242,10 @@ async fn answer_copies(state: &AppState, copies: Vec<Request>) -> Vec<Request> {
         return copies;
     }
     let ids: Vec<String> = copies.iter().map(|r| r.event.event_id.clone()).collect();
-    let answered = match answered_duplicates(&state.ingest_pool, &ids).await {
+    let answered = match events::answered_duplicates(&state.ingest_pool, &ids)
+        .await
+        .map_err(ApiError::from)
+    {
         Ok(answered) => answered,
         Err(e) => {
             for r in copies {
@@ -268,35 +271,6 @@ async fn answer_copies(state: &AppState, copies: Vec<Request>) -> Vec<Request> {
         }
     }
     gone
-}
-
-/// Of `ids`, those that stay known whatever happens to their first copy: they may be answered 409
-/// DUPLICATE_EVENT. An id whose first copy is not yet counted is marked as answered, which keeps it if
-/// Kafka refuses that copy ([`withdraw`]); an id not stored (any more) is left out.
-pub(crate) async fn answered_duplicates(
-    pool: &sqlx::PgPool,
-    ids: &[String],
-) -> Result<HashSet<String>, ApiError> {
-    if ids.is_empty() {
-        return Ok(HashSet::new());
-    }
-    // Rows counted or already marked never go; the others are marked under their row lock, which the
-    // withdrawal's DELETE takes too, so of a mark and a withdrawal exactly one wins.
-    let known: Vec<String> = sqlx::query_scalar(
-        "WITH marked AS (
-             UPDATE event_ids SET duplicate_answered = true
-             WHERE event_id = ANY($1) AND counted_partition IS NULL AND NOT duplicate_answered
-             RETURNING event_id
-         )
-         SELECT event_id FROM marked
-         UNION
-         SELECT event_id FROM event_ids
-         WHERE event_id = ANY($1) AND (counted_partition IS NOT NULL OR duplicate_answered)",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await?;
-    Ok(known.into_iter().collect())
 }
 
 /// Whether an error is the database (or Kafka) being away for now, the same for every event.
@@ -379,64 +353,8 @@ async fn store_once(
     requests: &[Request],
     payloads: &[Vec<u8>],
 ) -> Result<HashSet<String>, sqlx::Error> {
-    if requests.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let n = requests.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut customers = Vec::with_capacity(n);
-    let mut types = Vec::with_capacity(n);
-    let mut times = Vec::with_capacity(n);
-    let mut values: Vec<Decimal> = Vec::with_capacity(n);
-    let mut properties = Vec::with_capacity(n);
-    let mut fingerprints = Vec::with_capacity(n);
-    for r in requests {
-        let e = &r.event;
-        ids.push(e.event_id.as_str());
-        customers.push(e.customer_id.as_str());
-        types.push(e.event_type.as_str());
-        times.push(e.event_time_micros);
-        values.push(e.value);
-        properties.push(e.properties.as_str());
-        fingerprints.push(e.fingerprint());
-    }
-    let stored: Vec<String> = sqlx::query_scalar(
-        "WITH input AS (
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::numeric[], $6::text[],
-                                  $7::bytea[], $8::bigint[])
-               AS u(event_id, customer_id, event_type, micros, value, properties, payload, fingerprint)
-         ), claimed AS (
-             INSERT INTO event_ids (event_id, event_time, fingerprint, source)
-             SELECT event_id, timestamptz 'epoch' + micros * interval '1 microsecond', fingerprint, 'api' FROM input
-             ORDER BY event_id
-             ON CONFLICT ON CONSTRAINT event_ids_pkey DO NOTHING
-             RETURNING event_id
-         ), stored AS (
-             INSERT INTO telemetry_events (event_id, customer_id, event_type, event_time, value, properties)
-             SELECT i.event_id, i.customer_id, i.event_type, timestamptz 'epoch' + i.micros * interval '1 microsecond',
-                    i.value, i.properties::json
-             FROM input i JOIN claimed USING (event_id)
-             ORDER BY i.customer_id, i.event_type
-             RETURNING customer_id, event_type
-         ), noted AS (
-             -- The bound on event types per customer (migration 0016): 22M01 past it.
-             SELECT meterflow_note_event_types(array_agg(customer_id), array_agg(event_type)) FROM stored
-         )
-         INSERT INTO event_outbox (event_id, payload, customer_id)
-         SELECT i.event_id, i.payload, i.customer_id FROM input i JOIN claimed USING (event_id) CROSS JOIN noted
-         RETURNING event_id",
-    )
-    .bind(&ids)
-    .bind(&customers)
-    .bind(&types)
-    .bind(&times)
-    .bind(&values)
-    .bind(&properties)
-    .bind(payloads)
-    .bind(&fingerprints)
-    .fetch_all(&state.ingest_pool)
-    .await?;
-    Ok(stored.into_iter().collect())
+    let events: Vec<&Event> = requests.iter().map(|r| &r.event).collect();
+    events::store_new(&state.ingest_pool, &events, payloads).await
 }
 
 /// What a withdrawal did.
@@ -453,23 +371,10 @@ enum Withdrawal {
 /// failed: the outbox row stays and the relay delivers the event later, which is consistent with a
 /// retry answering 409.
 async fn withdraw(state: &AppState, event: &Event) -> Option<Withdrawal> {
-    let gone: Result<i64, _> = sqlx::query_scalar(
-        "WITH gone AS (
-             DELETE FROM event_ids
-             WHERE event_id = $1 AND counted_partition IS NULL AND NOT duplicate_answered
-             RETURNING event_id
-         ), raw AS (
-             DELETE FROM telemetry_events WHERE event_id IN (SELECT event_id FROM gone) AND event_time = $2
-         )
-         SELECT count(*) FROM gone",
-    )
-    .bind(&event.event_id)
-    .bind(event.event_time())
-    .fetch_one(&state.pool)
-    .await;
+    let gone = events::withdraw(&state.pool, event).await;
     match gone {
-        Ok(0) => Some(Withdrawal::Kept),
-        Ok(_) => Some(Withdrawal::Gone),
+        Ok(false) => Some(Withdrawal::Kept),
+        Ok(true) => Some(Withdrawal::Gone),
         Err(e) => {
             tracing::warn!(event_id = %event.event_id, error = %e, "cannot withdraw the event; the relay delivers it");
             None

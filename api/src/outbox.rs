@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use meterflow_store::events;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::sync::mpsc;
 
 /// Where the ids of events Kafka acknowledged go to have their outbox rows cleared; counts the ids not
@@ -62,12 +63,7 @@ pub async fn forget_published(pool: PgPool, acked: AckReceiver) {
     let AckReceiver { mut rx, pending } = acked;
     let mut ids = Vec::with_capacity(1000);
     while rx.recv_many(&mut ids, 1000).await > 0 {
-        if let Err(e) =
-            sqlx::query("DELETE FROM event_outbox WHERE kind = 'event' AND event_id = ANY($1)")
-                .bind(&ids)
-                .execute(&pool)
-                .await
-        {
+        if let Err(e) = events::forget_events(&pool, &ids).await {
             tracing::warn!(error = %e, rows = ids.len(), "could not clear published outbox rows; the relay will resend them");
         }
         pending.fetch_sub(ids.len(), Ordering::AcqRel);
@@ -102,47 +98,27 @@ pub async fn relay_once(
     grace: Duration,
 ) -> Result<usize, RelayError> {
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query(
-        "SELECT event_id, payload, customer_id, kind, (extract(epoch FROM created_at) * 1000)::bigint
-         FROM event_outbox
-         WHERE created_at < now() - make_interval(secs => $1)
-         ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(grace.as_secs_f64())
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows = events::due(&mut tx, grace).await?;
     let mut sent = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let id: String = row.try_get(0)?;
-        let payload: Vec<u8> = row.try_get(1)?;
-        let customer: String = row.try_get(2)?;
-        let kind: String = row.try_get(3)?;
+    for row in rows {
         // The time it was stored (accepted), not the time of this relay: a late relay, or one by an
         // instance whose clock is behind, must not change the record's time (finding 30).
-        let stored_ms: i64 = row.try_get(4)?;
-        let mut record = FutureRecord::to(topic)
-            .key(&customer)
-            .payload(&payload)
-            .timestamp(stored_ms);
-        // `event` or `void`: an event's header tells the reader the API accepted it (finding 10).
-        record = record.headers(OwnedHeaders::new().insert(Header {
-            key: meterflow_model::wire::KIND_HEADER,
-            value: Some(kind.as_str()),
-        }));
+        let record = FutureRecord::to(topic)
+            .key(&row.customer_id)
+            .payload(&row.payload)
+            .timestamp(row.stored_ms)
+            // `event` or `void`: an event's header tells the reader the API accepted it (finding 10).
+            .headers(OwnedHeaders::new().insert(Header {
+                key: meterflow_model::wire::KIND_HEADER,
+                value: Some(row.kind.as_str()),
+            }));
         producer
             .send(record, Duration::from_secs(5))
             .await
             .map_err(|(e, _)| RelayError::Kafka(e))?;
-        sent.push((id, kind));
+        sent.push((row.event_id, row.kind));
     }
-    sqlx::query(
-        "DELETE FROM event_outbox o USING UNNEST($1::text[], $2::text[]) AS s(i, k)
-         WHERE o.event_id = s.i AND o.kind = s.k",
-    )
-    .bind(sent.iter().map(|s| s.0.as_str()).collect::<Vec<_>>())
-    .bind(sent.iter().map(|s| s.1.as_str()).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?;
+    events::forget_sent(&mut tx, &sent).await?;
     tx.commit().await?;
     Ok(sent.len())
 }

@@ -3,8 +3,6 @@
 //!
 //! | file | owns |
 //! |---|---|
-//! | `claims.rs` | [`PgClaims`]: durable dedup and voids on `event_ids`, called by the Kafka readers |
-//! | `copy_text.rs` | `COPY`'s text format: fields, times, raw event rows (the claims fast path; perf's e2e and floor) |
 //! | `metrics.rs` | the pipeline's Prometheus metrics |
 //! | `epoch.rs` | the epoch sink: one fenced transaction per batch of completed epochs, results + offsets together; quarantined rows and periods |
 //! | `lease.rs` | the writer lease (fencing generation) and the stored source offsets a restart resumes from |
@@ -41,8 +39,6 @@
 //! position, not by worker). A re-rating job that corrected stored rows makes a running pipeline do the
 //! same in-process (`rerating.rs`, `resync_requested`).
 
-pub mod claims;
-pub mod copy_text;
 pub mod epoch;
 pub mod error;
 pub mod lease;
@@ -52,7 +48,6 @@ pub mod rerating_jobs;
 pub mod restore;
 pub mod source;
 
-pub use claims::PgClaims;
 pub use epoch::{spawn_writer, WriterSummary};
 pub use error::SinkError;
 pub use lease::{acquire_lease, stored_offsets, Lease};

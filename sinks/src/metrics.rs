@@ -38,22 +38,6 @@ pub static COMMIT_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("a valid metric")
 });
 
-pub static CLAIM_FAST_BATCHES: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!(
-        "claim_fast_path_batches_total",
-        "Batches of new event ids claimed and stored by the fast path (COPY)"
-    )
-    .expect("a valid metric")
-});
-
-pub static CLAIM_FALLBACKS: LazyLock<IntCounter> = LazyLock::new(|| {
-    register_int_counter!(
-        "claim_fast_path_fallbacks_total",
-        "Batches whose fast-path claim (COPY) met an id already claimed and went to the statement"
-    )
-    .expect("a valid metric")
-});
-
 pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "dead_letters_total",
@@ -175,8 +159,7 @@ pub fn dead_letter_reason(reason: &str) -> &'static str {
 pub fn register_all() {
     LazyLock::force(&COMMIT_SECONDS);
     LazyLock::force(&COMMIT_ROWS);
-    LazyLock::force(&CLAIM_FAST_BATCHES);
-    LazyLock::force(&CLAIM_FALLBACKS);
+    meterflow_store::metrics::register_all();
     LazyLock::force(&WINDOW_CLOSE_SECONDS);
     LazyLock::force(&AGGREGATION_LAG);
     LazyLock::force(&WATERMARK);

@@ -105,25 +105,7 @@ pub async fn reset_source(conn: &mut PgConnection, topic: &str) -> Result<(), sq
     .bind(topic)
     .execute(&mut *tx)
     .await?;
-    // Claims and voids the old topic committed become "by an earlier source" (position −1). Claims it
-    // made but never committed are released: their events are stored (`telemetry_events`) but not
-    // counted, as after an API insert, so a copy in the new topic counts; such voids are forgotten.
-    for (claim, uncommitted_source) in [("counted", "'api'"), ("voided", "e.source")] {
-        sqlx::query(&format!(
-            "UPDATE event_ids e
-             SET {claim}_partition = CASE WHEN committed THEN -1 END,
-                 {claim}_offset = CASE WHEN committed THEN -1 END,
-                 source = CASE WHEN committed THEN e.source ELSE {uncommitted_source} END
-             FROM (SELECT i.event_id, i.{claim}_offset < COALESCE(o.next_offset, 0) AS committed
-                   FROM event_ids i
-                   LEFT JOIN source_offsets o ON o.topic = $1 AND o.partition = i.{claim}_partition
-                   WHERE i.{claim}_partition >= 0) c
-             WHERE e.event_id = c.event_id"
-        ))
-        .bind(topic)
-        .execute(&mut *tx)
-        .await?;
-    }
+    meterflow_store::claims::release_for_reset(&mut tx, topic).await?;
     for table in ["dead_letters", "duplicate_events"] {
         sqlx::query(&format!(
             "UPDATE {table} SET topic = topic || ' (before reset ' || now()::text || ')' WHERE topic = $1"

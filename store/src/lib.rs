@@ -9,8 +9,12 @@
 //!
 //! | file | owns (writes) |
 //! |---|---|
+//! | `claims.rs` | [`PgClaims`]: durable dedup and voids on `event_ids` (and the raw rows of new events), called by the pipeline's Kafka readers |
+//! | `copy_text.rs` | `COPY`'s text format: fields, times, raw event rows (the claims fast path; perf's e2e and floor) |
+//! | `metrics.rs` | the claim store's Prometheus metrics |
 //! | `meters.rs` | `meters`: registered (names disjoint from event types), listed, loaded for the pipeline |
 //! | `price_books.rs` | `price_books` and their audit rows: created and edited, loaded for rating |
+//! | `events.rs` | the API's event writes: accepted events claimed + stored + queued in one statement, withdrawals, 409 answers, voids, the outbox |
 //! | `customers.rs` | `customers`: registered, listed, edited (the currency only before the first invoice) |
 //! | `invoices.rs` | `invoices` and their lines: issuing (gapless numbers, top-ups, adjustments; one issued invoice per period), voids, reads, the upcoming invoice |
 //! | `rerating_jobs.rs` | `rerating_jobs`: queued (no two unfinished jobs overlap), claimed, finished |
@@ -24,12 +28,18 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod claims;
+pub mod copy_text;
 pub mod customers;
+pub mod events;
 pub mod invoice_runs;
 pub mod invoices;
 pub mod meters;
+pub mod metrics;
 pub mod price_books;
 pub mod rerating_jobs;
+
+pub use claims::PgClaims;
 
 /// Connection-level failures and SQLSTATE classes 08 (connection), 40 (rollback), 53 (resources),
 /// 57 (operator intervention: shutdown, admin terminate) are worth retrying.

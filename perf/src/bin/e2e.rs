@@ -29,7 +29,7 @@ use meterflow_perf::cpu::CpuWatch;
 use meterflow_perf::{
     drop_database, fresh_database, median, print_statements, rate, top_statements, Services,
 };
-use meterflow_sinks::copy_text;
+use meterflow_store::copy_text;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;

@@ -425,3 +425,27 @@ fn is_data_error(e: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+/// For a source reset (`meterflow_sinks::source::reset_source`, in its transaction): the claims and
+/// voids the old topic committed become "by an earlier source" (position −1); those it made but never
+/// committed are released: their events are stored (`telemetry_events`) but not counted, as after an
+/// API insert, so a copy in the new topic counts; such voids are forgotten.
+pub async fn release_for_reset(tx: &mut PgConnection, topic: &str) -> Result<(), sqlx::Error> {
+    for (claim, uncommitted_source) in [("counted", "'api'"), ("voided", "e.source")] {
+        sqlx::query(&format!(
+            "UPDATE event_ids e
+             SET {claim}_partition = CASE WHEN committed THEN -1 END,
+                 {claim}_offset = CASE WHEN committed THEN -1 END,
+                 source = CASE WHEN committed THEN e.source ELSE {uncommitted_source} END
+             FROM (SELECT i.event_id, i.{claim}_offset < COALESCE(o.next_offset, 0) AS committed
+                   FROM event_ids i
+                   LEFT JOIN source_offsets o ON o.topic = $1 AND o.partition = i.{claim}_partition
+                   WHERE i.{claim}_partition >= 0) c
+             WHERE e.event_id = c.event_id"
+        ))
+        .bind(topic)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
