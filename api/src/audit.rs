@@ -16,39 +16,13 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 
 use crate::auth::Principal;
 use crate::middleware::RequestId;
 use crate::{ApiError, AppState};
 
-/// Appends one row.
-#[allow(clippy::too_many_arguments)]
-pub async fn insert(
-    conn: &mut PgConnection,
-    actor: &str,
-    action: &str,
-    entity: &str,
-    entity_id: &str,
-    before: Option<serde_json::Value>,
-    after: Option<serde_json::Value>,
-    request_id: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO audit_log (actor, action, entity, entity_id, before, after, request_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(actor)
-    .bind(action)
-    .bind(entity)
-    .bind(entity_id)
-    .bind(before)
-    .bind(after)
-    .bind(request_id)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
+pub use meterflow_store::audit::insert;
 
 /// An audited route: its action, entity, table and id column, and where the id is.
 struct Audited {

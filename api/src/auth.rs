@@ -23,7 +23,7 @@ use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{DateTime, Utc};
+use meterflow_store::keys;
 use rand::Rng;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -132,16 +132,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A key as stored, without its hash.
-#[derive(Clone, Debug, Serialize, sqlx::FromRow)]
-pub struct KeyInfo {
-    pub key_id: String,
-    pub role: String,
-    pub customer_id: Option<String>,
-    pub name: String,
-    pub created_at: DateTime<Utc>,
-    pub revoked_at: Option<DateTime<Utc>>,
-}
+pub use meterflow_store::keys::KeyInfo;
 
 /// Stores a new key and audits it (as `actor`); returns it with the key itself, which is shown once.
 pub async fn create_key(
@@ -152,77 +143,25 @@ pub async fn create_key(
     actor: &str,
 ) -> Result<(KeyInfo, String), sqlx::Error> {
     let (key_id, key) = generate();
-    let mut tx = pool.begin().await?;
-    let (created_at,): (DateTime<Utc>,) = sqlx::query_as(
-        "INSERT INTO api_keys (key_id, key_hash, role, customer_id, name) VALUES ($1, $2, $3, $4, $5)
-         RETURNING created_at",
-    )
-    .bind(&key_id)
-    .bind(hash(&key).as_slice())
-    .bind(role.as_str())
-    .bind(customer_id)
-    .bind(name)
-    .fetch_one(&mut *tx)
-    .await?;
-    let info = KeyInfo {
+    let key_hash = hash(&key);
+    let new = keys::NewKey {
         key_id,
-        role: role.as_str().to_owned(),
-        customer_id: customer_id.map(str::to_owned),
-        name: name.to_owned(),
-        created_at,
-        revoked_at: None,
+        key_hash: key_hash.as_slice(),
+        role: role.as_str(),
+        customer_id,
+        name,
     };
-    crate::audit::insert(
-        &mut tx,
-        actor,
-        "api_key.create",
-        "api_key",
-        &info.key_id,
-        None,
-        serde_json::to_value(&info).ok(),
-        None,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok((info, key))
+    Ok((keys::create(pool, new, actor).await?, key))
 }
 
 /// Every key, oldest first (never their secrets: only hashes are stored).
 pub async fn list_keys(pool: &PgPool) -> Result<Vec<KeyInfo>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT key_id, role, customer_id, name, created_at, revoked_at FROM api_keys
-         ORDER BY created_at, key_id",
-    )
-    .fetch_all(pool)
-    .await
+    keys::list(pool).await
 }
 
 /// Revokes a key and audits it; `false` if there is no such key or it was already revoked.
 pub async fn revoke_key(pool: &PgPool, key_id: &str, actor: &str) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let revoked: Option<(DateTime<Utc>,)> = sqlx::query_as(
-        "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL
-         RETURNING revoked_at",
-    )
-    .bind(key_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((at,)) = revoked else {
-        return Ok(false);
-    };
-    crate::audit::insert(
-        &mut tx,
-        actor,
-        "api_key.revoke",
-        "api_key",
-        key_id,
-        Some(serde_json::json!({"revoked_at": null})),
-        Some(serde_json::json!({"revoked_at": at})),
-        None,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(true)
+    keys::revoke(pool, key_id, actor).await
 }
 
 /// A key as the gate knows it.
@@ -332,13 +271,7 @@ impl Gate {
                     .acquire()
                     .await
                     .map_err(|_| ApiError::Unavailable("the key check"))?;
-                let row: Option<(Vec<u8>, String, Option<String>, bool)> = sqlx::query_as(
-                    "SELECT key_hash, role, customer_id, revoked_at IS NOT NULL FROM api_keys
-                     WHERE key_id = $1",
-                )
-                .bind(key_id)
-                .fetch_optional(pool)
-                .await?;
+                let row = keys::stored(pool, key_id).await?;
                 let stored = row.map(|(hash, role, customer_id, revoked)| StoredKey {
                     hash,
                     role: Role::parse(&role).unwrap_or(Role::Ingest),

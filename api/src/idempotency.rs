@@ -16,6 +16,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use meterflow_store::idempotency;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Principal;
@@ -37,9 +38,6 @@ pub(crate) fn honoured(method: &Method, route: &str) -> bool {
                 | "/rerating-jobs"
         )
 }
-
-/// A stored row: request hash, and (once answered) status, content type and body.
-type StoredAnswer = (Vec<u8>, Option<i32>, Option<String>, Option<Vec<u8>>);
 
 /// Longest Idempotency-Key accepted.
 const MAX_KEY_LEN: usize = 255;
@@ -94,29 +92,8 @@ async fn run(
     hasher.update(&bytes);
     let request_hash: [u8; 32] = hasher.finalize().into();
 
-    let claimed: Option<bool> = sqlx::query_scalar(
-        "INSERT INTO idempotency_keys (scope, idem_key, route, request_hash) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (scope, idem_key) DO UPDATE
-             SET request_hash = EXCLUDED.request_hash, route = EXCLUDED.route, created_at = now()
-             WHERE idempotency_keys.status IS NULL
-               AND idempotency_keys.created_at < now() - interval '1 minute'
-         RETURNING true",
-    )
-    .bind(&scope)
-    .bind(&key)
-    .bind(route)
-    .bind(request_hash.as_slice())
-    .fetch_optional(&state.pool)
-    .await?;
-    if claimed.is_none() {
-        let stored: Option<StoredAnswer> = sqlx::query_as(
-            "SELECT request_hash, status, content_type, body FROM idempotency_keys
-                 WHERE scope = $1 AND idem_key = $2",
-        )
-        .bind(&scope)
-        .bind(&key)
-        .fetch_optional(&state.pool)
-        .await?;
+    if !idempotency::claim(&state.pool, &scope, &key, route, request_hash.as_slice()).await? {
+        let stored = idempotency::stored(&state.pool, &scope, &key).await?;
         return match stored {
             Some((hash, _, _, _)) if hash != request_hash => Err(ApiError::IdempotencyKeyReused),
             Some((_, Some(status), content_type, body)) => Ok(stored_response(
@@ -151,11 +128,7 @@ async fn answer_and_store(
     let response = next.run(request).await;
     let status = response.status();
     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2")
-            .bind(&scope)
-            .bind(&key)
-            .execute(&state.pool)
-            .await?;
+        idempotency::release(&state.pool, &scope, &key).await?;
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
@@ -166,16 +139,12 @@ async fn answer_and_store(
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    sqlx::query(
-        "UPDATE idempotency_keys SET status = $3, content_type = $4, body = $5
-         WHERE scope = $1 AND idem_key = $2",
+    idempotency::record(
+        &state.pool,
+        &scope,
+        &key,
+        (i32::from(status.as_u16()), content_type, body.as_ref()),
     )
-    .bind(&scope)
-    .bind(&key)
-    .bind(i32::from(status.as_u16()))
-    .bind(content_type)
-    .bind(body.as_ref())
-    .execute(&state.pool)
     .await?;
     Ok(Response::from_parts(parts, Body::from(body)))
 }

@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
+use meterflow_store::watermark_floors;
 use rdkafka::producer::Producer;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -45,11 +46,7 @@ pub async fn progress(State(state): State<AppState>) -> Result<impl IntoResponse
     .bind(&state.topic)
     .fetch_all(&state.pool)
     .await?;
-    let floor: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT advance_to FROM watermark_floors WHERE topic = $1")
-            .bind(&state.topic)
-            .fetch_optional(&state.pool)
-            .await?;
+    let floor = watermark_floors::floor(&state.pool, &state.topic).await?;
 
     let ends = end_offsets(&state).await;
     let mut partitions = Vec::new();
@@ -151,34 +148,14 @@ pub async fn advance(
             ),
         ]));
     }
-    let mut tx = state.pool.begin().await?;
-    let before: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT advance_to FROM watermark_floors WHERE topic = $1 FOR UPDATE")
-            .bind(&state.topic)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let floor: DateTime<Utc> = sqlx::query_scalar(
-        "INSERT INTO watermark_floors AS f (topic, advance_to) VALUES ($1, $2)
-         ON CONFLICT ON CONSTRAINT watermark_floors_pkey
-         DO UPDATE SET advance_to = GREATEST(f.advance_to, excluded.advance_to), updated_at = now()
-         RETURNING advance_to",
-    )
-    .bind(&state.topic)
-    .bind(request.advance_to)
-    .fetch_one(&mut *tx)
-    .await?;
-    crate::audit::insert(
-        &mut tx,
-        caller.0.actor(),
-        "watermark.advance",
-        "watermark",
+    let floor = watermark_floors::advance(
+        &state.pool,
         &state.topic,
-        before.map(|b| serde_json::json!({"advance_to": b})),
-        Some(serde_json::json!({"advance_to": floor, "requested": request.advance_to})),
+        request.advance_to,
+        caller.0.actor(),
         request_id.as_ref().map(|r| r.0 .0.as_str()),
     )
     .await?;
-    tx.commit().await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({"advance_to": floor})),

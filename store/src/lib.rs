@@ -1,5 +1,5 @@
-//! Postgres for what the API and the jobs read and change: customers, meters, price books, invoices and
-//! invoice runs. Knows nothing of timely, Kafka or axum; the pipeline's own tables (aggregates, charges,
+//! Postgres for what the API and the jobs read and change: events accepted over HTTP and their claims,
+//! customers, meters, price books, invoices and runs, re-rating jobs, keys, audit, idempotency. Knows nothing of timely, Kafka or axum; the pipeline's own tables (aggregates, charges,
 //! claims, offsets, the lease) are `meterflow_sinks`'.
 //!
 //! ```text
@@ -9,6 +9,10 @@
 //!
 //! | file | owns (writes) |
 //! |---|---|
+//! | `keys.rs` | `api_keys`: created and revoked (audited), listed, looked up |
+//! | `watermark_floors.rs` | `watermark_floors`: an admin's floor under a topic's watermark (audited) |
+//! | `audit.rs` | `audit_log`, append-only |
+//! | `idempotency.rs` | `idempotency_keys`: claims and the answers stored under them |
 //! | `claims.rs` | [`PgClaims`]: durable dedup and voids on `event_ids` (and the raw rows of new events), called by the pipeline's Kafka readers |
 //! | `copy_text.rs` | `COPY`'s text format: fields, times, raw event rows (the claims fast path; perf's e2e and floor) |
 //! | `metrics.rs` | the claim store's Prometheus metrics |
@@ -28,16 +32,20 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod audit;
 pub mod claims;
 pub mod copy_text;
 pub mod customers;
 pub mod events;
+pub mod idempotency;
 pub mod invoice_runs;
 pub mod invoices;
+pub mod keys;
 pub mod meters;
 pub mod metrics;
 pub mod price_books;
 pub mod rerating_jobs;
+pub mod watermark_floors;
 
 pub use claims::PgClaims;
 
