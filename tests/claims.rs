@@ -1,4 +1,4 @@
-//! The claim store on a real Postgres (`sinks/src/claims.rs`): the fast path (`COPY`) for batches of
+//! The claim store on a real Postgres (`store/src/claims.rs`): the fast path (`COPY`) for batches of
 //! new ids, and its fallback to the deciding statement when an id is known already. Whatever path a
 //! batch takes, each id is decided exactly as SPEC §3 says: new ones count, a replay of the copy that
 //! counted counts again, every other copy is a duplicate.
