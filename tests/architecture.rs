@@ -261,3 +261,37 @@ fn every_table_has_one_writer_crate() {
         shared.join("\n")
     );
 }
+
+/// Every `.rs` file under `dir`, with its text.
+fn sources(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, String)>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push((
+                path.clone(),
+                std::fs::read_to_string(&path).unwrap_or_default(),
+            ));
+        }
+    }
+}
+
+#[test]
+fn the_api_holds_no_sql() {
+    let mut files = Vec::new();
+    sources(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("api/src"),
+        &mut files,
+    );
+    assert!(!files.is_empty());
+    let with_sql: Vec<String> = files
+        .iter()
+        .filter(|(_, text)| text.contains("sqlx::query") || text.contains("try_get("))
+        .map(|(path, _)| path.display().to_string())
+        .collect();
+    assert!(
+        with_sql.is_empty(),
+        "the API's statements belong in store/ (README \"Layout\"): {with_sql:?}"
+    );
+}

@@ -5,9 +5,9 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use meterflow_store::results;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 
 use crate::error::ApiError;
 use crate::page::{Cursor, Page};
@@ -87,94 +87,58 @@ pub async fn list(
         )));
     }
     let after = q.cursor.as_deref().map(Cursor::decode).transpose()?;
-    let (after_customer, after_meter, after_start) = match &after {
-        Some(c) => (Some(c.0.as_str()), Some(c.1.as_str()), Some(c.2)),
-        None => (None, None, None),
+    let page = results::WindowPage {
+        customer_id: q.customer_id.as_deref(),
+        meter: q.meter.as_deref(),
+        from: q.from,
+        to: q.to,
+        after: after.as_ref().map(|c| (c.0.as_str(), c.1.as_str(), c.2)),
+        limit: limit + 1,
     };
-    let rows = sqlx::query(
-        "SELECT customer_id, meter, window_start, window_end, value, event_count, finalized, revision, updated_at,
-                quarantined
-         FROM aggregations
-         WHERE ($1::text IS NULL OR customer_id = $1)
-           AND ($2::text IS NULL OR meter = $2)
-           AND ($3::timestamptz IS NULL OR window_start >= $3)
-           AND ($4::timestamptz IS NULL OR window_start < $4)
-           AND ($5::text IS NULL OR (customer_id, meter, window_start) > ($5, $6, $7))
-         ORDER BY customer_id, meter, window_start
-         LIMIT $8",
-    )
-    .bind(q.customer_id)
-    .bind(q.meter)
-    .bind(q.from)
-    .bind(q.to)
-    .bind(after_customer)
-    .bind(after_meter)
-    .bind(after_start)
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
-    let data = rows
-        .iter()
-        .map(|r| {
-            Ok(Aggregation {
-                customer_id: r.try_get(0)?,
-                meter: r.try_get(1)?,
-                window_start: r.try_get(2)?,
-                window_end: r.try_get(3)?,
-                value: r.try_get(4)?,
-                event_count: r.try_get(5)?,
-                finalized: r.try_get(6)?,
-                revision: r.try_get(7)?,
-                updated_at: r.try_get(8)?,
-                quarantined: r.try_get(9)?,
-                event_ids: None,
-                event_ids_next_cursor: None,
-            })
+    let data: Vec<Aggregation> = results::aggregations(&state.pool, page)
+        .await?
+        .into_iter()
+        .map(|r| Aggregation {
+            customer_id: r.customer_id,
+            meter: r.meter,
+            window_start: r.window_start,
+            window_end: r.window_end,
+            value: r.value,
+            event_count: r.event_count,
+            finalized: r.finalized,
+            revision: r.revision,
+            updated_at: r.updated_at,
+            quarantined: r.quarantined,
+            event_ids: None,
+            event_ids_next_cursor: None,
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .collect();
     let mut data = data;
     if with_ids {
         // One query for every window of the page.
         let shown = data.len().min(usize::try_from(limit).unwrap_or(usize::MAX));
         let windows = data.get(..shown).unwrap_or_default();
-        let customers: Vec<&str> = windows.iter().map(|a| a.customer_id.as_str()).collect();
-        let meters: Vec<&str> = windows.iter().map(|a| a.meter.as_str()).collect();
-        let starts: Vec<DateTime<Utc>> = windows.iter().map(|a| a.window_start).collect();
-        let ends: Vec<DateTime<Utc>> = windows.iter().map(|a| a.window_end).collect();
-        let rows: Vec<(i64, String)> = sqlx::query_as(
-            "SELECT w.i, x.event_id
-             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
-                  WITH ORDINALITY AS w(customer_id, meter, window_start, window_end, i)
-             CROSS JOIN LATERAL (
-                 SELECT t.event_id
-                 FROM telemetry_events t
-                 JOIN event_ids e ON e.event_id = t.event_id AND e.event_time = t.event_time
-                 WHERE t.customer_id = w.customer_id
-                   AND t.event_type = COALESCE((SELECT event_type FROM meters WHERE meter = w.meter), w.meter)
-                   AND t.event_time >= w.window_start AND t.event_time < w.window_end
-                   AND e.counted_partition IS NOT NULL AND e.voided_partition IS NULL
-                   AND ($5::text IS NULL OR t.event_id > $5)
-                 ORDER BY t.event_id
-                 LIMIT $6
-             ) x
-             ORDER BY w.i, x.event_id",
+        let keys: Vec<results::WindowKey<'_>> = windows
+            .iter()
+            .map(|a| {
+                (
+                    a.customer_id.as_str(),
+                    a.meter.as_str(),
+                    a.window_start,
+                    a.window_end,
+                )
+            })
+            .collect();
+        let rows = results::window_event_ids(
+            &state.pool,
+            &keys,
+            q.event_ids_after.as_deref(),
+            ids_limit + 1,
         )
-        .bind(&customers)
-        .bind(&meters)
-        .bind(&starts)
-        .bind(&ends)
-        .bind(q.event_ids_after.as_deref())
-        .bind(ids_limit + 1)
-        .fetch_all(&state.pool)
         .await?;
         let mut listed: Vec<Vec<String>> = vec![Vec::new(); shown];
         for (i, id) in rows {
-            // WITH ORDINALITY counts from 1.
-            let slot = i
-                .checked_sub(1)
-                .and_then(|i| usize::try_from(i).ok())
-                .and_then(|i| listed.get_mut(i));
-            if let Some(ids) = slot {
+            if let Some(ids) = listed.get_mut(i) {
                 ids.push(id);
             }
         }

@@ -16,20 +16,20 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sqlx::PgPool;
 
 use crate::auth::Principal;
 use crate::middleware::RequestId;
 use crate::{ApiError, AppState};
 
 pub use meterflow_store::audit::insert;
+use meterflow_store::audit::{snapshot, Entity};
 
 /// An audited route: its action, entity, table and id column, and where the id is.
 struct Audited {
     action: &'static str,
     entity: &'static str,
     /// `SELECT to_jsonb(t) FROM <table> t WHERE <column> = $1`.
-    snapshot: &'static str,
+    snapshot: Entity,
     id: IdFrom,
 }
 
@@ -54,69 +54,63 @@ fn audited(method: &Method, route: &str) -> Option<Audited> {
             id,
         })
     };
-    const METER: &str = "SELECT to_jsonb(t) FROM meters t WHERE meter = $1";
-    const PRICE_BOOK: &str = "SELECT to_jsonb(t) FROM price_books t WHERE price_book_id = $1";
-    const CUSTOMER: &str = "SELECT to_jsonb(t) FROM customers t WHERE customer_id = $1";
-    const INVOICE: &str = "SELECT to_jsonb(t) FROM invoices t WHERE invoice_id = $1";
-    const JOB: &str = "SELECT to_jsonb(t) FROM rerating_jobs t WHERE job_id = $1";
-    const EVENT: &str = "SELECT to_jsonb(t) FROM event_ids t WHERE event_id = $1";
     match (method.as_str(), route) {
-        ("POST", "/meters") => a("meter.create", "meter", METER, IdFrom::Body("meter")),
+        ("POST", "/meters") => a(
+            "meter.create",
+            "meter",
+            Entity::Meter,
+            IdFrom::Body("meter"),
+        ),
         ("POST", "/price-books") => a(
             "price_book.create",
             "price_book",
-            PRICE_BOOK,
+            Entity::PriceBook,
             IdFrom::Body("price_book_id"),
         ),
         ("PATCH", "/price-books/{price_book_id}") => a(
             "price_book.update",
             "price_book",
-            PRICE_BOOK,
+            Entity::PriceBook,
             IdFrom::Path("price_book_id"),
         ),
         ("POST", "/customers") => a(
             "customer.create",
             "customer",
-            CUSTOMER,
+            Entity::Customer,
             IdFrom::Body("customer_id"),
         ),
         ("PATCH", "/customers/{customer_id}") => a(
             "customer.update",
             "customer",
-            CUSTOMER,
+            Entity::Customer,
             IdFrom::Path("customer_id"),
         ),
         ("POST", "/invoices") => a(
             "invoice.issue",
             "invoice",
-            INVOICE,
+            Entity::Invoice,
             IdFrom::Body("invoice_id"),
         ),
         ("POST", "/invoices/{invoice_id}/void") => a(
             "invoice.void",
             "invoice",
-            INVOICE,
+            Entity::Invoice,
             IdFrom::Path("invoice_id"),
         ),
         ("POST", "/rerating-jobs") => a(
             "rerating_job.create",
             "rerating_job",
-            JOB,
+            Entity::ReratingJob,
             IdFrom::Body("job_id"),
         ),
-        ("POST", "/events/{event_id}/void") => {
-            a("event.void", "event", EVENT, IdFrom::Path("event_id"))
-        }
+        ("POST", "/events/{event_id}/void") => a(
+            "event.void",
+            "event",
+            Entity::Event,
+            IdFrom::Path("event_id"),
+        ),
         _ => None,
     }
-}
-
-async fn snapshot(
-    pool: &PgPool,
-    sql: &'static str,
-    id: &str,
-) -> Result<Option<serde_json::Value>, sqlx::Error> {
-    sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await
 }
 
 /// The middleware on every `/api/v1` route (inside the gate): records the audited changes.

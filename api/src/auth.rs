@@ -24,6 +24,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use meterflow_store::keys;
+use meterflow_store::owners::{self, Owned};
 use rand::Rng;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -481,12 +482,8 @@ async fn confine(
             })
             .unwrap_or_default()
     };
-    let owner = |sql: &'static str, id: String| async move {
-        let owner: Option<String> = sqlx::query_scalar(sql)
-            .bind(id)
-            .fetch_optional(&state.pool)
-            .await?;
-        Ok::<_, ApiError>(owner)
+    let owner = |what: Owned, id: String| async move {
+        Ok::<_, ApiError>(owners::owner(&state.pool, what, &id).await?)
     };
     let allowed = match (method.as_str(), route) {
         // Catalogue and progress: about no customer's data.
@@ -515,32 +512,19 @@ async fn confine(
         | ("GET", "/customers/{customer_id}/upcoming-invoice") => param("customer_id") == customer,
         ("GET", "/invoices/{invoice_id}" | "/invoices/{invoice_id}/document")
         | ("POST", "/invoices/{invoice_id}/void") => {
-            owner(
-                "SELECT customer_id FROM invoices WHERE invoice_id = $1",
-                param("invoice_id"),
-            )
-            .await?
-                == Some(customer.to_owned())
+            owner(Owned::Invoice, param("invoice_id")).await? == Some(customer.to_owned())
         }
         ("GET", "/rerating-jobs/{job_id}") => {
-            owner(
-                "SELECT customer_ids[1] FROM rerating_jobs WHERE job_id = $1 AND cardinality(customer_ids) = 1",
-                param("job_id"),
-            )
-            .await?
-                == Some(customer.to_owned())
+            owner(Owned::ReratingJob, param("job_id")).await? == Some(customer.to_owned())
         }
         ("POST", "/events/{event_id}/void") => {
-            owner(
-                "SELECT customer_id FROM telemetry_events WHERE event_id = $1 LIMIT 1",
-                param("event_id"),
-            )
-            .await?
-                == Some(customer.to_owned())
+            owner(Owned::Event, param("event_id")).await? == Some(customer.to_owned())
         }
         // Routes whose body names the customer: the handler decodes the body once and checks the decoded
         // request against the key ([`Caller::may_act_for`]), whatever JSON shape the body came in.
-        ("POST", "/events" | "/events/batch" | "/invoices" | "/rerating-jobs" | "/customers") => true,
+        ("POST", "/events" | "/events/batch" | "/invoices" | "/rerating-jobs" | "/customers") => {
+            true
+        }
         // Dead letters, invoice runs, the watermark, meters and price books: not one customer's.
         _ => false,
     };

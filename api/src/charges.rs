@@ -6,9 +6,9 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use meterflow_store::results;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 
 use crate::error::ApiError;
 use crate::page::{Cursor, Page};
@@ -53,49 +53,30 @@ pub async fn list(
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = crate::page::limit(q.limit)?;
     let after = q.cursor.as_deref().map(Cursor::decode).transpose()?;
-    let (after_customer, after_meter, after_start) = match &after {
-        Some(c) => (Some(c.0.as_str()), Some(c.1.as_str()), Some(c.2)),
-        None => (None, None, None),
+    let page = results::WindowPage {
+        customer_id: q.customer_id.as_deref(),
+        meter: q.meter.as_deref(),
+        from: q.from,
+        to: q.to.map(exclusive_end),
+        after: after.as_ref().map(|c| (c.0.as_str(), c.1.as_str(), c.2)),
+        limit: limit + 1,
     };
-    let rows = sqlx::query(
-        "SELECT customer_id, meter, window_start, window_end, quantity, amount, currency, price_book_id,
-                revision, updated_at
-         FROM charges
-         WHERE ($1::text IS NULL OR customer_id = $1)
-           AND ($2::text IS NULL OR meter = $2)
-           AND ($3::timestamptz IS NULL OR window_start >= $3)
-           AND ($4::timestamptz IS NULL OR window_start < $4)
-           AND ($5::text IS NULL OR (customer_id, meter, window_start) > ($5, $6, $7))
-         ORDER BY customer_id, meter, window_start
-         LIMIT $8",
-    )
-    .bind(q.customer_id)
-    .bind(q.meter)
-    .bind(q.from)
-    .bind(q.to.map(exclusive_end))
-    .bind(after_customer)
-    .bind(after_meter)
-    .bind(after_start)
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
-    let data = rows
-        .iter()
-        .map(|r| {
-            Ok(Charge {
-                customer_id: r.try_get(0)?,
-                meter: r.try_get(1)?,
-                window_start: r.try_get(2)?,
-                window_end: r.try_get(3)?,
-                quantity: r.try_get(4)?,
-                amount: r.try_get(5)?,
-                currency: r.try_get(6)?,
-                price_book_id: r.try_get(7)?,
-                revision: r.try_get(8)?,
-                updated_at: r.try_get(9)?,
-            })
+    let data: Vec<Charge> = results::charges(&state.pool, page)
+        .await?
+        .into_iter()
+        .map(|r| Charge {
+            customer_id: r.customer_id,
+            meter: r.meter,
+            window_start: r.window_start,
+            window_end: r.window_end,
+            quantity: r.quantity,
+            amount: r.amount,
+            currency: r.currency,
+            price_book_id: r.price_book_id,
+            revision: r.revision,
+            updated_at: r.updated_at,
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .collect();
     Ok(Json(Page::from_overfetched(data, limit, |c| {
         Cursor(c.customer_id.clone(), c.meter.clone(), c.window_start).encode()
     })))

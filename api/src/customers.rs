@@ -369,16 +369,7 @@ pub async fn upcoming(
         .await
         .map_err(issue_error)?;
     let issued_invoice_id = match customer {
-        Some(_) => {
-            sqlx::query_scalar(
-                "SELECT invoice_id FROM invoices
-             WHERE customer_id = $1 AND billing_period_start = $2 AND status = 'issued'",
-            )
-            .bind(&customer_id)
-            .bind(period.start)
-            .fetch_optional(&mut *conn)
-            .await?
-        }
+        Some(_) => sink::issued_invoice_id(&mut conn, &customer_id, period.start).await?,
         None => None,
     };
     Ok(Json(UpcomingView {

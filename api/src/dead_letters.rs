@@ -5,8 +5,8 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use meterflow_store::results;
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 
 use crate::error::ApiError;
 use crate::page::Page;
@@ -43,28 +43,19 @@ pub async fn list(
             .parse()
             .map_err(|_| ApiError::BadRequest("cursor is not one this API returned".into()))?,
     };
-    let rows = sqlx::query(
-        "SELECT id, topic, partition, \"offset\", reason, payload, created_at FROM dead_letters
-         WHERE id > $1 ORDER BY id LIMIT $2",
-    )
-    .bind(after)
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
-    let data = rows
-        .iter()
-        .map(|r| {
-            Ok(DeadLetter {
-                id: r.try_get(0)?,
-                topic: r.try_get(1)?,
-                partition: r.try_get(2)?,
-                offset: r.try_get(3)?,
-                reason: r.try_get(4)?,
-                payload: String::from_utf8_lossy(&r.try_get::<Vec<u8>, _>(5)?).into_owned(),
-                created_at: r.try_get(6)?,
-            })
+    let data: Vec<DeadLetter> = results::dead_letters(&state.pool, after, limit + 1)
+        .await?
+        .into_iter()
+        .map(|r| DeadLetter {
+            id: r.id,
+            topic: r.topic,
+            partition: r.partition,
+            offset: r.offset,
+            reason: r.reason,
+            payload: String::from_utf8_lossy(&r.payload).into_owned(),
+            created_at: r.created_at,
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        .collect();
     Ok(Json(Page::from_overfetched(data, limit, |d| {
         d.id.to_string()
     })))

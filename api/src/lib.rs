@@ -308,12 +308,8 @@ async fn follow_watermark(pool: PgPool, topic: String, watermark: Arc<AtomicI64>
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let committed: Result<Option<Option<chrono::DateTime<chrono::Utc>>>, _> =
-            sqlx::query_scalar("SELECT committed_watermark FROM pipeline_leases WHERE topic = $1")
-                .bind(&topic)
-                .fetch_optional(&pool)
-                .await;
-        if let Ok(Some(Some(w))) = committed {
+        let committed = meterflow_store::results::committed_watermark(&pool, &topic).await;
+        if let Ok(Some(w)) = committed {
             watermark.fetch_max(w.timestamp_micros(), Ordering::Relaxed);
         }
     }
@@ -384,7 +380,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 async fn check_ready(state: &AppState) -> (StatusCode, serde_json::Value) {
     let db = tokio::time::timeout(
         Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(&state.pool),
+        meterflow_store::results::ping(&state.pool),
     )
     .await
     .is_ok_and(|r| r.is_ok());

@@ -12,10 +12,10 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
+use meterflow_store::results;
 use meterflow_store::watermark_floors;
 use rdkafka::producer::Producer;
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -32,36 +32,16 @@ struct PartitionProgress {
 }
 
 pub async fn progress(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let lease = sqlx::query(
-        "SELECT committed_epoch, committed_at, committed_watermark,
-                extract(epoch FROM allowed_lateness)::bigint
-         FROM pipeline_leases WHERE topic = $1",
-    )
-    .bind(&state.topic)
-    .fetch_optional(&state.pool)
-    .await?;
-    let stored = sqlx::query(
-        "SELECT partition, next_offset, max_event_time FROM source_offsets WHERE topic = $1 ORDER BY partition",
-    )
-    .bind(&state.topic)
-    .fetch_all(&state.pool)
-    .await?;
+    let lease = results::committed_progress(&state.pool, &state.topic).await?;
+    let stored = results::committed_offsets(&state.pool, &state.topic).await?;
     let floor = watermark_floors::floor(&state.pool, &state.topic).await?;
 
     let ends = end_offsets(&state).await;
     let mut partitions = Vec::new();
     for (partition, end) in &ends {
-        let row = stored
-            .iter()
-            .find(|r| r.try_get::<i32, _>(0).ok() == Some(*partition));
-        let next_offset = match row {
-            Some(r) => r.try_get(1)?,
-            None => 0,
-        };
-        let max_event_time = match row {
-            Some(r) => r.try_get(2)?,
-            None => None,
-        };
+        let row = stored.iter().find(|r| r.partition == *partition);
+        let next_offset = row.map_or(0, |r| r.next_offset);
+        let max_event_time = row.and_then(|r| r.max_event_time);
         partitions.push(PartitionProgress {
             partition: *partition,
             next_offset,
@@ -73,10 +53,10 @@ pub async fn progress(State(state): State<AppState>) -> Result<impl IntoResponse
     let lag_total: Option<i64> = partitions.iter().map(|p| p.lag).sum();
     let body = serde_json::json!({
         "topic": state.topic,
-        "committed_epoch": lease.as_ref().map(|r| r.try_get::<i64, _>(0)).transpose()?,
-        "committed_at": lease.as_ref().map(|r| r.try_get::<Option<DateTime<Utc>>, _>(1)).transpose()?.flatten(),
-        "committed_watermark": lease.as_ref().map(|r| r.try_get::<Option<DateTime<Utc>>, _>(2)).transpose()?.flatten(),
-        "allowed_lateness_seconds": lease.as_ref().map(|r| r.try_get::<i64, _>(3)).transpose()?,
+        "committed_epoch": lease.as_ref().map(|l| l.committed_epoch),
+        "committed_at": lease.as_ref().and_then(|l| l.committed_at),
+        "committed_watermark": lease.as_ref().and_then(|l| l.committed_watermark),
+        "allowed_lateness_seconds": lease.as_ref().map(|l| l.allowed_lateness_seconds),
         "watermark_floor": floor,
         "lag_total": lag_total,
         "caught_up": lag_total == Some(0),

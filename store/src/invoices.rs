@@ -708,6 +708,22 @@ async fn insert(
     Ok(())
 }
 
+/// The id of the invoice issued to `customer_id` for the period starting at `period_start`, if any.
+pub async fn issued_invoice_id(
+    conn: &mut PgConnection,
+    customer_id: &str,
+    period_start: DateTime<Utc>,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT invoice_id FROM invoices
+         WHERE customer_id = $1 AND billing_period_start = $2 AND status = 'issued'",
+    )
+    .bind(customer_id)
+    .bind(period_start)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
 /// What issuing `customer_id`'s invoice for `period` now would bill, before adjustments and numbers: the
 /// upcoming invoice (SPEC §6). Works for customers that are not registered, in `currency`.
 pub async fn upcoming(

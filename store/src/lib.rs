@@ -11,7 +11,9 @@
 //! |---|---|
 //! | `keys.rs` | `api_keys`: created and revoked (audited), listed, looked up |
 //! | `watermark_floors.rs` | `watermark_floors`: an admin's floor under a topic's watermark (audited) |
-//! | `audit.rs` | `audit_log`, append-only |
+//! | `results.rs` | reads of the pipeline's results for the API: aggregations (and their events), charges, dead letters |
+//! | `audit.rs` | `audit_log`, append-only, and the snapshots its rows show |
+//! | `owners.rs` | whose an invoice, a re-rating job or an event is (for customer-bound keys) |
 //! | `idempotency.rs` | `idempotency_keys`: claims and the answers stored under them |
 //! | `claims.rs` | [`PgClaims`]: durable dedup and voids on `event_ids` (and the raw rows of new events), called by the pipeline's Kafka readers |
 //! | `copy_text.rs` | `COPY`'s text format: fields, times, raw event rows (the claims fast path; perf's e2e and floor) |
@@ -43,8 +45,10 @@ pub mod invoices;
 pub mod keys;
 pub mod meters;
 pub mod metrics;
+pub mod owners;
 pub mod price_books;
 pub mod rerating_jobs;
+pub mod results;
 pub mod watermark_floors;
 
 pub use claims::PgClaims;

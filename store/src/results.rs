@@ -1,0 +1,254 @@
+//! The pipeline's results as the API reads them: aggregation rows (and the events counted in a
+//! window), charges and dead letters, a page at a time in key order. Reads only: the pipeline
+//! (`meterflow_sinks`) writes these tables.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+
+/// Which windows a page lists: optional customer and meter, `window_start` in `[from, to)`, after the
+/// key `(customer, meter, window_start)` of the previous page, at most `limit` rows.
+#[derive(Clone, Copy, Debug)]
+pub struct WindowPage<'a> {
+    pub customer_id: Option<&'a str>,
+    pub meter: Option<&'a str>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub after: Option<(&'a str, &'a str, DateTime<Utc>)>,
+    pub limit: i64,
+}
+
+/// A row of `aggregations`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct AggregationRow {
+    pub customer_id: String,
+    pub meter: String,
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    pub value: Decimal,
+    pub event_count: i64,
+    pub finalized: bool,
+    pub revision: i32,
+    pub updated_at: DateTime<Utc>,
+    pub quarantined: bool,
+}
+
+/// A page of aggregation rows.
+pub async fn aggregations(
+    pool: &PgPool,
+    page: WindowPage<'_>,
+) -> Result<Vec<AggregationRow>, sqlx::Error> {
+    let (after_customer, after_meter, after_start) = split(page.after);
+    sqlx::query_as(
+        "SELECT customer_id, meter, window_start, window_end, value, event_count, finalized, revision, updated_at,
+                quarantined
+         FROM aggregations
+         WHERE ($1::text IS NULL OR customer_id = $1)
+           AND ($2::text IS NULL OR meter = $2)
+           AND ($3::timestamptz IS NULL OR window_start >= $3)
+           AND ($4::timestamptz IS NULL OR window_start < $4)
+           AND ($5::text IS NULL OR (customer_id, meter, window_start) > ($5, $6, $7))
+         ORDER BY customer_id, meter, window_start
+         LIMIT $8",
+    )
+    .bind(page.customer_id)
+    .bind(page.meter)
+    .bind(page.from)
+    .bind(page.to)
+    .bind(after_customer)
+    .bind(after_meter)
+    .bind(after_start)
+    .bind(page.limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// A window of a meter: customer, meter, start, end.
+pub type WindowKey<'a> = (&'a str, &'a str, DateTime<Utc>, DateTime<Utc>);
+
+/// The ids of the events counted (and not voided) in each window, in id order, after `after`, at most
+/// `per_window` per window: `(index of the window in windows, event id)`.
+pub async fn window_event_ids(
+    pool: &PgPool,
+    windows: &[WindowKey<'_>],
+    after: Option<&str>,
+    per_window: i64,
+) -> Result<Vec<(usize, String)>, sqlx::Error> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT w.i, x.event_id
+         FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+              WITH ORDINALITY AS w(customer_id, meter, window_start, window_end, i)
+         CROSS JOIN LATERAL (
+             SELECT t.event_id
+             FROM telemetry_events t
+             JOIN event_ids e ON e.event_id = t.event_id AND e.event_time = t.event_time
+             WHERE t.customer_id = w.customer_id
+               AND t.event_type = COALESCE((SELECT event_type FROM meters WHERE meter = w.meter), w.meter)
+               AND t.event_time >= w.window_start AND t.event_time < w.window_end
+               AND e.counted_partition IS NOT NULL AND e.voided_partition IS NULL
+               AND ($5::text IS NULL OR t.event_id > $5)
+             ORDER BY t.event_id
+             LIMIT $6
+         ) x
+         ORDER BY w.i, x.event_id",
+    )
+    .bind(windows.iter().map(|w| w.0).collect::<Vec<_>>())
+    .bind(windows.iter().map(|w| w.1).collect::<Vec<_>>())
+    .bind(windows.iter().map(|w| w.2).collect::<Vec<_>>())
+    .bind(windows.iter().map(|w| w.3).collect::<Vec<_>>())
+    .bind(after)
+    .bind(per_window)
+    .fetch_all(pool)
+    .await?;
+    // WITH ORDINALITY counts from 1.
+    Ok(rows
+        .into_iter()
+        .filter_map(|(i, id)| {
+            let i = usize::try_from(i.checked_sub(1)?).ok()?;
+            Some((i, id))
+        })
+        .collect())
+}
+
+/// A row of `charges`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ChargeRow {
+    pub customer_id: String,
+    pub meter: String,
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    pub quantity: Decimal,
+    pub amount: Decimal,
+    pub currency: String,
+    pub price_book_id: String,
+    pub revision: i32,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A page of charges.
+pub async fn charges(pool: &PgPool, page: WindowPage<'_>) -> Result<Vec<ChargeRow>, sqlx::Error> {
+    let (after_customer, after_meter, after_start) = split(page.after);
+    sqlx::query_as(
+        "SELECT customer_id, meter, window_start, window_end, quantity, amount, currency, price_book_id,
+                revision, updated_at
+         FROM charges
+         WHERE ($1::text IS NULL OR customer_id = $1)
+           AND ($2::text IS NULL OR meter = $2)
+           AND ($3::timestamptz IS NULL OR window_start >= $3)
+           AND ($4::timestamptz IS NULL OR window_start < $4)
+           AND ($5::text IS NULL OR (customer_id, meter, window_start) > ($5, $6, $7))
+         ORDER BY customer_id, meter, window_start
+         LIMIT $8",
+    )
+    .bind(page.customer_id)
+    .bind(page.meter)
+    .bind(page.from)
+    .bind(page.to)
+    .bind(after_customer)
+    .bind(after_meter)
+    .bind(after_start)
+    .bind(page.limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// A row of `dead_letters`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct DeadLetterRow {
+    pub id: i64,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: String,
+    pub payload: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Dead letters after `after` (an id), oldest first, at most `limit`.
+pub async fn dead_letters(
+    pool: &PgPool,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<DeadLetterRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, topic, partition, \"offset\", reason, payload, created_at FROM dead_letters
+         WHERE id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// The previous page's last key as three optional parameters.
+fn split<'a>(
+    after: Option<(&'a str, &'a str, DateTime<Utc>)>,
+) -> (Option<&'a str>, Option<&'a str>, Option<DateTime<Utc>>) {
+    match after {
+        Some((c, m, s)) => (Some(c), Some(m), Some(s)),
+        None => (None, None, None),
+    }
+}
+
+/// A topic's committed progress (`pipeline_leases`), as `GET /api/v1/progress` shows it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct CommittedProgress {
+    pub committed_epoch: i64,
+    pub committed_at: Option<DateTime<Utc>>,
+    pub committed_watermark: Option<DateTime<Utc>>,
+    pub allowed_lateness_seconds: i64,
+}
+
+/// The committed progress of `topic`; `None` before a pipeline took it.
+pub async fn committed_progress(
+    pool: &PgPool,
+    topic: &str,
+) -> Result<Option<CommittedProgress>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT committed_epoch, committed_at, committed_watermark,
+                extract(epoch FROM allowed_lateness)::bigint AS allowed_lateness_seconds
+         FROM pipeline_leases WHERE topic = $1",
+    )
+    .bind(topic)
+    .fetch_optional(pool)
+    .await
+}
+
+/// A partition's committed read position and the greatest event time read in it.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct PartitionOffset {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub max_event_time: Option<DateTime<Utc>>,
+}
+
+/// The committed positions of `topic`, by partition.
+pub async fn committed_offsets(
+    pool: &PgPool,
+    topic: &str,
+) -> Result<Vec<PartitionOffset>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT partition, next_offset, max_event_time FROM source_offsets WHERE topic = $1 ORDER BY partition",
+    )
+    .bind(topic)
+    .fetch_all(pool)
+    .await
+}
+
+/// The committed watermark of `topic`, once there is one.
+pub async fn committed_watermark(
+    pool: &PgPool,
+    topic: &str,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    let w: Option<Option<DateTime<Utc>>> =
+        sqlx::query_scalar("SELECT committed_watermark FROM pipeline_leases WHERE topic = $1")
+            .bind(topic)
+            .fetch_optional(pool)
+            .await?;
+    Ok(w.flatten())
+}
+
+/// Whether the database answers a statement (readiness).
+pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
+}
