@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `metrics.rs` | the pipeline's Prometheus metrics |
 //! | `epoch.rs` | the epoch sink: one fenced transaction per batch of completed epochs, results + offsets together; quarantined rows and periods |
+//! | `epoch/rows.rs` | the statements of an epoch commit, one per table: aggregates, multisets, charges, upcoming lines, quarantined periods, dead letters, duplicates, late events |
 //! | `lease.rs` | the writer lease (fencing generation) and the stored source offsets a restart resumes from |
 //! | `restore.rs` | the event-time progress and the rating state a restart goes on from; re-rating's resync requests |
 //! | `source.rs` | one events topic per database, anchors that tell a recreated topic, retention gaps, the source reset |

@@ -1,0 +1,465 @@
+//! The statements of one epoch commit, one function per table, all inside the commit's transaction
+//! (`super::commit` holds the lease row, and runs them in this order):
+//!
+//! ```text
+//!  group rows ─► aggregations (value += Δ, quarantine past the decimal range; born finalized when late)
+//!  multiset rows ─► meter_values (counts per item) ─► aggregations (max / unique_count / latest again)
+//!  charges ─► charges (a window's charge replaced whole) │ lines ─► upcoming_lines (Σ charges)
+//!  quarantined periods ─► rating_quarantine │ dead letters │ conflicting duplicates │ late events
+//! ```
+
+use meterflow_model::{
+    ChargeChange, DeadLetter, Duplicate, DuplicateKind, Item, LateEvent, LineChange, RowChange,
+};
+use rust_decimal::Decimal;
+use sqlx::PgConnection;
+
+use crate::error::SinkError;
+use crate::metrics;
+
+/// Sums and counts add up: `value += Δ`, `event_count += Δ`. A row in `quarantined` (its change
+/// overflowed), or whose sum would leave the 96-bit decimal range, is quarantined instead: its value
+/// stays as it was (the last value in range), its event count goes on.
+pub(super) async fn upsert_group_rows(
+    tx: &mut PgConnection,
+    topic: &str,
+    rows: &[&RowChange],
+    quarantined: &[meterflow_model::AggregateKey],
+) -> Result<(), SinkError> {
+    let quarantined: std::collections::HashSet<&meterflow_model::AggregateKey> =
+        quarantined.iter().collect();
+    let n = rows.len();
+    let (mut customers, mut meters, mut starts, mut ends, mut values, mut counts, mut flags) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::<Decimal>::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::<bool>::with_capacity(n),
+    );
+    for (key, _, agg) in rows {
+        let q = quarantined.contains(key);
+        customers.push(key.customer_id.as_str());
+        meters.push(key.meter.as_str());
+        starts.push(key.window_start);
+        ends.push(key.window_end);
+        values.push(if q { Decimal::ZERO } else { agg.value });
+        counts.push(agg.event_count);
+        flags.push(q);
+    }
+    sqlx::query(
+        "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
+                                        quarantined, finalized)
+         SELECT c, m, to_timestamp(s), to_timestamp(e), v, n, q,
+                -- Born finalized when the last committed watermark closed its window already (a late
+                -- window, as in a backfill): no finalizing UPDATE below (a non-HOT write) for it.
+                COALESCE(to_timestamp(e) + l.allowed_lateness <= l.committed_watermark, false)
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::bigint[],
+                     $7::bool[]) AS u(c, m, s, e, v, n, q)
+         LEFT JOIN pipeline_leases l ON l.topic = $9
+         ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
+         SET value = CASE WHEN a.quarantined OR excluded.quarantined OR abs(a.value + excluded.value) > $8
+                          THEN a.value ELSE a.value + excluded.value END,
+             quarantined = a.quarantined OR excluded.quarantined OR abs(a.value + excluded.value) > $8,
+             event_count = a.event_count + excluded.event_count,
+             revision = a.revision + 1,
+             updated_at = now()",
+    )
+    .bind(&customers)
+    .bind(&meters)
+    .bind(&starts)
+    .bind(&ends)
+    .bind(&values)
+    .bind(&counts)
+    .bind(&flags)
+    .bind(Decimal::MAX)
+    .bind(topic)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Periods enter quarantine (`+1`: upserted, the first window without a charge and the reason) or
+/// leave it (`−1` with no `+1` for the same period: deleted).
+pub(super) async fn apply_quarantined_periods(
+    tx: &mut PgConnection,
+    changes: &[(meterflow_model::batch::QuarantinedPeriod, i64)],
+) -> Result<(), SinkError> {
+    let period = |q: &meterflow_model::batch::QuarantinedPeriod| {
+        (q.customer_id.clone(), q.meter.clone(), q.period_start)
+    };
+    let added: Vec<_> = changes.iter().filter(|c| c.1 > 0).map(|c| &c.0).collect();
+    let still: std::collections::HashSet<_> = added.iter().map(|q| period(q)).collect();
+    let removed: Vec<_> = changes
+        .iter()
+        .filter(|c| c.1 < 0 && !still.contains(&period(&c.0)))
+        .map(|c| &c.0)
+        .collect();
+    if !removed.is_empty() {
+        sqlx::query(
+            "DELETE FROM rating_quarantine q USING UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(c, m, p)
+             WHERE q.customer_id = u.c AND q.meter = u.m AND q.period_start = to_timestamp(u.p)",
+        )
+        .bind(removed.iter().map(|q| q.customer_id.as_str()).collect::<Vec<_>>())
+        .bind(removed.iter().map(|q| q.meter.as_str()).collect::<Vec<_>>())
+        .bind(removed.iter().map(|q| q.period_start).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !added.is_empty() {
+        sqlx::query(
+            "INSERT INTO rating_quarantine AS q (customer_id, meter, period_start, from_window, reason)
+             SELECT c, m, to_timestamp(p), to_timestamp(f), r
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS u(c, m, p, f, r)
+             ON CONFLICT ON CONSTRAINT rating_quarantine_pkey DO UPDATE
+             SET from_window = excluded.from_window, reason = excluded.reason",
+        )
+        .bind(added.iter().map(|q| q.customer_id.as_str()).collect::<Vec<_>>())
+        .bind(added.iter().map(|q| q.meter.as_str()).collect::<Vec<_>>())
+        .bind(added.iter().map(|q| q.period_start).collect::<Vec<_>>())
+        .bind(added.iter().map(|q| q.from_window).collect::<Vec<_>>())
+        .bind(added.iter().map(|q| q.reason.as_str()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Max, unique_count and latest rows: update the multiset of items (`meter_values`), then recompute
+/// each touched row from its multiset.
+pub(super) async fn apply_multiset_rows(
+    tx: &mut PgConnection,
+    topic: &str,
+    rows: &[&RowChange],
+) -> Result<(), SinkError> {
+    let n = rows.len();
+    let (
+        mut customers,
+        mut meters,
+        mut starts,
+        mut sort_times,
+        mut items,
+        mut nums,
+        mut kinds,
+        mut counts,
+    ) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::<Option<Decimal>>::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (key, item, agg) in rows {
+        let (kind, sort_time, text, num) = match item {
+            Some(Item::Max(v)) => ("max", 0, v.to_string(), Some(*v)),
+            Some(Item::Unique(text)) => ("unique_count", 0, text.clone(), None),
+            Some(Item::Latest {
+                time_micros,
+                event_id,
+                value,
+            }) => ("latest", *time_micros, event_id.clone(), Some(*value)),
+            None => continue,
+        };
+        customers.push(key.customer_id.as_str());
+        meters.push(key.meter.as_str());
+        starts.push(key.window_start);
+        sort_times.push(sort_time);
+        items.push(text);
+        nums.push(num);
+        kinds.push(kind);
+        counts.push(agg.event_count);
+    }
+    // Existing items change by their delta; new items are inserted. Not an upsert: Postgres checks
+    // CHECK constraints on the proposed row before it finds the conflict, and a retraction's proposed
+    // row has a negative count. A retraction should only ever meet an existing item; one that does not
+    // (or takes more than is stored) is data at fault, not a reason to stop the pipeline (finding 2's
+    // crash loop): it is dropped, counted and logged, and the row shows the items stored.
+    let (orphans, over): (i64, i64) = sqlx::query_as(
+        "WITH u AS (
+             SELECT c, m, to_timestamp(s) AS s, t, i, x, k, n
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::numeric[], $7::text[], $8::bigint[])
+               AS u(c, m, s, t, i, x, k, n)
+         ), changed AS (
+             UPDATE meter_values v SET count = GREATEST(v.count + u.n, 0)
+             FROM u
+             WHERE v.customer_id = u.c AND v.meter = u.m AND v.window_start = u.s AND v.sort_time = u.t AND v.item = u.i
+             RETURNING v.customer_id, v.meter, v.window_start, v.sort_time, v.item
+         ), inserted AS (
+             INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
+             SELECT c, m, s, t, i, x, k, n FROM u
+             WHERE n > 0 AND NOT EXISTS (
+                 SELECT 1 FROM changed
+                 WHERE changed.customer_id = u.c AND changed.meter = u.m AND changed.window_start = u.s
+                   AND changed.sort_time = u.t AND changed.item = u.i)
+         )
+         -- Every part of a WITH reads the rows as they were before the statement.
+         SELECT (SELECT count(*) FROM u WHERE n < 0 AND NOT EXISTS (
+                     SELECT 1 FROM changed
+                     WHERE changed.customer_id = u.c AND changed.meter = u.m AND changed.window_start = u.s
+                       AND changed.sort_time = u.t AND changed.item = u.i)),
+                (SELECT count(*) FROM u JOIN meter_values v
+                   ON v.customer_id = u.c AND v.meter = u.m AND v.window_start = u.s AND v.sort_time = u.t
+                  AND v.item = u.i
+                 WHERE v.count + u.n < 0)",
+    )
+    .bind(&customers)
+    .bind(&meters)
+    .bind(&starts)
+    .bind(&sort_times)
+    .bind(&items)
+    .bind(&nums)
+    .bind(&kinds)
+    .bind(&counts)
+    .fetch_one(&mut *tx)
+    .await?;
+    if orphans > 0 || over > 0 {
+        tracing::warn!(
+            orphans,
+            over,
+            "retractions met no stored item, or took more than it holds (a void of what was never \
+             counted); dropped"
+        );
+        metrics::DROPPED_RETRACTIONS.inc_by(orphans.saturating_add(over).unsigned_abs());
+    }
+    sqlx::query(
+        "DELETE FROM meter_values v
+         USING UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS u(c, m, s, t, i)
+         WHERE v.count = 0 AND v.customer_id = u.c AND v.meter = u.m AND v.window_start = to_timestamp(u.s)
+           AND v.sort_time = u.t AND v.item = u.i",
+    )
+    .bind(&customers)
+    .bind(&meters)
+    .bind(&starts)
+    .bind(&sort_times)
+    .bind(&items)
+    .execute(&mut *tx)
+    .await?;
+
+    // One recomputation per touched row.
+    let mut touched: Vec<(&str, &str, i64, i64, &str)> = rows
+        .iter()
+        .filter_map(|(key, item, _)| {
+            let kind = match item.as_ref()? {
+                Item::Max(_) => "max",
+                Item::Unique(_) => "unique_count",
+                Item::Latest { .. } => "latest",
+            };
+            Some((
+                key.customer_id.as_str(),
+                key.meter.as_str(),
+                key.window_start,
+                key.window_end,
+                kind,
+            ))
+        })
+        .collect();
+    touched.sort_unstable();
+    touched.dedup();
+    sqlx::query(
+        "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
+                                        finalized)
+         SELECT k.c, k.m, to_timestamp(k.s), to_timestamp(k.e),
+                CASE k.kind WHEN 'max' THEN COALESCE(agg.max_num, 0)
+                            WHEN 'unique_count' THEN agg.items
+                            ELSE COALESCE(agg.latest, 0) END,
+                COALESCE(agg.events, 0),
+                -- Born finalized when the last committed watermark closed its window (upsert_group_rows).
+                COALESCE(to_timestamp(k.e) + l.allowed_lateness <= l.committed_watermark, false)
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS k(c, m, s, e, kind)
+         LEFT JOIN pipeline_leases l ON l.topic = $6
+         CROSS JOIN LATERAL (
+             SELECT max(v.num) AS max_num, count(*) AS items, sum(v.count)::bigint AS events,
+                    (array_agg(v.num ORDER BY v.sort_time DESC, v.item DESC))[1] AS latest
+             FROM meter_values v
+             WHERE v.customer_id = k.c AND v.meter = k.m AND v.window_start = to_timestamp(k.s)
+         ) agg
+         ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
+         SET value = excluded.value,
+             event_count = excluded.event_count,
+             revision = a.revision + 1,
+             updated_at = now()",
+    )
+    .bind(touched.iter().map(|t| t.0).collect::<Vec<_>>())
+    .bind(touched.iter().map(|t| t.1).collect::<Vec<_>>())
+    .bind(touched.iter().map(|t| t.2).collect::<Vec<_>>())
+    .bind(touched.iter().map(|t| t.3).collect::<Vec<_>>())
+    .bind(touched.iter().map(|t| t.4).collect::<Vec<_>>())
+    .bind(topic)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Window charges are replaced whole: a window with a new charge (`+1`) is upserted, one whose charge
+/// was only withdrawn (`−1`, e.g. its price book closed) is deleted.
+pub(super) async fn apply_charges(
+    tx: &mut PgConnection,
+    changes: &[ChargeChange],
+) -> Result<(), SinkError> {
+    let window = |c: &ChargeChange| (c.0.clone(), c.1.clone(), c.2.window_start);
+    let added: std::collections::HashSet<(String, String, i64)> =
+        changes.iter().filter(|c| c.3 > 0).map(window).collect();
+    let removed: Vec<&ChargeChange> = changes
+        .iter()
+        .filter(|c| c.3 < 0 && !added.contains(&window(c)))
+        .collect();
+    if !removed.is_empty() {
+        sqlx::query(
+            "DELETE FROM charges c USING UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(c, m, s)
+             WHERE c.customer_id = u.c AND c.meter = u.m AND c.window_start = to_timestamp(u.s)",
+        )
+        .bind(removed.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
+        .bind(removed.iter().map(|c| c.1.as_str()).collect::<Vec<_>>())
+        .bind(removed.iter().map(|c| c.2.window_start).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let upserts: Vec<&ChargeChange> = changes.iter().filter(|c| c.3 > 0).collect();
+    if !upserts.is_empty() {
+        sqlx::query(
+            "INSERT INTO charges AS c (customer_id, meter, window_start, window_end, quantity, amount,
+                                       currency, price_book_id)
+             SELECT c, m, to_timestamp(s), to_timestamp(e), q, a, cur, pb
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::numeric[],
+                         $7::text[], $8::text[]) AS u(c, m, s, e, q, a, cur, pb)
+             ON CONFLICT ON CONSTRAINT charges_pkey DO UPDATE
+             SET window_end = excluded.window_end, quantity = excluded.quantity,
+                 amount = excluded.amount, currency = excluded.currency,
+                 price_book_id = excluded.price_book_id,
+                 revision = c.revision + 1, updated_at = now()",
+        )
+        .bind(upserts.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.1.as_str()).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.window_start).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.window_end).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.quantity).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.amount).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.currency.as_str()).collect::<Vec<_>>())
+        .bind(upserts.iter().map(|c| c.2.price_book_id.as_str()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Upcoming-invoice lines add up their windows' charge changes; a line with no window left goes. As
+/// for `meter_values`, existing lines are updated and new ones inserted (not an upsert: a withdrawal's
+/// proposed row would break the CHECK before the conflict is found).
+pub(super) async fn apply_lines(
+    tx: &mut PgConnection,
+    lines: &[LineChange],
+) -> Result<(), SinkError> {
+    sqlx::query(
+        "WITH u AS (
+             SELECT c, to_timestamp(p) AS p, m, b, cur, a, q, w
+             FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::numeric[],
+                         $7::numeric[], $8::bigint[]) AS u(c, p, m, b, cur, a, q, w)
+         ), changed AS (
+             UPDATE upcoming_lines l
+             SET amount = l.amount + u.a, quantity = l.quantity + u.q, windows = l.windows + u.w,
+                 updated_at = now()
+             FROM u
+             WHERE l.customer_id = u.c AND l.period_start = u.p AND l.meter = u.m AND l.price_book_id = u.b
+             RETURNING l.customer_id, l.period_start, l.meter, l.price_book_id
+         )
+         INSERT INTO upcoming_lines (customer_id, period_start, meter, price_book_id, currency, quantity,
+                                     amount, windows)
+         SELECT c, p, m, b, cur, q, a, w FROM u
+         WHERE NOT EXISTS (
+             SELECT 1 FROM changed
+             WHERE changed.customer_id = u.c AND changed.period_start = u.p AND changed.meter = u.m
+               AND changed.price_book_id = u.b)",
+    )
+    .bind(lines.iter().map(|l| l.customer_id.as_str()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.period_start).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.meter.as_str()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.price_book_id.as_str()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.currency.as_str()).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.amount).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.quantity).collect::<Vec<_>>())
+    .bind(lines.iter().map(|l| l.windows).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM upcoming_lines WHERE windows = 0")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn insert_dead_letters(
+    tx: &mut PgConnection,
+    topic: &str,
+    dead: &[DeadLetter],
+) -> Result<(), SinkError> {
+    sqlx::query(
+        "INSERT INTO dead_letters (topic, partition, \"offset\", payload, reason)
+         SELECT $1, p, o, b, r FROM UNNEST($2::int[], $3::bigint[], $4::bytea[], $5::text[]) AS u(p, o, b, r)
+         ON CONFLICT ON CONSTRAINT dead_letters_source_key DO NOTHING",
+    )
+    .bind(topic)
+    .bind(dead.iter().map(|d| d.partition).collect::<Vec<_>>())
+    .bind(dead.iter().map(|d| d.offset).collect::<Vec<_>>())
+    .bind(dead.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>())
+    .bind(dead.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Keeps the payload of each conflicting copy (an id seen before with other content); identical and
+/// voided copies are only counted.
+pub(super) async fn insert_conflicting_duplicates(
+    tx: &mut PgConnection,
+    topic: &str,
+    duplicates: &[Duplicate],
+) -> Result<(), SinkError> {
+    let conflicting: Vec<&Duplicate> = duplicates
+        .iter()
+        .filter(|d| d.kind == DuplicateKind::Conflicting)
+        .collect();
+    if conflicting.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO duplicate_events (topic, partition, \"offset\", event_id, kind, payload)
+         SELECT $1, p, o, i, 'conflicting', b FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::bytea[]) AS u(p, o, i, b)
+         ON CONFLICT ON CONSTRAINT duplicate_events_pkey DO NOTHING",
+    )
+    .bind(topic)
+    .bind(conflicting.iter().map(|d| d.partition).collect::<Vec<_>>())
+    .bind(conflicting.iter().map(|d| d.offset).collect::<Vec<_>>())
+    .bind(conflicting.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>())
+    .bind(conflicting.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Records the events applied to windows that were already finalized (SPEC §4).
+pub(super) async fn insert_late_events(
+    tx: &mut PgConnection,
+    late: &[LateEvent],
+) -> Result<(), SinkError> {
+    if late.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO late_events (event_id, meter, customer_id, window_start, event_time, watermark)
+         SELECT i, m, c, to_timestamp(s), timestamptz 'epoch' + t * interval '1 microsecond',
+                timestamptz 'epoch' + w * interval '1 microsecond'
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) AS u(i, m, c, s, t, w)",
+    )
+    .bind(late.iter().map(|l| l.event_id.as_str()).collect::<Vec<_>>())
+    .bind(late.iter().map(|l| l.meter.as_str()).collect::<Vec<_>>())
+    .bind(late.iter().map(|l| l.customer_id.as_str()).collect::<Vec<_>>())
+    .bind(late.iter().map(|l| l.window_start).collect::<Vec<_>>())
+    .bind(late.iter().map(|l| l.event_time_micros).collect::<Vec<_>>())
+    .bind(late.iter().map(|l| l.watermark_micros).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
