@@ -1,0 +1,255 @@
+//! `import --csv --engine dataflow`: the same decoded events through the pipeline's timely graph
+//! (`operators::build`), the copies to take back as retractions; the module doc of `import.rs` says why
+//! it is not the default.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, RwLock};
+
+use meterflow_dataflow::classify::{Classified, SourceItem};
+use meterflow_dataflow::operators::{build, Epoch};
+use meterflow_dataflow::rating::{ChargeRow, RowKey as GraphRowKey};
+use meterflow_dataflow::{GraphContext, MeterRegistry, RatingInputs, SinkUpdate};
+use meterflow_model::batch::QuarantinedPeriod;
+use meterflow_model::{AggregateKey, PartitionProgress, PriceBook};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::{Operator, Probe};
+use timely::dataflow::{InputHandleVec, ProbeHandle};
+
+use super::*;
+
+/// Events per epoch, all workers together.
+const EPOCH_EVENTS: u64 = 200_000;
+
+type Collected = HashMap<AggregateKey, Usage>;
+type DedupTables = Arc<RwLock<Vec<Option<Vec<Vec<(u64, u64)>>>>>>;
+type RatingHandles = (
+    InputHandleVec<Epoch, (GraphRowKey, Epoch, Usage)>,
+    InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
+    InputHandleVec<Epoch, (QuarantinedPeriod, Epoch, isize)>,
+    InputHandleVec<Epoch, (PriceBook, Epoch, isize)>,
+);
+
+/// Each timely worker reads its byte range as `csv_worker` does and feeds the counted events in
+/// epochs; once every worker has read its range, every copy of an id but the first is fed as a
+/// retraction (`Classified::Retract`, as a void); the graph's row
+/// changes are added up per row and written like the direct engine's.
+pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
+    let started = Instant::now();
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::debug!(error = %e, "could not turn transparent huge pages off");
+    }
+    let path = args.file.clone();
+    let len = std::fs::metadata(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    let workers = args.workers.clamp(1, 256);
+    let seed: u64 = rand::random();
+    let decoder = Decoder {
+        reference_micros: chrono::Utc::now().timestamp_micros(),
+        limits: Limits::default(),
+    };
+    let done = Arc::new(AtomicU64::new(0));
+    let bar = progress_bar(len, args.quiet, "reading");
+    let tables: DedupTables = Arc::new(RwLock::new((0..workers).map(|_| None).collect()));
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let context = GraphContext {
+        meters: MeterRegistry::new(Vec::new()),
+        watermark: meterflow_dataflow::classify::new_watermark(None),
+        allowed_lateness_micros: 3_600_000_000,
+    };
+    let ranges = ranges(len, workers);
+    let done_worker = done.clone();
+    type Out = (Worker, Collected, u64);
+    let guards = with_progress(&bar, &done, || {
+        timely::execute(
+            timely::Config::process(workers),
+            move |worker| -> Result<Out, String> {
+                let index = worker.index();
+                let range = ranges.get(index).copied().unwrap_or((0, 0));
+                let collected: Arc<Mutex<Collected>> = Arc::default();
+                let seen = collected.clone();
+                let context = context.clone();
+                let (mut items, mut markers, mut rating, probe) =
+                    worker.dataflow::<Epoch, _, _>(|scope| {
+                        let mut items = InputHandleVec::<Epoch, SourceItem>::new();
+                        let mut markers =
+                            InputHandleVec::<Epoch, (Epoch, PartitionProgress)>::new();
+                        let mut rows = InputHandleVec::<Epoch, (GraphRowKey, Epoch, Usage)>::new();
+                        let mut charges = InputHandleVec::<Epoch, (ChargeRow, Epoch, isize)>::new();
+                        let mut quarantines =
+                            InputHandleVec::<Epoch, (QuarantinedPeriod, Epoch, isize)>::new();
+                        let mut books = InputHandleVec::<Epoch, (PriceBook, Epoch, isize)>::new();
+                        let probe = ProbeHandle::new();
+                        let inputs = RatingInputs {
+                            restored_rows: rows.to_stream(scope),
+                            restored_charges: charges.to_stream(scope),
+                            restored_quarantines: quarantines.to_stream(scope),
+                            books: books.to_stream(scope),
+                        };
+                        build(
+                            items.to_stream(scope),
+                            markers.to_stream(scope),
+                            inputs,
+                            context,
+                        )
+                        .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+                            Pipeline,
+                            "Collect",
+                            move |_, _| {
+                                move |input, _output| {
+                                    let Ok(mut rows) = seen.lock() else {
+                                        return;
+                                    };
+                                    input.for_each(|_, data| {
+                                        for (_, update) in data.drain(..) {
+                                            match update {
+                                                SinkUpdate::Row(key, None, agg) => {
+                                                    rows.entry(key)
+                                                        .or_default()
+                                                        .plus_equals(&Usage::of(agg));
+                                                }
+                                                SinkUpdate::QuarantinedRow(key) => {
+                                                    let u = rows.entry(key).or_default();
+                                                    *u = Usage::overflowed(u.aggregate.event_count);
+                                                }
+                                                _ => {}
+                                            }
+                                        }
+                                    });
+                                }
+                            },
+                        )
+                        .probe_with(&probe);
+                        (items, markers, (rows, charges, quarantines, books), probe)
+                    });
+                let mut epoch: Epoch = 0;
+                let mut fed = 0u64;
+                let mut offset = 0i64;
+                let advance = |items: &mut InputHandleVec<Epoch, SourceItem>,
+                               markers: &mut InputHandleVec<Epoch, (Epoch, PartitionProgress)>,
+                               rating: &mut RatingHandles,
+                               epoch: &mut Epoch| {
+                    *epoch += 1;
+                    items.advance_to(*epoch);
+                    markers.advance_to(*epoch);
+                    rating.0.advance_to(*epoch);
+                    rating.1.advance_to(*epoch);
+                    rating.2.advance_to(*epoch);
+                    rating.3.advance_to(*epoch);
+                };
+                let per_worker = (EPOCH_EVENTS / workers as u64).max(1);
+                let mut share = read_range(
+                    &path,
+                    range,
+                    decoder,
+                    seed,
+                    &done_worker,
+                    workers,
+                    |event| {
+                        items.send(SourceItem {
+                            partition: index as i32,
+                            offset,
+                            what: Classified::Count(event),
+                        });
+                        offset += 1;
+                        fed += 1;
+                        if fed.is_multiple_of(per_worker) {
+                            advance(&mut items, &mut markers, &mut rating, &mut epoch);
+                            // One epoch in flight at most: the graph keeps up with the reading.
+                            let until = epoch.saturating_sub(1);
+                            while probe.less_than(&until) {
+                                worker.step();
+                            }
+                        }
+                        Ok(())
+                    },
+                )
+                .map_err(|e| format!("{e:#}"))?;
+                // Hand over the dedup table; step until every worker has (no one blocks the graph).
+                if let Ok(mut t) = tables.write() {
+                    if let Some(slot) = t.get_mut(index) {
+                        *slot = Some(std::mem::take(&mut share.seen));
+                    }
+                }
+                arrived.fetch_add(1, Ordering::SeqCst);
+                while arrived.load(Ordering::SeqCst) < workers {
+                    worker.step();
+                }
+                advance(&mut items, &mut markers, &mut rating, &mut epoch);
+                let retracted = {
+                    let t = tables
+                        .read()
+                        .map_err(|_| "dedup tables lock poisoned".to_owned())?;
+                    let parts: Vec<&[(u64, u64)]> = t
+                        .iter()
+                        .flatten()
+                        .filter_map(|p| p.get(index).map(Vec::as_slice))
+                        .collect();
+                    later_copies(&path, &parts, decoder, |event| {
+                        items.send(SourceItem {
+                            partition: index as i32,
+                            offset,
+                            what: Classified::Retract(event),
+                        });
+                        offset += 1;
+                        Ok(())
+                    })
+                    .map_err(|e| format!("{e:#}"))?
+                };
+                drop(items);
+                drop(markers);
+                drop(rating);
+                while !probe.done() {
+                    worker.step();
+                }
+                let rows = collected
+                    .lock()
+                    .map(|mut c| std::mem::take(&mut *c))
+                    .unwrap_or_default();
+                Ok((share, rows, retracted))
+            },
+        )
+        .map_err(anyhow::Error::msg)
+    })?;
+    let results: Vec<Out> = guards
+        .join()
+        .into_iter()
+        .map(|r| {
+            r.map_err(anyhow::Error::msg)
+                .and_then(|r| r.map_err(anyhow::Error::msg))
+        })
+        .collect::<Result<_>>()?;
+    bar.finish_and_clear();
+    let read = started.elapsed().as_secs_f64();
+    let mut shares = Vec::new();
+    let mut parts = Vec::new();
+    let mut retracted = 0;
+    for (share, collected, n) in results {
+        shares.push(share);
+        retracted += n;
+        let mut rows = Rows::new(seed);
+        for (key, usage) in collected {
+            let k = (
+                rows.customers.intern(seed, &key.customer_id),
+                rows.meter_names.intern(seed, &key.meter),
+                key.window_start,
+                key.window_end,
+            );
+            rows.rows.add(k, usage);
+        }
+        parts.push(rows);
+    }
+    let mut summary = tally(&shares);
+    summary.counted -= retracted;
+    summary.duplicates += retracted;
+    drop(shares);
+    let parts: Vec<&Rows> = parts.iter().collect();
+    let (rows, quarantined) = write_csv(&parts, out, workers)?;
+    summary.rows = rows;
+    summary.quarantined_rows = quarantined;
+    summary.seconds = started.elapsed().as_secs_f64();
+    summary.phases = [read, 0.0, summary.seconds - read];
+    Ok(summary)
+}
