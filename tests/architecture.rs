@@ -199,19 +199,9 @@ fn the_check_sees_an_arrow_through_another_crate() {
 /// The tables a crate's code writes: `INSERT INTO t`, `UPDATE t`, `DELETE FROM t`, `COPY t` in its
 /// `src/` (comments left out). Statements whose table is spelled through `format!` are not seen.
 fn tables_written(dir: &std::path::Path, into: &mut BTreeSet<String>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            tables_written(&path, into);
-            continue;
-        }
-        if path.extension().is_none_or(|e| e != "rs") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut files = Vec::new();
+    sources(dir, &mut files);
+    for (_, text) in &files {
         for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
             for verb in ["INSERT INTO ", "UPDATE ", "DELETE FROM ", "COPY "] {
                 for (at, _) in line.match_indices(verb) {

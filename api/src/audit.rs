@@ -16,19 +16,17 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use meterflow_store::audit::{insert, snapshot, Entity};
 
 use crate::auth::Principal;
 use crate::middleware::RequestId;
 use crate::{ApiError, AppState};
 
-pub use meterflow_store::audit::insert;
-use meterflow_store::audit::{snapshot, Entity};
-
 /// An audited route: its action, entity, table and id column, and where the id is.
 struct Audited {
     action: &'static str,
     entity: &'static str,
-    /// `SELECT to_jsonb(t) FROM <table> t WHERE <column> = $1`.
+    /// Whose row (`to_jsonb`) the audit row shows before and after.
     snapshot: Entity,
     id: IdFrom,
 }

@@ -5,7 +5,7 @@
 //!  reader ──claim_events(candidates)──► Claims ──► Counts | Duplicate(identical / conflicting / voided)
 //!         ──claim_voids(voids)────────►        ──► Some(the counted event to take back) | None
 //!                                        ▲
-//!            Postgres in production (`meterflow_sinks::PgClaims`), MemoryClaims in tests
+//!            Postgres in production (`meterflow_store::PgClaims`), MemoryClaims in tests
 //! ```
 //! Contract of a [`Claims`] store: a claim is keyed by the record's position `(partition, offset)`, so it
 //! is idempotent. The first copy of an id to be claimed counts; replaying that same record after a crash

@@ -1,5 +1,7 @@
 //! Sink errors, classified as Feldera's Postgres adapter does: by kind and SQLSTATE class.
 
+use meterflow_store::is_transient;
+
 /// Why the sink could not commit.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -39,5 +41,3 @@ impl From<sqlx::Error> for SinkError {
         }
     }
 }
-
-pub use meterflow_store::is_transient;
