@@ -16,33 +16,43 @@ use crate::AppState;
 /// Most event ids in one answer of `include=event_ids` (`limit × event_ids_limit`).
 pub const MAX_EVENT_IDS_PER_ANSWER: i64 = 10_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AggregationQuery {
+    /// Only this customer's.
     customer_id: Option<String>,
+    /// Only this meter's.
     meter: Option<String>,
     /// Windows starting at or after this instant.
     from: Option<DateTime<Utc>>,
     /// Windows starting before this instant.
     to: Option<DateTime<Utc>>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<i64>,
+    /// The `next_cursor` of the previous page (opaque).
     cursor: Option<String>,
     /// `event_ids`: list each window's contributing event ids.
+    #[param(pattern = "^event_ids$")]
     include: Option<String>,
     /// Most event ids listed per window (at most 1000, and `limit × event_ids_limit` at most 10,000;
     /// by default as many as that allows, up to 1000).
+    #[param(minimum = 1, maximum = 1000)]
     event_ids_limit: Option<i64>,
     /// List event ids after this one (the `event_ids_next_cursor` of a previous answer).
     event_ids_after: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// A window's aggregate: the meter's value over the customer's events in it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Aggregation {
     customer_id: String,
     meter: String,
     window_start: DateTime<Utc>,
     window_end: DateTime<Utc>,
     #[serde(serialize_with = "meterflow_model::json::serialize_decimal")]
+    #[schema(value_type = meterflow_model::openapi::Decimal)]
     value: Decimal,
     event_count: i64,
     finalized: bool,
@@ -52,6 +62,7 @@ pub struct Aggregation {
     quarantined: bool,
     revision: i32,
     updated_at: DateTime<Utc>,
+    /// With `include=event_ids`: the window's counted event ids, in order.
     #[serde(skip_serializing_if = "Option::is_none")]
     event_ids: Option<Vec<String>>,
     /// Set when the window has more event ids than listed: pass it as `event_ids_after`.

@@ -15,10 +15,13 @@ use crate::page::{Cursor, Page};
 use crate::time::exclusive_end;
 use crate::AppState;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ChargeQuery {
+    /// Only this customer's.
     customer_id: Option<String>,
+    /// Only this meter's.
     meter: Option<String>,
     /// Windows starting at or after this instant.
     #[serde(alias = "window_start")]
@@ -26,19 +29,25 @@ pub struct ChargeQuery {
     /// Windows starting before this instant (`…T23:59:59.999Z` is the instant that follows).
     #[serde(alias = "window_end")]
     to: Option<DateTime<Utc>>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<i64>,
+    /// The `next_cursor` of the previous page (opaque).
     cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// A window's charge: its quantity priced by the book in force at the window's start, period to date.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Charge {
     customer_id: String,
     meter: String,
     window_start: DateTime<Utc>,
     window_end: DateTime<Utc>,
     #[serde(serialize_with = "meterflow_model::json::serialize_decimal")]
+    #[schema(value_type = meterflow_model::openapi::Decimal)]
     quantity: Decimal,
     #[serde(serialize_with = "meterflow_model::json::serialize_decimal")]
+    #[schema(value_type = meterflow_model::openapi::Decimal)]
     amount: Decimal,
     currency: String,
     price_book_id: String,

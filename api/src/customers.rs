@@ -42,21 +42,48 @@ const MAX_NAME: usize = 200;
 const MAX_EMAIL: usize = 254;
 const MAX_ADDRESS: usize = 1000;
 
-#[derive(Deserialize)]
+/// A customer to register.
+// Its fields are optional in Rust so that every missing one is reported.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewCustomer {
+pub(crate) struct NewCustomer {
+    #[schema(required = true, value_type = meterflow_model::openapi::Id)]
     customer_id: Option<String>,
+    #[schema(required = true, value_type = String)]
     name: Option<String>,
     email: Option<String>,
     address: Option<String>,
+    /// Default USD; fixed once the customer has an invoice.
+    #[schema(value_type = Option<meterflow_model::openapi::Currency>)]
     currency: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// What `PATCH /api/v1/customers/{customer_id}` may change: an absent field stays, a null one is cleared.
+// The patch is read field by field (`Patch::parse`), so that null and absent differ; this type is its
+// schema, and `the_patch_schema_names_the_fields_the_parser_takes` keeps the two in step.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = CustomerPatch)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct PatchFields {
+    #[serde(default)]
+    name: String,
+    email: Option<String>,
+    address: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = meterflow_model::openapi::Currency)]
+    currency: String,
+}
+
+/// A registered customer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Customer)]
 pub struct CustomerView {
     customer_id: String,
     name: String,
+    #[schema(required = true)]
     email: Option<String>,
+    #[schema(required = true)]
     address: Option<String>,
     currency: String,
     created_at: DateTime<Utc>,
@@ -109,10 +136,14 @@ pub async fn get_one(
     Ok(Json(stored.into()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CustomerQuery {
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<i64>,
+    /// The `next_cursor` of the previous page (opaque).
     cursor: Option<String>,
 }
 
@@ -326,15 +357,18 @@ fn write_error(e: CustomerError) -> ApiError {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UpcomingQuery {
     /// `2024-01`; default the current month by the API's clock.
+    #[param(value_type = Option<meterflow_model::openapi::Month>)]
     period: Option<String>,
 }
 
 /// The upcoming invoice: what issuing the period now would bill, without adjustments or a number.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = UpcomingInvoice)]
 pub struct UpcomingView {
     customer_id: String,
     /// Unregistered customers' usage is counted but not invoiced until they are registered.
@@ -343,8 +377,10 @@ pub struct UpcomingView {
     billing_period_end: DateTime<Utc>,
     currency: String,
     line_items: Vec<LineView>,
+    #[schema(value_type = meterflow_model::openapi::Decimal)]
     subtotal: serde_json::Number,
     /// The invoice already issued for this period, if any.
+    #[schema(required = true)]
     issued_invoice_id: Option<String>,
 }
 
@@ -391,6 +427,44 @@ mod tests {
 
     fn fields(errors: Vec<FieldError>) -> Vec<String> {
         errors.into_iter().map(|e| e.field).collect()
+    }
+
+    /// The properties of `T`'s derived schema.
+    fn schema_properties<T: utoipa::ToSchema>() -> Vec<String> {
+        let schema = serde_json::to_value(T::schema()).unwrap();
+        schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn the_patch_schema_names_the_fields_the_parser_takes() {
+        let documented = schema_properties::<PatchFields>();
+        let refused = |key: &str| {
+            let mut body = Map::new();
+            body.insert(key.into(), json!("EUR"));
+            Patch::parse(body).err().is_some_and(|errors| {
+                errors.iter().any(|e| {
+                    e.message.contains("is not a field") || e.message.contains("cannot be changed")
+                })
+            })
+        };
+        for key in &documented {
+            assert!(
+                !refused(key),
+                "{key} is in the schema but the parser refuses it"
+            );
+        }
+        for key in schema_properties::<CustomerView>() {
+            assert_eq!(
+                refused(&key),
+                !documented.contains(&key),
+                "{key}: the parser and the schema disagree"
+            );
+        }
     }
 
     #[test]

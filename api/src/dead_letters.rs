@@ -12,14 +12,19 @@ use crate::error::ApiError;
 use crate::page::Page;
 use crate::AppState;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterQuery {
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<i64>,
+    /// The `next_cursor` of the previous page (opaque).
     cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// A Kafka record the pipeline could not count, and why.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     id: i64,
     topic: String,

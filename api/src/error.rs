@@ -90,15 +90,25 @@ impl Overload {
     }
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// RFC 9457 problem details with a stable `code`: DUPLICATE_EVENT, INVOICE_ALREADY_EXISTS,
+/// RERATING_IN_PROGRESS, PRICE_BOOK_OVERLAP, PERIOD_NOT_ENDED, VALIDATION_FAILED (with field paths in
+/// `errors`), MALFORMED_JSON, PAYLOAD_TOO_LARGE, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, RATE_LIMITED,
+/// UNAVAILABLE, and the more specific METER_EXISTS, METER_NAME_COLLIDES, PERIOD_QUARANTINED,
+/// CUSTOMER_ALREADY_EXISTS, CURRENCY_LOCKED, CURRENCY_MISMATCH, AMOUNT_OVERFLOW,
+/// INVOICE_RUN_IN_PROGRESS, BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, TIMEOUT.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
+pub(crate) struct Problem<'a> {
     #[serde(rename = "type")]
     kind: String,
     title: &'a str,
     status: u16,
+    #[schema(pattern = "^[A-Z][A-Z_]*$")]
     code: &'a str,
     detail: String,
+    /// Every invalid field, with its path (`value`, `properties.region`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<FieldError>>)]
     errors: Option<&'a [FieldError]>,
 }
 

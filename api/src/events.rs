@@ -65,30 +65,64 @@ pub async fn post_event(
         Json(Accepted {
             event_id,
             received_at: now.to_rfc3339_opts(SecondsFormat::Millis, true),
-            status: "accepted",
+            status: AcceptedStatus::Accepted,
         }),
     ))
 }
 
 /// The 201 of `POST /api/v1/events`, serialised straight from this (no intermediate JSON value); the
 /// fields in the order they always had.
-#[derive(Serialize)]
-struct Accepted {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = EventAccepted)]
+pub(crate) struct Accepted {
     event_id: String,
+    #[schema(format = DateTime)]
     received_at: String,
-    status: &'static str,
+    status: AcceptedStatus,
+}
+
+/// An accepted event's status: it is stored and will be counted once.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum AcceptedStatus {
+    Accepted,
+}
+
+/// The answer to a batch: how many items were accepted and rejected, and each item's outcome.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct BatchResult {
+    accepted: usize,
+    rejected: usize,
+    /// One per item, in order.
+    results: Vec<ItemResult>,
 }
 
 /// One item's outcome in a batch.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ItemResult {
     pub index: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
     /// The status a single POST of this item would have had: 201, 409, 400, 422 or 503.
     pub status: u16,
+    /// The problem a single POST would have answered.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::error::Problem>)]
     pub error: Option<serde_json::Value>,
+}
+
+/// A void's answer: `voided` when it already was, `voiding` while it travels to the pipeline.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct EventVoid {
+    event_id: String,
+    status: VoidStatus,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum VoidStatus {
+    Voided,
+    Voiding,
 }
 
 /// `POST /api/v1/events/batch`: a JSON array of up to 1000 events (or `application/cloudevents-batch+json`).
@@ -197,11 +231,11 @@ pub async fn post_batch(
     }
     // An item to retry (503) is answered as a single 503 would be: the batch says when.
     let retry = results.iter().any(|r| r.status == 503);
-    let body = serde_json::json!({
-        "accepted": accepted,
-        "rejected": results.len().saturating_sub(accepted),
-        "results": results,
-    });
+    let body = BatchResult {
+        accepted,
+        rejected: results.len().saturating_sub(accepted),
+        results,
+    };
     let mut response = (StatusCode::OK, Json(body)).into_response();
     if retry {
         response.headers_mut().insert(
@@ -231,7 +265,10 @@ pub async fn void_event(
     if void.already {
         return Ok((
             StatusCode::OK,
-            Json(serde_json::json!({"event_id": event_id, "status": "voided"})),
+            Json(EventVoid {
+                event_id,
+                status: VoidStatus::Voided,
+            }),
         ));
     }
     if publish(
@@ -249,7 +286,10 @@ pub async fn void_event(
     // If Kafka did not answer, the relay delivers the void from the outbox.
     Ok((
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({"event_id": event_id, "status": "voiding"})),
+        Json(EventVoid {
+            event_id,
+            status: VoidStatus::Voiding,
+        }),
     ))
 }
 

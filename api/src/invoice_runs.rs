@@ -23,7 +23,7 @@ use meterflow_model::FieldError;
 use meterflow_store::invoice_runs::{self as runs, RunError, RunOptions, RunStatus};
 use meterflow_store::invoices::{self as sink, Period};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+
 use sqlx::{ConnectOptions, PgPool};
 
 use crate::error::ApiError;
@@ -32,10 +32,22 @@ use crate::AppState;
 /// How often the API looks for unfinished runs that no process is executing.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-#[derive(Deserialize)]
+/// An invoice run to start: every registered customer's invoice for one month.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = NewInvoiceRun)]
 #[serde(deny_unknown_fields)]
-struct NewRun {
+pub(crate) struct NewRun {
+    #[schema(required = true, value_type = meterflow_model::openapi::Month)]
     period: Option<String>,
+}
+
+/// A started run: pending until the API's runner picks it up.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct InvoiceRunAccepted {
+    run_id: String,
+    status: String,
+    /// `2024-01`.
+    period: String,
 }
 
 pub async fn create(
@@ -60,7 +72,11 @@ pub async fn create(
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, location)],
-        Json(json!({"run_id": run_id, "status": "pending", "period": period.month()})),
+        Json(InvoiceRunAccepted {
+            run_id,
+            status: "pending".into(),
+            period: period.month(),
+        }),
     ))
 }
 
@@ -75,14 +91,16 @@ fn run_error(e: RunError) -> ApiError {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// An invoice run's progress and outcome.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = InvoiceRun)]
 pub struct RunView {
     run_id: String,
     /// `2024-01`.
     period: String,
     period_start: DateTime<Utc>,
     period_end: DateTime<Utc>,
-    /// `pending`, `running`, `succeeded` or `failed`.
+    #[schema(value_type = crate::rerating::JobStatus)]
     status: String,
     error: Option<String>,
     /// Registered customers in the run, and how many of them are done.
@@ -91,12 +109,26 @@ pub struct RunView {
     issued: i64,
     skipped_existing: i64,
     failed: i64,
-    failures: Vec<serde_json::Value>,
+    failures: Vec<RunFailure>,
     /// Customers with usage in the period that are not registered: not invoiced.
-    unregistered_with_usage: serde_json::Value,
+    unregistered_with_usage: Unregistered,
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+}
+
+/// A customer whose invoice failed, and why.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct RunFailure {
+    customer_id: String,
+    error: String,
+}
+
+/// How many customers with usage are not registered, and some of them.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct Unregistered {
+    count: i64,
+    customer_ids: Vec<String>,
 }
 
 impl From<RunStatus> for RunView {
@@ -116,12 +148,15 @@ impl From<RunStatus> for RunView {
             failures: s
                 .failures
                 .iter()
-                .map(|(c, e)| json!({"customer_id": c, "error": public_error(e)}))
+                .map(|(c, e)| RunFailure {
+                    customer_id: c.clone(),
+                    error: public_error(e),
+                })
                 .collect(),
-            unregistered_with_usage: json!({
-                "count": s.unregistered,
-                "customer_ids": s.unregistered_sample,
-            }),
+            unregistered_with_usage: Unregistered {
+                count: s.unregistered,
+                customer_ids: s.unregistered_sample.clone(),
+            },
             created_at: s.created_at,
             started_at: s.started_at,
             finished_at: s.finished_at,

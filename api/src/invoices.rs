@@ -35,18 +35,25 @@ use crate::AppState;
 /// The largest body of a POST.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
-#[derive(Deserialize)]
+/// An invoice to issue: one customer's calendar month.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewInvoice {
+pub(crate) struct NewInvoice {
+    #[schema(required = true, value_type = String)]
     customer_id: Option<String>,
+    /// RFC 3339, a month's start (alias billing_period_start).
     #[serde(alias = "billing_period_start")]
+    #[schema(required = true, value_type = String)]
     period_start: Option<String>,
+    /// RFC 3339, that month's end (alias billing_period_end).
     #[serde(alias = "billing_period_end")]
+    #[schema(required = true, value_type = String)]
     period_end: Option<String>,
 }
 
 /// An invoice as the API shows it: decimals as exact JSON numbers, instants in RFC 3339 UTC.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Invoice)]
 pub struct InvoiceView {
     invoice_id: String,
     number: i64,
@@ -57,20 +64,28 @@ pub struct InvoiceView {
     currency: String,
     line_items: Vec<LineView>,
     adjustments: Vec<AdjustmentView>,
+    #[schema(value_type = meterflow_model::openapi::Decimal)]
     subtotal: serde_json::Number,
+    #[schema(value_type = meterflow_model::openapi::Decimal)]
     total: serde_json::Number,
     issued_at: DateTime<Utc>,
+    #[schema(required = true)]
     voided_at: Option<DateTime<Utc>>,
+    #[schema(required = true)]
     void_reason: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// One line of an invoice: a meter's usage under one price book, or a minimum's top-up.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Line)]
 pub struct LineView {
     meter: String,
     kind: LineKind,
     description: String,
+    #[schema(value_type = meterflow_model::openapi::Decimal)]
     quantity: serde_json::Number,
     unit_price_summary: String,
+    #[schema(value_type = meterflow_model::openapi::Decimal)]
     amount: serde_json::Number,
     price_book_id: String,
 }
@@ -89,13 +104,16 @@ impl From<InvoiceLine> for LineView {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// A correction of an earlier invoice's line, billed on this one.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Adjustment)]
 pub struct AdjustmentView {
     original_invoice_id: String,
     /// The period of the corrected line.
     period_start: DateTime<Utc>,
     meter: String,
     price_book_id: String,
+    #[schema(value_type = meterflow_model::openapi::Decimal)]
     amount: serde_json::Number,
     reason: String,
 }
@@ -234,9 +252,11 @@ fn resolve(raw: NewInvoice) -> Result<(String, Period), Vec<FieldError>> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct InvoiceQuery {
+    /// Only this customer's.
     customer_id: Option<String>,
     /// Invoices whose period starts at or after this instant.
     #[serde(alias = "period_start")]
@@ -244,8 +264,12 @@ pub struct InvoiceQuery {
     /// Invoices whose period starts before this instant (`…T23:59:59.999Z` is the instant that follows).
     #[serde(alias = "period_end")]
     to: Option<DateTime<Utc>>,
+    /// Only invoices in this status.
     status: Option<InvoiceStatus>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<i64>,
+    /// The `next_cursor` of the previous page (opaque).
     cursor: Option<String>,
 }
 
@@ -293,9 +317,12 @@ pub async fn get_one(
     Ok(Json(stored.into()))
 }
 
-#[derive(Default, Deserialize)]
+/// Why an invoice is voided; the body is optional.
+#[derive(Default, Deserialize, utoipa::ToSchema)]
+#[schema(as = InvoiceVoid)]
 #[serde(deny_unknown_fields)]
-struct VoidRequest {
+pub(crate) struct VoidRequest {
+    #[schema(max_length = 1000)]
     reason: Option<String>,
 }
 
@@ -333,10 +360,12 @@ pub async fn void(
     Ok(Json(stored.into()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DocumentQuery {
     /// `html` (default) or `pdf`.
+    #[param(pattern = "^(html|pdf)$")]
     format: Option<String>,
 }
 

@@ -20,7 +20,7 @@
 //! | `time.rs` | RFC 3339 instants, and `…T23:59:59.999Z` as the exclusive end that follows |
 //! | `error.rs` | [`ApiError`] → problem+json |
 //! | `metrics.rs` | Prometheus metrics and the request-tracking middleware |
-//! | `openapi.rs` | the route table: the router and the OpenAPI document (`/api/v1/openapi.json`) are built from it |
+//! | `openapi.rs` | the route table: the router and the OpenAPI document (`/api/v1/openapi.json`) are built from it; the document's schemas are derived from the request and response types |
 //! | `auth.rs` | API keys (create, list, revoke), the gate: key → role → rate limit → a bound key's customer |
 //! | `idempotency.rs` | `Idempotency-Key` on the admin POSTs: stored responses replayed, reuse refused |
 //! | `audit.rs` | the append-only audit log: who changed what, before and after |
@@ -68,6 +68,7 @@ use axum::response::IntoResponse;
 use axum::{Json, Router};
 use meterflow_model::Limits;
 use rdkafka::producer::{FutureProducer, Producer};
+use serde::Serialize;
 use sqlx::PgPool;
 
 pub use error::ApiError;
@@ -236,7 +237,7 @@ pub struct Shared {
     /// Verified keys and rate-limit buckets.
     pub gate: Arc<auth::Gate>,
     /// The last readiness answer and when it was checked: `/readyz` checks at most once a second.
-    ready: Arc<tokio::sync::Mutex<Option<(std::time::Instant, StatusCode, serde_json::Value)>>>,
+    ready: Arc<tokio::sync::Mutex<Option<(std::time::Instant, StatusCode, Ready)>>>,
 }
 
 impl AppState {
@@ -359,8 +360,49 @@ pub async fn serve(
     .await
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// The process answers.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Health {
+    status: &'static str,
+}
+
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Whether Postgres answers and Kafka has the topic.
+#[derive(Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct Ready {
+    status: Readiness,
+    postgres: Up,
+    kafka: Up,
+    /// When this was checked; answers are shared for about a second.
+    #[schema(format = DateTime)]
+    checked_at: String,
+}
+
+#[derive(Clone, Copy, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum Readiness {
+    Ready,
+    Unavailable,
+}
+
+#[derive(Clone, Copy, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum Up {
+    Up,
+    Down,
+}
+
+impl Up {
+    fn from(up: bool) -> Up {
+        if up {
+            Up::Up
+        } else {
+            Up::Down
+        }
+    }
 }
 
 /// Ready when Postgres answers and the Kafka broker has the topic. Checked at most once a second
@@ -377,7 +419,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-async fn check_ready(state: &AppState) -> (StatusCode, serde_json::Value) {
+async fn check_ready(state: &AppState) -> (StatusCode, Ready) {
     let db = tokio::time::timeout(
         Duration::from_secs(2),
         meterflow_store::results::ping(&state.pool),
@@ -403,12 +445,16 @@ async fn check_ready(state: &AppState) -> (StatusCode, serde_json::Value) {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = serde_json::json!({
-        "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
-        "postgres": if db { "up" } else { "down" },
-        "kafka": if kafka { "up" } else { "down" },
-        "checked_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    });
+    let body = Ready {
+        status: if status == StatusCode::OK {
+            Readiness::Ready
+        } else {
+            Readiness::Unavailable
+        },
+        postgres: Up::from(db),
+        kafka: Up::from(kafka),
+        checked_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
     (status, body)
 }
 

@@ -9,18 +9,45 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use meterflow_model::Meter;
+use meterflow_model::{Aggregation, Meter, Window};
 use meterflow_store::meters::{self as store, MeterCreated};
 use serde::Serialize;
 
 use crate::error::ApiError;
+use crate::page::Page;
 use crate::AppState;
 
-#[derive(Debug, Serialize)]
+/// A meter as stored: its definition and when it was created. The fields are [`Meter`]'s, spelled
+/// out: `Meter` refuses unknown fields, so a schema that extended it would refuse `created_at`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StoredMeter {
-    #[serde(flatten)]
-    meter: Meter,
+    meter: String,
+    event_type: String,
+    aggregation: Aggregation,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_property: Option<String>,
+    window: Window,
     created_at: DateTime<Utc>,
+}
+
+impl StoredMeter {
+    fn new((meter, created_at): (Meter, DateTime<Utc>)) -> Self {
+        let Meter {
+            meter,
+            event_type,
+            aggregation,
+            value_property,
+            window,
+        } = meter;
+        StoredMeter {
+            meter,
+            event_type,
+            aggregation,
+            value_property,
+            window,
+            created_at,
+        }
+    }
 }
 
 pub async fn create(
@@ -45,19 +72,22 @@ pub async fn create(
             ))
         }
     };
-    let (meter, created_at) = store::list_meters(&mut conn, Some(&meter.meter))
+    let stored = store::list_meters(&mut conn, Some(&meter.meter))
         .await?
         .pop()
         .ok_or_else(|| ApiError::Internal("a meter vanished after its insert".into()))?;
-    Ok((status, Json(StoredMeter { meter, created_at })))
+    Ok((status, Json(StoredMeter::new(stored))))
 }
 
-pub async fn list(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub async fn list(State(state): State<AppState>) -> Result<Json<Page<StoredMeter>>, ApiError> {
     let mut conn = state.pool.acquire().await?;
-    let data: Vec<StoredMeter> = store::list_meters(&mut conn, None)
+    let data = store::list_meters(&mut conn, None)
         .await?
         .into_iter()
-        .map(|(meter, created_at)| StoredMeter { meter, created_at })
+        .map(StoredMeter::new)
         .collect();
-    Ok(Json(serde_json::json!({"data": data, "next_cursor": null})))
+    Ok(Json(Page {
+        data,
+        next_cursor: None,
+    }))
 }

@@ -9,19 +9,29 @@
 //! operation unrouted; `tests/openapi.rs` checks both against the live server, and Schemathesis
 //! (`deploy/local/schemathesis`) checks that the answers conform to the schemas.
 //!
-//! Schemas are written by hand with `serde_json`, next to the handler they describe in spirit: requests
-//! take decimals as JSON numbers or strings, responses give them as JSON numbers with their exact digits.
+//! The schemas are derived (utoipa's `ToSchema` and `IntoParams`) from the types the handlers read and
+//! write, with their doc comments as descriptions; an operation names them by type ([`schema`],
+//! [`page`], [`params`]), and the document's components are exactly the schemas its operations reach.
+//! A decimal is a JSON number or string in requests, a JSON number with its exact digits in responses
+//! (`meterflow_model::openapi`). The table, not `#[utoipa::path]` on each handler, holds the rest of an
+//! operation (method, path, role, statuses): one row routes and documents it, so the two cannot differ.
 // The document is built from constants (the route table), not from requests: indexing a JSON value or
 // expecting an entry here can only fail on a bug every test finds.
 #![allow(clippy::indexing_slicing, clippy::expect_used)]
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
+use utoipa::openapi::path::ParameterIn;
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
 
+use crate::page::Page;
 use crate::{
     aggregations, charges, customers, dead_letters, events, invoice_runs, invoices, meters,
     price_books, progress, rerating, AppState, Settings,
@@ -110,13 +120,13 @@ pub const ROUTES: &[Route] = &[
             op(
                 vec![],
                 Some(body(
-                    schema("Event"),
+                    schema::<meterflow_model::event::RawEvent>(),
                     json!({"event_id": "evt_0001", "customer_id": "cust_1", "event_type": "api_call",
                            "event_time": "2024-01-15T10:00:00Z", "value": "1.5",
                            "properties": {"region": "eu"}}),
                 )),
                 vec![
-                    (201, ok("The event is stored and will be counted once", schema("EventAccepted"))),
+                    (201, ok("The event is stored and will be counted once", schema::<events::Accepted>())),
                     (400, problem("MALFORMED_JSON: not JSON of the event's shape")),
                     (409, problem("DUPLICATE_EVENT: an event with this id was already accepted")),
                     (413, problem("PAYLOAD_TOO_LARGE")),
@@ -137,14 +147,17 @@ pub const ROUTES: &[Route] = &[
                 vec![],
                 Some(body(
                     json!({"type": "array", "minItems": 1, "maxItems": events::MAX_BATCH_EVENTS,
-                           "items": schema("Event")}),
+                           "items": schema::<meterflow_model::event::RawEvent>()}),
                     json!([{"event_id": "evt_0002", "customer_id": "cust_1", "event_type": "api_call",
                             "event_time": "2024-01-15T10:00:00Z", "value": 2}]),
                 )),
                 vec![
                     (
                         200,
-                        ok("A result per item, in order", schema("BatchResult")),
+                        ok(
+                            "A result per item, in order",
+                            schema::<events::BatchResult>(),
+                        ),
                     ),
                     (400, problem("MALFORMED_JSON: not a JSON array")),
                     (413, problem("PAYLOAD_TOO_LARGE")),
@@ -168,12 +181,12 @@ pub const ROUTES: &[Route] = &[
                 vec![path_param("event_id")],
                 None,
                 vec![
-                    (200, ok("Already voided", schema("EventVoid"))),
+                    (200, ok("Already voided", schema::<events::EventVoid>())),
                     (
                         202,
                         ok(
                             "The void is on its way to the pipeline",
-                            schema("EventVoid"),
+                            schema::<events::EventVoid>(),
                         ),
                     ),
                     (404, problem("NOT_FOUND: no such event")),
@@ -191,13 +204,13 @@ pub const ROUTES: &[Route] = &[
             op(
                 vec![],
                 Some(body(
-                    schema("Meter"),
+                    schema::<meterflow_model::Meter>(),
                     json!({"meter": "api_calls", "event_type": "api_call", "aggregation": "count",
                            "window": "hour"}),
                 )),
                 vec![
-                    (200, ok("The identical meter exists", schema("StoredMeter"))),
-                    (201, ok("Created", schema("StoredMeter"))),
+                    (200, ok("The identical meter exists", schema::<meters::StoredMeter>())),
+                    (201, ok("Created", schema::<meters::StoredMeter>())),
                     (400, problem("MALFORMED_JSON")),
                     (
                         409,
@@ -219,7 +232,7 @@ pub const ROUTES: &[Route] = &[
             op(
                 vec![],
                 None,
-                vec![(200, ok("The meters", page("StoredMeter")))],
+                vec![(200, ok("The meters", page::<meters::StoredMeter>()))],
             )
         },
     },
@@ -233,7 +246,7 @@ pub const ROUTES: &[Route] = &[
             op(
                 vec![],
                 None,
-                vec![(200, ok("Progress", schema("Progress")))],
+                vec![(200, ok("Progress", schema::<progress::Progress>()))],
             )
         },
     },
@@ -247,13 +260,16 @@ pub const ROUTES: &[Route] = &[
             op(
                 vec![],
                 Some(body(
-                    schema("Watermark"),
+                    schema::<progress::AdvanceWatermark>(),
                     json!({"advance_to": "2024-01-01T00:00:00Z"}),
                 )),
                 vec![
                     (
                         202,
-                        ok("The floor now in force (audited)", schema("Watermark")),
+                        ok(
+                            "The floor now in force (audited)",
+                            schema::<progress::AdvanceWatermark>(),
+                        ),
                     ),
                     (400, problem("MALFORMED_JSON")),
                     (413, problem("PAYLOAD_TOO_LARGE")),
@@ -272,30 +288,11 @@ pub const ROUTES: &[Route] = &[
         summary: "Aggregate rows per customer, meter and window",
         handler: |m, _| on(m, aggregations::list),
         spec: || {
-            let mut params = list_params(true);
-            params.extend([
-                query(
-                    "include",
-                    json!({"type": "string", "enum": ["event_ids"]}),
-                    "`event_ids` lists each window's contributing event ids",
-                ),
-                query(
-                    "event_ids_limit",
-                    limit_schema(),
-                    "Most event ids per window; `limit` × `event_ids_limit` must be at most 10000 \
-                     (by default as many as that allows, up to 1000)",
-                ),
-                query(
-                    "event_ids_after",
-                    json!({"type": "string"}),
-                    "A window's `event_ids_next_cursor`",
-                ),
-            ]);
             op(
-                params,
+                params::<aggregations::AggregationQuery>(),
                 None,
                 vec![
-                    (200, ok("A page of aggregates", page("Aggregation"))),
+                    (200, ok("A page of aggregates", page::<aggregations::Aggregation>())),
                     (400, problem("BAD_REQUEST: a bad filter, limit or cursor, or more than 10000 event ids asked for")),
                 ],
             )
@@ -309,10 +306,13 @@ pub const ROUTES: &[Route] = &[
         handler: |m, _| on(m, dead_letters::list),
         spec: || {
             op(
-                page_params(),
+                params::<dead_letters::DeadLetterQuery>(),
                 None,
                 vec![
-                    (200, ok("A page of dead letters", page("DeadLetter"))),
+                    (
+                        200,
+                        ok("A page of dead letters", page::<dead_letters::DeadLetter>()),
+                    ),
                     (400, problem("BAD_REQUEST: a bad limit or cursor")),
                 ],
             )
@@ -330,7 +330,7 @@ pub const ROUTES: &[Route] = &[
             op(
                 vec![],
                 Some(body(
-                    schema("NewPriceBook"),
+                    schema::<price_books::NewPriceBook>(),
                     json!({"meter": "api_calls", "currency": "USD",
                            "effective_from": "2024-01-01T00:00:00Z",
                            "model": {"type": "graduated", "tiers": [
@@ -339,7 +339,7 @@ pub const ROUTES: &[Route] = &[
                            "minimum_per_period": "10.00"}),
                 )),
                 vec![
-                    (201, ok("Created", schema("PriceBook"))),
+                    (201, ok("Created", schema::<price_books::PriceBookView>())),
                     (400, problem("MALFORMED_JSON")),
                     (
                         409,
@@ -359,10 +359,16 @@ pub const ROUTES: &[Route] = &[
         handler: |m, _| on(m, price_books::list),
         spec: || {
             op(
-                list_params(true),
+                params::<price_books::PriceBookQuery>(),
                 None,
                 vec![
-                    (200, ok("A page of price books", page("PriceBook"))),
+                    (
+                        200,
+                        ok(
+                            "A page of price books",
+                            page::<price_books::PriceBookView>(),
+                        ),
+                    ),
                     (400, problem("BAD_REQUEST: a bad filter, limit or cursor")),
                 ],
             )
@@ -379,7 +385,10 @@ pub const ROUTES: &[Route] = &[
                 vec![path_param("price_book_id")],
                 None,
                 vec![
-                    (200, ok("The price book", schema("PriceBook"))),
+                    (
+                        200,
+                        ok("The price book", schema::<price_books::PriceBookView>()),
+                    ),
                     (404, problem("NOT_FOUND")),
                 ],
             )
@@ -397,11 +406,17 @@ pub const ROUTES: &[Route] = &[
             op(
                 vec![path_param("price_book_id")],
                 Some(body(
-                    schema("PriceBookPatch"),
+                    schema::<price_books::PatchFields>(),
                     json!({"minimum_per_period": null}),
                 )),
                 vec![
-                    (200, ok("The changed price book", schema("PriceBook"))),
+                    (
+                        200,
+                        ok(
+                            "The changed price book",
+                            schema::<price_books::PriceBookView>(),
+                        ),
+                    ),
                     (400, problem("MALFORMED_JSON")),
                     (404, problem("NOT_FOUND")),
                     (409, problem("PRICE_BOOK_OVERLAP")),
@@ -419,10 +434,10 @@ pub const ROUTES: &[Route] = &[
         handler: |m, _| on(m, charges::list),
         spec: || {
             op(
-                list_params(true),
+                params::<charges::ChargeQuery>(),
                 None,
                 vec![
-                    (200, ok("A page of charges", page("Charge"))),
+                    (200, ok("A page of charges", page::<charges::Charge>())),
                     (400, problem("BAD_REQUEST: a bad filter, limit or cursor")),
                 ],
             )
@@ -438,12 +453,12 @@ pub const ROUTES: &[Route] = &[
             op(
                 vec![],
                 Some(body(
-                    schema("NewReratingJob"),
+                    schema::<rerating::JobRequest>(),
                     json!({"customer_ids": ["cust_1"], "from": "2024-01-01T00:00:00Z",
                            "to": "2024-01-02T00:00:00Z", "reason": "corrected price book"}),
                 )),
                 vec![
-                    (202, ok("Queued", schema("JobAccepted"))),
+                    (202, ok("Queued", schema::<rerating::JobAccepted>())),
                     (400, problem("MALFORMED_JSON")),
                     (
                         409,
@@ -466,7 +481,7 @@ pub const ROUTES: &[Route] = &[
                 vec![path_param("job_id")],
                 None,
                 vec![
-                    (200, ok("The job", schema("ReratingJob"))),
+                    (200, ok("The job", schema::<rerating::ReratingJob>())),
                     (404, problem("NOT_FOUND")),
                 ],
             )
@@ -484,12 +499,12 @@ pub const ROUTES: &[Route] = &[
             op(
                 vec![],
                 Some(body(
-                    schema("NewCustomer"),
+                    schema::<customers::NewCustomer>(),
                     json!({"customer_id": "cust_openapi", "name": "Acme", "email": "billing@acme.test",
                            "currency": "EUR"}),
                 )),
                 vec![
-                    (201, ok("Created", schema("Customer"))),
+                    (201, ok("Created", schema::<customers::CustomerView>())),
                     (400, problem("MALFORMED_JSON")),
                     (409, problem("CUSTOMER_ALREADY_EXISTS")),
                     (413, problem("PAYLOAD_TOO_LARGE")),
@@ -506,10 +521,13 @@ pub const ROUTES: &[Route] = &[
         handler: |m, _| on(m, customers::list),
         spec: || {
             op(
-                page_params(),
+                params::<customers::CustomerQuery>(),
                 None,
                 vec![
-                    (200, ok("A page of customers", page("Customer"))),
+                    (
+                        200,
+                        ok("A page of customers", page::<customers::CustomerView>()),
+                    ),
                     (400, problem("BAD_REQUEST: a bad limit or cursor")),
                 ],
             )
@@ -526,7 +544,7 @@ pub const ROUTES: &[Route] = &[
                 vec![path_param("customer_id")],
                 None,
                 vec![
-                    (200, ok("The customer", schema("Customer"))),
+                    (200, ok("The customer", schema::<customers::CustomerView>())),
                     (404, problem("NOT_FOUND")),
                 ],
             )
@@ -543,9 +561,15 @@ pub const ROUTES: &[Route] = &[
         spec: || {
             op(
                 vec![path_param("customer_id")],
-                Some(body(schema("CustomerPatch"), json!({"address": null}))),
+                Some(body(
+                    schema::<customers::PatchFields>(),
+                    json!({"address": null}),
+                )),
                 vec![
-                    (200, ok("The changed customer", schema("Customer"))),
+                    (
+                        200,
+                        ok("The changed customer", schema::<customers::CustomerView>()),
+                    ),
                     (400, problem("MALFORMED_JSON")),
                     (404, problem("NOT_FOUND")),
                     (
@@ -566,17 +590,16 @@ pub const ROUTES: &[Route] = &[
         handler: |m, _| on(m, customers::upcoming),
         spec: || {
             op(
-                vec![
-                    path_param("customer_id"),
-                    query(
-                        "period",
-                        month_schema(),
-                        "The month; default the current one",
-                    ),
-                ],
+                vec![path_param("customer_id")]
+                    .into_iter()
+                    .chain(params::<customers::UpcomingQuery>())
+                    .collect(),
                 None,
                 vec![
-                    (200, ok("The upcoming invoice", schema("UpcomingInvoice"))),
+                    (
+                        200,
+                        ok("The upcoming invoice", schema::<customers::UpcomingView>()),
+                    ),
                     (400, problem("BAD_REQUEST")),
                     (409, problem("CURRENCY_MISMATCH or AMOUNT_OVERFLOW")),
                     (422, problem("VALIDATION_FAILED: a bad period")),
@@ -596,12 +619,12 @@ pub const ROUTES: &[Route] = &[
             op(
                 vec![],
                 Some(body(
-                    schema("NewInvoice"),
+                    schema::<invoices::NewInvoice>(),
                     json!({"customer_id": "cust_openapi", "period_start": "2024-01-01T00:00:00Z",
                            "period_end": "2024-01-31T23:59:59.999Z"}),
                 )),
                 vec![
-                    (201, ok("Issued", schema("Invoice"))),
+                    (201, ok("Issued", schema::<invoices::InvoiceView>())),
                     (400, problem("MALFORMED_JSON")),
                     (404, problem("NOT_FOUND: the customer is not registered")),
                     (
@@ -621,23 +644,14 @@ pub const ROUTES: &[Route] = &[
         summary: "Invoices in number order, with their lines and adjustments",
         handler: |m, _| on(m, invoices::list),
         spec: || {
-            let mut params = vec![query(
-                "customer_id",
-                json!({"type": "string"}),
-                "Only this customer's",
-            )];
-            params.extend(time_params());
-            params.push(query(
-                "status",
-                json!({"type": "string", "enum": ["issued", "void"]}),
-                "Only invoices in this status",
-            ));
-            params.extend(page_params());
             op(
-                params,
+                params::<invoices::InvoiceQuery>(),
                 None,
                 vec![
-                    (200, ok("A page of invoices", page("Invoice"))),
+                    (
+                        200,
+                        ok("A page of invoices", page::<invoices::InvoiceView>()),
+                    ),
                     (400, problem("BAD_REQUEST: a bad filter, limit or cursor")),
                 ],
             )
@@ -654,7 +668,7 @@ pub const ROUTES: &[Route] = &[
                 vec![path_param("invoice_id")],
                 None,
                 vec![
-                    (200, ok("The invoice", schema("Invoice"))),
+                    (200, ok("The invoice", schema::<invoices::InvoiceView>())),
                     (404, problem("NOT_FOUND")),
                 ],
             )
@@ -669,13 +683,19 @@ pub const ROUTES: &[Route] = &[
             on(m, invoices::void).layer(DefaultBodyLimit::max(invoices::MAX_BODY_BYTES))
         },
         spec: || {
-            let mut body = body(schema("InvoiceVoid"), json!({"reason": "issued in error"}));
+            let mut body = body(
+                schema::<invoices::VoidRequest>(),
+                json!({"reason": "issued in error"}),
+            );
             body["required"] = json!(false);
             op(
                 vec![path_param("invoice_id")],
                 Some(body),
                 vec![
-                    (200, ok("The voided invoice", schema("Invoice"))),
+                    (
+                        200,
+                        ok("The voided invoice", schema::<invoices::InvoiceView>()),
+                    ),
                     (400, problem("MALFORMED_JSON")),
                     (404, problem("NOT_FOUND")),
                     (413, problem("PAYLOAD_TOO_LARGE")),
@@ -693,14 +713,10 @@ pub const ROUTES: &[Route] = &[
         spec: || {
             let binary = json!({"type": "string", "format": "binary"});
             op(
-                vec![
-                    path_param("invoice_id"),
-                    query(
-                        "format",
-                        json!({"type": "string", "enum": ["html", "pdf"]}),
-                        "`html` (default) or `pdf`",
-                    ),
-                ],
+                vec![path_param("invoice_id")]
+                    .into_iter()
+                    .chain(params::<invoices::DocumentQuery>())
+                    .collect(),
                 None,
                 vec![
                     (
@@ -726,9 +742,15 @@ pub const ROUTES: &[Route] = &[
         spec: || {
             op(
                 vec![],
-                Some(body(schema("NewInvoiceRun"), json!({"period": "2024-01"}))),
+                Some(body(
+                    schema::<invoice_runs::NewRun>(),
+                    json!({"period": "2024-01"}),
+                )),
                 vec![
-                    (202, ok("Started", schema("InvoiceRunAccepted"))),
+                    (
+                        202,
+                        ok("Started", schema::<invoice_runs::InvoiceRunAccepted>()),
+                    ),
                     (400, problem("MALFORMED_JSON")),
                     (409, problem("PERIOD_NOT_ENDED or INVOICE_RUN_IN_PROGRESS")),
                     (413, problem("PAYLOAD_TOO_LARGE")),
@@ -748,7 +770,7 @@ pub const ROUTES: &[Route] = &[
                 vec![path_param("run_id")],
                 None,
                 vec![
-                    (200, ok("The run", schema("InvoiceRun"))),
+                    (200, ok("The run", schema::<invoice_runs::RunView>())),
                     (404, problem("NOT_FOUND")),
                 ],
             )
@@ -774,7 +796,13 @@ pub const ROUTES: &[Route] = &[
         access: Access::Public,
         summary: "Liveness: the process answers",
         handler: |m, _| on(m, crate::healthz),
-        spec: || op(vec![], None, vec![(200, ok("Alive", schema("Health")))]),
+        spec: || {
+            op(
+                vec![],
+                None,
+                vec![(200, ok("Alive", schema::<crate::Health>()))],
+            )
+        },
     },
     Route {
         verb: Verb::Get,
@@ -787,10 +815,13 @@ pub const ROUTES: &[Route] = &[
                 vec![],
                 None,
                 vec![
-                    (200, ok("Ready", schema("Ready"))),
+                    (200, ok("Ready", schema::<crate::Ready>())),
                     (
                         503,
-                        ok("Not ready (see which dependency is down)", schema("Ready")),
+                        ok(
+                            "Not ready (see which dependency is down)",
+                            schema::<crate::Ready>(),
+                        ),
                     ),
                 ],
             )
@@ -853,7 +884,7 @@ async fn serve_document() -> Json<Value> {
     Json(DOCUMENT.get_or_init(document).clone())
 }
 
-/// The OpenAPI 3.0 document of [`ROUTES`].
+/// The OpenAPI 3.1 document of [`ROUTES`].
 pub fn document() -> Value {
     let mut paths = Map::new();
     for route in ROUTES {
@@ -918,7 +949,7 @@ pub fn document() -> Value {
             .insert(route.verb.as_str().into(), operation);
     }
     json!({
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "meterflow",
             "version": env!("CARGO_PKG_VERSION"),
@@ -937,7 +968,7 @@ pub fn document() -> Value {
                     admin may do everything. A key bound to a customer sees only that customer (anything \
                     else is 404).",
             }},
-            "schemas": schemas(),
+            "schemas": to_json(COMPONENTS.with_borrow_mut(std::mem::take)),
         },
     })
 }
@@ -966,16 +997,39 @@ fn op(parameters: Vec<Value>, request: Option<Value>, responses: Vec<(u16, Value
     operation
 }
 
-fn schema(name: &str) -> Value {
-    json!({"$ref": format!("#/components/schemas/{name}")})
+thread_local! {
+    /// The schemas [`document`]'s operations refer to, collected while it builds them.
+    static COMPONENTS: RefCell<BTreeMap<String, RefOr<Schema>>> = const { RefCell::new(BTreeMap::new()) };
 }
 
-fn page(item: &str) -> Value {
-    json!({"type": "object", "required": ["data", "next_cursor"], "properties": {
-        "data": {"type": "array", "items": schema(item)},
-        "next_cursor": {"type": "string", "nullable": true,
-                        "description": "Pass as `cursor` for the next page; null on the last"},
-    }})
+/// A reference to `T`'s schema, which joins the document's components with every schema it refers to.
+fn schema<T: ToSchema>() -> Value {
+    register::<T>();
+    json!({"$ref": format!("#/components/schemas/{}", T::name())})
+}
+
+fn register<T: ToSchema>() {
+    let mut schemas = vec![(T::name().into_owned(), T::schema())];
+    T::schemas(&mut schemas);
+    COMPONENTS.with_borrow_mut(|components| components.extend(schemas));
+}
+
+/// A page of `T`s ([`Page`]), inline.
+fn page<T: ToSchema>() -> Value {
+    register::<T>();
+    to_json(Page::<T>::schema())
+}
+
+/// The query parameters `Q` reads.
+fn params<Q: IntoParams>() -> Vec<Value> {
+    Q::into_params(|| Some(ParameterIn::Query))
+        .into_iter()
+        .map(to_json)
+        .collect()
+}
+
+fn to_json(value: impl serde::Serialize) -> Value {
+    serde_json::to_value(value).expect("an OpenAPI object is JSON")
 }
 
 fn body(schema: Value, example: Value) -> Value {
@@ -988,7 +1042,7 @@ fn ok(description: &str, schema: Value) -> Value {
 
 fn problem(description: &str) -> Value {
     json!({"description": description,
-           "content": {"application/problem+json": {"schema": schema("Problem")}}})
+           "content": {"application/problem+json": {"schema": schema::<crate::error::Problem>()}}})
 }
 
 /// The `Retry-After` header of a 503 or 429: whole seconds to wait before retrying.
@@ -1003,385 +1057,43 @@ fn path_param(name: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
 }
 
-fn query(name: &str, schema: Value, description: &str) -> Value {
-    json!({"name": name, "in": "query", "required": false, "schema": schema, "description": description})
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn limit_schema() -> Value {
-    json!({"type": "integer", "minimum": 1, "maximum": crate::page::MAX_LIMIT, "default": 100})
-}
-
-fn month_schema() -> Value {
-    json!({"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$", "example": "2024-01"})
-}
-
-fn page_params() -> Vec<Value> {
-    vec![
-        query("limit", limit_schema(), "Page size"),
-        query(
-            "cursor",
-            json!({"type": "string"}),
-            "The `next_cursor` of the previous page (opaque)",
-        ),
-    ]
-}
-
-fn time_params() -> Vec<Value> {
-    vec![
-        query(
-            "from",
-            json!({"type": "string", "format": "date-time"}),
-            "At or after this instant",
-        ),
-        query(
-            "to",
-            json!({"type": "string", "format": "date-time"}),
-            "Before this instant",
-        ),
-    ]
-}
-
-/// `customer_id`, `meter`, `from`, `to`, `limit`, `cursor` (SPEC §8).
-fn list_params(with_meter: bool) -> Vec<Value> {
-    let mut params = vec![query(
-        "customer_id",
-        json!({"type": "string"}),
-        "Only this customer's",
-    )];
-    if with_meter {
-        params.push(query(
-            "meter",
-            json!({"type": "string"}),
-            "Only this meter's",
-        ));
+    /// Every `$ref` of `value`, recursively.
+    fn references(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(target)) = map.get("$ref") {
+                    out.push(target.clone());
+                }
+                map.values().for_each(|v| references(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| references(v, out)),
+            _ => {}
+        }
     }
-    params.extend(time_params());
-    params.extend(page_params());
-    params
-}
 
-fn schemas() -> Value {
-    let string = json!({"type": "string"});
-    let nullable_string = json!({"type": "string", "nullable": true});
-    let time = json!({"type": "string", "format": "date-time"});
-    let nullable_time = json!({"type": "string", "format": "date-time", "nullable": true});
-    let number = json!({"type": "number", "description": "A decimal with its exact digits"});
-    let nullable_number = json!({"type": "number", "nullable": true});
-    let integer = json!({"type": "integer"});
-    let nullable_integer = json!({"type": "integer", "nullable": true});
-    let decimal_in = json!({"anyOf": [
-        {"type": "number"},
-        {"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$"}],
-        "description": "A decimal: a JSON number or a string of digits"});
-    let nullable_decimal_in = json!({"anyOf": [
-        {"type": "number"},
-        {"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$"}],
-        "nullable": true});
-    let currency = json!({"type": "string", "pattern": "^[A-Z]{3}$", "example": "USD"});
-    let month = month_schema();
-    let id = json!({"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"});
-    let name = json!({"type": "string", "pattern": "^[a-z0-9_.-]{1,64}$"});
-    let all = [
-        (
-            "Problem",
-            json!({
-                "type": "object",
-                "description": "RFC 9457 problem details with a stable `code`: DUPLICATE_EVENT, \
-                    INVOICE_ALREADY_EXISTS, RERATING_IN_PROGRESS, PRICE_BOOK_OVERLAP, PERIOD_NOT_ENDED, \
-                    VALIDATION_FAILED (with field paths in `errors`), MALFORMED_JSON, PAYLOAD_TOO_LARGE, \
-                    UNAUTHORIZED, FORBIDDEN, NOT_FOUND, RATE_LIMITED, UNAVAILABLE, and the more specific \
-                    METER_EXISTS, METER_NAME_COLLIDES, PERIOD_QUARANTINED, CUSTOMER_ALREADY_EXISTS, CURRENCY_LOCKED, CURRENCY_MISMATCH, AMOUNT_OVERFLOW, \
-                    INVOICE_RUN_IN_PROGRESS, BAD_REQUEST, UNSUPPORTED_MEDIA_TYPE, TIMEOUT.",
-                "required": ["type", "title", "status", "code", "detail"],
-                "properties": {
-                    "type": string, "title": string, "status": integer,
-                    "code": {"type": "string", "pattern": "^[A-Z][A-Z_]*$"},
-                    "detail": string,
-                    "errors": {"type": "array", "items": {
-                        "type": "object", "required": ["field", "message"],
-                        "properties": {"field": string, "message": string}}},
-                },
-            }),
-        ),
-        (
-            "Event",
-            json!({
-                "type": "object",
-                "additionalProperties": false,
-                "required": ["event_id", "customer_id", "event_type", "event_time"],
-                "properties": {
-                    "event_id": id, "customer_id": id, "event_type": name,
-                    "event_time": {"type": "string", "format": "date-time", "description": "RFC 3339, not far in the future"},
-                    "value": decimal_in,
-                    "properties": {"type": "object", "description": "Flat: string, number or boolean values"},
-                },
-            }),
-        ),
-        (
-            "EventAccepted",
-            json!({"type": "object", "required": ["event_id", "status", "received_at"],
-            "properties": {"event_id": string, "status": {"type": "string", "enum": ["accepted"]},
-                           "received_at": time}}),
-        ),
-        (
-            "BatchResult",
-            json!({"type": "object", "required": ["accepted", "rejected", "results"],
-            "properties": {"accepted": integer, "rejected": integer, "results": {"type": "array", "items": {
-                "type": "object", "required": ["index", "status"],
-                "properties": {"index": integer, "event_id": string,
-                               "status": {"type": "integer", "description": "What a single POST would answer"},
-                               "error": schema("Problem")}}}}}),
-        ),
-        (
-            "EventVoid",
-            json!({"type": "object", "required": ["event_id", "status"],
-            "properties": {"event_id": string, "status": {"type": "string", "enum": ["voided", "voiding"]}}}),
-        ),
-        (
-            "Meter",
-            json!({
-                "type": "object", "additionalProperties": false,
-                "required": ["meter", "event_type", "aggregation"],
-                "properties": {
-                    "meter": name, "event_type": name,
-                    "aggregation": {"type": "string", "enum": ["count", "sum", "max", "unique_count", "latest"]},
-                    "value_property": {"type": "string", "description": "`value` or `properties.<key>`"},
-                    "window": {"type": "string", "enum": ["minute", "hour", "day"], "default": "hour"},
-                },
-            }),
-        ),
-        (
-            "StoredMeter",
-            json!({
-                "type": "object",
-                "required": ["meter", "event_type", "aggregation", "window", "created_at"],
-                "properties": {
-                    "meter": string, "event_type": string,
-                    "aggregation": {"type": "string", "enum": ["count", "sum", "max", "unique_count", "latest"]},
-                    "value_property": string,
-                    "window": {"type": "string", "enum": ["minute", "hour", "day"]},
-                    "created_at": time,
-                },
-            }),
-        ),
-        (
-            "Progress",
-            json!({"type": "object", "required": ["topic", "partitions", "caught_up"], "properties": {
-            "topic": string, "committed_epoch": nullable_integer, "committed_at": nullable_time,
-            "committed_watermark": nullable_time, "allowed_lateness_seconds": nullable_integer,
-            "watermark_floor": nullable_time, "lag_total": nullable_integer, "caught_up": {"type": "boolean"},
-            "partitions": {"type": "array", "items": {"type": "object",
-                "required": ["partition", "next_offset"], "properties": {
-                    "partition": integer, "next_offset": integer, "end_offset": nullable_integer,
-                    "lag": nullable_integer, "max_event_time": nullable_time}}}}}),
-        ),
-        (
-            "Watermark",
-            json!({"type": "object", "additionalProperties": false, "required": ["advance_to"],
-            "properties": {"advance_to": time}}),
-        ),
-        (
-            "Aggregation",
-            json!({"type": "object", "required": ["customer_id", "meter", "window_start", "window_end",
-                "value", "event_count", "finalized", "revision", "updated_at"], "properties": {
-            "customer_id": string, "meter": string, "window_start": time, "window_end": time,
-            "value": number, "event_count": integer, "finalized": {"type": "boolean"},
-            "quarantined": {"type": "boolean", "description": "present (true) when the window's sum left the decimal range: value is its last value in range"},
-            "revision": integer, "updated_at": time,
-            "event_ids": {"type": "array", "items": string},
-            "event_ids_next_cursor": string}}),
-        ),
-        (
-            "DeadLetter",
-            json!({"type": "object", "required": ["id", "topic", "partition", "offset", "reason",
-                "payload", "created_at"], "properties": {
-            "id": integer, "topic": string, "partition": integer, "offset": integer, "reason": string,
-            "payload": string, "created_at": time}}),
-        ),
-        (
-            "PriceModel",
-            json!({
-                "type": "object", "additionalProperties": false, "required": ["type"],
-                "description": "per_unit needs unit_price; graduated and volume need tiers (the last open, \
-                    up_to null); package needs package_size and package_price",
-                "properties": {
-                    "type": {"type": "string", "enum": ["per_unit", "graduated", "volume", "package"]},
-                    "unit_price": decimal_in,
-                    "tiers": {"type": "array", "items": {"type": "object", "additionalProperties": false,
-                        "properties": {"up_to": nullable_decimal_in, "unit_price": decimal_in,
-                                       "flat_fee": decimal_in}}},
-                    "package_size": decimal_in, "package_price": decimal_in,
-                },
-            }),
-        ),
-        (
-            "NewPriceBook",
-            json!({
-                "type": "object", "additionalProperties": false,
-                "required": ["currency", "effective_from"],
-                "description": "`meter` (or the seed's `metric_type`), and `model` (or the seed's `unit_price` \
-                    for per_unit)",
-                "properties": {
-                    "meter": string, "metric_type": string, "customer_id": nullable_string, "currency": currency,
-                    "effective_from": {"type": "string", "description": "RFC 3339"},
-                    "effective_to": {"type": "string", "nullable": true, "description": "RFC 3339; null: open"},
-                    "model": schema("PriceModel"), "unit_price": decimal_in,
-                    "minimum_per_period": nullable_decimal_in,
-                },
-            }),
-        ),
-        (
-            "PriceBookPatch",
-            json!({"type": "object", "additionalProperties": false, "properties": {
-            "model": schema("PriceModel"), "minimum_per_period": nullable_decimal_in,
-            "effective_to": {"type": "string", "nullable": true, "description": "RFC 3339; null: open"}}}),
-        ),
-        (
-            "PriceBook",
-            json!({"type": "object", "required": ["price_book_id", "meter", "customer_id", "currency",
-                "effective_from", "effective_to", "model", "minimum_per_period", "created_at", "updated_at"],
-            "properties": {
-                "price_book_id": string, "meter": string, "customer_id": nullable_string, "currency": string,
-                "effective_from": time, "effective_to": nullable_time,
-                "model": {"type": "object", "description": "As posted, decimals as numbers"},
-                "minimum_per_period": nullable_number, "created_at": time, "updated_at": time}}),
-        ),
-        (
-            "Charge",
-            json!({"type": "object", "required": ["customer_id", "meter", "window_start", "window_end",
-                "quantity", "amount", "currency", "price_book_id", "revision", "updated_at"], "properties": {
-            "customer_id": string, "meter": string, "window_start": time, "window_end": time,
-            "quantity": number, "amount": number, "currency": string, "price_book_id": string,
-            "revision": integer, "updated_at": time}}),
-        ),
-        (
-            "NewReratingJob",
-            json!({"type": "object", "additionalProperties": false, "required": ["from", "to"],
-            "properties": {
-                "customer_ids": {"type": "array", "items": string, "description": "Empty or absent: all"},
-                "from": {"type": "string", "description": "RFC 3339 (alias window_start)"},
-                "to": {"type": "string", "description": "RFC 3339 (alias window_end)"},
-                "reason": nullable_string}}),
-        ),
-        (
-            "JobAccepted",
-            json!({"type": "object", "required": ["job_id", "status"],
-            "properties": {"job_id": string, "status": string}}),
-        ),
-        (
-            "ReratingJob",
-            json!({"type": "object", "required": ["job_id", "customer_ids", "status"], "properties": {
-            "job_id": string, "customer_ids": {"type": "array", "items": string},
-            "from": nullable_time, "to": nullable_time, "reason": string,
-            "status": {"type": "string", "enum": ["pending", "running", "succeeded", "failed"]},
-            "windows_checked": integer, "windows_changed": integer,
-            "amount_before": nullable_number, "amount_after": nullable_number, "error": nullable_string,
-            "created_at": nullable_time, "started_at": nullable_time, "finished_at": nullable_time}}),
-        ),
-        (
-            "NewCustomer",
-            json!({"type": "object", "additionalProperties": false, "required": ["customer_id", "name"],
-            "properties": {"customer_id": string, "name": string, "email": nullable_string,
-                           "address": nullable_string, "currency": currency}}),
-        ),
-        (
-            "CustomerPatch",
-            json!({"type": "object", "additionalProperties": false, "properties": {
-            "name": string, "email": nullable_string, "address": nullable_string, "currency": currency}}),
-        ),
-        (
-            "Customer",
-            json!({"type": "object", "required": ["customer_id", "name", "email", "address", "currency",
-                "created_at", "updated_at"], "properties": {
-            "customer_id": string, "name": string, "email": nullable_string, "address": nullable_string,
-            "currency": string, "created_at": time, "updated_at": time}}),
-        ),
-        (
-            "Line",
-            json!({"type": "object", "required": ["meter", "kind", "description", "quantity",
-                "unit_price_summary", "amount", "price_book_id"], "properties": {
-            "meter": string, "kind": {"type": "string", "enum": ["usage", "minimum"]}, "description": string,
-            "quantity": number, "unit_price_summary": string, "amount": number, "price_book_id": string}}),
-        ),
-        (
-            "Adjustment",
-            json!({"type": "object", "required": ["original_invoice_id", "period_start", "meter",
-                "price_book_id", "amount", "reason"], "properties": {
-            "original_invoice_id": string, "period_start": time, "meter": string, "price_book_id": string,
-            "amount": number, "reason": string}}),
-        ),
-        (
-            "UpcomingInvoice",
-            json!({"type": "object", "required": ["customer_id", "registered",
-                "billing_period_start", "billing_period_end", "currency", "line_items", "subtotal",
-                "issued_invoice_id"], "properties": {
-            "customer_id": string, "registered": {"type": "boolean"}, "billing_period_start": time,
-            "billing_period_end": time, "currency": string,
-            "line_items": {"type": "array", "items": schema("Line")}, "subtotal": number,
-            "issued_invoice_id": nullable_string}}),
-        ),
-        (
-            "NewInvoice",
-            json!({"type": "object", "additionalProperties": false,
-            "required": ["customer_id", "period_start", "period_end"],
-            "properties": {"customer_id": string,
-                "period_start": {"type": "string", "description": "RFC 3339, a month's start (alias billing_period_start)"},
-                "period_end": {"type": "string", "description": "RFC 3339, that month's end (alias billing_period_end)"}}}),
-        ),
-        (
-            "InvoiceVoid",
-            json!({"type": "object", "additionalProperties": false,
-            "properties": {"reason": {"type": "string", "maxLength": 1000, "nullable": true}}}),
-        ),
-        (
-            "Invoice",
-            json!({"type": "object", "required": ["invoice_id", "number", "customer_id",
-                "billing_period_start", "billing_period_end", "status", "currency", "line_items",
-                "adjustments", "subtotal", "total", "issued_at", "voided_at", "void_reason"], "properties": {
-            "invoice_id": string, "number": integer, "customer_id": string, "billing_period_start": time,
-            "billing_period_end": time, "status": {"type": "string", "enum": ["issued", "void"]},
-            "currency": string, "line_items": {"type": "array", "items": schema("Line")},
-            "adjustments": {"type": "array", "items": schema("Adjustment")}, "subtotal": number,
-            "total": number, "issued_at": time, "voided_at": nullable_time, "void_reason": nullable_string}}),
-        ),
-        (
-            "NewInvoiceRun",
-            json!({"type": "object", "additionalProperties": false, "required": ["period"],
-            "properties": {"period": month}}),
-        ),
-        (
-            "InvoiceRunAccepted",
-            json!({"type": "object", "required": ["run_id", "status", "period"],
-            "properties": {"run_id": string, "status": string, "period": string}}),
-        ),
-        (
-            "InvoiceRun",
-            json!({"type": "object", "required": ["run_id", "period", "period_start", "period_end",
-                "status", "total", "done", "issued", "skipped_existing", "failed", "failures",
-                "unregistered_with_usage", "created_at"], "properties": {
-            "run_id": string, "period": string, "period_start": time, "period_end": time,
-            "status": {"type": "string", "enum": ["pending", "running", "succeeded", "failed"]},
-            "error": nullable_string, "total": integer, "done": integer, "issued": integer,
-            "skipped_existing": integer, "failed": integer,
-            "failures": {"type": "array", "items": {"type": "object",
-                "properties": {"customer_id": string, "error": string}}},
-            "unregistered_with_usage": {"type": "object", "properties": {
-                "count": integer, "customer_ids": {"type": "array", "items": string}}},
-            "created_at": time, "started_at": nullable_time, "finished_at": nullable_time}}),
-        ),
-        (
-            "Health",
-            json!({"type": "object", "required": ["status"], "properties": {"status": string}}),
-        ),
-        (
-            "Ready",
-            json!({"type": "object", "required": ["status", "postgres", "kafka"], "properties": {
-            "status": {"type": "string", "enum": ["ready", "unavailable"]},
-            "postgres": {"type": "string", "enum": ["up", "down"]},
-            "kafka": {"type": "string", "enum": ["up", "down"]},
-            "checked_at": {"type": "string", "format": "date-time",
-                           "description": "When this was checked; answers are shared for about a second"}}}),
-        ),
-    ];
-    Value::Object(all.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    #[test]
+    fn every_reference_names_a_component_and_every_component_is_referenced() {
+        let doc = document();
+        let components = doc["components"]["schemas"].as_object().unwrap();
+        let mut targets = Vec::new();
+        references(&doc, &mut targets);
+        for target in &targets {
+            let name = target.strip_prefix("#/components/schemas/").unwrap();
+            assert!(components.contains_key(name), "{target} is not a component");
+        }
+        for name in components.keys() {
+            let target = format!("#/components/schemas/{name}");
+            assert!(targets.contains(&target), "{name} is not referenced");
+        }
+        assert!(components.len() > 30, "{} components", components.len());
+    }
+
+    #[test]
+    fn the_document_is_the_same_when_built_twice() {
+        assert_eq!(document(), document());
+    }
 }

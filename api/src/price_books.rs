@@ -42,54 +42,112 @@ const DEFAULT_CURRENCY: &str = "USD";
 const MODEL_TYPES: &str = "per_unit, graduated, volume or package";
 
 /// A price book as posted: SPEC §5's shape, or the seed's (SPEC §12).
-#[derive(Deserialize)]
+///
+/// `meter` (or the seed's `metric_type`), and `model` (or the seed's `unit_price` for per_unit).
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewPriceBook {
+pub(crate) struct NewPriceBook {
     meter: Option<String>,
     /// The seed's name for `meter`.
     metric_type: Option<String>,
+    /// A customer's own book; null or absent: the default for every customer.
     customer_id: Option<String>,
+    /// Default USD.
+    #[schema(value_type = Option<meterflow_model::openapi::Currency>)]
     currency: Option<String>,
+    /// RFC 3339.
+    #[schema(required = true, value_type = String)]
     effective_from: Option<String>,
+    /// RFC 3339; null: open.
     effective_to: Option<String>,
     model: Option<RawModel>,
     /// The seed's shorthand for `"model": {"type": "per_unit", "unit_price": …}`.
+    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
     unit_price: Option<Value>,
+    /// The least a customer pays for the meter per period.
+    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
     minimum_per_period: Option<Value>,
 }
 
 /// A model as posted; which fields it needs depends on its type. Decimals stay JSON values until they
 /// are parsed exactly.
-#[derive(Deserialize)]
+///
+/// per_unit needs unit_price; graduated and volume need tiers (the last open, up_to null); package
+/// needs package_size and package_price.
+#[derive(Default, Deserialize, utoipa::ToSchema)]
+#[schema(as = PriceModel)]
 #[serde(deny_unknown_fields)]
-struct RawModel {
+pub(crate) struct RawModel {
     #[serde(rename = "type")]
+    #[schema(required = true, value_type = ModelType)]
     kind: Option<String>,
+    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
     unit_price: Option<Value>,
     tiers: Option<Vec<RawTier>>,
+    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
     package_size: Option<Value>,
+    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
     package_price: Option<Value>,
 }
 
-#[derive(Deserialize)]
+/// How a quantity is priced (SPEC §5).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // the schema of `RawModel::kind`, which stays text until validated
+#[schema(rename_all = "snake_case")]
+enum ModelType {
+    PerUnit,
+    Graduated,
+    Volume,
+    Package,
+}
+
+/// One tier of a graduated or volume model.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RawTier {
     /// `null` or absent: the last, open tier.
+    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
     up_to: Option<Value>,
+    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
     unit_price: Option<Value>,
+    /// Charged once when any unit falls in the tier (graduated) or when the total does (volume).
+    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
     flat_fee: Option<Value>,
 }
 
+/// What `PATCH /api/v1/price-books/{price_book_id}` may change: an absent field stays, a null one is
+/// cleared.
+// The patch is read field by field (`Patch::parse`), so that null and absent differ; this type is its
+// schema, and `the_patch_schema_names_the_fields_the_parser_takes` keeps the two in step.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = PriceBookPatch)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(crate) struct PatchFields {
+    #[serde(default)]
+    model: RawModel,
+    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
+    minimum_per_period: Option<Value>,
+    /// RFC 3339; null: open.
+    effective_to: Option<String>,
+}
+
 /// A stored book as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = PriceBook)]
 pub struct PriceBookView {
     price_book_id: String,
     meter: String,
+    #[schema(required = true)]
     customer_id: Option<String>,
     currency: String,
     effective_from: DateTime<Utc>,
+    #[schema(required = true)]
     effective_to: Option<DateTime<Utc>>,
+    /// As posted, decimals as numbers.
+    #[schema(value_type = Object)]
     model: Value,
+    #[schema(required = true, value_type = Option<meterflow_model::openapi::Decimal>)]
     minimum_per_period: Option<serde_json::Number>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -130,16 +188,22 @@ pub async fn get_one(
     Ok(Json(view(stored)?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PriceBookQuery {
+    /// Only this meter's.
     meter: Option<String>,
+    /// Only this customer's (and, for a bound key, the defaults).
     customer_id: Option<String>,
     /// Books in force at some instant at or after this one.
     from: Option<DateTime<Utc>>,
     /// Books in force at some instant before this one.
     to: Option<DateTime<Utc>>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<i64>,
+    /// The `next_cursor` of the previous page (opaque).
     cursor: Option<String>,
 }
 
@@ -633,6 +697,42 @@ fn model_json(model: &PriceModel) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_patch_schema_names_the_fields_the_parser_takes() {
+        let properties = |schema: utoipa::openapi::RefOr<utoipa::openapi::Schema>| -> Vec<String> {
+            let schema = serde_json::to_value(schema).unwrap();
+            schema["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect()
+        };
+        let documented = properties(<PatchFields as utoipa::PartialSchema>::schema());
+        let sample = |key: &str| match key {
+            "model" => json!({"type": "per_unit", "unit_price": 1}),
+            _ => Value::Null,
+        };
+        let accepted = |key: &str| {
+            let mut body = Map::new();
+            body.insert(key.into(), sample(key));
+            Patch::parse(body).is_ok()
+        };
+        for key in &documented {
+            assert!(
+                accepted(key),
+                "{key} is in the schema but the parser refuses it"
+            );
+        }
+        for key in properties(<PriceBookView as utoipa::PartialSchema>::schema()) {
+            assert_eq!(
+                accepted(&key),
+                documented.contains(&key),
+                "{key}: the parser and the schema disagree"
+            );
+        }
+    }
 
     fn resolved(body: Value) -> Result<PriceBook, Vec<String>> {
         let raw: NewPriceBook = serde_json::from_value(body).unwrap();

@@ -20,7 +20,26 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::AppState;
 
-#[derive(Debug, Serialize)]
+/// How far the pipeline has committed the events topic, and how far Kafka has it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Progress {
+    topic: String,
+    /// The last committed epoch; null before the pipeline's first commit.
+    committed_epoch: Option<i64>,
+    committed_at: Option<DateTime<Utc>>,
+    /// Windows ending before this instant plus the allowed lateness are final.
+    committed_watermark: Option<DateTime<Utc>>,
+    allowed_lateness_seconds: Option<i64>,
+    /// The watermark the pipeline's next commit reaches at least (`POST /api/v1/watermark`).
+    watermark_floor: Option<DateTime<Utc>>,
+    /// The sum of the partitions' lag; null when Kafka did not answer for one of them.
+    lag_total: Option<i64>,
+    /// Every partition's lag is 0.
+    caught_up: bool,
+    partitions: Vec<PartitionProgress>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct PartitionProgress {
     partition: i32,
     /// The next offset the pipeline will read (everything before is committed).
@@ -31,7 +50,7 @@ struct PartitionProgress {
     max_event_time: Option<DateTime<Utc>>,
 }
 
-pub async fn progress(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub async fn progress(State(state): State<AppState>) -> Result<Json<Progress>, ApiError> {
     let lease = results::committed_progress(&state.pool, &state.topic).await?;
     let stored = results::committed_offsets(&state.pool, &state.topic).await?;
     let floor = watermark_floors::floor(&state.pool, &state.topic).await?;
@@ -51,18 +70,17 @@ pub async fn progress(State(state): State<AppState>) -> Result<impl IntoResponse
         });
     }
     let lag_total: Option<i64> = partitions.iter().map(|p| p.lag).sum();
-    let body = serde_json::json!({
-        "topic": state.topic,
-        "committed_epoch": lease.as_ref().map(|l| l.committed_epoch),
-        "committed_at": lease.as_ref().and_then(|l| l.committed_at),
-        "committed_watermark": lease.as_ref().and_then(|l| l.committed_watermark),
-        "allowed_lateness_seconds": lease.as_ref().map(|l| l.allowed_lateness_seconds),
-        "watermark_floor": floor,
-        "lag_total": lag_total,
-        "caught_up": lag_total == Some(0),
-        "partitions": partitions,
-    });
-    Ok(Json(body))
+    Ok(Json(Progress {
+        topic: state.topic.clone(),
+        committed_epoch: lease.as_ref().map(|l| l.committed_epoch),
+        committed_at: lease.as_ref().and_then(|l| l.committed_at),
+        committed_watermark: lease.as_ref().and_then(|l| l.committed_watermark),
+        allowed_lateness_seconds: lease.as_ref().map(|l| l.allowed_lateness_seconds),
+        watermark_floor: floor,
+        lag_total,
+        caught_up: lag_total == Some(0),
+        partitions,
+    }))
 }
 
 /// Each partition's end offset, or `None` where Kafka did not answer.
@@ -96,9 +114,11 @@ async fn end_offsets(state: &AppState) -> Vec<(i32, Option<i64>)> {
     .unwrap_or_default()
 }
 
-#[derive(Debug, Deserialize)]
+/// The watermark floor: asked for in the request, in force in the answer.
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[schema(as = Watermark)]
 #[serde(deny_unknown_fields)]
-struct AdvanceWatermark {
+pub(crate) struct AdvanceWatermark {
     advance_to: DateTime<Utc>,
 }
 
@@ -138,6 +158,6 @@ pub async fn advance(
     .await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({"advance_to": floor})),
+        Json(AdvanceWatermark { advance_to: floor }),
     ))
 }

@@ -18,25 +18,77 @@ use meterflow_model::FieldError;
 use meterflow_store::rerating_jobs::{self as jobs, Queued};
 use rand::Rng;
 use rust_decimal::Decimal;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::time::{exclusive_end, parse_rfc3339};
 use crate::AppState;
 
 /// The request: `from`/`to` (or the seed's `window_start`/`window_end`), customers (empty: all).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = NewReratingJob)]
 #[serde(deny_unknown_fields)]
-struct JobRequest {
+pub(crate) struct JobRequest {
+    /// Empty or absent: all.
     #[serde(default)]
     customer_ids: Vec<String>,
+    /// RFC 3339 (alias window_start).
     #[serde(alias = "window_start")]
+    #[schema(required = true, value_type = String)]
     from: Option<String>,
+    /// RFC 3339 (alias window_end).
     #[serde(alias = "window_end")]
+    #[schema(required = true, value_type = String)]
     to: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+}
+
+/// A queued job.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct JobAccepted {
+    job_id: String,
+    status: String,
+}
+
+/// Where a background job (re-rating, invoice run) stands.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // the schema of the status column's values (its CHECK constraint)
+#[schema(rename_all = "lowercase")]
+pub(crate) enum JobStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// A re-rating job's scope, state and effect.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ReratingJob {
+    job_id: String,
+    customer_ids: Vec<String>,
+    #[schema(format = DateTime)]
+    from: Option<String>,
+    #[schema(format = DateTime)]
+    to: Option<String>,
+    reason: String,
+    #[schema(value_type = JobStatus)]
+    status: String,
+    windows_checked: i64,
+    windows_changed: i64,
+    /// The scope's charges before and after, once it succeeded.
+    #[schema(value_type = Option<meterflow_model::openapi::Decimal>)]
+    amount_before: Option<Value>,
+    #[schema(value_type = Option<meterflow_model::openapi::Decimal>)]
+    amount_after: Option<Value>,
+    error: Option<String>,
+    #[schema(format = DateTime)]
+    created_at: Option<String>,
+    #[schema(format = DateTime)]
+    started_at: Option<String>,
+    #[schema(format = DateTime)]
+    finished_at: Option<String>,
 }
 
 pub async fn create(
@@ -76,7 +128,10 @@ pub async fn create(
     state.rerating_wake.notify_one();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"job_id": job_id, "status": "pending"})),
+        Json(JobAccepted {
+            job_id,
+            status: "pending".into(),
+        }),
     ))
 }
 
@@ -134,20 +189,20 @@ pub async fn get(
     let time = |t: Option<DateTime<Utc>>| {
         t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
     };
-    Ok(Json(json!({
-        "job_id": job.job_id,
-        "customer_ids": job.customer_ids,
-        "from": time(job.from),
-        "to": time(job.to),
-        "reason": job.reason,
-        "status": job.status,
-        "windows_checked": job.windows_checked,
-        "windows_changed": job.windows_changed,
-        "amount_before": money(job.amount_before),
-        "amount_after": money(job.amount_after),
-        "error": job.error,
-        "created_at": time(job.created_at),
-        "started_at": time(job.started_at),
-        "finished_at": time(job.finished_at),
-    })))
+    Ok(Json(ReratingJob {
+        job_id: job.job_id,
+        customer_ids: job.customer_ids,
+        from: time(job.from),
+        to: time(job.to),
+        reason: job.reason,
+        status: job.status,
+        windows_checked: job.windows_checked,
+        windows_changed: job.windows_changed,
+        amount_before: money(job.amount_before),
+        amount_after: money(job.amount_after),
+        error: job.error,
+        created_at: time(job.created_at),
+        started_at: time(job.started_at),
+        finished_at: time(job.finished_at),
+    }))
 }

@@ -57,6 +57,7 @@ impl Default for Limits {
 
 /// One reason a field is invalid, with its JSON path (`value`, `properties.region`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -92,21 +93,32 @@ impl DecodeError {
 }
 
 /// The wire shape, before validation, borrowing from the input where it can. serde's derive refuses
-/// duplicate fields on its own; `value` and `properties` stay raw JSON until validated.
+/// duplicate fields on its own; `value` and `properties` stay raw JSON until validated. Its OpenAPI
+/// schema is `Event`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawEvent<'a> {
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = Event))]
+pub struct RawEvent<'a> {
     #[serde(borrow)]
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::Id))]
     event_id: Cow<'a, str>,
     #[serde(borrow)]
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::Id))]
     customer_id: Cow<'a, str>,
     #[serde(borrow)]
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::Name))]
     event_type: Cow<'a, str>,
+    /// RFC 3339, not far in the future.
     #[serde(borrow)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     event_time: Cow<'a, str>,
+    /// The quantity the meters read; default 1.
     #[serde(default, borrow)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<crate::openapi::DecimalIn>))]
     value: Option<&'a RawValue>,
+    /// Flat: string, number or boolean values.
     #[serde(default, borrow)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     properties: Option<&'a RawValue>,
 }
 

@@ -14,6 +14,7 @@
 //! | `claims.rs` | the claim-store port ([`claims::Claims`]) the Kafka readers call, and its in-memory reference |
 //! | `wire.rs` | the Kafka wire format between the API and the pipeline: key, `meterflow-kind` header, void record |
 //! | `json.rs` | exact decimals in JSON: numbers with their digits, never through f64 |
+//! | `openapi.rs` | (feature `openapi`) the wire's decimals and patterns as OpenAPI schemas, for the API's document |
 //!
 //! Data never reaches a panic: outside tests, this crate may not unwrap, expect, index or do unchecked
 //! arithmetic (the lints below; `clippy.toml` allows them in tests).
@@ -35,6 +36,8 @@ pub mod invoice;
 pub mod json;
 pub mod meter;
 pub mod money;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 pub mod price;
 pub mod window;
 pub mod wire;

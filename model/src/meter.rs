@@ -23,6 +23,7 @@ use crate::window::Window;
 
 /// How a meter aggregates the events of a window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Aggregation {
     Count,
@@ -46,9 +47,12 @@ impl Aggregation {
 
 /// A meter definition, as the API and the config file take it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Meter {
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::Name))]
     pub meter: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = crate::openapi::Name))]
     pub event_type: String,
     pub aggregation: Aggregation,
     /// `value` or `properties.<key>`; needed by every aggregation but `count`.

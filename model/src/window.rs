@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// The length of a tumbling window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Window {
     Minute,
