@@ -1,5 +1,5 @@
 //! Tenant isolation by construction (issue 13, item 5): a matrix generated from the route table
-//! (`openapi::ROUTES`, which the router is built from). Every route × {no key, a weaker role, a key bound
+//! (`openapi::routes()`, which the router is built from). Every route × {no key, a weaker role, a key bound
 //! to another customer, a body in each JSON shape}. A route added to the table without a fixture here
 //! fails the test, so no route can skip the matrix.
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use meterflow_api::auth::{self, Rate, Role};
-use meterflow_api::openapi::{Access, Verb, ROUTES};
+use meterflow_api::openapi::{routes, Access, Verb};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -361,7 +361,7 @@ async fn every_route_isolates_keys_roles_customers_and_body_shapes() {
     let mut failures = Vec::new();
     let mut missing = Vec::new();
     let mut covered = 0;
-    for route in ROUTES {
+    for route in routes() {
         let m = method(route.verb);
         let what = format!("{} {}", route.verb.as_str(), route.path);
         if route.access == Access::Public {

@@ -10,8 +10,10 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::openapi::{ok, op, page, params, problem, Access, Route, Verb};
 use crate::page::{Cursor, Page};
 use crate::AppState;
+use axum::routing::on;
 
 /// Most event ids in one answer of `include=event_ids` (`limit × event_ids_limit`).
 pub const MAX_EVENT_IDS_PER_ANSWER: i64 = 10_000;
@@ -165,3 +167,23 @@ pub async fn list(
         Cursor(a.customer_id.clone(), a.meter.clone(), a.window_start).encode()
     })))
 }
+
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[Route {
+    verb: Verb::Get,
+    path: "/api/v1/aggregations",
+    access: Access::Read,
+    summary: "Aggregate rows per customer, meter and window",
+    handler: |m, _| on(m, list),
+    spec: || {
+        op(
+                params::<AggregationQuery>(),
+                None,
+                vec![
+                    (200, ok("A page of aggregates", page::<Aggregation>())),
+                    (400, problem("BAD_REQUEST: a bad filter, limit or cursor, or more than 10000 event ids asked for")),
+                ],
+            )
+    },
+}];

@@ -11,9 +11,11 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::openapi::{ok, op, page, params, problem, Access, Route, Verb};
 use crate::page::{Cursor, Page};
 use crate::time::exclusive_end;
 use crate::AppState;
+use axum::routing::on;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -90,3 +92,23 @@ pub async fn list(
         Cursor(c.customer_id.clone(), c.meter.clone(), c.window_start).encode()
     })))
 }
+
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[Route {
+    verb: Verb::Get,
+    path: "/api/v1/charges",
+    access: Access::Read,
+    summary: "Window charges, unrounded",
+    handler: |m, _| on(m, list),
+    spec: || {
+        op(
+            params::<ChargeQuery>(),
+            None,
+            vec![
+                (200, ok("A page of charges", page::<Charge>())),
+                (400, problem("BAD_REQUEST: a bad filter, limit or cursor")),
+            ],
+        )
+    },
+}];

@@ -29,8 +29,14 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::invoices::{issue_error, LineView};
+use crate::openapi::{
+    body, ok, op, page, params, path_param, problem, schema, Access, Route, Verb,
+};
 use crate::page::{Cursor, Page};
 use crate::AppState;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::on;
+use serde_json::json;
 
 /// The largest body of a POST or PATCH.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -419,6 +425,115 @@ pub async fn upcoming(
         issued_invoice_id,
     }))
 }
+
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/customers",
+        access: Access::Admin,
+        summary: "Register a customer",
+        handler: |m, _| on(m, create).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        spec: || {
+            op(
+                vec![],
+                Some(body(
+                    schema::<NewCustomer>(),
+                    json!({"customer_id": "cust_openapi", "name": "Acme", "email": "billing@acme.test",
+                           "currency": "EUR"}),
+                )),
+                vec![
+                    (201, ok("Created", schema::<CustomerView>())),
+                    (400, problem("MALFORMED_JSON")),
+                    (409, problem("CUSTOMER_ALREADY_EXISTS")),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (422, problem("VALIDATION_FAILED")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/customers",
+        access: Access::Read,
+        summary: "Customers in id order",
+        handler: |m, _| on(m, list),
+        spec: || {
+            op(
+                params::<CustomerQuery>(),
+                None,
+                vec![
+                    (200, ok("A page of customers", page::<CustomerView>())),
+                    (400, problem("BAD_REQUEST: a bad limit or cursor")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/customers/{customer_id}",
+        access: Access::Read,
+        summary: "One customer",
+        handler: |m, _| on(m, get_one),
+        spec: || {
+            op(
+                vec![path_param("customer_id")],
+                None,
+                vec![
+                    (200, ok("The customer", schema::<CustomerView>())),
+                    (404, problem("NOT_FOUND")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Patch,
+        path: "/api/v1/customers/{customer_id}",
+        access: Access::Admin,
+        summary: "Change a customer's name, email, address or currency",
+        handler: |m, _| on(m, update).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        spec: || {
+            op(
+                vec![path_param("customer_id")],
+                Some(body(schema::<PatchFields>(), json!({"address": null}))),
+                vec![
+                    (200, ok("The changed customer", schema::<CustomerView>())),
+                    (400, problem("MALFORMED_JSON")),
+                    (404, problem("NOT_FOUND")),
+                    (
+                        409,
+                        problem("CURRENCY_LOCKED: an invoice was issued in the old currency"),
+                    ),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (422, problem("VALIDATION_FAILED")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/customers/{customer_id}/upcoming-invoice",
+        access: Access::Read,
+        summary: "What issuing the period now would bill",
+        handler: |m, _| on(m, upcoming),
+        spec: || {
+            op(
+                vec![path_param("customer_id")]
+                    .into_iter()
+                    .chain(params::<UpcomingQuery>())
+                    .collect(),
+                None,
+                vec![
+                    (200, ok("The upcoming invoice", schema::<UpcomingView>())),
+                    (400, problem("BAD_REQUEST")),
+                    (409, problem("CURRENCY_MISMATCH or AMOUNT_OVERFLOW")),
+                    (422, problem("VALIDATION_FAILED: a bad period")),
+                ],
+            )
+        },
+    },
+];
 
 #[cfg(test)]
 mod tests {

@@ -9,8 +9,10 @@ use meterflow_store::results;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::openapi::{ok, op, page, params, problem, Access, Route, Verb};
 use crate::page::Page;
 use crate::AppState;
+use axum::routing::on;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -65,3 +67,23 @@ pub async fn list(
         d.id.to_string()
     })))
 }
+
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[Route {
+    verb: Verb::Get,
+    path: "/api/v1/dead-letters",
+    access: Access::Read,
+    summary: "Kafka records the pipeline could not accept, with the reason",
+    handler: |m, _| on(m, list),
+    spec: || {
+        op(
+            params::<DeadLetterQuery>(),
+            None,
+            vec![
+                (200, ok("A page of dead letters", page::<DeadLetter>())),
+                (400, problem("BAD_REQUEST: a bad limit or cursor")),
+            ],
+        )
+    },
+}];

@@ -31,7 +31,11 @@ use serde::Serialize;
 
 use crate::auth::{is_object, not_an_object, Caller};
 use crate::error::ApiError;
+use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, Verb};
 use crate::AppState;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::on;
+use serde_json::json;
 
 /// The largest single-event body by default (SPEC §8; `api.max_event_bytes`).
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
@@ -371,3 +375,89 @@ pub(crate) async fn publish(
         .map(|_| ())
         .map_err(|(e, _)| e)
 }
+
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/events",
+        access: Access::Ingest,
+        summary: "Ingest one event (plain JSON or CloudEvents structured JSON)",
+        handler: |m, s| on(m, post_event).layer(DefaultBodyLimit::max(s.max_event_bytes)),
+        spec: || {
+            op(
+                vec![],
+                Some(body(
+                    schema::<meterflow_model::event::RawEvent>(),
+                    json!({"event_id": "evt_0001", "customer_id": "cust_1", "event_type": "api_call",
+                           "event_time": "2024-01-15T10:00:00Z", "value": "1.5",
+                           "properties": {"region": "eu"}}),
+                )),
+                vec![
+                    (201, ok("The event is stored and will be counted once", schema::<Accepted>())),
+                    (400, problem("MALFORMED_JSON: not JSON of the event's shape")),
+                    (409, problem("DUPLICATE_EVENT: an event with this id was already accepted")),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (415, problem("UNSUPPORTED_MEDIA_TYPE: send application/json or application/cloudevents+json")),
+                    (422, problem("VALIDATION_FAILED, with the path of every bad field")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/events/batch",
+        access: Access::Ingest,
+        summary: "Ingest up to 1000 events; each item is decided on its own",
+        handler: |m, s| on(m, post_batch).layer(DefaultBodyLimit::max(s.max_batch_bytes)),
+        spec: || {
+            op(
+                vec![],
+                Some(body(
+                    json!({"type": "array", "minItems": 1, "maxItems": MAX_BATCH_EVENTS,
+                           "items": schema::<meterflow_model::event::RawEvent>()}),
+                    json!([{"event_id": "evt_0002", "customer_id": "cust_1", "event_type": "api_call",
+                            "event_time": "2024-01-15T10:00:00Z", "value": 2}]),
+                )),
+                vec![
+                    (
+                        200,
+                        ok("A result per item, in order", schema::<BatchResult>()),
+                    ),
+                    (400, problem("MALFORMED_JSON: not a JSON array")),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (415, problem("UNSUPPORTED_MEDIA_TYPE")),
+                    (
+                        422,
+                        problem("VALIDATION_FAILED: a batch holds 1 to 1000 events"),
+                    ),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/events/{event_id}/void",
+        access: Access::Ingest,
+        summary: "Retract a counted event from every aggregate",
+        handler: |m, _| on(m, void_event),
+        spec: || {
+            op(
+                vec![path_param("event_id")],
+                None,
+                vec![
+                    (200, ok("Already voided", schema::<EventVoid>())),
+                    (
+                        202,
+                        ok(
+                            "The void is on its way to the pipeline",
+                            schema::<EventVoid>(),
+                        ),
+                    ),
+                    (404, problem("NOT_FOUND: no such event")),
+                ],
+            )
+        },
+    },
+];

@@ -27,7 +27,11 @@ use serde::{Deserialize, Serialize};
 use sqlx::{ConnectOptions, PgPool};
 
 use crate::error::ApiError;
+use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, Verb};
 use crate::AppState;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::on;
+use serde_json::json;
 
 /// How often the API looks for unfinished runs that no process is executing.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -233,3 +237,45 @@ fn public_error(text: &str) -> String {
         text.to_owned()
     }
 }
+
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/invoice-runs",
+        access: Access::Admin,
+        summary: "Invoice every registered customer for an ended month, in the background",
+        handler: |m, _| on(m, create).layer(DefaultBodyLimit::max(crate::invoices::MAX_BODY_BYTES)),
+        spec: || {
+            op(
+                vec![],
+                Some(body(schema::<NewRun>(), json!({"period": "2024-01"}))),
+                vec![
+                    (202, ok("Started", schema::<InvoiceRunAccepted>())),
+                    (400, problem("MALFORMED_JSON")),
+                    (409, problem("PERIOD_NOT_ENDED or INVOICE_RUN_IN_PROGRESS")),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (422, problem("VALIDATION_FAILED")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/invoice-runs/{run_id}",
+        access: Access::Read,
+        summary: "An invoice run's progress",
+        handler: |m, _| on(m, get_one),
+        spec: || {
+            op(
+                vec![path_param("run_id")],
+                None,
+                vec![
+                    (200, ok("The run", schema::<RunView>())),
+                    (404, problem("NOT_FOUND")),
+                ],
+            )
+        },
+    },
+];

@@ -28,9 +28,15 @@ use meterflow_store::invoices::{self as sink, InvoiceFilter, IssueError, Period,
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::openapi::{
+    body, ok, op, optional_body, page, params, path_param, problem, schema, Access, Route, Verb,
+};
 use crate::page::{Cursor, Page};
 use crate::time::{exclusive_end, parse_rfc3339};
 use crate::AppState;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::on;
+use serde_json::json;
 
 /// The largest body of a POST.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -411,6 +417,123 @@ pub async fn document(
         Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response())
     }
 }
+
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/invoices",
+        access: Access::Admin,
+        summary: "Issue a customer's invoice for an ended calendar month",
+        handler: |m, _| on(m, issue).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        spec: || {
+            op(
+                vec![],
+                Some(body(
+                    schema::<NewInvoice>(),
+                    json!({"customer_id": "cust_openapi", "period_start": "2024-01-01T00:00:00Z",
+                           "period_end": "2024-01-31T23:59:59.999Z"}),
+                )),
+                vec![
+                    (201, ok("Issued", schema::<InvoiceView>())),
+                    (400, problem("MALFORMED_JSON")),
+                    (404, problem("NOT_FOUND: the customer is not registered")),
+                    (
+                        409,
+                        problem("INVOICE_ALREADY_EXISTS, PERIOD_NOT_ENDED, PERIOD_QUARANTINED, CURRENCY_MISMATCH or AMOUNT_OVERFLOW"),
+                    ),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (422, problem("VALIDATION_FAILED")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/invoices",
+        access: Access::Read,
+        summary: "Invoices in number order, with their lines and adjustments",
+        handler: |m, _| on(m, list),
+        spec: || {
+            op(
+                params::<InvoiceQuery>(),
+                None,
+                vec![
+                    (200, ok("A page of invoices", page::<InvoiceView>())),
+                    (400, problem("BAD_REQUEST: a bad filter, limit or cursor")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/invoices/{invoice_id}",
+        access: Access::Read,
+        summary: "One invoice",
+        handler: |m, _| on(m, get_one),
+        spec: || {
+            op(
+                vec![path_param("invoice_id")],
+                None,
+                vec![
+                    (200, ok("The invoice", schema::<InvoiceView>())),
+                    (404, problem("NOT_FOUND")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/invoices/{invoice_id}/void",
+        access: Access::Admin,
+        summary: "Void an invoice (the body is optional)",
+        handler: |m, _| on(m, void).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        spec: || {
+            op(
+                vec![path_param("invoice_id")],
+                Some(optional_body(
+                    schema::<VoidRequest>(),
+                    json!({"reason": "issued in error"}),
+                )),
+                vec![
+                    (200, ok("The voided invoice", schema::<InvoiceView>())),
+                    (400, problem("MALFORMED_JSON")),
+                    (404, problem("NOT_FOUND")),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (422, problem("VALIDATION_FAILED")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/invoices/{invoice_id}/document",
+        access: Access::Read,
+        summary: "The printable invoice: HTML, or PDF with format=pdf",
+        handler: |m, _| on(m, document),
+        spec: || {
+            let binary = json!({"type": "string", "format": "binary"});
+            op(
+                vec![path_param("invoice_id")]
+                    .into_iter()
+                    .chain(params::<DocumentQuery>())
+                    .collect(),
+                None,
+                vec![
+                    (
+                        200,
+                        json!({"description": "The document", "content": {
+                            "text/html": {"schema": {"type": "string"}},
+                            "application/pdf": {"schema": binary}}}),
+                    ),
+                    (400, problem("BAD_REQUEST: an unknown format")),
+                    (404, problem("NOT_FOUND")),
+                ],
+            )
+        },
+    },
+];
 
 #[cfg(test)]
 mod tests {

@@ -14,8 +14,11 @@ use meterflow_store::meters::{self as store, MeterCreated};
 use serde::Serialize;
 
 use crate::error::ApiError;
+use crate::openapi::{body, ok, op, page, problem, schema, Access, Route, Verb};
 use crate::page::Page;
 use crate::AppState;
+use axum::routing::on;
+use serde_json::json;
 
 /// A meter as stored: its definition and when it was created. The fields are [`Meter`]'s, spelled
 /// out: `Meter` refuses unknown fields, so a schema that extended it would refuse `created_at`.
@@ -91,3 +94,50 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Page<StoredMeter
         next_cursor: None,
     }))
 }
+
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/meters",
+        access: Access::Admin,
+        summary: "Define a meter (immutable; posting the same definition again is idempotent)",
+        handler: |m, _| on(m, create),
+        spec: || {
+            op(
+                vec![],
+                Some(body(
+                    schema::<meterflow_model::Meter>(),
+                    json!({"meter": "api_calls", "event_type": "api_call", "aggregation": "count",
+                           "window": "hour"}),
+                )),
+                vec![
+                    (200, ok("The identical meter exists", schema::<StoredMeter>())),
+                    (201, ok("Created", schema::<StoredMeter>())),
+                    (400, problem("MALFORMED_JSON")),
+                    (
+                        409,
+                        problem("METER_EXISTS: a different meter has this name; METER_NAME_COLLIDES: the name is an event type in use (meter names and event types are disjoint)"),
+                    ),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (422, problem("VALIDATION_FAILED")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/meters",
+        access: Access::Read,
+        summary: "Every meter definition",
+        handler: |m, _| on(m, list),
+        spec: || {
+            op(
+                vec![],
+                None,
+                vec![(200, ok("The meters", page::<StoredMeter>()))],
+            )
+        },
+    },
+];

@@ -12,16 +12,19 @@
 //! Ranges are half-open `[effective_from, effective_to)`; an end written as `…T23:59:59.999Z` is the
 //! instant that follows. Decimals in responses are JSON numbers with their exact digits.
 
+mod posted;
+
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
+use axum::routing::on;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use meterflow_model::json::{decimal_number, parse_decimal};
-use meterflow_model::money::is_currency;
-use meterflow_model::{FieldError, Meter, PriceBook, PriceModel, Tier};
+use meterflow_model::json::decimal_number;
+use meterflow_model::{PriceModel, Tier};
 use meterflow_store::price_books::{self, BookFilter, PriceBookError, StoredPriceBook};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -29,108 +32,16 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::openapi::{
+    body, ok, op, page, params, path_param, problem, schema, Access, Route, Verb,
+};
 use crate::page::{Cursor, Page};
-use crate::time::{exclusive_end, parse_rfc3339};
+use crate::time::exclusive_end;
 use crate::AppState;
+use posted::{resolve, NewPriceBook, Patch, PatchFields};
 
 /// The largest body of a POST or PATCH.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// The currency of a book posted without one (SPEC §12).
-const DEFAULT_CURRENCY: &str = "USD";
-
-const MODEL_TYPES: &str = "per_unit, graduated, volume or package";
-
-/// A price book as posted: SPEC §5's shape, or the seed's (SPEC §12).
-///
-/// `meter` (or the seed's `metric_type`), and `model` (or the seed's `unit_price` for per_unit).
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct NewPriceBook {
-    meter: Option<String>,
-    /// The seed's name for `meter`.
-    metric_type: Option<String>,
-    /// A customer's own book; null or absent: the default for every customer.
-    customer_id: Option<String>,
-    /// Default USD.
-    #[schema(value_type = Option<meterflow_model::openapi::Currency>)]
-    currency: Option<String>,
-    /// RFC 3339.
-    #[schema(required = true, value_type = String)]
-    effective_from: Option<String>,
-    /// RFC 3339; null: open.
-    effective_to: Option<String>,
-    model: Option<RawModel>,
-    /// The seed's shorthand for `"model": {"type": "per_unit", "unit_price": …}`.
-    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
-    unit_price: Option<Value>,
-    /// The least a customer pays for the meter per period.
-    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
-    minimum_per_period: Option<Value>,
-}
-
-/// A model as posted; which fields it needs depends on its type. Decimals stay JSON values until they
-/// are parsed exactly.
-///
-/// per_unit needs unit_price; graduated and volume need tiers (the last open, up_to null); package
-/// needs package_size and package_price.
-#[derive(Default, Deserialize, utoipa::ToSchema)]
-#[schema(as = PriceModel)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawModel {
-    #[serde(rename = "type")]
-    #[schema(required = true, value_type = ModelType)]
-    kind: Option<String>,
-    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
-    unit_price: Option<Value>,
-    tiers: Option<Vec<RawTier>>,
-    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
-    package_size: Option<Value>,
-    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
-    package_price: Option<Value>,
-}
-
-/// How a quantity is priced (SPEC §5).
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)] // the schema of `RawModel::kind`, which stays text until validated
-#[schema(rename_all = "snake_case")]
-enum ModelType {
-    PerUnit,
-    Graduated,
-    Volume,
-    Package,
-}
-
-/// One tier of a graduated or volume model.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct RawTier {
-    /// `null` or absent: the last, open tier.
-    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
-    up_to: Option<Value>,
-    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
-    unit_price: Option<Value>,
-    /// Charged once when any unit falls in the tier (graduated) or when the total does (volume).
-    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
-    flat_fee: Option<Value>,
-}
-
-/// What `PATCH /api/v1/price-books/{price_book_id}` may change: an absent field stays, a null one is
-/// cleared.
-// The patch is read field by field (`Patch::parse`), so that null and absent differ; this type is its
-// schema, and `the_patch_schema_names_the_fields_the_parser_takes` keeps the two in step.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[schema(as = PriceBookPatch)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub(crate) struct PatchFields {
-    #[serde(default)]
-    model: RawModel,
-    #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
-    minimum_per_period: Option<Value>,
-    /// RFC 3339; null: open.
-    effective_to: Option<String>,
-}
 
 /// A stored book as the API shows it.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -258,360 +169,6 @@ pub async fn update(
     Ok(Json(view(stored)?))
 }
 
-/// What a PATCH changes; `None` leaves a field as it is, `Some(None)` clears it.
-struct Patch {
-    model: Option<PriceModel>,
-    minimum_per_period: Option<Option<Decimal>>,
-    effective_to: Option<Option<i64>>,
-}
-
-impl Patch {
-    fn parse(fields: Map<String, Value>) -> Result<Patch, ApiError> {
-        let mut errors = Errors::default();
-        let mut patch = Patch {
-            model: None,
-            minimum_per_period: None,
-            effective_to: None,
-        };
-        for (key, value) in fields {
-            match key.as_str() {
-                "model" => {
-                    let raw: RawModel = serde_json::from_value(value)
-                        .map_err(|e| ApiError::MalformedJson(format!("model: {e}")))?;
-                    patch.model = errors.model(&raw);
-                }
-                "minimum_per_period" => {
-                    patch.minimum_per_period = match value {
-                        Value::Null => Some(None),
-                        v => errors.minimum(&v).map(Some),
-                    };
-                }
-                "effective_to" => {
-                    patch.effective_to = match value {
-                        Value::Null => Some(None),
-                        Value::String(text) => errors.end("effective_to", &text).map(Some),
-                        _ => {
-                            errors.push("effective_to", "must be an RFC 3339 timestamp or null");
-                            None
-                        }
-                    };
-                }
-                "price_book_id" | "meter" | "metric_type" | "customer_id" | "currency"
-                | "effective_from" | "unit_price" | "created_at" | "updated_at" => errors.push(
-                    key,
-                    "cannot be changed: a PATCH may change model, minimum_per_period and \
-                     effective_to; create another book for the rest",
-                ),
-                _ => errors.push(key, "is not a field of a price book"),
-            }
-        }
-        errors
-            .finish()
-            .map(|()| patch)
-            .map_err(ApiError::Validation)
-    }
-
-    /// The book with this patch applied, if the result is a valid book.
-    fn apply(&self, book: &PriceBook) -> Result<PriceBook, Vec<FieldError>> {
-        let mut after = book.clone();
-        if let Some(model) = &self.model {
-            after.model = model.clone();
-        }
-        if let Some(minimum) = self.minimum_per_period {
-            after.minimum_per_period = minimum;
-        }
-        if let Some(to) = self.effective_to {
-            after.effective_to = to;
-        }
-        match after.effective_to {
-            Some(to) if to <= after.effective_from => Err(vec![FieldError::new(
-                "effective_to",
-                "must be after the book's effective_from",
-            )]),
-            _ => Ok(after),
-        }
-    }
-}
-
-/// Checks every field of a posted book and builds it, or says what is wrong with each bad field.
-fn resolve(raw: NewPriceBook, price_book_id: String) -> Result<PriceBook, Vec<FieldError>> {
-    let mut errors = Errors::default();
-    let meter = match (raw.meter, raw.metric_type) {
-        (Some(m), None) => Some(("meter", m)),
-        (None, Some(m)) => Some(("metric_type", m)),
-        (Some(m), Some(t)) if m == t => Some(("meter", m)),
-        (Some(_), Some(_)) => {
-            errors.push(
-                "metric_type",
-                "is another name for meter and differs from it: give one of them",
-            );
-            None
-        }
-        (None, None) => {
-            errors.push("meter", "is required");
-            None
-        }
-    };
-    if let Some((field, name)) = &meter {
-        // The same rule as a meter's name (SPEC §4): a book may be created before its meter.
-        for e in Meter::default_for(name)
-            .validate()
-            .err()
-            .unwrap_or_default()
-        {
-            if e.field == "meter" {
-                errors.push(*field, e.message);
-            }
-        }
-    }
-    if let Some(customer) = &raw.customer_id {
-        // The same rule as an event's customer_id (SPEC §2), so the book can match the customer's events.
-        let id_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
-        if customer.is_empty() || customer.len() > 128 {
-            errors.push(
-                "customer_id",
-                "must be 1 to 128 characters long, or null for the default book",
-            );
-        } else if !customer.bytes().all(id_char) {
-            errors.push("customer_id", "may only contain [A-Za-z0-9._:-]");
-        }
-    }
-    let currency = raw.currency.unwrap_or_else(|| DEFAULT_CURRENCY.to_owned());
-    if !is_currency(&currency) {
-        errors.push(
-            "currency",
-            "must be an active ISO 4217 code in upper case, such as USD or EUR",
-        );
-    }
-    let from = match raw.effective_from.as_deref() {
-        None => {
-            errors.push("effective_from", "is required");
-            None
-        }
-        Some(text) => errors.start("effective_from", text),
-    };
-    let to = raw
-        .effective_to
-        .as_deref()
-        .and_then(|text| errors.end("effective_to", text));
-    if let (Some(from), Some(to)) = (from, to) {
-        if to <= from {
-            errors.push("effective_to", "must be after effective_from");
-        }
-    }
-    let model = match (raw.model, raw.unit_price) {
-        (Some(model), None) => errors.model(&model),
-        (None, Some(price)) => errors
-            .required_decimal("unit_price", Some(&price))
-            .and_then(|unit_price| {
-                let model = PriceModel::PerUnit { unit_price };
-                let bad = model.validate();
-                for e in &bad {
-                    errors.push(e.field.trim_start_matches("model."), e.message.clone());
-                }
-                bad.is_empty().then_some(model)
-            }),
-        (Some(_), Some(_)) => {
-            errors.push(
-                "unit_price",
-                "is the shorthand for a per_unit model: give either it or model, not both",
-            );
-            None
-        }
-        (None, None) => {
-            errors.push(
-                "model",
-                "is required (or the shorthand unit_price for a per-unit price)",
-            );
-            None
-        }
-    };
-    let minimum_per_period = raw
-        .minimum_per_period
-        .as_ref()
-        .and_then(|v| errors.minimum(v));
-    errors.finish()?;
-    match (meter, from, model) {
-        (Some((_, meter)), Some(effective_from), Some(model)) => Ok(PriceBook {
-            price_book_id,
-            meter,
-            customer_id: raw.customer_id,
-            currency,
-            effective_from,
-            effective_to: to,
-            model,
-            minimum_per_period,
-        }),
-        // Each of these reported an error above.
-        _ => Err(vec![FieldError::new("", "the book is incomplete")]),
-    }
-}
-
-/// Field errors collected while reading a body, each with its path.
-#[derive(Default)]
-struct Errors(Vec<FieldError>);
-
-impl Errors {
-    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError::new(field, message));
-    }
-
-    fn finish(self) -> Result<(), Vec<FieldError>> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(self.0)
-        }
-    }
-
-    /// A decimal given as a JSON number or a string, parsed exactly (never through f64).
-    fn decimal(&mut self, field: &str, value: &Value) -> Option<Decimal> {
-        let parsed = match value {
-            Value::Number(n) => parse_decimal(&n.to_string()),
-            Value::String(s) => parse_decimal(s),
-            _ => Err("must be a decimal number (a JSON number or a string)"),
-        };
-        parsed.map_err(|why| self.push(field, why)).ok()
-    }
-
-    fn required_decimal(&mut self, field: &str, value: Option<&Value>) -> Option<Decimal> {
-        match value {
-            None | Some(Value::Null) => {
-                self.push(field, "is required");
-                None
-            }
-            Some(v) => self.decimal(field, v),
-        }
-    }
-
-    fn minimum(&mut self, value: &Value) -> Option<Decimal> {
-        let minimum = self.decimal("minimum_per_period", value)?;
-        if minimum.is_sign_negative() && !minimum.is_zero() {
-            self.push("minimum_per_period", "must not be negative");
-            return None;
-        }
-        Some(minimum)
-    }
-
-    /// A start instant in microseconds.
-    fn start(&mut self, field: &str, text: &str) -> Option<i64> {
-        match parse_rfc3339(text) {
-            Some(t) => Some(t.timestamp_micros()),
-            None => {
-                self.push(
-                    field,
-                    "must be an RFC 3339 timestamp with an offset, such as 2024-01-01T00:00:00Z",
-                );
-                None
-            }
-        }
-    }
-
-    /// An exclusive end instant in microseconds (`…T23:59:59.999Z` is the instant that follows).
-    fn end(&mut self, field: &str, text: &str) -> Option<i64> {
-        match parse_rfc3339(text) {
-            Some(t) => Some(exclusive_end(t).timestamp_micros()),
-            None => {
-                self.push(
-                    field,
-                    "must be an RFC 3339 timestamp with an offset, such as 2024-02-01T00:00:00Z",
-                );
-                None
-            }
-        }
-    }
-
-    /// A model, checked field by field under `model.`.
-    fn model(&mut self, raw: &RawModel) -> Option<PriceModel> {
-        let takes: &[&str] = match raw.kind.as_deref() {
-            Some("per_unit") => &["unit_price"],
-            Some("graduated" | "volume") => &["tiers"],
-            Some("package") => &["package_size", "package_price"],
-            Some(_) => {
-                self.push("model.type", format!("must be {MODEL_TYPES}"));
-                return None;
-            }
-            None => {
-                self.push("model.type", format!("is required: {MODEL_TYPES}"));
-                return None;
-            }
-        };
-        let kind = raw.kind.as_deref().unwrap_or_default();
-        let given = [
-            ("unit_price", raw.unit_price.is_some()),
-            ("tiers", raw.tiers.is_some()),
-            ("package_size", raw.package_size.is_some()),
-            ("package_price", raw.package_price.is_some()),
-        ];
-        let before = self.0.len();
-        for (name, present) in given {
-            if present && !takes.contains(&name) {
-                self.push(
-                    format!("model.{name}"),
-                    format!("is not a field of a {kind} model"),
-                );
-            }
-        }
-        let model = match kind {
-            "per_unit" => self
-                .required_decimal("model.unit_price", raw.unit_price.as_ref())
-                .map(|unit_price| PriceModel::PerUnit { unit_price }),
-            "package" => {
-                let size = self.required_decimal("model.package_size", raw.package_size.as_ref());
-                let price =
-                    self.required_decimal("model.package_price", raw.package_price.as_ref());
-                size.zip(price)
-                    .map(|(package_size, package_price)| PriceModel::Package {
-                        package_size,
-                        package_price,
-                    })
-            }
-            _ => self.tiers(raw.tiers.as_deref()).map(|tiers| {
-                if kind == "graduated" {
-                    PriceModel::Graduated { tiers }
-                } else {
-                    PriceModel::Volume { tiers }
-                }
-            }),
-        };
-        let model = model.filter(|_| self.0.len() == before)?;
-        let bad = model.validate();
-        let valid = bad.is_empty();
-        self.0.extend(bad);
-        valid.then_some(model)
-    }
-
-    fn tiers(&mut self, raw: Option<&[RawTier]>) -> Option<Vec<Tier>> {
-        let Some(raw) = raw else {
-            self.push("model.tiers", "is required");
-            return None;
-        };
-        let before = self.0.len();
-        let tiers: Vec<Tier> = raw
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| {
-                let path = |name: &str| format!("model.tiers[{i}].{name}");
-                let up_to = match &t.up_to {
-                    None | Some(Value::Null) => Some(None),
-                    Some(v) => self.decimal(&path("up_to"), v).map(Some),
-                };
-                let unit_price = self.required_decimal(&path("unit_price"), t.unit_price.as_ref());
-                let flat_fee = match &t.flat_fee {
-                    None | Some(Value::Null) => Some(Decimal::ZERO),
-                    Some(v) => self.decimal(&path("flat_fee"), v),
-                };
-                Some(Tier {
-                    up_to: up_to?,
-                    unit_price: unit_price?,
-                    flat_fee: flat_fee?,
-                })
-            })
-            .collect();
-        (self.0.len() == before).then_some(tiers)
-    }
-}
-
 fn write_error(e: PriceBookError) -> ApiError {
     match e {
         PriceBookError::Overlap { with } => ApiError::Conflict(
@@ -694,155 +251,96 @@ fn model_json(model: &PriceModel) -> Value {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_patch_schema_names_the_fields_the_parser_takes() {
-        let properties = |schema: utoipa::openapi::RefOr<utoipa::openapi::Schema>| -> Vec<String> {
-            let schema = serde_json::to_value(schema).unwrap();
-            schema["properties"]
-                .as_object()
-                .unwrap()
-                .keys()
-                .cloned()
-                .collect()
-        };
-        let documented = properties(<PatchFields as utoipa::PartialSchema>::schema());
-        let sample = |key: &str| match key {
-            "model" => json!({"type": "per_unit", "unit_price": 1}),
-            _ => Value::Null,
-        };
-        let accepted = |key: &str| {
-            let mut body = Map::new();
-            body.insert(key.into(), sample(key));
-            Patch::parse(body).is_ok()
-        };
-        for key in &documented {
-            assert!(
-                accepted(key),
-                "{key} is in the schema but the parser refuses it"
-            );
-        }
-        for key in properties(<PriceBookView as utoipa::PartialSchema>::schema()) {
-            assert_eq!(
-                accepted(&key),
-                documented.contains(&key),
-                "{key}: the parser and the schema disagree"
-            );
-        }
-    }
-
-    fn resolved(body: Value) -> Result<PriceBook, Vec<String>> {
-        let raw: NewPriceBook = serde_json::from_value(body).unwrap();
-        resolve(raw, "pb_test".into()).map_err(|e| e.into_iter().map(|e| e.field).collect())
-    }
-
-    #[test]
-    fn the_seeds_shape_is_a_per_unit_book_in_usd() {
-        let book = resolved(json!({"metric_type": "api_calls",
-            "effective_from": "2024-01-15T00:00:00Z", "unit_price": 0.08}))
-        .unwrap();
-        assert_eq!(book.meter, "api_calls");
-        assert_eq!(book.currency, "USD");
-        assert_eq!(
-            book.model,
-            PriceModel::PerUnit {
-                unit_price: Decimal::new(8, 2)
-            }
-        );
-        assert_eq!(book.effective_to, None);
-    }
-
-    #[test]
-    fn every_bad_field_is_reported_with_its_path() {
-        let fields = resolved(
-            json!({"meter": "Bad Meter", "customer_id": "", "currency": "usd",
-            "effective_from": "2024-02-01T00:00:00Z", "effective_to": "2024-01-31T23:59:59.999Z",
-            "model": {"type": "graduated", "tiers": [
-                {"up_to": "10", "unit_price": "abc"},
-                {"up_to": 5, "unit_price": "-1", "flat_fee": true}]},
-            "minimum_per_period": "-5"}),
-        )
-        .unwrap_err();
-        assert_eq!(
-            fields,
-            [
-                "meter",
-                "customer_id",
-                "currency",
-                "effective_to",
-                "model.tiers[0].unit_price",
-                "model.tiers[1].flat_fee",
-                "minimum_per_period"
-            ]
-        );
-    }
-
-    #[test]
-    fn a_models_values_are_checked_once_its_fields_parse() {
-        let fields = resolved(
-            json!({"meter": "m", "effective_from": "2024-01-01T00:00:00Z",
-            "model": {"type": "volume", "tiers": [
-                {"up_to": "10", "unit_price": "1"}, {"up_to": "5", "unit_price": "-1"}]}}),
-        )
-        .unwrap_err();
-        assert_eq!(
-            fields,
-            ["model.tiers[1].up_to", "model.tiers[1].unit_price"]
-        );
-        let fields = resolved(
-            json!({"meter": "m", "effective_from": "2024-01-01T00:00:00Z",
-            "model": {"type": "package", "package_size": 0, "unit_price": 1}}),
-        )
-        .unwrap_err();
-        assert_eq!(fields, ["model.unit_price", "model.package_price"]);
-    }
-
-    #[test]
-    fn decimals_keep_their_digits_whether_numbers_or_strings() {
-        let body = serde_json::from_str(
-            r#"{"meter": "m", "effective_from": "2024-01-01T00:00:00Z",
-                "model": {"type": "per_unit", "unit_price": 0.0012345678901234567890123},
-                "minimum_per_period": "5.00"}"#,
-        )
-        .unwrap();
-        let book = resolved(body).unwrap();
-        let json = model_json(&book.model).to_string();
-        assert_eq!(
-            json,
-            r#"{"type":"per_unit","unit_price":0.0012345678901234567890123}"#
-        );
-        assert_eq!(book.minimum_per_period.unwrap().to_string(), "5.00");
-    }
-
-    #[test]
-    fn a_patch_may_change_only_the_model_the_minimum_and_the_end() {
-        let fields = |body: Value| match Patch::parse(serde_json::from_value(body).unwrap()) {
-            Err(ApiError::Validation(e)) => {
-                let mut fields: Vec<String> = e.into_iter().map(|e| e.field).collect();
-                fields.sort();
-                fields
-            }
-            Err(other) => panic!("{other}"),
-            Ok(_) => vec![],
-        };
-        assert_eq!(
-            fields(json!({"currency": "EUR", "colour": "blue"})),
-            ["colour", "currency"]
-        );
-        assert!(fields(json!({"effective_to": null, "minimum_per_period": 1})).is_empty());
-        let patch = Patch::parse(
-            serde_json::from_value(json!({"effective_to": "2024-01-01T00:00:00Z"})).unwrap(),
-        )
-        .unwrap();
-        let book = resolved(
-            json!({"meter": "m", "effective_from": "2024-01-01T00:00:00Z",
-            "unit_price": 1}),
-        )
-        .unwrap();
-        let refused = patch.apply(&book).unwrap_err();
-        assert_eq!(refused[0].field, "effective_to");
-    }
-}
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/price-books",
+        access: Access::Admin,
+        summary: "Create a price book",
+        handler: |m, _| on(m, create).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        spec: || {
+            op(
+                vec![],
+                Some(body(
+                    schema::<NewPriceBook>(),
+                    json!({"meter": "api_calls", "currency": "USD",
+                           "effective_from": "2024-01-01T00:00:00Z",
+                           "model": {"type": "graduated", "tiers": [
+                               {"up_to": 1000, "unit_price": "0"},
+                               {"up_to": null, "unit_price": "0.002"}]},
+                           "minimum_per_period": "10.00"}),
+                )),
+                vec![
+                    (201, ok("Created", schema::<PriceBookView>())),
+                    (400, problem("MALFORMED_JSON")),
+                    (
+                        409,
+                        problem("PRICE_BOOK_OVERLAP: another book covers part of this one's time"),
+                    ),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (422, problem("VALIDATION_FAILED")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/price-books",
+        access: Access::Read,
+        summary: "Price books in (meter, effective_from) order",
+        handler: |m, _| on(m, list),
+        spec: || {
+            op(
+                params::<PriceBookQuery>(),
+                None,
+                vec![
+                    (200, ok("A page of price books", page::<PriceBookView>())),
+                    (400, problem("BAD_REQUEST: a bad filter, limit or cursor")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/price-books/{price_book_id}",
+        access: Access::Read,
+        summary: "One price book",
+        handler: |m, _| on(m, get_one),
+        spec: || {
+            op(
+                vec![path_param("price_book_id")],
+                None,
+                vec![
+                    (200, ok("The price book", schema::<PriceBookView>())),
+                    (404, problem("NOT_FOUND")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Patch,
+        path: "/api/v1/price-books/{price_book_id}",
+        access: Access::Admin,
+        summary: "Change a price book's model, minimum or end (audited)",
+        handler: |m, _| on(m, update).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        spec: || {
+            op(
+                vec![path_param("price_book_id")],
+                Some(body(
+                    schema::<PatchFields>(),
+                    json!({"minimum_per_period": null}),
+                )),
+                vec![
+                    (200, ok("The changed price book", schema::<PriceBookView>())),
+                    (400, problem("MALFORMED_JSON")),
+                    (404, problem("NOT_FOUND")),
+                    (409, problem("PRICE_BOOK_OVERLAP")),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (422, problem("VALIDATION_FAILED")),
+                ],
+            )
+        },
+    },
+];

@@ -18,7 +18,10 @@ use rdkafka::producer::Producer;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::openapi::{body, ok, op, problem, schema, Access, Route, Verb};
 use crate::AppState;
+use axum::routing::on;
+use serde_json::json;
 
 /// How far the pipeline has committed the events topic, and how far Kafka has it.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -161,3 +164,53 @@ pub async fn advance(
         Json(AdvanceWatermark { advance_to: floor }),
     ))
 }
+
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/progress",
+        access: Access::Read,
+        summary: "How far the pipeline has committed, per partition",
+        handler: |m, _| on(m, progress),
+        spec: || {
+            op(
+                vec![],
+                None,
+                vec![(200, ok("Progress", schema::<Progress>()))],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/watermark",
+        access: Access::Admin,
+        summary: "Raise the watermark floor (closes windows when no later event will come)",
+        handler: |m, _| on(m, advance),
+        spec: || {
+            op(
+                vec![],
+                Some(body(
+                    schema::<AdvanceWatermark>(),
+                    json!({"advance_to": "2024-01-01T00:00:00Z"}),
+                )),
+                vec![
+                    (
+                        202,
+                        ok(
+                            "The floor now in force (audited)",
+                            schema::<AdvanceWatermark>(),
+                        ),
+                    ),
+                    (400, problem("MALFORMED_JSON")),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (
+                        422,
+                        problem("VALIDATION_FAILED: more than 5 minutes ahead of now"),
+                    ),
+                ],
+            )
+        },
+    },
+];

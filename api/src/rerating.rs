@@ -22,8 +22,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ApiError;
+use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, Verb};
 use crate::time::{exclusive_end, parse_rfc3339};
 use crate::AppState;
+use axum::routing::on;
+use serde_json::json;
 
 /// The request: `from`/`to` (or the seed's `window_start`/`window_end`), customers (empty: all).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -206,3 +209,52 @@ pub async fn get(
         finished_at: time(job.finished_at),
     }))
 }
+
+/// This module's routes: each row routes its handler and documents it, with the role it needs
+/// ([`Route`]).
+pub(crate) const ROUTES: &[Route] = &[
+    Route {
+        verb: Verb::Post,
+        path: "/api/v1/rerating-jobs",
+        access: Access::Admin,
+        summary: "Re-rate a scope of customers and time from the raw events",
+        handler: |m, _| on(m, create),
+        spec: || {
+            op(
+                vec![],
+                Some(body(
+                    schema::<JobRequest>(),
+                    json!({"customer_ids": ["cust_1"], "from": "2024-01-01T00:00:00Z",
+                           "to": "2024-01-02T00:00:00Z", "reason": "corrected price book"}),
+                )),
+                vec![
+                    (202, ok("Queued", schema::<JobAccepted>())),
+                    (400, problem("MALFORMED_JSON")),
+                    (
+                        409,
+                        problem("RERATING_IN_PROGRESS: an overlapping job is pending or running"),
+                    ),
+                    (413, problem("PAYLOAD_TOO_LARGE")),
+                    (422, problem("VALIDATION_FAILED")),
+                ],
+            )
+        },
+    },
+    Route {
+        verb: Verb::Get,
+        path: "/api/v1/rerating-jobs/{job_id}",
+        access: Access::Read,
+        summary: "A re-rating job's state and effect",
+        handler: |m, _| on(m, get),
+        spec: || {
+            op(
+                vec![path_param("job_id")],
+                None,
+                vec![
+                    (200, ok("The job", schema::<ReratingJob>())),
+                    (404, problem("NOT_FOUND")),
+                ],
+            )
+        },
+    },
+];
