@@ -602,27 +602,6 @@ impl Caller {
     }
 }
 
-/// Whether a JSON text's top level is an object (leading whitespace allowed). serde's derived structs
-/// also take a JSON array in field order; every body and batch item of the API must be an object.
-pub fn is_object(json: &[u8]) -> bool {
-    json.iter()
-        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-        .is_some_and(|b| *b == b'{')
-}
-
-/// Decodes a request body that must be a JSON object into `T` (400 MALFORMED_JSON otherwise).
-pub fn decode_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if !is_object(body) {
-        return Err(not_an_object());
-    }
-    serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))
-}
-
-/// The answer for a body or batch item that is not a JSON object.
-pub fn not_an_object() -> ApiError {
-    ApiError::MalformedJson("the body must be a JSON object".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -669,12 +648,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_json_object_is_an_object() {
-        assert!(is_object(b" \n{\"a\":1}"));
-        for not in [&b"[1]"[..], b"\"x\"", b"1", b"null", b"", b"  "] {
-            assert!(!is_object(not));
-            assert!(decode_object::<serde_json::Value>(not).is_err());
-        }
+    fn a_bound_caller_may_act_only_for_its_customer() {
         let p = |c: Option<&str>| {
             Caller(Principal {
                 key_id: None,

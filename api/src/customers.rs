@@ -13,8 +13,7 @@
 //! The upcoming invoice works for unregistered customers too (their usage is counted, SPEC §2), in the
 //! default currency USD with `"registered": false`; registering the customer is what makes it invoiceable.
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -28,13 +27,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::extract::{limited, JsonObject};
 use crate::invoices::{issue_error, LineView};
 use crate::openapi::{
     body, ok, op, page, params, path_param, problem, schema, Access, Route, Verb,
 };
 use crate::page::{Cursor, Page};
 use crate::AppState;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::on;
 use serde_json::json;
 
@@ -52,7 +51,7 @@ const MAX_ADDRESS: usize = 1000;
 // Its fields are optional in Rust so that every missing one is reported.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct NewCustomer {
+pub struct NewCustomer {
     #[schema(required = true, value_type = meterflow_model::openapi::Id)]
     customer_id: Option<String>,
     #[schema(required = true, value_type = String)]
@@ -113,10 +112,8 @@ impl From<StoredCustomer> for CustomerView {
 pub async fn create(
     State(state): State<AppState>,
     caller: crate::auth::Caller,
-    body: Result<Bytes, BytesRejection>,
+    JsonObject(raw): JsonObject<NewCustomer>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
-    let raw: NewCustomer = crate::auth::decode_object(&body)?;
     let customer = resolve(raw).map_err(ApiError::Validation)?;
     caller.may_act_for(&customer.customer_id)?;
     let mut conn = state.pool.acquire().await?;
@@ -176,10 +173,8 @@ pub async fn list(
 pub async fn update(
     State(state): State<AppState>,
     Path(customer_id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    JsonObject(fields): JsonObject<Map<String, Value>>,
 ) -> Result<Json<CustomerView>, ApiError> {
-    let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
-    let fields: Map<String, Value> = crate::auth::decode_object(&body)?;
     let patch = Patch::parse(fields).map_err(ApiError::Validation)?;
     let mut conn = state.pool.acquire().await?;
     let stored = customers::update_customer(&mut conn, &customer_id, |c| patch.apply(c))
@@ -434,7 +429,7 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/customers",
         access: Access::Admin,
         summary: "Register a customer",
-        handler: |m, _| on(m, create).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        handler: |m, _| limited(on(m, create), MAX_BODY_BYTES),
         spec: || {
             op(
                 vec![],
@@ -492,7 +487,7 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/customers/{customer_id}",
         access: Access::Admin,
         summary: "Change a customer's name, email, address or currency",
-        handler: |m, _| on(m, update).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        handler: |m, _| limited(on(m, update), MAX_BODY_BYTES),
         spec: || {
             op(
                 vec![path_param("customer_id")],

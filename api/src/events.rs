@@ -29,11 +29,11 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 
-use crate::auth::{is_object, not_an_object, Caller};
+use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::extract::{body_error, is_object, limited, not_an_object};
 use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, Verb};
 use crate::AppState;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::on;
 use serde_json::json;
 
@@ -331,13 +331,6 @@ fn limits(state: &AppState) -> Limits {
     }
 }
 
-pub(crate) fn body_error(e: BytesRejection, limit: usize) -> ApiError {
-    match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(limit),
-        _ => ApiError::BadRequest(e.body_text()),
-    }
-}
-
 /// JSON or CloudEvents JSON; anything else is 415.
 fn content_format(headers: &HeaderMap) -> Result<Format, ApiError> {
     match headers
@@ -384,7 +377,7 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/events",
         access: Access::Ingest,
         summary: "Ingest one event (plain JSON or CloudEvents structured JSON)",
-        handler: |m, s| on(m, post_event).layer(DefaultBodyLimit::max(s.max_event_bytes)),
+        handler: |m, s| limited(on(m, post_event), s.max_event_bytes),
         spec: || {
             op(
                 vec![],
@@ -410,7 +403,7 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/events/batch",
         access: Access::Ingest,
         summary: "Ingest up to 1000 events; each item is decided on its own",
-        handler: |m, s| on(m, post_batch).layer(DefaultBodyLimit::max(s.max_batch_bytes)),
+        handler: |m, s| limited(on(m, post_batch), s.max_batch_bytes),
         spec: || {
             op(
                 vec![],

@@ -12,8 +12,6 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -27,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::{ConnectOptions, PgPool};
 
 use crate::error::ApiError;
+use crate::extract::{limited, JsonObject};
 use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, Verb};
 use crate::AppState;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::on;
 use serde_json::json;
 
@@ -40,7 +38,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 #[derive(Deserialize, utoipa::ToSchema)]
 #[schema(as = NewInvoiceRun)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct NewRun {
+pub struct NewRun {
     #[schema(required = true, value_type = meterflow_model::openapi::Month)]
     period: Option<String>,
 }
@@ -56,10 +54,8 @@ pub(crate) struct InvoiceRunAccepted {
 
 pub async fn create(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    JsonObject(raw): JsonObject<NewRun>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = body.map_err(|e| crate::events::body_error(e, crate::invoices::MAX_BODY_BYTES))?;
-    let raw: NewRun = crate::auth::decode_object(&body)?;
     let period = match raw.period.as_deref().map(Period::parse_month) {
         None => Err("is required".to_owned()),
         Some(p) => p.map_err(|e| e.to_string()),
@@ -246,7 +242,7 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/invoice-runs",
         access: Access::Admin,
         summary: "Invoice every registered customer for an ended month, in the background",
-        handler: |m, _| on(m, create).layer(DefaultBodyLimit::max(crate::invoices::MAX_BODY_BYTES)),
+        handler: |m, _| limited(on(m, create), crate::invoices::MAX_BODY_BYTES),
         spec: || {
             op(
                 vec![],

@@ -28,13 +28,13 @@ use meterflow_store::invoices::{self as sink, InvoiceFilter, IssueError, Period,
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::extract::{body_error, decode_object, limited, JsonObject};
 use crate::openapi::{
     body, ok, op, optional_body, page, params, path_param, problem, schema, Access, Route, Verb,
 };
 use crate::page::{Cursor, Page};
 use crate::time::{exclusive_end, parse_rfc3339};
 use crate::AppState;
-use axum::extract::DefaultBodyLimit;
 use axum::routing::on;
 use serde_json::json;
 
@@ -44,7 +44,7 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// An invoice to issue: one customer's calendar month.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct NewInvoice {
+pub struct NewInvoice {
     #[schema(required = true, value_type = String)]
     customer_id: Option<String>,
     /// RFC 3339, a month's start (alias billing_period_start).
@@ -192,10 +192,8 @@ pub(crate) fn issue_error(e: IssueError) -> ApiError {
 pub async fn issue(
     State(state): State<AppState>,
     caller: crate::auth::Caller,
-    body: Result<Bytes, BytesRejection>,
+    JsonObject(raw): JsonObject<NewInvoice>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
-    let raw: NewInvoice = crate::auth::decode_object(&body)?;
     let (customer_id, period) = resolve(raw).map_err(ApiError::Validation)?;
     caller.may_act_for(&customer_id)?;
     let mut conn = state.pool.acquire().await?;
@@ -338,11 +336,11 @@ pub async fn void(
     Path(invoice_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<InvoiceView>, ApiError> {
-    let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
+    let body = body.map_err(|e| body_error(e, MAX_BODY_BYTES))?;
     let request: VoidRequest = if body.iter().all(u8::is_ascii_whitespace) {
         VoidRequest::default()
     } else {
-        crate::auth::decode_object(&body)?
+        decode_object(&body)?
     };
     if request
         .reason
@@ -426,7 +424,7 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/invoices",
         access: Access::Admin,
         summary: "Issue a customer's invoice for an ended calendar month",
-        handler: |m, _| on(m, issue).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        handler: |m, _| limited(on(m, issue), MAX_BODY_BYTES),
         spec: || {
             op(
                 vec![],
@@ -488,7 +486,7 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/invoices/{invoice_id}/void",
         access: Access::Admin,
         summary: "Void an invoice (the body is optional)",
-        handler: |m, _| on(m, void).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        handler: |m, _| limited(on(m, void), MAX_BODY_BYTES),
         spec: || {
             op(
                 vec![path_param("invoice_id")],

@@ -17,6 +17,7 @@
 //! | `invoice_runs.rs` | `POST /api/v1/invoice-runs`, `GET /api/v1/invoice-runs/{id}`, background runs and their sweeper |
 //! | `rerating.rs` | `POST /api/v1/rerating-jobs`, `GET /api/v1/rerating-jobs/{id}`: queued here, run beside the API by `meterflow_sinks::rerating_jobs` |
 //! | `page.rs` | list envelopes, page sizes, cursors |
+//! | `extract.rs` | [`extract::JsonObject`], the JSON-object body extractor whose rejection is problem+json, and the route body limits it names |
 //! | `time.rs` | RFC 3339 instants, and `…T23:59:59.999Z` as the exclusive end that follows |
 //! | `error.rs` | [`ApiError`] → problem+json |
 //! | `metrics.rs` | Prometheus metrics and the request-tracking middleware |
@@ -43,6 +44,7 @@ pub mod customers;
 pub mod dead_letters;
 pub mod error;
 pub mod events;
+pub mod extract;
 pub mod idempotency;
 pub mod ingest;
 pub mod invoice_runs;

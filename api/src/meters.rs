@@ -2,8 +2,6 @@
 //! immutable: posting the same one again is idempotent (200), another one under a used name is 409.
 //! The pipeline picks new meters up within a second and applies them to the events it processes after.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -14,6 +12,7 @@ use meterflow_store::meters::{self as store, MeterCreated};
 use serde::Serialize;
 
 use crate::error::ApiError;
+use crate::extract::JsonObject;
 use crate::openapi::{body, ok, op, page, problem, schema, Access, Route, Verb};
 use crate::page::Page;
 use crate::AppState;
@@ -55,10 +54,8 @@ impl StoredMeter {
 
 pub async fn create(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    JsonObject(meter): JsonObject<Meter>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let meter: Meter = crate::auth::decode_object(&body)?;
     meter.validate().map_err(ApiError::Validation)?;
     let mut conn = state.pool.acquire().await?;
     let status = match store::create_meter(&mut conn, &meter).await? {

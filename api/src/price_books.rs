@@ -14,9 +14,7 @@
 
 mod posted;
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::DefaultBodyLimit;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -32,6 +30,7 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::extract::{limited, JsonObject};
 use crate::openapi::{
     body, ok, op, page, params, path_param, problem, schema, Access, Route, Verb,
 };
@@ -66,10 +65,8 @@ pub struct PriceBookView {
 
 pub async fn create(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    JsonObject(raw): JsonObject<NewPriceBook>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
-    let raw: NewPriceBook = crate::auth::decode_object(&body)?;
     let book = resolve(raw, new_id()).map_err(ApiError::Validation)?;
     let mut conn = state.pool.acquire().await?;
     let stored = price_books::create_price_book(&mut conn, &book)
@@ -156,10 +153,8 @@ pub async fn list(
 pub async fn update(
     State(state): State<AppState>,
     Path(price_book_id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    JsonObject(fields): JsonObject<Map<String, Value>>,
 ) -> Result<Json<PriceBookView>, ApiError> {
-    let body = body.map_err(|e| crate::events::body_error(e, MAX_BODY_BYTES))?;
-    let fields: Map<String, Value> = crate::auth::decode_object(&body)?;
     let patch = Patch::parse(fields)?;
     let mut conn = state.pool.acquire().await?;
     let stored =
@@ -259,7 +254,7 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/price-books",
         access: Access::Admin,
         summary: "Create a price book",
-        handler: |m, _| on(m, create).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        handler: |m, _| limited(on(m, create), MAX_BODY_BYTES),
         spec: || {
             op(
                 vec![],
@@ -324,7 +319,7 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/price-books/{price_book_id}",
         access: Access::Admin,
         summary: "Change a price book's model, minimum or end (audited)",
-        handler: |m, _| on(m, update).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        handler: |m, _| limited(on(m, update), MAX_BODY_BYTES),
         spec: || {
             op(
                 vec![path_param("price_book_id")],

@@ -5,8 +5,6 @@
 //! `next_offset` reaches the `end_offset` it saw after posting (`lag` = 0), and — to read finalized
 //! windows — until `committed_watermark` passes the window's end plus `allowed_lateness_seconds`.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -18,6 +16,7 @@ use rdkafka::producer::Producer;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::extract::JsonObject;
 use crate::openapi::{body, ok, op, problem, schema, Access, Route, Verb};
 use crate::AppState;
 use axum::routing::on;
@@ -121,7 +120,7 @@ async fn end_offsets(state: &AppState) -> Vec<(i32, Option<i64>)> {
 #[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[schema(as = Watermark)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct AdvanceWatermark {
+pub struct AdvanceWatermark {
     advance_to: DateTime<Utc>,
 }
 
@@ -136,10 +135,8 @@ pub async fn advance(
     State(state): State<AppState>,
     caller: crate::auth::Caller,
     request_id: Option<axum::Extension<crate::middleware::RequestId>>,
-    body: Result<Bytes, BytesRejection>,
+    JsonObject(request): JsonObject<AdvanceWatermark>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = body.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let request: AdvanceWatermark = crate::auth::decode_object(&body)?;
     let latest = Utc::now()
         .checked_add_signed(MAX_ADVANCE_AHEAD)
         .unwrap_or(DateTime::<Utc>::MAX_UTC);

@@ -6,8 +6,6 @@
 //! `RERATING_IN_PROGRESS` (`meterflow_store::rerating_jobs::queue`: of two concurrent requests exactly
 //! one wins). Once a job finishes, the same scope can be started again.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -22,17 +20,21 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ApiError;
+use crate::extract::{limited, JsonObject};
 use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, Verb};
 use crate::time::{exclusive_end, parse_rfc3339};
 use crate::AppState;
 use axum::routing::on;
 use serde_json::json;
 
+/// The largest body of a job request.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
 /// The request: `from`/`to` (or the seed's `window_start`/`window_end`), customers (empty: all).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[schema(as = NewReratingJob)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct JobRequest {
+pub struct JobRequest {
     /// Empty or absent: all.
     #[serde(default)]
     customer_ids: Vec<String>,
@@ -97,10 +99,8 @@ pub(crate) struct ReratingJob {
 pub async fn create(
     State(state): State<AppState>,
     caller: crate::auth::Caller,
-    body: Result<Bytes, BytesRejection>,
+    JsonObject(request): JsonObject<JobRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = body.map_err(|e| crate::events::body_error(e, 64 * 1024))?;
-    let request: JobRequest = crate::auth::decode_object(&body)?;
     // A bound key may re-rate its own customer only (an empty list means every customer).
     if let Some(bound) = caller.bound() {
         if request.customer_ids.len() != 1 || request.customer_ids.iter().any(|c| c != bound) {
@@ -218,7 +218,7 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/rerating-jobs",
         access: Access::Admin,
         summary: "Re-rate a scope of customers and time from the raw events",
-        handler: |m, _| on(m, create),
+        handler: |m, _| limited(on(m, create), MAX_BODY_BYTES),
         spec: || {
             op(
                 vec![],

@@ -27,7 +27,7 @@ const MODEL_TYPES: &str = "per_unit, graduated, volume or package";
 /// `meter` (or the seed's `metric_type`), and `model` (or the seed's `unit_price` for per_unit).
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct NewPriceBook {
+pub struct NewPriceBook {
     meter: Option<String>,
     /// The seed's name for `meter`.
     metric_type: Option<String>,
