@@ -9,6 +9,7 @@ use meterflow_store::results;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::openapi::{ok, op, page, params, problem, Access, Route, Verb};
 use crate::page::{Cursor, Page};
@@ -174,6 +175,7 @@ pub(crate) const ROUTES: &[Route] = &[Route {
     verb: Verb::Get,
     path: "/api/v1/aggregations",
     access: Access::Read,
+    scope: Scope::List,
     summary: "Aggregate rows per customer, meter and window",
     handler: |m, _| on(m, list),
     spec: || {

@@ -6,6 +6,7 @@
 //!               role < route's role    ─► 403 FORBIDDEN        (ingest < read < admin)
 //!               bucket of (key, class) empty ─► 429 RATE_LIMITED (Retry-After)
 //!               key bound to a customer, anything not that customer's ─► 404 NOT_FOUND
+//!                 (what that is, the route's row declares: its [`Scope`])
 //!          ─► Principal in the request's extensions ─► idempotency ─► audit ─► handler
 //! ```
 //!
@@ -459,8 +460,33 @@ async fn admit(state: &AppState, mut request: Request) -> Result<Admitted, ApiEr
     }
 }
 
+/// What a key bound to one customer may reach on a route. Every row of the route table declares it
+/// (`openapi::Route::scope`, next to the role), and [`confine`] enforces it before the handler runs: a
+/// route cannot be added without saying what a bound key sees on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// About no one customer's data (meters, progress, the document), or filtered by the handler for the
+    /// key (price books: the defaults and its own customer's).
+    Shared,
+    /// A list: narrowed to the key's customer (`customer_id` in the query: another one is 404, none
+    /// becomes the key's).
+    List,
+    /// The customer list: answered with the key's own customer.
+    OwnCustomer,
+    /// This path parameter is a customer id, and must be the key's.
+    PathCustomer(&'static str),
+    /// This path parameter names a thing a customer owns, and the owner must be the key's customer.
+    Owned(Owned, &'static str),
+    /// The body names the customer: the handler checks the decoded request against the key
+    /// ([`Caller::may_act_for`]), whatever JSON shape the body came in.
+    Body,
+    /// Not one customer's (dead letters, invoice runs, the watermark, meter and price-book writes): 404.
+    Refused,
+}
+
 /// A key bound to `customer` sees only that customer: anything else answers 404, as if it did not exist.
-/// List routes are narrowed to the customer; routes about no one customer are refused.
+/// The route's [`Scope`] says how: lists are narrowed to the customer, a path's customer or owner is
+/// checked, routes about no one customer are refused. A route missing from the table is refused.
 async fn confine(
     state: &AppState,
     customer: &str,
@@ -485,16 +511,14 @@ async fn confine(
     let owner = |what: Owned, id: String| async move {
         Ok::<_, ApiError>(owners::owner(&state.pool, what, &id).await?)
     };
-    let allowed = match (method.as_str(), route) {
-        // Catalogue and progress: about no customer's data.
-        ("GET", "/meters" | "/progress") => true,
-        // Price books: the handlers show a bound key the defaults and its own customer's books only.
-        ("GET", "/price-books" | "/price-books/{price_book_id}") => true,
-        ("GET", "/aggregations" | "/charges" | "/invoices") => {
+    let scope = crate::openapi::scope(method, &format!("/api/v1{route}")).unwrap_or(Scope::Refused);
+    let allowed = match scope {
+        Scope::Shared => true,
+        Scope::List => {
             narrow_query(&mut parts, customer)?;
             true
         }
-        ("GET", "/customers") => {
+        Scope::OwnCustomer => {
             let mine = crate::customers::get_one(
                 State(state.clone()),
                 axum::extract::Path(customer.to_owned()),
@@ -505,28 +529,16 @@ async fn confine(
                 Err(ApiError::NotFound) => vec![],
                 Err(e) => return Err(e),
             };
-            let page = serde_json::json!({"data": data, "next_cursor": null});
+            let page = crate::page::Page {
+                data,
+                next_cursor: None,
+            };
             return Ok(Admitted::Answer(Json(page).into_response()));
         }
-        ("GET" | "PATCH", "/customers/{customer_id}")
-        | ("GET", "/customers/{customer_id}/upcoming-invoice") => param("customer_id") == customer,
-        ("GET", "/invoices/{invoice_id}" | "/invoices/{invoice_id}/document")
-        | ("POST", "/invoices/{invoice_id}/void") => {
-            owner(Owned::Invoice, param("invoice_id")).await? == Some(customer.to_owned())
-        }
-        ("GET", "/rerating-jobs/{job_id}") => {
-            owner(Owned::ReratingJob, param("job_id")).await? == Some(customer.to_owned())
-        }
-        ("POST", "/events/{event_id}/void") => {
-            owner(Owned::Event, param("event_id")).await? == Some(customer.to_owned())
-        }
-        // Routes whose body names the customer: the handler decodes the body once and checks the decoded
-        // request against the key ([`Caller::may_act_for`]), whatever JSON shape the body came in.
-        ("POST", "/events" | "/events/batch" | "/invoices" | "/rerating-jobs" | "/customers") => {
-            true
-        }
-        // Dead letters, invoice runs, the watermark, meters and price books: not one customer's.
-        _ => false,
+        Scope::PathCustomer(name) => param(name) == customer,
+        Scope::Owned(what, name) => owner(what, param(name)).await? == Some(customer.to_owned()),
+        Scope::Body => true,
+        Scope::Refused => false,
     };
     if allowed {
         Ok(Admitted::Pass(Request::from_parts(parts, body)))

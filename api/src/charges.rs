@@ -10,6 +10,7 @@ use meterflow_store::results;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::openapi::{ok, op, page, params, problem, Access, Route, Verb};
 use crate::page::{Cursor, Page};
@@ -99,6 +100,7 @@ pub(crate) const ROUTES: &[Route] = &[Route {
     verb: Verb::Get,
     path: "/api/v1/charges",
     access: Access::Read,
+    scope: Scope::List,
     summary: "Window charges, unrounded",
     handler: |m, _| on(m, list),
     spec: || {

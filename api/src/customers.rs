@@ -26,6 +26,7 @@ use meterflow_store::invoices::{self as sink, Period};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::extract::{limited, JsonObject};
 use crate::invoices::{issue_error, LineView};
@@ -428,6 +429,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/customers",
         access: Access::Admin,
+        scope: Scope::Body,
         summary: "Register a customer",
         handler: |m, _| limited(on(m, create), MAX_BODY_BYTES),
         spec: || {
@@ -452,6 +454,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/customers",
         access: Access::Read,
+        scope: Scope::OwnCustomer,
         summary: "Customers in id order",
         handler: |m, _| on(m, list),
         spec: || {
@@ -469,6 +472,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/customers/{customer_id}",
         access: Access::Read,
+        scope: Scope::PathCustomer("customer_id"),
         summary: "One customer",
         handler: |m, _| on(m, get_one),
         spec: || {
@@ -486,6 +490,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Patch,
         path: "/api/v1/customers/{customer_id}",
         access: Access::Admin,
+        scope: Scope::PathCustomer("customer_id"),
         summary: "Change a customer's name, email, address or currency",
         handler: |m, _| limited(on(m, update), MAX_BODY_BYTES),
         spec: || {
@@ -510,6 +515,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/customers/{customer_id}/upcoming-invoice",
         access: Access::Read,
+        scope: Scope::PathCustomer("customer_id"),
         summary: "What issuing the period now would bill",
         handler: |m, _| on(m, upcoming),
         spec: || {

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use meterflow_store::results;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::openapi::{ok, op, page, params, problem, Access, Route, Verb};
 use crate::page::Page;
@@ -74,6 +75,7 @@ pub(crate) const ROUTES: &[Route] = &[Route {
     verb: Verb::Get,
     path: "/api/v1/dead-letters",
     access: Access::Read,
+    scope: Scope::Refused,
     summary: "Kafka records the pipeline could not accept, with the reason",
     handler: |m, _| on(m, list),
     spec: || {

@@ -29,12 +29,13 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::extract::{body_error, is_object, limited, not_an_object};
 use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, Verb};
 use crate::AppState;
 use axum::routing::on;
+use meterflow_store::owners::Owned;
 use serde_json::json;
 
 /// The largest single-event body by default (SPEC §8; `api.max_event_bytes`).
@@ -376,6 +377,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/events",
         access: Access::Ingest,
+        scope: Scope::Body,
         summary: "Ingest one event (plain JSON or CloudEvents structured JSON)",
         handler: |m, s| limited(on(m, post_event), s.max_event_bytes),
         spec: || {
@@ -402,6 +404,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/events/batch",
         access: Access::Ingest,
+        scope: Scope::Body,
         summary: "Ingest up to 1000 events; each item is decided on its own",
         handler: |m, s| limited(on(m, post_batch), s.max_batch_bytes),
         spec: || {
@@ -433,6 +436,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/events/{event_id}/void",
         access: Access::Ingest,
+        scope: Scope::Owned(Owned::Event, "event_id"),
         summary: "Retract a counted event from every aggregate",
         handler: |m, _| on(m, void_event),
         spec: || {

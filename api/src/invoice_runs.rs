@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use sqlx::{ConnectOptions, PgPool};
 
+use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::extract::{limited, JsonObject};
 use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, Verb};
@@ -241,6 +242,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/invoice-runs",
         access: Access::Admin,
+        scope: Scope::Refused,
         summary: "Invoice every registered customer for an ended month, in the background",
         handler: |m, _| limited(on(m, create), crate::invoices::MAX_BODY_BYTES),
         spec: || {
@@ -261,6 +263,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/invoice-runs/{run_id}",
         access: Access::Read,
+        scope: Scope::Refused,
         summary: "An invoice run's progress",
         handler: |m, _| on(m, get_one),
         spec: || {

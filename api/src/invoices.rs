@@ -27,6 +27,7 @@ use meterflow_store::customers;
 use meterflow_store::invoices::{self as sink, InvoiceFilter, IssueError, Period, StoredInvoice};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::extract::{body_error, decode_object, limited, JsonObject};
 use crate::openapi::{
@@ -36,6 +37,7 @@ use crate::page::{Cursor, Page};
 use crate::time::{exclusive_end, parse_rfc3339};
 use crate::AppState;
 use axum::routing::on;
+use meterflow_store::owners::Owned;
 use serde_json::json;
 
 /// The largest body of a POST.
@@ -423,6 +425,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/invoices",
         access: Access::Admin,
+        scope: Scope::Body,
         summary: "Issue a customer's invoice for an ended calendar month",
         handler: |m, _| limited(on(m, issue), MAX_BODY_BYTES),
         spec: || {
@@ -451,6 +454,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/invoices",
         access: Access::Read,
+        scope: Scope::List,
         summary: "Invoices in number order, with their lines and adjustments",
         handler: |m, _| on(m, list),
         spec: || {
@@ -468,6 +472,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/invoices/{invoice_id}",
         access: Access::Read,
+        scope: Scope::Owned(Owned::Invoice, "invoice_id"),
         summary: "One invoice",
         handler: |m, _| on(m, get_one),
         spec: || {
@@ -485,6 +490,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/invoices/{invoice_id}/void",
         access: Access::Admin,
+        scope: Scope::Owned(Owned::Invoice, "invoice_id"),
         summary: "Void an invoice (the body is optional)",
         handler: |m, _| limited(on(m, void), MAX_BODY_BYTES),
         spec: || {
@@ -508,6 +514,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/invoices/{invoice_id}/document",
         access: Access::Read,
+        scope: Scope::Owned(Owned::Invoice, "invoice_id"),
         summary: "The printable invoice: HTML, or PDF with format=pdf",
         handler: |m, _| on(m, document),
         spec: || {

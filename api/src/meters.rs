@@ -11,6 +11,7 @@ use meterflow_model::{Aggregation, Meter, Window};
 use meterflow_store::meters::{self as store, MeterCreated};
 use serde::Serialize;
 
+use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::extract::JsonObject;
 use crate::openapi::{body, ok, op, page, problem, schema, Access, Route, Verb};
@@ -99,6 +100,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/meters",
         access: Access::Admin,
+        scope: Scope::Refused,
         summary: "Define a meter (immutable; posting the same definition again is idempotent)",
         handler: |m, _| on(m, create),
         spec: || {
@@ -127,6 +129,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/meters",
         access: Access::Read,
+        scope: Scope::Shared,
         summary: "Every meter definition",
         handler: |m, _| on(m, list),
         spec: || {

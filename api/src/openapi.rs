@@ -32,6 +32,7 @@ use utoipa::openapi::path::ParameterIn;
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::{IntoParams, PartialSchema, ToSchema};
 
+use crate::auth::Scope;
 use crate::page::Page;
 use crate::{
     aggregations, charges, customers, dead_letters, events, invoice_runs, invoices, meters,
@@ -98,6 +99,8 @@ pub struct Route {
     /// The full path, `{name}` for a parameter (axum's syntax and OpenAPI's agree).
     pub path: &'static str,
     pub access: Access,
+    /// What a key bound to one customer may reach here.
+    pub scope: Scope,
     pub summary: &'static str,
     /// The handler, routed for the given method (with its body limit, if any).
     pub handler: fn(MethodFilter, &Settings) -> MethodRouter<AppState>,
@@ -115,6 +118,7 @@ const SYSTEM: &[Route] = &[
         verb: Verb::Get,
         path: DOCUMENT_PATH,
         access: Access::Public,
+        scope: Scope::Shared,
         summary: "This document",
         handler: |m, _| on(m, serve_document),
         spec: || {
@@ -129,6 +133,7 @@ const SYSTEM: &[Route] = &[
         verb: Verb::Get,
         path: "/healthz",
         access: Access::Public,
+        scope: Scope::Shared,
         summary: "Liveness: the process answers",
         handler: |m, _| on(m, crate::healthz),
         spec: || {
@@ -143,6 +148,7 @@ const SYSTEM: &[Route] = &[
         verb: Verb::Get,
         path: "/readyz",
         access: Access::Public,
+        scope: Scope::Shared,
         summary: "Readiness: Postgres answers and Kafka has the topic",
         handler: |m, _| on(m, crate::readyz),
         spec: || {
@@ -166,6 +172,7 @@ const SYSTEM: &[Route] = &[
         verb: Verb::Get,
         path: "/metrics",
         access: Access::Public,
+        scope: Scope::Shared,
         summary: "Prometheus metrics (text exposition format)",
         handler: |m, _| on(m, crate::metrics_text),
         spec: || {
@@ -224,6 +231,15 @@ pub fn router(state: &AppState) -> Router<AppState> {
         }
         router.route(route.path, methods)
     })
+}
+
+/// What a bound key may reach on `method` and the matched `path`, if they name a route.
+pub fn scope(method: &axum::http::Method, path: &str) -> Option<Scope> {
+    route(method, path).map(|r| r.scope)
+}
+
+fn route(method: &axum::http::Method, path: &str) -> Option<&'static Route> {
+    routes().find(|r| r.path == path && r.verb.as_str().eq_ignore_ascii_case(method.as_str()))
 }
 
 /// The role a route needs, if `method` and the matched `path` (axum's `MatchedPath`) name one.
@@ -453,6 +469,31 @@ mod tests {
             assert!(targets.contains(&target), "{name} is not referenced");
         }
         assert!(components.len() > 30, "{} components", components.len());
+    }
+
+    #[test]
+    fn a_scope_names_a_parameter_of_its_path_and_lists_take_a_customer_id() {
+        for route in routes() {
+            let what = format!("{} {}", route.verb.as_str(), route.path);
+            match route.scope {
+                Scope::PathCustomer(name) | Scope::Owned(_, name) => {
+                    assert!(
+                        route.path.contains(&format!("{{{name}}}")),
+                        "{what}: no {{{name}}}"
+                    );
+                }
+                Scope::List => {
+                    let takes = (route.spec)()["parameters"]
+                        .as_array()
+                        .is_some_and(|ps| ps.iter().any(|p| p["name"] == "customer_id"));
+                    assert!(
+                        takes,
+                        "{what}: a list narrowed by customer_id must take one"
+                    );
+                }
+                Scope::Shared | Scope::OwnCustomer | Scope::Body | Scope::Refused => {}
+            }
+        }
     }
 
     #[test]

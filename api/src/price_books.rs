@@ -28,7 +28,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::extract::{limited, JsonObject};
 use crate::openapi::{
@@ -253,6 +253,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/price-books",
         access: Access::Admin,
+        scope: Scope::Refused,
         summary: "Create a price book",
         handler: |m, _| limited(on(m, create), MAX_BODY_BYTES),
         spec: || {
@@ -284,6 +285,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/price-books",
         access: Access::Read,
+        scope: Scope::Shared,
         summary: "Price books in (meter, effective_from) order",
         handler: |m, _| on(m, list),
         spec: || {
@@ -301,6 +303,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/price-books/{price_book_id}",
         access: Access::Read,
+        scope: Scope::Shared,
         summary: "One price book",
         handler: |m, _| on(m, get_one),
         spec: || {
@@ -318,6 +321,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Patch,
         path: "/api/v1/price-books/{price_book_id}",
         access: Access::Admin,
+        scope: Scope::Refused,
         summary: "Change a price book's model, minimum or end (audited)",
         handler: |m, _| limited(on(m, update), MAX_BODY_BYTES),
         spec: || {

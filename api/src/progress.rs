@@ -15,6 +15,7 @@ use meterflow_store::watermark_floors;
 use rdkafka::producer::Producer;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::extract::JsonObject;
 use crate::openapi::{body, ok, op, problem, schema, Access, Route, Verb};
@@ -169,6 +170,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/progress",
         access: Access::Read,
+        scope: Scope::Shared,
         summary: "How far the pipeline has committed, per partition",
         handler: |m, _| on(m, progress),
         spec: || {
@@ -183,6 +185,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/watermark",
         access: Access::Admin,
+        scope: Scope::Refused,
         summary: "Raise the watermark floor (closes windows when no later event will come)",
         handler: |m, _| on(m, advance),
         spec: || {

@@ -19,12 +19,14 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::extract::{limited, JsonObject};
 use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, Verb};
 use crate::time::{exclusive_end, parse_rfc3339};
 use crate::AppState;
 use axum::routing::on;
+use meterflow_store::owners::Owned;
 use serde_json::json;
 
 /// The largest body of a job request.
@@ -217,6 +219,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Post,
         path: "/api/v1/rerating-jobs",
         access: Access::Admin,
+        scope: Scope::Body,
         summary: "Re-rate a scope of customers and time from the raw events",
         handler: |m, _| limited(on(m, create), MAX_BODY_BYTES),
         spec: || {
@@ -244,6 +247,7 @@ pub(crate) const ROUTES: &[Route] = &[
         verb: Verb::Get,
         path: "/api/v1/rerating-jobs/{job_id}",
         access: Access::Read,
+        scope: Scope::Owned(Owned::ReratingJob, "job_id"),
         summary: "A re-rating job's state and effect",
         handler: |m, _| on(m, get),
         spec: || {
