@@ -1,0 +1,219 @@
+//! What an invoice bills, computed in the issuing transaction: the period's usage loaded per (meter,
+//! book) with the books' minimums and prices, the lines rounded once and topped up to the minimums, and
+//! the corrections of earlier invoices (adjustments) from what was billed before ([`Ledger`]).
+
+use super::*;
+
+/// What the customers' issued invoices bill per line, and which invoice each adjustment corrected last.
+#[derive(Default)]
+pub(super) struct Ledger {
+    pub(super) billed: HashMap<String, BTreeMap<LineKey, Decimal>>,
+    /// The original invoice of the latest adjustment of each line.
+    pub(super) corrected: HashMap<(String, LineKey), String>,
+}
+
+impl Ledger {
+    pub(super) async fn load(
+        tx: &mut PgConnection,
+        customer_ids: &[String],
+    ) -> Result<Ledger, sqlx::Error> {
+        let mut ledger = Ledger::default();
+        if customer_ids.is_empty() {
+            return Ok(ledger);
+        }
+        let key = |row: &PgRow| -> Result<(String, LineKey, Decimal), sqlx::Error> {
+            let start: DateTime<Utc> = row.try_get(1)?;
+            Ok((
+                row.try_get(0)?,
+                LineKey {
+                    period_start: start.timestamp(),
+                    meter: row.try_get(2)?,
+                    price_book_id: row.try_get(3)?,
+                },
+                row.try_get(4)?,
+            ))
+        };
+        let lines = sqlx::query(
+            "SELECT i.customer_id, i.billing_period_start, l.meter, l.price_book_id, l.amount
+             FROM invoices i,
+                  jsonb_to_recordset(i.line_items) AS l(meter text, price_book_id text, amount numeric)
+             WHERE i.customer_id = ANY($1) AND i.status = 'issued'",
+        )
+        .bind(customer_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &lines {
+            let (customer, key, amount) = key(row)?;
+            ledger.add(customer, key, amount).map_err(overflow)?;
+        }
+        let adjustments = sqlx::query(
+            "SELECT i.customer_id, a.period_start, a.meter, a.price_book_id, a.amount,
+                    a.original_invoice_id
+             FROM invoices i JOIN invoice_adjustments a ON a.invoice_id = i.invoice_id
+             WHERE i.customer_id = ANY($1) AND i.status = 'issued'
+             ORDER BY i.number, a.position",
+        )
+        .bind(customer_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &adjustments {
+            let (customer, key, amount) = key(row)?;
+            ledger
+                .corrected
+                .insert((customer.clone(), key.clone()), row.try_get(5)?);
+            ledger.add(customer, key, amount).map_err(overflow)?;
+        }
+        Ok(ledger)
+    }
+
+    pub(super) fn add(
+        &mut self,
+        customer: String,
+        key: LineKey,
+        amount: Decimal,
+    ) -> Result<(), MoneyError> {
+        let sum = self
+            .billed
+            .entry(customer)
+            .or_default()
+            .entry(key)
+            .or_default();
+        *sum = money::add(*sum, amount)?;
+        Ok(())
+    }
+}
+
+pub(super) fn overflow(e: MoneyError) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(e))
+}
+
+/// The current usage of some (customer, period)s with their books' minimums and prices.
+pub(super) async fn load_usage(
+    tx: &mut PgConnection,
+    pairs: &[(String, DateTime<Utc>)],
+) -> Result<UsageByPeriod, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT u.customer_id, u.period_start, u.meter, u.price_book_id, u.currency, u.quantity,
+                u.amount, b.minimum_per_period, b.model
+         FROM upcoming_lines u LEFT JOIN price_books b ON b.price_book_id = u.price_book_id
+         WHERE (u.customer_id, u.period_start) IN (SELECT * FROM UNNEST($1::text[], $2::timestamptz[]))",
+    )
+    .bind(pairs.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>())
+    .bind(pairs.iter().map(|(_, p)| *p).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out = UsageByPeriod::new();
+    for row in &rows {
+        let start: DateTime<Utc> = row.try_get(1)?;
+        out.entry((row.try_get(0)?, start.timestamp()))
+            .or_default()
+            .push(period_usage(row, 2)?);
+    }
+    Ok(out)
+}
+
+/// A `PeriodUsage` from `meter, price_book_id, currency, quantity, amount, minimum_per_period, model`
+/// starting at column `at`.
+pub(super) fn period_usage(row: &PgRow, at: usize) -> Result<PeriodUsage, sqlx::Error> {
+    let price_book_id: String = row.try_get(at + 1)?;
+    let model: Option<Json<serde_json::Value>> = row.try_get(at + 6)?;
+    let summary = model
+        .and_then(|Json(v)| serde_json::from_value::<PriceModel>(v).ok())
+        .map_or_else(
+            || format!("price book {price_book_id}"),
+            |m| price_summary(&m),
+        );
+    Ok(PeriodUsage {
+        meter: row.try_get(at)?,
+        price_book_id,
+        currency: row.try_get(at + 2)?,
+        quantity: row.try_get(at + 3)?,
+        amount: row.try_get(at + 4)?,
+        minimum: row.try_get(at + 5)?,
+        unit_price_summary: summary,
+    })
+}
+
+/// A customer's invoice for period `p` before it has a number.
+pub(super) struct Computed {
+    pub(super) line_items: Vec<InvoiceLine>,
+    pub(super) adjustments: Vec<Adjustment>,
+    pub(super) subtotal: Decimal,
+    pub(super) total: Decimal,
+}
+
+pub(super) fn compute(
+    customer: &Customer,
+    p: i64,
+    issued: &HashMap<(String, i64), IssuedPeriod>,
+    ledger: &Ledger,
+    usage: &UsageByPeriod,
+) -> Result<Computed, InvoiceError> {
+    let id = &customer.customer_id;
+    let currency = customer.currency.as_str();
+    let none = Vec::new();
+    let usage_of = |start: i64| usage.get(&(id.clone(), start)).unwrap_or(&none);
+    let draft = draft(usage_of(p), currency, p)?;
+    let this_period = targets(usage_of(p), currency, p)?;
+
+    // What every line of the issued periods, and of this one, should bill now …
+    let mut target = this_period.clone();
+    let mut covered: Vec<(i64, &IssuedPeriod)> = issued
+        .iter()
+        .filter(|((c, _), _)| c == id)
+        .map(|((_, start), inv)| (*start, inv))
+        .collect();
+    covered.sort_by_key(|(start, _)| *start);
+    for (start, _) in &covered {
+        target.extend(targets(usage_of(*start), currency, *start)?);
+    }
+    // … and what they bill: the issued invoices' lines and adjustments, plus this invoice's lines.
+    let mut billed = ledger.billed.get(id).cloned().unwrap_or_default();
+    for (key, amount) in this_period {
+        let sum = billed.entry(key).or_default();
+        *sum = money::add(*sum, amount)?;
+    }
+    let mut adjustments = Vec::new();
+    let mut total = draft.subtotal;
+    for c in corrections(&target, &billed)? {
+        let of_issued = covered
+            .iter()
+            .find(|(start, _)| *start == c.key.period_start && *start != p)
+            .map(|(_, inv)| *inv);
+        let earlier = ledger.corrected.get(&(id.clone(), c.key.clone()));
+        let (original, reason) = match of_issued {
+            Some(inv) => (
+                inv.invoice_id.clone(),
+                format!(
+                    "Usage or prices changed after invoice {}: now {} {currency}, billed {} {currency}",
+                    inv.number, c.target, c.billed
+                ),
+            ),
+            None if c.key.period_start == p => (
+                earlier.cloned().unwrap_or_default(),
+                "Reverses the adjustments of this period's voided invoice: this invoice bills the \
+                 period in full"
+                    .to_owned(),
+            ),
+            None => (
+                earlier.cloned().unwrap_or_default(),
+                "The period's invoice was voided: reverses the adjustments made to it".to_owned(),
+            ),
+        };
+        total = money::add(total, c.amount)?;
+        adjustments.push(Adjustment {
+            original_invoice_id: original,
+            period_start: c.key.period_start,
+            meter: c.key.meter,
+            price_book_id: c.key.price_book_id,
+            amount: c.amount,
+            reason,
+        });
+    }
+    Ok(Computed {
+        line_items: draft.line_items,
+        adjustments,
+        subtotal: draft.subtotal,
+        total,
+    })
+}
