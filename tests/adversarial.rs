@@ -31,6 +31,9 @@
 //! The overflow class sends its huge values to a customer of its own, priced so that its rating
 //! overflows; that customer's rows are not compared (the quarantine is the pipeline's design), and
 //! everything else must stay exact.
+//!
+//! Length: one seeded generator of hostile and good records and the invariants checked over its whole
+//! run; each record kind sits beside the invariant it threatens.
 
 mod common;
 

@@ -1,6 +1,9 @@
 //! The HTTP API against the real broker and database: ingestion (201/409/400/413/415/422, concurrent
 //! duplicates), reads (filters, pagination, exact decimals), health and metrics, and events posted over
 //! HTTP reaching the aggregates through Kafka and the pipeline.
+//!
+//! Length: independent tests of one area, each readable on its own; shared helpers are in
+//! `tests/common`.
 
 mod common;
 

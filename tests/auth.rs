@@ -1,5 +1,8 @@
 //! API keys, roles, customer-bound keys, rate limits, Idempotency-Key and the audit log (issue 7), on real
 //! Postgres and Kafka; each test has its own database and topic.
+//!
+//! Length: independent tests of one area (keys, roles, bound keys, rate limits, idempotency, audit),
+//! each readable on its own; shared helpers are in `tests/common`.
 
 mod common;
 

@@ -1,6 +1,9 @@
 //! Hostile input against the pipeline and its sink (issue 13, red-team review of b156429), on the real
 //! broker and database: each test provokes one finding and checks that the pipeline stays up, that
 //! nothing is lost and that the failure is visible where it belongs.
+//!
+//! Length: one test per red-team finding, each readable on its own; shared helpers are in
+//! `tests/common`.
 
 mod common;
 

@@ -3,6 +3,9 @@
 //! period with gapless numbers; minimum top-ups; the upcoming invoice; the adjustment invariant over
 //! three issued periods with late events, voids and price edits, checked against a plain reference
 //! rater; an invoice run killed twice and resumed (CLI) and one through the API; the documents.
+//!
+//! Length: independent end-to-end tests of one area, and the plain invoice reference the adjustment test
+//! checks against; shared helpers are in `tests/common`.
 
 mod common;
 

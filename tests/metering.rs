@@ -1,6 +1,9 @@
 //! Metering semantics end to end (SPEC §2–§4, issue 3), on real Kafka and Postgres with the real binary:
 //! dedup across the API and Kafka, the seed's concurrency tests 1 and 2, late events, voids, meters,
 //! bad input over HTTP and over Kafka, CloudEvents and batches.
+//!
+//! Length: independent end-to-end tests of one area, each readable on its own; shared helpers are in
+//! `tests/common`.
 
 mod common;
 

@@ -3,6 +3,9 @@
 //! exclusion constraint under 50 concurrent creations (the seed's test 5), customer scopes, half-open
 //! ranges and edits; the append-only audit; and `GET /api/v1/charges` over rows written as the pipeline
 //! writes them.
+//!
+//! Length: independent tests of one area, each readable on its own; shared helpers are in
+//! `tests/common`.
 
 mod common;
 

@@ -5,6 +5,9 @@
 //! with must equal what a brute-force rater computes from the final usage and the final books; and a
 //! pipeline restarted half-way from its committed rows and charges (with the books changed while it
 //! was down) must end up in the same place.
+//!
+//! Length: one harness: the random history generator, the reference rater and the comparison only make
+//! sense together.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicBool;

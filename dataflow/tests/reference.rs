@@ -4,6 +4,9 @@
 //! rows, offsets, dead letters and late events a straightforward loop computes — and at every commit,
 //! exactly what the committed offsets cover. A second test shows that shuffling the input (within what
 //! dedup allows) leaves the final windows unchanged.
+//!
+//! Length: one harness: the stream generator, the straightforward loop it is checked against and the
+//! checks at every commit belong together.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;

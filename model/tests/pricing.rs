@@ -3,6 +3,9 @@
 //! division, rounding against integer rounding of the mantissa, and `rate_period` against recomputing the
 //! period-to-date quantity from scratch for every window. Every test has its own fixed seed, so a failure
 //! reproduces; the failing input is in the assertion message.
+//!
+//! Length: fifteen property tests, each beside the plain reference it checks against; split, a test and
+//! its reference would live apart.
 
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};

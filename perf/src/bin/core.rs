@@ -26,6 +26,9 @@
 //! weigh on the next. Prints one JSON line per run (workers, events, seconds, events/s, events/s per
 //! worker, output updates by kind, peak RSS) and a summary: medians over `--runs` and the 1→2 ratio.
 //! Each run checks that the row changes add up to every event exactly once (count and exact sum).
+//!
+//! Length: one benchmark: the feeding, the timed run, the check of its output and the report share their
+//! state.
 
 use std::collections::BTreeMap;
 use std::process::Command;

@@ -34,6 +34,9 @@
 //! target/release/db_scenario --scale 0.01          # a quick run
 //! target/release/db_scenario --database mf_perf_db_keep --keep   # seed once, rerun without seeding
 //! ```
+//!
+//! Length: the seed's database scenario is one command: seeding, the workload, the checks and the report
+//! run in order and share their state.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;

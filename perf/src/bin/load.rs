@@ -7,6 +7,9 @@
 //!     target/release/load sustained --short      # 20 s ramp, 2 min at 1,000 req/s, 20 s down
 //!     target/release/load spike                  # 100 → 2,000 → 100 users, a minute each
 //!     target/release/load endurance --duration 30m
+//!
+//! Length: the seed's four load scenarios share one run: start the services, drive goose, check that
+//! nothing was lost, report.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
