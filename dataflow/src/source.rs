@@ -228,7 +228,8 @@ fn read(
 }
 
 /// Classifies a batch, retrying with capped backoff while the claim store cannot answer (Postgres
-/// down): records are never skipped, the reader just stops moving.
+/// down): records are never skipped, the reader just stops moving. Ten lines on a plain thread, never
+/// giving up: a retry crate would add a dependency to the dataflow for no behaviour it lacks.
 fn classify_until_decided(
     batch: &[RawRecord],
     claims: &mut dyn Claims,

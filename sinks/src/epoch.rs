@@ -172,6 +172,11 @@ async fn connect(url: &str) -> Result<PgConnection, SinkError> {
 
 /// Commits `batch`, retrying transient failures with capped exponential backoff. Before each retry it
 /// resolves whether the previous attempt in fact committed.
+///
+/// A loop rather than a retry crate (`backon`): between two attempts it reconnects and asks the
+/// database whether the last attempt committed after all, and only a transient error retries, forever
+/// (the pipeline must not skip an epoch). A retry combinator would carry the connection through a
+/// context value and hide that middle step; the loop shows it.
 async fn commit_with_retry(
     url: &str,
     conn: &mut PgConnection,
