@@ -247,6 +247,23 @@ fn shapes(route: &str, fields: &[(&'static str, Value)]) -> Vec<(&'static str, S
 }
 
 /// Everything that must not change while the other customer's key tries: a digest of the tables.
+/// `path` without its `customer_id` query parameter, if it has one.
+fn without_customer(path: &str) -> Option<String> {
+    let (route, query) = path.split_once('?')?;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.starts_with("customer_id="))
+        .collect();
+    if kept.len() == query.split('&').count() {
+        return None;
+    }
+    Some(if kept.is_empty() {
+        route.to_owned()
+    } else {
+        format!("{route}?{}", kept.join("&"))
+    })
+}
+
 async fn state_digest(api: &TestApi) -> String {
     sqlx::query_scalar(
         "SELECT md5(string_agg(x, '|' ORDER BY x)) FROM (
@@ -318,6 +335,26 @@ async fn setup(api: &TestApi, admin: &str) -> Victim {
     )
     .await;
     let run = post("/api/v1/invoice-runs", json!({"period": "2024-01"})).await;
+    // No pipeline runs here: the victim's window and charge are written as its sink would, so that
+    // the lists of aggregates and charges have something of the victim's to leak.
+    sqlx::query(
+        "INSERT INTO aggregations (customer_id, meter, window_start, window_end, value, event_count)
+         VALUES ($1, 'api_call', '2024-01-15T10:00:00Z', '2024-01-15T11:00:00Z', 5, 1)",
+    )
+    .bind(VICTIM)
+    .execute(&api.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO charges (customer_id, meter, window_start, window_end, quantity, amount, currency,
+                              price_book_id)
+         VALUES ($1, 'api_call', '2024-01-15T10:00:00Z', '2024-01-15T11:00:00Z', 5, 0.05, 'USD', $2)",
+    )
+    .bind(VICTIM)
+    .bind(book["price_book_id"].as_str().unwrap())
+    .execute(&api.pool)
+    .await
+    .unwrap();
     let victim = Victim {
         event_id,
         invoice_id: invoice["invoice_id"].as_str().unwrap().to_owned(),
@@ -410,8 +447,15 @@ async fn every_route_isolates_keys_roles_customers_and_body_shapes() {
                     .collect(),
                 None => vec![("no body", None)],
             };
-            for (shape, body) in shapes {
-                let (status, text) = send(&api, m.clone(), &f.path, Some(k), body.clone()).await;
+            // A list is asked for the victim by name, and without a customer at all (then it must
+            // show the key's own customer only).
+            let mut paths = vec![f.path.clone()];
+            paths.extend(without_customer(&f.path));
+            let asks = paths
+                .iter()
+                .flat_map(|path| shapes.iter().map(move |(shape, body)| (path, shape, body)));
+            for (path, shape, body) in asks {
+                let (status, text) = send(&api, m.clone(), path, Some(k), body.clone()).await;
                 let leaks = text.contains(VICTIM)
                     || [
                         &victim.invoice_id,
@@ -429,7 +473,7 @@ async fn every_route_isolates_keys_roles_customers_and_body_shapes() {
                 let ok = (status.is_client_error() || status.is_success()) && !leaks && !wrote;
                 if !ok {
                     failures.push(format!(
-                        "{what} bound to {ME} ({role:?}), {shape} body: {status} {}",
+                        "{what} ({path}) bound to {ME} ({role:?}), {shape} body: {status} {}",
                         text.chars().take(300).collect::<String>()
                     ));
                 }

@@ -75,9 +75,12 @@ pub struct Aggregation {
 
 pub async fn list(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     query: Result<Query<AggregationQuery>, QueryRejection>,
 ) -> Result<Json<Page<Aggregation>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    // A bound key's list is its own customer's: another one asked for is 404.
+    let customer = caller.narrow(q.customer_id.clone())?;
     let with_ids = match q.include.as_deref() {
         None => false,
         Some("event_ids") => true,
@@ -102,7 +105,7 @@ pub async fn list(
     }
     let after = q.cursor.as_deref().map(Cursor::decode).transpose()?;
     let page = results::WindowPage {
-        customer_id: q.customer_id.as_deref(),
+        customer_id: customer.as_deref(),
         meter: q.meter.as_deref(),
         from: q.from,
         to: q.to,

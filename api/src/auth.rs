@@ -14,6 +14,12 @@
 //! compared in constant time. Verified keys are cached for [`Settings::key_cache_ttl`](crate::Settings)
 //! (2 s by default): a revocation is seen within that. With auth off (`MF_AUTH=off`) every request is an
 //! unbound admin acting as `auth-off`, and nothing is rate limited.
+//!
+//! The token buckets are written here, not taken from `governor`, for one reason: a batch of N events
+//! is admitted as soon as the key has one token and then overdraws its bucket by N − 1, so a key that
+//! sends 1,000-event batches waits its debt off afterwards ([`Gate::spend_batch`]). governor's GCRA can
+//! only refuse a request for N cells it does not have now (`check_n`), which would refuse every batch
+//! larger than the burst outright. The buckets are 20 lines (`refill`, `take_from`).
 
 mod scope;
 
@@ -22,7 +28,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
-use axum::http::{header, Method};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -33,7 +39,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
-use crate::openapi::Access;
+use crate::openapi::{Access, Route};
 use crate::{ApiError, AppState};
 use scope::confine;
 pub use scope::{Caller, Scope};
@@ -360,47 +366,36 @@ pub fn route(request: &Request) -> String {
     path.strip_prefix("/api/v1").unwrap_or(path).to_owned()
 }
 
-/// Ingest routes: sending and voiding events.
-fn is_ingest(method: &Method, route: &str) -> bool {
-    method == Method::POST
-        && matches!(
-            route,
-            "/events" | "/events/batch" | "/events/{event_id}/void"
-        )
-}
-
-/// The weakest role a route allows: as the route table says (`openapi::ROUTES`), else ingest for events,
-/// read for every GET, admin for the rest.
-pub fn required_role(method: &Method, route: &str) -> Role {
-    match crate::openapi::access(method, &format!("/api/v1{route}")) {
-        Some(Access::Ingest) => return Role::Ingest,
-        Some(Access::Read) => return Role::Read,
-        Some(Access::Admin) => return Role::Admin,
-        Some(Access::Public) | None => {}
-    }
-    if is_ingest(method, route) {
-        Role::Ingest
-    } else if method == Method::GET || method == Method::HEAD {
-        Role::Read
-    } else {
-        Role::Admin
+/// The weakest role a route allows, as its row says.
+pub fn required_role(access: Access) -> Role {
+    match access {
+        Access::Ingest => Role::Ingest,
+        Access::Read => Role::Read,
+        // A public route never asks (the gate passes it); were it asked, the strictest answer.
+        Access::Admin | Access::Public => Role::Admin,
     }
 }
 
-/// The middleware on every `/api/v1` route: authenticates, checks the role, the rate limit and a bound
-/// key's customer, and leaves the [`Principal`] in the request's extensions.
-pub async fn gate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let path = matched(&request);
-    if !path.starts_with("/api/v1/")
-        || crate::openapi::access(request.method(), path) == Some(Access::Public)
-    {
+/// The gate of one route: the app's state and the row it guards.
+#[derive(Clone)]
+pub struct Guard {
+    pub state: AppState,
+    pub route: &'static Route,
+}
+
+/// The middleware on every route, with its row ([`Guard`]): authenticates, checks the row's role, the
+/// rate limit and a bound key's customer (the row's [`Scope`]), and leaves the [`Principal`] in the
+/// request's extensions. A public row passes.
+pub async fn gate(State(guard): State<Guard>, mut request: Request, next: Next) -> Response {
+    let Guard { state, route } = guard;
+    if route.access == Access::Public {
         return next.run(request).await;
     }
     if !state.settings.auth {
         request.extensions_mut().insert(Principal::auth_off());
         return next.run(request).await;
     }
-    match admit(&state, request).await {
+    match admit(&state, route, request).await {
         Ok(Admitted::Pass(request)) => next.run(request).await,
         Ok(Admitted::Answer(response)) => response,
         Err(e) => e.into_response(),
@@ -412,7 +407,11 @@ enum Admitted {
     Answer(Response),
 }
 
-async fn admit(state: &AppState, mut request: Request) -> Result<Admitted, ApiError> {
+async fn admit(
+    state: &AppState,
+    route: &Route,
+    mut request: Request,
+) -> Result<Admitted, ApiError> {
     let key = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -437,16 +436,15 @@ async fn admit(state: &AppState, mut request: Request) -> Result<Admitted, ApiEr
             state.settings.key_lookup_rate,
         )
         .await?;
-    let method = request.method().clone();
-    let route = route(&request);
-    let needed = required_role(&method, &route);
+    let needed = required_role(route.access);
     if principal.role < needed {
         return Err(ApiError::Forbidden(
             principal.role.as_str(),
             needed.as_str(),
         ));
     }
-    let ingest = is_ingest(&method, &route);
+    // Sending and voiding events have a bucket of their own.
+    let ingest = route.access == Access::Ingest;
     let rate = if ingest {
         state.settings.ingest_rate
     } else {
@@ -460,7 +458,7 @@ async fn admit(state: &AppState, mut request: Request) -> Result<Admitted, ApiEr
     request.extensions_mut().insert(principal.clone());
     match &principal.customer_id {
         None => Ok(Admitted::Pass(request)),
-        Some(customer) => confine(state, customer, &method, &route, request).await,
+        Some(customer) => confine(state, customer, route.scope, request).await,
     }
 }
 
@@ -482,17 +480,17 @@ mod tests {
     #[test]
     fn roles_are_ordered_and_routes_need_the_right_one() {
         assert!(Role::Ingest < Role::Read && Role::Read < Role::Admin);
-        assert_eq!(required_role(&Method::POST, "/events"), Role::Ingest);
-        assert_eq!(
-            required_role(&Method::POST, "/events/{event_id}/void"),
-            Role::Ingest
-        );
-        assert_eq!(required_role(&Method::GET, "/invoices"), Role::Read);
-        assert_eq!(required_role(&Method::POST, "/invoices"), Role::Admin);
-        assert_eq!(
-            required_role(&Method::PATCH, "/customers/{customer_id}"),
-            Role::Admin
-        );
+        let needed = |verb: &str, path: &str| {
+            let row = crate::openapi::routes()
+                .find(|r| r.verb.as_str() == verb && r.path == format!("/api/v1{path}"))
+                .unwrap();
+            required_role(row.access)
+        };
+        assert_eq!(needed("post", "/events"), Role::Ingest);
+        assert_eq!(needed("post", "/events/{event_id}/void"), Role::Ingest);
+        assert_eq!(needed("get", "/invoices"), Role::Read);
+        assert_eq!(needed("post", "/invoices"), Role::Admin);
+        assert_eq!(needed("patch", "/customers/{customer_id}"), Role::Admin);
     }
 
     #[test]
@@ -522,6 +520,21 @@ mod tests {
         assert!(p(Some("a")).may_act_for("a").is_ok());
         assert!(matches!(
             p(Some("a")).may_act_for("b"),
+            Err(ApiError::NotFound)
+        ));
+        let asked = |c: Option<&str>| c.map(str::to_owned);
+        assert_eq!(
+            p(None).narrow(asked(Some("b"))).ok(),
+            Some(asked(Some("b")))
+        );
+        assert_eq!(p(None).narrow(None).ok(), Some(None));
+        assert_eq!(p(Some("a")).narrow(None).ok(), Some(asked(Some("a"))));
+        assert_eq!(
+            p(Some("a")).narrow(asked(Some("a"))).ok(),
+            Some(asked(Some("a")))
+        );
+        assert!(matches!(
+            p(Some("a")).narrow(asked(Some("b"))),
             Err(ApiError::NotFound)
         ));
     }

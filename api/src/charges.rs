@@ -60,13 +60,16 @@ pub struct Charge {
 
 pub async fn list(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     query: Result<Query<ChargeQuery>, QueryRejection>,
 ) -> Result<Json<Page<Charge>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    // A bound key's list is its own customer's: another one asked for is 404.
+    let customer = caller.narrow(q.customer_id.clone())?;
     let limit = crate::page::limit(q.limit)?;
     let after = q.cursor.as_deref().map(Cursor::decode).transpose()?;
     let page = results::WindowPage {
-        customer_id: q.customer_id.as_deref(),
+        customer_id: customer.as_deref(),
         meter: q.meter.as_deref(),
         from: q.from,
         to: q.to.map(exclusive_end),

@@ -282,9 +282,12 @@ pub struct InvoiceQuery {
 /// Invoices in number (issue) order, a page at a time, with their lines and adjustments.
 pub async fn list(
     State(state): State<AppState>,
+    caller: crate::auth::Caller,
     query: Result<Query<InvoiceQuery>, QueryRejection>,
 ) -> Result<Json<Page<InvoiceView>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    // A bound key's list is its own customer's: another one asked for is 404.
+    let customer = caller.narrow(q.customer_id.clone())?;
     let limit = crate::page::limit(q.limit)?;
     let after_number = match q.cursor.as_deref().map(Cursor::decode).transpose()? {
         Some(c) => Some(
@@ -294,7 +297,7 @@ pub async fn list(
         None => None,
     };
     let filter = InvoiceFilter {
-        customer_id: q.customer_id.as_deref(),
+        customer_id: customer.as_deref(),
         from: q.from,
         to: q.to.map(exclusive_end),
         status: q.status,

@@ -320,14 +320,10 @@ async fn follow_watermark(pool: PgPool, topic: String, watermark: Arc<AtomicI64>
 
 /// The whole API.
 pub fn app(state: AppState) -> Router {
-    // Every route comes from the table in openapi.rs, which the OpenAPI document is built from too.
-    // The gate (key, role, rate limit, bound customer) runs before replaying a stored Idempotency-Key
-    // response, which runs before auditing the change (those two only on the routes they concern).
+    // Every route comes from the modules' tables (openapi::routes), which the OpenAPI document is
+    // built from too. Each route's gate (key, role, rate limit, bound customer) runs before replaying a
+    // stored Idempotency-Key response, which runs before auditing the change (openapi::router).
     openapi::router(&state)
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::gate,
-        ))
         .fallback(|| async { ApiError::NotFound })
         // NUL in the path or query refused, axum's text/plain rejections made problem+json.
         .layer(axum::middleware::from_fn(middleware::problem_rejections))

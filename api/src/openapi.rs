@@ -209,9 +209,11 @@ pub fn routes() -> impl Iterator<Item = &'static Route> {
     .flatten()
 }
 
-/// A router with every row of [`routes`]. The routes that replay an `Idempotency-Key` or are audited
-/// get those middlewares (innermost first: auditing, inside replaying a stored response); the others,
-/// `POST /api/v1/events` among them, do not pay for two layers that would only pass them on.
+/// A router with every row of [`routes`], each behind its own gate (`auth::gate`: the row's role and
+/// customer scope, no lookup at request time). The routes that replay an `Idempotency-Key` or are
+/// audited get those middlewares (innermost first: auditing, inside replaying a stored response,
+/// inside the gate); the others, `POST /api/v1/events` among them, do not pay for two layers that
+/// would only pass them on.
 pub fn router(state: &AppState) -> Router<AppState> {
     routes().fold(Router::new(), |router, route| {
         let mut methods = (route.handler)(route.verb.filter(), &state.settings);
@@ -229,24 +231,16 @@ pub fn router(state: &AppState) -> Router<AppState> {
                 crate::idempotency::replay,
             ));
         }
+        // Outermost: the row's own gate, with its role and its customer scope.
+        methods = methods.route_layer(axum::middleware::from_fn_with_state(
+            crate::auth::Guard {
+                state: state.clone(),
+                route,
+            },
+            crate::auth::gate,
+        ));
         router.route(route.path, methods)
     })
-}
-
-/// What a bound key may reach on `method` and the matched `path`, if they name a route.
-pub fn scope(method: &axum::http::Method, path: &str) -> Option<Scope> {
-    route(method, path).map(|r| r.scope)
-}
-
-fn route(method: &axum::http::Method, path: &str) -> Option<&'static Route> {
-    routes().find(|r| r.path == path && r.verb.as_str().eq_ignore_ascii_case(method.as_str()))
-}
-
-/// The role a route needs, if `method` and the matched `path` (axum's `MatchedPath`) name one.
-pub fn access(method: &axum::http::Method, path: &str) -> Option<Access> {
-    routes()
-        .find(|r| r.path == path && r.verb.as_str().eq_ignore_ascii_case(method.as_str()))
-        .map(|r| r.access)
 }
 
 async fn serve_document() -> Json<Value> {
@@ -290,8 +284,10 @@ pub fn document() -> Value {
         } else {
             operation["security"] = json!([{"bearer": []}]);
             operation["description"] = json!(format!(
-                "Needs a key of role `{}` or higher (`MF_AUTH=off` disables auth).",
-                route.access.as_str()
+                "Needs a key of role `{}` or higher (`MF_AUTH=off` disables auth). A key bound to a \
+                 customer: {}.",
+                route.access.as_str(),
+                route.scope.describe()
             ));
             shared.extend([
                 ("401", "UNAUTHORIZED: no key, or not a valid one"),

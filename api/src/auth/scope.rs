@@ -1,6 +1,6 @@
 //! What a key bound to one customer may reach: each route's [`Scope`], enforced by [`confine`] before
-//! the handler runs (a list narrowed to the customer, a path's customer or owner checked, the rest 404),
-//! and [`Caller`], with which a handler checks a customer its request names.
+//! the handler runs (a path's customer or owner checked, the rest 404), and [`Caller`], with which a
+//! handler checks the customer its request names or narrows a list to the key's customer.
 
 use super::*;
 
@@ -12,8 +12,8 @@ pub enum Scope {
     /// About no one customer's data (meters, progress, the document), or filtered by the handler for the
     /// key (price books: the defaults and its own customer's).
     Shared,
-    /// A list: narrowed to the key's customer (`customer_id` in the query: another one is 404, none
-    /// becomes the key's).
+    /// A list taking a `customer_id` filter: the handler narrows it to the key's customer
+    /// ([`Caller::narrow`]: another one is 404, none becomes the key's).
     List,
     /// The customer list: answered with the key's own customer.
     OwnCustomer,
@@ -28,14 +28,33 @@ pub enum Scope {
     Refused,
 }
 
+impl Scope {
+    /// What a bound key sees on the route, for the OpenAPI document.
+    pub fn describe(self) -> String {
+        match self {
+            Scope::Shared => "the same as any key (nothing here is one customer's, or the handler \
+                              shows only the defaults and the key's own)"
+                .into(),
+            Scope::List => "only its own customer's rows; another `customer_id` is 404".into(),
+            Scope::OwnCustomer => "only its own customer".into(),
+            Scope::PathCustomer(param) => format!("only its own customer as `{param}`, else 404"),
+            Scope::Owned(_, param) => {
+                format!("only what its own customer owns as `{param}`, else 404")
+            }
+            Scope::Body => "only its own customer in the body, else 404".into(),
+            Scope::Refused => "404: the route is not one customer's".into(),
+        }
+    }
+}
+
 /// A key bound to `customer` sees only that customer: anything else answers 404, as if it did not exist.
-/// The route's [`Scope`] says how: lists are narrowed to the customer, a path's customer or owner is
-/// checked, routes about no one customer are refused. A route missing from the table is refused.
+/// The route's [`Scope`] says how: a path's customer or owner is checked, the customer list answered
+/// with the key's own, routes about no one customer refused; lists and bodies are the handler's
+/// ([`Caller`]).
 pub(super) async fn confine(
     state: &AppState,
     customer: &str,
-    method: &Method,
-    route: &str,
+    scope: Scope,
     request: Request,
 ) -> Result<Admitted, ApiError> {
     let (mut parts, body) = request.into_parts();
@@ -55,13 +74,9 @@ pub(super) async fn confine(
     let owner = |what: Owned, id: String| async move {
         Ok::<_, ApiError>(owners::owner(&state.pool, what, &id).await?)
     };
-    let scope = crate::openapi::scope(method, &format!("/api/v1{route}")).unwrap_or(Scope::Refused);
     let allowed = match scope {
         Scope::Shared => true,
-        Scope::List => {
-            narrow_query(&mut parts, customer)?;
-            true
-        }
+        Scope::List => true,
         Scope::OwnCustomer => {
             let mine = crate::customers::get_one(
                 State(state.clone()),
@@ -91,37 +106,6 @@ pub(super) async fn confine(
     }
 }
 
-/// Narrows a list's query to `customer`: another `customer_id` is 404, none becomes this one. Customer
-/// ids of bound keys are URL-safe (`[A-Za-z0-9._:-]`), checked when the key is created.
-pub(super) fn narrow_query(
-    parts: &mut axum::http::request::Parts,
-    customer: &str,
-) -> Result<(), ApiError> {
-    let asked: Vec<(String, String)> = axum::extract::Query::try_from_uri(&parts.uri)
-        .map(|axum::extract::Query(q)| q)
-        .unwrap_or_default();
-    let mut named = asked.iter().filter(|(k, _)| k == "customer_id");
-    if named.any(|(_, v)| v != customer) {
-        return Err(ApiError::NotFound);
-    }
-    if asked.iter().any(|(k, _)| k == "customer_id") {
-        return Ok(());
-    }
-    let path = parts.uri.path();
-    let query = match parts.uri.query() {
-        Some(q) if !q.is_empty() => format!("{q}&customer_id={customer}"),
-        _ => format!("customer_id={customer}"),
-    };
-    let mut uri = axum::http::uri::Parts::from(parts.uri.clone());
-    uri.path_and_query = Some(
-        format!("{path}?{query}")
-            .parse()
-            .map_err(|_| ApiError::NotFound)?,
-    );
-    parts.uri = axum::http::Uri::from_parts(uri).map_err(|_| ApiError::NotFound)?;
-    Ok(())
-}
-
 /// The caller as the gate admitted it, for handlers: a customer-bound key may act only for its customer.
 /// Handlers whose body names a customer decode it first and then call [`Caller::may_act_for`] with the
 /// decoded customer, so the check sees exactly what will be stored, whatever JSON shape the body had.
@@ -149,6 +133,16 @@ impl Caller {
     /// The customer a bound key is bound to.
     pub fn bound(&self) -> Option<&str> {
         self.0.customer_id.as_deref()
+    }
+
+    /// The customer a list may show: a bound key's own (another one asked for is 404, none asked for
+    /// becomes it), else the one asked for, if any.
+    pub fn narrow(&self, asked: Option<String>) -> Result<Option<String>, ApiError> {
+        match (self.bound(), asked) {
+            (Some(bound), Some(asked)) if asked != bound => Err(ApiError::NotFound),
+            (Some(bound), _) => Ok(Some(bound.to_owned())),
+            (None, asked) => Ok(asked),
+        }
     }
 
     /// Ok if this caller may act for `customer_id`; a key bound to another customer gets 404, as if the
