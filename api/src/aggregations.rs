@@ -179,6 +179,8 @@ pub(crate) const ROUTES: &[Route] = &[Route {
     path: "/api/v1/aggregations",
     access: Access::Read,
     scope: Scope::List,
+    audit: None,
+    idempotent: false,
     summary: "Aggregate rows per customer, meter and window",
     handler: |m, _| on(m, list),
     spec: || {

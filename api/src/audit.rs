@@ -13,7 +13,7 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use meterflow_store::audit::{insert, snapshot, Entity};
@@ -22,106 +22,40 @@ use crate::auth::Principal;
 use crate::middleware::RequestId;
 use crate::{ApiError, AppState};
 
-/// An audited route: its action, entity, table and id column, and where the id is.
-struct Audited {
-    action: &'static str,
-    entity: &'static str,
+/// What an audited route records: its action, its entity, whose row it snapshots, and where the id is.
+/// A route row declares it (`openapi::Route::audit`).
+#[derive(Clone, Copy, Debug)]
+pub struct Audit {
+    pub action: &'static str,
+    pub entity: &'static str,
     /// Whose row (`to_jsonb`) the audit row shows before and after.
-    snapshot: Entity,
-    id: IdFrom,
+    pub snapshot: Entity,
+    pub id: IdFrom,
 }
 
-enum IdFrom {
+/// Where an audited change's entity id is.
+#[derive(Clone, Copy, Debug)]
+pub enum IdFrom {
     /// A path parameter: the entity exists before, so `before` is recorded.
     Path(&'static str),
     /// A field of the created entity's response body.
     Body(&'static str),
 }
 
-/// Whether `method` on `route` (without `/api/v1`) is audited: the router layers only those routes.
-pub(crate) fn is_audited(method: &Method, route: &str) -> bool {
-    audited(method, route).is_some()
+/// The state of an audited route's middleware: the app's and the row's [`Audit`].
+#[derive(Clone)]
+pub struct Audited {
+    pub state: AppState,
+    pub audit: Audit,
 }
 
-fn audited(method: &Method, route: &str) -> Option<Audited> {
-    let a = |action, entity, snapshot, id| {
-        Some(Audited {
-            action,
-            entity,
-            snapshot,
-            id,
-        })
-    };
-    match (method.as_str(), route) {
-        ("POST", "/meters") => a(
-            "meter.create",
-            "meter",
-            Entity::Meter,
-            IdFrom::Body("meter"),
-        ),
-        ("POST", "/price-books") => a(
-            "price_book.create",
-            "price_book",
-            Entity::PriceBook,
-            IdFrom::Body("price_book_id"),
-        ),
-        ("PATCH", "/price-books/{price_book_id}") => a(
-            "price_book.update",
-            "price_book",
-            Entity::PriceBook,
-            IdFrom::Path("price_book_id"),
-        ),
-        ("POST", "/customers") => a(
-            "customer.create",
-            "customer",
-            Entity::Customer,
-            IdFrom::Body("customer_id"),
-        ),
-        ("PATCH", "/customers/{customer_id}") => a(
-            "customer.update",
-            "customer",
-            Entity::Customer,
-            IdFrom::Path("customer_id"),
-        ),
-        ("POST", "/invoices") => a(
-            "invoice.issue",
-            "invoice",
-            Entity::Invoice,
-            IdFrom::Body("invoice_id"),
-        ),
-        ("POST", "/invoices/{invoice_id}/void") => a(
-            "invoice.void",
-            "invoice",
-            Entity::Invoice,
-            IdFrom::Path("invoice_id"),
-        ),
-        ("POST", "/rerating-jobs") => a(
-            "rerating_job.create",
-            "rerating_job",
-            Entity::ReratingJob,
-            IdFrom::Body("job_id"),
-        ),
-        ("POST", "/events/{event_id}/void") => a(
-            "event.void",
-            "event",
-            Entity::Event,
-            IdFrom::Path("event_id"),
-        ),
-        _ => None,
-    }
-}
-
-/// The middleware on every `/api/v1` route (inside the gate): records the audited changes.
+/// The middleware of an audited route (inside the gate): records its change.
 pub async fn record_changes(
-    State(state): State<AppState>,
+    State(Audited { state, audit }): State<Audited>,
     request: Request,
     next: Next,
 ) -> Response {
-    let route = crate::auth::route(&request);
-    let Some(audited) = audited(request.method(), &route) else {
-        return next.run(request).await;
-    };
-    match record(&state, audited, request, next).await {
+    match record(&state, audit, request, next).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
@@ -129,7 +63,7 @@ pub async fn record_changes(
 
 async fn record(
     state: &AppState,
-    audited: Audited,
+    audited: Audit,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::extract::{FromRequestParts, RawPathParams, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -350,20 +350,6 @@ impl Gate {
             _ => Ok(()),
         }
     }
-}
-
-/// The matched path of a request (`/api/v1/invoices/{invoice_id}`).
-fn matched(request: &Request) -> &str {
-    request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| request.uri().path(), |p| p.as_str())
-}
-
-/// The route of a request, without the `/api/v1` prefix (`/invoices/{invoice_id}`).
-pub fn route(request: &Request) -> String {
-    let path = matched(request);
-    path.strip_prefix("/api/v1").unwrap_or(path).to_owned()
 }
 
 /// The weakest role a route allows, as its row says.

@@ -104,6 +104,8 @@ pub(crate) const ROUTES: &[Route] = &[Route {
     path: "/api/v1/charges",
     access: Access::Read,
     scope: Scope::List,
+    audit: None,
+    idempotent: false,
     summary: "Window charges, unrounded",
     handler: |m, _| on(m, list),
     spec: || {

@@ -26,6 +26,7 @@ use meterflow_store::invoices::{self as sink, Period};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::audit::{Audit, IdFrom};
 use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::extract::{limited, JsonObject};
@@ -36,6 +37,7 @@ use crate::openapi::{
 use crate::page::{Cursor, Page};
 use crate::AppState;
 use axum::routing::on;
+use meterflow_store::audit::Entity;
 use serde_json::json;
 
 /// The largest body of a POST or PATCH.
@@ -430,6 +432,13 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/customers",
         access: Access::Admin,
         scope: Scope::Body,
+        audit: Some(Audit {
+            action: "customer.create",
+            entity: "customer",
+            snapshot: Entity::Customer,
+            id: IdFrom::Body("customer_id"),
+        }),
+        idempotent: true,
         summary: "Register a customer",
         handler: |m, _| limited(on(m, create), MAX_BODY_BYTES),
         spec: || {
@@ -455,6 +464,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/customers",
         access: Access::Read,
         scope: Scope::OwnCustomer,
+        audit: None,
+        idempotent: false,
         summary: "Customers in id order",
         handler: |m, _| on(m, list),
         spec: || {
@@ -473,6 +484,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/customers/{customer_id}",
         access: Access::Read,
         scope: Scope::PathCustomer("customer_id"),
+        audit: None,
+        idempotent: false,
         summary: "One customer",
         handler: |m, _| on(m, get_one),
         spec: || {
@@ -491,6 +504,13 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/customers/{customer_id}",
         access: Access::Admin,
         scope: Scope::PathCustomer("customer_id"),
+        audit: Some(Audit {
+            action: "customer.update",
+            entity: "customer",
+            snapshot: Entity::Customer,
+            id: IdFrom::Path("customer_id"),
+        }),
+        idempotent: false,
         summary: "Change a customer's name, email, address or currency",
         handler: |m, _| limited(on(m, update), MAX_BODY_BYTES),
         spec: || {
@@ -516,6 +536,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/customers/{customer_id}/upcoming-invoice",
         access: Access::Read,
         scope: Scope::PathCustomer("customer_id"),
+        audit: None,
+        idempotent: false,
         summary: "What issuing the period now would bill",
         handler: |m, _| on(m, upcoming),
         spec: || {

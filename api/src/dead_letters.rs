@@ -76,6 +76,8 @@ pub(crate) const ROUTES: &[Route] = &[Route {
     path: "/api/v1/dead-letters",
     access: Access::Read,
     scope: Scope::Refused,
+    audit: None,
+    idempotent: false,
     summary: "Kafka records the pipeline could not accept, with the reason",
     handler: |m, _| on(m, list),
     spec: || {

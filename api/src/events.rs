@@ -29,12 +29,14 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 
+use crate::audit::{Audit, IdFrom};
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::extract::{body_error, is_object, limited, not_an_object};
 use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, Verb};
 use crate::AppState;
 use axum::routing::on;
+use meterflow_store::audit::Entity;
 use meterflow_store::owners::Owned;
 use serde_json::json;
 
@@ -378,6 +380,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/events",
         access: Access::Ingest,
         scope: Scope::Body,
+        audit: None,
+        idempotent: false,
         summary: "Ingest one event (plain JSON or CloudEvents structured JSON)",
         handler: |m, s| limited(on(m, post_event), s.max_event_bytes),
         spec: || {
@@ -405,6 +409,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/events/batch",
         access: Access::Ingest,
         scope: Scope::Body,
+        audit: None,
+        idempotent: false,
         summary: "Ingest up to 1000 events; each item is decided on its own",
         handler: |m, s| limited(on(m, post_batch), s.max_batch_bytes),
         spec: || {
@@ -437,6 +443,13 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/events/{event_id}/void",
         access: Access::Ingest,
         scope: Scope::Owned(Owned::Event, "event_id"),
+        audit: Some(Audit {
+            action: "event.void",
+            entity: "event",
+            snapshot: Entity::Event,
+            id: IdFrom::Path("event_id"),
+        }),
+        idempotent: false,
         summary: "Retract a counted event from every aggregate",
         handler: |m, _| on(m, void_event),
         spec: || {

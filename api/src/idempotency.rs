@@ -1,5 +1,6 @@
-//! `Idempotency-Key` on the admin POSTs (SPEC §8): the same key with the same request gets the stored
-//! response again; the same key with another request is refused 422 `IDEMPOTENCY_KEY_REUSED`.
+//! `Idempotency-Key` on the admin POSTs (SPEC §8; the route rows with `idempotent: true`): the same key
+//! with the same request gets the stored response again; the same key with another request is refused
+//! 422 `IDEMPOTENCY_KEY_REUSED`.
 //!
 //! ```text
 //!  POST + Idempotency-Key ─► claim (key id, idempotency key) with SHA-256(method, path, body)
@@ -13,7 +14,7 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use meterflow_store::idempotency;
@@ -25,33 +26,27 @@ use crate::{ApiError, AppState};
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 pub static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// The admin POSTs that honour the header.
-pub(crate) fn honoured(method: &Method, route: &str) -> bool {
-    method == Method::POST
-        && matches!(
-            route,
-            "/meters"
-                | "/price-books"
-                | "/customers"
-                | "/invoices"
-                | "/invoice-runs"
-                | "/rerating-jobs"
-        )
-}
-
 /// Longest Idempotency-Key accepted.
 const MAX_KEY_LEN: usize = 255;
 
-/// The middleware on every `/api/v1` route (inside the gate).
-pub async fn replay(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let route = crate::auth::route(&request);
-    if !honoured(request.method(), &route) {
-        return next.run(request).await;
-    }
+/// The state of a route's replay middleware: the app's, and the route (without `/api/v1`) the stored
+/// answers are kept under.
+#[derive(Clone)]
+pub struct Honoured {
+    pub state: AppState,
+    pub route: &'static str,
+}
+
+/// The middleware of a route that honours `Idempotency-Key` (inside the gate; `openapi::Route::idempotent`).
+pub async fn replay(
+    State(Honoured { state, route }): State<Honoured>,
+    request: Request,
+    next: Next,
+) -> Response {
     let Some(key) = request.headers().get(&IDEMPOTENCY_KEY).cloned() else {
         return next.run(request).await;
     };
-    match run(&state, &route, key, request, next).await {
+    match run(&state, route, key, request, next).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }

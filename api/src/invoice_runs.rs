@@ -243,6 +243,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/invoice-runs",
         access: Access::Admin,
         scope: Scope::Refused,
+        audit: None,
+        idempotent: true,
         summary: "Invoice every registered customer for an ended month, in the background",
         handler: |m, _| limited(on(m, create), crate::invoices::MAX_BODY_BYTES),
         spec: || {
@@ -264,6 +266,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/invoice-runs/{run_id}",
         access: Access::Read,
         scope: Scope::Refused,
+        audit: None,
+        idempotent: false,
         summary: "An invoice run's progress",
         handler: |m, _| on(m, get_one),
         spec: || {

@@ -27,6 +27,7 @@ use meterflow_store::customers;
 use meterflow_store::invoices::{self as sink, InvoiceFilter, IssueError, Period, StoredInvoice};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{Audit, IdFrom};
 use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::extract::{body_error, decode_object, limited, JsonObject};
@@ -37,6 +38,7 @@ use crate::page::{Cursor, Page};
 use crate::time::{exclusive_end, parse_rfc3339};
 use crate::AppState;
 use axum::routing::on;
+use meterflow_store::audit::Entity;
 use meterflow_store::owners::Owned;
 use serde_json::json;
 
@@ -429,6 +431,13 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/invoices",
         access: Access::Admin,
         scope: Scope::Body,
+        audit: Some(Audit {
+            action: "invoice.issue",
+            entity: "invoice",
+            snapshot: Entity::Invoice,
+            id: IdFrom::Body("invoice_id"),
+        }),
+        idempotent: true,
         summary: "Issue a customer's invoice for an ended calendar month",
         handler: |m, _| limited(on(m, issue), MAX_BODY_BYTES),
         spec: || {
@@ -458,6 +467,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/invoices",
         access: Access::Read,
         scope: Scope::List,
+        audit: None,
+        idempotent: false,
         summary: "Invoices in number order, with their lines and adjustments",
         handler: |m, _| on(m, list),
         spec: || {
@@ -476,6 +487,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/invoices/{invoice_id}",
         access: Access::Read,
         scope: Scope::Owned(Owned::Invoice, "invoice_id"),
+        audit: None,
+        idempotent: false,
         summary: "One invoice",
         handler: |m, _| on(m, get_one),
         spec: || {
@@ -494,6 +507,13 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/invoices/{invoice_id}/void",
         access: Access::Admin,
         scope: Scope::Owned(Owned::Invoice, "invoice_id"),
+        audit: Some(Audit {
+            action: "invoice.void",
+            entity: "invoice",
+            snapshot: Entity::Invoice,
+            id: IdFrom::Path("invoice_id"),
+        }),
+        idempotent: false,
         summary: "Void an invoice (the body is optional)",
         handler: |m, _| limited(on(m, void), MAX_BODY_BYTES),
         spec: || {
@@ -518,6 +538,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/invoices/{invoice_id}/document",
         access: Access::Read,
         scope: Scope::Owned(Owned::Invoice, "invoice_id"),
+        audit: None,
+        idempotent: false,
         summary: "The printable invoice: HTML, or PDF with format=pdf",
         handler: |m, _| on(m, document),
         spec: || {

@@ -11,6 +11,7 @@ use meterflow_model::{Aggregation, Meter, Window};
 use meterflow_store::meters::{self as store, MeterCreated};
 use serde::Serialize;
 
+use crate::audit::{Audit, IdFrom};
 use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::extract::JsonObject;
@@ -18,6 +19,7 @@ use crate::openapi::{body, ok, op, page, problem, schema, Access, Route, Verb};
 use crate::page::Page;
 use crate::AppState;
 use axum::routing::on;
+use meterflow_store::audit::Entity;
 use serde_json::json;
 
 /// A meter as stored: its definition and when it was created. The fields are [`Meter`]'s, spelled
@@ -101,6 +103,13 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/meters",
         access: Access::Admin,
         scope: Scope::Refused,
+        audit: Some(Audit {
+            action: "meter.create",
+            entity: "meter",
+            snapshot: Entity::Meter,
+            id: IdFrom::Body("meter"),
+        }),
+        idempotent: true,
         summary: "Define a meter (immutable; posting the same definition again is idempotent)",
         handler: |m, _| on(m, create),
         spec: || {
@@ -130,6 +139,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/meters",
         access: Access::Read,
         scope: Scope::Shared,
+        audit: None,
+        idempotent: false,
         summary: "Every meter definition",
         handler: |m, _| on(m, list),
         spec: || {

@@ -56,14 +56,6 @@ impl Verb {
         }
     }
 
-    fn method(self) -> axum::http::Method {
-        match self {
-            Verb::Get => axum::http::Method::GET,
-            Verb::Post => axum::http::Method::POST,
-            Verb::Patch => axum::http::Method::PATCH,
-        }
-    }
-
     fn filter(self) -> MethodFilter {
         match self {
             Verb::Get => MethodFilter::GET,
@@ -101,6 +93,10 @@ pub struct Route {
     pub access: Access,
     /// What a key bound to one customer may reach here.
     pub scope: Scope,
+    /// What the audit log records of a change made here, if anything.
+    pub audit: Option<crate::audit::Audit>,
+    /// Whether an `Idempotency-Key` is honoured here (a stored answer replayed).
+    pub idempotent: bool,
     pub summary: &'static str,
     /// The handler, routed for the given method (with its body limit, if any).
     pub handler: fn(MethodFilter, &Settings) -> MethodRouter<AppState>,
@@ -119,6 +115,8 @@ const SYSTEM: &[Route] = &[
         path: DOCUMENT_PATH,
         access: Access::Public,
         scope: Scope::Shared,
+        audit: None,
+        idempotent: false,
         summary: "This document",
         handler: |m, _| on(m, serve_document),
         spec: || {
@@ -134,6 +132,8 @@ const SYSTEM: &[Route] = &[
         path: "/healthz",
         access: Access::Public,
         scope: Scope::Shared,
+        audit: None,
+        idempotent: false,
         summary: "Liveness: the process answers",
         handler: |m, _| on(m, crate::healthz),
         spec: || {
@@ -149,6 +149,8 @@ const SYSTEM: &[Route] = &[
         path: "/readyz",
         access: Access::Public,
         scope: Scope::Shared,
+        audit: None,
+        idempotent: false,
         summary: "Readiness: Postgres answers and Kafka has the topic",
         handler: |m, _| on(m, crate::readyz),
         spec: || {
@@ -173,6 +175,8 @@ const SYSTEM: &[Route] = &[
         path: "/metrics",
         access: Access::Public,
         scope: Scope::Shared,
+        audit: None,
+        idempotent: false,
         summary: "Prometheus metrics (text exposition format)",
         handler: |m, _| on(m, crate::metrics_text),
         spec: || {
@@ -217,17 +221,21 @@ pub fn routes() -> impl Iterator<Item = &'static Route> {
 pub fn router(state: &AppState) -> Router<AppState> {
     routes().fold(Router::new(), |router, route| {
         let mut methods = (route.handler)(route.verb.filter(), &state.settings);
-        let method = route.verb.method();
-        let path = route.path.strip_prefix("/api/v1").unwrap_or(route.path);
-        if crate::audit::is_audited(&method, path) {
+        if let Some(audit) = route.audit {
             methods = methods.route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
+                crate::audit::Audited {
+                    state: state.clone(),
+                    audit,
+                },
                 crate::audit::record_changes,
             ));
         }
-        if crate::idempotency::honoured(&method, path) {
+        if route.idempotent {
             methods = methods.route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
+                crate::idempotency::Honoured {
+                    state: state.clone(),
+                    route: route.path.strip_prefix("/api/v1").unwrap_or(route.path),
+                },
                 crate::idempotency::replay,
             ));
         }
@@ -468,7 +476,7 @@ mod tests {
     }
 
     #[test]
-    fn a_scope_names_a_parameter_of_its_path_and_lists_take_a_customer_id() {
+    fn a_scope_or_audit_names_a_parameter_of_its_path_and_lists_take_a_customer_id() {
         for route in routes() {
             let what = format!("{} {}", route.verb.as_str(), route.path);
             match route.scope {
@@ -488,6 +496,16 @@ mod tests {
                     );
                 }
                 Scope::Shared | Scope::OwnCustomer | Scope::Body | Scope::Refused => {}
+            }
+            if let Some(crate::audit::Audit {
+                id: crate::audit::IdFrom::Path(name),
+                ..
+            }) = route.audit
+            {
+                assert!(
+                    route.path.contains(&format!("{{{name}}}")),
+                    "{what}: audit id {{{name}}}"
+                );
             }
         }
     }

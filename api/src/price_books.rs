@@ -28,6 +28,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::audit::{Audit, IdFrom};
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::extract::{limited, JsonObject};
@@ -37,6 +38,7 @@ use crate::openapi::{
 use crate::page::{Cursor, Page};
 use crate::time::exclusive_end;
 use crate::AppState;
+use meterflow_store::audit::Entity;
 use posted::{resolve, NewPriceBook, Patch, PatchFields};
 
 /// The largest body of a POST or PATCH.
@@ -254,6 +256,13 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/price-books",
         access: Access::Admin,
         scope: Scope::Refused,
+        audit: Some(Audit {
+            action: "price_book.create",
+            entity: "price_book",
+            snapshot: Entity::PriceBook,
+            id: IdFrom::Body("price_book_id"),
+        }),
+        idempotent: true,
         summary: "Create a price book",
         handler: |m, _| limited(on(m, create), MAX_BODY_BYTES),
         spec: || {
@@ -286,6 +295,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/price-books",
         access: Access::Read,
         scope: Scope::Shared,
+        audit: None,
+        idempotent: false,
         summary: "Price books in (meter, effective_from) order",
         handler: |m, _| on(m, list),
         spec: || {
@@ -304,6 +315,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/price-books/{price_book_id}",
         access: Access::Read,
         scope: Scope::Shared,
+        audit: None,
+        idempotent: false,
         summary: "One price book",
         handler: |m, _| on(m, get_one),
         spec: || {
@@ -322,6 +335,13 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/price-books/{price_book_id}",
         access: Access::Admin,
         scope: Scope::Refused,
+        audit: Some(Audit {
+            action: "price_book.update",
+            entity: "price_book",
+            snapshot: Entity::PriceBook,
+            id: IdFrom::Path("price_book_id"),
+        }),
+        idempotent: false,
         summary: "Change a price book's model, minimum or end (audited)",
         handler: |m, _| limited(on(m, update), MAX_BODY_BYTES),
         spec: || {

@@ -171,6 +171,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/progress",
         access: Access::Read,
         scope: Scope::Shared,
+        audit: None,
+        idempotent: false,
         summary: "How far the pipeline has committed, per partition",
         handler: |m, _| on(m, progress),
         spec: || {
@@ -186,6 +188,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/watermark",
         access: Access::Admin,
         scope: Scope::Refused,
+        audit: None,
+        idempotent: false,
         summary: "Raise the watermark floor (closes windows when no later event will come)",
         handler: |m, _| on(m, advance),
         spec: || {

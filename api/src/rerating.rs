@@ -19,6 +19,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::audit::{Audit, IdFrom};
 use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::extract::{limited, JsonObject};
@@ -26,6 +27,7 @@ use crate::openapi::{body, ok, op, path_param, problem, schema, Access, Route, V
 use crate::time::{exclusive_end, parse_rfc3339};
 use crate::AppState;
 use axum::routing::on;
+use meterflow_store::audit::Entity;
 use meterflow_store::owners::Owned;
 use serde_json::json;
 
@@ -220,6 +222,13 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/rerating-jobs",
         access: Access::Admin,
         scope: Scope::Body,
+        audit: Some(Audit {
+            action: "rerating_job.create",
+            entity: "rerating_job",
+            snapshot: Entity::ReratingJob,
+            id: IdFrom::Body("job_id"),
+        }),
+        idempotent: true,
         summary: "Re-rate a scope of customers and time from the raw events",
         handler: |m, _| limited(on(m, create), MAX_BODY_BYTES),
         spec: || {
@@ -248,6 +257,8 @@ pub(crate) const ROUTES: &[Route] = &[
         path: "/api/v1/rerating-jobs/{job_id}",
         access: Access::Read,
         scope: Scope::Owned(Owned::ReratingJob, "job_id"),
+        audit: None,
+        idempotent: false,
         summary: "A re-rating job's state and effect",
         handler: |m, _| on(m, get),
         spec: || {
