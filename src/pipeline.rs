@@ -27,7 +27,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::config::Config;
 use crate::kafka;
-use pollers::{spawn_book_poller, spawn_lag_monitor, spawn_meter_poller};
+use pollers::{spawn_config_watcher, spawn_lag_monitor};
 use watchers::{spawn_partition_watcher, spawn_resync_watcher};
 
 /// The pipeline's flags: per-process ones, and those that override `[pipeline]` keys of the configuration
@@ -228,9 +228,10 @@ fn run_once(
             }
             anyhow::Ok((lease, offsets, times, meters, rating, resyncs))
         })?;
+    let mut book_updates = None;
     let rating = rating.map(|(state, books)| {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        spawn_book_poller(database_url, books.clone(), tx, stop.clone());
+        book_updates = Some((books.clone(), tx));
         RatingFeed {
             state,
             books,
@@ -239,7 +240,7 @@ fn run_once(
     });
     let shared_watermark = new_watermark(watermark);
     let registry = MeterRegistry::new(meters);
-    spawn_meter_poller(database_url, registry.clone(), stop.clone())?;
+    spawn_config_watcher(database_url, registry.clone(), book_updates, stop.clone())?;
 
     // The writer thread (process 0 only) and its channels to worker 0.
     let (sink, writer) = match lease {

@@ -326,6 +326,43 @@ async fn meters_aggregate_each_their_way_and_a_void_retracts_from_all() {
     assert_eq!(ids["data"][0]["event_ids"], json!(["g1", "g3"]));
 }
 
+/// A meter created while the pipeline runs applies to the events it processes right after: the
+/// pipeline LISTENs for the table's notification (migration 0018) instead of polling every second.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_meter_created_while_the_pipeline_runs_applies_within_a_fraction_of_a_second() {
+    let api = spawn_api().await;
+    let _pipeline = spawn_pipeline(&api.url, &api.topic, 1, &[]);
+    let chat = |id: &str| {
+        json!({"event_id": id, "customer_id": "acme", "event_type": "chat",
+               "event_time": chrono::Utc::now().to_rfc3339(), "value": 3})
+    };
+    assert_eq!(
+        api.post_event(&chat("c1")).await.status(),
+        StatusCode::CREATED
+    );
+    api.wait_caught_up(WAIT).await;
+    // The pipeline has read its meters and is idle: only a notification can tell it of a new one
+    // (its fallback reload is 30 s away).
+    let meter = json!({"meter": "chat_calls", "event_type": "chat", "aggregation": "count"});
+    assert_eq!(
+        api.post_json("/api/v1/meters", &meter).await.status(),
+        StatusCode::CREATED
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        api.post_event(&chat("c2")).await.status(),
+        StatusCode::CREATED
+    );
+    api.wait_caught_up(WAIT).await;
+    let calls = api
+        .get_json("/api/v1/aggregations?customer_id=acme&meter=chat_calls")
+        .await;
+    assert_eq!(
+        calls["data"][0]["event_count"], 1,
+        "the event after the meter, and only it: {calls}"
+    );
+}
+
 fn event_with(field: &str, raw: &str) -> Vec<u8> {
     let mut fields = vec![
         ("event_id", r#""evt_bad""#.to_owned()),

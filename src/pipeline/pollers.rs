@@ -1,100 +1,188 @@
-//! What the pipeline polls beside its dataflow: the meters and price books in Postgres (fed to the
-//! workers as they change), and the consumer lag per partition (a metric).
+//! What the pipeline watches beside its dataflow: the meters and price books in Postgres (LISTEN on
+//! the tables' notifications, fed to the workers as they change), and the consumer lag per partition
+//! (a metric, polled).
 
 use super::*;
 
-/// Reloads the meters every second, so a meter created through the API applies to the events processed
-/// after it (SPEC §4).
-pub(super) fn spawn_meter_poller(
+/// The channel the `meters` and `price_books` triggers notify (migration 0018), with the table's name.
+const CONFIG_CHANNEL: &str = "meterflow_config";
+
+/// How long the watcher waits for a notification before it looks at `stop` again.
+const STOP_CHECK: Duration = Duration::from_millis(250);
+
+/// Reloads everything this often even without a notification: a missed one (a bug, a trigger
+/// dropped by hand) costs at most this much delay.
+const FALLBACK: Duration = Duration::from_secs(30);
+
+/// What a notification says changed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Changed {
+    Meters,
+    Books,
+    Both,
+}
+
+/// Keeps the workers' meters and price books current (SPEC §4, §5). It LISTENs on
+/// [`CONFIG_CHANNEL`], which the tables' triggers notify on every change, and reloads what changed:
+/// a meter applies to the events processed after it, and a book created, edited or closed re-rates
+/// the windows it touches, within milliseconds of the commit. Notifications sent while its connection
+/// was down are lost, so it reloads both whenever it (re)connects, and every [`FALLBACK`] anyway.
+pub(super) fn spawn_config_watcher(
     database_url: &str,
     registry: MeterRegistry,
+    books: Option<(Vec<PriceBook>, crossbeam_channel::Sender<Vec<PriceBook>>)>,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
     let url = database_url.to_owned();
     std::thread::Builder::new()
-        .name("meter-poller".into())
+        .name("config-watcher".into())
         .spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             else {
+                tracing::error!(
+                    "cannot start the config watcher; meters and books are fixed for this run"
+                );
                 return;
             };
-            let mut known = registry.current().len();
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_secs(1));
-                let loaded = runtime.block_on(async {
-                    let mut conn = PgConnection::connect(&url).await?;
-                    meters::load_meters(&mut conn).await
-                });
-                match loaded {
-                    Ok(meters) => {
-                        if meters.len() != known {
-                            tracing::info!(
-                                meters = meters.len(),
-                                "meters changed; applying them to new events"
-                            );
-                            known = meters.len();
-                        }
-                        registry.replace(meters);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot reload meters; keeping the current ones")
-                    }
-                }
-            }
+            let mut watcher = Watcher {
+                url,
+                registry,
+                known_meters: None,
+                books,
+                conn: None,
+            };
+            runtime.block_on(watcher.run(&stop));
         })?;
     Ok(())
 }
 
-/// Reloads the price books every second and sends a snapshot whenever they changed, so a book created,
-/// edited or closed re-rates the windows it touches within about a second (SPEC §5).
-pub(super) fn spawn_book_poller(
-    database_url: &str,
-    initial: Vec<PriceBook>,
-    updates: crossbeam_channel::Sender<Vec<PriceBook>>,
-    stop: Arc<AtomicBool>,
-) {
-    let url = database_url.to_owned();
-    let spawned = std::thread::Builder::new()
-        .name("book-poller".into())
-        .spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
+struct Watcher {
+    url: String,
+    registry: MeterRegistry,
+    known_meters: Option<usize>,
+    /// The books the dataflow has, and where new ones go; `None` when this process rates nothing.
+    books: Option<(Vec<PriceBook>, crossbeam_channel::Sender<Vec<PriceBook>>)>,
+    /// The connection the reloads read on (the listener's is busy listening).
+    conn: Option<PgConnection>,
+}
+
+impl Watcher {
+    async fn run(&mut self, stop: &AtomicBool) {
+        let mut listener: Option<sqlx::postgres::PgListener> = None;
+        let mut last_full = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let changed = match listener.as_mut() {
+                None => match self.listen().await {
+                    Some(l) => {
+                        listener = Some(l);
+                        Some(Changed::Both)
+                    }
+                    None => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        None
+                    }
+                },
+                Some(l) => match tokio::time::timeout(STOP_CHECK, l.try_recv()).await {
+                    Err(_waited) => (last_full.elapsed() >= FALLBACK).then_some(Changed::Both),
+                    Ok(Ok(Some(n))) => Some(match n.payload() {
+                        "meters" => Changed::Meters,
+                        "price_books" => Changed::Books,
+                        _ => Changed::Both,
+                    }),
+                    // Reconnected: what was notified meanwhile is lost.
+                    Ok(Ok(None)) => Some(Changed::Both),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "lost the config notifications; listening again");
+                        listener = None;
+                        None
+                    }
+                },
             };
-            let mut known = initial;
-            let mut conn: Option<PgConnection> = None;
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(500));
-                let loaded = runtime.block_on(async {
-                    if conn.is_none() {
-                        conn = Some(PgConnection::connect(&url).await?);
-                    }
-                    let c = conn.as_mut().expect("connected above");
-                    price_books::load_price_books(c).await
-                });
-                match loaded {
-                    Ok(books) if books != known => {
-                        tracing::info!(books = books.len(), "price books changed; re-rating");
-                        known = books.clone();
-                        // The dataflow is gone once the pipeline stops.
-                        if updates.send(books).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        conn = None;
-                        tracing::warn!(error = %e, "cannot reload price books; keeping the current ones");
-                    }
-                }
+            let Some(changed) = changed else { continue };
+            if changed == Changed::Both {
+                last_full = Instant::now();
             }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the price-book poller; books are fixed for this run");
+            if matches!(changed, Changed::Meters | Changed::Both) {
+                self.reload_meters().await;
+            }
+            if matches!(changed, Changed::Books | Changed::Both) && !self.reload_books().await {
+                return; // the dataflow is gone: the pipeline stopped
+            }
+        }
+    }
+
+    async fn listen(&self) -> Option<sqlx::postgres::PgListener> {
+        let listening = async {
+            let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+            listener.listen(CONFIG_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match listening.await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for meter and price-book changes; retrying");
+                None
+            }
+        }
+    }
+
+    async fn connection(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        match &mut self.conn {
+            Some(conn) => Ok(conn),
+            slot => Ok(slot.insert(PgConnection::connect(&self.url).await?)),
+        }
+    }
+
+    async fn reload_meters(&mut self) {
+        let loaded = match self.connection().await {
+            Ok(conn) => meters::load_meters(conn).await,
+            Err(e) => Err(e),
+        };
+        match loaded {
+            Ok(meters) => {
+                if self.known_meters != Some(meters.len()) {
+                    tracing::info!(
+                        meters = meters.len(),
+                        "meters loaded; applying them to new events"
+                    );
+                    self.known_meters = Some(meters.len());
+                }
+                self.registry.replace(meters);
+            }
+            Err(e) => {
+                self.conn = None;
+                tracing::warn!(error = %e, "cannot reload meters; keeping the current ones");
+            }
+        }
+    }
+
+    /// False once the dataflow is gone.
+    async fn reload_books(&mut self) -> bool {
+        if self.books.is_none() {
+            return true;
+        }
+        let loaded = match self.connection().await {
+            Ok(conn) => price_books::load_price_books(conn).await,
+            Err(e) => Err(e),
+        };
+        let Some((known, updates)) = &mut self.books else {
+            return true;
+        };
+        match loaded {
+            Ok(books) if books != *known => {
+                tracing::info!(books = books.len(), "price books changed; re-rating");
+                *known = books.clone();
+                updates.send(books).is_ok()
+            }
+            Ok(_) => true,
+            Err(e) => {
+                self.conn = None;
+                tracing::warn!(error = %e, "cannot reload price books; keeping the current ones");
+                true
+            }
+        }
     }
 }
 
