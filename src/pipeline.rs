@@ -4,7 +4,7 @@
 //! the Postgres writer (process 0), then run the workers. Every worker reads its own partitions from the
 //! committed offsets on; worker 0 hands completed epochs to the writer.
 
-mod pollers;
+mod watch;
 mod watchers;
 
 use std::collections::HashMap;
@@ -27,7 +27,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::config::Config;
 use crate::kafka;
-use pollers::{spawn_config_watcher, spawn_lag_monitor};
+use watch::{spawn_config_watcher, spawn_lag_monitor};
 use watchers::{spawn_partition_watcher, spawn_resync_watcher};
 
 /// The pipeline's flags: per-process ones, and those that override `[pipeline]` keys of the configuration

@@ -1,6 +1,7 @@
 //! `POST /api/v1/meters` and `GET /api/v1/meters` (SPEC §4): meter definitions. A definition is
 //! immutable: posting the same one again is idempotent (200), another one under a used name is 409.
-//! The pipeline picks new meters up within a second and applies them to the events it processes after.
+//! The pipeline picks a new meter up as soon as it is committed (it listens for the change) and applies
+//! it to the events it processes after.
 
 use axum::extract::State;
 use axum::http::StatusCode;

@@ -1,6 +1,6 @@
 //! [`MeterRegistry`]: the meters in force, shared by every worker of a process and replaced whole when
-//! the definitions change (a poller reloads them from Postgres). A meter applies to the events processed
-//! after it is loaded (SPEC §4).
+//! the definitions change (the pipeline's config watcher reloads them from Postgres when notified). A
+//! meter applies to the events processed after it is loaded (SPEC §4).
 //!
 //! Meter names and event types are disjoint (finding 15): an event type no meter reads goes to its
 //! default meter, which is named after the type, so an event whose type is the *name* of a meter that

@@ -5,7 +5,7 @@
 //!  usage (every row ever committed + this run's row changes)
 //!     └─map─► ((customer, meter, period), window, item) ────────────────────────────────┐
 //!               └─distinct─► periods ─► (meter, period) ─distinct─┐                      │
-//!  books (price_books, reloaded every second) ─► (meter, book) ──join, overlap─► (meter, period, book)
+//!  books (price_books, reloaded on every change) ─► (meter, book) ──join, overlap─► (meter, period, book)
 //!               periods ────────────────────────────────join, scope─► ((customer, meter, period), book)
 //!  stored charges (fed back at a restart) ─► ((customer, meter, period), charge) ─────────┤
 //!                                                                                        ▼

@@ -59,7 +59,7 @@ pub struct RatingFeed {
     pub state: RatingState,
     /// The price books when the pipeline started.
     pub books: Vec<PriceBook>,
-    /// Later snapshots of all price books (a poller sends one whenever they change).
+    /// Later snapshots of all price books (the config watcher sends one whenever they change).
     pub updates: Receiver<Vec<PriceBook>>,
 }
 
