@@ -4,8 +4,8 @@
 //! the Postgres writer (process 0), then run the workers. Every worker reads its own partitions from the
 //! committed offsets on; worker 0 hands completed epochs to the writer.
 
+mod restart;
 mod watch;
-mod watchers;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,8 +27,8 @@ use sqlx::{Connection, PgConnection};
 
 use crate::config::Config;
 use crate::kafka;
+use restart::{spawn_partition_watcher, spawn_resync_watcher};
 use watch::{spawn_config_watcher, spawn_lag_monitor};
-use watchers::{spawn_partition_watcher, spawn_resync_watcher};
 
 /// The pipeline's flags: per-process ones, and those that override `[pipeline]` keys of the configuration
 /// (src/config.rs documents each).
