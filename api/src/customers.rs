@@ -567,19 +567,9 @@ mod tests {
         errors.into_iter().map(|e| e.field).collect()
     }
 
-    /// The properties of `T`'s derived schema.
-    fn schema_properties<T: utoipa::ToSchema>() -> Vec<String> {
-        let schema = serde_json::to_value(T::schema()).unwrap();
-        schema["properties"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect()
-    }
-
     #[test]
     fn the_patch_schema_names_the_fields_the_parser_takes() {
+        use crate::openapi::schema_properties;
         let documented = schema_properties::<PatchFields>();
         let refused = |key: &str| {
             let mut body = Map::new();

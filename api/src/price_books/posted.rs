@@ -477,16 +477,8 @@ mod tests {
 
     #[test]
     fn the_patch_schema_names_the_fields_the_parser_takes() {
-        let properties = |schema: utoipa::openapi::RefOr<utoipa::openapi::Schema>| -> Vec<String> {
-            let schema = serde_json::to_value(schema).unwrap();
-            schema["properties"]
-                .as_object()
-                .unwrap()
-                .keys()
-                .cloned()
-                .collect()
-        };
-        let documented = properties(<PatchFields as utoipa::PartialSchema>::schema());
+        use crate::openapi::schema_properties;
+        let documented = schema_properties::<PatchFields>();
         let sample = |key: &str| match key {
             "model" => json!({"type": "per_unit", "unit_price": 1}),
             _ => Value::Null,
@@ -502,7 +494,7 @@ mod tests {
                 "{key} is in the schema but the parser refuses it"
             );
         }
-        for key in properties(<super::super::PriceBookView as utoipa::PartialSchema>::schema()) {
+        for key in schema_properties::<super::super::PriceBookView>() {
             assert_eq!(
                 accepted(&key),
                 documented.contains(&key),
