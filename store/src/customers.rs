@@ -3,8 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use meterflow_model::Customer;
-use sqlx::postgres::PgRow;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
 /// A customer as stored, with when it was registered and last changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,20 +29,31 @@ pub enum CustomerError {
     Database(#[from] sqlx::Error),
 }
 
-const COLUMNS: &str = "customer_id, name, email, address, currency, created_at, updated_at";
+/// A `customers` row as the queries select it (every query names these columns, checked by sqlx).
+struct CustomerRow {
+    customer_id: String,
+    name: String,
+    email: Option<String>,
+    address: Option<String>,
+    currency: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
 
-fn stored(row: &PgRow) -> Result<StoredCustomer, sqlx::Error> {
-    Ok(StoredCustomer {
-        customer: Customer {
-            customer_id: row.try_get(0)?,
-            name: row.try_get(1)?,
-            email: row.try_get(2)?,
-            address: row.try_get(3)?,
-            currency: row.try_get(4)?,
-        },
-        created_at: row.try_get(5)?,
-        updated_at: row.try_get(6)?,
-    })
+impl From<CustomerRow> for StoredCustomer {
+    fn from(row: CustomerRow) -> Self {
+        StoredCustomer {
+            customer: Customer {
+                customer_id: row.customer_id,
+                name: row.name,
+                email: row.email,
+                address: row.address,
+                currency: row.currency,
+            },
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        }
+    }
 }
 
 /// Registers a customer; a taken id is [`CustomerError::AlreadyExists`].
@@ -51,21 +61,22 @@ pub async fn create_customer(
     conn: &mut PgConnection,
     customer: &Customer,
 ) -> Result<StoredCustomer, CustomerError> {
-    let row = sqlx::query(&format!(
+    let row = sqlx::query_as!(
+        CustomerRow,
         "INSERT INTO customers (customer_id, name, email, address, currency)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT ON CONSTRAINT customers_pkey DO NOTHING
-         RETURNING {COLUMNS}"
-    ))
-    .bind(&customer.customer_id)
-    .bind(&customer.name)
-    .bind(&customer.email)
-    .bind(&customer.address)
-    .bind(&customer.currency)
+         RETURNING customer_id, name, email, address, currency, created_at, updated_at",
+        customer.customer_id,
+        customer.name,
+        customer.email,
+        customer.address,
+        customer.currency,
+    )
     .fetch_optional(&mut *conn)
     .await?;
     match row {
-        Some(row) => Ok(stored(&row)?),
+        Some(row) => Ok(row.into()),
         None => Err(CustomerError::AlreadyExists(customer.customer_id.clone())),
     }
 }
@@ -74,15 +85,15 @@ pub async fn get_customer(
     conn: &mut PgConnection,
     customer_id: &str,
 ) -> Result<Option<StoredCustomer>, sqlx::Error> {
-    sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM customers WHERE customer_id = $1"
-    ))
-    .bind(customer_id)
+    let row = sqlx::query_as!(
+        CustomerRow,
+        "SELECT customer_id, name, email, address, currency, created_at, updated_at
+         FROM customers WHERE customer_id = $1",
+        customer_id,
+    )
     .fetch_optional(&mut *conn)
-    .await?
-    .as_ref()
-    .map(stored)
-    .transpose()
+    .await?;
+    Ok(row.map(StoredCustomer::from))
 }
 
 /// Customers in id order after `after`, at most `limit`.
@@ -91,16 +102,18 @@ pub async fn list_customers(
     after: Option<&str>,
     limit: i64,
 ) -> Result<Vec<StoredCustomer>, sqlx::Error> {
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM customers
+    let rows = sqlx::query_as!(
+        CustomerRow,
+        "SELECT customer_id, name, email, address, currency, created_at, updated_at
+         FROM customers
          WHERE ($1::text IS NULL OR customer_id > $1)
-         ORDER BY customer_id LIMIT $2"
-    ))
-    .bind(after)
-    .bind(limit)
+         ORDER BY customer_id LIMIT $2",
+        after,
+        limit,
+    )
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter().map(stored).collect()
+    Ok(rows.into_iter().map(StoredCustomer::from).collect())
 }
 
 /// Replaces a customer's name, email, address and currency with those of `edit(stored)`; the id stays.
@@ -111,37 +124,41 @@ pub async fn update_customer(
     edit: impl FnOnce(&Customer) -> Customer,
 ) -> Result<StoredCustomer, CustomerError> {
     let mut tx = conn.begin().await?;
-    let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM customers WHERE customer_id = $1 FOR UPDATE"
-    ))
-    .bind(customer_id)
+    let before: StoredCustomer = sqlx::query_as!(
+        CustomerRow,
+        "SELECT customer_id, name, email, address, currency, created_at, updated_at
+         FROM customers WHERE customer_id = $1 FOR UPDATE",
+        customer_id,
+    )
     .fetch_optional(&mut *tx)
-    .await?;
-    let before = stored(&row.ok_or(CustomerError::NotFound)?)?;
+    .await?
+    .ok_or(CustomerError::NotFound)?
+    .into();
     let after = edit(&before.customer);
     if after.currency != before.customer.currency {
-        let issued: Option<String> = sqlx::query_scalar(
+        let issued = sqlx::query_scalar!(
             "SELECT currency FROM invoices WHERE customer_id = $1 AND status = 'issued' LIMIT 1",
+            customer_id,
         )
-        .bind(customer_id)
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(currency) = issued {
             return Err(CustomerError::CurrencyLocked(currency));
         }
     }
-    let row = sqlx::query(&format!(
+    let row = sqlx::query_as!(
+        CustomerRow,
         "UPDATE customers SET name = $2, email = $3, address = $4, currency = $5, updated_at = now()
          WHERE customer_id = $1
-         RETURNING {COLUMNS}"
-    ))
-    .bind(customer_id)
-    .bind(&after.name)
-    .bind(&after.email)
-    .bind(&after.address)
-    .bind(&after.currency)
+         RETURNING customer_id, name, email, address, currency, created_at, updated_at",
+        customer_id,
+        after.name,
+        after.email,
+        after.address,
+        after.currency,
+    )
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(stored(&row)?)
+    Ok(row.into())
 }
