@@ -15,17 +15,17 @@ pub async fn insert(
     after: Option<serde_json::Value>,
     request_id: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO audit_log (actor, action, entity, entity_id, before, after, request_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        actor,
+        action,
+        entity,
+        entity_id,
+        before,
+        after,
+        request_id,
     )
-    .bind(actor)
-    .bind(action)
-    .bind(entity)
-    .bind(entity_id)
-    .bind(before)
-    .bind(after)
-    .bind(request_id)
     .execute(conn)
     .await?;
     Ok(())
@@ -42,28 +42,61 @@ pub enum Entity {
     Event,
 }
 
-impl Entity {
-    /// The statement reading one row of it as JSON.
-    const fn snapshot_sql(self) -> &'static str {
-        match self {
-            Entity::Meter => "SELECT to_jsonb(t) FROM meters t WHERE meter = $1",
-            Entity::PriceBook => "SELECT to_jsonb(t) FROM price_books t WHERE price_book_id = $1",
-            Entity::Customer => "SELECT to_jsonb(t) FROM customers t WHERE customer_id = $1",
-            Entity::Invoice => "SELECT to_jsonb(t) FROM invoices t WHERE invoice_id = $1",
-            Entity::ReratingJob => "SELECT to_jsonb(t) FROM rerating_jobs t WHERE job_id = $1",
-            Entity::Event => "SELECT to_jsonb(t) FROM event_ids t WHERE event_id = $1",
-        }
-    }
-}
-
 /// The row `id` of `entity` as JSON (`to_jsonb`), if it exists: an audit row's before or after.
 pub async fn snapshot(
     pool: &sqlx::PgPool,
     entity: Entity,
     id: &str,
 ) -> Result<Option<serde_json::Value>, sqlx::Error> {
-    sqlx::query_scalar(entity.snapshot_sql())
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    // One statement per table (a table name cannot be a parameter).
+    match entity {
+        Entity::Meter => {
+            sqlx::query_scalar!(
+                r#"SELECT to_jsonb(t) AS "snapshot!" FROM meters t WHERE meter = $1"#,
+                id,
+            )
+            .fetch_optional(pool)
+            .await
+        }
+        Entity::PriceBook => {
+            sqlx::query_scalar!(
+                r#"SELECT to_jsonb(t) AS "snapshot!" FROM price_books t WHERE price_book_id = $1"#,
+                id,
+            )
+            .fetch_optional(pool)
+            .await
+        }
+        Entity::Customer => {
+            sqlx::query_scalar!(
+                r#"SELECT to_jsonb(t) AS "snapshot!" FROM customers t WHERE customer_id = $1"#,
+                id,
+            )
+            .fetch_optional(pool)
+            .await
+        }
+        Entity::Invoice => {
+            sqlx::query_scalar!(
+                r#"SELECT to_jsonb(t) AS "snapshot!" FROM invoices t WHERE invoice_id = $1"#,
+                id,
+            )
+            .fetch_optional(pool)
+            .await
+        }
+        Entity::ReratingJob => {
+            sqlx::query_scalar!(
+                r#"SELECT to_jsonb(t) AS "snapshot!" FROM rerating_jobs t WHERE job_id = $1"#,
+                id,
+            )
+            .fetch_optional(pool)
+            .await
+        }
+        Entity::Event => {
+            sqlx::query_scalar!(
+                r#"SELECT to_jsonb(t) AS "snapshot!" FROM event_ids t WHERE event_id = $1"#,
+                id,
+            )
+            .fetch_optional(pool)
+            .await
+        }
+    }
 }

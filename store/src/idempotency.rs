@@ -6,6 +6,20 @@ use sqlx::PgPool;
 /// A stored claim: the request's hash, and the answer once there is one (status, content type, body).
 pub type StoredAnswer = (Vec<u8>, Option<i32>, Option<String>, Option<Vec<u8>>);
 
+/// An `idempotency_keys` row as [`stored`] selects it.
+struct AnswerRow {
+    request_hash: Vec<u8>,
+    status: Option<i32>,
+    content_type: Option<String>,
+    body: Option<Vec<u8>>,
+}
+
+impl From<AnswerRow> for StoredAnswer {
+    fn from(row: AnswerRow) -> Self {
+        (row.request_hash, row.status, row.content_type, row.body)
+    }
+}
+
 /// Claims the key for this request; `false` when another request holds it (or answered under it). A
 /// claim left without an answer for a minute (its request died) may be taken over.
 pub async fn claim(
@@ -15,18 +29,18 @@ pub async fn claim(
     route: &str,
     request_hash: &[u8],
 ) -> Result<bool, sqlx::Error> {
-    let claimed: Option<bool> = sqlx::query_scalar(
-        "INSERT INTO idempotency_keys (scope, idem_key, route, request_hash) VALUES ($1, $2, $3, $4)
+    let claimed: Option<bool> = sqlx::query_scalar!(
+        r#"INSERT INTO idempotency_keys (scope, idem_key, route, request_hash) VALUES ($1, $2, $3, $4)
          ON CONFLICT (scope, idem_key) DO UPDATE
              SET request_hash = EXCLUDED.request_hash, route = EXCLUDED.route, created_at = now()
              WHERE idempotency_keys.status IS NULL
                AND idempotency_keys.created_at < now() - interval '1 minute'
-         RETURNING true",
+         RETURNING true AS "claimed!""#,
+        scope,
+        key,
+        route,
+        request_hash,
     )
-    .bind(scope)
-    .bind(key)
-    .bind(route)
-    .bind(request_hash)
     .fetch_optional(pool)
     .await?;
     Ok(claimed.is_some())
@@ -38,23 +52,27 @@ pub async fn stored(
     scope: &str,
     key: &str,
 ) -> Result<Option<StoredAnswer>, sqlx::Error> {
-    sqlx::query_as(
+    let row = sqlx::query_as!(
+        AnswerRow,
         "SELECT request_hash, status, content_type, body FROM idempotency_keys
          WHERE scope = $1 AND idem_key = $2",
+        scope,
+        key,
     )
-    .bind(scope)
-    .bind(key)
     .fetch_optional(pool)
-    .await
+    .await?;
+    Ok(row.map(StoredAnswer::from))
 }
 
 /// Drops the claim (its answer is not to be replayed: a 5xx or a 429).
 pub async fn release(pool: &PgPool, scope: &str, key: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2")
-        .bind(scope)
-        .bind(key)
-        .execute(pool)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2",
+        scope,
+        key,
+    )
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -65,15 +83,15 @@ pub async fn record(
     key: &str,
     (status, content_type, body): (i32, Option<&str>, &[u8]),
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE idempotency_keys SET status = $3, content_type = $4, body = $5
          WHERE scope = $1 AND idem_key = $2",
+        scope,
+        key,
+        status,
+        content_type,
+        body,
     )
-    .bind(scope)
-    .bind(key)
-    .bind(status)
-    .bind(content_type)
-    .bind(body)
     .execute(pool)
     .await?;
     Ok(())

@@ -17,6 +17,14 @@ pub struct KeyInfo {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
+/// An `api_keys` row as [`stored`] selects it: the hash, role, binding and whether it is revoked.
+struct StoredKeyRow {
+    key_hash: Vec<u8>,
+    role: String,
+    customer_id: Option<String>,
+    revoked: bool,
+}
+
 /// A new key to store: its id, the hash of the whole key, its role and binding.
 pub struct NewKey<'a> {
     pub key_id: String,
@@ -29,15 +37,15 @@ pub struct NewKey<'a> {
 /// Stores a new key and audits it (as `actor`).
 pub async fn create(pool: &PgPool, key: NewKey<'_>, actor: &str) -> Result<KeyInfo, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let (created_at,): (DateTime<Utc>,) = sqlx::query_as(
+    let created_at: DateTime<Utc> = sqlx::query_scalar!(
         "INSERT INTO api_keys (key_id, key_hash, role, customer_id, name) VALUES ($1, $2, $3, $4, $5)
          RETURNING created_at",
+        key.key_id,
+        key.key_hash,
+        key.role,
+        key.customer_id,
+        key.name,
     )
-    .bind(&key.key_id)
-    .bind(key.key_hash)
-    .bind(key.role)
-    .bind(key.customer_id)
-    .bind(key.name)
     .fetch_one(&mut *tx)
     .await?;
     let info = KeyInfo {
@@ -65,7 +73,8 @@ pub async fn create(pool: &PgPool, key: NewKey<'_>, actor: &str) -> Result<KeyIn
 
 /// Every key, oldest first.
 pub async fn list(pool: &PgPool) -> Result<Vec<KeyInfo>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        KeyInfo,
         "SELECT key_id, role, customer_id, name, created_at, revoked_at FROM api_keys
          ORDER BY created_at, key_id",
     )
@@ -76,14 +85,14 @@ pub async fn list(pool: &PgPool) -> Result<Vec<KeyInfo>, sqlx::Error> {
 /// Revokes a key and audits it; `false` if there is no such key or it was already revoked.
 pub async fn revoke(pool: &PgPool, key_id: &str, actor: &str) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let revoked: Option<(DateTime<Utc>,)> = sqlx::query_as(
-        "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL
-         RETURNING revoked_at",
+    let revoked: Option<DateTime<Utc>> = sqlx::query_scalar!(
+        r#"UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL
+         RETURNING revoked_at AS "revoked_at!""#,
+        key_id,
     )
-    .bind(key_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((at,)) = revoked else {
+    let Some(at) = revoked else {
         return Ok(false);
     };
     crate::audit::insert(
@@ -106,10 +115,13 @@ pub async fn stored(
     pool: &PgPool,
     key_id: &str,
 ) -> Result<Option<(Vec<u8>, String, Option<String>, bool)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT key_hash, role, customer_id, revoked_at IS NOT NULL FROM api_keys WHERE key_id = $1",
+    let row = sqlx::query_as!(
+        StoredKeyRow,
+        r#"SELECT key_hash, role, customer_id, revoked_at IS NOT NULL AS "revoked!"
+         FROM api_keys WHERE key_id = $1"#,
+        key_id,
     )
-    .bind(key_id)
     .fetch_optional(pool)
-    .await
+    .await?;
+    Ok(row.map(|r| (r.key_hash, r.role, r.customer_id, r.revoked)))
 }

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use meterflow_model::{Aggregation, Meter, Window};
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
 /// The meters in force (not archived).
 pub async fn load_meters(conn: &mut PgConnection) -> Result<Vec<Meter>, sqlx::Error> {
@@ -21,25 +21,40 @@ pub async fn list_meters(
     conn: &mut PgConnection,
     name: Option<&str>,
 ) -> Result<Vec<(Meter, DateTime<Utc>)>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT meter, event_type, aggregation, value_property, \"window\", created_at
-         FROM meters WHERE archived_at IS NULL AND ($1::text IS NULL OR meter = $1) ORDER BY meter",
+    let rows = sqlx::query_as!(
+        MeterRow,
+        r#"SELECT meter, event_type, aggregation, value_property, "window", created_at
+         FROM meters WHERE archived_at IS NULL AND ($1::text IS NULL OR meter = $1) ORDER BY meter"#,
+        name,
     )
-    .bind(name)
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            let meter = Meter {
-                meter: r.try_get(0)?,
-                event_type: r.try_get(1)?,
-                aggregation: parse_aggregation(r.try_get(2)?)?,
-                value_property: r.try_get(3)?,
-                window: parse_window(r.try_get(4)?)?,
-            };
-            Ok((meter, r.try_get(5)?))
-        })
-        .collect()
+    rows.into_iter().map(TryInto::try_into).collect()
+}
+
+/// A `meters` row as [`list_meters`] selects it; the aggregation and window are parsed from their names.
+struct MeterRow {
+    meter: String,
+    event_type: String,
+    aggregation: String,
+    value_property: Option<String>,
+    window: String,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<MeterRow> for (Meter, DateTime<Utc>) {
+    type Error = sqlx::Error;
+
+    fn try_from(row: MeterRow) -> Result<Self, sqlx::Error> {
+        let meter = Meter {
+            meter: row.meter,
+            event_type: row.event_type,
+            aggregation: parse_aggregation(row.aggregation)?,
+            value_property: row.value_property,
+            window: parse_window(row.window)?,
+        };
+        Ok((meter, row.created_at))
+    }
 }
 
 /// What creating a meter did.
@@ -71,15 +86,16 @@ pub async fn create_meter(
             MeterCreated::Different
         });
     }
-    let (history, read_by): (bool, Option<String>) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM aggregations WHERE meter = $1),
+    let taken = sqlx::query!(
+        r#"SELECT EXISTS (SELECT 1 FROM aggregations WHERE meter = $1) AS "history!",
                 (SELECT min(meter) FROM meters
-                 WHERE archived_at IS NULL AND event_type = $1 AND $1 <> $2)",
+                 WHERE archived_at IS NULL AND event_type = $1 AND $1 <> $2) AS "read_by?""#,
+        meter.meter,
+        meter.event_type,
     )
-    .bind(&meter.meter)
-    .bind(&meter.event_type)
     .fetch_one(&mut *conn)
     .await?;
+    let (history, read_by) = (taken.history, taken.read_by);
     if history {
         return Ok(MeterCreated::Collides(format!(
             "events of type {0} are stored under their default meter, which is named {0}: a meter \
@@ -94,15 +110,15 @@ pub async fn create_meter(
             meter.meter
         )));
     }
-    let inserted = sqlx::query(
-        "INSERT INTO meters (meter, event_type, aggregation, value_property, \"window\")
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT ON CONSTRAINT meters_pkey DO NOTHING",
+    let inserted = sqlx::query!(
+        r#"INSERT INTO meters (meter, event_type, aggregation, value_property, "window")
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT ON CONSTRAINT meters_pkey DO NOTHING"#,
+        meter.meter,
+        meter.event_type,
+        meter.aggregation.as_str(),
+        meter.value_property,
+        window_name(meter.window),
     )
-    .bind(&meter.meter)
-    .bind(&meter.event_type)
-    .bind(meter.aggregation.as_str())
-    .bind(&meter.value_property)
-    .bind(window_name(meter.window))
     .execute(&mut *conn)
     .await?
     .rows_affected();

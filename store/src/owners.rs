@@ -14,12 +14,28 @@ pub enum Owned {
 
 /// The customer `id` belongs to; `None` when it does not exist or is not one customer's.
 pub async fn owner(pool: &PgPool, what: Owned, id: &str) -> Result<Option<String>, sqlx::Error> {
-    let sql = match what {
-        Owned::Invoice => "SELECT customer_id FROM invoices WHERE invoice_id = $1",
-        Owned::ReratingJob => {
-            "SELECT customer_ids[1] FROM rerating_jobs WHERE job_id = $1 AND cardinality(customer_ids) = 1"
+    match what {
+        Owned::Invoice => {
+            sqlx::query_scalar!("SELECT customer_id FROM invoices WHERE invoice_id = $1", id)
+                .fetch_optional(pool)
+                .await
         }
-        Owned::Event => "SELECT customer_id FROM telemetry_events WHERE event_id = $1 LIMIT 1",
-    };
-    sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await
+        Owned::ReratingJob => {
+            sqlx::query_scalar!(
+                r#"SELECT customer_ids[1] AS "customer_id!" FROM rerating_jobs
+                   WHERE job_id = $1 AND cardinality(customer_ids) = 1"#,
+                id,
+            )
+            .fetch_optional(pool)
+            .await
+        }
+        Owned::Event => {
+            sqlx::query_scalar!(
+                "SELECT customer_id FROM telemetry_events WHERE event_id = $1 LIMIT 1",
+                id,
+            )
+            .fetch_optional(pool)
+            .await
+        }
+    }
 }

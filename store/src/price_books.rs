@@ -16,9 +16,8 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use meterflow_model::{FieldError, PriceBook, PriceModel};
 use rust_decimal::Decimal;
-use sqlx::postgres::PgRow;
 use sqlx::types::Json;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
 /// The exclusion constraint that keeps the books of one meter and customer scope from overlapping.
 pub const OVERLAP_CONSTRAINT: &str = "price_books_no_overlap";
@@ -49,18 +48,56 @@ pub enum PriceBookError {
     Database(#[from] sqlx::Error),
 }
 
-const COLUMNS: &str =
-    "price_book_id, meter, customer_id, currency, lower(effective), upper(effective), \
-                       model, minimum_per_period, created_at, updated_at";
+/// A `price_books` row as the queries select it (every query names these columns, checked by sqlx):
+/// the range's bounds as times, the model as JSON.
+struct PriceBookRow {
+    price_book_id: String,
+    meter: String,
+    customer_id: Option<String>,
+    currency: String,
+    effective_from: DateTime<Utc>,
+    effective_to: Option<DateTime<Utc>>,
+    model: Json<PriceModel>,
+    minimum_per_period: Option<Decimal>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<PriceBookRow> for StoredPriceBook {
+    fn from(row: PriceBookRow) -> Self {
+        let Json(model) = row.model;
+        StoredPriceBook {
+            book: PriceBook {
+                price_book_id: row.price_book_id,
+                meter: row.meter,
+                customer_id: row.customer_id,
+                currency: row.currency,
+                effective_from: row.effective_from.timestamp_micros(),
+                effective_to: row.effective_to.map(|t| t.timestamp_micros()),
+                model,
+                minimum_per_period: row.minimum_per_period,
+            },
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        }
+    }
+}
 
 /// Every price book, for rating.
 pub async fn load_price_books(conn: &mut PgConnection) -> Result<Vec<PriceBook>, sqlx::Error> {
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM price_books ORDER BY meter, scope, lower(effective)"
-    ))
+    let rows = sqlx::query_as!(
+        PriceBookRow,
+        r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
+                upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
+                minimum_per_period, created_at, updated_at
+         FROM price_books ORDER BY meter, scope, lower(effective)"#
+    )
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter().map(|r| stored(r).map(|s| s.book)).collect()
+    Ok(rows
+        .into_iter()
+        .map(|r| StoredPriceBook::from(r).book)
+        .collect())
 }
 
 /// One book by id.
@@ -68,15 +105,17 @@ pub async fn get_price_book(
     conn: &mut PgConnection,
     price_book_id: &str,
 ) -> Result<Option<StoredPriceBook>, sqlx::Error> {
-    sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM price_books WHERE price_book_id = $1"
-    ))
-    .bind(price_book_id)
+    let row = sqlx::query_as!(
+        PriceBookRow,
+        r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
+                upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
+                minimum_per_period, created_at, updated_at
+         FROM price_books WHERE price_book_id = $1"#,
+        price_book_id,
+    )
     .fetch_optional(&mut *conn)
-    .await?
-    .as_ref()
-    .map(stored)
-    .transpose()
+    .await?;
+    Ok(row.map(StoredPriceBook::from))
 }
 
 /// Which books a list shows, and where a page starts.
@@ -103,28 +142,32 @@ pub async fn list_price_books(
         Some((m, f, id)) => (Some(m), Some(f), Some(id)),
         None => (None, None, None),
     };
-    let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM price_books
+    let rows = sqlx::query_as!(
+        PriceBookRow,
+        r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
+                upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
+                minimum_per_period, created_at, updated_at
+         FROM price_books
          WHERE ($1::text IS NULL OR meter = $1)
            AND ($2::text IS NULL OR customer_id = $2)
            AND effective && tstzrange($3, $4, '[)')
            AND ($5::text IS NULL OR (meter, lower(effective), price_book_id) > ($5, $6, $7))
            AND ($9::text IS NULL OR customer_id IS NULL OR customer_id = $9)
          ORDER BY meter, lower(effective), price_book_id
-         LIMIT $8"
-    ))
-    .bind(filter.meter)
-    .bind(filter.customer_id)
-    .bind(filter.from)
-    .bind(filter.to)
-    .bind(after_meter)
-    .bind(after_from)
-    .bind(after_id)
-    .bind(filter.limit)
-    .bind(filter.visible_to)
+         LIMIT $8"#,
+        filter.meter,
+        filter.customer_id,
+        filter.from,
+        filter.to,
+        after_meter,
+        after_from,
+        after_id,
+        filter.limit,
+        filter.visible_to,
+    )
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter().map(stored).collect()
+    Ok(rows.into_iter().map(StoredPriceBook::from).collect())
 }
 
 /// Stores a new book and its audit row, unless it overlaps another book of its meter and scope.
@@ -133,21 +176,21 @@ pub async fn create_price_book(
     book: &PriceBook,
 ) -> Result<StoredPriceBook, PriceBookError> {
     let mut tx = conn.begin().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO price_books
+    let inserted = sqlx::query!(
+        r#"INSERT INTO price_books
              (price_book_id, meter, customer_id, currency, effective, model, minimum_per_period)
          VALUES ($1, $2, $3, $4, tstzrange($5, $6, '[)'), $7, $8)
          ON CONFLICT ON CONSTRAINT price_books_no_overlap DO NOTHING
-         RETURNING created_at, updated_at",
+         RETURNING created_at AS "created_at!", updated_at AS "updated_at!""#,
+        book.price_book_id,
+        book.meter,
+        book.customer_id,
+        book.currency,
+        instant(book.effective_from)?,
+        book.effective_to.map(instant).transpose()?,
+        Json(&book.model) as _,
+        book.minimum_per_period,
     )
-    .bind(&book.price_book_id)
-    .bind(&book.meter)
-    .bind(&book.customer_id)
-    .bind(&book.currency)
-    .bind(instant(book.effective_from)?)
-    .bind(book.effective_to.map(instant).transpose()?)
-    .bind(Json(&book.model))
-    .bind(book.minimum_per_period)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = inserted else {
@@ -158,8 +201,8 @@ pub async fn create_price_book(
     tx.commit().await?;
     Ok(StoredPriceBook {
         book: book.clone(),
-        created_at: row.try_get(0)?,
-        updated_at: row.try_get(1)?,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
     })
 }
 
@@ -202,13 +245,18 @@ async fn try_update(
     edit: &impl Fn(&PriceBook) -> Result<PriceBook, Vec<FieldError>>,
 ) -> Result<StoredPriceBook, PriceBookError> {
     let mut tx = conn.begin().await?;
-    let row = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM price_books WHERE price_book_id = $1 FOR UPDATE"
-    ))
-    .bind(price_book_id)
+    let before: StoredPriceBook = sqlx::query_as!(
+        PriceBookRow,
+        r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
+                upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
+                minimum_per_period, created_at, updated_at
+         FROM price_books WHERE price_book_id = $1 FOR UPDATE"#,
+        price_book_id,
+    )
     .fetch_optional(&mut *tx)
-    .await?;
-    let before = stored(&row.ok_or(PriceBookError::NotFound)?)?;
+    .await?
+    .ok_or(PriceBookError::NotFound)?
+    .into();
     let edited = edit(&before.book).map_err(PriceBookError::Invalid)?;
     let after = PriceBook {
         model: edited.model,
@@ -219,17 +267,17 @@ async fn try_update(
     if after == before.book {
         return Ok(before);
     }
-    let row = sqlx::query(
+    let updated_at = sqlx::query_scalar!(
         "UPDATE price_books
          SET model = $2, minimum_per_period = $3, effective = tstzrange(lower(effective), $4, '[)'),
              updated_at = now()
          WHERE price_book_id = $1
          RETURNING updated_at",
+        price_book_id,
+        Json(&after.model) as _,
+        after.minimum_per_period,
+        after.effective_to.map(instant).transpose()?,
     )
-    .bind(price_book_id)
-    .bind(Json(&after.model))
-    .bind(after.minimum_per_period)
-    .bind(after.effective_to.map(instant).transpose()?)
     .fetch_one(&mut *tx)
     .await?;
     audit(&mut tx, price_book_id, "update", Some(&before.book), &after).await?;
@@ -237,7 +285,7 @@ async fn try_update(
     Ok(StoredPriceBook {
         book: after,
         created_at: before.created_at,
-        updated_at: row.try_get(0)?,
+        updated_at,
     })
 }
 
@@ -246,17 +294,17 @@ async fn overlapping(
     conn: &mut PgConnection,
     book: &PriceBook,
 ) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT price_book_id FROM price_books
          WHERE meter = $1 AND scope = coalesce($2, '') AND price_book_id <> $3
            AND effective && tstzrange($4, $5, '[)')
          ORDER BY lower(effective) LIMIT 1",
+        book.meter,
+        book.customer_id,
+        book.price_book_id,
+        instant(book.effective_from)?,
+        book.effective_to.map(instant).transpose()?,
     )
-    .bind(&book.meter)
-    .bind(&book.customer_id)
-    .bind(&book.price_book_id)
-    .bind(instant(book.effective_from)?)
-    .bind(book.effective_to.map(instant).transpose()?)
     .fetch_optional(&mut *conn)
     .await
 }
@@ -268,13 +316,13 @@ async fn audit(
     before: Option<&PriceBook>,
     after: &PriceBook,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO price_book_audit (price_book_id, action, before, after) VALUES ($1, $2, $3, $4)",
+        price_book_id,
+        action,
+        before.map(audit_record),
+        audit_record(after),
     )
-    .bind(price_book_id)
-    .bind(action)
-    .bind(before.map(audit_record).map(Json))
-    .bind(Json(audit_record(after)))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -315,26 +363,5 @@ fn is_retryable(e: &sqlx::Error) -> bool {
 fn instant(micros: i64) -> Result<DateTime<Utc>, sqlx::Error> {
     DateTime::from_timestamp_micros(micros).ok_or_else(|| {
         sqlx::Error::Encode(format!("{micros} µs is outside the representable range").into())
-    })
-}
-
-fn stored(r: &PgRow) -> Result<StoredPriceBook, sqlx::Error> {
-    let from: DateTime<Utc> = r.try_get(4)?;
-    let to: Option<DateTime<Utc>> = r.try_get(5)?;
-    let Json(model): Json<PriceModel> = r.try_get(6)?;
-    let minimum_per_period: Option<Decimal> = r.try_get(7)?;
-    Ok(StoredPriceBook {
-        book: PriceBook {
-            price_book_id: r.try_get(0)?,
-            meter: r.try_get(1)?,
-            customer_id: r.try_get(2)?,
-            currency: r.try_get(3)?,
-            effective_from: from.timestamp_micros(),
-            effective_to: to.map(|t| t.timestamp_micros()),
-            model,
-            minimum_per_period,
-        },
-        created_at: r.try_get(8)?,
-        updated_at: r.try_get(9)?,
     })
 }

@@ -39,7 +39,8 @@ pub async fn aggregations(
     page: WindowPage<'_>,
 ) -> Result<Vec<AggregationRow>, sqlx::Error> {
     let (after_customer, after_meter, after_start) = split(page.after);
-    sqlx::query_as(
+    sqlx::query_as!(
+        AggregationRow,
         "SELECT customer_id, meter, window_start, window_end, value, event_count, finalized, revision, updated_at,
                 quarantined
          FROM aggregations
@@ -50,15 +51,15 @@ pub async fn aggregations(
            AND ($5::text IS NULL OR (customer_id, meter, window_start) > ($5, $6, $7))
          ORDER BY customer_id, meter, window_start
          LIMIT $8",
+        page.customer_id,
+        page.meter,
+        page.from,
+        page.to,
+        after_customer,
+        after_meter,
+        after_start,
+        page.limit,
     )
-    .bind(page.customer_id)
-    .bind(page.meter)
-    .bind(page.from)
-    .bind(page.to)
-    .bind(after_customer)
-    .bind(after_meter)
-    .bind(after_start)
-    .bind(page.limit)
     .fetch_all(pool)
     .await
 }
@@ -74,8 +75,8 @@ pub async fn window_event_ids(
     after: Option<&str>,
     per_window: i64,
 ) -> Result<Vec<(usize, String)>, sqlx::Error> {
-    let rows: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT w.i, x.event_id
+    let rows = sqlx::query!(
+        r#"SELECT w.i AS "i!", x.event_id AS "event_id!"
          FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
               WITH ORDINALITY AS w(customer_id, meter, window_start, window_end, i)
          CROSS JOIN LATERAL (
@@ -90,22 +91,23 @@ pub async fn window_event_ids(
              ORDER BY t.event_id
              LIMIT $6
          ) x
-         ORDER BY w.i, x.event_id",
+         ORDER BY w.i, x.event_id"#,
+        // `&str`s, which the macro's check (it expects `String`s for `text[]`) would refuse.
+        windows.iter().map(|w| w.0).collect::<Vec<_>>() as _,
+        windows.iter().map(|w| w.1).collect::<Vec<_>>() as _,
+        &windows.iter().map(|w| w.2).collect::<Vec<_>>(),
+        &windows.iter().map(|w| w.3).collect::<Vec<_>>(),
+        after,
+        per_window,
     )
-    .bind(windows.iter().map(|w| w.0).collect::<Vec<_>>())
-    .bind(windows.iter().map(|w| w.1).collect::<Vec<_>>())
-    .bind(windows.iter().map(|w| w.2).collect::<Vec<_>>())
-    .bind(windows.iter().map(|w| w.3).collect::<Vec<_>>())
-    .bind(after)
-    .bind(per_window)
     .fetch_all(pool)
     .await?;
     // WITH ORDINALITY counts from 1.
     Ok(rows
         .into_iter()
-        .filter_map(|(i, id)| {
-            let i = usize::try_from(i.checked_sub(1)?).ok()?;
-            Some((i, id))
+        .filter_map(|row| {
+            let i = usize::try_from(row.i.checked_sub(1)?).ok()?;
+            Some((i, row.event_id))
         })
         .collect())
 }
@@ -128,7 +130,8 @@ pub struct ChargeRow {
 /// A page of charges.
 pub async fn charges(pool: &PgPool, page: WindowPage<'_>) -> Result<Vec<ChargeRow>, sqlx::Error> {
     let (after_customer, after_meter, after_start) = split(page.after);
-    sqlx::query_as(
+    sqlx::query_as!(
+        ChargeRow,
         "SELECT customer_id, meter, window_start, window_end, quantity, amount, currency, price_book_id,
                 revision, updated_at
          FROM charges
@@ -139,15 +142,15 @@ pub async fn charges(pool: &PgPool, page: WindowPage<'_>) -> Result<Vec<ChargeRo
            AND ($5::text IS NULL OR (customer_id, meter, window_start) > ($5, $6, $7))
          ORDER BY customer_id, meter, window_start
          LIMIT $8",
+        page.customer_id,
+        page.meter,
+        page.from,
+        page.to,
+        after_customer,
+        after_meter,
+        after_start,
+        page.limit,
     )
-    .bind(page.customer_id)
-    .bind(page.meter)
-    .bind(page.from)
-    .bind(page.to)
-    .bind(after_customer)
-    .bind(after_meter)
-    .bind(after_start)
-    .bind(page.limit)
     .fetch_all(pool)
     .await
 }
@@ -170,12 +173,13 @@ pub async fn dead_letters(
     after: i64,
     limit: i64,
 ) -> Result<Vec<DeadLetterRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, topic, partition, \"offset\", reason, payload, created_at FROM dead_letters
-         WHERE id > $1 ORDER BY id LIMIT $2",
+    sqlx::query_as!(
+        DeadLetterRow,
+        r#"SELECT id, topic, partition, "offset", reason, payload, created_at FROM dead_letters
+         WHERE id > $1 ORDER BY id LIMIT $2"#,
+        after,
+        limit,
     )
-    .bind(after)
-    .bind(limit)
     .fetch_all(pool)
     .await
 }
@@ -204,12 +208,13 @@ pub async fn committed_progress(
     pool: &PgPool,
     topic: &str,
 ) -> Result<Option<CommittedProgress>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT committed_epoch, committed_at, committed_watermark,
-                extract(epoch FROM allowed_lateness)::bigint AS allowed_lateness_seconds
-         FROM pipeline_leases WHERE topic = $1",
+    sqlx::query_as!(
+        CommittedProgress,
+        r#"SELECT committed_epoch, committed_at, committed_watermark,
+                extract(epoch FROM allowed_lateness)::bigint AS "allowed_lateness_seconds!"
+         FROM pipeline_leases WHERE topic = $1"#,
+        topic,
     )
-    .bind(topic)
     .fetch_optional(pool)
     .await
 }
@@ -227,10 +232,11 @@ pub async fn committed_offsets(
     pool: &PgPool,
     topic: &str,
 ) -> Result<Vec<PartitionOffset>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        PartitionOffset,
         "SELECT partition, next_offset, max_event_time FROM source_offsets WHERE topic = $1 ORDER BY partition",
+        topic,
     )
-    .bind(topic)
     .fetch_all(pool)
     .await
 }
@@ -240,15 +246,20 @@ pub async fn committed_watermark(
     pool: &PgPool,
     topic: &str,
 ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    let w: Option<Option<DateTime<Utc>>> =
-        sqlx::query_scalar("SELECT committed_watermark FROM pipeline_leases WHERE topic = $1")
-            .bind(topic)
-            .fetch_optional(pool)
-            .await?;
+    let w: Option<Option<DateTime<Utc>>> = sqlx::query_scalar!(
+        "SELECT committed_watermark FROM pipeline_leases WHERE topic = $1",
+        topic,
+    )
+    .fetch_optional(pool)
+    .await?;
     Ok(w.flatten())
 }
 
 /// Whether the database answers a statement (readiness).
 pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
+    // One row, discarded (the macro's query has no `execute`).
+    sqlx::query!("SELECT 1 AS one")
+        .fetch_one(pool)
+        .await
+        .map(|_| ())
 }

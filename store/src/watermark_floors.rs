@@ -6,10 +6,12 @@ use sqlx::PgPool;
 
 /// The floor of `topic`, if an admin set one.
 pub async fn floor(pool: &PgPool, topic: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    sqlx::query_scalar("SELECT advance_to FROM watermark_floors WHERE topic = $1")
-        .bind(topic)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_scalar!(
+        "SELECT advance_to FROM watermark_floors WHERE topic = $1",
+        topic,
+    )
+    .fetch_optional(pool)
+    .await
 }
 
 /// Raises the floor of `topic` to `to` (never lowers it) and audits it; returns the floor after.
@@ -21,19 +23,20 @@ pub async fn advance(
     request_id: Option<&str>,
 ) -> Result<DateTime<Utc>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let before: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT advance_to FROM watermark_floors WHERE topic = $1 FOR UPDATE")
-            .bind(topic)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let floor: DateTime<Utc> = sqlx::query_scalar(
-        "INSERT INTO watermark_floors AS f (topic, advance_to) VALUES ($1, $2)
+    let before: Option<DateTime<Utc>> = sqlx::query_scalar!(
+        "SELECT advance_to FROM watermark_floors WHERE topic = $1 FOR UPDATE",
+        topic,
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let floor: DateTime<Utc> = sqlx::query_scalar!(
+        r#"INSERT INTO watermark_floors AS f (topic, advance_to) VALUES ($1, $2)
          ON CONFLICT ON CONSTRAINT watermark_floors_pkey
          DO UPDATE SET advance_to = GREATEST(f.advance_to, excluded.advance_to), updated_at = now()
-         RETURNING advance_to",
+         RETURNING advance_to AS "advance_to!""#,
+        topic,
+        to,
     )
-    .bind(topic)
-    .bind(to)
     .fetch_one(&mut *tx)
     .await?;
     crate::audit::insert(
