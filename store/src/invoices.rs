@@ -31,7 +31,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
-use compute::{compute, load_usage, period_usage, Ledger};
+use compute::{compute, load_usage, Ledger, UsageRow};
 use meterflow_model::invoice::{corrections, draft, price_summary, targets, LineKey};
 use meterflow_model::money::{self, MoneyError};
 use meterflow_model::{
@@ -39,9 +39,7 @@ use meterflow_model::{
     PeriodUsage, PriceModel,
 };
 use rust_decimal::Decimal;
-use sqlx::postgres::PgRow;
-use sqlx::types::Json;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
 mod compute;
 mod stored;
@@ -131,11 +129,12 @@ pub async fn ended_by(
     topic: &str,
     now: DateTime<Utc>,
 ) -> Result<DateTime<Utc>, sqlx::Error> {
-    let watermark: Option<Option<DateTime<Utc>>> =
-        sqlx::query_scalar("SELECT committed_watermark FROM pipeline_leases WHERE topic = $1")
-            .bind(topic)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let watermark = sqlx::query_scalar!(
+        "SELECT committed_watermark FROM pipeline_leases WHERE topic = $1",
+        topic,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     Ok(watermark.flatten().map_or(now, |w| w.max(now)))
 }
 
@@ -271,20 +270,19 @@ pub async fn issue_batch(
 
     // Every issued invoice of these customers, by (customer, period).
     let mut issued: HashMap<(String, i64), IssuedPeriod> = HashMap::new();
-    for row in sqlx::query(
+    for row in sqlx::query!(
         "SELECT customer_id, billing_period_start, invoice_id, number FROM invoices
          WHERE customer_id = ANY($1) AND status = 'issued'",
+        customer_ids,
     )
-    .bind(customer_ids)
     .fetch_all(&mut *tx)
     .await?
     {
-        let start: DateTime<Utc> = row.try_get(1)?;
         issued.insert(
-            (row.try_get(0)?, start.timestamp()),
+            (row.customer_id, row.billing_period_start.timestamp()),
             IssuedPeriod {
-                invoice_id: row.try_get(2)?,
-                number: row.try_get(3)?,
+                invoice_id: row.invoice_id,
+                number: row.number,
             },
         );
     }
@@ -298,23 +296,25 @@ pub async fn issue_batch(
         }
     }
     // A period in rating quarantine is charged only up to a window: not invoiced (findings 3, 17).
-    let quarantined: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT DISTINCT ON (customer_id) customer_id, meter, extract(epoch FROM from_window)::bigint
-         FROM rating_quarantine WHERE customer_id = ANY($1) AND period_start = $2
-         ORDER BY customer_id, meter",
+    let todo_ids: Vec<String> = todo.iter().map(|c| c.customer_id.clone()).collect();
+    let quarantined = sqlx::query!(
+        r#"SELECT DISTINCT ON (customer_id) customer_id, meter,
+                  extract(epoch FROM from_window)::bigint AS "from_window!"
+           FROM rating_quarantine WHERE customer_id = ANY($1) AND period_start = $2
+           ORDER BY customer_id, meter"#,
+        &todo_ids,
+        period.start,
     )
-    .bind(todo.iter().map(|c| c.customer_id.as_str()).collect::<Vec<_>>())
-    .bind(period.start)
     .fetch_all(&mut *tx)
     .await?;
-    for (customer_id, meter, from_window) in quarantined {
-        todo.retain(|c| c.customer_id != customer_id);
+    for row in quarantined {
+        todo.retain(|c| c.customer_id != row.customer_id);
         outcome.failed.push((
-            customer_id,
+            row.customer_id,
             InvoiceError::Quarantined {
-                meter,
+                meter: row.meter,
                 period_start: p,
-                from_window,
+                from_window: row.from_window,
             },
         ));
     }
@@ -360,11 +360,11 @@ pub async fn issue_batch(
         return Ok(outcome);
     }
 
-    let last: i64 = sqlx::query_scalar(
+    let last = sqlx::query_scalar!(
         "UPDATE invoice_numbers SET last_number = last_number + $1 WHERE singleton
          RETURNING last_number",
+        drafts.len() as i64,
     )
-    .bind(drafts.len() as i64)
     .fetch_one(&mut *tx)
     .await?;
     let first = last - drafts.len() as i64 + 1;
@@ -391,28 +391,40 @@ pub async fn issue_batch(
     Ok(outcome)
 }
 
+/// A `customers` row as the issuers lock it: the customer, without its timestamps.
+struct CustomerRow {
+    customer_id: String,
+    name: String,
+    email: Option<String>,
+    address: Option<String>,
+    currency: String,
+}
+
+impl From<CustomerRow> for Customer {
+    fn from(row: CustomerRow) -> Self {
+        Customer {
+            customer_id: row.customer_id,
+            name: row.name,
+            email: row.email,
+            address: row.address,
+            currency: row.currency,
+        }
+    }
+}
+
 async fn lock_customers(
     tx: &mut PgConnection,
     customer_ids: &[String],
 ) -> Result<Vec<Customer>, sqlx::Error> {
-    let rows = sqlx::query(
+    let rows = sqlx::query_as!(
+        CustomerRow,
         "SELECT customer_id, name, email, address, currency FROM customers
          WHERE customer_id = ANY($1) ORDER BY customer_id FOR UPDATE",
+        customer_ids,
     )
-    .bind(customer_ids)
     .fetch_all(&mut *tx)
     .await?;
-    rows.iter().map(customer).collect()
-}
-
-fn customer(row: &PgRow) -> Result<Customer, sqlx::Error> {
-    Ok(Customer {
-        customer_id: row.try_get(0)?,
-        name: row.try_get(1)?,
-        email: row.try_get(2)?,
-        address: row.try_get(3)?,
-        currency: row.try_get(4)?,
-    })
+    Ok(rows.into_iter().map(Customer::from).collect())
 }
 
 /// `inv_` and 64 random bits in hex.
@@ -431,39 +443,33 @@ async fn insert(
         .map(|i| serde_json::to_string(&i.line_items))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO invoices (invoice_id, number, customer_id, billing_period_start,
                                billing_period_end, status, currency, line_items, subtotal, total,
                                issued_at)
          SELECT i, n, c, $4, $5, 'issued', cur, l::jsonb, s, t, $6
          FROM UNNEST($1::text[], $2::bigint[], $3::text[], $7::text[], $8::text[], $9::numeric[],
                      $10::numeric[]) AS u(i, n, c, cur, l, s, t)",
-    )
-    .bind(
-        invoices
+        &invoices
             .iter()
-            .map(|i| i.invoice_id.as_str())
+            .map(|i| i.invoice_id.clone())
             .collect::<Vec<_>>(),
-    )
-    .bind(invoices.iter().map(|i| i.number).collect::<Vec<_>>())
-    .bind(
-        invoices
+        &invoices.iter().map(|i| i.number).collect::<Vec<_>>(),
+        &invoices
             .iter()
-            .map(|i| i.customer_id.as_str())
+            .map(|i| i.customer_id.clone())
             .collect::<Vec<_>>(),
-    )
-    .bind(period.start)
-    .bind(period.end)
-    .bind(issued_at)
-    .bind(
-        invoices
+        period.start,
+        period.end,
+        issued_at,
+        &invoices
             .iter()
-            .map(|i| i.currency.as_str())
+            .map(|i| i.currency.clone())
             .collect::<Vec<_>>(),
+        &lines,
+        &invoices.iter().map(|i| i.subtotal).collect::<Vec<_>>(),
+        &invoices.iter().map(|i| i.total).collect::<Vec<_>>(),
     )
-    .bind(lines)
-    .bind(invoices.iter().map(|i| i.subtotal).collect::<Vec<_>>())
-    .bind(invoices.iter().map(|i| i.total).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
 
@@ -477,30 +483,26 @@ async fn insert(
         })
         .collect();
     if !adjustments.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO invoice_adjustments (invoice_id, position, original_invoice_id, period_start,
                                               meter, price_book_id, amount, reason)
              SELECT * FROM UNNEST($1::text[], $2::smallint[], $3::text[], $4::timestamptz[],
                                   $5::text[], $6::text[], $7::numeric[], $8::text[])",
-        )
-        .bind(adjustments.iter().map(|a| a.0).collect::<Vec<_>>())
-        .bind(adjustments.iter().map(|a| a.1).collect::<Vec<_>>())
-        .bind(
-            adjustments
+            &adjustments.iter().map(|a| a.0.to_owned()).collect::<Vec<_>>(),
+            &adjustments.iter().map(|a| a.1).collect::<Vec<_>>(),
+            &adjustments
                 .iter()
-                .map(|a| a.2.original_invoice_id.as_str())
+                .map(|a| a.2.original_invoice_id.clone())
                 .collect::<Vec<_>>(),
-        )
-        .bind(
-            adjustments
+            &adjustments
                 .iter()
                 .map(|a| DateTime::from_timestamp(a.2.period_start, 0).unwrap_or_default())
                 .collect::<Vec<_>>(),
+            &adjustments.iter().map(|a| a.2.meter.clone()).collect::<Vec<_>>(),
+            &adjustments.iter().map(|a| a.2.price_book_id.clone()).collect::<Vec<_>>(),
+            &adjustments.iter().map(|a| a.2.amount).collect::<Vec<_>>(),
+            &adjustments.iter().map(|a| a.2.reason.clone()).collect::<Vec<_>>(),
         )
-        .bind(adjustments.iter().map(|a| a.2.meter.as_str()).collect::<Vec<_>>())
-        .bind(adjustments.iter().map(|a| a.2.price_book_id.as_str()).collect::<Vec<_>>())
-        .bind(adjustments.iter().map(|a| a.2.amount).collect::<Vec<_>>())
-        .bind(adjustments.iter().map(|a| a.2.reason.as_str()).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
     }
@@ -515,20 +517,18 @@ pub async fn upcoming(
     currency: &str,
     period: Period,
 ) -> Result<meterflow_model::Draft, IssueError> {
-    let rows = sqlx::query(
-        "SELECT u.meter, u.price_book_id, u.currency, u.quantity, u.amount, b.minimum_per_period,
-                b.model
+    let rows = sqlx::query_as!(
+        UsageRow,
+        r#"SELECT u.customer_id, u.period_start, u.meter, u.price_book_id, u.currency, u.quantity,
+                u.amount, b.minimum_per_period AS "minimum_per_period?", b.model AS "model?"
          FROM upcoming_lines u LEFT JOIN price_books b ON b.price_book_id = u.price_book_id
-         WHERE u.customer_id = $1 AND u.period_start = $2",
+         WHERE u.customer_id = $1 AND u.period_start = $2"#,
+        customer_id,
+        period.start,
     )
-    .bind(customer_id)
-    .bind(period.start)
     .fetch_all(&mut *conn)
     .await?;
-    let usage = rows
-        .iter()
-        .map(|r| period_usage(r, 0))
-        .collect::<Result<Vec<_>, _>>()?;
+    let usage: Vec<PeriodUsage> = rows.into_iter().map(PeriodUsage::from).collect();
     Ok(draft(&usage, currency, period.start.timestamp())?)
 }
 

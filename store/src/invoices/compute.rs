@@ -21,47 +21,46 @@ impl Ledger {
         if customer_ids.is_empty() {
             return Ok(ledger);
         }
-        let key = |row: &PgRow| -> Result<(String, LineKey, Decimal), sqlx::Error> {
-            let start: DateTime<Utc> = row.try_get(1)?;
-            Ok((
-                row.try_get(0)?,
-                LineKey {
-                    period_start: start.timestamp(),
-                    meter: row.try_get(2)?,
-                    price_book_id: row.try_get(3)?,
-                },
-                row.try_get(4)?,
-            ))
+        let key = |start: DateTime<Utc>, meter: String, price_book_id: String| LineKey {
+            period_start: start.timestamp(),
+            meter,
+            price_book_id,
         };
-        let lines = sqlx::query(
-            "SELECT i.customer_id, i.billing_period_start, l.meter, l.price_book_id, l.amount
-             FROM invoices i,
-                  jsonb_to_recordset(i.line_items) AS l(meter text, price_book_id text, amount numeric)
-             WHERE i.customer_id = ANY($1) AND i.status = 'issued'",
+        let lines = sqlx::query!(
+            r#"SELECT i.customer_id, i.billing_period_start, l.meter AS "meter!",
+                      l.price_book_id AS "price_book_id!", l.amount AS "amount!"
+               FROM invoices i,
+                    jsonb_to_recordset(i.line_items) AS l(meter text, price_book_id text, amount numeric)
+               WHERE i.customer_id = ANY($1) AND i.status = 'issued'"#,
+            customer_ids,
         )
-        .bind(customer_ids)
         .fetch_all(&mut *tx)
         .await?;
-        for row in &lines {
-            let (customer, key, amount) = key(row)?;
-            ledger.add(customer, key, amount).map_err(overflow)?;
+        for row in lines {
+            let key = key(row.billing_period_start, row.meter, row.price_book_id);
+            ledger
+                .add(row.customer_id, key, row.amount)
+                .map_err(overflow)?;
         }
-        let adjustments = sqlx::query(
+        let adjustments = sqlx::query!(
             "SELECT i.customer_id, a.period_start, a.meter, a.price_book_id, a.amount,
                     a.original_invoice_id
              FROM invoices i JOIN invoice_adjustments a ON a.invoice_id = i.invoice_id
              WHERE i.customer_id = ANY($1) AND i.status = 'issued'
              ORDER BY i.number, a.position",
+            customer_ids,
         )
-        .bind(customer_ids)
         .fetch_all(&mut *tx)
         .await?;
-        for row in &adjustments {
-            let (customer, key, amount) = key(row)?;
+        for row in adjustments {
+            let key = key(row.period_start, row.meter, row.price_book_id);
+            ledger.corrected.insert(
+                (row.customer_id.clone(), key.clone()),
+                row.original_invoice_id,
+            );
             ledger
-                .corrected
-                .insert((customer.clone(), key.clone()), row.try_get(5)?);
-            ledger.add(customer, key, amount).map_err(overflow)?;
+                .add(row.customer_id, key, row.amount)
+                .map_err(overflow)?;
         }
         Ok(ledger)
     }
@@ -92,46 +91,59 @@ pub(super) async fn load_usage(
     tx: &mut PgConnection,
     pairs: &[(String, DateTime<Utc>)],
 ) -> Result<UsageByPeriod, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT u.customer_id, u.period_start, u.meter, u.price_book_id, u.currency, u.quantity,
-                u.amount, b.minimum_per_period, b.model
+    let rows = sqlx::query_as!(
+        UsageRow,
+        r#"SELECT u.customer_id, u.period_start, u.meter, u.price_book_id, u.currency, u.quantity,
+                u.amount, b.minimum_per_period AS "minimum_per_period?", b.model AS "model?"
          FROM upcoming_lines u LEFT JOIN price_books b ON b.price_book_id = u.price_book_id
-         WHERE (u.customer_id, u.period_start) IN (SELECT * FROM UNNEST($1::text[], $2::timestamptz[]))",
+         WHERE (u.customer_id, u.period_start) IN (SELECT * FROM UNNEST($1::text[], $2::timestamptz[]))"#,
+        &pairs.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>(),
+        &pairs.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
     )
-    .bind(pairs.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>())
-    .bind(pairs.iter().map(|(_, p)| *p).collect::<Vec<_>>())
     .fetch_all(&mut *tx)
     .await?;
     let mut out = UsageByPeriod::new();
-    for row in &rows {
-        let start: DateTime<Utc> = row.try_get(1)?;
-        out.entry((row.try_get(0)?, start.timestamp()))
+    for row in rows {
+        out.entry((row.customer_id.clone(), row.period_start.timestamp()))
             .or_default()
-            .push(period_usage(row, 2)?);
+            .push(row.into());
     }
     Ok(out)
 }
 
-/// A `PeriodUsage` from `meter, price_book_id, currency, quantity, amount, minimum_per_period, model`
-/// starting at column `at`.
-pub(super) fn period_usage(row: &PgRow, at: usize) -> Result<PeriodUsage, sqlx::Error> {
-    let price_book_id: String = row.try_get(at + 1)?;
-    let model: Option<Json<serde_json::Value>> = row.try_get(at + 6)?;
-    let summary = model
-        .and_then(|Json(v)| serde_json::from_value::<PriceModel>(v).ok())
-        .map_or_else(
-            || format!("price book {price_book_id}"),
-            |m| price_summary(&m),
-        );
-    Ok(PeriodUsage {
-        meter: row.try_get(at)?,
-        price_book_id,
-        currency: row.try_get(at + 2)?,
-        quantity: row.try_get(at + 3)?,
-        amount: row.try_get(at + 4)?,
-        minimum: row.try_get(at + 5)?,
-        unit_price_summary: summary,
-    })
+/// An `upcoming_lines` row with its book's minimum and prices (the book is outer-joined: both optional).
+pub(super) struct UsageRow {
+    pub(super) customer_id: String,
+    pub(super) period_start: DateTime<Utc>,
+    pub(super) meter: String,
+    pub(super) price_book_id: String,
+    pub(super) currency: String,
+    pub(super) quantity: Decimal,
+    pub(super) amount: Decimal,
+    pub(super) minimum_per_period: Option<Decimal>,
+    pub(super) model: Option<serde_json::Value>,
+}
+
+/// The row's `PeriodUsage`; a book that is gone or whose prices do not read is summarised by its id.
+impl From<UsageRow> for PeriodUsage {
+    fn from(row: UsageRow) -> Self {
+        let summary = row
+            .model
+            .and_then(|v| serde_json::from_value::<PriceModel>(v).ok())
+            .map_or_else(
+                || format!("price book {}", row.price_book_id),
+                |m| price_summary(&m),
+            );
+        PeriodUsage {
+            meter: row.meter,
+            price_book_id: row.price_book_id,
+            currency: row.currency,
+            quantity: row.quantity,
+            amount: row.amount,
+            minimum: row.minimum_per_period,
+            unit_price_summary: summary,
+        }
+    }
 }
 
 /// A customer's invoice for period `p` before it has a number.

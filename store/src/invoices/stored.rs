@@ -5,9 +5,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use meterflow_model::{Adjustment, Invoice, InvoiceLine, InvoiceStatus};
-use sqlx::postgres::PgRow;
+use rust_decimal::Decimal;
 use sqlx::types::Json;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
 use super::StoredInvoice;
 
@@ -17,18 +17,84 @@ pub async fn issued_invoice_id(
     customer_id: &str,
     period_start: DateTime<Utc>,
 ) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT invoice_id FROM invoices
          WHERE customer_id = $1 AND billing_period_start = $2 AND status = 'issued'",
+        customer_id,
+        period_start,
     )
-    .bind(customer_id)
-    .bind(period_start)
     .fetch_optional(&mut *conn)
     .await
 }
 
-const INVOICE_COLUMNS: &str = "invoice_id, number, customer_id, billing_period_start, \
-    billing_period_end, status, currency, subtotal, total, issued_at, voided_at, void_reason, line_items";
+/// An `invoices` row as the queries select it (every query names these columns, checked by sqlx); the
+/// lines decode from their JSON.
+struct InvoiceRow {
+    invoice_id: String,
+    number: i64,
+    customer_id: String,
+    billing_period_start: DateTime<Utc>,
+    billing_period_end: DateTime<Utc>,
+    status: String,
+    currency: String,
+    subtotal: Decimal,
+    total: Decimal,
+    issued_at: DateTime<Utc>,
+    voided_at: Option<DateTime<Utc>>,
+    void_reason: Option<String>,
+    line_items: Json<Vec<InvoiceLine>>,
+}
+
+impl From<InvoiceRow> for StoredInvoice {
+    fn from(row: InvoiceRow) -> Self {
+        StoredInvoice {
+            invoice: Invoice {
+                invoice_id: row.invoice_id,
+                number: row.number,
+                customer_id: row.customer_id,
+                billing_period_start: row.billing_period_start.timestamp(),
+                billing_period_end: row.billing_period_end.timestamp(),
+                status: if row.status == "void" {
+                    InvoiceStatus::Void
+                } else {
+                    InvoiceStatus::Issued
+                },
+                currency: row.currency,
+                line_items: row.line_items.0,
+                adjustments: Vec::new(),
+                subtotal: row.subtotal,
+                total: row.total,
+                issued_at: row.issued_at.timestamp_micros(),
+            },
+            voided_at: row.voided_at,
+            void_reason: row.void_reason,
+        }
+    }
+}
+
+/// An `invoice_adjustments` row as [`with_details`] selects it: the adjustment and its invoice.
+struct AdjustmentRow {
+    invoice_id: String,
+    original_invoice_id: String,
+    period_start: DateTime<Utc>,
+    meter: String,
+    price_book_id: String,
+    amount: Decimal,
+    reason: String,
+}
+
+impl From<AdjustmentRow> for Adjustment {
+    fn from(row: AdjustmentRow) -> Self {
+        Adjustment {
+            original_invoice_id: row.original_invoice_id,
+            period_start: row.period_start.timestamp(),
+            meter: row.meter,
+            price_book_id: row.price_book_id,
+            amount: row.amount,
+            reason: row.reason,
+        }
+    }
+}
 
 /// Which invoices a list shows, and where a page starts.
 #[derive(Clone, Debug, Default)]
@@ -48,48 +114,53 @@ pub async fn list_invoices(
     conn: &mut PgConnection,
     filter: &InvoiceFilter<'_>,
 ) -> Result<Vec<StoredInvoice>, sqlx::Error> {
-    let rows = sqlx::query(&format!(
-        "SELECT {INVOICE_COLUMNS} FROM invoices
-         WHERE ($1::text IS NULL OR customer_id = $1)
-           AND ($2::timestamptz IS NULL OR billing_period_start >= $2)
-           AND ($3::timestamptz IS NULL OR billing_period_start < $3)
-           AND ($4::text IS NULL OR status = $4)
-           AND ($5::bigint IS NULL OR number > $5)
-         ORDER BY number LIMIT $6"
-    ))
-    .bind(filter.customer_id)
-    .bind(filter.from)
-    .bind(filter.to)
-    .bind(filter.status.map(InvoiceStatus::as_str))
-    .bind(filter.after_number)
-    .bind(filter.limit)
+    let rows = sqlx::query_as!(
+        InvoiceRow,
+        r#"SELECT invoice_id, number, customer_id, billing_period_start, billing_period_end, status,
+                  currency, subtotal, total, issued_at, voided_at, void_reason,
+                  line_items AS "line_items: Json<Vec<InvoiceLine>>"
+           FROM invoices
+           WHERE ($1::text IS NULL OR customer_id = $1)
+             AND ($2::timestamptz IS NULL OR billing_period_start >= $2)
+             AND ($3::timestamptz IS NULL OR billing_period_start < $3)
+             AND ($4::text IS NULL OR status = $4)
+             AND ($5::bigint IS NULL OR number > $5)
+           ORDER BY number LIMIT $6"#,
+        filter.customer_id,
+        filter.from,
+        filter.to,
+        filter.status.map(InvoiceStatus::as_str),
+        filter.after_number,
+        filter.limit,
+    )
     .fetch_all(&mut *conn)
     .await?;
-    with_details(conn, rows).await
+    with_details(conn, rows.into_iter().map(StoredInvoice::from).collect()).await
 }
 
 pub async fn get_invoice(
     conn: &mut PgConnection,
     invoice_id: &str,
 ) -> Result<Option<StoredInvoice>, sqlx::Error> {
-    let rows = sqlx::query(&format!(
-        "SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id = $1"
-    ))
-    .bind(invoice_id)
+    let rows = sqlx::query_as!(
+        InvoiceRow,
+        r#"SELECT invoice_id, number, customer_id, billing_period_start, billing_period_end, status,
+                  currency, subtotal, total, issued_at, voided_at, void_reason,
+                  line_items AS "line_items: Json<Vec<InvoiceLine>>"
+           FROM invoices WHERE invoice_id = $1"#,
+        invoice_id,
+    )
     .fetch_all(&mut *conn)
     .await?;
-    Ok(with_details(conn, rows).await?.pop())
+    let invoices = rows.into_iter().map(StoredInvoice::from).collect();
+    Ok(with_details(conn, invoices).await?.pop())
 }
 
-/// The invoices of `rows` with their adjustments (one statement for all of them).
+/// `invoices` with their adjustments (one statement for all of them).
 async fn with_details(
     conn: &mut PgConnection,
-    rows: Vec<PgRow>,
+    mut invoices: Vec<StoredInvoice>,
 ) -> Result<Vec<StoredInvoice>, sqlx::Error> {
-    let mut invoices = rows
-        .iter()
-        .map(stored_invoice)
-        .collect::<Result<Vec<_>, _>>()?;
     if invoices.is_empty() {
         return Ok(invoices);
     }
@@ -102,59 +173,20 @@ async fn with_details(
         .enumerate()
         .map(|(n, id)| (id.clone(), n))
         .collect();
-    let adjustments = sqlx::query(
+    let adjustments = sqlx::query_as!(
+        AdjustmentRow,
         "SELECT invoice_id, original_invoice_id, period_start, meter, price_book_id, amount, reason
          FROM invoice_adjustments WHERE invoice_id = ANY($1) ORDER BY invoice_id, position",
+        &ids,
     )
-    .bind(&ids)
     .fetch_all(&mut *conn)
     .await?;
-    for row in &adjustments {
-        let start: DateTime<Utc> = row.try_get(2)?;
-        let adjustment = Adjustment {
-            original_invoice_id: row.try_get(1)?,
-            period_start: start.timestamp(),
-            meter: row.try_get(3)?,
-            price_book_id: row.try_get(4)?,
-            amount: row.try_get(5)?,
-            reason: row.try_get(6)?,
-        };
-        let id: String = row.try_get(0)?;
-        if let Some(issued) = at.get(&id).and_then(|i| invoices.get_mut(*i)) {
-            issued.invoice.adjustments.push(adjustment);
+    for row in adjustments {
+        if let Some(issued) = at.get(&row.invoice_id).and_then(|i| invoices.get_mut(*i)) {
+            issued.invoice.adjustments.push(row.into());
         }
     }
     Ok(invoices)
-}
-
-fn stored_invoice(row: &PgRow) -> Result<StoredInvoice, sqlx::Error> {
-    let start: DateTime<Utc> = row.try_get(3)?;
-    let end: DateTime<Utc> = row.try_get(4)?;
-    let status: String = row.try_get(5)?;
-    let issued_at: DateTime<Utc> = row.try_get(9)?;
-    let Json(line_items): Json<Vec<InvoiceLine>> = row.try_get(12)?;
-    Ok(StoredInvoice {
-        invoice: Invoice {
-            invoice_id: row.try_get(0)?,
-            number: row.try_get(1)?,
-            customer_id: row.try_get(2)?,
-            billing_period_start: start.timestamp(),
-            billing_period_end: end.timestamp(),
-            status: if status == "void" {
-                InvoiceStatus::Void
-            } else {
-                InvoiceStatus::Issued
-            },
-            currency: row.try_get(6)?,
-            line_items,
-            adjustments: Vec::new(),
-            subtotal: row.try_get(7)?,
-            total: row.try_get(8)?,
-            issued_at: issued_at.timestamp_micros(),
-        },
-        voided_at: row.try_get(10)?,
-        void_reason: row.try_get(11)?,
-    })
 }
 
 /// Voids an invoice: its status becomes `void`, which frees its period to be issued again (with a new
@@ -166,26 +198,29 @@ pub async fn void_invoice(
     now: DateTime<Utc>,
 ) -> Result<Option<StoredInvoice>, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    let customer_id: Option<String> =
-        sqlx::query_scalar("SELECT customer_id FROM invoices WHERE invoice_id = $1")
-            .bind(invoice_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let customer_id = sqlx::query_scalar!(
+        "SELECT customer_id FROM invoices WHERE invoice_id = $1",
+        invoice_id,
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     let Some(customer_id) = customer_id else {
         return Ok(None);
     };
     // The issuers' lock: a void never interleaves with an issue that reads this customer's invoices.
-    sqlx::query("SELECT 1 FROM customers WHERE customer_id = $1 FOR UPDATE")
-        .bind(&customer_id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
+    sqlx::query!(
+        "SELECT FROM customers WHERE customer_id = $1 FOR UPDATE",
+        customer_id,
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
         "UPDATE invoices SET status = 'void', voided_at = $2, void_reason = $3
          WHERE invoice_id = $1 AND status = 'issued'",
+        invoice_id,
+        now,
+        reason,
     )
-    .bind(invoice_id)
-    .bind(now)
-    .bind(reason)
     .execute(&mut *tx)
     .await?;
     let invoice = get_invoice(&mut tx, invoice_id).await?;
