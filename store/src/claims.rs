@@ -31,12 +31,35 @@ use std::time::Duration;
 use meterflow_model::claims::{Candidate, ClaimError, ClaimOutcome, Claims, VoidCandidate};
 use meterflow_model::{DuplicateKind, Event};
 use rust_decimal::Decimal;
-use sqlx::{ConnectOptions, Connection, PgConnection, Row};
+use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use crate::copy_text;
 
 /// After the fast path met an id it knew, this many batches are claimed by the statement directly.
 pub const STATEMENT_BATCHES_AFTER_FALLBACK: u32 = 16;
+
+/// A counted event a void retracts, as [`PgClaims::claim_voids`] reads it back.
+struct VoidedRow {
+    event_id: String,
+    customer_id: String,
+    event_type: String,
+    event_time: chrono::DateTime<chrono::Utc>,
+    value: Decimal,
+    properties: String,
+}
+
+impl From<VoidedRow> for Event {
+    fn from(row: VoidedRow) -> Self {
+        Event {
+            event_id: row.event_id,
+            customer_id: row.customer_id,
+            event_type: row.event_type,
+            event_time_micros: row.event_time.timestamp_micros(),
+            value: row.value,
+            properties: row.properties,
+        }
+    }
+}
 
 /// Claims against Postgres, from a reader thread (it owns a small runtime and one connection).
 pub struct PgClaims {
@@ -146,8 +169,9 @@ impl Claims for PgClaims {
                 // the event back to retract exactly what it contributed. A void of an id not seen yet
                 // leaves a tombstone (voided, never counted), so the event, read later, is a voided
                 // duplicate — on the first run and on any replay alike.
-                let rows = sqlx::query(
-                    "WITH tombstones AS (
+                let rows = sqlx::query_as!(
+                    VoidedRow,
+                    r#"WITH tombstones AS (
                         INSERT INTO event_ids (event_id, event_time, fingerprint, source, voided_partition, voided_offset)
                         SELECT v.id, timestamptz 'epoch', 0, 'kafka', v.p, v.o
                         FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS v(id, p, o)
@@ -159,29 +183,17 @@ impl Claims for PgClaims {
                           AND (e.voided_partition IS NULL OR (e.voided_partition, e.voided_offset) = (v.p, v.o))
                         RETURNING e.event_id, e.event_time, e.counted_partition IS NOT NULL AS counted
                      )
-                     SELECT t.event_id, t.customer_id, t.event_type, t.event_time, t.value, t.properties::text
+                     SELECT t.event_id, t.customer_id, t.event_type, t.event_time, t.value, t.properties::text AS "properties!"
                      FROM voided v JOIN telemetry_events t ON t.event_id = v.event_id AND t.event_time = v.event_time
-                     WHERE v.counted",
+                     WHERE v.counted"#,
+                    &ids,
+                    &partitions,
+                    &offsets,
                 )
-                .bind(&ids)
-                .bind(&partitions)
-                .bind(&offsets)
                 .fetch_all(&mut *tx)
                 .await?;
                 tx.commit().await?;
-                rows.into_iter()
-                    .map(|r| {
-                        let time: chrono::DateTime<chrono::Utc> = r.try_get(3)?;
-                        Ok(Event {
-                            event_id: r.try_get(0)?,
-                            customer_id: r.try_get(1)?,
-                            event_type: r.try_get(2)?,
-                            event_time_micros: time.timestamp_micros(),
-                            value: r.try_get(4)?,
-                            properties: r.try_get(5)?,
-                        })
-                    })
-                    .collect::<Result<Vec<Event>, sqlx::Error>>()
+                Ok::<_, sqlx::Error>(rows.into_iter().map(Event::from).collect::<Vec<Event>>())
             })
         })?;
         let mut by_id: std::collections::HashMap<String, Event> = retracted
@@ -214,15 +226,17 @@ impl PgClaims {
             Box::pin(async move {
                 let mut tx = conn.begin().await?;
                 let stored = async {
-                    sqlx::query("SET LOCAL synchronous_commit = off")
+                    sqlx::query!("SET LOCAL synchronous_commit = off")
                         .execute(&mut *tx)
                         .await?;
                     // The bound on event types per customer (migration 0016): 22M01 past it.
-                    sqlx::query("SELECT meterflow_note_event_types($1, $2)")
-                        .bind(&customers)
-                        .bind(&types)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query!(
+                        "SELECT meterflow_note_event_types($1, $2)",
+                        &customers,
+                        &types,
+                    )
+                    .execute(&mut *tx)
+                    .await?;
                     let mut copy = tx
                         .copy_in_raw(
                             "COPY event_ids (event_id, event_time, fingerprint, source, counted_partition, counted_offset) FROM STDIN",
@@ -287,7 +301,7 @@ impl PgClaims {
         let (claimed, existing) = self.with_conn(move |conn| {
             Box::pin(async move {
                 let mut tx = conn.begin().await?;
-                let claimed: Vec<String> = sqlx::query_scalar(
+                let claimed: Vec<String> = sqlx::query_scalar!(
                     "WITH input AS (
                         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::bigint[],
                                              $6::text[], $7::text[], $8::numeric[], $9::text[])
@@ -316,16 +330,16 @@ impl PgClaims {
                         SELECT meterflow_note_event_types(array_agg(customer_id), array_agg(event_type)) FROM stored
                      )
                      SELECT event_id FROM claimed CROSS JOIN noted",
+                    &ids,
+                    &micros,
+                    &fingerprints,
+                    &partitions,
+                    &offsets,
+                    &customers,
+                    &types,
+                    &values,
+                    &properties,
                 )
-                .bind(&ids)
-                .bind(&micros)
-                .bind(&fingerprints)
-                .bind(&partitions)
-                .bind(&offsets)
-                .bind(&customers)
-                .bind(&types)
-                .bind(&values)
-                .bind(&properties)
                 .fetch_all(&mut *tx)
                 .await?;
                 let claimed: std::collections::HashSet<String> = claimed.into_iter().collect();
@@ -333,26 +347,22 @@ impl PgClaims {
                 let existing = if rest.is_empty() {
                     Vec::new()
                 } else {
-                    sqlx::query(
-                        "SELECT event_id, fingerprint, counted_partition, counted_offset, voided_partition IS NOT NULL
-                         FROM event_ids WHERE event_id = ANY($1)",
+                    // The ids are borrowed (`&String`), cast past the macro's `&[String]`.
+                    sqlx::query!(
+                        r#"SELECT event_id, fingerprint, counted_partition, counted_offset, voided_partition IS NOT NULL AS "voided!"
+                         FROM event_ids WHERE event_id = ANY($1)"#,
+                        &rest[..] as &[&String],
                     )
-                    .bind(&rest)
                     .fetch_all(&mut *tx)
                     .await?
                     .into_iter()
                     .map(|r| {
-                        Ok((
-                            r.try_get::<String, _>(0)?,
-                            (
-                                r.try_get::<i64, _>(1)?,
-                                r.try_get::<Option<i32>, _>(2)?,
-                                r.try_get::<Option<i64>, _>(3)?,
-                                r.try_get::<bool, _>(4)?,
-                            ),
-                        ))
+                        (
+                            r.event_id,
+                            (r.fingerprint, r.counted_partition, r.counted_offset, r.voided),
+                        )
                     })
-                    .collect::<Result<Vec<_>, sqlx::Error>>()?
+                    .collect::<Vec<_>>()
                 };
                 tx.commit().await?;
                 Ok((claimed, existing))
@@ -431,21 +441,34 @@ fn is_data_error(e: &sqlx::Error) -> bool {
 /// committed are released: their events are stored (`telemetry_events`) but not counted, as after an
 /// API insert, so a copy in the new topic counts; such voids are forgotten.
 pub async fn release_for_reset(tx: &mut PgConnection, topic: &str) -> Result<(), sqlx::Error> {
-    for (claim, uncommitted_source) in [("counted", "'api'"), ("voided", "e.source")] {
-        sqlx::query(&format!(
-            "UPDATE event_ids e
-             SET {claim}_partition = CASE WHEN committed THEN -1 END,
-                 {claim}_offset = CASE WHEN committed THEN -1 END,
-                 source = CASE WHEN committed THEN e.source ELSE {uncommitted_source} END
-             FROM (SELECT i.event_id, i.{claim}_offset < COALESCE(o.next_offset, 0) AS committed
+    // One statement per claim (the counted, then the voided), each the text the former `format!` made.
+    sqlx::query!(
+        "UPDATE event_ids e
+             SET counted_partition = CASE WHEN committed THEN -1 END,
+                 counted_offset = CASE WHEN committed THEN -1 END,
+                 source = CASE WHEN committed THEN e.source ELSE 'api' END
+             FROM (SELECT i.event_id, i.counted_offset < COALESCE(o.next_offset, 0) AS committed
                    FROM event_ids i
-                   LEFT JOIN source_offsets o ON o.topic = $1 AND o.partition = i.{claim}_partition
-                   WHERE i.{claim}_partition >= 0) c
-             WHERE e.event_id = c.event_id"
-        ))
-        .bind(topic)
-        .execute(&mut *tx)
-        .await?;
-    }
+                   LEFT JOIN source_offsets o ON o.topic = $1 AND o.partition = i.counted_partition
+                   WHERE i.counted_partition >= 0) c
+             WHERE e.event_id = c.event_id",
+        topic,
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "UPDATE event_ids e
+             SET voided_partition = CASE WHEN committed THEN -1 END,
+                 voided_offset = CASE WHEN committed THEN -1 END,
+                 source = CASE WHEN committed THEN e.source ELSE e.source END
+             FROM (SELECT i.event_id, i.voided_offset < COALESCE(o.next_offset, 0) AS committed
+                   FROM event_ids i
+                   LEFT JOIN source_offsets o ON o.topic = $1 AND o.partition = i.voided_partition
+                   WHERE i.voided_partition >= 0) c
+             WHERE e.event_id = c.event_id",
+        topic,
+    )
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use meterflow_model::wire::VoidRecord;
 use meterflow_model::Event;
 use rust_decimal::Decimal;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 
 /// Stores the claims, raw events and outbox rows of a batch of accepted events in one statement;
 /// returns the ids stored (the others were known already). `payloads[i]` is `events[i]`'s Kafka record.
@@ -48,7 +48,9 @@ pub async fn store_new(
         properties.push(e.properties.as_str());
         fingerprints.push(e.fingerprint());
     }
-    let stored: Vec<String> = sqlx::query_scalar(
+    // The id, customer, type and properties arrays borrow from the events (`&str`), cast past the
+    // macro's `&[String]`; the statement's parameter types are its own casts.
+    let stored: Vec<String> = sqlx::query_scalar!(
         "WITH input AS (
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::numeric[], $6::text[],
                                   $7::bytea[], $8::bigint[])
@@ -73,15 +75,15 @@ pub async fn store_new(
          INSERT INTO event_outbox (event_id, payload, customer_id)
          SELECT i.event_id, i.payload, i.customer_id FROM input i JOIN claimed USING (event_id) CROSS JOIN noted
          RETURNING event_id",
+        &ids[..] as &[&str],
+        &customers[..] as &[&str],
+        &types[..] as &[&str],
+        &times,
+        &values,
+        &properties[..] as &[&str],
+        payloads,
+        &fingerprints,
     )
-    .bind(&ids)
-    .bind(&customers)
-    .bind(&types)
-    .bind(&times)
-    .bind(&values)
-    .bind(&properties)
-    .bind(payloads)
-    .bind(&fingerprints)
     .fetch_all(pool)
     .await?;
     Ok(stored.into_iter().collect())
@@ -99,18 +101,18 @@ pub async fn answered_duplicates(
     }
     // Rows counted or already marked never go; the others are marked under their row lock, which the
     // withdrawal's DELETE takes too, so of a mark and a withdrawal exactly one wins.
-    let known: Vec<String> = sqlx::query_scalar(
-        "WITH marked AS (
+    let known: Vec<String> = sqlx::query_scalar!(
+        r#"WITH marked AS (
              UPDATE event_ids SET duplicate_answered = true
              WHERE event_id = ANY($1) AND counted_partition IS NULL AND NOT duplicate_answered
              RETURNING event_id
          )
-         SELECT event_id FROM marked
+         SELECT event_id AS "event_id!" FROM marked
          UNION
          SELECT event_id FROM event_ids
-         WHERE event_id = ANY($1) AND (counted_partition IS NOT NULL OR duplicate_answered)",
+         WHERE event_id = ANY($1) AND (counted_partition IS NOT NULL OR duplicate_answered)"#,
+        ids,
     )
-    .bind(ids)
     .fetch_all(pool)
     .await?;
     Ok(known.into_iter().collect())
@@ -120,18 +122,18 @@ pub async fn answered_duplicates(
 /// (true), unless another copy was already answered 409 or the pipeline counted it (false: it stays,
 /// and the relay delivers it).
 pub async fn withdraw(pool: &PgPool, event: &Event) -> Result<bool, sqlx::Error> {
-    let gone: i64 = sqlx::query_scalar(
-        "WITH gone AS (
+    let gone: i64 = sqlx::query_scalar!(
+        r#"WITH gone AS (
              DELETE FROM event_ids
              WHERE event_id = $1 AND counted_partition IS NULL AND NOT duplicate_answered
              RETURNING event_id
          ), raw AS (
              DELETE FROM telemetry_events WHERE event_id IN (SELECT event_id FROM gone) AND event_time = $2
          )
-         SELECT count(*) FROM gone",
+         SELECT count(*) AS "count!" FROM gone"#,
+        event.event_id,
+        event.event_time(),
     )
-    .bind(&event.event_id)
-    .bind(event.event_time())
     .fetch_one(pool)
     .await?;
     Ok(gone > 0)
@@ -154,8 +156,8 @@ pub async fn request_void(
     event_id: &str,
 ) -> Result<Option<VoidRequest>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let row: Option<(String, bool)> = sqlx::query_as(
-        "WITH target AS (
+    let row = sqlx::query!(
+        r#"WITH target AS (
              SELECT e.event_id, t.customer_id, e.void_requested_at IS NOT NULL AS already
              FROM event_ids e JOIN telemetry_events t ON t.event_id = e.event_id AND t.event_time = e.event_time
              WHERE e.event_id = $1
@@ -165,12 +167,12 @@ pub async fn request_void(
              FROM target WHERE e.event_id = target.event_id AND NOT target.already
              RETURNING e.event_id
          )
-         SELECT customer_id, already FROM target",
+         SELECT customer_id, already AS "already!" FROM target"#,
+        event_id,
     )
-    .bind(event_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((customer_id, already)) = row else {
+    let Some((customer_id, already)) = row.map(|r| (r.customer_id, r.already)) else {
         return Ok(None);
     };
     if already {
@@ -186,13 +188,13 @@ pub async fn request_void(
     })
     .unwrap_or_default();
     // Outbox first: once the request is acknowledged, the void reaches the pipeline.
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO event_outbox (event_id, kind, payload, customer_id) VALUES ($1, 'void', $2, $3)
          ON CONFLICT ON CONSTRAINT event_outbox_pkey DO NOTHING",
+        event_id,
+        payload,
+        customer_id,
     )
-    .bind(event_id)
-    .bind(&payload)
-    .bind(&customer_id)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -205,19 +207,23 @@ pub async fn request_void(
 
 /// Clears the outbox row of a void Kafka acknowledged.
 pub async fn forget_void(pool: &PgPool, event_id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM event_outbox WHERE event_id = $1 AND kind = 'void'")
-        .bind(event_id)
-        .execute(pool)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM event_outbox WHERE event_id = $1 AND kind = 'void'",
+        event_id,
+    )
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
 /// Clears the outbox rows of events Kafka acknowledged.
 pub async fn forget_events(pool: &PgPool, ids: &[String]) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM event_outbox WHERE kind = 'event' AND event_id = ANY($1)")
-        .bind(ids)
-        .execute(pool)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM event_outbox WHERE kind = 'event' AND event_id = ANY($1)",
+        ids,
+    )
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -233,29 +239,41 @@ pub struct Outboxed {
     pub stored_ms: i64,
 }
 
+/// An `event_outbox` row as [`due`] selects it.
+struct OutboxRow {
+    event_id: String,
+    payload: Vec<u8>,
+    customer_id: String,
+    kind: String,
+    stored_ms: i64,
+}
+
+impl From<OutboxRow> for Outboxed {
+    fn from(row: OutboxRow) -> Self {
+        Outboxed {
+            event_id: row.event_id,
+            payload: row.payload,
+            customer_id: row.customer_id,
+            kind: row.kind,
+            stored_ms: row.stored_ms,
+        }
+    }
+}
+
 /// The oldest outbox rows older than `grace`, at most 1,000, locked in `tx` (another relay skips
 /// them) until [`forget_sent`] and the commit.
 pub async fn due(tx: &mut PgConnection, grace: Duration) -> Result<Vec<Outboxed>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT event_id, payload, customer_id, kind, (extract(epoch FROM created_at) * 1000)::bigint AS stored_ms
+    let rows = sqlx::query_as!(
+        OutboxRow,
+        r#"SELECT event_id, payload, customer_id, kind, (extract(epoch FROM created_at) * 1000)::bigint AS "stored_ms!"
          FROM event_outbox
          WHERE created_at < now() - make_interval(secs => $1)
-         ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED",
+         ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED"#,
+        grace.as_secs_f64(),
     )
-    .bind(grace.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Outboxed {
-                event_id: r.try_get("event_id")?,
-                payload: r.try_get("payload")?,
-                customer_id: r.try_get("customer_id")?,
-                kind: r.try_get("kind")?,
-                stored_ms: r.try_get("stored_ms")?,
-            })
-        })
-        .collect()
+    Ok(rows.into_iter().map(Outboxed::from).collect())
 }
 
 /// Clears the outbox rows `(event_id, kind)` the relay sent, in the transaction of [`due`].
@@ -263,12 +281,15 @@ pub async fn forget_sent(
     tx: &mut PgConnection,
     sent: &[(String, String)],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    let ids: Vec<&str> = sent.iter().map(|s| s.0.as_str()).collect();
+    let kinds: Vec<&str> = sent.iter().map(|s| s.1.as_str()).collect();
+    // Borrowed elements (`&str`): typed by the casts, not the macro's `&[String]`.
+    sqlx::query!(
         "DELETE FROM event_outbox o USING UNNEST($1::text[], $2::text[]) AS s(i, k)
          WHERE o.event_id = s.i AND o.kind = s.k",
+        &ids[..] as &[&str],
+        &kinds[..] as &[&str],
     )
-    .bind(sent.iter().map(|s| s.0.as_str()).collect::<Vec<_>>())
-    .bind(sent.iter().map(|s| s.1.as_str()).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -19,7 +19,7 @@
 //! items. Customers registered after the run was created are not in it.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
 use crate::invoices::{self, Period, ONE_ISSUED_PER_PERIOD};
 use crate::is_transient;
@@ -77,6 +77,17 @@ pub struct RunStatus {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// An `invoice_runs` row as [`run_status`] selects it.
+struct RunRow {
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+    status: String,
+    error: Option<String>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
 impl RunStatus {
     /// Customers done (issued, skipped or failed).
     pub fn done(&self) -> i64 {
@@ -99,12 +110,12 @@ pub async fn create_run(
     }
     let run_id = format!("run_{:016x}", rand::random::<u64>());
     let mut tx = conn.begin().await?;
-    let created = sqlx::query(
+    let created = sqlx::query!(
         "INSERT INTO invoice_runs (run_id, period_start, period_end) VALUES ($1, $2, $3)",
+        run_id,
+        period.start,
+        period.end,
     )
-    .bind(&run_id)
-    .bind(period.start)
-    .bind(period.end)
     .execute(&mut *tx)
     .await;
     match created {
@@ -116,20 +127,20 @@ pub async fn create_run(
         }
         Err(e) => return Err(e.into()),
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO invoice_run_items (run_id, customer_id) SELECT $1, customer_id FROM customers",
+        run_id,
     )
-    .bind(&run_id)
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO invoice_run_items (run_id, customer_id, status)
          SELECT DISTINCT $1, u.customer_id, 'unregistered' FROM upcoming_lines u
          WHERE u.period_start = $2
            AND NOT EXISTS (SELECT 1 FROM customers c WHERE c.customer_id = u.customer_id)",
+        run_id,
+        period.start,
     )
-    .bind(&run_id)
-    .bind(period.start)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -141,18 +152,18 @@ pub async fn unfinished_run(
     conn: &mut PgConnection,
     period: Period,
 ) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT run_id FROM invoice_runs
          WHERE period_start = $1 AND status IN ('pending', 'running')",
+        period.start,
     )
-    .bind(period.start)
     .fetch_optional(&mut *conn)
     .await
 }
 
 /// Every unfinished run, oldest first.
 pub async fn unfinished_runs(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT run_id FROM invoice_runs WHERE status IN ('pending', 'running') ORDER BY created_at",
     )
     .fetch_all(&mut *conn)
@@ -163,11 +174,12 @@ pub async fn run_status(
     conn: &mut PgConnection,
     run_id: &str,
 ) -> Result<Option<RunStatus>, sqlx::Error> {
-    let Some(run) = sqlx::query(
+    let Some(run) = sqlx::query_as!(
+        RunRow,
         "SELECT period_start, period_end, status, error, created_at, started_at, finished_at
          FROM invoice_runs WHERE run_id = $1",
+        run_id,
     )
-    .bind(run_id)
     .fetch_optional(&mut *conn)
     .await?
     else {
@@ -176,11 +188,11 @@ pub async fn run_status(
     let mut status = RunStatus {
         run_id: run_id.to_owned(),
         period: Period {
-            start: run.try_get(0)?,
-            end: run.try_get(1)?,
+            start: run.period_start,
+            end: run.period_end,
         },
-        status: run.try_get(2)?,
-        error: run.try_get(3)?,
+        status: run.status,
+        error: run.error,
         total: 0,
         pending: 0,
         issued: 0,
@@ -189,19 +201,19 @@ pub async fn run_status(
         unregistered: 0,
         unregistered_sample: Vec::new(),
         failures: Vec::new(),
-        created_at: run.try_get(4)?,
-        started_at: run.try_get(5)?,
-        finished_at: run.try_get(6)?,
+        created_at: run.created_at,
+        started_at: run.started_at,
+        finished_at: run.finished_at,
     };
-    let counts = sqlx::query(
-        "SELECT status, count(*) FROM invoice_run_items WHERE run_id = $1 GROUP BY status",
+    let counts = sqlx::query!(
+        r#"SELECT status, count(*) AS "count!" FROM invoice_run_items WHERE run_id = $1 GROUP BY status"#,
+        run_id,
     )
-    .bind(run_id)
     .fetch_all(&mut *conn)
     .await?;
     for row in &counts {
-        let (state, n): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
-        match state.as_str() {
+        let n = row.count;
+        match row.status.as_str() {
             "pending" => status.pending = n,
             "issued" => status.issued = n,
             "skipped" => status.skipped_existing = n,
@@ -211,24 +223,27 @@ pub async fn run_status(
     }
     status.total = status.pending + status.issued + status.skipped_existing + status.failed;
     if status.unregistered > 0 {
-        status.unregistered_sample = sqlx::query_scalar(
+        status.unregistered_sample = sqlx::query_scalar!(
             "SELECT customer_id FROM invoice_run_items
              WHERE run_id = $1 AND status = 'unregistered' ORDER BY customer_id LIMIT $2",
+            run_id,
+            SAMPLE,
         )
-        .bind(run_id)
-        .bind(SAMPLE)
         .fetch_all(&mut *conn)
         .await?;
     }
     if status.failed > 0 {
-        status.failures = sqlx::query_as(
-            "SELECT customer_id, coalesce(error, '') FROM invoice_run_items
-             WHERE run_id = $1 AND status = 'failed' ORDER BY customer_id LIMIT $2",
+        status.failures = sqlx::query!(
+            r#"SELECT customer_id, coalesce(error, '') AS "error!" FROM invoice_run_items
+             WHERE run_id = $1 AND status = 'failed' ORDER BY customer_id LIMIT $2"#,
+            run_id,
+            SAMPLE,
         )
-        .bind(run_id)
-        .bind(SAMPLE)
         .fetch_all(&mut *conn)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|row| (row.customer_id, row.error))
+        .collect();
     }
     Ok(Some(status))
 }
@@ -255,10 +270,10 @@ pub async fn execute(
     options: &RunOptions,
     mut progress: impl FnMut(&RunStatus),
 ) -> Result<RunStatus, RunError> {
-    let locked: bool = sqlx::query_scalar(
-        "SELECT pg_try_advisory_lock(hashtextextended('invoice_run:' || $1, 0))",
+    let locked: bool = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_lock(hashtextextended('invoice_run:' || $1, 0)) AS "locked!""#,
+        run_id,
     )
-    .bind(run_id)
     .fetch_one(&mut *conn)
     .await?;
     if !locked {
@@ -268,17 +283,22 @@ pub async fn execute(
     if let Err(RunError::Database(e)) = &result {
         // Recorded for GET /invoice-runs/{id}; the run stays resumable unless the error is permanent.
         let status = if is_transient(e) { "running" } else { "failed" };
-        let _ = sqlx::query("UPDATE invoice_runs SET status = $2, error = $3 WHERE run_id = $1")
-            .bind(run_id)
-            .bind(status)
-            .bind(e.to_string())
-            .execute(&mut *conn)
-            .await;
-    }
-    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended('invoice_run:' || $1, 0))")
-        .bind(run_id)
+        let _ = sqlx::query!(
+            "UPDATE invoice_runs SET status = $2, error = $3 WHERE run_id = $1",
+            run_id,
+            status,
+            e.to_string(),
+        )
         .execute(&mut *conn)
         .await;
+    }
+    // The unlock's one row (its bool) is read and dropped, as `execute` did: the same messages.
+    let _ = sqlx::query_scalar!(
+        "SELECT pg_advisory_unlock(hashtextextended('invoice_run:' || $1, 0))",
+        run_id,
+    )
+    .fetch_one(&mut *conn)
+    .await;
     result
 }
 
@@ -292,12 +312,12 @@ async fn execute_locked(
     if status.status == "succeeded" || status.status == "failed" {
         return Ok(status);
     }
-    sqlx::query(
+    sqlx::query!(
         "UPDATE invoice_runs SET status = 'running', error = NULL,
                 started_at = coalesce(started_at, now())
          WHERE run_id = $1",
+        run_id,
     )
-    .bind(run_id)
     .execute(&mut *conn)
     .await?;
     status.status = "running".to_owned();
@@ -328,10 +348,10 @@ async fn execute_locked(
             Err(e) => return Err(e.into()),
         }
     }
-    sqlx::query(
+    sqlx::query!(
         "UPDATE invoice_runs SET status = 'succeeded', finished_at = now() WHERE run_id = $1",
+        run_id,
     )
-    .bind(run_id)
     .execute(&mut *conn)
     .await?;
     run_status(conn, run_id).await?.ok_or(RunError::NotFound)
@@ -352,12 +372,12 @@ async fn batch(
     size: usize,
 ) -> Result<Option<Done>, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    let ids: Vec<String> = sqlx::query_scalar(
+    let ids: Vec<String> = sqlx::query_scalar!(
         "SELECT customer_id FROM invoice_run_items
          WHERE run_id = $1 AND status = 'pending' ORDER BY customer_id LIMIT $2",
+        run_id,
+        size as i64,
     )
-    .bind(run_id)
-    .bind(size as i64)
     .fetch_all(&mut *tx)
     .await?;
     if ids.is_empty() {
@@ -393,16 +413,21 @@ async fn batch(
             Some("the customer is no longer registered".to_owned()),
         )
     }));
-    sqlx::query(
+    let customers: Vec<&str> = items.iter().map(|i| i.0.as_str()).collect();
+    let states: Vec<&str> = items.iter().map(|i| i.1).collect();
+    let invoice_ids: Vec<Option<&str>> = items.iter().map(|i| i.2.as_deref()).collect();
+    let errors: Vec<Option<&str>> = items.iter().map(|i| i.3.as_deref()).collect();
+    // Borrowed (and, for the last two, nullable) elements: typed by the casts, not the macro's `&[String]`.
+    sqlx::query!(
         "UPDATE invoice_run_items i SET status = u.s, invoice_id = u.inv, error = u.e
          FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[]) AS u(c, s, inv, e)
          WHERE i.run_id = $1 AND i.customer_id = u.c",
+        run_id,
+        &customers[..] as &[&str],
+        &states[..] as &[&str],
+        &invoice_ids[..] as &[Option<&str>],
+        &errors[..] as &[Option<&str>],
     )
-    .bind(run_id)
-    .bind(items.iter().map(|i| i.0.as_str()).collect::<Vec<_>>())
-    .bind(items.iter().map(|i| i.1).collect::<Vec<_>>())
-    .bind(items.iter().map(|i| i.2.as_deref()).collect::<Vec<_>>())
-    .bind(items.iter().map(|i| i.3.as_deref()).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     failpoint::hit("invoice_run_before_commit");

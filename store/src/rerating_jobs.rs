@@ -10,7 +10,7 @@
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::{Connection, PgConnection, PgPool};
 
 /// What a job covers: customers (empty: all) and a half-open time range, microseconds.
 #[derive(Clone, Debug)]
@@ -51,6 +51,45 @@ pub struct StoredJob {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// A `rerating_jobs` row as [`get`] selects it (`lower`, `upper`: the scope's bounds).
+struct JobRow {
+    job_id: String,
+    customer_ids: Vec<String>,
+    lower: Option<DateTime<Utc>>,
+    upper: Option<DateTime<Utc>>,
+    reason: String,
+    status: String,
+    windows_checked: i64,
+    windows_changed: i64,
+    amount_before: Option<Decimal>,
+    amount_after: Option<Decimal>,
+    error: Option<String>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<JobRow> for StoredJob {
+    fn from(row: JobRow) -> Self {
+        StoredJob {
+            job_id: row.job_id,
+            customer_ids: row.customer_ids,
+            from: row.lower,
+            to: row.upper,
+            reason: row.reason,
+            status: row.status,
+            windows_checked: row.windows_checked,
+            windows_changed: row.windows_changed,
+            amount_before: row.amount_before,
+            amount_after: row.amount_after,
+            error: row.error,
+            created_at: Some(row.created_at),
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+        }
+    }
+}
+
 /// Queues a job, unless an unfinished job's scope overlaps it ([`Queued::Busy`] names that job).
 pub async fn queue(
     conn: &mut PgConnection,
@@ -60,33 +99,33 @@ pub async fn queue(
     reason: &str,
 ) -> Result<Queued, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    sqlx::query("LOCK TABLE rerating_jobs IN SHARE ROW EXCLUSIVE MODE")
+    sqlx::query!("LOCK TABLE rerating_jobs IN SHARE ROW EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
-    let busy: Option<String> = sqlx::query_scalar(
+    let busy: Option<String> = sqlx::query_scalar!(
         "SELECT job_id FROM rerating_jobs
          WHERE status IN ('pending', 'running')
            AND scope && tstzrange($1, $2, '[)')
            AND (cardinality(customer_ids) = 0 OR cardinality($3::text[]) = 0 OR customer_ids && $3)
          LIMIT 1",
+        from,
+        to,
+        customer_ids,
     )
-    .bind(from)
-    .bind(to)
-    .bind(customer_ids)
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(busy) = busy {
         return Ok(Queued::Busy(busy));
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO rerating_jobs (job_id, customer_ids, scope, reason)
          VALUES ($1, $2, tstzrange($3, $4, '[)'), $5)",
+        job_id,
+        customer_ids,
+        from,
+        to,
+        reason,
     )
-    .bind(job_id)
-    .bind(customer_ids)
-    .bind(from)
-    .bind(to)
-    .bind(reason)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -103,38 +142,22 @@ pub enum Queued {
 
 /// One job, if it exists.
 pub async fn get(pool: &PgPool, job_id: &str) -> Result<Option<StoredJob>, sqlx::Error> {
-    let Some(row) = sqlx::query(
-        "SELECT job_id, customer_ids, lower(scope), upper(scope), reason, status, windows_checked,
-                windows_changed, amount_before, amount_after, error, created_at, started_at, finished_at
-         FROM rerating_jobs WHERE job_id = $1",
+    let row = sqlx::query_as!(
+        JobRow,
+        r#"SELECT job_id, customer_ids, lower(scope) AS "lower?", upper(scope) AS "upper?", reason, status,
+                windows_checked, windows_changed, amount_before, amount_after, error, created_at, started_at,
+                finished_at
+         FROM rerating_jobs WHERE job_id = $1"#,
+        job_id,
     )
-    .bind(job_id)
     .fetch_optional(pool)
-    .await?
-    else {
-        return Ok(None);
-    };
-    Ok(Some(StoredJob {
-        job_id: row.try_get("job_id")?,
-        customer_ids: row.try_get("customer_ids")?,
-        from: row.try_get("lower")?,
-        to: row.try_get("upper")?,
-        reason: row.try_get("reason")?,
-        status: row.try_get("status")?,
-        windows_checked: row.try_get("windows_checked")?,
-        windows_changed: row.try_get("windows_changed")?,
-        amount_before: row.try_get("amount_before")?,
-        amount_after: row.try_get("amount_after")?,
-        error: row.try_get("error")?,
-        created_at: row.try_get("created_at")?,
-        started_at: row.try_get("started_at")?,
-        finished_at: row.try_get("finished_at")?,
-    }))
+    .await?;
+    Ok(row.map(StoredJob::from))
 }
 
 /// The oldest jobs not finished (pending, or running: perhaps without a runner), at most 20.
 pub async fn unfinished(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT job_id FROM rerating_jobs WHERE status IN ('pending', 'running')
          ORDER BY created_at LIMIT 20",
     )
@@ -144,38 +167,30 @@ pub async fn unfinished(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
 
 /// Marks `job_id` running and returns its scope; `None` if it finished meanwhile.
 pub async fn claim(conn: &mut PgConnection, job_id: &str) -> Result<Option<Scope>, sqlx::Error> {
-    let claimed = sqlx::query(
-        "UPDATE rerating_jobs SET status = 'running', started_at = now()
+    sqlx::query_as!(
+        Scope,
+        r#"UPDATE rerating_jobs SET status = 'running', started_at = now()
          WHERE job_id = $1 AND status IN ('pending', 'running')
-         RETURNING customer_ids, (extract(epoch FROM lower(scope)) * 1000000)::bigint AS from_micros,
-                   (extract(epoch FROM upper(scope)) * 1000000)::bigint AS to_micros",
+         RETURNING customer_ids, (extract(epoch FROM lower(scope)) * 1000000)::bigint AS "from_micros!",
+                   (extract(epoch FROM upper(scope)) * 1000000)::bigint AS "to_micros!""#,
+        job_id,
     )
-    .bind(job_id)
     .fetch_optional(&mut *conn)
-    .await?;
-    claimed
-        .map(|row| {
-            Ok(Scope {
-                customer_ids: row.try_get("customer_ids")?,
-                from_micros: row.try_get("from_micros")?,
-                to_micros: row.try_get("to_micros")?,
-            })
-        })
-        .transpose()
+    .await
 }
 
 /// Records a job's success and what it did.
 pub async fn succeed(pool: &PgPool, job_id: &str, outcome: &Outcome) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE rerating_jobs SET status = 'succeeded', finished_at = now(), windows_checked = $2,
                 windows_changed = $3, amount_before = $4, amount_after = $5
          WHERE job_id = $1",
+        job_id,
+        i64::try_from(outcome.windows_checked).unwrap_or(i64::MAX),
+        i64::try_from(outcome.windows_changed).unwrap_or(i64::MAX),
+        outcome.amount_before,
+        outcome.amount_after,
     )
-    .bind(job_id)
-    .bind(i64::try_from(outcome.windows_checked).unwrap_or(i64::MAX))
-    .bind(i64::try_from(outcome.windows_changed).unwrap_or(i64::MAX))
-    .bind(outcome.amount_before)
-    .bind(outcome.amount_after)
     .execute(pool)
     .await?;
     Ok(())
@@ -183,11 +198,11 @@ pub async fn succeed(pool: &PgPool, job_id: &str, outcome: &Outcome) -> Result<(
 
 /// Records a job's failure with a text fit for its caller (no database internals).
 pub async fn fail(pool: &PgPool, job_id: &str, error: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE rerating_jobs SET status = 'failed', finished_at = now(), error = $2 WHERE job_id = $1",
+        job_id,
+        error,
     )
-    .bind(job_id)
-    .bind(error)
     .execute(pool)
     .await?;
     Ok(())
