@@ -240,13 +240,14 @@ async fn already_committed(
     lease: &Lease,
     stored: i64,
 ) -> Result<Option<Committed>, SinkError> {
-    let (generation, committed, watermark): (i64, i64, Option<chrono::DateTime<chrono::Utc>>) =
-        sqlx::query_as(
-            "SELECT generation, committed_epoch, committed_watermark FROM pipeline_leases WHERE topic = $1",
-        )
-        .bind(&lease.topic)
-        .fetch_one(&mut *conn)
-        .await?;
+    let row = sqlx::query!(
+        "SELECT generation, committed_epoch, committed_watermark FROM pipeline_leases WHERE topic = $1",
+        lease.topic,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let (generation, committed, watermark) =
+        (row.generation, row.committed_epoch, row.committed_watermark);
     if generation != lease.generation {
         return Err(SinkError::Fenced {
             topic: lease.topic.clone(),
@@ -271,12 +272,13 @@ async fn commit(
     first: bool,
 ) -> Result<Committed, SinkError> {
     let mut tx = conn.begin().await?;
-    let (generation, progress): (i64, i64) = sqlx::query_as(
+    let row = sqlx::query!(
         "SELECT generation, committed_epoch FROM pipeline_leases WHERE topic = $1 FOR UPDATE",
+        lease.topic,
     )
-    .bind(&lease.topic)
     .fetch_one(&mut *tx)
     .await?;
+    let (generation, progress) = (row.generation, row.committed_epoch);
     if generation != lease.generation {
         return Err(SinkError::Fenced {
             topic: lease.topic.clone(),
@@ -313,13 +315,13 @@ async fn commit(
     }
     // Cheap (a partial index each), and a stored total can overflow in any commit of group rows.
     let quarantined = if first || !group.is_empty() || !batch.quarantined_periods.is_empty() {
-        let counts: (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM aggregations WHERE quarantined),
-                    (SELECT count(*) FROM rating_quarantine)",
+        let counts = sqlx::query!(
+            r#"SELECT (SELECT count(*) FROM aggregations WHERE quarantined) AS "windows!",
+                    (SELECT count(*) FROM rating_quarantine) AS "periods!""#,
         )
         .fetch_one(&mut *tx)
         .await?;
-        Some(counts)
+        Some((counts.windows, counts.periods))
     } else {
         None
     };
@@ -337,7 +339,7 @@ async fn commit(
             .iter()
             .map(|p| p.max_event_time_micros)
             .collect();
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO source_offsets AS s (topic, partition, next_offset, max_event_time)
              SELECT $1, p, n, timestamptz 'epoch' + t * interval '1 microsecond'
              FROM UNNEST($2::int[], $3::bigint[], $4::bigint[]) AS u(p, n, t)
@@ -345,38 +347,41 @@ async fn commit(
              SET next_offset = excluded.next_offset,
                  max_event_time = GREATEST(s.max_event_time, excluded.max_event_time),
                  updated_at = now()",
+            lease.topic,
+            &partitions,
+            &nexts,
+            // Nulls (a partition without an event time) are not in the macro's bigint[] mapping.
+            &times as &[Option<i64>],
         )
-        .bind(&lease.topic)
-        .bind(&partitions)
-        .bind(&nexts)
-        .bind(&times)
         .execute(&mut *tx)
         .await?;
     }
 
     // The watermark never goes back, and an admin's floor (POST /api/v1/watermark) lifts it.
-    let (watermark, lateness_micros): (Option<chrono::DateTime<chrono::Utc>>, i64) = sqlx::query_as(
-        "UPDATE pipeline_leases l
+    let advanced = sqlx::query!(
+        r#"UPDATE pipeline_leases l
          SET committed_epoch = $2, committed_at = now(),
              committed_watermark = GREATEST(l.committed_watermark,
                                             timestamptz 'epoch' + $3::bigint * interval '1 microsecond',
                                             (SELECT advance_to FROM watermark_floors f WHERE f.topic = l.topic))
          WHERE topic = $1
-         RETURNING committed_watermark, (extract(epoch FROM allowed_lateness) * 1000000)::bigint",
+         RETURNING committed_watermark, (extract(epoch FROM allowed_lateness) * 1000000)::bigint AS "lateness_micros!""#,
+        lease.topic,
+        stored_epoch(batch, expected),
+        batch.watermark,
     )
-    .bind(&lease.topic)
-    .bind(stored_epoch(batch, expected))
-    .bind(batch.watermark)
     .fetch_one(&mut *tx)
     .await?;
+    let (watermark, lateness_micros) = (advanced.committed_watermark, advanced.lateness_micros);
     let mut finalized = 0;
     if let Some(w) = watermark {
-        finalized = sqlx::query(
+        finalized = sqlx::query!(
             "UPDATE aggregations SET finalized = true, updated_at = now()
              WHERE NOT finalized AND window_end + $2 * interval '1 microsecond' <= $1",
+            w,
+            // An i64 (bigint), as before: untyped, Postgres would take `$2 * interval` for a double.
+            lateness_micros as _,
         )
-        .bind(w)
-        .bind(lateness_micros)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
 /// This instance's right to commit for a topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,13 +14,13 @@ pub struct Lease {
 
 /// Takes over the topic: every earlier instance is fenced from now on.
 pub async fn acquire_lease(conn: &mut PgConnection, topic: &str) -> Result<Lease, sqlx::Error> {
-    let generation: i64 = sqlx::query_scalar(
+    let generation: i64 = sqlx::query_scalar!(
         "INSERT INTO pipeline_leases (topic, generation, committed_epoch) VALUES ($1, 1, 0)
          ON CONFLICT ON CONSTRAINT pipeline_leases_pkey
          DO UPDATE SET generation = pipeline_leases.generation + 1, committed_epoch = 0, acquired_at = now()
          RETURNING generation",
+        topic,
     )
-    .bind(topic)
     .fetch_one(&mut *conn)
     .await?;
     Ok(Lease {
@@ -34,11 +34,14 @@ pub async fn stored_offsets(
     conn: &mut PgConnection,
     topic: &str,
 ) -> Result<HashMap<i32, i64>, sqlx::Error> {
-    let rows = sqlx::query("SELECT partition, next_offset FROM source_offsets WHERE topic = $1")
-        .bind(topic)
-        .fetch_all(&mut *conn)
-        .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get::<i32, _>(0)?, r.try_get::<i64, _>(1)?)))
-        .collect()
+    let rows = sqlx::query!(
+        "SELECT partition, next_offset FROM source_offsets WHERE topic = $1",
+        topic,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.partition, r.next_offset))
+        .collect())
 }

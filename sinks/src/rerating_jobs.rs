@@ -34,12 +34,6 @@ pub async fn runner(pool: PgPool, wake: std::sync::Arc<tokio::sync::Notify>) {
     }
 }
 
-/// The session lock of a job's runner (two keys, so it cannot meet another advisory lock by chance):
-/// taken if free, and released.
-const TRY_LOCK_JOB: &str =
-    "SELECT pg_try_advisory_lock(hashtext('meterflow.rerating'), hashtext($1))";
-const UNLOCK_JOB: &str = "SELECT pg_advisory_unlock(hashtext('meterflow.rerating'), hashtext($1))";
-
 /// Claims and runs the oldest job that is pending, or running without a runner; false when there is
 /// none.
 async fn run_next(pool: &PgPool) -> Result<bool, sqlx::Error> {
@@ -49,20 +43,26 @@ async fn run_next(pool: &PgPool) -> Result<bool, sqlx::Error> {
     }
     let mut conn = pool.acquire().await?;
     for job_id in candidates {
-        let locked: bool = sqlx::query_scalar(TRY_LOCK_JOB)
-            .bind(&job_id)
-            .fetch_one(&mut *conn)
-            .await?;
+        // The session lock of a job's runner (two keys, so it cannot meet another advisory lock by
+        // chance): taken if free, and released below.
+        let locked: bool = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_lock(hashtext('meterflow.rerating'), hashtext($1)) AS "locked!""#,
+            job_id,
+        )
+        .fetch_one(&mut *conn)
+        .await?;
         if !locked {
             // Its runner lives (in this or another instance).
             continue;
         }
         let ran = claim_and_run(pool, &mut conn, &job_id).await;
-        let unlocked: Result<bool, _> = sqlx::query_scalar(UNLOCK_JOB)
-            .bind(&job_id)
-            .fetch_one(&mut *conn)
-            .await;
-        let reset = sqlx::query("RESET statement_timeout")
+        let unlocked: Result<bool, _> = sqlx::query_scalar!(
+            r#"SELECT pg_advisory_unlock(hashtext('meterflow.rerating'), hashtext($1)) AS "unlocked!""#,
+            job_id,
+        )
+        .fetch_one(&mut *conn)
+        .await;
+        let reset = sqlx::query!("RESET statement_timeout")
             .execute(&mut *conn)
             .await;
         if !matches!(unlocked, Ok(true)) || reset.is_err() {
@@ -90,7 +90,7 @@ async fn claim_and_run(
     };
     // A job reads far more than a request: the pool's statement timeout (api.statement_timeout_ms)
     // does not apply to it. The caller RESETs it before the connection goes back.
-    sqlx::query("SET statement_timeout = 0")
+    sqlx::query!("SET statement_timeout = 0")
         .execute(&mut **conn)
         .await?;
     let result = match rerating::rerate(conn, &scope).await {

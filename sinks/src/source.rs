@@ -11,19 +11,19 @@
 
 use std::collections::HashMap;
 
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
 /// A topic other than `topic` whose results this database already holds, if any.
 pub async fn other_topic(
     conn: &mut PgConnection,
     topic: &str,
 ) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT topic FROM pipeline_leases WHERE topic <> $1
+    sqlx::query_scalar!(
+        r#"SELECT topic AS "topic!" FROM pipeline_leases WHERE topic <> $1
          UNION SELECT topic FROM source_offsets WHERE topic <> $1
-         LIMIT 1",
+         LIMIT 1"#,
+        topic,
     )
-    .bind(topic)
     .fetch_optional(&mut *conn)
     .await
 }
@@ -33,15 +33,16 @@ pub async fn anchors(
     conn: &mut PgConnection,
     topic: &str,
 ) -> Result<HashMap<i32, (i64, i64)>, sqlx::Error> {
-    let rows = sqlx::query(
+    let rows = sqlx::query!(
         r#"SELECT partition, "offset", record_hash FROM source_anchors WHERE topic = $1"#,
+        topic,
     )
-    .bind(topic)
     .fetch_all(&mut *conn)
     .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?))))
-        .collect()
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.partition, (r.offset, r.record_hash)))
+        .collect())
 }
 
 /// Remembers the record at `offset` of `partition` as that partition's anchor.
@@ -52,15 +53,15 @@ pub async fn set_anchor(
     offset: i64,
     record_hash: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         r#"INSERT INTO source_anchors (topic, partition, "offset", record_hash) VALUES ($1, $2, $3, $4)
            ON CONFLICT ON CONSTRAINT source_anchors_pkey
            DO UPDATE SET "offset" = excluded."offset", record_hash = excluded.record_hash"#,
+        topic,
+        partition,
+        offset,
+        record_hash,
     )
-    .bind(topic)
-    .bind(partition)
-    .bind(offset)
-    .bind(record_hash)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -75,18 +76,18 @@ pub async fn record_gap(
     from: i64,
     to: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         r#"INSERT INTO dead_letters (topic, partition, "offset", payload, reason)
            VALUES ($1, $2, $3, ''::bytea, $4)
            ON CONFLICT ON CONSTRAINT dead_letters_source_key DO NOTHING"#,
+        topic,
+        partition,
+        from,
+        format!(
+            "RETENTION_GAP: offsets {from} to {} were deleted by Kafka before meterflow read them",
+            to.saturating_sub(1)
+        ),
     )
-    .bind(topic)
-    .bind(partition)
-    .bind(from)
-    .bind(format!(
-        "RETENTION_GAP: offsets {from} to {} were deleted by Kafka before meterflow read them",
-        to.saturating_sub(1)
-    ))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -99,26 +100,30 @@ pub async fn record_gap(
 pub async fn reset_source(conn: &mut PgConnection, topic: &str) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
     // Fence any pipeline still running on the old topic.
-    sqlx::query(
+    sqlx::query!(
         "UPDATE pipeline_leases SET generation = generation + 1, committed_epoch = 0 WHERE topic = $1",
+        topic,
     )
-    .bind(topic)
     .execute(&mut *tx)
     .await?;
     meterflow_store::claims::release_for_reset(&mut tx, topic).await?;
-    for table in ["dead_letters", "duplicate_events"] {
-        sqlx::query(&format!(
-            "UPDATE {table} SET topic = topic || ' (before reset ' || now()::text || ')' WHERE topic = $1"
-        ))
-        .bind(topic)
+    sqlx::query!(
+        "UPDATE dead_letters SET topic = topic || ' (before reset ' || now()::text || ')' WHERE topic = $1",
+        topic,
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        "UPDATE duplicate_events SET topic = topic || ' (before reset ' || now()::text || ')' WHERE topic = $1",
+        topic,
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!("DELETE FROM source_offsets WHERE topic = $1", topic)
         .execute(&mut *tx)
         .await?;
-    }
-    for table in ["source_offsets", "source_anchors"] {
-        sqlx::query(&format!("DELETE FROM {table} WHERE topic = $1"))
-            .bind(topic)
-            .execute(&mut *tx)
-            .await?;
-    }
+    sqlx::query!("DELETE FROM source_anchors WHERE topic = $1", topic)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await
 }

@@ -17,6 +17,11 @@ use sqlx::PgConnection;
 use crate::error::SinkError;
 use crate::metrics;
 
+// The array arguments are the batch's borrowed values, as before the macros. An array of `&str`s,
+// byte slices or nullable elements carries its type (`as &[&str]`): the macros map `text[]` only to
+// `&[String]`, `bytea[]` to `&[Vec<u8>]` and no array to nullable elements, and copying each string
+// of a commit to please them would slow the hot path. The statement's cast (`$1::text[]`) holds.
+
 /// Sums and counts add up: `value += Δ`, `event_count += Δ`. A row in `quarantined` (its change
 /// overflowed), or whose sum would leave the 96-bit decimal range, is quarantined instead: its value
 /// stays as it was (the last value in range), its event count goes on.
@@ -48,7 +53,7 @@ pub(super) async fn upsert_group_rows(
         counts.push(agg.event_count);
         flags.push(q);
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
                                         quarantined, finalized)
          SELECT c, m, to_timestamp(s), to_timestamp(e), v, n, q,
@@ -65,16 +70,16 @@ pub(super) async fn upsert_group_rows(
              event_count = a.event_count + excluded.event_count,
              revision = a.revision + 1,
              updated_at = now()",
+        &customers as &[&str],
+        &meters as &[&str],
+        &starts,
+        &ends,
+        &values,
+        &counts,
+        &flags,
+        Decimal::MAX,
+        topic,
     )
-    .bind(&customers)
-    .bind(&meters)
-    .bind(&starts)
-    .bind(&ends)
-    .bind(&values)
-    .bind(&counts)
-    .bind(&flags)
-    .bind(Decimal::MAX)
-    .bind(topic)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -97,29 +102,29 @@ pub(super) async fn apply_quarantined_periods(
         .map(|c| &c.0)
         .collect();
     if !removed.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "DELETE FROM rating_quarantine q USING UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(c, m, p)
              WHERE q.customer_id = u.c AND q.meter = u.m AND q.period_start = to_timestamp(u.p)",
+            &removed.iter().map(|q| q.customer_id.as_str()).collect::<Vec<_>>() as &[&str],
+            &removed.iter().map(|q| q.meter.as_str()).collect::<Vec<_>>() as &[&str],
+            &removed.iter().map(|q| q.period_start).collect::<Vec<_>>(),
         )
-        .bind(removed.iter().map(|q| q.customer_id.as_str()).collect::<Vec<_>>())
-        .bind(removed.iter().map(|q| q.meter.as_str()).collect::<Vec<_>>())
-        .bind(removed.iter().map(|q| q.period_start).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
     }
     if !added.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO rating_quarantine AS q (customer_id, meter, period_start, from_window, reason)
              SELECT c, m, to_timestamp(p), to_timestamp(f), r
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS u(c, m, p, f, r)
              ON CONFLICT ON CONSTRAINT rating_quarantine_pkey DO UPDATE
              SET from_window = excluded.from_window, reason = excluded.reason",
+            &added.iter().map(|q| q.customer_id.as_str()).collect::<Vec<_>>() as &[&str],
+            &added.iter().map(|q| q.meter.as_str()).collect::<Vec<_>>() as &[&str],
+            &added.iter().map(|q| q.period_start).collect::<Vec<_>>(),
+            &added.iter().map(|q| q.from_window).collect::<Vec<_>>(),
+            &added.iter().map(|q| q.reason.as_str()).collect::<Vec<_>>() as &[&str],
         )
-        .bind(added.iter().map(|q| q.customer_id.as_str()).collect::<Vec<_>>())
-        .bind(added.iter().map(|q| q.meter.as_str()).collect::<Vec<_>>())
-        .bind(added.iter().map(|q| q.period_start).collect::<Vec<_>>())
-        .bind(added.iter().map(|q| q.from_window).collect::<Vec<_>>())
-        .bind(added.iter().map(|q| q.reason.as_str()).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
     }
@@ -178,8 +183,8 @@ pub(super) async fn apply_multiset_rows(
     // row has a negative count. A retraction should only ever meet an existing item; one that does not
     // (or takes more than is stored) is data at fault, not a reason to stop the pipeline (finding 2's
     // crash loop): it is dropped, counted and logged, and the row shows the items stored.
-    let (orphans, over): (i64, i64) = sqlx::query_as(
-        "WITH u AS (
+    let dropped = sqlx::query!(
+        r#"WITH u AS (
              SELECT c, m, to_timestamp(s) AS s, t, i, x, k, n
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::numeric[], $7::text[], $8::bigint[])
                AS u(c, m, s, t, i, x, k, n)
@@ -200,22 +205,23 @@ pub(super) async fn apply_multiset_rows(
          SELECT (SELECT count(*) FROM u WHERE n < 0 AND NOT EXISTS (
                      SELECT 1 FROM changed
                      WHERE changed.customer_id = u.c AND changed.meter = u.m AND changed.window_start = u.s
-                       AND changed.sort_time = u.t AND changed.item = u.i)),
+                       AND changed.sort_time = u.t AND changed.item = u.i)) AS "orphans!",
                 (SELECT count(*) FROM u JOIN meter_values v
                    ON v.customer_id = u.c AND v.meter = u.m AND v.window_start = u.s AND v.sort_time = u.t
                   AND v.item = u.i
-                 WHERE v.count + u.n < 0)",
+                 WHERE v.count + u.n < 0) AS "over!""#,
+        &customers as &[&str],
+        &meters as &[&str],
+        &starts,
+        &sort_times,
+        &items,
+        &nums as &[Option<Decimal>],
+        &kinds as &[&str],
+        &counts,
     )
-    .bind(&customers)
-    .bind(&meters)
-    .bind(&starts)
-    .bind(&sort_times)
-    .bind(&items)
-    .bind(&nums)
-    .bind(&kinds)
-    .bind(&counts)
     .fetch_one(&mut *tx)
     .await?;
+    let (orphans, over) = (dropped.orphans, dropped.over);
     if orphans > 0 || over > 0 {
         tracing::warn!(
             orphans,
@@ -225,17 +231,17 @@ pub(super) async fn apply_multiset_rows(
         );
         metrics::DROPPED_RETRACTIONS.inc_by(orphans.saturating_add(over).unsigned_abs());
     }
-    sqlx::query(
+    sqlx::query!(
         "DELETE FROM meter_values v
          USING UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS u(c, m, s, t, i)
          WHERE v.count = 0 AND v.customer_id = u.c AND v.meter = u.m AND v.window_start = to_timestamp(u.s)
            AND v.sort_time = u.t AND v.item = u.i",
+        &customers as &[&str],
+        &meters as &[&str],
+        &starts,
+        &sort_times,
+        &items,
     )
-    .bind(&customers)
-    .bind(&meters)
-    .bind(&starts)
-    .bind(&sort_times)
-    .bind(&items)
     .execute(&mut *tx)
     .await?;
 
@@ -259,7 +265,7 @@ pub(super) async fn apply_multiset_rows(
         .collect();
     touched.sort_unstable();
     touched.dedup();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
                                         finalized)
          SELECT k.c, k.m, to_timestamp(k.s), to_timestamp(k.e),
@@ -282,13 +288,13 @@ pub(super) async fn apply_multiset_rows(
              event_count = excluded.event_count,
              revision = a.revision + 1,
              updated_at = now()",
+        &touched.iter().map(|t| t.0).collect::<Vec<_>>() as &[&str],
+        &touched.iter().map(|t| t.1).collect::<Vec<_>>() as &[&str],
+        &touched.iter().map(|t| t.2).collect::<Vec<_>>(),
+        &touched.iter().map(|t| t.3).collect::<Vec<_>>(),
+        &touched.iter().map(|t| t.4).collect::<Vec<_>>() as &[&str],
+        topic,
     )
-    .bind(touched.iter().map(|t| t.0).collect::<Vec<_>>())
-    .bind(touched.iter().map(|t| t.1).collect::<Vec<_>>())
-    .bind(touched.iter().map(|t| t.2).collect::<Vec<_>>())
-    .bind(touched.iter().map(|t| t.3).collect::<Vec<_>>())
-    .bind(touched.iter().map(|t| t.4).collect::<Vec<_>>())
-    .bind(topic)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -308,19 +314,19 @@ pub(super) async fn apply_charges(
         .filter(|c| c.3 < 0 && !added.contains(&window(c)))
         .collect();
     if !removed.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "DELETE FROM charges c USING UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(c, m, s)
              WHERE c.customer_id = u.c AND c.meter = u.m AND c.window_start = to_timestamp(u.s)",
+            &removed.iter().map(|c| c.0.as_str()).collect::<Vec<_>>() as &[&str],
+            &removed.iter().map(|c| c.1.as_str()).collect::<Vec<_>>() as &[&str],
+            &removed.iter().map(|c| c.2.window_start).collect::<Vec<_>>(),
         )
-        .bind(removed.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
-        .bind(removed.iter().map(|c| c.1.as_str()).collect::<Vec<_>>())
-        .bind(removed.iter().map(|c| c.2.window_start).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
     }
     let upserts: Vec<&ChargeChange> = changes.iter().filter(|c| c.3 > 0).collect();
     if !upserts.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO charges AS c (customer_id, meter, window_start, window_end, quantity, amount,
                                        currency, price_book_id)
              SELECT c, m, to_timestamp(s), to_timestamp(e), q, a, cur, pb
@@ -331,15 +337,15 @@ pub(super) async fn apply_charges(
                  amount = excluded.amount, currency = excluded.currency,
                  price_book_id = excluded.price_book_id,
                  revision = c.revision + 1, updated_at = now()",
+            &upserts.iter().map(|c| c.0.as_str()).collect::<Vec<_>>() as &[&str],
+            &upserts.iter().map(|c| c.1.as_str()).collect::<Vec<_>>() as &[&str],
+            &upserts.iter().map(|c| c.2.window_start).collect::<Vec<_>>(),
+            &upserts.iter().map(|c| c.2.window_end).collect::<Vec<_>>(),
+            &upserts.iter().map(|c| c.2.quantity).collect::<Vec<_>>(),
+            &upserts.iter().map(|c| c.2.amount).collect::<Vec<_>>(),
+            &upserts.iter().map(|c| c.2.currency.as_str()).collect::<Vec<_>>() as &[&str],
+            &upserts.iter().map(|c| c.2.price_book_id.as_str()).collect::<Vec<_>>() as &[&str],
         )
-        .bind(upserts.iter().map(|c| c.0.as_str()).collect::<Vec<_>>())
-        .bind(upserts.iter().map(|c| c.1.as_str()).collect::<Vec<_>>())
-        .bind(upserts.iter().map(|c| c.2.window_start).collect::<Vec<_>>())
-        .bind(upserts.iter().map(|c| c.2.window_end).collect::<Vec<_>>())
-        .bind(upserts.iter().map(|c| c.2.quantity).collect::<Vec<_>>())
-        .bind(upserts.iter().map(|c| c.2.amount).collect::<Vec<_>>())
-        .bind(upserts.iter().map(|c| c.2.currency.as_str()).collect::<Vec<_>>())
-        .bind(upserts.iter().map(|c| c.2.price_book_id.as_str()).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
     }
@@ -353,7 +359,7 @@ pub(super) async fn apply_lines(
     tx: &mut PgConnection,
     lines: &[LineChange],
 ) -> Result<(), SinkError> {
-    sqlx::query(
+    sqlx::query!(
         "WITH u AS (
              SELECT c, to_timestamp(p) AS p, m, b, cur, a, q, w
              FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::numeric[],
@@ -373,18 +379,18 @@ pub(super) async fn apply_lines(
              SELECT 1 FROM changed
              WHERE changed.customer_id = u.c AND changed.period_start = u.p AND changed.meter = u.m
                AND changed.price_book_id = u.b)",
+        &lines.iter().map(|l| l.customer_id.as_str()).collect::<Vec<_>>() as &[&str],
+        &lines.iter().map(|l| l.period_start).collect::<Vec<_>>(),
+        &lines.iter().map(|l| l.meter.as_str()).collect::<Vec<_>>() as &[&str],
+        &lines.iter().map(|l| l.price_book_id.as_str()).collect::<Vec<_>>() as &[&str],
+        &lines.iter().map(|l| l.currency.as_str()).collect::<Vec<_>>() as &[&str],
+        &lines.iter().map(|l| l.amount).collect::<Vec<_>>(),
+        &lines.iter().map(|l| l.quantity).collect::<Vec<_>>(),
+        &lines.iter().map(|l| l.windows).collect::<Vec<_>>(),
     )
-    .bind(lines.iter().map(|l| l.customer_id.as_str()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|l| l.period_start).collect::<Vec<_>>())
-    .bind(lines.iter().map(|l| l.meter.as_str()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|l| l.price_book_id.as_str()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|l| l.currency.as_str()).collect::<Vec<_>>())
-    .bind(lines.iter().map(|l| l.amount).collect::<Vec<_>>())
-    .bind(lines.iter().map(|l| l.quantity).collect::<Vec<_>>())
-    .bind(lines.iter().map(|l| l.windows).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM upcoming_lines WHERE windows = 0")
+    sqlx::query!("DELETE FROM upcoming_lines WHERE windows = 0")
         .execute(&mut *tx)
         .await?;
     Ok(())
@@ -395,16 +401,16 @@ pub(super) async fn insert_dead_letters(
     topic: &str,
     dead: &[DeadLetter],
 ) -> Result<(), SinkError> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO dead_letters (topic, partition, \"offset\", payload, reason)
          SELECT $1, p, o, b, r FROM UNNEST($2::int[], $3::bigint[], $4::bytea[], $5::text[]) AS u(p, o, b, r)
          ON CONFLICT ON CONSTRAINT dead_letters_source_key DO NOTHING",
+        topic,
+        &dead.iter().map(|d| d.partition).collect::<Vec<_>>(),
+        &dead.iter().map(|d| d.offset).collect::<Vec<_>>(),
+        &dead.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>() as &[&[u8]],
+        &dead.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>() as &[&str],
     )
-    .bind(topic)
-    .bind(dead.iter().map(|d| d.partition).collect::<Vec<_>>())
-    .bind(dead.iter().map(|d| d.offset).collect::<Vec<_>>())
-    .bind(dead.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>())
-    .bind(dead.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -424,16 +430,16 @@ pub(super) async fn insert_conflicting_duplicates(
     if conflicting.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO duplicate_events (topic, partition, \"offset\", event_id, kind, payload)
          SELECT $1, p, o, i, 'conflicting', b FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::bytea[]) AS u(p, o, i, b)
          ON CONFLICT ON CONSTRAINT duplicate_events_pkey DO NOTHING",
+        topic,
+        &conflicting.iter().map(|d| d.partition).collect::<Vec<_>>(),
+        &conflicting.iter().map(|d| d.offset).collect::<Vec<_>>(),
+        &conflicting.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>() as &[&str],
+        &conflicting.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>() as &[&[u8]],
     )
-    .bind(topic)
-    .bind(conflicting.iter().map(|d| d.partition).collect::<Vec<_>>())
-    .bind(conflicting.iter().map(|d| d.offset).collect::<Vec<_>>())
-    .bind(conflicting.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>())
-    .bind(conflicting.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -447,18 +453,18 @@ pub(super) async fn insert_late_events(
     if late.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO late_events (event_id, meter, customer_id, window_start, event_time, watermark)
          SELECT i, m, c, to_timestamp(s), timestamptz 'epoch' + t * interval '1 microsecond',
                 timestamptz 'epoch' + w * interval '1 microsecond'
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) AS u(i, m, c, s, t, w)",
+        &late.iter().map(|l| l.event_id.as_str()).collect::<Vec<_>>() as &[&str],
+        &late.iter().map(|l| l.meter.as_str()).collect::<Vec<_>>() as &[&str],
+        &late.iter().map(|l| l.customer_id.as_str()).collect::<Vec<_>>() as &[&str],
+        &late.iter().map(|l| l.window_start).collect::<Vec<_>>(),
+        &late.iter().map(|l| l.event_time_micros).collect::<Vec<_>>(),
+        &late.iter().map(|l| l.watermark_micros).collect::<Vec<_>>(),
     )
-    .bind(late.iter().map(|l| l.event_id.as_str()).collect::<Vec<_>>())
-    .bind(late.iter().map(|l| l.meter.as_str()).collect::<Vec<_>>())
-    .bind(late.iter().map(|l| l.customer_id.as_str()).collect::<Vec<_>>())
-    .bind(late.iter().map(|l| l.window_start).collect::<Vec<_>>())
-    .bind(late.iter().map(|l| l.event_time_micros).collect::<Vec<_>>())
-    .bind(late.iter().map(|l| l.watermark_micros).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())
