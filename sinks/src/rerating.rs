@@ -27,7 +27,7 @@ use meterflow_model::{
     MeterSet, PriceBook, WindowUsage,
 };
 use rust_decimal::Decimal;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
 use meterflow_store::{meters, price_books};
 use rows::{expected_rows, stored_rows};
@@ -52,7 +52,7 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
     // snapshot are changes for events the snapshot does not count, so the corrections are applied as
     // differences (expected − stored as of the snapshot), which keeps those changes.
     let mut snapshot = conn.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *snapshot)
         .await?;
     let meters = meters::load_meters(&mut snapshot).await?;
@@ -74,7 +74,7 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
     snapshot.commit().await?;
     let mut tx = conn.begin().await?;
     // No epoch commits while we correct: the sink takes this lock first in every commit.
-    sqlx::query("SELECT topic FROM pipeline_leases ORDER BY topic FOR UPDATE")
+    sqlx::query!("SELECT topic FROM pipeline_leases ORDER BY topic FOR UPDATE")
         .fetch_all(&mut *tx)
         .await?;
     let mut outcome = Outcome::default();
@@ -124,29 +124,30 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
     }
     let touched: BTreeSet<(&str, i64)> = periods.iter().map(|(c, _, p)| (c.as_str(), *p)).collect();
     for (customer, period) in touched {
-        sqlx::query(
-            "DELETE FROM upcoming_lines WHERE customer_id = $1 AND period_start = to_timestamp($2)",
+        sqlx::query!(
+            "DELETE FROM upcoming_lines WHERE customer_id = $1 AND period_start = to_timestamp($2::bigint)",
+            customer,
+            period,
         )
-        .bind(customer)
-        .bind(period)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO upcoming_lines (customer_id, period_start, meter, price_book_id, currency,
                                          quantity, amount, windows)
-             SELECT customer_id, to_timestamp($2), meter, price_book_id, min(currency), sum(quantity),
+             SELECT customer_id, to_timestamp($2::bigint), meter, price_book_id, min(currency), sum(quantity),
                     sum(amount), count(*)
              FROM charges
-             WHERE customer_id = $1 AND window_start >= to_timestamp($2) AND window_start < to_timestamp($3)
+             WHERE customer_id = $1 AND window_start >= to_timestamp($2::bigint)
+               AND window_start < to_timestamp($3::bigint)
              GROUP BY customer_id, meter, price_book_id",
+            customer,
+            period,
+            period_of(period).1,
         )
-        .bind(customer)
-        .bind(period)
-        .bind(period_of(period).1)
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query("UPDATE pipeline_leases SET resync_requested = resync_requested + 1")
+    sqlx::query!("UPDATE pipeline_leases SET resync_requested = resync_requested + 1")
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -161,8 +162,8 @@ pub async fn wait_for_resync(
 ) -> Result<bool, sqlx::Error> {
     let deadline = std::time::Instant::now() + within;
     loop {
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pipeline_leases
+        let pending: i64 = sqlx::query_scalar!(
+            "SELECT count(*) AS \"pending!\" FROM pipeline_leases
              WHERE resync_done < resync_requested AND committed_at > now() - interval '5 seconds'",
         )
         .fetch_one(&mut *conn)
@@ -211,28 +212,28 @@ async fn correct_row(
             .event_count
             .checked_sub(h.event_count)
             .ok_or_else(overflow)?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
-             VALUES ($1, $2, to_timestamp($3), to_timestamp($4), $5, $6)
+             VALUES ($1, $2, to_timestamp($3::bigint), to_timestamp($4::bigint), $5, $6)
              ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
              SET value = a.value + excluded.value, event_count = a.event_count + excluded.event_count,
                  revision = a.revision + 1, updated_at = now()",
+            key.customer_id,
+            key.meter,
+            start,
+            key.window_end,
+            value,
+            count,
         )
-        .bind(&key.customer_id)
-        .bind(&key.meter)
-        .bind(start)
-        .bind(key.window_end)
-        .bind(value)
-        .bind(count)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "DELETE FROM aggregations WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3)
+        sqlx::query!(
+            "DELETE FROM aggregations WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
                AND value = 0 AND event_count = 0",
+            key.customer_id,
+            key.meter,
+            start,
         )
-        .bind(&key.customer_id)
-        .bind(&key.meter)
-        .bind(start)
         .execute(&mut *tx)
         .await?;
         return Ok(());
@@ -253,56 +254,56 @@ async fn correct_row(
         if delta == 0 {
             continue;
         }
-        let updated = sqlx::query(
+        let updated = sqlx::query!(
             "UPDATE meter_values SET count = count + $6
-             WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3) AND sort_time = $4
+             WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint) AND sort_time = $4
                AND item = $5",
+            key.customer_id,
+            key.meter,
+            start,
+            sort_time,
+            text,
+            delta,
         )
-        .bind(&key.customer_id)
-        .bind(&key.meter)
-        .bind(start)
-        .bind(sort_time)
-        .bind(&text)
-        .bind(delta)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if updated == 0 {
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
-                 VALUES ($1, $2, to_timestamp($3), $4, $5, $6, $7, $8)",
+                 VALUES ($1, $2, to_timestamp($3::bigint), $4, $5, $6, $7, $8)",
+                key.customer_id,
+                key.meter,
+                start,
+                sort_time,
+                text,
+                num,
+                k,
+                delta,
             )
-            .bind(&key.customer_id)
-            .bind(&key.meter)
-            .bind(start)
-            .bind(sort_time)
-            .bind(&text)
-            .bind(num)
-            .bind(k)
-            .bind(delta)
             .execute(&mut *tx)
             .await?;
         }
     }
-    sqlx::query(
-        "DELETE FROM meter_values WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3)
+    sqlx::query!(
+        "DELETE FROM meter_values WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
            AND count = 0",
+        key.customer_id,
+        key.meter,
+        start,
     )
-    .bind(&key.customer_id)
-    .bind(&key.meter)
-    .bind(start)
     .execute(&mut *tx)
     .await?;
     // The row shows what its items make now (also when it had been tampered with).
-    sqlx::query(
+    sqlx::query!(
         "WITH agg AS (
              SELECT max(v.num) AS max_num, count(*) AS items, sum(v.count)::bigint AS events,
                     (array_agg(v.num ORDER BY v.sort_time DESC, v.item DESC))[1] AS latest
              FROM meter_values v
-             WHERE v.customer_id = $1 AND v.meter = $2 AND v.window_start = to_timestamp($3)
+             WHERE v.customer_id = $1 AND v.meter = $2 AND v.window_start = to_timestamp($3::bigint)
          )
          INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
-         SELECT $1, $2, to_timestamp($3), to_timestamp($4),
+         SELECT $1, $2, to_timestamp($3::bigint), to_timestamp($4::bigint),
                 CASE $5 WHEN 'max' THEN COALESCE(agg.max_num, 0)
                         WHEN 'unique_count' THEN agg.items
                         ELSE COALESCE(agg.latest, 0) END,
@@ -311,22 +312,22 @@ async fn correct_row(
          ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
          SET value = excluded.value, event_count = excluded.event_count,
              revision = a.revision + 1, updated_at = now()",
+        key.customer_id,
+        key.meter,
+        start,
+        key.window_end,
+        kind.unwrap_or("max"),
     )
-    .bind(&key.customer_id)
-    .bind(&key.meter)
-    .bind(start)
-    .bind(key.window_end)
-    .bind(kind.unwrap_or("max"))
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
-        "DELETE FROM aggregations a WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3)
+    sqlx::query!(
+        "DELETE FROM aggregations a WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
            AND NOT EXISTS (SELECT 1 FROM meter_values v WHERE v.customer_id = a.customer_id
                            AND v.meter = a.meter AND v.window_start = a.window_start)",
+        key.customer_id,
+        key.meter,
+        start,
     )
-    .bind(&key.customer_id)
-    .bind(&key.meter)
-    .bind(start)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -352,12 +353,12 @@ async fn write_row(
     want: Option<&Content>,
 ) -> Result<(), sqlx::Error> {
     let start = key.window_start;
-    sqlx::query(
-        "DELETE FROM meter_values WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3)",
+    sqlx::query!(
+        "DELETE FROM meter_values WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)",
+        key.customer_id,
+        key.meter,
+        start,
     )
-    .bind(&key.customer_id)
-    .bind(&key.meter)
-    .bind(start)
     .execute(&mut *tx)
     .await?;
     let row = match want {
@@ -374,18 +375,18 @@ async fn write_row(
                         value,
                     } => ("latest", *time_micros, event_id.clone(), Some(*value)),
                 };
-                sqlx::query(
+                sqlx::query!(
                     "INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
-                     VALUES ($1, $2, to_timestamp($3), $4, $5, $6, $7, $8)",
+                     VALUES ($1, $2, to_timestamp($3::bigint), $4, $5, $6, $7, $8)",
+                    key.customer_id,
+                    key.meter,
+                    start,
+                    sort_time,
+                    text,
+                    num,
+                    kind,
+                    count,
                 )
-                .bind(&key.customer_id)
-                .bind(&key.meter)
-                .bind(start)
-                .bind(sort_time)
-                .bind(text)
-                .bind(num)
-                .bind(kind)
-                .bind(count)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -394,29 +395,29 @@ async fn write_row(
     };
     match row {
         None => {
-            sqlx::query(
-                "DELETE FROM aggregations WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3)",
+            sqlx::query!(
+                "DELETE FROM aggregations WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)",
+                key.customer_id,
+                key.meter,
+                start,
             )
-            .bind(&key.customer_id)
-            .bind(&key.meter)
-            .bind(start)
             .execute(&mut *tx)
             .await?;
         }
         Some(total) => {
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
-                 VALUES ($1, $2, to_timestamp($3), to_timestamp($4), $5, $6)
+                 VALUES ($1, $2, to_timestamp($3::bigint), to_timestamp($4::bigint), $5, $6)
                  ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
                  SET value = excluded.value, event_count = excluded.event_count, quarantined = false,
                      revision = a.revision + 1, updated_at = now()",
+                key.customer_id,
+                key.meter,
+                start,
+                key.window_end,
+                total.value,
+                total.event_count,
             )
-            .bind(&key.customer_id)
-            .bind(&key.meter)
-            .bind(start)
-            .bind(key.window_end)
-            .bind(total.value)
-            .bind(total.event_count)
             .execute(&mut *tx)
             .await?;
         }
@@ -451,6 +452,29 @@ fn checked_sum(amounts: impl IntoIterator<Item = Decimal>) -> Result<Decimal, sq
         .into_iter()
         .try_fold(Decimal::ZERO, |sum, a| sum.checked_add(a))
         .ok_or_else(|| sqlx::Error::Decode(Box::new(meterflow_model::aggregate::Overflow)))
+}
+
+/// A `charges` row of one customer's meter as `rerate_period` selects it, its window bounds in seconds.
+struct ChargeRow {
+    window_start: i64,
+    window_end: i64,
+    quantity: Decimal,
+    amount: Decimal,
+    currency: String,
+    price_book_id: String,
+}
+
+impl From<ChargeRow> for Charge {
+    fn from(row: ChargeRow) -> Self {
+        Charge {
+            window_start: row.window_start,
+            window_end: row.window_end,
+            quantity: row.quantity,
+            amount: row.amount,
+            currency: row.currency,
+            price_book_id: row.price_book_id,
+        }
+    }
 }
 
 /// Re-rates one customer's meter over one period from its stored (corrected) rows and corrects the
@@ -493,34 +517,24 @@ async fn rerate_period(
         .into_iter()
         .map(|c| (c.window_start, c))
         .collect();
-    let stored: BTreeMap<i64, Charge> = sqlx::query(
-        "SELECT extract(epoch FROM window_start)::bigint, extract(epoch FROM window_end)::bigint,
+    let stored: BTreeMap<i64, Charge> = sqlx::query_as!(
+        ChargeRow,
+        "SELECT extract(epoch FROM window_start)::bigint AS \"window_start!\",
+                extract(epoch FROM window_end)::bigint AS \"window_end!\",
                 quantity, amount, currency, price_book_id
          FROM charges
-         WHERE customer_id = $1 AND meter = $2 AND window_start >= to_timestamp($3)
-           AND window_start < to_timestamp($4)",
+         WHERE customer_id = $1 AND meter = $2 AND window_start >= to_timestamp($3::bigint)
+           AND window_start < to_timestamp($4::bigint)",
+        customer,
+        meter,
+        period,
+        end,
     )
-    .bind(customer)
-    .bind(meter)
-    .bind(period)
-    .bind(end)
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|r| {
-        Ok((
-            r.try_get(0)?,
-            Charge {
-                window_start: r.try_get(0)?,
-                window_end: r.try_get(1)?,
-                quantity: r.try_get(2)?,
-                amount: r.try_get(3)?,
-                currency: r.try_get(4)?,
-                price_book_id: r.try_get(5)?,
-            },
-        ))
-    })
-    .collect::<Result<_, sqlx::Error>>()?;
+    .map(|r| (r.window_start, Charge::from(r)))
+    .collect();
     let before = checked_sum(stored.values().map(|c| c.amount))?;
     let after = checked_sum(want.values().map(|c| c.amount))?;
     let starts: BTreeSet<i64> = want.keys().chain(stored.keys()).copied().collect();
@@ -530,34 +544,34 @@ async fn rerate_period(
             (Some(w), Some(s)) if w == s => {}
             (Some(w), _) => {
                 changed += 1;
-                sqlx::query(
+                sqlx::query!(
                     "INSERT INTO charges AS c (customer_id, meter, window_start, window_end, quantity, amount,
                                                currency, price_book_id)
-                     VALUES ($1, $2, to_timestamp($3), to_timestamp($4), $5, $6, $7, $8)
+                     VALUES ($1, $2, to_timestamp($3::bigint), to_timestamp($4::bigint), $5, $6, $7, $8)
                      ON CONFLICT ON CONSTRAINT charges_pkey DO UPDATE
                      SET window_end = excluded.window_end, quantity = excluded.quantity,
                          amount = excluded.amount, currency = excluded.currency,
                          price_book_id = excluded.price_book_id, revision = c.revision + 1, updated_at = now()",
+                    customer,
+                    meter,
+                    w.window_start,
+                    w.window_end,
+                    w.quantity,
+                    w.amount,
+                    w.currency,
+                    w.price_book_id,
                 )
-                .bind(customer)
-                .bind(meter)
-                .bind(w.window_start)
-                .bind(w.window_end)
-                .bind(w.quantity)
-                .bind(w.amount)
-                .bind(&w.currency)
-                .bind(&w.price_book_id)
                 .execute(&mut *tx)
                 .await?;
             }
             (None, Some(_)) => {
                 changed += 1;
-                sqlx::query(
-                    "DELETE FROM charges WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3)",
+                sqlx::query!(
+                    "DELETE FROM charges WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)",
+                    customer,
+                    meter,
+                    start,
                 )
-                .bind(customer)
-                .bind(meter)
-                .bind(start)
                 .execute(&mut *tx)
                 .await?;
             }

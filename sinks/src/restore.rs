@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
 use meterflow_model::{Aggregate, AggregateKey, Charge, Item, RatingState};
 use rust_decimal::Decimal;
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
 /// The event-time progress last committed: the global watermark and, per partition, the greatest event
 /// time read (microseconds).
@@ -16,25 +16,23 @@ pub async fn stored_event_times(
     conn: &mut PgConnection,
     topic: &str,
 ) -> Result<(Option<i64>, HashMap<i32, i64>), sqlx::Error> {
-    let watermark: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT committed_watermark FROM pipeline_leases WHERE topic = $1")
-            .bind(topic)
-            .fetch_optional(&mut *conn)
-            .await?
-            .flatten();
-    let rows = sqlx::query(
-        "SELECT partition, max_event_time FROM source_offsets WHERE topic = $1 AND max_event_time IS NOT NULL",
+    let watermark: Option<DateTime<Utc>> = sqlx::query_scalar!(
+        "SELECT committed_watermark FROM pipeline_leases WHERE topic = $1",
+        topic,
     )
-    .bind(topic)
+    .fetch_optional(&mut *conn)
+    .await?
+    .flatten();
+    let rows = sqlx::query!(
+        "SELECT partition, max_event_time AS \"max_event_time!\" FROM source_offsets WHERE topic = $1 AND max_event_time IS NOT NULL",
+        topic,
+    )
     .fetch_all(&mut *conn)
     .await?;
     let partitions = rows
         .iter()
-        .map(|r| {
-            let t: DateTime<Utc> = r.try_get(1)?;
-            Ok((r.try_get::<i32, _>(0)?, t.timestamp_micros()))
-        })
-        .collect::<Result<_, sqlx::Error>>()?;
+        .map(|r| (r.partition, r.max_event_time.timestamp_micros()))
+        .collect();
     Ok((watermark.map(|w| w.timestamp_micros()), partitions))
 }
 
@@ -44,14 +42,108 @@ pub async fn set_allowed_lateness(
     topic: &str,
     lateness_micros: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    // Postgres types $2 of `$2 * interval` double precision: `as _` binds the i64 as before, unchecked.
+    sqlx::query!(
         "UPDATE pipeline_leases SET allowed_lateness = $2 * interval '1 microsecond' WHERE topic = $1",
+        topic,
+        lateness_micros as _,
     )
-    .bind(topic)
-    .bind(lateness_micros)
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// A `meter_values` row with its row's window (bounds in seconds), as `load_rating_state` selects it.
+struct ItemRow {
+    customer_id: String,
+    meter: String,
+    window_start: i64,
+    window_end: i64,
+    kind: String,
+    sort_time: i64,
+    item: String,
+    num: Option<Decimal>,
+    count: i64,
+}
+
+impl ItemRow {
+    /// The row's key, the item its kind, sort_time, item and num make, and its count as the usage.
+    fn into_row(self) -> (AggregateKey, Option<Item>, Aggregate) {
+        let key = AggregateKey {
+            customer_id: self.customer_id,
+            meter: self.meter,
+            window_start: self.window_start,
+            window_end: self.window_end,
+        };
+        let text = self.item;
+        let num = self.num;
+        let item = match self.kind.as_str() {
+            "max" => Item::Max(num.unwrap_or_default().normalize()),
+            "unique_count" => Item::Unique(text),
+            _ => Item::Latest {
+                time_micros: self.sort_time,
+                event_id: text,
+                value: num.unwrap_or_default(),
+            },
+        };
+        let usage = Aggregate {
+            value: Decimal::ZERO,
+            event_count: self.count,
+        };
+        (key, Some(item), usage)
+    }
+}
+
+/// A `charges` row as `load_rating_state` selects it, its window bounds in seconds.
+struct ChargeRow {
+    customer_id: String,
+    meter: String,
+    window_start: i64,
+    window_end: i64,
+    quantity: Decimal,
+    amount: Decimal,
+    currency: String,
+    price_book_id: String,
+}
+
+impl ChargeRow {
+    /// (customer, meter, charge).
+    fn into_charge(self) -> (String, String, Charge) {
+        let charge = Charge {
+            window_start: self.window_start,
+            window_end: self.window_end,
+            quantity: self.quantity,
+            amount: self.amount,
+            currency: self.currency,
+            price_book_id: self.price_book_id,
+        };
+        (self.customer_id, self.meter, charge)
+    }
+}
+
+/// A `rating_quarantine` row as `load_rating_state` selects it, its times in seconds.
+struct QuarantineRow {
+    customer_id: String,
+    meter: String,
+    period_start: i64,
+    from_window: i64,
+    reason: String,
+}
+
+impl From<QuarantineRow> for QuarantinedPeriod {
+    fn from(row: QuarantineRow) -> Self {
+        let reason = match row.reason.as_str() {
+            "usage_overflow" => QuarantineReason::UsageOverflow,
+            _ => QuarantineReason::RatingOverflow,
+        };
+        QuarantinedPeriod {
+            customer_id: row.customer_id,
+            meter: row.meter,
+            period_start: row.period_start,
+            from_window: row.from_window,
+            reason,
+        }
+    }
 }
 
 /// Everything committed that rating needs (SPEC §9): each sum/count row's total, each max /
@@ -65,7 +157,7 @@ pub async fn load_rating_state(
     topic: &str,
 ) -> Result<(RatingState, i64), sqlx::Error> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
     // The snapshot is taken by this first statement.
@@ -73,120 +165,82 @@ pub async fn load_rating_state(
     let mut state = RatingState::default();
     // A value outside the decimal range (stored before quarantines existed) is read as quarantined,
     // never decoded into a Decimal it does not fit.
-    let groups = sqlx::query(
-        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint,
-                extract(epoch FROM window_end)::bigint,
-                CASE WHEN abs(value) > $1 THEN 0 ELSE value END, event_count,
-                quarantined OR abs(value) > $1
+    let groups = sqlx::query!(
+        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint AS \"window_start!\",
+                extract(epoch FROM window_end)::bigint AS \"window_end!\",
+                CASE WHEN abs(value) > $1 THEN 0 ELSE value END AS \"value!\", event_count,
+                quarantined OR abs(value) > $1 AS \"quarantined!\"
          FROM aggregations a
          WHERE NOT EXISTS (SELECT 1 FROM meters m WHERE m.meter = a.meter
                            AND m.aggregation IN ('max', 'unique_count', 'latest'))",
+        Decimal::MAX,
     )
-    .bind(Decimal::MAX)
     .fetch_all(&mut *tx)
     .await?;
     for r in groups {
         let key = AggregateKey {
-            customer_id: r.try_get(0)?,
-            meter: r.try_get(1)?,
-            window_start: r.try_get(2)?,
-            window_end: r.try_get(3)?,
+            customer_id: r.customer_id,
+            meter: r.meter,
+            window_start: r.window_start,
+            window_end: r.window_end,
         };
         let aggregate = Aggregate {
-            value: r.try_get(4)?,
-            event_count: r.try_get(5)?,
+            value: r.value,
+            event_count: r.event_count,
         };
-        let quarantined: bool = r.try_get(6)?;
-        if quarantined {
+        if r.quarantined {
             state.quarantined_rows.push(key.clone());
             state.rows.push((key, None, aggregate));
         } else if !aggregate.is_zero() {
             state.rows.push((key, None, aggregate));
         }
     }
-    let items = sqlx::query(
-        "SELECT v.customer_id, v.meter, extract(epoch FROM v.window_start)::bigint,
-                extract(epoch FROM a.window_end)::bigint, v.kind, v.sort_time, v.item, v.num, v.count
+    let items = sqlx::query_as!(
+        ItemRow,
+        "SELECT v.customer_id, v.meter, extract(epoch FROM v.window_start)::bigint AS \"window_start!\",
+                extract(epoch FROM a.window_end)::bigint AS \"window_end!\", v.kind, v.sort_time, v.item, v.num,
+                v.count
          FROM meter_values v
          JOIN aggregations a USING (customer_id, meter, window_start)
          WHERE v.count > 0",
     )
     .fetch_all(&mut *tx)
     .await?;
-    for r in items {
-        let key = AggregateKey {
-            customer_id: r.try_get(0)?,
-            meter: r.try_get(1)?,
-            window_start: r.try_get(2)?,
-            window_end: r.try_get(3)?,
-        };
-        let kind: String = r.try_get(4)?;
-        let text: String = r.try_get(6)?;
-        let num: Option<Decimal> = r.try_get(7)?;
-        let item = match kind.as_str() {
-            "max" => Item::Max(num.unwrap_or_default().normalize()),
-            "unique_count" => Item::Unique(text),
-            _ => Item::Latest {
-                time_micros: r.try_get(5)?,
-                event_id: text,
-                value: num.unwrap_or_default(),
-            },
-        };
-        let usage = Aggregate {
-            value: Decimal::ZERO,
-            event_count: r.try_get(8)?,
-        };
-        state.rows.push((key, Some(item), usage));
-    }
-    let charges = sqlx::query(
-        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint,
-                extract(epoch FROM window_end)::bigint, quantity, amount, currency, price_book_id
+    state.rows.extend(items.into_iter().map(ItemRow::into_row));
+    let charges = sqlx::query_as!(
+        ChargeRow,
+        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint AS \"window_start!\",
+                extract(epoch FROM window_end)::bigint AS \"window_end!\", quantity, amount, currency, price_book_id
          FROM charges",
     )
     .fetch_all(&mut *tx)
     .await?;
-    for r in charges {
-        let charge = Charge {
-            window_start: r.try_get(2)?,
-            window_end: r.try_get(3)?,
-            quantity: r.try_get(4)?,
-            amount: r.try_get(5)?,
-            currency: r.try_get(6)?,
-            price_book_id: r.try_get(7)?,
-        };
-        state.charges.push((r.try_get(0)?, r.try_get(1)?, charge));
-    }
-    let quarantined = sqlx::query(
-        "SELECT customer_id, meter, extract(epoch FROM period_start)::bigint,
-                extract(epoch FROM from_window)::bigint, reason
+    state
+        .charges
+        .extend(charges.into_iter().map(ChargeRow::into_charge));
+    let quarantined = sqlx::query_as!(
+        QuarantineRow,
+        "SELECT customer_id, meter, extract(epoch FROM period_start)::bigint AS \"period_start!\",
+                extract(epoch FROM from_window)::bigint AS \"from_window!\", reason
          FROM rating_quarantine",
     )
     .fetch_all(&mut *tx)
     .await?;
-    for r in quarantined {
-        let reason = match r.try_get::<String, _>(4)?.as_str() {
-            "usage_overflow" => QuarantineReason::UsageOverflow,
-            _ => QuarantineReason::RatingOverflow,
-        };
-        state.quarantined_periods.push(QuarantinedPeriod {
-            customer_id: r.try_get(0)?,
-            meter: r.try_get(1)?,
-            period_start: r.try_get(2)?,
-            from_window: r.try_get(3)?,
-            reason,
-        });
-    }
+    state
+        .quarantined_periods
+        .extend(quarantined.into_iter().map(QuarantinedPeriod::from));
     tx.commit().await?;
     Ok((state, resyncs))
 }
 
 /// How many resyncs re-rating jobs have requested of the pipeline on `topic` (see `rerating.rs`).
 pub async fn resync_requests(conn: &mut PgConnection, topic: &str) -> Result<i64, sqlx::Error> {
-    let n: Option<i64> =
-        sqlx::query_scalar("SELECT resync_requested FROM pipeline_leases WHERE topic = $1")
-            .bind(topic)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let n: Option<i64> = sqlx::query_scalar!(
+        "SELECT resync_requested FROM pipeline_leases WHERE topic = $1",
+        topic,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     Ok(n.unwrap_or(0))
 }
 
@@ -196,11 +250,11 @@ pub async fn resync_done(
     topic: &str,
     done: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE pipeline_leases SET resync_done = GREATEST(resync_done, $2) WHERE topic = $1",
+        topic,
+        done,
     )
-    .bind(topic)
-    .bind(done)
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -12,39 +12,34 @@ pub(super) async fn expected_rows(
     to: i64,
     meters: &MeterSet,
 ) -> Result<BTreeMap<AggregateKey, Content>, sqlx::Error> {
-    let rows = sqlx::query(
+    let rows = sqlx::query_as!(
+        EventRow,
         "WITH committed AS (
              SELECT partition, max(next_offset) AS next FROM source_offsets GROUP BY partition
          )
          SELECT t.event_id, t.customer_id, t.event_type,
-                (extract(epoch FROM t.event_time) * 1000000)::bigint, t.value, t.properties::text
+                (extract(epoch FROM t.event_time) * 1000000)::bigint AS \"event_time_micros!\", t.value,
+                t.properties::text AS \"properties!\"
          FROM telemetry_events t
          JOIN event_ids e ON e.event_id = t.event_id
-         WHERE t.event_time >= to_timestamp($1) AND t.event_time < to_timestamp($2)
+         WHERE t.event_time >= to_timestamp($1::bigint) AND t.event_time < to_timestamp($2::bigint)
            AND (cardinality($3::text[]) = 0 OR t.customer_id = ANY($3))
            AND e.counted_partition IS NOT NULL
            AND (e.counted_partition < 0
                 OR e.counted_offset < (SELECT next FROM committed c WHERE c.partition = e.counted_partition))
            AND NOT COALESCE(e.voided_partition < 0
                             OR e.voided_offset < (SELECT next FROM committed c WHERE c.partition = e.voided_partition), false)",
+        from,
+        to,
+        &scope.customer_ids,
     )
-    .bind(from)
-    .bind(to)
-    .bind(&scope.customer_ids)
     .fetch_all(&mut *tx)
     .await?;
     let mut expected: BTreeMap<AggregateKey, Content> = BTreeMap::new();
     for r in rows {
         // The event as it was metered: properties are stored as the decoder's canonical text (migration
         // 0008), so it is rebuilt, not decoded again (a rule added since must not drop a counted event).
-        let event = Event {
-            event_id: r.try_get(0)?,
-            customer_id: r.try_get(1)?,
-            event_type: r.try_get(2)?,
-            event_time_micros: r.try_get(3)?,
-            value: r.try_get(4)?,
-            properties: r.try_get(5)?,
-        };
+        let event = Event::from(r);
         let (contributions, _skipped) = meters.contributions(&event);
         for c in contributions {
             match c.item {
@@ -94,25 +89,26 @@ pub(super) async fn stored_rows(
     let mut quarantined = BTreeSet::new();
     // A quarantined row (its value overflowed, README "Overflow is data") is rewritten whole by a job,
     // which ends the quarantine.
-    let rows = sqlx::query(
-        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint,
-                extract(epoch FROM window_end)::bigint, value, event_count, quarantined
+    let rows = sqlx::query_as!(
+        AggregationRow,
+        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint AS \"window_start!\",
+                extract(epoch FROM window_end)::bigint AS \"window_end!\", value, event_count, quarantined
          FROM aggregations
-         WHERE window_start >= to_timestamp($1) AND window_start < to_timestamp($2)
+         WHERE window_start >= to_timestamp($1::bigint) AND window_start < to_timestamp($2::bigint)
            AND (cardinality($3::text[]) = 0 OR customer_id = ANY($3))",
+        from,
+        to,
+        customers,
     )
-    .bind(from)
-    .bind(to)
-    .bind(customers)
     .fetch_all(&mut *tx)
     .await?;
     for r in rows {
-        let key = key_of(&r)?;
+        let key = r.key();
         let total = Aggregate {
-            value: r.try_get(4)?,
-            event_count: r.try_get(5)?,
+            value: r.value,
+            event_count: r.event_count,
         };
-        if r.try_get::<bool, _>(6)? {
+        if r.quarantined {
             quarantined.insert(key.clone());
         }
         if multiset.contains(&key.meter) {
@@ -122,26 +118,29 @@ pub(super) async fn stored_rows(
             stored.insert(key, Content::Total(total));
         }
     }
-    let items = sqlx::query(
-        "SELECT v.customer_id, v.meter, extract(epoch FROM v.window_start)::bigint,
-                extract(epoch FROM a.window_end)::bigint, v.kind, v.sort_time, v.item, v.num, v.count
+    let items = sqlx::query_as!(
+        ItemRow,
+        "SELECT v.customer_id, v.meter, extract(epoch FROM v.window_start)::bigint AS \"window_start!\",
+                extract(epoch FROM a.window_end)::bigint AS \"window_end!\", v.kind, v.sort_time, v.item, v.num,
+                v.count
          FROM meter_values v JOIN aggregations a USING (customer_id, meter, window_start)
-         WHERE v.window_start >= to_timestamp($1) AND v.window_start < to_timestamp($2)
+         WHERE v.window_start >= to_timestamp($1::bigint) AND v.window_start < to_timestamp($2::bigint)
            AND (cardinality($3::text[]) = 0 OR v.customer_id = ANY($3)) AND v.count > 0",
+        from,
+        to,
+        customers,
     )
-    .bind(from)
-    .bind(to)
-    .bind(customers)
     .fetch_all(&mut *tx)
     .await?;
     for r in items {
-        let key = key_of(&r)?;
-        let item = item_of(&r)?;
+        let key = r.key();
+        let count = r.count;
+        let item = r.item();
         let entry = stored
             .entry(key)
             .or_insert_with(|| Content::Items(BTreeMap::new()));
         if let Content::Items(items) = entry {
-            items.insert(item, r.try_get(8)?);
+            items.insert(item, count);
         }
     }
     // A multiset row whose items are all gone is no row.
@@ -149,27 +148,86 @@ pub(super) async fn stored_rows(
     Ok((stored, totals, quarantined))
 }
 
-pub(super) fn key_of(r: &sqlx::postgres::PgRow) -> Result<AggregateKey, sqlx::Error> {
-    Ok(AggregateKey {
-        customer_id: r.try_get(0)?,
-        meter: r.try_get(1)?,
-        window_start: r.try_get(2)?,
-        window_end: r.try_get(3)?,
-    })
+/// A `telemetry_events` row as `expected_rows` selects it: the event as it was metered.
+struct EventRow {
+    event_id: String,
+    customer_id: String,
+    event_type: String,
+    event_time_micros: i64,
+    value: Decimal,
+    properties: String,
 }
 
-/// The item of a `meter_values` row selected as (…, kind, sort_time, item, num, …) at columns 4–7.
-pub(super) fn item_of(r: &sqlx::postgres::PgRow) -> Result<Item, sqlx::Error> {
-    let kind: String = r.try_get(4)?;
-    let text: String = r.try_get(6)?;
-    let num: Option<Decimal> = r.try_get(7)?;
-    Ok(match kind.as_str() {
-        "max" => Item::Max(num.unwrap_or_default().normalize()),
-        "unique_count" => Item::Unique(text),
-        _ => Item::Latest {
-            time_micros: r.try_get(5)?,
-            event_id: text,
-            value: num.unwrap_or_default(),
-        },
-    })
+impl From<EventRow> for Event {
+    fn from(row: EventRow) -> Self {
+        Event {
+            event_id: row.event_id,
+            customer_id: row.customer_id,
+            event_type: row.event_type,
+            event_time_micros: row.event_time_micros,
+            value: row.value,
+            properties: row.properties,
+        }
+    }
+}
+
+/// An `aggregations` row as `stored_rows` selects it, its window bounds in seconds.
+struct AggregationRow {
+    customer_id: String,
+    meter: String,
+    window_start: i64,
+    window_end: i64,
+    value: Decimal,
+    event_count: i64,
+    quarantined: bool,
+}
+
+impl AggregationRow {
+    fn key(&self) -> AggregateKey {
+        AggregateKey {
+            customer_id: self.customer_id.clone(),
+            meter: self.meter.clone(),
+            window_start: self.window_start,
+            window_end: self.window_end,
+        }
+    }
+}
+
+/// A `meter_values` row with its row's window (bounds in seconds), as `stored_rows` selects it.
+struct ItemRow {
+    customer_id: String,
+    meter: String,
+    window_start: i64,
+    window_end: i64,
+    kind: String,
+    sort_time: i64,
+    item: String,
+    num: Option<Decimal>,
+    count: i64,
+}
+
+impl ItemRow {
+    fn key(&self) -> AggregateKey {
+        AggregateKey {
+            customer_id: self.customer_id.clone(),
+            meter: self.meter.clone(),
+            window_start: self.window_start,
+            window_end: self.window_end,
+        }
+    }
+
+    /// The item the row's kind, sort_time, item and num make.
+    fn item(self) -> Item {
+        let text = self.item;
+        let num = self.num;
+        match self.kind.as_str() {
+            "max" => Item::Max(num.unwrap_or_default().normalize()),
+            "unique_count" => Item::Unique(text),
+            _ => Item::Latest {
+                time_micros: self.sort_time,
+                event_id: text,
+                value: num.unwrap_or_default(),
+            },
+        }
+    }
 }
