@@ -102,13 +102,15 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
 
     // The horizon: what both paths refuse as too old (SPEC §2), i.e. the committed watermark − 35 days;
     // with several topics, the least watermark. No watermark yet: nothing is too old.
-    let (leases, with_watermark, watermark): (i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(
-        "SELECT count(*), count(committed_watermark), min(committed_watermark) FROM pipeline_leases",
+    let leases = sqlx::query!(
+        r#"SELECT count(*) AS "leases!", count(committed_watermark) AS "with_watermark!",
+                  min(committed_watermark) AS watermark
+           FROM pipeline_leases"#,
     )
     .fetch_one(&mut conn)
     .await?;
-    let watermark = match watermark {
-        Some(w) if leases > 0 && with_watermark == leases => w,
+    let watermark = match leases.watermark {
+        Some(w) if leases.leases > 0 && leases.with_watermark == leases.leases => w,
         _ => bail!(
             "no committed watermark yet: until the pipeline commits one, an event of any age is accepted, \
              so no month is past the retention horizon; nothing was changed"
@@ -128,9 +130,9 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
         }
     );
 
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-         WHERE i.inhparent = 'telemetry_events'::regclass ORDER BY 1",
+    let names = sqlx::query_scalar!(
+        r#"SELECT c.relname::text AS "name!" FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+           WHERE i.inhparent = 'telemetry_events'::regclass ORDER BY 1"#,
     )
     .fetch_all(&mut conn)
     .await?;
@@ -152,11 +154,11 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
         println!("retention: nothing to do");
         return Ok(());
     }
-    let busy: Option<String> = sqlx::query_scalar(
+    let busy = sqlx::query_scalar!(
         "SELECT job_id FROM rerating_jobs
          WHERE status IN ('pending', 'running') AND lower(scope) < $1 LIMIT 1",
+        due.iter().map(|p| p.end).max(),
     )
-    .bind(due.iter().map(|p| p.end).max())
     .fetch_optional(&mut conn)
     .await?;
     if let Some(job) = busy {
@@ -175,11 +177,15 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
     }
     if args.prune_event_ids {
         ids = if args.dry_run {
-            sqlx::query_scalar(&format!("SELECT count(*) FROM {PRUNE_IDS}"))
-                .bind(from)
-                .bind(to)
-                .fetch_one(&mut conn)
-                .await?
+            sqlx::query_scalar!(
+                r#"SELECT count(*) AS "ids!" FROM event_ids e
+                   WHERE e.event_time >= $1 AND e.event_time < $2
+                     AND NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = e.event_id)"#,
+                from,
+                to,
+            )
+            .fetch_one(&mut conn)
+            .await?
         } else {
             prune_ids(&mut conn, from, to).await?
         };
@@ -201,9 +207,9 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
     Ok(())
 }
 
-const PRUNE_IDS: &str = "event_ids e WHERE e.event_time >= $1 AND e.event_time < $2
-    AND NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = e.event_id)";
-
+// The statements that name a month's partition (`telemetry_events_2026_01`, read from pg_inherits and
+// matched by `month_partition`) are the only SQL here built at run time: a table name is not a
+// parameter, and sqlx's macros check a fixed text. The other statements are checked at compile time.
 async fn dry_run(conn: &mut PgConnection, p: &Partition, args: &RetentionArgs) -> Result<i64> {
     let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", p.name))
         .fetch_one(&mut *conn)
@@ -257,13 +263,13 @@ async fn drop_month(conn: &mut PgConnection, p: &Partition, args: &RetentionArgs
     sqlx::query(&format!("DROP TABLE {}", p.name))
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO telemetry_retention (singleton, archived_before) VALUES (true, $1)
          ON CONFLICT ON CONSTRAINT telemetry_retention_pkey DO UPDATE
          SET archived_before = GREATEST(telemetry_retention.archived_before, EXCLUDED.archived_before),
              updated_at = now()",
+        p.end,
     )
-    .bind(p.end)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -281,12 +287,15 @@ async fn drop_month(conn: &mut PgConnection, p: &Partition, args: &RetentionArgs
 /// Deletes the event_ids rows of the dropped months, `[from, to)`, in one statement (event_ids has no
 /// index on event_time: one pass, not one per month), never a row an unsent outbox row still needs.
 async fn prune_ids(conn: &mut PgConnection, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<i64> {
-    let deleted = sqlx::query(&format!("DELETE FROM {PRUNE_IDS}"))
-        .bind(from)
-        .bind(to)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+    let deleted = sqlx::query!(
+        "DELETE FROM event_ids e WHERE e.event_time >= $1 AND e.event_time < $2
+           AND NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = e.event_id)",
+        from,
+        to,
+    )
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
     Ok(i64::try_from(deleted).unwrap_or(i64::MAX))
 }
 

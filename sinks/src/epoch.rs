@@ -377,10 +377,9 @@ async fn commit(
     if let Some(w) = watermark {
         finalized = sqlx::query!(
             "UPDATE aggregations SET finalized = true, updated_at = now()
-             WHERE NOT finalized AND window_end + $2 * interval '1 microsecond' <= $1",
+             WHERE NOT finalized AND window_end + $2::bigint * interval '1 microsecond' <= $1",
             w,
-            // An i64 (bigint), as before: untyped, Postgres would take `$2 * interval` for a double.
-            lateness_micros as _,
+            lateness_micros,
         )
         .execute(&mut *tx)
         .await?

@@ -42,11 +42,11 @@ pub async fn set_allowed_lateness(
     topic: &str,
     lateness_micros: i64,
 ) -> Result<(), sqlx::Error> {
-    // Postgres types $2 of `$2 * interval` double precision: `as _` binds the i64 as before, unchecked.
     sqlx::query!(
-        "UPDATE pipeline_leases SET allowed_lateness = $2 * interval '1 microsecond' WHERE topic = $1",
+        "UPDATE pipeline_leases SET allowed_lateness = $2::bigint * interval '1 microsecond'
+         WHERE topic = $1",
         topic,
-        lateness_micros as _,
+        lateness_micros,
     )
     .execute(&mut *conn)
     .await?;

@@ -105,17 +105,18 @@ async fn wait_committed(
     }
     let deadline = Instant::now() + Duration::from_secs(args.wait_timeout_secs);
     loop {
-        let stored: Vec<(i32, i64)> =
-            sqlx::query_as("SELECT partition, next_offset FROM source_offsets WHERE topic = $1")
-                .bind(topic)
-                .fetch_all(&mut conn)
-                .await
-                .context("reading source_offsets; has `meterflow migrate` run?")?;
+        let stored = sqlx::query!(
+            "SELECT partition, next_offset FROM source_offsets WHERE topic = $1",
+            topic,
+        )
+        .fetch_all(&mut conn)
+        .await
+        .context("reading source_offsets; has `meterflow migrate` run?")?;
         let committed = |p: i32| {
             stored
                 .iter()
-                .find(|(sp, _)| *sp == p)
-                .map_or(0, |(_, o)| *o)
+                .find(|s| s.partition == p)
+                .map_or(0, |s| s.next_offset)
         };
         let covered: i64 = ends.iter().map(|(p, e)| committed(*p).min(*e)).sum();
         bar.set_position(u64::try_from(covered).unwrap_or(0));
