@@ -30,9 +30,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use chrono::{DateTime, Months, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use futures::StreamExt;
 use meterflow_model::DEFAULT_RETENTION_MICROS;
+use meterflow_store::retention::{self as store, MonthPartition as Partition};
 use sqlx::{Connection, PgConnection};
 
 #[derive(Debug, clap::Args)]
@@ -62,36 +63,10 @@ pub fn run(args: &RetentionArgs, database_url: &str) -> Result<()> {
     runtime.block_on(retention(args, database_url))
 }
 
-/// A month partition of telemetry_events: its name and first instant.
-struct Partition {
-    name: String,
-    start: DateTime<Utc>,
-    end: DateTime<Utc>,
-}
-
 fn parse_month(text: &str) -> Result<DateTime<Utc>> {
     let date = NaiveDate::parse_from_str(&format!("{text}-01"), "%Y-%m-%d")
         .with_context(|| format!("--before {text}: expected a month as YYYY-MM"))?;
     Ok(date.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc())
-}
-
-/// `telemetry_events_YYYY_MM` (the names migration 0003 gives) → the partition; anything else (the
-/// default partition) is not a month.
-fn month_partition(name: &str) -> Option<Partition> {
-    let rest = name.strip_prefix("telemetry_events_")?;
-    let (year, month) = rest.split_once('_')?;
-    if year.len() != 4 || month.len() != 2 {
-        return None;
-    }
-    let start = NaiveDate::from_ymd_opt(year.parse().ok()?, month.parse().ok()?, 1)?
-        .and_hms_opt(0, 0, 0)?
-        .and_utc();
-    let end = start.checked_add_months(Months::new(1))?;
-    Some(Partition {
-        name: name.to_owned(),
-        start,
-        end,
-    })
 }
 
 async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
@@ -102,16 +77,9 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
 
     // The horizon: what both paths refuse as too old (SPEC §2), i.e. the committed watermark − 35 days;
     // with several topics, the least watermark. No watermark yet: nothing is too old.
-    let leases = sqlx::query!(
-        r#"SELECT count(*) AS "leases!", count(committed_watermark) AS "with_watermark!",
-                  min(committed_watermark) AS watermark
-           FROM pipeline_leases"#,
-    )
-    .fetch_one(&mut conn)
-    .await?;
-    let watermark = match leases.watermark {
-        Some(w) if leases.leases > 0 && leases.with_watermark == leases.leases => w,
-        _ => bail!(
+    let watermark = match store::least_committed_watermark(&mut conn).await? {
+        Some(w) => w,
+        None => bail!(
             "no committed watermark yet: until the pipeline commits one, an event of any age is accepted, \
              so no month is past the retention horizon; nothing was changed"
         ),
@@ -130,14 +98,8 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
         }
     );
 
-    let names = sqlx::query_scalar!(
-        r#"SELECT c.relname::text AS "name!" FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-           WHERE i.inhparent = 'telemetry_events'::regclass ORDER BY 1"#,
-    )
-    .fetch_all(&mut conn)
-    .await?;
     let mut due = Vec::new();
-    for p in names.iter().filter_map(|n| month_partition(n)) {
+    for p in store::month_partitions(&mut conn).await? {
         if p.start >= before {
             continue;
         }
@@ -154,14 +116,7 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
         println!("retention: nothing to do");
         return Ok(());
     }
-    let busy = sqlx::query_scalar!(
-        "SELECT job_id FROM rerating_jobs
-         WHERE status IN ('pending', 'running') AND lower(scope) < $1 LIMIT 1",
-        due.iter().map(|p| p.end).max(),
-    )
-    .fetch_optional(&mut conn)
-    .await?;
-    if let Some(job) = busy {
+    if let Some(job) = store::job_before(&mut conn, due.iter().map(|p| p.end).max()).await? {
         bail!("re-rating job {job} is pending or running over a month to drop (it reads the raw events); wait for it to finish");
     }
 
@@ -177,17 +132,10 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
     }
     if args.prune_event_ids {
         ids = if args.dry_run {
-            sqlx::query_scalar!(
-                r#"SELECT count(*) AS "ids!" FROM event_ids e
-                   WHERE e.event_time >= $1 AND e.event_time < $2
-                     AND NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = e.event_id)"#,
-                from,
-                to,
-            )
-            .fetch_one(&mut conn)
-            .await?
+            store::event_ids_to_prune(&mut conn, from, to).await?
         } else {
-            prune_ids(&mut conn, from, to).await?
+            let deleted = store::prune_event_ids(&mut conn, from, to).await?;
+            i64::try_from(deleted).unwrap_or(i64::MAX)
         };
     }
     println!(
@@ -207,13 +155,8 @@ async fn retention(args: &RetentionArgs, url: &str) -> Result<()> {
     Ok(())
 }
 
-// The statements that name a month's partition (`telemetry_events_2026_01`, read from pg_inherits and
-// matched by `month_partition`) are the only SQL here built at run time: a table name is not a
-// parameter, and sqlx's macros check a fixed text. The other statements are checked at compile time.
 async fn dry_run(conn: &mut PgConnection, p: &Partition, args: &RetentionArgs) -> Result<i64> {
-    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", p.name))
-        .fetch_one(&mut *conn)
-        .await?;
+    let rows = store::rows_in(conn, p).await?;
     println!(
         "  would {}drop {} ({rows} rows)",
         match &args.archive {
@@ -232,12 +175,7 @@ fn archive_path(dir: &Path, p: &Partition) -> PathBuf {
 async fn drop_month(conn: &mut PgConnection, p: &Partition, args: &RetentionArgs) -> Result<i64> {
     let mut tx = conn.begin().await?;
     // No writes while it is read: the archive is exactly what is dropped.
-    sqlx::query(&format!("LOCK TABLE {} IN SHARE MODE", p.name))
-        .execute(&mut *tx)
-        .await?;
-    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", p.name))
-        .fetch_one(&mut *tx)
-        .await?;
+    let rows = store::lock_month(&mut tx, p).await?;
     let archived = match &args.archive {
         // An empty month (migration 0003 created every month from 2020) leaves no file.
         Some(_) if rows == 0 => None,
@@ -254,24 +192,7 @@ async fn drop_month(conn: &mut PgConnection, p: &Partition, args: &RetentionArgs
         }
         None => None,
     };
-    sqlx::query(&format!(
-        "ALTER TABLE telemetry_events DETACH PARTITION {}",
-        p.name
-    ))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(&format!("DROP TABLE {}", p.name))
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query!(
-        "INSERT INTO telemetry_retention (singleton, archived_before) VALUES (true, $1)
-         ON CONFLICT ON CONSTRAINT telemetry_retention_pkey DO UPDATE
-         SET archived_before = GREATEST(telemetry_retention.archived_before, EXCLUDED.archived_before),
-             updated_at = now()",
-        p.end,
-    )
-    .execute(&mut *tx)
-    .await?;
+    store::drop_month(&mut tx, p).await?;
     tx.commit().await?;
     println!(
         "  dropped {} ({rows} rows){}",
@@ -284,21 +205,6 @@ async fn drop_month(conn: &mut PgConnection, p: &Partition, args: &RetentionArgs
     Ok(rows)
 }
 
-/// Deletes the event_ids rows of the dropped months, `[from, to)`, in one statement (event_ids has no
-/// index on event_time: one pass, not one per month), never a row an unsent outbox row still needs.
-async fn prune_ids(conn: &mut PgConnection, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<i64> {
-    let deleted = sqlx::query!(
-        "DELETE FROM event_ids e WHERE e.event_time >= $1 AND e.event_time < $2
-           AND NOT EXISTS (SELECT 1 FROM event_outbox o WHERE o.event_id = e.event_id)",
-        from,
-        to,
-    )
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    Ok(i64::try_from(deleted).unwrap_or(i64::MAX))
-}
-
 /// Writes the partition as gzip'd CSV (header first) to `path` through a temporary file, fsynced and
 /// renamed into place; returns the data rows written.
 async fn archive(conn: &mut PgConnection, p: &Partition, dir: &Path, path: &Path) -> Result<i64> {
@@ -307,23 +213,18 @@ async fn archive(conn: &mut PgConnection, p: &Partition, dir: &Path, path: &Path
     let file =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
-    let mut stream = conn
-        .copy_out_raw(&format!(
-            "COPY (SELECT event_id, customer_id, event_type, event_time, value, properties, received_at
-                   FROM {} ORDER BY event_time, event_id)
-             TO STDOUT WITH (FORMAT csv, HEADER)",
-            p.name
-        ))
-        .await?;
     // Every row is one line: ids and types have no line breaks, and JSON text escapes them.
     let mut lines = 0_i64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        lines += chunk.iter().filter(|b| **b == b'\n').count() as i64;
-        gz.write_all(&chunk)
-            .with_context(|| format!("writing {}", tmp.display()))?;
+    {
+        let mut stream = std::pin::pin!(store::copy_out_month(conn, p).await?);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let chunk = chunk.as_ref();
+            lines += chunk.iter().filter(|b| **b == b'\n').count() as i64;
+            gz.write_all(chunk)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+        }
     }
-    drop(stream);
     let file = gz.finish()?;
     file.sync_all()?;
     drop(file);
@@ -339,12 +240,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn month_partitions_are_recognised_by_name() {
-        let p = month_partition("telemetry_events_2024_02").unwrap();
-        assert_eq!(p.start.to_rfc3339(), "2024-02-01T00:00:00+00:00");
-        assert_eq!(p.end.to_rfc3339(), "2024-03-01T00:00:00+00:00");
-        assert!(month_partition("telemetry_events_default").is_none());
-        assert!(month_partition("telemetry_events_2024_2").is_none());
+    fn months_are_parsed() {
         assert!(parse_month("2024-13").is_err());
         assert_eq!(
             parse_month("2024-12").unwrap().to_rfc3339(),

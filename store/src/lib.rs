@@ -28,6 +28,7 @@
 //! | `idempotency.rs` | `idempotency_keys`: claims and the answers stored under them |
 //! | `watermark_floors.rs` | `watermark_floors`: an admin's floor under a topic's watermark (audited) |
 //! | `results.rs` | reads of the pipeline's results for the API: aggregations (and their events), charges, dead letters, the committed progress, readiness |
+//! | `retention.rs` | `meterflow retention`'s SQL: month partitions of `telemetry_events` dropped, `telemetry_retention`, `event_ids` pruned |
 //! | `owners.rs` | whose an invoice, a re-rating job or an event is (for customer-bound keys) |
 //!
 //! Data never reaches a panic: outside tests this crate may not unwrap, expect or index (the lints
@@ -53,6 +54,7 @@ pub mod owners;
 pub mod price_books;
 pub mod rerating_jobs;
 pub mod results;
+pub mod retention;
 pub mod watermark_floors;
 
 pub use claims::PgClaims;
