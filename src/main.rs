@@ -357,11 +357,6 @@ async fn serve_api(cfg: &Config) -> Result<()> {
     }
     let state =
         meterflow_api::AppState::with_settings(pool, producer.clone(), topic.clone(), settings);
-    // The jobs the API queues run here, beside it.
-    tokio::spawn(meterflow_sinks::rerating_jobs::runner(
-        state.pool.clone(),
-        state.rerating_wake.clone(),
-    ));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

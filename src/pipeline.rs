@@ -3,6 +3,22 @@
 //! Start-up: ensure the topic, take over the writer lease (process 0), read the committed offsets, start
 //! the Postgres writer (process 0), then run the workers. Every worker reads its own partitions from the
 //! committed offsets on; worker 0 hands completed epochs to the writer.
+//!
+//! The process has one tokio runtime and one cancellation token. Everything asynchronous (the Postgres
+//! writer, the workers' claims, the watchers, the metrics endpoint) runs on that runtime, and each run
+//! has a child of the token:
+//!
+//! ```text
+//!  shutdown (SIGINT/SIGTERM) ──cancels──► run's token ◄──cancels── new partitions (restart.rs: run again)
+//!                                           │
+//!          ┌──────────────────┬─────────────┼────────────────┬──────────────────┐
+//!   workers stop at the   config watcher  lag monitor   re-rating runner   partition
+//!   end of their epoch    (watch.rs)      (watch.rs)    (leader; between   watcher
+//!                                                        jobs, awaited)
+//! ```
+//! The leader runs the re-rating jobs the API queues (`meterflow_sinks::rerating_jobs`): a job corrects
+//! the stored state in one transaction and hands the change to worker 0's rating, which takes it in at
+//! one epoch, so the dataflow goes on from the corrected state without a restart.
 
 mod restart;
 mod watch;
@@ -15,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use meterflow_dataflow::classify::new_watermark;
 use meterflow_dataflow::source::{owned_partitions, spawn_reader};
-use meterflow_dataflow::worker::RatingFeed;
+use meterflow_dataflow::worker::{Correction, RatingFeed};
 use meterflow_dataflow::{
     run_worker, GraphContext, MeterRegistry, SinkChannels, SourceConfig, WatermarkConfig,
     WorkerConfig,
@@ -24,11 +40,12 @@ use meterflow_model::{Limits, Meter, PriceBook};
 use meterflow_sinks::restore;
 use meterflow_store::{meters, price_books, PgClaims};
 use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::kafka;
-use restart::{spawn_partition_watcher, spawn_resync_watcher};
-use watch::{spawn_config_watcher, spawn_lag_monitor};
+use restart::watch_partitions;
+use watch::{monitor_lag, watch_config};
 
 /// The pipeline's flags: per-process ones, and those that override `[pipeline]` keys of the configuration
 /// (src/config.rs documents each).
@@ -116,26 +133,24 @@ impl PipelineArgs {
     }
 }
 
-/// Runs the pipeline until it is caught up (`--until-caught-up`), stopped by a signal, or fails. A
-/// re-rating job that corrected stored rows asks for a resync: the pipeline then commits what it has,
-/// stops its workers and starts again from the corrected state (like a recovery, in-process).
+/// Runs the pipeline until it is caught up (`--until-caught-up`), stopped by a signal, or fails. When
+/// the events topic gains partitions, the pipeline commits what it has, stops its workers and starts
+/// again with the partitions assigned anew (like a recovery, in-process).
 pub fn run(args: &PipelineArgs, cfg: &Config) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     meterflow_sinks::metrics::register_all();
     if !cfg.pipeline.metrics_addr.is_empty() {
         serve_metrics(&runtime, &cfg.pipeline.metrics_addr);
     }
-    let shutdown = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    runtime.spawn(stop_on_signal(shutdown.clone()));
     loop {
-        let resync = Arc::new(AtomicBool::new(false));
-        run_once(args, cfg, &runtime, &shutdown, &resync)?;
-        if !resync.load(Ordering::Relaxed) || shutdown.load(Ordering::Relaxed) {
+        let restart = Arc::new(AtomicBool::new(false));
+        run_once(args, cfg, &runtime, shutdown.child_token(), &restart)?;
+        if !restart.load(Ordering::Relaxed) || shutdown.is_cancelled() {
             return Ok(());
         }
-        eprintln!(
-            "pipeline: restarting in-process (a re-rating job corrected the stored state, or the \
-             topic gained partitions)"
-        );
+        eprintln!("pipeline: restarting in-process (the topic gained partitions)");
     }
 }
 
@@ -143,8 +158,8 @@ fn run_once(
     args: &PipelineArgs,
     cfg: &Config,
     runtime: &tokio::runtime::Runtime,
-    shutdown: &Arc<AtomicBool>,
-    resync: &Arc<AtomicBool>,
+    run: CancellationToken,
+    restart: &Arc<AtomicBool>,
 ) -> Result<()> {
     let (database_url, brokers, topic) = (
         cfg.database.url.expose(),
@@ -152,8 +167,18 @@ fn run_once(
         cfg.kafka.events_topic.as_str(),
     );
     let started = Instant::now();
-    // Set by a signal, a resync request, or never: the workers commit what they have and return.
+    // However this run ends, its tasks end with it.
+    let _end_of_run = run.clone().drop_guard();
+    // The workers look at a flag between steps: set when the run is cancelled (a signal, new
+    // partitions); they then commit what they have and return.
     let stop = Arc::new(AtomicBool::new(false));
+    runtime.spawn({
+        let (run, stop) = (run.clone(), stop.clone());
+        async move {
+            run.cancelled().await;
+            stop.store(true, Ordering::Relaxed);
+        }
+    });
     runtime.block_on(kafka::ensure_topic(
         brokers,
         topic,
@@ -167,8 +192,8 @@ fn run_once(
         Some(path) => read_meters_file(&path)?,
         None => Vec::new(),
     };
-    let (lease, start_offsets, (watermark, event_times), meters, rating, resyncs) = runtime
-        .block_on(async {
+    let (lease, start_offsets, (watermark, event_times), meters, rating) =
+        runtime.block_on(async {
             let mut conn = PgConnection::connect(database_url).await.with_context(|| {
                 format!(
                     "cannot connect to Postgres at {}; is it running and migrated?",
@@ -208,9 +233,9 @@ fn run_once(
             let meters = meters::load_meters(&mut conn).await?;
             // Rating needs each period's whole usage: the leader (which alone feeds and commits it) starts
             // from what was committed, read under the lease so nothing commits meanwhile.
-            let (rating, resyncs) = if leader {
+            let rating = if leader {
                 let loaded = Instant::now();
-                let (state, resyncs) = restore::load_rating_state(&mut conn, topic).await?;
+                let state = restore::load_rating_state(&mut conn).await?;
                 let books = price_books::load_price_books(&mut conn).await?;
                 tracing::info!(
                     rows = state.rows.len(),
@@ -219,28 +244,47 @@ fn run_once(
                     seconds = loaded.elapsed().as_secs_f64(),
                     "loaded the committed rows and charges rating starts from"
                 );
-                (Some((state, books)), resyncs)
+                Some((state, books))
             } else {
-                (None, restore::resync_requests(&mut conn, topic).await?)
+                None
             };
-            if leader {
-                restore::resync_done(&mut conn, topic, resyncs).await?;
-            }
-            anyhow::Ok((lease, offsets, times, meters, rating, resyncs))
+            anyhow::Ok((lease, offsets, times, meters, rating))
         })?;
-    let mut book_updates = None;
+    let (mut book_updates, mut corrections) = (None, None);
     let rating = rating.map(|(state, books)| {
         let (tx, rx) = crossbeam_channel::bounded(1);
         book_updates = Some((books.clone(), tx));
+        let (correct, corrected) = crossbeam_channel::unbounded();
+        corrections = Some(correct);
         RatingFeed {
             state,
             books,
             updates: rx,
+            corrections: corrected,
         }
     });
     let shared_watermark = new_watermark(watermark);
     let registry = MeterRegistry::new(meters);
-    spawn_config_watcher(database_url, registry.clone(), book_updates, stop.clone())?;
+    let jobs_queued = Arc::new(tokio::sync::Notify::new());
+    runtime.spawn(watch_config(
+        database_url.to_owned(),
+        registry.clone(),
+        book_updates,
+        jobs_queued.clone(),
+        run.clone(),
+    ));
+    // The leader runs the re-rating jobs; this run waits for its runner before it returns, so the
+    // next run's start-up never loads the state while a job of this one commits.
+    let runner = match (&lease, corrections) {
+        (Some(lease), Some(corrections)) => Some(runtime.spawn(run_rerating_jobs(
+            database_url.to_owned(),
+            lease.clone(),
+            jobs_queued,
+            corrections,
+            run.clone(),
+        ))),
+        _ => None,
+    };
 
     // The writer thread (process 0 only) and its channels to worker 0.
     let (sink, writer) = match lease {
@@ -253,6 +297,7 @@ fn run_once(
             let (batch_tx, batch_rx) = crossbeam_channel::bounded(4);
             let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
             let writer = meterflow_sinks::spawn_writer(
+                runtime.handle().clone(),
                 database_url.to_owned(),
                 lease,
                 batch_rx,
@@ -270,9 +315,13 @@ fn run_once(
         None => (None, None),
     };
 
-    runtime.spawn(stop_on_signal(stop.clone(), shutdown.clone()));
-    spawn_resync_watcher(database_url, topic, resyncs, stop.clone(), resync.clone());
-    spawn_partition_watcher(brokers, topic, partitions, stop.clone(), resync.clone());
+    runtime.spawn(watch_partitions(
+        brokers.to_owned(),
+        topic.to_owned(),
+        partitions,
+        run.clone(),
+        restart.clone(),
+    ));
 
     let source = SourceConfig {
         brokers: brokers.to_owned(),
@@ -297,7 +346,14 @@ fn run_once(
         ..WorkerConfig::default()
     };
     if leader {
-        spawn_lag_monitor(cfg, partitions, config.epochs_behind.clone(), stop.clone());
+        runtime.spawn(monitor_lag(
+            database_url.to_owned(),
+            brokers.to_owned(),
+            topic.to_owned(),
+            partitions,
+            config.epochs_behind.clone(),
+            run.clone(),
+        ));
     }
     let context = GraphContext {
         meters: registry,
@@ -307,12 +363,14 @@ fn run_once(
     let database_url_owned = database_url.to_owned();
     let sink = Arc::new(Mutex::new(sink));
     let rating = Arc::new(Mutex::new(rating));
+    let handle = runtime.handle().clone();
     let guards = timely::execute(timely_config(args, cfg.pipeline.workers)?, move |worker| {
         let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
-        let claims = PgClaims::new(&database_url_owned).map_err(|e| e.to_string())?;
+        let claims = PgClaims::new(handle.clone(), &database_url_owned);
         let mut source = source.clone();
         if !leader {
-            source.start_offsets = offsets_under_the_lease(&database_url_owned, &source.topic)?;
+            source.start_offsets =
+                offsets_under_the_lease(&handle, &database_url_owned, &source.topic)?;
         }
         let (reader, _handle) =
             spawn_reader(source, owned, Box::new(claims), 16).map_err(|e| e.to_string())?;
@@ -353,6 +411,10 @@ fn run_once(
         epochs = epochs.max(summary.epochs);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    if let Some(runner) = runner {
+        run.cancel();
+        let _ = runtime.block_on(runner);
+    }
     let written = match writer {
         Some(done) => Some(done.recv().context("the Postgres writer stopped")?),
         None => None,
@@ -387,15 +449,55 @@ fn run_once(
     Ok(())
 }
 
+/// Runs the re-rating jobs the API queues (woken by `queued`) until `stop`: each job's correction goes
+/// to worker 0's rating through `corrections`, and the job is done once the epoch that took it in is
+/// committed (or the workers are gone: the next start loads the corrected state).
+async fn run_rerating_jobs(
+    database_url: String,
+    lease: meterflow_sinks::Lease,
+    queued: Arc<tokio::sync::Notify>,
+    corrections: crossbeam_channel::Sender<Correction>,
+    stop: CancellationToken,
+) {
+    // Two connections: a job's, and the one that records its outcome.
+    let pool = match sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_lazy(&database_url)
+    {
+        Ok(pool) => pool,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot run re-rating jobs: bad database url");
+            return;
+        }
+    };
+    let apply: meterflow_sinks::rerating_jobs::Apply = Arc::new(move |change| {
+        let (tell, told) = tokio::sync::oneshot::channel();
+        let sent = corrections.send(Correction {
+            change,
+            committed: Box::new(move || {
+                let _ = tell.send(());
+            }),
+        });
+        Box::pin(async move {
+            if sent.is_ok() {
+                // An error: the workers are gone without committing it; the next start loads it.
+                let _ = told.await;
+            }
+        })
+    });
+    meterflow_sinks::rerating_jobs::runner(pool.clone(), lease, queued, apply, stop).await;
+    pool.close().await;
+}
+
 /// The committed offsets as a process other than the leader must read them: once the cluster has
 /// connected, which the leader joins only after taking the lease, so no commit of an earlier leader can
 /// land after them (review finding 7). Read before that, they could be overtaken by the old leader's last
 /// commits, and this process's readers would count those records again.
-fn offsets_under_the_lease(url: &str, topic: &str) -> Result<HashMap<i32, i64>, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+fn offsets_under_the_lease(
+    runtime: &tokio::runtime::Handle,
+    url: &str,
+    topic: &str,
+) -> Result<HashMap<i32, i64>, String> {
     runtime
         .block_on(async {
             let mut conn = PgConnection::connect(url).await?;
@@ -475,11 +577,10 @@ fn serve_metrics(runtime: &tokio::runtime::Runtime, addr: &str) {
     });
 }
 
-async fn stop_on_signal(stop: Arc<AtomicBool>, shutdown: Arc<AtomicBool>) {
+async fn stop_on_signal(shutdown: CancellationToken) {
     crate::shutdown_signal().await;
     tracing::info!("stopping: closing the current epoch and committing what is done");
-    shutdown.store(true, Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
+    shutdown.cancel();
 }
 
 fn timely_config(args: &PipelineArgs, workers: usize) -> Result<timely::Config> {

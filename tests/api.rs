@@ -669,6 +669,7 @@ async fn finding_19_watermark_advance_is_bounded_and_audited() {
 #[tokio::test(flavor = "multi_thread")]
 async fn finding_32_job_errors_do_not_expose_database_messages() {
     let api = spawn_api().await;
+    spawn_job_runner(&api).await;
     sqlx::query("ALTER TABLE pipeline_leases RENAME TO pipeline_leases_gone")
         .execute(&api.pool)
         .await
@@ -704,6 +705,7 @@ async fn finding_32_job_errors_do_not_expose_database_messages() {
 #[tokio::test(flavor = "multi_thread")]
 async fn finding_23_a_running_job_is_not_claimed_again_while_its_runner_lives() {
     let api = spawn_api().await;
+    spawn_job_runner(&api).await;
     // Another instance's runner, alive: it holds the job's lock.
     let mut runner = sqlx::PgConnection::connect(&api.url).await.unwrap();
     use sqlx::Connection;

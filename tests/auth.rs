@@ -176,6 +176,7 @@ async fn a_revoked_key_is_refused_within_seconds_and_malformed_headers_are_401()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_bound_to_a_customer_sees_only_that_customer() {
     let api = spawn_api_with(settings()).await;
+    spawn_job_runner(&api).await;
     let admin = key(&api, Role::Admin, None).await;
     for id in ["cust_a", "cust_b"] {
         let body = json!({"customer_id": id, "name": format!("Customer {id}"), "currency": "USD"});

@@ -56,7 +56,7 @@ fn claims_by_copy_and_by_statement() {
 fn new_ids_count_replays_count_again_and_copies_are_duplicates() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let url = runtime.block_on(common::fresh_database());
-    let mut claims = PgClaims::new(&url).unwrap();
+    let mut claims = PgClaims::new(runtime.handle().clone(), &url);
     let sorted = |mut e: Vec<Event>| {
         e.sort_by(|a, b| a.event_id.cmp(&b.event_id));
         e
@@ -167,7 +167,7 @@ fn events_the_api_stored_are_claimed_by_the_statement() {
             .unwrap();
         }
     });
-    let mut claims = PgClaims::new(&url).unwrap();
+    let mut claims = PgClaims::new(runtime.handle().clone(), &url);
     let (fast, fallbacks) = paths();
     let mut batch = candidates(&api_events, 0, true);
     let fresh = events("new", 2);

@@ -182,7 +182,8 @@ async fn finding_03_a_window_whose_usage_overflows_is_quarantined_and_billing_go
         from_micros: W * 1_000_000,
         to_micros: (W + HOUR) * 1_000_000,
     };
-    meterflow_sinks::rerating::rerate(&mut conn, &scope)
+    let lease = lease_of(&url, &topic).await;
+    meterflow_sinks::rerating::rerate(&mut conn, &scope, &lease)
         .await
         .unwrap();
     assert_eq!(
@@ -232,9 +233,13 @@ async fn finding_22_a_rerating_job_whose_amounts_overflow_fails_with_an_error_no
         from_micros: W * 1_000_000,
         to_micros: (W + 2 * HOUR) * 1_000_000,
     };
+    // The job runs as a pipeline's leader (no pipeline runs here).
+    let lease = meterflow_sinks::acquire_lease(&mut conn, "t")
+        .await
+        .unwrap();
     let job = tokio::spawn(async move {
         let mut conn = connect(&url).await;
-        meterflow_sinks::rerating::rerate(&mut conn, &scope).await
+        meterflow_sinks::rerating::rerate(&mut conn, &scope, &lease).await
     })
     .await;
     let outcome = job.expect("the re-rating job does not panic");
@@ -318,9 +323,10 @@ async fn settled_charge(url: &str, want: u32, within: Duration) -> (Decimal, Dec
 }
 
 /// Finding 13a: the pipeline loaded its rating state in one snapshot and read `resync_requested`
-/// afterwards. A re-rating job committing in between had its resync counted as loaded, so the
-/// pipeline rated on the stale state and overwrote the job's charges. Here the load is held up (a lock
-/// on `charges`, read after the snapshot is taken) while a job's correction commits.
+/// afterwards, so a re-rating job committing in between was counted as loaded, and the pipeline rated
+/// on the stale state. Jobs now run in the leader, after its load, and only under its lease: the job of
+/// a leader fenced by a starting one changes nothing, even while the new leader's load is under way
+/// (held up here by a lock on `charges`, read after the snapshot is taken).
 #[tokio::test(flavor = "multi_thread")]
 async fn finding_13a_a_rerating_that_commits_during_the_state_load_is_not_lost() {
     let url = fresh_database().await;
@@ -333,6 +339,24 @@ async fn finding_13a_a_rerating_that_commits_during_the_state_load_is_not_lost()
         settled_charge(&url, 10, Duration::from_secs(5)).await,
         (Decimal::from(10), Decimal::from(10))
     );
+    let generation: i64 =
+        sqlx::query_scalar("SELECT generation FROM pipeline_leases WHERE topic = $1")
+            .bind(&topic)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    let fenced = meterflow_sinks::Lease {
+        topic: topic.clone(),
+        generation,
+    };
+    // The stored row disagrees with its events: what a job would correct.
+    sqlx::query(
+        "UPDATE aggregations SET value = 20 WHERE customer_id = 'c' AND window_start = to_timestamp($1)",
+    )
+    .bind(W)
+    .execute(&mut conn)
+    .await
+    .unwrap();
 
     // Hold the state load up after its snapshot.
     let mut locker = connect(&url).await;
@@ -358,34 +382,44 @@ async fn finding_13a_a_rerating_that_commits_during_the_state_load_is_not_lost()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A re-rating job's correction (as `rerating::rerate` writes it) commits meanwhile.
-    sqlx::query(
-        "UPDATE aggregations SET value = 20 WHERE customer_id = 'c' AND window_start = to_timestamp($1)",
+    // The fenced leader's job, meanwhile: it must not commit.
+    let scope = meterflow_sinks::rerating::Scope {
+        customer_ids: vec!["c".into()],
+        from_micros: W * 1_000_000,
+        to_micros: (W + 3600) * 1_000_000,
+    };
+    // It returns at once, having changed nothing (an unfenced job would wait here for `charges`).
+    let ran = tokio::time::timeout(
+        Duration::from_secs(20),
+        meterflow_sinks::rerating::rerate(&mut conn, &scope, &fenced),
     )
-    .bind(W)
-    .execute(&mut conn)
     .await
+    .expect("a fenced leader's job returns without waiting on the new leader's load")
     .unwrap();
-    let done: i64 =
-        sqlx::query_scalar("UPDATE pipeline_leases SET resync_requested = resync_requested + 1 RETURNING resync_requested")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-    assert_eq!(done, 1);
+    assert!(ran.is_none(), "a fenced leader's job changed the state");
     sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
-    // The job also corrected the charge; charges were locked until now.
-    sqlx::query("UPDATE charges SET amount = 20, quantity = 20 WHERE customer_id = 'c'")
-        .execute(&mut conn)
-        .await
-        .unwrap();
 
-    // New usage in the window: the charge must follow the corrected row (20 + 1), not the stale one.
+    // New usage in the window: the charge follows the stored row (20 + 1) the pipeline loaded.
     produce(&topic, &[event("c-2", "c", W, "1")]);
     assert_eq!(
         settled_charge(&url, 21, Duration::from_secs(20)).await,
         (Decimal::from(21), Decimal::from(21)),
-        "the window's charge follows its corrected usage"
+        "the window's charge follows its stored usage"
     );
+}
+
+/// The topic's lease as its pipeline holds it now (a job run by hand runs as that pipeline's leader).
+async fn lease_of(url: &str, topic: &str) -> meterflow_sinks::Lease {
+    let generation: i64 =
+        sqlx::query_scalar("SELECT generation FROM pipeline_leases WHERE topic = $1")
+            .bind(topic)
+            .fetch_one(&mut connect(url).await)
+            .await
+            .unwrap();
+    meterflow_sinks::Lease {
+        topic: topic.to_owned(),
+        generation,
+    }
 }
 
 fn meter(name: &str, event_type: &str, aggregation: &str) -> meterflow_model::Meter {
@@ -592,6 +626,7 @@ async fn finding_23_the_pipeline_commits_while_a_rerating_job_recomputes() {
         .await
         .unwrap();
     let job_url = url.clone();
+    let lease = lease_of(&url, &topic).await;
     let job = tokio::spawn(async move {
         let mut conn = connect(&job_url).await;
         let scope = meterflow_sinks::rerating::Scope {
@@ -599,7 +634,7 @@ async fn finding_23_the_pipeline_commits_while_a_rerating_job_recomputes() {
             from_micros: W * 1_000_000,
             to_micros: (W + HOUR) * 1_000_000,
         };
-        meterflow_sinks::rerating::rerate(&mut conn, &scope).await
+        meterflow_sinks::rerating::rerate(&mut conn, &scope, &lease).await
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while scalar_i64(
@@ -626,7 +661,7 @@ async fn finding_23_the_pipeline_commits_while_a_rerating_job_recomputes() {
     )
     .await;
     sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
-    let outcome = job.await.unwrap().unwrap();
+    let (outcome, _) = job.await.unwrap().unwrap().expect("the pipeline's lease");
     assert_eq!(outcome.windows_changed, 0, "nothing was wrong: {outcome:?}");
     let mut conn = connect(&url).await;
     assert_eq!(row(&mut conn, "c", W).await, (Decimal::from(40), 40, false));
@@ -719,6 +754,7 @@ async fn finding_02_a_retraction_of_an_item_never_stored_does_not_stop_the_sink(
     let (batches, batch_rx) = crossbeam_channel::bounded(4);
     let (ack_tx, acks) = crossbeam_channel::unbounded();
     let writer = meterflow_sinks::spawn_writer(
+        tokio::runtime::Handle::current(),
         url.clone(),
         lease,
         batch_rx,

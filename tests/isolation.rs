@@ -297,6 +297,7 @@ async fn wait_for(api: &TestApi, key: &str, path: &str, done: impl Fn(&Value) ->
 }
 
 async fn setup(api: &TestApi, admin: &str) -> Victim {
+    spawn_job_runner(api).await;
     let post = |path: &'static str, body: Value| async move {
         let (status, text) =
             send(api, Method::POST, path, Some(admin), Some(body.to_string())).await;

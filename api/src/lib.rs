@@ -232,9 +232,6 @@ pub struct Shared {
     pub ingester: ingest::Ingester,
     /// The API's slots: how many requests are served at once, and how long one may wait for a slot.
     pub admission: Arc<admission::Admission>,
-    /// Wakes the re-rating runner (`meterflow_sinks::rerating_jobs::runner`, which the process that
-    /// serves the API runs beside it) when a job is queued.
-    pub rerating_wake: Arc<tokio::sync::Notify>,
     pub settings: Settings,
     /// Verified keys and rate-limit buckets.
     pub gate: Arc<auth::Gate>,
@@ -287,7 +284,6 @@ impl AppState {
                 settings.max_in_flight,
                 settings.queue_timeout,
             )),
-            rerating_wake: Arc::new(tokio::sync::Notify::new()),
             settings,
             gate: Arc::new(auth::Gate::default()),
             ready: Arc::default(),

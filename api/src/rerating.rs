@@ -1,6 +1,7 @@
 //! `POST /api/v1/rerating-jobs` and `GET /api/v1/rerating-jobs/{id}` (SPEC §7): a job is queued here and
-//! executed by `meterflow_sinks::rerating_jobs::runner`, which the `meterflow api` process runs beside
-//! the API (woken through [`AppState::rerating_wake`](crate::AppState)).
+//! executed by `meterflow_sinks::rerating_jobs::runner`, which the pipeline's leader runs beside its
+//! dataflow (woken by the `rerating_jobs` table's NOTIFY, migration 0019). With no pipeline running, a
+//! job stays pending until one starts.
 //!
 //! A job whose scope (customers × time) overlaps a pending or running one is refused with 409
 //! `RERATING_IN_PROGRESS` (`meterflow_store::rerating_jobs::queue`: of two concurrent requests exactly
@@ -132,7 +133,6 @@ pub async fn create(
             ),
         ));
     }
-    state.rerating_wake.notify_one();
     Ok((
         StatusCode::ACCEPTED,
         Json(JobAccepted {

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
+use differential_dataflow::difference::Abelian;
 use meterflow_model::batch::QuarantinedPeriod;
-use meterflow_model::{PartitionProgress, PriceBook, RatingState};
+use meterflow_model::{PartitionProgress, PriceBook, RatingCorrection, RatingState};
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
@@ -53,7 +54,8 @@ impl Default for WorkerConfig {
     }
 }
 
-/// What rating starts from and how price books reach it; given to worker 0 of process 0 only.
+/// What rating starts from, and how price books and re-rating jobs' corrections reach it; given to
+/// worker 0 of process 0 only.
 pub struct RatingFeed {
     /// What the pipeline committed before this run.
     pub state: RatingState,
@@ -61,6 +63,15 @@ pub struct RatingFeed {
     pub books: Vec<PriceBook>,
     /// Later snapshots of all price books (the config watcher sends one whenever they change).
     pub updates: Receiver<Vec<PriceBook>>,
+    /// What re-rating jobs changed in the stored state (the job runner sends each once it committed).
+    pub corrections: Receiver<Correction>,
+}
+
+/// A re-rating job's change of the stored rating state, and whom to tell once the epoch that feeds it
+/// to rating is committed (what rating derived from it is then stored too).
+pub struct Correction {
+    pub change: RatingCorrection,
+    pub committed: Box<dyn FnOnce() + Send>,
 }
 
 /// What a worker did.
@@ -104,7 +115,13 @@ pub fn run_worker(
             commit_epochs(updates, sink, watermarks).probe_with(&probe);
             (items, markers, handles, probe)
         });
-    let mut books = rating.map(|feed| rating_inputs.start(feed));
+    let mut corrections = None;
+    let mut books = rating.map(|feed| {
+        corrections = Some(feed.corrections.clone());
+        rating_inputs.start(feed)
+    });
+    // Corrections fed, with the epoch they were fed at, until that epoch is committed.
+    let mut uncommitted: Vec<Uncommitted> = Vec::new();
 
     let mut summary = WorkerSummary::default();
     let mut next_offsets: BTreeMap<i32, PartitionProgress> = BTreeMap::new();
@@ -126,8 +143,16 @@ pub fn run_worker(
                 fed |= rating_inputs.replace_books(current, snapshot, epoch);
             }
         }
+        if let Some(corrections) = &corrections {
+            while let Ok(correction) = corrections.try_recv() {
+                rating_inputs.correct(correction.change, epoch);
+                uncommitted.push((epoch, correction.committed));
+                fed = true;
+            }
+        }
         // How many epochs the sink (every worker's, via the probe) has yet to commit.
         let committed = probe.with_frontier(|f| f.first().copied()).unwrap_or(epoch);
+        tell_committed(&mut uncommitted, committed);
         let behind = epoch.saturating_sub(committed);
         if worker.index() == 0 {
             config.epochs_behind.store(behind, Ordering::Relaxed);
@@ -218,6 +243,7 @@ pub fn run_worker(
     while !probe.done() {
         worker.step_or_park(Some(Duration::from_millis(5)));
     }
+    tell_committed(&mut uncommitted, Epoch::MAX);
     match failed {
         Some(why) => Err(why),
         None => Ok(summary),
@@ -232,6 +258,20 @@ fn trusted_event_time() -> i64 {
     chrono::Utc::now()
         .timestamp_micros()
         .saturating_add(meterflow_model::Limits::default().max_future_micros)
+}
+
+/// A correction fed at an epoch, and whom to tell once that epoch is committed.
+type Uncommitted = (Epoch, Box<dyn FnOnce() + Send>);
+
+/// Tells the corrections fed before `committed` (the sink's frontier) that they are stored.
+fn tell_committed(uncommitted: &mut Vec<Uncommitted>, committed: Epoch) {
+    let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(uncommitted)
+        .into_iter()
+        .partition(|(epoch, _)| *epoch < committed);
+    *uncommitted = waiting;
+    for (_, tell) in done {
+        tell();
+    }
 }
 
 /// Marks, at `epoch`, how far each partition that moved during the epoch has been read.
@@ -259,24 +299,39 @@ impl RatingHandles {
     /// Feeds what was committed before, and the price books, at epoch 0; returns the books in force and
     /// where later snapshots come from.
     fn start(&mut self, feed: RatingFeed) -> (BTreeSet<PriceBook>, Receiver<Vec<PriceBook>>) {
-        let quarantined: BTreeSet<_> = feed.state.quarantined_rows.into_iter().collect();
-        for (key, item, aggregate) in feed.state.rows {
-            let usage = if item.is_none() && quarantined.contains(&key) {
+        self.send_state(feed.state, 0, 1);
+        let mut current = BTreeSet::new();
+        self.replace_books(&mut current, feed.books, 0);
+        (current, feed.updates)
+    }
+
+    /// Feeds a re-rating job's change of the stored state at `epoch`: its state before, retracted, and
+    /// after, added (what both hold cancels out).
+    fn correct(&mut self, change: RatingCorrection, epoch: Epoch) {
+        self.send_state(change.before, epoch, -1);
+        self.send_state(change.after, epoch, 1);
+    }
+
+    /// Sends a stored state at `epoch`, added (`sign` 1) or retracted (-1).
+    fn send_state(&mut self, state: RatingState, epoch: Epoch, sign: isize) {
+        let quarantined: BTreeSet<_> = state.quarantined_rows.into_iter().collect();
+        for (key, item, aggregate) in state.rows {
+            let mut usage = if item.is_none() && quarantined.contains(&key) {
                 Usage::overflowed(aggregate.event_count)
             } else {
                 Usage::of(aggregate)
             };
-            self.rows.send(((key, item), 0, usage));
+            if sign < 0 {
+                usage.negate();
+            }
+            self.rows.send(((key, item), epoch, usage));
         }
-        for charge in feed.state.charges {
-            self.charges.send((charge, 0, 1));
+        for charge in state.charges {
+            self.charges.send((charge, epoch, sign));
         }
-        for period in feed.state.quarantined_periods {
-            self.quarantines.send((period, 0, 1));
+        for period in state.quarantined_periods {
+            self.quarantines.send((period, epoch, sign));
         }
-        let mut current = BTreeSet::new();
-        self.replace_books(&mut current, feed.books, 0);
-        (current, feed.updates)
     }
 
     /// Sends the difference between the books in force and a new snapshot; true if there was one.

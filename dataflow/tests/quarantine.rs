@@ -94,6 +94,7 @@ fn run(records: Vec<RawRecord>, state: RatingState, books: Vec<PriceBook>) -> Se
         state,
         books,
         updates: book_rx,
+        corrections: crossbeam_channel::never(),
     })));
     let collector = std::thread::spawn(move || {
         let mut seen = Seen::default();

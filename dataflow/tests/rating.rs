@@ -4,7 +4,8 @@
 //! including edits of ranges already rated — through 1, 2 and 4 workers. The charges the sink ends up
 //! with must equal what a brute-force rater computes from the final usage and the final books; and a
 //! pipeline restarted half-way from its committed rows and charges (with the books changed while it
-//! was down) must end up in the same place.
+//! was down) must end up in the same place; and so must one restarted from rows tampered with, once a
+//! re-rating job's correction of them reaches its rating while it runs (no restart).
 //!
 //! Length: one harness: the random history generator, the reference rater and the comparison only make
 //! sense together.
@@ -16,14 +17,14 @@ use std::time::Duration;
 
 use meterflow_dataflow::classify::{classify, new_watermark};
 use meterflow_dataflow::source::{owned_partitions, SourceMessage};
-use meterflow_dataflow::worker::RatingFeed;
+use meterflow_dataflow::worker::{Correction, RatingFeed};
 use meterflow_dataflow::{
     run_worker, GraphContext, MeterRegistry, RawRecord, RecordKind, SinkChannels, WorkerConfig,
 };
 use meterflow_model::claims::SharedMemoryClaims;
 use meterflow_model::{
     period_of, Aggregate, AggregateKey, Aggregation, Charge, EpochBatch, Format, Item, Limits,
-    Meter, PriceBook, PriceModel, RatingState, Tier, Window,
+    Meter, PriceBook, PriceModel, RatingCorrection, RatingState, Tier, Window,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -341,8 +342,21 @@ fn run(
     records: &[RawRecord],
     workers: usize,
     history: &[Vec<PriceBook>],
+    store: Store,
+    claims: SharedMemoryClaims,
+) -> Store {
+    run_correcting(records, workers, history, store, claims, None)
+}
+
+/// [`run`], with a re-rating job's `correction` handed to rating half-way through the records; panics
+/// if it is not reported committed by the end.
+fn run_correcting(
+    records: &[RawRecord],
+    workers: usize,
+    history: &[Vec<PriceBook>],
     mut store: Store,
     claims: SharedMemoryClaims,
+    correction: Option<RatingCorrection>,
 ) -> Store {
     let state = store.state();
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<EpochBatch>(4);
@@ -352,11 +366,17 @@ fn run(
         acks: ack_rx,
     })));
     let (book_tx, book_rx) = crossbeam_channel::unbounded();
+    let (correct_tx, correct_rx) = crossbeam_channel::unbounded();
     let feed = Arc::new(Mutex::new(Some(RatingFeed {
         state,
         books: history.first().cloned().unwrap_or_default(),
         updates: book_rx,
+        corrections: correct_rx,
     })));
+    let expect_committed = correction.is_some();
+    let committed = Arc::new(AtomicBool::new(false));
+    let told = committed.clone();
+    let correction = Arc::new(Mutex::new(correction));
     let collector = std::thread::spawn(move || {
         for batch in batch_rx {
             store.apply(&batch);
@@ -395,10 +415,21 @@ fn run(
         let book_tx = book_tx.clone();
         let index = worker.index();
         let watermark = watermark.clone();
+        let (correct_tx, correction, committed) =
+            (correct_tx.clone(), correction.clone(), committed.clone());
         let feeder = std::thread::spawn(move || {
             let chunks: Vec<&[RawRecord]> = mine.chunks(40).collect();
             let steps = chunks.len().max(history.len());
             for step in 0..steps {
+                if index == 0 && step == steps / 2 {
+                    if let Some(change) = correction.lock().unwrap().take() {
+                        let committed = committed.clone();
+                        let committed = Box::new(move || {
+                            committed.store(true, std::sync::atomic::Ordering::SeqCst)
+                        });
+                        correct_tx.send(Correction { change, committed }).unwrap();
+                    }
+                }
                 if let Some(part) = chunks.get(step) {
                     let items =
                         classify(part, &mut claims, &Limits::default(), &watermark).unwrap();
@@ -426,7 +457,14 @@ fn run(
         feeder.join().unwrap();
     })
     .unwrap();
-    collector.join().unwrap()
+    let store = collector.join().unwrap();
+    if expect_committed {
+        assert!(
+            told.load(std::sync::atomic::Ordering::SeqCst),
+            "the correction was reported committed"
+        );
+    }
+    store
 }
 
 /// The reference rater: windows from the raw events with their own arithmetic, then for each window
@@ -631,4 +669,65 @@ fn a_restart_from_committed_rows_and_charges_rates_like_an_uninterrupted_run() {
         "after a restart",
     );
     assert_eq!(restarted.lines, restarted.lines_from_charges());
+}
+
+/// A re-rating job corrects stored rows under a running pipeline (SPEC §7): the pipeline restarts from
+/// rows tampered with (sums raised, multiset items dropped), and half-way through the rest of the
+/// records the job's correction (the tampered rows before, the true ones after) reaches its rating.
+/// The charges end where an uninterrupted run would, for 1, 2 and 4 workers; without the correction
+/// they would not.
+#[test]
+fn a_correction_taken_in_while_running_rates_like_an_uninterrupted_run() {
+    let mut rng = SmallRng::seed_from_u64(11);
+    let (records, events) = random_events(&mut rng, 1_500);
+    let history = random_book_history(&mut rng, 40);
+    let (first, second) = history.split_at(20);
+    let half = |r: &RawRecord| {
+        r.offset
+            < records
+                .iter()
+                .filter(|x| x.partition == r.partition)
+                .count() as i64
+                / 2
+    };
+    let cut: Vec<RawRecord> = records.iter().filter(|r| half(r)).cloned().collect();
+    let rest: Vec<RawRecord> = records.iter().filter(|r| !half(r)).cloned().collect();
+    let expected = reference(&events, history.last().unwrap());
+    for workers in [1, 2, 4] {
+        let claims = SharedMemoryClaims::default();
+        let mut stored = run(&cut, 2, first, Store::default(), claims.clone());
+        // Tamper with every third row: a group row's value raised, a multiset item dropped.
+        let (mut before, mut after) = (Vec::new(), Vec::new());
+        let keys: Vec<_> = stored.rows.keys().cloned().step_by(3).collect();
+        assert!(keys.len() > 50, "enough rows to tamper with");
+        for (key, item) in keys {
+            let truth = stored.rows[&(key.clone(), item.clone())];
+            after.push((key.clone(), item.clone(), truth));
+            if item.is_none() {
+                let mut raised = truth;
+                raised.value += Decimal::from(7);
+                before.push((key.clone(), None, raised));
+                stored.rows.insert((key, None), raised);
+            } else {
+                stored.rows.remove(&(key, item));
+            }
+        }
+        let correction = RatingCorrection {
+            before: RatingState {
+                rows: before,
+                ..RatingState::default()
+            },
+            after: RatingState {
+                rows: after,
+                ..RatingState::default()
+            },
+        };
+        let corrected = run_correcting(&rest, workers, second, stored, claims, Some(correction));
+        assert_same(
+            &corrected.charges,
+            &expected,
+            &format!("{workers} workers, a correction taken in while running"),
+        );
+        assert_eq!(corrected.lines, corrected.lines_from_charges());
+    }
 }

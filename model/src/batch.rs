@@ -154,6 +154,16 @@ pub struct RatingState {
     pub quarantined_periods: Vec<QuarantinedPeriod>,
 }
 
+/// What a re-rating job changed in the stored rows of the periods it touched (SPEC §7): their rows (and
+/// quarantined rows) before and after; the charges and quarantined periods are left empty, because
+/// rating derives them. The pipeline's rating retracts `before` and adds `after` at one epoch, so what
+/// it rates from stays what is stored, without a restart; unchanged parts of the two cancel out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RatingCorrection {
+    pub before: RatingState,
+    pub after: RatingState,
+}
+
 /// Everything one or more completed epochs produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EpochBatch {

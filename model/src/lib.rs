@@ -45,7 +45,7 @@ pub mod wire;
 pub use aggregate::{Aggregate, AggregateKey};
 pub use batch::{
     ChargeChange, DeadLetter, Duplicate, DuplicateKind, EpochBatch, LateEvent, LineChange,
-    PartitionProgress, RatingState, RowChange,
+    PartitionProgress, RatingCorrection, RatingState, RowChange,
 };
 pub use event::{
     check_void_ids, decode_as, decode_cloudevent, decode_event, fnv1a, object, printable,

@@ -55,8 +55,11 @@ pub struct WriterSummary {
 
 /// Starts the writer thread: commits every batch it receives, acknowledging the epoch after each COMMIT
 /// and publishing the committed watermark. It ends when the batch channel closes (`Ok`) or on a
-/// permanent error, which stops the pipeline.
+/// permanent error, which stops the pipeline. The thread is its own because it waits on the workers'
+/// channel; its statements run on `runtime`, the process's (a multi-thread runtime, whose IO driver
+/// runs on the runtime's threads).
 pub fn spawn_writer(
+    runtime: tokio::runtime::Handle,
     database_url: String,
     lease: Lease,
     batches: Receiver<EpochBatch>,
@@ -66,10 +69,6 @@ pub fn spawn_writer(
     std::thread::Builder::new()
         .name("pg-epoch-sink".into())
         .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| SinkError::Permanent(sqlx::Error::Io(e)))?;
             runtime.block_on(write_all(&database_url, &lease, batches, acks, &watermark))
         })
 }

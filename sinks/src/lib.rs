@@ -7,10 +7,10 @@
 //! | `epoch.rs` | the epoch sink: one fenced transaction per batch of completed epochs, results + offsets together; quarantined rows and periods |
 //! | `epoch/rows.rs` | the statements of an epoch commit, one per table: aggregates, multisets, charges, upcoming lines, quarantined periods, dead letters, duplicates, late events |
 //! | `lease.rs` | the writer lease (fencing generation) and the stored source offsets a restart resumes from |
-//! | `restore.rs` | the event-time progress and the rating state a restart goes on from; re-rating's resync requests |
+//! | `restore.rs` | the event-time progress and the rating state a restart goes on from (all of it, or a re-rating job's periods) |
 //! | `source.rs` | one events topic per database, anchors that tell a recreated topic, retention gaps, the source reset |
 //! | `rerating.rs` | re-rating jobs: recompute a scope from raw events, correct rows, charges, upcoming lines |
-//! | `rerating_jobs.rs` | the runner that executes queued re-rating jobs, one at a time, with a session lock each |
+//! | `rerating_jobs.rs` | the runner, in the pipeline's leader, that executes queued re-rating jobs, one at a time, with a session lock each, and hands each correction to the running rating |
 //! | `error.rs` | [`SinkError`], classified transient (retry) or permanent (stop) |
 //!
 //! Data never reaches a panic: outside tests this crate may not unwrap, expect or index (the lints
@@ -37,8 +37,8 @@
 //! period-to-date rating needs each period's whole usage: the leader loads every stored row and charge
 //! at start-up, so restart time grows with the number of live windows (`perf/src/bin/recovery.rs`). A
 //! restart may change `--workers` and `--processes` (partitions are reassigned, claims are keyed by record
-//! position, not by worker). A re-rating job that corrected stored rows makes a running pipeline do the
-//! same in-process (`rerating.rs`, `resync_requested`).
+//! position, not by worker). A re-rating job changes the stored state under the running pipeline's
+//! lease, and its rating takes the same change in at one epoch (`rerating.rs`): no restart.
 
 pub mod epoch;
 pub mod error;

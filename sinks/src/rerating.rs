@@ -6,17 +6,30 @@
 //!    events counted and committed in the scope (event_ids ⋈ telemetry_events, below the committed
 //!    offsets, minus committed voids) ──decode + MeterSet──► expected rows
 //!    stored rows (aggregations, meter_values) ──compare──► corrections: expected − stored, per row/item
-//!  one transaction, holding every pipeline lease row (so no epoch commits meanwhile):
+//!  one transaction, holding every pipeline lease row (so no epoch commits meanwhile), and only while
+//!  the runner's pipeline still holds its topic's lease (a fenced leader's job is left to the new one):
+//!    the stored rows of the periods the scope touches ──► before
 //!    stored rows += corrections (what the pipeline committed since the snapshot stays added)
-//!    every period the scope touches ──rate_period over its (corrected) rows──► correct charges,
-//!                                                                          rebuild upcoming lines
-//!    pipeline_leases.resync_requested += 1 ──► the running pipeline reloads its rating state
-//!  COMMIT
+//!    every period the scope touches ──rate_period over its (corrected) rows──► the charges it will
+//!      have (compared and summed for the outcome); upcoming lines rebuilt from the stored charges
+//!    the stored rows of those periods again ──► after
+//!  COMMIT ──► RatingCorrection { before, after } ──► the running pipeline's rating, at one epoch:
+//!    it retracts before, adds after, and its charge and line changes reach the sink as any others
 //! ```
-//! Contract: after a job, every row, charge and upcoming line in its scope (widened to whole UTC days,
-//! which holds whole windows of every meter, and for charges to whole billing periods) equals what an
-//! uninterrupted pipeline run over the same events with today's meters and books would have stored. The
-//! pipeline reloads the corrected state, so it never later overwrites a correction with a stale value.
+//! Contract: once a job has succeeded, every row, charge and upcoming line in its scope (widened to
+//! whole UTC days, which holds whole windows of every meter, and for charges to whole billing periods)
+//! equals what an uninterrupted pipeline run over the same events with today's meters and books would
+//! have stored.
+//!
+//! Only the pipeline's leader runs jobs (`rerating_jobs.rs`), and the job succeeds once the epoch that
+//! took its correction in is committed. The rows are the job's to correct; the charges stay the
+//! rating's, the one writer that keeps them a function of the rows: the rating retracts `before` and
+//! adds `after` (the stored rows are what it holds: only its sink and this job write them, and the job
+//! holds the lease rows), re-rates the periods, and the sink stores the changed charges and lines, so
+//! nothing later overwrites a correction with a stale value, and nothing restarts. Upcoming lines are
+//! rebuilt from the stored charges here because they add up: a line tampered with is made whole, and
+//! the rating's changes then add to it. With no pipeline running, the corrected rows wait for the next
+//! start, whose rating charges them (it subtracts the stored charges, so only differences are written).
 
 mod rows;
 
@@ -29,8 +42,12 @@ use meterflow_model::{
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection};
 
+use meterflow_model::RatingCorrection;
 use meterflow_store::{meters, price_books};
 use rows::{expected_rows, stored_rows};
+
+use crate::restore::{rating_rows, Within};
+use crate::Lease;
 
 pub use meterflow_store::rerating_jobs::{Outcome, Scope};
 
@@ -43,8 +60,13 @@ enum Content {
     Items(BTreeMap<Item, i64>),
 }
 
-/// Runs the recomputation for `scope` in one transaction (see the module docs).
-pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, sqlx::Error> {
+/// Runs the recomputation for `scope` in one transaction (see the module docs), for the pipeline that
+/// holds `lease`: `None` if it no longer does (nothing was changed).
+pub async fn rerate(
+    conn: &mut PgConnection,
+    scope: &Scope,
+    lease: &Lease,
+) -> Result<Option<(Outcome, RatingCorrection)>, sqlx::Error> {
     let from = (scope.from_micros / 1_000_000).div_euclid(DAY) * DAY;
     let to = ((scope.to_micros + 999_999) / 1_000_000 + DAY - 1).div_euclid(DAY) * DAY;
     // Reading and recomputing takes long for a wide scope: it runs in a snapshot, without the lease,
@@ -74,9 +96,45 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
     snapshot.commit().await?;
     let mut tx = conn.begin().await?;
     // No epoch commits while we correct: the sink takes this lock first in every commit.
-    sqlx::query!("SELECT topic FROM pipeline_leases ORDER BY topic FOR UPDATE")
-        .fetch_all(&mut *tx)
-        .await?;
+    let leases =
+        sqlx::query!("SELECT topic, generation FROM pipeline_leases ORDER BY topic FOR UPDATE")
+            .fetch_all(&mut *tx)
+            .await?;
+    if !leases
+        .iter()
+        .any(|l| l.topic == lease.topic && l.generation == lease.generation)
+    {
+        // Release the lease rows now, not when the connection is next used.
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    // Every period the scope touches, for the customers with rows there; and the rating state there.
+    let periods: BTreeSet<(String, String, i64)> = expected
+        .keys()
+        .chain(stored.keys())
+        .map(|k| {
+            (
+                k.customer_id.clone(),
+                k.meter.clone(),
+                period_of(k.window_start).0,
+            )
+        })
+        .collect();
+    let within = Within {
+        customers: periods
+            .iter()
+            .map(|(c, _, _)| c.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        from: periods.iter().map(|(_, _, p)| *p).min().unwrap_or(0),
+        to: periods
+            .iter()
+            .map(|(_, _, p)| period_of(*p).1)
+            .max()
+            .unwrap_or(0),
+    };
+    let before = rating_rows(&mut tx, Some(&within)).await?;
     let mut outcome = Outcome::default();
     let keys: BTreeSet<&AggregateKey> = expected.keys().chain(stored.keys()).collect();
     outcome.windows_checked = keys.len() as u64;
@@ -101,18 +159,7 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
         }
     }
 
-    // Charges: every period the scope touches, for the customers with rows there.
-    let periods: BTreeSet<(String, String, i64)> = expected
-        .keys()
-        .chain(stored.keys())
-        .map(|k| {
-            (
-                k.customer_id.clone(),
-                k.meter.clone(),
-                period_of(k.window_start).0,
-            )
-        })
-        .collect();
+    // What the charges of every period the scope touches will be once rated from the corrected rows.
     let books = price_books::load_price_books(&mut tx).await?;
     for (customer, meter, period) in &periods {
         let (checked, changed, before, after) =
@@ -147,35 +194,9 @@ pub async fn rerate(conn: &mut PgConnection, scope: &Scope) -> Result<Outcome, s
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query!("UPDATE pipeline_leases SET resync_requested = resync_requested + 1")
-        .execute(&mut *tx)
-        .await?;
+    let after = rating_rows(&mut tx, Some(&within)).await?;
     tx.commit().await?;
-    Ok(outcome)
-}
-
-/// Waits until every running pipeline (one that committed within the last 5 s) has reloaded the state
-/// a job corrected; a stopped pipeline reloads it when it starts. False if `within` passed first.
-pub async fn wait_for_resync(
-    conn: &mut PgConnection,
-    within: std::time::Duration,
-) -> Result<bool, sqlx::Error> {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        let pending: i64 = sqlx::query_scalar!(
-            "SELECT count(*) AS \"pending!\" FROM pipeline_leases
-             WHERE resync_done < resync_requested AND committed_at > now() - interval '5 seconds'",
-        )
-        .fetch_one(&mut *conn)
-        .await?;
-        if pending == 0 {
-            return Ok(true);
-        }
-        if std::time::Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    Ok(Some((outcome, RatingCorrection { before, after })))
 }
 
 /// Corrects a stored row by the difference between what it should be (`want`) and what it was in the
@@ -477,8 +498,9 @@ impl From<ChargeRow> for Charge {
     }
 }
 
-/// Re-rates one customer's meter over one period from its stored (corrected) rows and corrects the
-/// stored charges: (charges compared, charges changed, Σ before, Σ after).
+/// Rates one customer's meter over one period from its stored (corrected) rows, as the pipeline's rating
+/// will once it takes the correction in, and compares with the stored charges: (charges compared,
+/// charges that will change, Σ before, Σ after). Writes nothing: the charges are the rating's.
 async fn rerate_period(
     tx: &mut PgConnection,
     customer: &str,
@@ -538,45 +560,9 @@ async fn rerate_period(
     let before = checked_sum(stored.values().map(|c| c.amount))?;
     let after = checked_sum(want.values().map(|c| c.amount))?;
     let starts: BTreeSet<i64> = want.keys().chain(stored.keys()).copied().collect();
-    let mut changed = 0;
-    for start in &starts {
-        match (want.get(start), stored.get(start)) {
-            (Some(w), Some(s)) if w == s => {}
-            (Some(w), _) => {
-                changed += 1;
-                sqlx::query!(
-                    "INSERT INTO charges AS c (customer_id, meter, window_start, window_end, quantity, amount,
-                                               currency, price_book_id)
-                     VALUES ($1, $2, to_timestamp($3::bigint), to_timestamp($4::bigint), $5, $6, $7, $8)
-                     ON CONFLICT ON CONSTRAINT charges_pkey DO UPDATE
-                     SET window_end = excluded.window_end, quantity = excluded.quantity,
-                         amount = excluded.amount, currency = excluded.currency,
-                         price_book_id = excluded.price_book_id, revision = c.revision + 1, updated_at = now()",
-                    customer,
-                    meter,
-                    w.window_start,
-                    w.window_end,
-                    w.quantity,
-                    w.amount,
-                    w.currency,
-                    w.price_book_id,
-                )
-                .execute(&mut *tx)
-                .await?;
-            }
-            (None, Some(_)) => {
-                changed += 1;
-                sqlx::query!(
-                    "DELETE FROM charges WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)",
-                    customer,
-                    meter,
-                    start,
-                )
-                .execute(&mut *tx)
-                .await?;
-            }
-            (None, None) => {}
-        }
-    }
+    let changed = starts
+        .iter()
+        .filter(|start| want.get(*start) != stored.get(*start))
+        .count() as u64;
     Ok((starts.len() as u64, changed, before, after))
 }

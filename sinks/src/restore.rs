@@ -147,21 +147,62 @@ impl From<QuarantineRow> for QuarantinedPeriod {
 }
 
 /// Everything committed that rating needs (SPEC §9): each sum/count row's total, each max /
-/// unique_count / latest row's multiset of items, every charge and quarantined period; and how many
-/// resyncs re-rating jobs had requested of `topic` by then. Read in one snapshot; the caller holds the
-/// writer lease, so no epoch commits meanwhile, but a re-rating job may: its correction is in the
-/// state exactly when its resync is in the count, so a job committing during the load makes the
-/// pipeline reload (finding 13a).
-pub async fn load_rating_state(
-    conn: &mut PgConnection,
-    topic: &str,
-) -> Result<(RatingState, i64), sqlx::Error> {
+/// unique_count / latest row's multiset of items, every charge and quarantined period. Read in one
+/// snapshot; the caller holds the writer lease, so no epoch commits meanwhile, and re-rating jobs run
+/// in the leader only once this is loaded (finding 13a: a job committing during the load would be
+/// missed), and check the lease in their transaction (`rerating.rs`).
+pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
-    // The snapshot is taken by this first statement.
-    let resyncs = resync_requests(&mut tx, topic).await?;
+    let mut state = rating_rows(&mut tx, None).await?;
+    let charges = sqlx::query_as!(
+        ChargeRow,
+        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint AS \"window_start!\",
+                extract(epoch FROM window_end)::bigint AS \"window_end!\", quantity, amount, currency, price_book_id
+         FROM charges",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    state
+        .charges
+        .extend(charges.into_iter().map(ChargeRow::into_charge));
+    let quarantined = sqlx::query_as!(
+        QuarantineRow,
+        "SELECT customer_id, meter, extract(epoch FROM period_start)::bigint AS \"period_start!\",
+                extract(epoch FROM from_window)::bigint AS \"from_window!\", reason
+         FROM rating_quarantine",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    state
+        .quarantined_periods
+        .extend(quarantined.into_iter().map(QuarantinedPeriod::from));
+    tx.commit().await?;
+    Ok(state)
+}
+
+/// Whose windows, and which, a part of the rating state covers: `customers`' windows starting in
+/// `[from, to)` (seconds since the epoch).
+#[derive(Clone, Debug)]
+pub struct Within {
+    pub customers: Vec<String>,
+    pub from: i64,
+    pub to: i64,
+}
+
+/// The stored rows rating needs (each sum/count row's total, each multiset row's items, and which rows
+/// are quarantined), all of them or only `within`, on the caller's connection or transaction. The
+/// charges and quarantined periods of the state are left empty.
+pub async fn rating_rows(
+    conn: &mut PgConnection,
+    within: Option<&Within>,
+) -> Result<RatingState, sqlx::Error> {
+    let (customers, from, to) = match within {
+        Some(w) => (Some(w.customers.as_slice()), Some(w.from), Some(w.to)),
+        None => (None, None, None),
+    };
     let mut state = RatingState::default();
     // A value outside the decimal range (stored before quarantines existed) is read as quarantined,
     // never decoded into a Decimal it does not fit.
@@ -172,10 +213,16 @@ pub async fn load_rating_state(
                 quarantined OR abs(value) > $1 AS \"quarantined!\"
          FROM aggregations a
          WHERE NOT EXISTS (SELECT 1 FROM meters m WHERE m.meter = a.meter
-                           AND m.aggregation IN ('max', 'unique_count', 'latest'))",
+                           AND m.aggregation IN ('max', 'unique_count', 'latest'))
+           AND ($2::text[] IS NULL OR a.customer_id = ANY($2))
+           AND ($3::bigint IS NULL OR a.window_start >= to_timestamp($3))
+           AND ($4::bigint IS NULL OR a.window_start < to_timestamp($4))",
         Decimal::MAX,
+        customers,
+        from,
+        to,
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await?;
     for r in groups {
         let key = AggregateKey {
@@ -202,60 +249,16 @@ pub async fn load_rating_state(
                 v.count
          FROM meter_values v
          JOIN aggregations a USING (customer_id, meter, window_start)
-         WHERE v.count > 0",
+         WHERE v.count > 0
+           AND ($1::text[] IS NULL OR v.customer_id = ANY($1))
+           AND ($2::bigint IS NULL OR v.window_start >= to_timestamp($2))
+           AND ($3::bigint IS NULL OR v.window_start < to_timestamp($3))",
+        customers,
+        from,
+        to,
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await?;
     state.rows.extend(items.into_iter().map(ItemRow::into_row));
-    let charges = sqlx::query_as!(
-        ChargeRow,
-        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint AS \"window_start!\",
-                extract(epoch FROM window_end)::bigint AS \"window_end!\", quantity, amount, currency, price_book_id
-         FROM charges",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    state
-        .charges
-        .extend(charges.into_iter().map(ChargeRow::into_charge));
-    let quarantined = sqlx::query_as!(
-        QuarantineRow,
-        "SELECT customer_id, meter, extract(epoch FROM period_start)::bigint AS \"period_start!\",
-                extract(epoch FROM from_window)::bigint AS \"from_window!\", reason
-         FROM rating_quarantine",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    state
-        .quarantined_periods
-        .extend(quarantined.into_iter().map(QuarantinedPeriod::from));
-    tx.commit().await?;
-    Ok((state, resyncs))
-}
-
-/// How many resyncs re-rating jobs have requested of the pipeline on `topic` (see `rerating.rs`).
-pub async fn resync_requests(conn: &mut PgConnection, topic: &str) -> Result<i64, sqlx::Error> {
-    let n: Option<i64> = sqlx::query_scalar!(
-        "SELECT resync_requested FROM pipeline_leases WHERE topic = $1",
-        topic,
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(n.unwrap_or(0))
-}
-
-/// Records that the pipeline's loaded state includes the first `done` resync requests.
-pub async fn resync_done(
-    conn: &mut PgConnection,
-    topic: &str,
-    done: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "UPDATE pipeline_leases SET resync_done = GREATEST(resync_done, $2) WHERE topic = $1",
-        topic,
-        done,
-    )
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    Ok(state)
 }

@@ -1,14 +1,16 @@
 //! What the pipeline watches beside its dataflow: the meters and price books in Postgres (LISTEN on
-//! the tables' notifications, fed to the workers as they change), and the consumer lag per partition
-//! (a metric, polled).
+//! the tables' notifications, fed to the workers as they change; a queued re-rating job wakes the
+//! leader's runner on the same channel), and the consumer lag per partition
+//! (a metric, polled). Each is a task on the process's one runtime and ends when the run's token is
+//! cancelled.
 
 use super::*;
 
 /// The channel the `meters` and `price_books` triggers notify (migration 0018), with the table's name.
 const CONFIG_CHANNEL: &str = "meterflow_config";
 
-/// How long the watcher waits for a notification before it looks at `stop` again.
-const STOP_CHECK: Duration = Duration::from_millis(250);
+/// How long the watcher waits for a notification before it looks at the fallback's clock again.
+const FALLBACK_CHECK: Duration = Duration::from_secs(1);
 
 /// Reloads everything this often even without a notification: a missed one (a bug, a trigger
 /// dropped by hand) costs at most this much delay.
@@ -19,6 +21,9 @@ const FALLBACK: Duration = Duration::from_secs(30);
 enum Changed {
     Meters,
     Books,
+    /// A re-rating job was queued (`rerating_jobs`, migration 0019).
+    Jobs,
+    /// Anything may have: a reconnect, the fallback, an unknown payload.
     Both,
 }
 
@@ -27,35 +32,25 @@ enum Changed {
 /// a meter applies to the events processed after it, and a book created, edited or closed re-rates
 /// the windows it touches, within milliseconds of the commit. Notifications sent while its connection
 /// was down are lost, so it reloads both whenever it (re)connects, and every [`FALLBACK`] anyway.
-pub(super) fn spawn_config_watcher(
-    database_url: &str,
+pub(super) async fn watch_config(
+    url: String,
     registry: MeterRegistry,
     books: Option<(Vec<PriceBook>, crossbeam_channel::Sender<Vec<PriceBook>>)>,
-    stop: Arc<AtomicBool>,
-) -> Result<()> {
-    let url = database_url.to_owned();
-    std::thread::Builder::new()
-        .name("config-watcher".into())
-        .spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                tracing::error!(
-                    "cannot start the config watcher; meters and books are fixed for this run"
-                );
-                return;
-            };
-            let mut watcher = Watcher {
-                url,
-                registry,
-                known_meters: None,
-                books,
-                conn: None,
-            };
-            runtime.block_on(watcher.run(&stop));
-        })?;
-    Ok(())
+    jobs_queued: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    let mut watcher = Watcher {
+        url,
+        registry,
+        known_meters: None,
+        books,
+        jobs_queued,
+        conn: None,
+    };
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = watcher.run() => {}
+    }
 }
 
 struct Watcher {
@@ -64,15 +59,18 @@ struct Watcher {
     known_meters: Option<usize>,
     /// The books the dataflow has, and where new ones go; `None` when this process rates nothing.
     books: Option<(Vec<PriceBook>, crossbeam_channel::Sender<Vec<PriceBook>>)>,
+    /// Woken when a re-rating job is queued (the leader's runner waits on it).
+    jobs_queued: Arc<tokio::sync::Notify>,
     /// The connection the reloads read on (the listener's is busy listening).
     conn: Option<PgConnection>,
 }
 
 impl Watcher {
-    async fn run(&mut self, stop: &AtomicBool) {
+    /// Returns once the dataflow is gone; otherwise runs until cancelled.
+    async fn run(&mut self) {
         let mut listener: Option<sqlx::postgres::PgListener> = None;
         let mut last_full = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
+        loop {
             let changed = match listener.as_mut() {
                 None => match self.listen().await {
                     Some(l) => {
@@ -84,11 +82,12 @@ impl Watcher {
                         None
                     }
                 },
-                Some(l) => match tokio::time::timeout(STOP_CHECK, l.try_recv()).await {
+                Some(l) => match tokio::time::timeout(FALLBACK_CHECK, l.try_recv()).await {
                     Err(_waited) => (last_full.elapsed() >= FALLBACK).then_some(Changed::Both),
                     Ok(Ok(Some(n))) => Some(match n.payload() {
                         "meters" => Changed::Meters,
                         "price_books" => Changed::Books,
+                        "rerating_jobs" => Changed::Jobs,
                         _ => Changed::Both,
                     }),
                     // Reconnected: what was notified meanwhile is lost.
@@ -103,6 +102,9 @@ impl Watcher {
             let Some(changed) = changed else { continue };
             if changed == Changed::Both {
                 last_full = Instant::now();
+            }
+            if matches!(changed, Changed::Jobs | Changed::Both) {
+                self.jobs_queued.notify_one();
             }
             if matches!(changed, Changed::Meters | Changed::Both) {
                 self.reload_meters().await;
@@ -174,7 +176,9 @@ impl Watcher {
             Ok(books) if books != *known => {
                 tracing::info!(books = books.len(), "price books changed; re-rating");
                 *known = books.clone();
-                updates.send(books).is_ok()
+                // Worker 0 takes one update at a time (the channel holds one): wait for it off the
+                // runtime's scheduling, as a blocking send.
+                tokio::task::block_in_place(|| updates.send(books).is_ok())
             }
             Ok(_) => true,
             Err(e) => {
@@ -186,89 +190,79 @@ impl Watcher {
     }
 }
 
-/// Every 2 s until `stop`: each partition's consumer lag (its end offset in Kafka minus the offset the sink
-/// committed in Postgres), the records committed since, and worker 0's epoch lag, as Prometheus
+/// Every 2 s until cancelled: each partition's consumer lag (its end offset in Kafka minus the offset
+/// the sink committed in Postgres), the records committed since, and worker 0's epoch lag, as Prometheus
 /// metrics. Runs on the leader (process 0) only, which alone commits; a failed look-up keeps the last
 /// values and tries again. It starts after the first interval, out of the way of the start-up.
-pub(super) fn spawn_lag_monitor(
-    cfg: &Config,
+pub(super) async fn monitor_lag(
+    url: String,
+    brokers: String,
+    topic: String,
     partitions: i32,
     epochs_behind: Arc<std::sync::atomic::AtomicU64>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
 ) {
     use meterflow_sinks::metrics;
     use rdkafka::consumer::{BaseConsumer, Consumer};
 
-    let url = cfg.database.url.expose().to_owned();
-    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.events_topic.clone());
-    let spawned = std::thread::Builder::new()
-        .name("lag-monitor".into())
-        .spawn(move || {
-            // Sleeps in short steps so a stop is noticed promptly; false once stopped.
-            let pause = || {
-                for _ in 0..20 {
-                    if stop.load(Ordering::Relaxed) {
-                        return false;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                !stop.load(Ordering::Relaxed)
-            };
-            if !pause() {
-                return;
+    const EVERY: Duration = Duration::from_secs(2);
+    let consumer: Arc<BaseConsumer> = match kafka::client_config(&brokers).create() {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create the Kafka client of the lag monitor; no consumer lag metrics");
+            return;
+        }
+    };
+    let mut conn: Option<PgConnection> = None;
+    let mut committed_before: Option<i64> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(EVERY) => {}
+        }
+        metrics::EPOCHS_BEHIND.set(epochs_behind.load(Ordering::Relaxed) as i64);
+        let c = match &mut conn {
+            Some(c) => c,
+            slot => match PgConnection::connect(&url).await {
+                Ok(c) => slot.insert(c),
+                Err(_) => continue,
+            },
+        };
+        let offsets = match meterflow_sinks::stored_offsets(c, &topic).await {
+            Ok(offsets) => offsets,
+            Err(_) => {
+                conn = None;
+                continue;
             }
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            let consumer: BaseConsumer = match kafka::client_config(&brokers).create() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot create the Kafka client of the lag monitor; no consumer lag metrics");
-                    return;
-                }
-            };
-            let mut conn: Option<PgConnection> = None;
-            let mut committed_before: Option<i64> = None;
-            loop {
-                metrics::EPOCHS_BEHIND.set(epochs_behind.load(Ordering::Relaxed) as i64);
-                let stored = runtime.block_on(async {
-                    if conn.is_none() {
-                        conn = Some(PgConnection::connect(&url).await?);
-                    }
-                    let c = conn.as_mut().expect("connected above");
-                    meterflow_sinks::stored_offsets(c, &topic).await
-                });
-                match stored {
-                    Ok(offsets) => {
-                        let mut committed_sum = 0;
-                        for p in 0..partitions {
-                            let Ok((low, high)) =
-                                consumer.fetch_watermarks(&topic, p, Duration::from_secs(5))
-                            else {
-                                continue;
-                            };
-                            let committed = offsets.get(&p).copied().unwrap_or(low);
-                            committed_sum += committed;
-                            metrics::CONSUMER_LAG
-                                .with_label_values(&[&p.to_string()])
-                                .set((high - committed).max(0));
-                        }
-                        if let Some(before) = committed_before {
-                            metrics::COMMITTED_RECORDS.inc_by((committed_sum - before).max(0) as u64);
-                        }
-                        committed_before = Some(committed_sum);
-                    }
-                    Err(_) => conn = None,
-                }
-                if !pause() {
-                    return;
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the lag monitor; no consumer lag metrics");
+        };
+        // rdkafka's watermark look-ups block: off the runtime's threads.
+        let (consumer, t) = (consumer.clone(), topic.clone());
+        let ends = tokio::task::spawn_blocking(move || {
+            (0..partitions)
+                .map(|p| {
+                    (
+                        p,
+                        consumer
+                            .fetch_watermarks(&t, p, Duration::from_secs(5))
+                            .ok(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut committed_sum = 0;
+        for (p, ends) in ends {
+            let Some((low, high)) = ends else { continue };
+            let committed = offsets.get(&p).copied().unwrap_or(low);
+            committed_sum += committed;
+            metrics::CONSUMER_LAG
+                .with_label_values(&[&p.to_string()])
+                .set((high - committed).max(0));
+        }
+        if let Some(before) = committed_before {
+            metrics::COMMITTED_RECORDS.inc_by((committed_sum - before).max(0) as u64);
+        }
+        committed_before = Some(committed_sum);
     }
 }

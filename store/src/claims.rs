@@ -61,25 +61,26 @@ impl From<VoidedRow> for Event {
     }
 }
 
-/// Claims against Postgres, from a reader thread (it owns a small runtime and one connection).
+/// Claims against Postgres, from a reader thread: it owns one connection and drives its statements on
+/// the process's runtime (a reader thread is not one of the runtime's, so it may wait on it).
 pub struct PgClaims {
     url: String,
-    runtime: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Handle,
     conn: Option<PgConnection>,
     /// Batches still to claim by the statement before trying the fast path again.
     statement_batches: u32,
 }
 
 impl PgClaims {
-    pub fn new(url: &str) -> std::io::Result<Self> {
-        Ok(PgClaims {
+    /// Claims on `runtime` (the process's; its IO driver must be running, as a multi-thread
+    /// runtime's is), connecting to `url` on first use.
+    pub fn new(runtime: tokio::runtime::Handle, url: &str) -> Self {
+        PgClaims {
             url: url.to_owned(),
-            runtime: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
+            runtime,
             conn: None,
             statement_batches: 0,
-        })
+        }
     }
 
     /// Runs `f` on a live connection. An error caused by what the records hold ([`is_data_error`]) is

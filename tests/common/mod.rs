@@ -365,6 +365,24 @@ pub async fn spawn_api() -> TestApi {
     .await
 }
 
+/// Runs the re-rating jobs of `api`'s database as a pipeline leader of its topic would, for tests that
+/// run no pipeline: it takes the topic's lease, and a job's correction goes nowhere (there is no
+/// dataflow whose rating would take it in). A pipeline started later fences it.
+pub async fn spawn_job_runner(api: &TestApi) {
+    let mut conn = api.pool.acquire().await.unwrap();
+    let lease = meterflow_sinks::acquire_lease(&mut conn, &api.topic)
+        .await
+        .unwrap();
+    let apply: meterflow_sinks::rerating_jobs::Apply = std::sync::Arc::new(|_| Box::pin(async {}));
+    tokio::spawn(meterflow_sinks::rerating_jobs::runner(
+        api.pool.clone(),
+        lease,
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+        apply,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+}
+
 /// [`spawn_api`] with these settings.
 pub async fn spawn_api_with(settings: meterflow_api::Settings) -> TestApi {
     let url = fresh_database().await;
@@ -374,11 +392,6 @@ pub async fn spawn_api_with(settings: meterflow_api::Settings) -> TestApi {
     let producer = meterflow_api::producer_config(BROKERS).create().unwrap();
     let state =
         meterflow_api::AppState::with_settings(pool.clone(), producer, topic.clone(), settings);
-    // As `meterflow api` does: the re-rating jobs the API queues run beside it.
-    tokio::spawn(meterflow_sinks::rerating_jobs::runner(
-        pool.clone(),
-        state.rerating_wake.clone(),
-    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(meterflow_api::serve(
