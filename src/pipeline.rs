@@ -364,49 +364,50 @@ fn run_once(
     let sink = Arc::new(Mutex::new(sink));
     let rating = Arc::new(Mutex::new(rating));
     let handle = runtime.handle().clone();
-    let guards = timely::execute(timely_config(args, cfg.pipeline.workers)?, move |worker| {
-        let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
-        let claims = PgClaims::new(handle.clone(), &database_url_owned);
-        let mut source = source.clone();
-        if !leader {
-            source.start_offsets =
-                offsets_under_the_lease(&handle, &database_url_owned, &source.topic)?;
-        }
-        let (reader, _handle) =
-            spawn_reader(source, owned, Box::new(claims), 16).map_err(|e| e.to_string())?;
-        // Worker 0 of process 0 hands epochs to the writer (commit.rs) and feeds rating its restored
-        // state and the price books; the others have neither.
-        let (sink, rating) = if worker.index() == 0 {
-            let sink = sink
-                .lock()
-                .map_err(|_| "sink lock poisoned".to_owned())?
-                .take();
-            let rating = rating
-                .lock()
-                .map_err(|_| "rating lock poisoned".to_owned())?
-                .take();
-            (sink, rating)
-        } else {
-            (None, None)
-        };
-        run_worker(
-            worker,
-            &config,
-            context.clone(),
-            reader,
-            sink,
-            rating,
-            &stop,
-        )
-    })
+    let guards = timely::execute(
+        timely_config(args, cfg.pipeline.workers)?,
+        move |worker| -> Result<_> {
+            let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
+            let claims = PgClaims::new(handle.clone(), &database_url_owned);
+            let mut source = source.clone();
+            if !leader {
+                source.start_offsets =
+                    offsets_under_the_lease(&handle, &database_url_owned, &source.topic)?;
+            }
+            let (reader, _handle) = spawn_reader(source, owned, Box::new(claims), 16)
+                .context("starting a Kafka reader thread")?;
+            // Worker 0 of process 0 hands epochs to the writer (commit.rs) and feeds rating its restored
+            // state and the price books; the others have neither.
+            let (sink, rating) = if worker.index() == 0 {
+                let sink = sink
+                    .lock()
+                    .map_err(|_| anyhow!("sink lock poisoned"))?
+                    .take();
+                let rating = rating
+                    .lock()
+                    .map_err(|_| anyhow!("rating lock poisoned"))?
+                    .take();
+                (sink, rating)
+            } else {
+                (None, None)
+            };
+            Ok(run_worker(
+                worker,
+                &config,
+                context.clone(),
+                reader,
+                sink,
+                rating,
+                &stop,
+            )?)
+        },
+    )
     .map_err(|e| anyhow!("starting timely: {e}"))?;
 
     let mut records = 0;
     let mut epochs = 0;
     for result in guards.join() {
-        let summary = result
-            .map_err(|e| anyhow!("a worker failed: {e}"))?
-            .map_err(|e| anyhow!("{e}"))?;
+        let summary = result.map_err(|e| anyhow!("a worker failed: {e}"))??;
         records += summary.records;
         epochs = epochs.max(summary.epochs);
     }
@@ -497,13 +498,13 @@ fn offsets_under_the_lease(
     runtime: &tokio::runtime::Handle,
     url: &str,
     topic: &str,
-) -> Result<HashMap<i32, i64>, String> {
+) -> Result<HashMap<i32, i64>> {
     runtime
         .block_on(async {
             let mut conn = PgConnection::connect(url).await?;
             meterflow_sinks::stored_offsets(&mut conn, topic).await
         })
-        .map_err(|e| format!("reading the committed offsets: {e}"))
+        .context("reading the committed offsets")
 }
 
 /// Waits for the writer in a thread of its own: a permanent sink error (fenced, refused by Postgres)

@@ -24,6 +24,7 @@
 //! | `meters.rs` | [`MeterRegistry`](meters::MeterRegistry): the meters in force, reloadable; no default meter on a meter's name |
 //! | `operators.rs` | `build`: the dataflow graph, one small named operator per step |
 //! | `rating.rs` | `rate`: window usage + price books → period-to-date window charges (SPEC §5) |
+//! | `error.rs` | [`WorkerError`]: what stops the pipeline, and where transient and data failures are handled instead |
 //! | `commit.rs` | `commit_epochs`: gathers each completed epoch on worker 0, hands it to the sink, holds the epoch open until the sink acknowledges |
 //! | `worker.rs` | driving a worker: feeding inputs, ticking epochs, backpressure, shutdown |
 //! | `usage.rs` | [`Usage`], the aggregate as a differential difference; a sum past the decimal range is a sticky *overflowed* usage (quarantine) |
@@ -42,6 +43,7 @@
 
 pub mod classify;
 pub mod commit;
+pub mod error;
 pub mod meters;
 pub mod operators;
 pub mod rating;
@@ -51,6 +53,7 @@ pub mod worker;
 
 pub use classify::SharedWatermark;
 pub use commit::{SinkChannels, SinkUpdate, WatermarkConfig};
+pub use error::{SourceError, WorkerError};
 pub use meters::MeterRegistry;
 pub use operators::{GraphContext, RatingInputs};
 pub use source::{RawRecord, RecordKind, SourceConfig};

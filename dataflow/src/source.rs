@@ -19,6 +19,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::classify::{classify, SharedWatermark, SourceItem};
+use crate::error::SourceError;
 
 /// One Kafka record as read, before decoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,8 +95,8 @@ pub enum SourceMessage {
     Items(Vec<SourceItem>),
     /// Every owned partition has reached the end it had at start-up (only with `until_caught_up`).
     CaughtUp,
-    /// The reader cannot go on; the worker stops the pipeline with this message.
-    Failed(String),
+    /// The reader cannot go on; the worker stops the pipeline with this error.
+    Failed(SourceError),
 }
 
 /// The partitions worker `index` of `peers` owns.
@@ -120,10 +121,10 @@ pub fn spawn_reader(
         ))
         .spawn(move || {
             if let Err(e) = read(&config, &owned, claims.as_mut(), &tx) {
-                let _ = tx.send(SourceMessage::Failed(format!(
-                    "reading {}: {e}",
-                    config.topic
-                )));
+                let _ = tx.send(SourceMessage::Failed(SourceError {
+                    topic: config.topic.clone(),
+                    source: e,
+                }));
             }
         })?;
     Ok((rx, handle))

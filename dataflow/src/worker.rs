@@ -17,6 +17,7 @@ use timely::worker::Worker;
 
 use crate::classify::{Classified, SourceItem};
 use crate::commit::{commit_epochs, SinkChannels, WatermarkConfig};
+use crate::error::WorkerError;
 use crate::operators::{build, Epoch, GraphContext, RatingInputs};
 use crate::rating::{ChargeRow, RowKey};
 use crate::source::SourceMessage;
@@ -92,7 +93,7 @@ pub fn run_worker(
     sink: Option<SinkChannels>,
     rating: Option<RatingFeed>,
     stop: &AtomicBool,
-) -> Result<WorkerSummary, String> {
+) -> Result<WorkerSummary, WorkerError> {
     let watermarks = config.watermarks.clone();
     let (mut records, mut markers, mut rating_inputs, probe) =
         worker.dataflow::<Epoch, _, _>(|scope| {
@@ -133,7 +134,7 @@ pub fn run_worker(
     let mut backlogged = false;
     // A failed reader stops every worker of the process (finding 33b): the others would otherwise go
     // on committing, and move the watermark, while this worker's partitions are never read again.
-    let mut failed: Option<String> = None;
+    let mut failed: Option<WorkerError> = None;
 
     while !stop.load(Ordering::Relaxed) && !caught_up {
         let epoch = *records.time();
@@ -188,7 +189,7 @@ pub fn run_worker(
                     Ok(SourceMessage::Failed(why)) => {
                         tracing::error!(error = %why, "a Kafka reader failed; stopping every worker");
                         stop.store(true, Ordering::Relaxed);
-                        failed = Some(why);
+                        failed = Some(WorkerError::Source(why));
                         break;
                     }
                     Err(TryRecvError::Empty) => break,

@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use meterflow_dataflow::classify::new_watermark;
 use meterflow_dataflow::source::SourceMessage;
-use meterflow_dataflow::{run_worker, GraphContext, MeterRegistry, SinkChannels, WorkerConfig};
+use meterflow_dataflow::{
+    run_worker, GraphContext, MeterRegistry, SinkChannels, SourceError, WorkerConfig,
+};
 use meterflow_model::EpochBatch;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 #[test]
 fn finding_33b_a_failed_reader_stops_every_worker_of_the_process() {
@@ -28,7 +31,10 @@ fn finding_33b_a_failed_reader_stops_every_worker_of_the_process() {
     let (open_tx, open_rx) = crossbeam_channel::unbounded::<SourceMessage>();
     let (failed_tx, failed_rx) = crossbeam_channel::unbounded::<SourceMessage>();
     failed_tx
-        .send(SourceMessage::Failed("reading t: broker gone".into()))
+        .send(SourceMessage::Failed(SourceError {
+            topic: "t".into(),
+            source: KafkaError::MetadataFetch(RDKafkaErrorCode::AllBrokersDown),
+        }))
         .unwrap();
     let readers = Arc::new(Mutex::new(vec![Some(open_rx), Some(failed_rx)]));
     let stop = Arc::new(AtomicBool::new(false));
@@ -57,7 +63,7 @@ fn finding_33b_a_failed_reader_stops_every_worker_of_the_process() {
         let results: Vec<Result<(), String>> = guards
             .join()
             .into_iter()
-            .map(|r| r.unwrap().map(|_| ()))
+            .map(|r| r.unwrap().map(|_| ()).map_err(|e| e.to_string()))
             .collect();
         let _ = done_tx.send(results);
     });
@@ -66,7 +72,13 @@ fn finding_33b_a_failed_reader_stops_every_worker_of_the_process() {
         .expect("every worker stops when one reader fails");
     assert_eq!(
         results,
-        vec![Ok(()), Err("reading t: broker gone".to_owned())]
+        vec![
+            Ok(()),
+            Err(format!(
+                "reading t: {}",
+                KafkaError::MetadataFetch(RDKafkaErrorCode::AllBrokersDown)
+            ))
+        ]
     );
     drop(open_tx);
     drop(failed_tx);
