@@ -363,25 +363,27 @@ async fn serve_api(cfg: &Config) -> Result<()> {
     tracing::info!(%addr, %topic, "api listening");
 
     let grace = Duration::from_secs(cfg.api.shutdown_timeout_secs);
-    let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown_signal().await;
-        tracing::info!(
-            "stopping: no new connections; finishing the requests in flight and the accepted events"
-        );
-        let _ = signalled_tx.send(());
-    };
+    // The process's one cancellation token is the state's: a signal cancels it, the server stops
+    // taking connections, and the background tasks (outbox relay, watermark, invoice-run sweeper) end.
+    tokio::spawn({
+        let state = state.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!(
+                "stopping: no new connections; finishing the requests in flight and the accepted events"
+            );
+            state.stop();
+        }
+    });
+    let signal = state.stopping();
     let stopped = async {
         meterflow_api::serve(listener, state.clone(), signal).await?;
         state.drain().await;
         anyhow::Ok(())
     };
     let overdue = async {
-        if signalled.await.is_ok() {
-            tokio::time::sleep(grace).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
+        state.stopping().await;
+        tokio::time::sleep(grace).await;
     };
     tokio::select! {
         stopped = stopped => stopped?,

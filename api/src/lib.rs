@@ -72,6 +72,7 @@ use meterflow_model::Limits;
 use rdkafka::producer::{FutureProducer, Producer};
 use serde::Serialize;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
 pub use metrics::Metrics;
@@ -237,6 +238,8 @@ pub struct Shared {
     pub gate: Arc<auth::Gate>,
     /// The last readiness answer and when it was checked: `/readyz` checks at most once a second.
     ready: Arc<tokio::sync::Mutex<Option<(std::time::Instant, StatusCode, Ready)>>>,
+    /// The process's one shutdown token ([`AppState::stopping`]).
+    stop: CancellationToken,
 }
 
 impl AppState {
@@ -254,21 +257,26 @@ impl AppState {
         settings: Settings,
     ) -> Self {
         let ingest_pool = ingest_pool(&pool);
+        let stop = CancellationToken::new();
         let (published, acked) = outbox::Acks::channel(100_000);
+        // Ends once the ingester's last acknowledgement is through (its channel closes), not at `stop`:
+        // `drain` waits for it.
         tokio::spawn(outbox::forget_published(ingest_pool.clone(), acked));
-        tokio::spawn(outbox::relay(
-            pool.clone(),
-            producer.clone(),
-            topic.clone(),
-            Duration::from_secs(5),
-            Duration::from_secs(30),
-        ));
+        spawn_until(
+            &stop,
+            outbox::relay(
+                pool.clone(),
+                producer.clone(),
+                topic.clone(),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ),
+        );
         let watermark = Arc::new(AtomicI64::new(i64::MIN));
-        tokio::spawn(follow_watermark(
-            pool.clone(),
-            topic.clone(),
-            watermark.clone(),
-        ));
+        spawn_until(
+            &stop,
+            follow_watermark(pool.clone(), topic.clone(), watermark.clone()),
+        );
         let (state_tx, state_rx) = tokio::sync::oneshot::channel();
         let state = AppState(Arc::new(Shared {
             pool,
@@ -287,8 +295,9 @@ impl AppState {
             settings,
             gate: Arc::new(auth::Gate::default()),
             ready: Arc::default(),
+            stop: stop.clone(),
         }));
-        tokio::spawn(invoice_runs::sweep_unfinished(state.pool.clone()));
+        spawn_until(&stop, invoice_runs::sweep_unfinished(state.pool.clone()));
         let _ = state_tx.send(state.clone());
         state
     }
@@ -300,6 +309,32 @@ impl AppState {
         self.ingester.drain().await;
         self.published.drain().await;
     }
+
+    /// The process's shutdown token: cancelled by [`AppState::stop`] (the binary does on SIGTERM or
+    /// Ctrl-C). The server stops taking requests when it is (give [`serve`] its `cancelled()`), and the
+    /// background tasks (the outbox relay, the watermark follower, the invoice-run sweeper) end.
+    pub fn stopping(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.stop.clone().cancelled_owned()
+    }
+
+    /// Cancels the process's shutdown token (see [`AppState::stopping`]).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// Runs a background task until `stop` is cancelled.
+fn spawn_until(
+    stop: &CancellationToken,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = task => {}
+        }
+    });
 }
 
 /// Keeps `watermark` at the pipeline's committed watermark.
