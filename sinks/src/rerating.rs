@@ -30,6 +30,14 @@
 //! rebuilt from the stored charges here because they add up: a line tampered with is made whole, and
 //! the rating's changes then add to it. With no pipeline running, the corrected rows wait for the next
 //! start, whose rating charges them (it subtracts the stored charges, so only differences are written).
+//!
+//! What this rests on: the stored rows are what the running rating holds. That holds for everything
+//! this code writes (the sink, jobs), and across restarts (a start loads them). A row edited by hand
+//! in Postgres while the pipeline runs breaks it: a job's `after − before` then includes the edit,
+//! which the rating never had, and its state ends off by that much until the next start. Edit rows
+//! by hand only with the pipeline stopped (then a job repairs them as above), or restart it after.
+//! The resync this replaced reloaded everything, so it also covered that case; it cost a restart of
+//! every process per job.
 
 mod rows;
 
