@@ -53,31 +53,36 @@ pub async fn set_allowed_lateness(
     Ok(())
 }
 
-/// A `meter_values` row with its row's window (bounds in seconds), as `load_rating_state` selects it.
-struct ItemRow {
-    customer_id: String,
-    meter: String,
-    window_start: i64,
-    window_end: i64,
-    kind: String,
-    sort_time: i64,
-    item: String,
-    num: Option<Decimal>,
-    count: i64,
+/// A `meter_values` row with its row's window (bounds in seconds), as `load_rating_state` and the
+/// re-rating job's `stored_rows` select it.
+pub(crate) struct ItemRow {
+    pub(crate) customer_id: String,
+    pub(crate) meter: String,
+    pub(crate) window_start: i64,
+    pub(crate) window_end: i64,
+    pub(crate) kind: String,
+    pub(crate) sort_time: i64,
+    pub(crate) item: String,
+    pub(crate) num: Option<Decimal>,
+    pub(crate) count: i64,
 }
 
 impl ItemRow {
-    /// The row's key, the item its kind, sort_time, item and num make, and its count as the usage.
-    fn into_row(self) -> (AggregateKey, Option<Item>, Aggregate) {
-        let key = AggregateKey {
-            customer_id: self.customer_id,
-            meter: self.meter,
+    /// The key of the row the item belongs to.
+    pub(crate) fn key(&self) -> AggregateKey {
+        AggregateKey {
+            customer_id: self.customer_id.clone(),
+            meter: self.meter.clone(),
             window_start: self.window_start,
             window_end: self.window_end,
-        };
+        }
+    }
+
+    /// The item the row's kind, sort_time, item and num make.
+    pub(crate) fn item(self) -> Item {
         let text = self.item;
         let num = self.num;
-        let item = match self.kind.as_str() {
+        match self.kind.as_str() {
             "max" => Item::Max(num.unwrap_or_default().normalize()),
             "unique_count" => Item::Unique(text),
             _ => Item::Latest {
@@ -85,12 +90,17 @@ impl ItemRow {
                 event_id: text,
                 value: num.unwrap_or_default(),
             },
-        };
+        }
+    }
+
+    /// The row's key, its item, and its count as the usage.
+    fn into_row(self) -> (AggregateKey, Option<Item>, Aggregate) {
+        let key = self.key();
         let usage = Aggregate {
             value: Decimal::ZERO,
             event_count: self.count,
         };
-        (key, Some(item), usage)
+        (key, Some(self.item()), usage)
     }
 }
 

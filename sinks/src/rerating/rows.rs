@@ -2,6 +2,7 @@
 //! `raw_events` with the meters as they are), and the rows stored.
 
 use super::*;
+use crate::restore::ItemRow;
 
 /// The rows the scope's counted events make with today's meters: only events the pipeline has
 /// committed (claimed below the committed offsets) and not voided by a committed void.
@@ -189,45 +190,6 @@ impl AggregationRow {
             meter: self.meter.clone(),
             window_start: self.window_start,
             window_end: self.window_end,
-        }
-    }
-}
-
-/// A `meter_values` row with its row's window (bounds in seconds), as `stored_rows` selects it.
-struct ItemRow {
-    customer_id: String,
-    meter: String,
-    window_start: i64,
-    window_end: i64,
-    kind: String,
-    sort_time: i64,
-    item: String,
-    num: Option<Decimal>,
-    count: i64,
-}
-
-impl ItemRow {
-    fn key(&self) -> AggregateKey {
-        AggregateKey {
-            customer_id: self.customer_id.clone(),
-            meter: self.meter.clone(),
-            window_start: self.window_start,
-            window_end: self.window_end,
-        }
-    }
-
-    /// The item the row's kind, sort_time, item and num make.
-    fn item(self) -> Item {
-        let text = self.item;
-        let num = self.num;
-        match self.kind.as_str() {
-            "max" => Item::Max(num.unwrap_or_default().normalize()),
-            "unique_count" => Item::Unique(text),
-            _ => Item::Latest {
-                time_micros: self.sort_time,
-                event_id: text,
-                value: num.unwrap_or_default(),
-            },
         }
     }
 }
