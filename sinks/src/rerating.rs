@@ -278,7 +278,7 @@ async fn correct_row(
             .unwrap_or(0)
             .checked_sub(h.get(item).copied().unwrap_or(0))
             .ok_or_else(overflow)?;
-        let (k, sort_time, text, num) = item_columns(item);
+        let (k, sort_time, text, _) = item_columns(item);
         kind = Some(k);
         if delta == 0 {
             continue;
@@ -298,20 +298,7 @@ async fn correct_row(
         .await?
         .rows_affected();
         if updated == 0 {
-            sqlx::query!(
-                "INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
-                 VALUES ($1, $2, to_timestamp($3::bigint), $4, $5, $6, $7, $8)",
-                key.customer_id,
-                key.meter,
-                start,
-                sort_time,
-                text,
-                num,
-                k,
-                delta,
-            )
-            .execute(&mut *tx)
-            .await?;
+            insert_item(tx, key, item, delta).await?;
         }
     }
     sqlx::query!(
@@ -375,6 +362,31 @@ fn item_columns(item: &Item) -> (&'static str, i64, String, Option<Decimal>) {
     }
 }
 
+/// Stores a new `meter_values` row: `item` of the row `key`, held `count` times.
+async fn insert_item(
+    tx: &mut PgConnection,
+    key: &AggregateKey,
+    item: &Item,
+    count: i64,
+) -> Result<(), sqlx::Error> {
+    let (kind, sort_time, text, num) = item_columns(item);
+    sqlx::query!(
+        "INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
+         VALUES ($1, $2, to_timestamp($3::bigint), $4, $5, $6, $7, $8)",
+        key.customer_id,
+        key.meter,
+        key.window_start,
+        sort_time,
+        text,
+        num,
+        kind,
+        count,
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 /// Replaces a stored row by what it should be (or removes it).
 async fn write_row(
     tx: &mut PgConnection,
@@ -395,29 +407,7 @@ async fn write_row(
         Some(Content::Total(total)) => Some(*total),
         Some(Content::Items(items)) => {
             for (item, count) in items.iter().filter(|(_, n)| **n > 0) {
-                let (kind, sort_time, text, num) = match item {
-                    Item::Max(v) => ("max", 0, v.to_string(), Some(*v)),
-                    Item::Unique(text) => ("unique_count", 0, text.clone(), None),
-                    Item::Latest {
-                        time_micros,
-                        event_id,
-                        value,
-                    } => ("latest", *time_micros, event_id.clone(), Some(*value)),
-                };
-                sqlx::query!(
-                    "INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
-                     VALUES ($1, $2, to_timestamp($3::bigint), $4, $5, $6, $7, $8)",
-                    key.customer_id,
-                    key.meter,
-                    start,
-                    sort_time,
-                    text,
-                    num,
-                    kind,
-                    count,
-                )
-                .execute(&mut *tx)
-                .await?;
+                insert_item(tx, key, item, *count).await?;
             }
             multiset_row(items)
         }
