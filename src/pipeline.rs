@@ -13,8 +13,8 @@
 //!                                           │
 //!          ┌──────────────────┬─────────────┼────────────────┬──────────────────┐
 //!   workers stop at the   config watcher  lag monitor   re-rating runner   partition
-//!   end of their epoch    (watch.rs)      (watch.rs)    (leader; between   watcher
-//!                                                        jobs, awaited)
+//!   end of their epoch    (watch.rs,      (watch.rs,    (leader; between   watcher
+//!                          leader)         leader)       jobs, awaited)
 //! ```
 //! The leader runs the re-rating jobs the API queues (`meterflow_sinks::rerating_jobs`): a job corrects
 //! the stored state in one transaction and hands the change to worker 0's rating, which takes it in at
@@ -33,7 +33,7 @@ use meterflow_dataflow::classify::new_watermark;
 use meterflow_dataflow::source::{owned_partitions, spawn_reader};
 use meterflow_dataflow::worker::{Correction, RatingFeed};
 use meterflow_dataflow::{
-    run_worker, GraphContext, MeterRegistry, SinkChannels, SourceConfig, WatermarkConfig,
+    run_worker, ControlFeed, Feeds, GraphContext, SinkChannels, SourceConfig, WatermarkConfig,
     WorkerConfig,
 };
 use meterflow_model::{Limits, Meter, PriceBook};
@@ -264,15 +264,27 @@ fn run_once(
         }
     });
     let shared_watermark = new_watermark(watermark);
-    let registry = MeterRegistry::new(meters);
+    // The leader's worker 0 feeds the meters and the committed watermark to every worker of every
+    // process (the dataflow's control input); the config watcher, on the leader only, sends it new
+    // meters and price books and wakes the re-rating runner.
     let jobs_queued = Arc::new(tokio::sync::Notify::new());
-    runtime.spawn(watch_config(
-        database_url.to_owned(),
-        registry.clone(),
-        book_updates,
-        jobs_queued.clone(),
-        run.clone(),
-    ));
+    let control = if leader {
+        let (meter_updates, updates) = crossbeam_channel::unbounded();
+        runtime.spawn(watch_config(
+            database_url.to_owned(),
+            (meters.clone(), meter_updates),
+            book_updates,
+            jobs_queued.clone(),
+            run.clone(),
+        ));
+        Some(ControlFeed {
+            meters,
+            updates,
+            watermark: shared_watermark.clone(),
+        })
+    } else {
+        None
+    };
     // The leader runs the re-rating jobs; this run waits for its runner before it returns, so the
     // next run's start-up never loads the state while a job of this one commits.
     let runner = match (&lease, corrections) {
@@ -356,13 +368,12 @@ fn run_once(
         ));
     }
     let context = GraphContext {
-        meters: registry,
-        watermark: shared_watermark,
         allowed_lateness_micros: lateness_micros,
     };
     let database_url_owned = database_url.to_owned();
     let sink = Arc::new(Mutex::new(sink));
     let rating = Arc::new(Mutex::new(rating));
+    let control = Arc::new(Mutex::new(control));
     let handle = runtime.handle().clone();
     let guards = timely::execute(
         timely_config(args, cfg.pipeline.workers)?,
@@ -376,28 +387,25 @@ fn run_once(
             }
             let (reader, _handle) = spawn_reader(source, owned, Box::new(claims), 16)
                 .context("starting a Kafka reader thread")?;
-            // Worker 0 of process 0 hands epochs to the writer (commit.rs) and feeds rating its restored
-            // state and the price books; the others have neither.
-            let (sink, rating) = if worker.index() == 0 {
-                let sink = sink
-                    .lock()
-                    .map_err(|_| anyhow!("sink lock poisoned"))?
-                    .take();
-                let rating = rating
-                    .lock()
-                    .map_err(|_| anyhow!("rating lock poisoned"))?
-                    .take();
-                (sink, rating)
+            // Worker 0 of process 0 hands epochs to the writer (commit.rs), feeds rating its restored
+            // state and the price books, and feeds every worker the meters and the watermark; the
+            // others have none of it.
+            let feeds = if worker.index() == 0 {
+                let take = |what: &str| anyhow!("{what} lock poisoned");
+                Feeds {
+                    sink: sink.lock().map_err(|_| take("sink"))?.take(),
+                    rating: rating.lock().map_err(|_| take("rating"))?.take(),
+                    control: control.lock().map_err(|_| take("control"))?.take(),
+                }
             } else {
-                (None, None)
+                Feeds::default()
             };
             Ok(run_worker(
                 worker,
                 &config,
                 context.clone(),
                 reader,
-                sink,
-                rating,
+                feeds,
                 &stop,
             )?)
         },

@@ -50,12 +50,24 @@ fn cluster_process(
     index: usize,
     extra: &[&str],
 ) -> Running {
+    cluster_process_of(2, url, topic, hosts, index, extra)
+}
+
+/// Starts process `index` of a 2-process × `workers`-worker cluster.
+fn cluster_process_of(
+    workers: usize,
+    url: &str,
+    topic: &str,
+    hosts: &std::path::Path,
+    index: usize,
+    extra: &[&str],
+) -> Running {
     let mut command = meterflow(url, topic);
     command
         .args([
             "pipeline",
             "--workers",
-            "2",
+            &workers.to_string(),
             "--processes",
             "2",
             "--process",
@@ -115,6 +127,42 @@ async fn a_two_process_cluster_gives_exactly_the_single_worker_results() {
             invalid_count(&events)
         );
     }
+}
+
+/// The committed watermark reaches every process: an event late for a window the watermark closed is
+/// a late event whichever process reads its partition. (It was a shared atomic that only the writer's
+/// process saw move, so process 1's partitions recorded no late events; now worker 0 feeds it to every
+/// worker as the dataflow's control input.)
+#[tokio::test(flavor = "multi_thread")]
+async fn late_events_are_told_on_every_process_of_a_cluster() {
+    let api = spawn_api().await; // its topic has 2 partitions: one per process below
+    let hosts = Hostfile::new();
+    let _p1 = cluster_process_of(1, &api.url, &api.topic, &hosts.0, 1, &[]);
+    let _p0 = cluster_process_of(1, &api.url, &api.topic, &hosts.0, 0, &[]);
+    // Close 14:00–15:00 (and its hour of allowed lateness) before the events arrive.
+    api.advance_watermark("2024-01-15T16:00:01Z", Duration::from_secs(60))
+        .await;
+    for i in 0..20 {
+        let body = serde_json::json!({"event_id": format!("evt_late_{i}"),
+            "customer_id": format!("cust_{i}"), "event_type": "api_call",
+            "event_time": "2024-01-15T14:30:00Z"});
+        assert_eq!(api.post_event(&body).await.status().as_u16(), 201);
+    }
+    api.wait_caught_up(Duration::from_secs(60)).await;
+    let by_partition: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT COALESCE(i.counted_partition, -1), count(*) FROM late_events l \
+         JOIN event_ids i USING (event_id) GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&api.pool)
+    .await
+    .unwrap();
+    let total: i64 = by_partition.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, 20, "every late event is told: {by_partition:?}");
+    assert_eq!(
+        by_partition.len(),
+        2,
+        "both partitions had some: {by_partition:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

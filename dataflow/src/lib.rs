@@ -6,7 +6,7 @@
 //!                                                                     │ (never blocks the worker)
 //!      reader: decode+validate, claim each event_id in Postgres (dedup, classify.rs)
 //!  worker loop: feed classified items + offset markers, advance the epoch ◄──┘
-//!      │
+//!      │       (worker 0 also feeds the control input: meters, committed watermark; and rating's inputs)
 //!      ▼  build(): meter ─► contributions (row, item, Σvalue, count) ─► consolidate (exchange by row)
 //!                   │   (its row changes + restored rows) ─► rate (with price books) ─► charge changes ─► lines
 //!                   └─► late events, duplicates, dead letters   offsets ──┐          │
@@ -21,8 +21,10 @@
 //! |---|---|
 //! | `source.rs` | the Kafka reader threads: deterministic partition assignment, start offsets, catch-up |
 //! | `classify.rs` | decode, validate and claim (dedup, voids) on the reader threads; the claim store is `meterflow_model::claims` |
-//! | `meters.rs` | [`MeterRegistry`](meters::MeterRegistry): the meters in force, reloadable; no default meter on a meter's name |
-//! | `operators.rs` | `build`: the dataflow graph, one small named operator per step |
+//! | `meters.rs` | [`Meters`](meters::Meters): a set of meters as metering reads it; no default meter on a meter's name |
+//! | `control.rs` | [`Control`]: the meters and the committed watermark as a timestamped input, and what is in force at each epoch |
+//! | `inputs.rs` | [`GraphInputs`]: every input handle of the graph, once, for the worker loop, tests, import and benchmarks |
+//! | `operators.rs` | `build(inputs, context)`: the dataflow graph, one small named operator per step |
 //! | `rating.rs` | `rate`: window usage + price books → period-to-date window charges (SPEC §5) |
 //! | `error.rs` | [`WorkerError`]: what stops the pipeline, and where transient and data failures are handled instead |
 //! | `commit.rs` | `commit_epochs`: gathers each completed epoch on worker 0, hands it to the sink, holds the epoch open until the sink acknowledges |
@@ -43,7 +45,9 @@
 
 pub mod classify;
 pub mod commit;
+pub mod control;
 pub mod error;
+pub mod inputs;
 pub mod meters;
 pub mod operators;
 pub mod rating;
@@ -53,8 +57,9 @@ pub mod worker;
 
 pub use classify::SharedWatermark;
 pub use commit::{SinkChannels, SinkUpdate, WatermarkConfig};
+pub use control::Control;
 pub use error::{SourceError, WorkerError};
-pub use meters::MeterRegistry;
-pub use operators::{GraphContext, RatingInputs};
+pub use inputs::{GraphInputs, Inputs, RatingInputs};
+pub use operators::GraphContext;
 pub use source::{RawRecord, RecordKind, SourceConfig};
-pub use worker::{run_worker, WorkerConfig};
+pub use worker::{run_worker, ControlFeed, Feeds, RatingFeed, WorkerConfig};

@@ -1,6 +1,6 @@
-//! [`MeterRegistry`]: the meters in force, shared by every worker of a process and replaced whole when
-//! the definitions change (the pipeline's config watcher reloads them from Postgres when notified). A
-//! meter applies to the events processed after it is loaded (SPEC §4).
+//! [`Meters`]: a set of meters in force, as metering reads it. Which set is in force at an epoch is the
+//! control input's business (`control.rs`): a meter applies to the events of the epochs from the one
+//! worker 0 fed it at (SPEC §4).
 //!
 //! Meter names and event types are disjoint (finding 15): an event type no meter reads goes to its
 //! default meter, which is named after the type, so an event whose type is the *name* of a meter that
@@ -9,7 +9,6 @@
 //! refused on the other side (`store::meters::create_meter`).
 
 use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
 
 use meterflow_model::{Contribution, Event, Meter, MeterSet, Skip};
 
@@ -50,30 +49,5 @@ impl Meters {
             return (Vec::new(), skipped);
         }
         (contributions, skipped)
-    }
-}
-
-#[derive(Clone, Default)]
-pub struct MeterRegistry(Arc<RwLock<Arc<Meters>>>);
-
-impl MeterRegistry {
-    pub fn new(meters: Vec<Meter>) -> Self {
-        MeterRegistry(Arc::new(RwLock::new(Arc::new(Meters::new(meters)))))
-    }
-
-    /// The meters in force now (cheap: one lock, one reference count).
-    pub fn current(&self) -> Arc<Meters> {
-        self.0
-            .read()
-            .map(|m| Arc::clone(&m))
-            .unwrap_or_else(|poisoned| Arc::clone(&poisoned.into_inner()))
-    }
-
-    pub fn replace(&self, meters: Vec<Meter>) {
-        let fresh = Arc::new(Meters::new(meters));
-        match self.0.write() {
-            Ok(mut m) => *m = fresh,
-            Err(poisoned) => *poisoned.into_inner() = fresh,
-        }
     }
 }

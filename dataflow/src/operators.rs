@@ -1,7 +1,8 @@
 //! The dataflow graph: [`build`] wires small named operators; the worker loop (`worker.rs`) drives it.
 //!
 //! Contract: given the classified items and offset markers introduced at epoch `e`, the output at epoch
-//! `e` holds exactly the row changes those items cause (at most one per row and item), the late events,
+//! `e` holds exactly the row changes those items cause under the meters and watermark in force at `e`
+//! (the control input, `control.rs`), at most one per row and item, the late events,
 //! duplicates and dead letters among them, the markers, and the changes of window charges (rating.rs)
 //! that these items and the price-book changes of epoch `e` cause. Aggregates need no state between
 //! epochs: each is a sum of contributions (a group) or a multiset of items the sink keeps. Rating does:
@@ -9,67 +10,51 @@
 //! ([`RatingInputs`]); the stored charges are subtracted, so only what changed while the pipeline was
 //! down (a price book edited) reaches the sink.
 
-use std::sync::atomic::AtomicI64;
-use std::sync::Arc;
+use std::collections::BTreeMap;
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::difference::Abelian;
 use differential_dataflow::VecCollection;
 use meterflow_model::batch::QuarantinedPeriod;
-use meterflow_model::{
-    period_of, Aggregate, Contribution, Event, LateEvent, LineChange, PartitionProgress, PriceBook,
-};
+use meterflow_model::{period_of, Aggregate, Contribution, Event, LateEvent, LineChange};
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Concatenate, OkErr, Operator};
+use timely::dataflow::operators::vec::{Broadcast, Map};
+use timely::dataflow::operators::{Capability, Concatenate, OkErr, Operator};
 use timely::dataflow::StreamVec;
 
-use crate::classify::{read_watermark, Classified, SourceItem};
+use crate::classify::{Classified, SourceItem};
 use crate::commit::SinkUpdate;
-use crate::meters::MeterRegistry;
+use crate::control::{Control, InForce};
+use crate::inputs::{Inputs, RatingInputs};
+use crate::meters::Meters;
 use crate::rating::{self, ChargeRow, RowKey};
 use crate::usage::{LineTotal, Usage};
 
 /// Epoch numbers: each worker advances its inputs to the next epoch every tick.
 pub type Epoch = u64;
 
-/// What the graph reads besides its inputs.
-#[derive(Clone)]
+/// What the graph is built with besides its inputs: fixed for the run.
+#[derive(Clone, Debug)]
 pub struct GraphContext {
-    pub meters: MeterRegistry,
-    /// The committed watermark: a contribution to a window it has closed is a late event.
-    pub watermark: Arc<AtomicI64>,
     /// How long after its end a window still takes events before it is finalized (SPEC §4).
     pub allowed_lateness_micros: i64,
 }
 
-/// The rating inputs, as differential updates `(data, epoch, diff)`: what the pipeline committed before
-/// (fed by worker 0 at epoch 0) and the price books (changes fed by worker 0 as they are seen).
-pub struct RatingInputs<'scope> {
-    pub restored_rows: StreamVec<'scope, Epoch, (RowKey, Epoch, Usage)>,
-    pub restored_charges: StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
-    pub restored_quarantines: StreamVec<'scope, Epoch, (QuarantinedPeriod, Epoch, isize)>,
-    pub books: StreamVec<'scope, Epoch, (PriceBook, Epoch, isize)>,
-}
-
-/// Builds the pipeline from classified items and offset markers `(epoch, progress)` to sink updates,
-/// each with the epoch it belongs to.
+/// Builds the pipeline from its [`Inputs`] to sink updates, each with the epoch it belongs to.
 ///
 /// The epoch travels in the data, not only in the message's capability: differential may send updates of
 /// a later time under an earlier capability, and the sink must never commit a result with the offsets of
 /// an epoch before the one that produced it.
 pub fn build<'scope>(
-    items: StreamVec<'scope, Epoch, SourceItem>,
-    markers: StreamVec<'scope, Epoch, (Epoch, PartitionProgress)>,
-    rating: RatingInputs<'scope>,
+    inputs: Inputs<'scope>,
     context: GraphContext,
 ) -> StreamVec<'scope, Epoch, (Epoch, SinkUpdate)> {
-    let scope = items.scope();
-    let (contributions, other) = meter(items, context);
+    let scope = inputs.items.scope();
+    let (contributions, other) = meter(inputs.items, inputs.control, context);
     // Rating reads the row changes, not the contributions: the same collection, already added up per
     // row and epoch (one update where there were as many as the row's events in the epoch).
     let changes = row_changes(contributions);
-    let (charges, quarantined) = charge_changes(changes.clone().as_collection(), rating);
+    let (charges, quarantined) = charge_changes(changes.clone().as_collection(), inputs.rating);
     let lines = line_changes(charges.clone());
     scope.concatenate([
         changes.flat_map(|((key, item), epoch, usage)| {
@@ -94,7 +79,9 @@ pub fn build<'scope>(
         }),
         lines.map(|(key, epoch, total)| (epoch, SinkUpdate::Line(line_change(key, total)))),
         other,
-        markers.map(|(epoch, progress)| (epoch, SinkUpdate::Offset(progress))),
+        inputs
+            .markers
+            .map(|(epoch, progress)| (epoch, SinkUpdate::Offset(progress))),
     ])
 }
 
@@ -110,56 +97,107 @@ type Metered = Result<(RowKey, Epoch, Usage), (Epoch, SinkUpdate)>;
 /// Applies the meters where the items were read (no exchange): each counted event becomes its
 /// contributions to every meter reading its type, each retracted (voided) one their negation; a
 /// contribution to a window the committed watermark has closed is also reported as a late event.
+///
+/// The meters and the watermark are those in force at the items' epoch (`control.rs`): the items of
+/// an epoch wait until the control input has passed it, which in the worker loop is once every worker
+/// has closed the epoch.
 // The `Result` is a routing tag for `ok_err` (contributions one way, everything else the other), not an
 // error, so the size of its `Err` side is no concern.
 #[allow(clippy::result_large_err)]
 fn meter<'scope>(
     items: StreamVec<'scope, Epoch, SourceItem>,
+    control: StreamVec<'scope, Epoch, Control>,
     context: GraphContext,
 ) -> Metering<'scope> {
-    let metered: StreamVec<'scope, Epoch, Metered> =
-        items.unary(Pipeline, "Meter", move |_cap, _info| {
-            move |input, output| {
-                input.for_each_stamp(|cap, data| {
-                    // Epochs are totally ordered: a stamp always has a least time.
+    let metered: StreamVec<'scope, Epoch, Metered> = items.binary_frontier(
+        control.broadcast(),
+        Pipeline,
+        Pipeline,
+        "Meter",
+        move |_cap, _info| {
+            let mut in_force = InForce::default();
+            let mut waiting: BTreeMap<Epoch, (Capability<Epoch>, Vec<SourceItem>)> =
+                BTreeMap::new();
+            move |(items, items_frontier), (control, control_frontier), output| {
+                control.for_each_stamp(|cap, data| {
                     let Some(&epoch) = cap.least() else {
                         return;
                     };
-                    let meters = context.meters.current();
-                    let watermark = read_watermark(&context.watermark);
-                    let mut session = output.session(&cap);
                     for batch in data {
-                        for item in batch.drain(..) {
-                            let (event, sign) = match item.what {
-                                Classified::Count(event) => (event, 1),
-                                Classified::Retract(event) => (event, -1),
-                                Classified::Duplicate(d) => {
-                                    session.give(Err((epoch, SinkUpdate::Duplicate(d))));
-                                    continue;
-                                }
-                                Classified::Dead(d) => {
-                                    session.give(Err((epoch, SinkUpdate::DeadLetter(d))));
-                                    continue;
-                                }
-                                Classified::Ignored => continue,
-                            };
-                            let (contributions, _skipped) = meters.contributions(&event);
-                            for c in contributions {
-                                if sign > 0 {
-                                    if let Some(late) = late(&event, &c, watermark, &context) {
-                                        session.give(Err((epoch, SinkUpdate::Late(late))));
-                                    }
-                                }
-                                let usage = if sign > 0 { c.usage } else { negate(c.usage) };
-                                session.give(Ok(((c.key, c.item), epoch, Usage::of(usage))));
-                            }
+                        for change in batch.drain(..) {
+                            in_force.record(epoch, change);
                         }
                     }
                 });
+                items.for_each_stamp(|cap, data| {
+                    // Epochs are totally ordered: a stamp always has a least time.
+                    let Some(held) = cap.retain_least(output.output_index()) else {
+                        return;
+                    };
+                    let (_, stash) = waiting
+                        .entry(*held.time())
+                        .or_insert_with(|| (held, Vec::new()));
+                    for batch in data {
+                        stash.append(batch);
+                    }
+                });
+                while let Some(entry) = waiting.first_entry() {
+                    let epoch = *entry.key();
+                    if control_frontier.frontier().less_equal(&epoch) {
+                        break;
+                    }
+                    let (cap, stash) = entry.remove();
+                    let meters = in_force.meters_at(epoch);
+                    let watermark = in_force.watermark_at(epoch);
+                    let mut session = output.session(&cap);
+                    for item in stash {
+                        meter_item(item, epoch, &meters, watermark, &context, |m| {
+                            session.give(m)
+                        });
+                    }
+                }
+                let oldest = waiting
+                    .keys()
+                    .next()
+                    .copied()
+                    .or_else(|| items_frontier.frontier().first().copied());
+                if let Some(oldest) = oldest {
+                    in_force.forget_before(oldest);
+                }
             }
-        });
+        },
+    );
     let (contributions, other) = metered.ok_err(|m| m);
     (contributions.as_collection(), other)
+}
+
+/// One item's contributions (and its late events), or the item itself for the sink.
+#[allow(clippy::result_large_err)]
+fn meter_item(
+    item: SourceItem,
+    epoch: Epoch,
+    meters: &Meters,
+    watermark: Option<i64>,
+    context: &GraphContext,
+    mut give: impl FnMut(Metered),
+) {
+    let (event, sign) = match item.what {
+        Classified::Count(event) => (event, 1),
+        Classified::Retract(event) => (event, -1),
+        Classified::Duplicate(d) => return give(Err((epoch, SinkUpdate::Duplicate(d)))),
+        Classified::Dead(d) => return give(Err((epoch, SinkUpdate::DeadLetter(d)))),
+        Classified::Ignored => return,
+    };
+    let (contributions, _skipped) = meters.contributions(&event);
+    for c in contributions {
+        if sign > 0 {
+            if let Some(late) = late(&event, &c, watermark, context) {
+                give(Err((epoch, SinkUpdate::Late(late))));
+            }
+        }
+        let usage = if sign > 0 { c.usage } else { negate(c.usage) };
+        give(Ok(((c.key, c.item), epoch, Usage::of(usage))));
+    }
 }
 
 fn late(

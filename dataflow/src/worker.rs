@@ -8,20 +8,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
-use differential_dataflow::difference::Abelian;
-use meterflow_model::batch::QuarantinedPeriod;
-use meterflow_model::{PartitionProgress, PriceBook, RatingCorrection, RatingState};
+use meterflow_model::{Meter, PartitionProgress, PriceBook, RatingCorrection, RatingState};
 use timely::dataflow::operators::Probe;
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
 
-use crate::classify::{Classified, SourceItem};
+use crate::classify::{read_watermark, Classified, SharedWatermark};
 use crate::commit::{commit_epochs, SinkChannels, WatermarkConfig};
+use crate::control::Control;
 use crate::error::WorkerError;
-use crate::operators::{build, Epoch, GraphContext, RatingInputs};
-use crate::rating::{ChargeRow, RowKey};
+use crate::inputs::GraphInputs;
+use crate::operators::{build, Epoch, GraphContext};
 use crate::source::SourceMessage;
-use crate::usage::Usage;
 
 /// How a worker paces itself.
 #[derive(Clone, Debug)]
@@ -68,6 +66,37 @@ pub struct RatingFeed {
     pub corrections: Receiver<Correction>,
 }
 
+/// What metering reads, given to worker 0 of process 0 only, which feeds it to every worker through the
+/// control input (`control.rs`).
+pub struct ControlFeed {
+    /// The meters when the pipeline started.
+    pub meters: Vec<Meter>,
+    /// Later snapshots of all meters (the config watcher sends one whenever they change).
+    pub updates: Receiver<Vec<Meter>>,
+    /// The committed watermark, as the writer publishes it.
+    pub watermark: SharedWatermark,
+}
+
+impl ControlFeed {
+    /// Meters that never change and a watermark that moves only if someone stores into it.
+    pub fn fixed(meters: Vec<Meter>, watermark: SharedWatermark) -> Self {
+        ControlFeed {
+            meters,
+            updates: crossbeam_channel::never(),
+            watermark,
+        }
+    }
+}
+
+/// What worker 0 of process 0 has and the other workers do not: the sink, and what rating and
+/// metering are fed. A test may give it any of them.
+#[derive(Default)]
+pub struct Feeds {
+    pub sink: Option<SinkChannels>,
+    pub rating: Option<RatingFeed>,
+    pub control: Option<ControlFeed>,
+}
+
 /// A re-rating job's change of the stored rating state, and whom to tell once the epoch that feeds it
 /// to rating is committed (what rating derived from it is then stored too).
 pub struct Correction {
@@ -90,37 +119,36 @@ pub fn run_worker(
     config: &WorkerConfig,
     context: GraphContext,
     reader: Receiver<SourceMessage>,
-    sink: Option<SinkChannels>,
-    rating: Option<RatingFeed>,
+    feeds: Feeds,
     stop: &AtomicBool,
 ) -> Result<WorkerSummary, WorkerError> {
     let watermarks = config.watermarks.clone();
-    let (mut records, mut markers, mut rating_inputs, probe) =
-        worker.dataflow::<Epoch, _, _>(|scope| {
-            let mut items = InputHandleVec::<Epoch, SourceItem>::new();
-            let mut markers = InputHandleVec::<Epoch, (Epoch, PartitionProgress)>::new();
-            let mut handles = RatingHandles::default();
-            let probe = ProbeHandle::new();
-            let rating = RatingInputs {
-                restored_rows: handles.rows.to_stream(scope),
-                restored_charges: handles.charges.to_stream(scope),
-                restored_quarantines: handles.quarantines.to_stream(scope),
-                books: handles.books.to_stream(scope),
-            };
-            let updates = build(
-                items.to_stream(scope),
-                markers.to_stream(scope),
-                rating,
-                context,
-            );
-            commit_epochs(updates, sink, watermarks).probe_with(&probe);
-            (items, markers, handles, probe)
-        });
+    let Feeds {
+        sink,
+        rating,
+        control,
+    } = feeds;
+    // `items_open`: the oldest epoch any worker may still feed items at.
+    let items_open = ProbeHandle::new();
+    let (mut inputs, probe) = worker.dataflow::<Epoch, _, _>(|scope| {
+        let mut inputs = GraphInputs::default();
+        let probe = ProbeHandle::new();
+        let mut streams = inputs.streams(scope);
+        streams.items = streams.items.probe_with(&items_open);
+        let updates = build(streams, context);
+        commit_epochs(updates, sink, watermarks).probe_with(&probe);
+        (inputs, probe)
+    });
     let mut corrections = None;
     let mut books = rating.map(|feed| {
         corrections = Some(feed.corrections.clone());
-        rating_inputs.start(feed)
+        start_rating(&mut inputs, feed)
     });
+    let mut control = control.map(|feed| Controller::start(&mut inputs, feed));
+    if control.is_none() {
+        // Only the feeding worker holds the control input back; the others' handles keep ahead.
+        inputs.control.advance_to(1);
+    }
     // Corrections fed, with the epoch they were fed at, until that epoch is committed.
     let mut uncommitted: Vec<Uncommitted> = Vec::new();
 
@@ -137,16 +165,25 @@ pub fn run_worker(
     let mut failed: Option<WorkerError> = None;
 
     while !stop.load(Ordering::Relaxed) && !caught_up {
-        let epoch = *records.time();
+        let epoch = inputs.epoch();
         let mut fed = false;
+        if let Some(control) = &mut control {
+            // Follow the items' frontier first: what is fed next applies to every epoch still open.
+            if let Some(open) = items_open.with_frontier(|f| f.first().copied()) {
+                if open > *inputs.control.time() {
+                    inputs.control.advance_to(open);
+                }
+            }
+            fed |= control.feed(&mut inputs.control);
+        }
         if let Some((current, updates)) = &mut books {
             while let Ok(snapshot) = updates.try_recv() {
-                fed |= rating_inputs.replace_books(current, snapshot, epoch);
+                fed |= inputs.replace_books(current, snapshot, epoch);
             }
         }
         if let Some(corrections) = &corrections {
             while let Ok(correction) = corrections.try_recv() {
-                rating_inputs.correct(correction.change, epoch);
+                inputs.correct(correction.change, epoch);
                 uncommitted.push((epoch, correction.committed));
                 fed = true;
             }
@@ -182,7 +219,7 @@ pub fn run_worker(
                                     .max(Some(e.event_time_micros.min(trusted)));
                             }
                             moved.insert(item.partition);
-                            records.send(item);
+                            inputs.items.send(item);
                         }
                     }
                     Ok(SourceMessage::CaughtUp) => caught_up = true,
@@ -214,10 +251,12 @@ pub fn run_worker(
             }
         }
         if caught_up || last_tick.elapsed() >= interval {
-            send_markers(&mut markers, epoch, &mut moved, &next_offsets);
-            records.advance_to(epoch.saturating_add(1));
-            markers.advance_to(epoch.saturating_add(1));
-            rating_inputs.advance_to(epoch.saturating_add(1));
+            send_markers(&mut inputs.markers, epoch, &mut moved, &next_offsets);
+            let next = epoch.saturating_add(1);
+            inputs.advance_to(next);
+            if control.is_none() {
+                inputs.control.advance_to(next.saturating_add(1));
+            }
             summary.epochs = summary.epochs.saturating_add(1);
             last_tick = Instant::now();
         }
@@ -231,16 +270,15 @@ pub fn run_worker(
     // Book changes that came before the reader's "caught up" still apply: the loop polls them first,
     // so one that arrived during the loop's last turn would otherwise be dropped.
     if let Some((current, updates)) = &mut books {
-        let epoch = *records.time();
+        let epoch = inputs.epoch();
         while let Ok(snapshot) = updates.try_recv() {
-            rating_inputs.replace_books(current, snapshot, epoch);
+            inputs.replace_books(current, snapshot, epoch);
         }
     }
     // Close the inputs; the dataflow drains and the sink commits what is left.
-    send_markers(&mut markers, *records.time(), &mut moved, &next_offsets);
-    drop(records);
-    drop(markers);
-    drop(rating_inputs);
+    let epoch = inputs.epoch();
+    send_markers(&mut inputs.markers, epoch, &mut moved, &next_offsets);
+    drop(inputs);
     while !probe.done() {
         worker.step_or_park(Some(Duration::from_millis(5)));
     }
@@ -287,79 +325,62 @@ fn send_markers(
     }
 }
 
-/// The rating inputs of a worker; only worker 0 of process 0 sends anything.
-#[derive(Default)]
-struct RatingHandles {
-    rows: InputHandleVec<Epoch, (RowKey, Epoch, Usage)>,
-    charges: InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
-    quarantines: InputHandleVec<Epoch, (QuarantinedPeriod, Epoch, isize)>,
-    books: InputHandleVec<Epoch, (PriceBook, Epoch, isize)>,
+/// Feeds what was committed before, and the price books, at epoch 0; returns the books in force and
+/// where later snapshots come from.
+fn start_rating(
+    inputs: &mut GraphInputs,
+    feed: RatingFeed,
+) -> (BTreeSet<PriceBook>, Receiver<Vec<PriceBook>>) {
+    inputs.send_state(feed.state, 0, 1);
+    let mut current = BTreeSet::new();
+    inputs.replace_books(&mut current, feed.books, 0);
+    (current, feed.updates)
 }
 
-impl RatingHandles {
-    /// Feeds what was committed before, and the price books, at epoch 0; returns the books in force and
-    /// where later snapshots come from.
-    fn start(&mut self, feed: RatingFeed) -> (BTreeSet<PriceBook>, Receiver<Vec<PriceBook>>) {
-        self.send_state(feed.state, 0, 1);
-        let mut current = BTreeSet::new();
-        self.replace_books(&mut current, feed.books, 0);
-        (current, feed.updates)
+/// Worker 0's side of the control input: feeds the meters and the committed watermark as they change,
+/// at the control input's epoch, which the worker loop holds at the items' frontier.
+struct Controller {
+    feed: ControlFeed,
+    /// The version of the last meters fed.
+    version: u64,
+    /// The last watermark fed.
+    watermark: Option<i64>,
+}
+
+impl Controller {
+    /// Feeds the meters and the watermark at start, at epoch 0.
+    fn start(inputs: &mut GraphInputs, feed: ControlFeed) -> Self {
+        let meters = feed.meters.clone();
+        inputs.control.send(Control::Meters { version: 0, meters });
+        let mut controller = Controller {
+            feed,
+            version: 0,
+            watermark: None,
+        };
+        controller.feed(&mut inputs.control);
+        controller
     }
 
-    /// Feeds a re-rating job's change of the stored state at `epoch`: its state before, retracted, and
-    /// after, added (what both hold cancels out).
-    fn correct(&mut self, change: RatingCorrection, epoch: Epoch) {
-        self.send_state(change.before, epoch, -1);
-        self.send_state(change.after, epoch, 1);
-    }
-
-    /// Sends a stored state at `epoch`, added (`sign` 1) or retracted (-1).
-    fn send_state(&mut self, state: RatingState, epoch: Epoch, sign: isize) {
-        let quarantined: BTreeSet<_> = state.quarantined_rows.into_iter().collect();
-        for (key, item, aggregate) in state.rows {
-            let mut usage = if item.is_none() && quarantined.contains(&key) {
-                Usage::overflowed(aggregate.event_count)
-            } else {
-                Usage::of(aggregate)
-            };
-            if sign < 0 {
-                usage.negate();
+    /// Feeds, at the control input's epoch, the latest meters if they changed and the committed
+    /// watermark if it moved; true if it fed anything.
+    fn feed(&mut self, control: &mut InputHandleVec<Epoch, Control>) -> bool {
+        let mut fed = false;
+        if let Some(meters) = self.feed.updates.try_iter().last() {
+            self.version = self.version.saturating_add(1);
+            control.send(Control::Meters {
+                version: self.version,
+                meters,
+            });
+            fed = true;
+        }
+        let watermark = read_watermark(&self.feed.watermark);
+        if watermark > self.watermark {
+            if let Some(w) = watermark {
+                control.send(Control::Watermark(w));
+                fed = true;
             }
-            self.rows.send(((key, item), epoch, usage));
+            self.watermark = watermark;
         }
-        for charge in state.charges {
-            self.charges.send((charge, epoch, sign));
-        }
-        for period in state.quarantined_periods {
-            self.quarantines.send((period, epoch, sign));
-        }
-    }
-
-    /// Sends the difference between the books in force and a new snapshot; true if there was one.
-    fn replace_books(
-        &mut self,
-        current: &mut BTreeSet<PriceBook>,
-        snapshot: Vec<PriceBook>,
-        epoch: Epoch,
-    ) -> bool {
-        let next: BTreeSet<PriceBook> = snapshot.into_iter().collect();
-        let mut changed = false;
-        for gone in current.difference(&next) {
-            self.books.send((gone.clone(), epoch, -1));
-            changed = true;
-        }
-        for new in next.difference(current) {
-            self.books.send((new.clone(), epoch, 1));
-            changed = true;
-        }
-        *current = next;
-        changed
-    }
-
-    fn advance_to(&mut self, epoch: Epoch) {
-        self.rows.advance_to(epoch);
-        self.charges.advance_to(epoch);
-        self.quarantines.advance_to(epoch);
-        self.books.advance_to(epoch);
+        fed
     }
 }

@@ -13,7 +13,7 @@ use meterflow_dataflow::classify::{classify, new_watermark};
 use meterflow_dataflow::source::SourceMessage;
 use meterflow_dataflow::worker::RatingFeed;
 use meterflow_dataflow::{
-    run_worker, GraphContext, MeterRegistry, RawRecord, RecordKind, SinkChannels, WorkerConfig,
+    run_worker, Feeds, GraphContext, RawRecord, RecordKind, SinkChannels, WorkerConfig,
 };
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
 use meterflow_model::claims::SharedMemoryClaims;
@@ -127,8 +127,6 @@ fn run(records: Vec<RawRecord>, state: RatingState, books: Vec<PriceBook>) -> Se
     };
     let watermark = new_watermark(None);
     let context = GraphContext {
-        meters: MeterRegistry::new(Vec::new()),
-        watermark: watermark.clone(),
         allowed_lateness_micros: 3_600_000_000,
     };
     let records = Arc::new(records);
@@ -148,8 +146,11 @@ fn run(records: Vec<RawRecord>, state: RatingState, books: Vec<PriceBook>) -> Se
             &config,
             context.clone(),
             rx,
-            sink.lock().unwrap().take(),
-            feed.lock().unwrap().take(),
+            Feeds {
+                sink: sink.lock().unwrap().take(),
+                rating: feed.lock().unwrap().take(),
+                control: None,
+            },
             &AtomicBool::new(false),
         )
         .unwrap();

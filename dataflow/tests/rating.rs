@@ -19,7 +19,7 @@ use meterflow_dataflow::classify::{classify, new_watermark};
 use meterflow_dataflow::source::{owned_partitions, SourceMessage};
 use meterflow_dataflow::worker::{Correction, RatingFeed};
 use meterflow_dataflow::{
-    run_worker, GraphContext, MeterRegistry, RawRecord, RecordKind, SinkChannels, WorkerConfig,
+    run_worker, ControlFeed, Feeds, GraphContext, RawRecord, RecordKind, SinkChannels, WorkerConfig,
 };
 use meterflow_model::claims::SharedMemoryClaims;
 use meterflow_model::{
@@ -392,8 +392,6 @@ fn run_correcting(
     };
     let watermark = new_watermark(None);
     let context = GraphContext {
-        meters: MeterRegistry::new(meters()),
-        watermark: watermark.clone(),
         allowed_lateness_micros: 3_600_000_000,
     };
     timely::execute(timely::Config::process(workers), move |worker| {
@@ -415,6 +413,7 @@ fn run_correcting(
         let book_tx = book_tx.clone();
         let index = worker.index();
         let watermark = watermark.clone();
+        let control = (index == 0).then(|| ControlFeed::fixed(meters(), watermark.clone()));
         let (correct_tx, correction, committed) =
             (correct_tx.clone(), correction.clone(), committed.clone());
         let feeder = std::thread::spawn(move || {
@@ -444,13 +443,17 @@ fn run_correcting(
             }
             tx.send(SourceMessage::CaughtUp).unwrap();
         });
+        let feeds = Feeds {
+            sink,
+            rating: feed,
+            control,
+        };
         run_worker(
             worker,
             &config,
             context.clone(),
             rx,
-            sink,
-            feed,
+            feeds,
             &AtomicBool::new(false),
         )
         .unwrap();

@@ -6,10 +6,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use meterflow_dataflow::classify::new_watermark;
 use meterflow_dataflow::source::SourceMessage;
 use meterflow_dataflow::{
-    run_worker, GraphContext, MeterRegistry, SinkChannels, SourceError, WorkerConfig,
+    run_worker, Feeds, GraphContext, SinkChannels, SourceError, WorkerConfig,
 };
 use meterflow_model::EpochBatch;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -41,8 +40,6 @@ fn finding_33b_a_failed_reader_stops_every_worker_of_the_process() {
     let (done_tx, done_rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || {
         let context = GraphContext {
-            meters: MeterRegistry::new(Vec::new()),
-            watermark: new_watermark(None),
             allowed_lateness_micros: 0,
         };
         let config = WorkerConfig {
@@ -52,12 +49,15 @@ fn finding_33b_a_failed_reader_stops_every_worker_of_the_process() {
         let guards = timely::execute(timely::Config::process(2), move |worker| {
             let index = worker.index();
             let reader = readers.lock().unwrap()[index].take().unwrap();
-            let sink = if index == 0 {
-                sink.lock().unwrap().take()
-            } else {
-                None
+            let feeds = Feeds {
+                sink: if index == 0 {
+                    sink.lock().unwrap().take()
+                } else {
+                    None
+                },
+                ..Feeds::default()
             };
-            run_worker(worker, &config, context.clone(), reader, sink, None, &stop)
+            run_worker(worker, &config, context.clone(), reader, feeds, &stop)
         })
         .unwrap();
         let results: Vec<Result<(), String>> = guards

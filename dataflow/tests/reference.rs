@@ -17,7 +17,7 @@ use std::time::Duration;
 use meterflow_dataflow::classify::{classify, new_watermark};
 use meterflow_dataflow::source::{owned_partitions, SourceMessage};
 use meterflow_dataflow::{
-    run_worker, GraphContext, MeterRegistry, RawRecord, RecordKind, SinkChannels, WorkerConfig,
+    run_worker, ControlFeed, Feeds, GraphContext, RawRecord, RecordKind, SinkChannels, WorkerConfig,
 };
 use meterflow_model::claims::SharedMemoryClaims;
 use meterflow_model::{decode_event, Aggregation, EpochBatch, Format, Item, Limits, Meter, Window};
@@ -490,8 +490,6 @@ fn run_paced(
     };
     let watermark = new_watermark(Some(WATERMARK_MICROS));
     let context = GraphContext {
-        meters: MeterRegistry::new(meters()),
-        watermark: watermark.clone(),
         allowed_lateness_micros: LATENESS_MICROS,
     };
     let claims = SharedMemoryClaims::default();
@@ -509,18 +507,21 @@ fn run_paced(
             tx.send(SourceMessage::Items(items)).unwrap();
         }
         tx.send(SourceMessage::CaughtUp).unwrap();
-        let sink = if worker.index() == 0 {
-            sink.lock().unwrap().take()
+        let feeds = if worker.index() == 0 {
+            Feeds {
+                sink: sink.lock().unwrap().take(),
+                rating: None,
+                control: Some(ControlFeed::fixed(meters(), watermark.clone())),
+            }
         } else {
-            None
+            Feeds::default()
         };
         run_worker(
             worker,
             &config,
             context.clone(),
             rx,
-            sink,
-            None,
+            feeds,
             &AtomicBool::new(false),
         )
         .unwrap();

@@ -8,14 +8,12 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use meterflow_dataflow::classify::{Classified, SourceItem};
 use meterflow_dataflow::operators::{build, Epoch};
-use meterflow_dataflow::rating::{ChargeRow, RowKey as GraphRowKey};
-use meterflow_dataflow::{GraphContext, MeterRegistry, RatingInputs, SinkUpdate};
-use meterflow_model::batch::QuarantinedPeriod;
-use meterflow_model::{AggregateKey, PartitionProgress, PriceBook};
+use meterflow_dataflow::{GraphContext, GraphInputs, SinkUpdate};
+use meterflow_model::AggregateKey;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Operator, Probe};
-use timely::dataflow::{InputHandleVec, ProbeHandle};
+use timely::dataflow::ProbeHandle;
 
 use super::*;
 
@@ -24,12 +22,6 @@ const EPOCH_EVENTS: u64 = 200_000;
 
 type Collected = HashMap<AggregateKey, Usage>;
 type DedupTables = Arc<RwLock<Vec<Option<Vec<Vec<(u64, u64)>>>>>>;
-type RatingHandles = (
-    InputHandleVec<Epoch, (GraphRowKey, Epoch, Usage)>,
-    InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
-    InputHandleVec<Epoch, (QuarantinedPeriod, Epoch, isize)>,
-    InputHandleVec<Epoch, (PriceBook, Epoch, isize)>,
-);
 
 /// Each timely worker reads its byte range as `csv_worker` does and feeds the counted events in
 /// epochs; once every worker has read its range, every copy of an id but the first is fed as a
@@ -55,8 +47,6 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
     let tables: DedupTables = Arc::new(RwLock::new((0..workers).map(|_| None).collect()));
     let arrived = Arc::new(AtomicUsize::new(0));
     let context = GraphContext {
-        meters: MeterRegistry::new(Vec::new()),
-        watermark: meterflow_dataflow::classify::new_watermark(None),
         allowed_lateness_micros: 3_600_000_000,
     };
     let ranges = ranges(len, workers);
@@ -71,29 +61,10 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
                 let collected: Arc<Mutex<Collected>> = Arc::default();
                 let seen = collected.clone();
                 let context = context.clone();
-                let (mut items, mut markers, mut rating, probe) =
-                    worker.dataflow::<Epoch, _, _>(|scope| {
-                        let mut items = InputHandleVec::<Epoch, SourceItem>::new();
-                        let mut markers =
-                            InputHandleVec::<Epoch, (Epoch, PartitionProgress)>::new();
-                        let mut rows = InputHandleVec::<Epoch, (GraphRowKey, Epoch, Usage)>::new();
-                        let mut charges = InputHandleVec::<Epoch, (ChargeRow, Epoch, isize)>::new();
-                        let mut quarantines =
-                            InputHandleVec::<Epoch, (QuarantinedPeriod, Epoch, isize)>::new();
-                        let mut books = InputHandleVec::<Epoch, (PriceBook, Epoch, isize)>::new();
-                        let probe = ProbeHandle::new();
-                        let inputs = RatingInputs {
-                            restored_rows: rows.to_stream(scope),
-                            restored_charges: charges.to_stream(scope),
-                            restored_quarantines: quarantines.to_stream(scope),
-                            books: books.to_stream(scope),
-                        };
-                        build(
-                            items.to_stream(scope),
-                            markers.to_stream(scope),
-                            inputs,
-                            context,
-                        )
+                let (mut inputs, probe) = worker.dataflow::<Epoch, _, _>(|scope| {
+                    let mut inputs = GraphInputs::default();
+                    let probe = ProbeHandle::new();
+                    build(inputs.streams(scope), context)
                         .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
                             Pipeline,
                             "Collect",
@@ -122,22 +93,15 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
                             },
                         )
                         .probe_with(&probe);
-                        (items, markers, (rows, charges, quarantines, books), probe)
-                    });
+                    (inputs, probe)
+                });
                 let mut epoch: Epoch = 0;
                 let mut fed = 0u64;
                 let mut offset = 0i64;
-                let advance = |items: &mut InputHandleVec<Epoch, SourceItem>,
-                               markers: &mut InputHandleVec<Epoch, (Epoch, PartitionProgress)>,
-                               rating: &mut RatingHandles,
-                               epoch: &mut Epoch| {
+                let advance = |inputs: &mut GraphInputs, epoch: &mut Epoch| {
                     *epoch += 1;
-                    items.advance_to(*epoch);
-                    markers.advance_to(*epoch);
-                    rating.0.advance_to(*epoch);
-                    rating.1.advance_to(*epoch);
-                    rating.2.advance_to(*epoch);
-                    rating.3.advance_to(*epoch);
+                    inputs.advance_to(*epoch);
+                    inputs.control.advance_to(*epoch);
                 };
                 let per_worker = (EPOCH_EVENTS / workers as u64).max(1);
                 let mut share = read_range(
@@ -148,7 +112,7 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
                     &done_worker,
                     workers,
                     |event| {
-                        items.send(SourceItem {
+                        inputs.items.send(SourceItem {
                             partition: index as i32,
                             offset,
                             what: Classified::Count(event),
@@ -156,7 +120,7 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
                         offset += 1;
                         fed += 1;
                         if fed.is_multiple_of(per_worker) {
-                            advance(&mut items, &mut markers, &mut rating, &mut epoch);
+                            advance(&mut inputs, &mut epoch);
                             // One epoch in flight at most: the graph keeps up with the reading.
                             let until = epoch.saturating_sub(1);
                             while probe.less_than(&until) {
@@ -177,7 +141,7 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
                 while arrived.load(Ordering::SeqCst) < workers {
                     worker.step();
                 }
-                advance(&mut items, &mut markers, &mut rating, &mut epoch);
+                advance(&mut inputs, &mut epoch);
                 let retracted = {
                     let t = tables
                         .read()
@@ -188,7 +152,7 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
                         .filter_map(|p| p.get(index).map(Vec::as_slice))
                         .collect();
                     later_copies(&path, &parts, decoder, |event| {
-                        items.send(SourceItem {
+                        inputs.items.send(SourceItem {
                             partition: index as i32,
                             offset,
                             what: Classified::Retract(event),
@@ -198,9 +162,7 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
                     })
                     .map_err(|e| format!("{e:#}"))?
                 };
-                drop(items);
-                drop(markers);
-                drop(rating);
+                drop(inputs);
                 while !probe.done() {
                     worker.step();
                 }

@@ -27,22 +27,22 @@ enum Changed {
     Both,
 }
 
-/// Keeps the workers' meters and price books current (SPEC §4, §5). It LISTENs on
+/// Keeps the dataflow's meters and price books current (SPEC §4, §5): it sends worker 0 of the leader
+/// each new set, which feeds it to every worker at one epoch. It LISTENs on
 /// [`CONFIG_CHANNEL`], which the tables' triggers notify on every change, and reloads what changed:
 /// a meter applies to the events processed after it, and a book created, edited or closed re-rates
 /// the windows it touches, within milliseconds of the commit. Notifications sent while its connection
 /// was down are lost, so it reloads both whenever it (re)connects, and every [`FALLBACK`] anyway.
 pub(super) async fn watch_config(
     url: String,
-    registry: MeterRegistry,
+    meters: (Vec<Meter>, crossbeam_channel::Sender<Vec<Meter>>),
     books: Option<(Vec<PriceBook>, crossbeam_channel::Sender<Vec<PriceBook>>)>,
     jobs_queued: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
     let mut watcher = Watcher {
         url,
-        registry,
-        known_meters: None,
+        meters,
         books,
         jobs_queued,
         conn: None,
@@ -55,8 +55,8 @@ pub(super) async fn watch_config(
 
 struct Watcher {
     url: String,
-    registry: MeterRegistry,
-    known_meters: Option<usize>,
+    /// The meters the dataflow has, and where new ones go.
+    meters: (Vec<Meter>, crossbeam_channel::Sender<Vec<Meter>>),
     /// The books the dataflow has, and where new ones go; `None` when this process rates nothing.
     books: Option<(Vec<PriceBook>, crossbeam_channel::Sender<Vec<PriceBook>>)>,
     /// Woken when a re-rating job is queued (the leader's runner waits on it).
@@ -106,8 +106,8 @@ impl Watcher {
             if matches!(changed, Changed::Jobs | Changed::Both) {
                 self.jobs_queued.notify_one();
             }
-            if matches!(changed, Changed::Meters | Changed::Both) {
-                self.reload_meters().await;
+            if matches!(changed, Changed::Meters | Changed::Both) && !self.reload_meters().await {
+                return; // the dataflow is gone: the pipeline stopped
             }
             if matches!(changed, Changed::Books | Changed::Both) && !self.reload_books().await {
                 return; // the dataflow is gone: the pipeline stopped
@@ -137,25 +137,27 @@ impl Watcher {
         }
     }
 
-    async fn reload_meters(&mut self) {
+    /// False once the dataflow is gone.
+    async fn reload_meters(&mut self) -> bool {
         let loaded = match self.connection().await {
             Ok(conn) => meters::load_meters(conn).await,
             Err(e) => Err(e),
         };
+        let (known, updates) = &mut self.meters;
         match loaded {
-            Ok(meters) => {
-                if self.known_meters != Some(meters.len()) {
-                    tracing::info!(
-                        meters = meters.len(),
-                        "meters loaded; applying them to new events"
-                    );
-                    self.known_meters = Some(meters.len());
-                }
-                self.registry.replace(meters);
+            Ok(meters) if meters != *known => {
+                tracing::info!(
+                    meters = meters.len(),
+                    "meters changed; applying them to new events"
+                );
+                *known = meters.clone();
+                updates.send(meters).is_ok()
             }
+            Ok(_) => true,
             Err(e) => {
                 self.conn = None;
                 tracing::warn!(error = %e, "cannot reload meters; keeping the current ones");
+                true
             }
         }
     }

@@ -32,7 +32,6 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,11 +41,8 @@ use crossbeam_channel::unbounded;
 use meterflow_dataflow::classify::{Classified, SourceItem};
 use meterflow_dataflow::commit::commit_epochs;
 use meterflow_dataflow::operators::{build, Epoch};
-use meterflow_dataflow::rating::{ChargeRow, RowKey};
 use meterflow_dataflow::source::owned_partitions;
-use meterflow_dataflow::usage::Usage;
-use meterflow_dataflow::{GraphContext, MeterRegistry, RatingInputs, SinkChannels, SinkUpdate};
-use meterflow_model::batch::QuarantinedPeriod;
+use meterflow_dataflow::{Control, GraphContext, GraphInputs, SinkChannels, SinkUpdate};
 use meterflow_model::{fnv1a, EpochBatch, Event, PartitionProgress, PriceBook, PriceModel, Tier};
 use meterflow_perf::median;
 use rand::rngs::SmallRng;
@@ -55,7 +51,7 @@ use rust_decimal::Decimal;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::{Operator, Probe};
-use timely::dataflow::{InputHandleVec, ProbeHandle};
+use timely::dataflow::ProbeHandle;
 
 /// The allocator the `meterflow` binary runs with, so the figures are the pipeline's.
 #[global_allocator]
@@ -431,24 +427,6 @@ impl Counts {
     }
 }
 
-/// The rating inputs of a worker (as `worker.rs` has them); only worker 0 sends the books.
-#[derive(Default)]
-struct RatingHandles {
-    rows: InputHandleVec<Epoch, (RowKey, Epoch, Usage)>,
-    charges: InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
-    quarantines: InputHandleVec<Epoch, (QuarantinedPeriod, Epoch, isize)>,
-    books: InputHandleVec<Epoch, (PriceBook, Epoch, isize)>,
-}
-
-impl RatingHandles {
-    fn advance_to(&mut self, epoch: Epoch) {
-        self.rows.advance_to(epoch);
-        self.charges.advance_to(epoch);
-        self.quarantines.advance_to(epoch);
-        self.books.advance_to(epoch);
-    }
-}
-
 /// One measurement with `workers` workers in this process: the JSON line.
 fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
     let generated = Instant::now();
@@ -460,10 +438,7 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
     let shares = Arc::new(Mutex::new(
         data.shares.into_iter().map(Some).collect::<Vec<_>>(),
     ));
-    let watermark = Arc::new(AtomicI64::new(i64::MIN));
     let context = GraphContext {
-        meters: MeterRegistry::new(Vec::new()),
-        watermark: watermark.clone(),
         allowed_lateness_micros: 3_600_000_000,
     };
     let barrier = Arc::new(Barrier::new(workers));
@@ -506,23 +481,10 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
         let counts = Arc::new(Mutex::new(Counts::default()));
         let seen = counts.clone();
         let context = context.clone();
-        let (mut items, mut markers, mut rating, probe) = worker.dataflow::<Epoch, _, _>(|scope| {
-            let mut items = InputHandleVec::<Epoch, SourceItem>::new();
-            let mut markers = InputHandleVec::<Epoch, (Epoch, PartitionProgress)>::new();
-            let mut handles = RatingHandles::default();
+        let (mut inputs, probe) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let mut inputs = GraphInputs::default();
             let probe = ProbeHandle::new();
-            let inputs = RatingInputs {
-                restored_rows: handles.rows.to_stream(scope),
-                restored_charges: handles.charges.to_stream(scope),
-                restored_quarantines: handles.quarantines.to_stream(scope),
-                books: handles.books.to_stream(scope),
-            };
-            let updates = build(
-                items.to_stream(scope),
-                markers.to_stream(scope),
-                inputs,
-                context,
-            );
+            let updates = build(inputs.streams(scope), context);
             if commit {
                 commit_epochs(updates, sink, Default::default()).probe_with(&probe);
             } else {
@@ -546,13 +508,16 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
                     )
                     .probe_with(&probe);
             }
-            (items, markers, handles, probe)
+            (inputs, probe)
         });
         if index == 0 && with_books {
             for book in books() {
-                rating.books.send((book, 0, 1));
+                inputs.books.send((book, 0, 1));
             }
         }
+        // The control input runs an epoch ahead, as in `worker.rs` (no meters: every event type has
+        // its default meter).
+        inputs.control.advance_to(1);
         let mut next_offsets: BTreeMap<i32, PartitionProgress> = BTreeMap::new();
         barrier.wait();
         let started = Instant::now();
@@ -573,14 +538,13 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
                         .max_event_time_micros
                         .max(Some(ev.event_time_micros));
                 }
-                items.send(item);
+                inputs.items.send(item);
             }
             for progress in next_offsets.values() {
-                markers.send((epoch, *progress));
+                inputs.markers.send((epoch, *progress));
             }
-            items.advance_to(epoch + 1);
-            markers.advance_to(epoch + 1);
-            rating.advance_to(epoch + 1);
+            inputs.advance_to(epoch + 1);
+            inputs.control.advance_to(epoch + 2);
             // Wait until the output frontier passes epoch + 1 − inflight.
             let until = (epoch + 2).saturating_sub(inflight);
             // Park while there is nothing to do (as `worker.rs` does): a worker that spins while
@@ -589,14 +553,14 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
                 worker.step_or_park(Some(Duration::from_millis(1)));
             }
             if index == 0 && until > 0 {
-                // The sink would set the committed watermark once the epoch is stored.
+                // The sink would publish the committed watermark once the epoch is stored, and
+                // worker 0 feed it to every worker.
                 let done = (until - 1) as usize;
-                watermark.store(max_time[done].saturating_sub(5_000_000), Ordering::Release);
+                let watermark = max_time[done].saturating_sub(5_000_000);
+                inputs.control.send(Control::Watermark(watermark));
             }
         }
-        drop(items);
-        drop(markers);
-        drop(rating);
+        drop(inputs);
         while !probe.done() {
             worker.step_or_park(Some(Duration::from_millis(1)));
         }

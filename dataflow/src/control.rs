@@ -1,0 +1,163 @@
+//! The graph's control input: the meters in force and the committed watermark, as timestamped data, the
+//! way price books are. Worker 0 of process 0 feeds a change at an epoch; `broadcast` hands it to every
+//! worker of every process; metering applies it to the items of that epoch and later ones.
+//!
+//! ```text
+//!  config watcher ─► Vec<Meter> ─┐
+//!                                ├─► worker 0: Control at epoch e ─► broadcast ─► Meter operator
+//!  writer ─► committed watermark ┘   e = the oldest epoch any          (every worker)   │
+//!                                    worker still feeds items at      InForce::at(e') for items at e' ≥ e
+//! ```
+//! Worker 0 holds the control input at the items' frontier (`worker.rs`), so a change it feeds applies
+//! to every item any worker feeds after it, and the items of an epoch are metered once every worker has
+//! closed that epoch.
+//! So a meter created while the pipeline runs applies from one epoch on, on every worker of every
+//! process at once, and whether an event is late depends only on its epoch, not on when an operator
+//! happened to look. (Before, each process kept its own copy of the meters, reloaded when its watcher
+//! woke, and the watermark was a shared atomic read while metering: processes other than the writer's
+//! never saw it move.)
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use meterflow_model::Meter;
+use serde::{Deserialize, Serialize};
+
+use crate::meters::Meters;
+use crate::operators::Epoch;
+
+/// A change of what metering reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// The whole set of meters in force from this epoch on. `version` orders two snapshots fed at one
+    /// epoch (the later one wins).
+    Meters { version: u64, meters: Vec<Meter> },
+    /// The committed event-time watermark from this epoch on (it only moves forward).
+    Watermark(i64),
+}
+
+/// What metering reads at each epoch: the control changes received, by the epoch they apply from.
+#[derive(Debug, Default)]
+pub struct InForce {
+    meters: BTreeMap<Epoch, (u64, Arc<Meters>)>,
+    watermarks: BTreeMap<Epoch, i64>,
+}
+
+impl InForce {
+    /// Records a change fed at `epoch`.
+    pub fn record(&mut self, epoch: Epoch, change: Control) {
+        match change {
+            Control::Meters { version, meters } => {
+                let newer = self
+                    .meters
+                    .get(&epoch)
+                    .is_none_or(|(known, _)| version > *known);
+                if newer {
+                    self.meters
+                        .insert(epoch, (version, Arc::new(Meters::new(meters))));
+                }
+            }
+            Control::Watermark(w) => {
+                let at = self.watermarks.entry(epoch).or_insert(w);
+                *at = (*at).max(w);
+            }
+        }
+    }
+
+    /// The meters in force at `epoch` (none recorded: no meter is defined, every event type has its
+    /// default meter).
+    pub fn meters_at(&self, epoch: Epoch) -> Arc<Meters> {
+        self.meters
+            .range(..=epoch)
+            .next_back()
+            .map(|(_, (_, m))| Arc::clone(m))
+            .unwrap_or_default()
+    }
+
+    /// The committed watermark at `epoch`, if there was one by then.
+    pub fn watermark_at(&self, epoch: Epoch) -> Option<i64> {
+        self.watermarks.range(..=epoch).map(|(_, w)| *w).max()
+    }
+
+    /// Forgets what no epoch from `oldest` on can read: every change before the last one at or before
+    /// `oldest`.
+    pub fn forget_before(&mut self, oldest: Epoch) {
+        forget_before(&mut self.meters, oldest);
+        // Watermarks only move forward: the greatest one at or before `oldest` stands for all of them.
+        if let Some(w) = self.watermark_at(oldest) {
+            self.watermarks.retain(|epoch, _| *epoch > oldest);
+            self.watermarks.insert(oldest, w);
+        }
+    }
+}
+
+fn forget_before<V>(changes: &mut BTreeMap<Epoch, V>, oldest: Epoch) {
+    if let Some(&last) = changes.range(..=oldest).next_back().map(|(e, _)| e) {
+        changes.retain(|epoch, _| *epoch >= last);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meterflow_model::{Aggregation, Window};
+
+    fn meter(name: &str) -> Meter {
+        Meter {
+            meter: name.into(),
+            event_type: "api_call".into(),
+            aggregation: Aggregation::Count,
+            value_property: None,
+            window: Window::Hour,
+        }
+    }
+
+    #[test]
+    fn a_change_applies_from_its_epoch_on_and_the_later_version_wins_within_one() {
+        let mut in_force = InForce::default();
+        assert!(in_force.meters_at(5).is_empty());
+        in_force.record(
+            3,
+            Control::Meters {
+                version: 2,
+                meters: vec![meter("b")],
+            },
+        );
+        in_force.record(
+            3,
+            Control::Meters {
+                version: 1,
+                meters: vec![meter("a")],
+            },
+        );
+        in_force.record(
+            7,
+            Control::Meters {
+                version: 3,
+                meters: vec![meter("c"), meter("d")],
+            },
+        );
+        assert!(in_force.meters_at(2).is_empty());
+        assert_eq!(in_force.meters_at(3).len(), 1);
+        assert_eq!(in_force.meters_at(6).len(), 1);
+        assert_eq!(in_force.meters_at(7).len(), 2);
+        in_force.forget_before(6);
+        assert_eq!(in_force.meters_at(6).len(), 1);
+        assert_eq!(in_force.meters_at(9).len(), 2);
+    }
+
+    #[test]
+    fn the_watermark_at_an_epoch_is_the_greatest_fed_by_then() {
+        let mut in_force = InForce::default();
+        assert_eq!(in_force.watermark_at(4), None);
+        in_force.record(2, Control::Watermark(100));
+        in_force.record(2, Control::Watermark(90));
+        in_force.record(5, Control::Watermark(300));
+        assert_eq!(in_force.watermark_at(1), None);
+        assert_eq!(in_force.watermark_at(4), Some(100));
+        assert_eq!(in_force.watermark_at(5), Some(300));
+        in_force.forget_before(4);
+        assert_eq!(in_force.watermark_at(4), Some(100));
+        assert_eq!(in_force.watermark_at(8), Some(300));
+    }
+}
