@@ -12,11 +12,12 @@
 //! flag; [`Config::validate`] then checks the whole tree and names the key.
 //!
 //! Secrets — the password in `database.url` — come from the environment only: a password in the file
-//! or on the command line (visible in `ps`) is refused. [`DatabaseUrl`] masks it in `Debug`, and
-//! `meterflow config --print` shows it as `****`.
+//! or on the command line (visible in `ps`) is refused. [`DatabaseUrl`] holds the URL as a `secrecy`
+//! secret and masks it in `Debug` and when serialized, so `meterflow config --print` shows `****`.
 
 mod keys;
 mod render;
+mod secret;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,6 +29,8 @@ use toml::{Table, Value};
 
 pub use keys::{Key, KEYS, SECTIONS};
 pub use render::{render_defaults, render_effective};
+use secret::has_password;
+pub use secret::DatabaseUrl;
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -178,70 +181,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// A Postgres URL whose password never prints: `Debug` masks it, [`DatabaseUrl::masked`] is for
-/// messages, [`DatabaseUrl::expose`] only for connecting.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct DatabaseUrl(String);
-
-impl Default for DatabaseUrl {
-    fn default() -> Self {
-        DatabaseUrl("postgres://meterflow@127.0.0.1:5432/meterflow".into())
-    }
-}
-
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.masked())
-    }
-}
-
-impl DatabaseUrl {
-    /// The URL itself, to connect with; never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The URL with any password replaced by `****`.
-    pub fn masked(&self) -> String {
-        mask_password(&self.0)
-    }
-}
-
-/// `postgres://user:secret@host/db?password=x` → `postgres://user:****@host/db?password=****`.
-pub fn mask_password(url: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    let mut out = match head.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
-            let authority = match authority.rsplit_once('@') {
-                Some((userinfo, host)) => match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{user}:****@{host}"),
-                    None => authority.to_owned(),
-                },
-                None => authority.to_owned(),
-            };
-            format!("{scheme}://{authority}{path}")
-        }
-        None => head.to_owned(),
-    };
-    if let Some(query) = query {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=****"),
-                _ => p.to_owned(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
-    }
-    out
-}
-
 /// Where a key's effective value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -338,11 +277,6 @@ pub fn load(
         .context("the merged configuration does not fit its schema")?;
     config.validate()?;
     Ok(Loaded { config, sources })
-}
-
-/// Whether `url` carries a password (in the user info or a `password=` parameter).
-fn has_password(url: &str) -> bool {
-    mask_password(url) != url
 }
 
 /// Parses `raw` as the type of `key`'s default, and checks it alone against the schema (so an enum
@@ -508,6 +442,7 @@ fn is_host_port(addr: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::secret::mask_password;
     use super::*;
 
     fn no_env(_: &str) -> Option<String> {

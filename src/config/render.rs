@@ -19,16 +19,14 @@ pub fn render_defaults() -> String {
     out
 }
 
-/// `meterflow config --print`: the effective configuration, the password masked, each value not a
-/// default marked with where it came from.
+/// `meterflow config --print`: the effective configuration, the password masked (as `DatabaseUrl`
+/// serializes), each value not a default marked with where it came from.
 pub fn render_effective(loaded: &Loaded) -> String {
-    let mut config = loaded.config.clone();
-    config.database.url = DatabaseUrl(config.database.url.masked());
     let mut out = String::from(
         "# The effective meterflow configuration (defaults < file < MF_* environment < flags); the\n\
          # database password, if any, is masked.\n",
     );
-    render_keys(&mut out, &config, Some(&loaded.sources));
+    render_keys(&mut out, &loaded.config, Some(&loaded.sources));
     out
 }
 
