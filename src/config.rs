@@ -5,9 +5,10 @@
 //!                        unknown keys refused, naming            one variable per key  (highest)
 //!                        the key and the file
 //! ```
-//! Every key is listed once in [`KEYS`] with its documentation, its environment variable and its flag.
-//! That table renders `meterflow config --print-defaults` (committed as `deploy/meterflow.example.toml`),
-//! and the tests below keep it, the structs and the committed file in step. Values from the environment
+//! A key's documentation is its field's doc comment, and a section's is the doc comment of its field
+//! in [`Config`] (`documented` reads them). [`KEYS`] joins them with the key's variable and flag; it
+//! renders `meterflow config --print-defaults` (committed as `deploy/meterflow.example.toml`), and
+//! the tests below keep it, the structs and the committed file in step. Values from the environment
 //! and flags are typed like the key's default and checked one by one, so an error names the variable or
 //! flag; [`Config::validate`] then checks the whole tree and names the key.
 //!
@@ -24,6 +25,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use documented::DocumentedFields;
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
@@ -32,27 +34,37 @@ pub use render::{render_defaults, render_effective};
 use secret::has_password;
 pub use secret::DatabaseUrl;
 
-/// The whole configuration.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// The whole configuration: one section per field, each field's doc comment documenting its section.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Postgres, used by every subcommand but loadgen.
     pub database: DatabaseConfig,
+    /// The Kafka broker and the events topic.
     pub kafka: KafkaConfig,
+    /// `meterflow api`: the HTTP server, its Postgres pool and its limits.
     pub api: ApiConfig,
+    /// `meterflow pipeline`: the dataflow, its epochs and watermarks, its metrics endpoint.
+    /// Per-process settings stay flags: --processes, --process, --hostfile, --until-caught-up.
     pub pipeline: PipelineConfig,
+    /// Logs, written to stderr.
     pub log: LogConfig,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
+    /// Postgres connection string. A password is a secret: give it only in MF_DATABASE_URL (a
+    /// password in this file or in --database-url is refused); it never prints.
     pub url: DatabaseUrl,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
+    /// Kafka bootstrap servers, comma-separated host:port.
     pub brokers: String,
+    /// The events topic; created with 8 partitions if missing.
     pub events_topic: String,
 }
 
@@ -65,24 +77,59 @@ impl Default for KafkaConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
+    /// Address (host:port) the HTTP API listens on.
     pub addr: String,
+    /// Size of the API's Postgres pool. A request waits at most api.pool_acquire_timeout_ms for a
+    /// connection, then is answered 503 with Retry-After. The group commit of ingested events keeps
+    /// 4 connections of its own besides.
     pub max_connections: u32,
+    /// A request not answered within this many seconds (body read included) is answered 503
+    /// (problem+json, code TIMEOUT, Retry-After). An event whose request timed out may still have
+    /// been accepted: a retry then answers 409 DUPLICATE_EVENT.
     pub request_timeout_secs: u64,
+    /// Postgres statement_timeout of the API's connections, in milliseconds (0: none); a statement
+    /// cancelled by it is answered 503. Re-rating jobs run without it.
     pub statement_timeout_ms: u64,
+    /// Largest body of POST /api/v1/events; larger is answered 413.
     pub max_event_bytes: usize,
+    /// Largest body of POST /api/v1/events/batch; larger is answered 413.
     pub max_batch_bytes: usize,
+    /// On SIGTERM or Ctrl-C the API stops accepting connections, finishes the requests in flight
+    /// and stores and forwards every event it accepted, then exits 0; if that takes longer than
+    /// this many seconds it exits 1 instead.
     pub shutdown_timeout_secs: u64,
+    /// "on": every /api/v1 route needs Authorization: Bearer <key> (meterflow api-key create);
+    /// /healthz, /readyz, /metrics and /api/v1/openapi.json never do. "off": no keys and no rate
+    /// limits, for local runs and the seed's scripts only; the API warns loudly at start.
     pub auth: AuthMode,
+    /// Requests per second each API key may make to the routes other than ingest (a token bucket);
+    /// beyond it: 429 RATE_LIMITED with Retry-After.
     pub rate_limit_per_sec: u32,
+    /// Size of that bucket: requests a key may make at once after a pause.
     pub rate_limit_burst: u32,
+    /// Events per second each API key may send to POST /events, /events/batch and
+    /// /events/{id}/void (a batch of n events counts n; it may overdraw the bucket, and the key then
+    /// waits until it refilled).
     pub ingest_rate_limit_per_sec: u32,
+    /// Size of the ingest bucket.
     pub ingest_rate_limit_burst: u32,
+    /// Admission control: requests served at once (health, readiness and metrics apart); as many
+    /// more may wait for a slot, any further one is answered 503 OVERLOADED with Retry-After at
+    /// once. 0: 4 per pool connection (api.max_connections). Refusals are counted in
+    /// api_refused_total{reason}.
     pub max_in_flight: usize,
+    /// Longest a request waits for a slot before its handler starts, in milliseconds; then it is
+    /// answered 503 OVERLOADED with Retry-After rather than served late.
     pub queue_timeout_ms: u64,
+    /// Events queued for the group commit; when it is full, a new event is answered 503 OVERLOADED
+    /// with Retry-After at once (nothing stored).
     pub ingest_queue: usize,
+    /// Longest wait for a Postgres connection from the pool, in milliseconds (also for the first
+    /// connection at start); an API request that waited this long is answered 503 with Retry-After
+    /// (counted as api_refused_total{reason="db_pool"}).
     pub pool_acquire_timeout_ms: u64,
 }
 
@@ -120,16 +167,30 @@ impl Default for ApiConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
+    /// Timely worker threads in this process.
     pub workers: usize,
+    /// How often an epoch closes, i.e. how often results are committed, in milliseconds.
     pub epoch_ms: u64,
+    /// While the pipeline is behind the topic's end (a backfill, a restart, a burst), an epoch lasts
+    /// at least this long, in milliseconds: fewer, larger commits, each window revised fewer times.
+    /// 0: never.
     pub catch_up_epoch_ms: u64,
+    /// Allowed out-of-orderness: a partition's watermark trails its greatest event time by this many
+    /// milliseconds.
     pub out_of_orderness_ms: u64,
+    /// Allowed lateness: a window is finalized once the watermark passes its end plus this many
+    /// seconds.
     pub allowed_lateness_secs: u64,
+    /// A partition with no records for this many seconds stops holding the watermark back.
     pub idle_timeout_secs: u64,
+    /// A JSON file of meter definitions (an array of {"meter", "event_type", "aggregation",
+    /// "value_property", "window"}); each is created at start-up unless it exists. Empty: none.
+    /// More can be added with POST /api/v1/meters while running.
     pub meters_file: String,
+    /// Where the pipeline serves Prometheus metrics at /metrics (host:port); empty: nowhere.
     pub metrics_addr: String,
 }
 
@@ -155,10 +216,14 @@ impl PipelineConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
+    /// A tracing filter: a level (error, warn, info, debug, trace), optionally per target
+    /// (info,meterflow_api=debug).
     pub level: String,
+    /// text, or json: one JSON object per line carrying the fields of its spans (every line of an
+    /// HTTP request carries its request_id).
     pub format: LogFormat,
 }
 
@@ -229,7 +294,7 @@ pub fn load(
         let given: Table = text
             .parse()
             .map_err(|e| anyhow!("configuration file {}: {e}", path.display()))?;
-        for key in KEYS {
+        for key in KEYS.iter() {
             let Some(value) = lookup(&given, key.path) else {
                 continue;
             };
@@ -245,7 +310,7 @@ pub fn load(
         }
     }
 
-    for key in KEYS {
+    for key in KEYS.iter() {
         if let Some(raw) = env(key.env) {
             let value = typed(&defaults, key, &raw)
                 .map_err(|e| anyhow!("{}={raw:?} (sets {}): {e}", key.env, key.path))?;
@@ -319,9 +384,7 @@ fn set(table: &mut Table, path: &str, value: Value) {
 }
 
 fn key(path: &str) -> &'static Key {
-    KEYS.iter()
-        .find(|k| k.path == path)
-        .expect("validate names only listed keys")
+    keys::key(path).expect("validate names only listed keys")
 }
 
 impl Config {
@@ -476,7 +539,7 @@ mod tests {
         envs.sort();
         envs.dedup();
         assert_eq!(envs.len(), KEYS.len(), "one environment variable per key");
-        for key in KEYS {
+        for key in KEYS.iter() {
             assert!(
                 SECTIONS.iter().any(|(s, _)| *s == key.section()),
                 "{} is in a listed section",

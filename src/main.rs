@@ -440,7 +440,7 @@ mod tests {
         super::Cli::command().debug_assert();
         let mut flags = Vec::new();
         longs(&super::Cli::command(), &mut flags);
-        for key in crate::config::KEYS {
+        for key in crate::config::KEYS.iter() {
             if let Some(flag) = key.flag {
                 assert!(flags.iter().any(|f| f == flag), "{flag} ({})", key.path);
             }

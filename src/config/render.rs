@@ -36,7 +36,7 @@ pub(super) fn render_keys(
     sources: Option<&BTreeMap<&str, Source>>,
 ) {
     let table = Table::try_from(config).expect("the configuration encodes as TOML");
-    for (section, doc) in SECTIONS {
+    for (section, doc) in SECTIONS.iter() {
         out.push('\n');
         comment(out, doc);
         out.push_str(&format!("[{section}]\n"));
