@@ -16,7 +16,7 @@
 //! it, and [`Source`] says which layer, variable or flag set a value (`meterflow config --print`).
 //!
 //! A key's documentation is its field's doc comment, and a section's is the doc comment of its field
-//! in [`Config`] (`documented` reads them). [`KEYS`] joins them with the key's variable and flag; it
+//! in [`Config`] (`documented` reads them); its default is the field's `#[default]` (`smart-default`). [`KEYS`] joins them with the key's variable and flag; it
 //! renders `meterflow config --print-defaults` (committed as `deploy/meterflow.example.toml`), and
 //! the tests below keep it, the structs and the committed file in step.
 //!
@@ -45,6 +45,7 @@ use std::path::PathBuf;
 
 use documented::DocumentedFields;
 use serde::{Deserialize, Serialize};
+use smart_default::SmartDefault;
 
 pub use keys::{KEYS, SECTIONS};
 pub use load::{load, Loaded, Source};
@@ -76,77 +77,86 @@ pub struct DatabaseConfig {
     pub url: DatabaseUrl,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Kafka bootstrap servers, comma-separated host:port.
+    #[default = "127.0.0.1:9092"]
     pub brokers: String,
     /// The events topic; created with 8 partitions if missing.
+    #[default = "meterflow.events"]
     pub events_topic: String,
 }
 
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            brokers: "127.0.0.1:9092".into(),
-            events_topic: "meterflow.events".into(),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// Address (host:port) the HTTP API listens on.
+    #[default = "127.0.0.1:3000"]
     pub addr: String,
     /// Size of the API's Postgres pool. A request waits at most api.pool_acquire_timeout_ms for a
     /// connection, then is answered 503 with Retry-After. The group commit of ingested events keeps
     /// 4 connections of its own besides.
+    #[default(32)]
     pub max_connections: u32,
     /// A request not answered within this many seconds (body read included) is answered 503
     /// (problem+json, code TIMEOUT, Retry-After). An event whose request timed out may still have
     /// been accepted: a retry then answers 409 DUPLICATE_EVENT.
+    #[default(30)]
     pub request_timeout_secs: u64,
     /// Postgres statement_timeout of the API's connections, in milliseconds (0: none); a statement
     /// cancelled by it is answered 503. Re-rating jobs run without it.
+    #[default(15_000)]
     pub statement_timeout_ms: u64,
     /// Largest body of POST /api/v1/events; larger is answered 413.
+    #[default(64 * 1024)]
     pub max_event_bytes: usize,
     /// Largest body of POST /api/v1/events/batch; larger is answered 413.
+    #[default(1024 * 1024)]
     pub max_batch_bytes: usize,
     /// On SIGTERM or Ctrl-C the API stops accepting connections, finishes the requests in flight
     /// and stores and forwards every event it accepted, then exits 0; if that takes longer than
     /// this many seconds it exits 1 instead.
+    #[default(30)]
     pub shutdown_timeout_secs: u64,
     /// "on": every /api/v1 route needs Authorization: Bearer <key> (meterflow api-key create);
     /// /healthz, /readyz, /metrics and /api/v1/openapi.json never do. "off": no keys and no rate
     /// limits, for local runs and the seed's scripts only; the API warns loudly at start.
+    #[default(AuthMode::On)]
     pub auth: AuthMode,
     /// Requests per second each API key may make to the routes other than ingest (a token bucket);
     /// beyond it: 429 RATE_LIMITED with Retry-After.
+    #[default(50)]
     pub rate_limit_per_sec: u32,
     /// Size of that bucket: requests a key may make at once after a pause.
+    #[default(100)]
     pub rate_limit_burst: u32,
     /// Events per second each API key may send to POST /events, /events/batch and
     /// /events/{id}/void (a batch of n events counts n; it may overdraw the bucket, and the key then
     /// waits until it refilled).
+    #[default(1000)]
     pub ingest_rate_limit_per_sec: u32,
     /// Size of the ingest bucket.
+    #[default(2000)]
     pub ingest_rate_limit_burst: u32,
     /// Admission control: requests served at once (health, readiness and metrics apart); as many
     /// more may wait for a slot, any further one is answered 503 OVERLOADED with Retry-After at
     /// once. 0: 4 per pool connection (api.max_connections). Refusals are counted in
     /// api_refused_total{reason}.
+    #[default(0)]
     pub max_in_flight: usize,
     /// Longest a request waits for a slot before its handler starts, in milliseconds; then it is
     /// answered 503 OVERLOADED with Retry-After rather than served late.
+    #[default(100)]
     pub queue_timeout_ms: u64,
     /// Events queued for the group commit; when it is full, a new event is answered 503 OVERLOADED
     /// with Retry-After at once (nothing stored).
+    #[default(16_384)]
     pub ingest_queue: usize,
     /// Longest wait for a Postgres connection from the pool, in milliseconds (also for the first
     /// connection at start); an API request that waited this long is answered 503 with Retry-After
     /// (counted as api_refused_total{reason="db_pool"}).
+    #[default(500)]
     pub pool_acquire_timeout_ms: u64,
 }
 
@@ -161,69 +171,39 @@ pub enum AuthMode {
     Off,
 }
 
-impl Default for ApiConfig {
-    fn default() -> Self {
-        ApiConfig {
-            addr: "127.0.0.1:3000".into(),
-            max_connections: 32,
-            request_timeout_secs: 30,
-            statement_timeout_ms: 15_000,
-            max_event_bytes: 64 * 1024,
-            max_batch_bytes: 1024 * 1024,
-            shutdown_timeout_secs: 30,
-            auth: AuthMode::On,
-            rate_limit_per_sec: 50,
-            rate_limit_burst: 100,
-            ingest_rate_limit_per_sec: 1000,
-            ingest_rate_limit_burst: 2000,
-            max_in_flight: 0,
-            queue_timeout_ms: 100,
-            ingest_queue: 16_384,
-            pool_acquire_timeout_ms: 500,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
     /// Timely worker threads in this process.
+    #[default(1)]
     pub workers: usize,
     /// How often an epoch closes, i.e. how often results are committed, in milliseconds.
+    #[default(250)]
     pub epoch_ms: u64,
     /// While the pipeline is behind the topic's end (a backfill, a restart, a burst), an epoch lasts
     /// at least this long, in milliseconds: fewer, larger commits, each window revised fewer times.
     /// 0: never.
+    #[default(2_000)]
     pub catch_up_epoch_ms: u64,
     /// Allowed out-of-orderness: a partition's watermark trails its greatest event time by this many
     /// milliseconds.
+    #[default(5_000)]
     pub out_of_orderness_ms: u64,
     /// Allowed lateness: a window is finalized once the watermark passes its end plus this many
     /// seconds.
+    #[default(3_600)]
     pub allowed_lateness_secs: u64,
     /// A partition with no records for this many seconds stops holding the watermark back.
+    #[default(10)]
     pub idle_timeout_secs: u64,
     /// A JSON file of meter definitions (an array of {"meter", "event_type", "aggregation",
     /// "value_property", "window"}); each is created at start-up unless it exists. Empty: none.
     /// More can be added with POST /api/v1/meters while running.
+    #[default = ""]
     pub meters_file: String,
     /// Where the pipeline serves Prometheus metrics at /metrics (host:port); empty: nowhere.
+    #[default = "127.0.0.1:9464"]
     pub metrics_addr: String,
-}
-
-impl Default for PipelineConfig {
-    fn default() -> Self {
-        PipelineConfig {
-            workers: 1,
-            epoch_ms: 250,
-            catch_up_epoch_ms: 2_000,
-            out_of_orderness_ms: 5_000,
-            allowed_lateness_secs: 3_600,
-            idle_timeout_secs: 10,
-            meters_file: String::new(),
-            metrics_addr: "127.0.0.1:9464".into(),
-        }
-    }
 }
 
 impl PipelineConfig {
@@ -233,24 +213,17 @@ impl PipelineConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// A tracing filter: a level (error, warn, info, debug, trace), optionally per target
     /// (info,meterflow_api=debug).
+    #[default = "info,sqlx=warn,librdkafka=warn,rdkafka::client=off"]
     pub level: String,
     /// text, or json: one JSON object per line carrying the fields of its spans (every line of an
     /// HTTP request carries its request_id).
+    #[default(LogFormat::Text)]
     pub format: LogFormat,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info,sqlx=warn,librdkafka=warn,rdkafka::client=off".into(),
-            format: LogFormat::Text,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
