@@ -16,9 +16,10 @@
 //! it, and [`Source`] says which layer, variable or flag set a value (`meterflow config --print`).
 //!
 //! A key's documentation is its field's doc comment, and a section's is the doc comment of its field
-//! in [`Config`] (`documented` reads them); its default is the field's `#[default]` (`smart-default`). [`KEYS`] joins them with the key's variable and flag; it
-//! renders `meterflow config --print-defaults` (committed as `deploy/meterflow.example.toml`), and
-//! the tests below keep it, the structs and the committed file in step.
+//! in [`Config`] (`documented` reads them); a key's default is its field's `#[default]`
+//! (`smart-default`). [`KEYS`] joins them with the key's variable and flag; it renders `meterflow
+//! config --print-defaults` (committed as `deploy/meterflow.example.toml`), and the tests below keep
+//! it, the structs and the committed file in step.
 //!
 //! Secrets — the password in `database.url` — come from the environment only: a password in the file
 //! or on the command line (visible in `ps`) is refused. [`DatabaseUrl`] holds the URL as a `secrecy`
@@ -26,12 +27,14 @@
 //!
 //! Still written by hand, and why:
 //! - which variable and flag set a key, where it is not `MF_{SECTION}_{KEY}` and no flag (one table
-//!   in `keys.rs`): SPEC §10 gave several keys shorter variables that deployments set
-//!   (`MF_EVENTS_TOPIC`, `MF_AUTH`, `MF_LOG` …), and which keys have a flag is a choice, not a rule;
-//! - the environment and flag layers (`load.rs`): figment's `Env` reads only the process environment,
-//!   maps a name to a key by a prefix-and-split rule those names do not follow, and types each value
-//!   by its look (a topic named `2024` would become a number). Ours reads through a lookup function
-//!   (the tests pass one) and keeps the text as given; the field's type decides on extraction;
+//!   in `keys.rs`): several keys have shorter variables that the README documents and deployments
+//!   set (`MF_EVENTS_TOPIC`, `MF_AUTH`, `MF_LOG` …), and which keys have a flag is a choice, not a
+//!   rule; the flags given are found through it (src/main.rs);
+//! - the environment and flag layers (`load.rs`): figment's `Env` reads only the process
+//!   environment, maps a name to a key by a prefix-and-split rule those names do not follow, and
+//!   types each value by its look (a topic named `2024` becomes a number that a `String` field
+//!   refuses). Ours reads through a lookup function (the tests pass one) and keeps the text as
+//!   given; the field's type decides on extraction;
 //! - the password policy, the checks across keys (`validate.rs`), and the printer (`render.rs`):
 //!   figment reads configuration but does not write it.
 

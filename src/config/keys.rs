@@ -2,7 +2,7 @@
 //! what it means. The names and the documentation come from the structs' fields (`documented`); only
 //! the variables that break the `MF_{SECTION}_{KEY}` rule and the flags are listed here, in
 //! [`SETTERS`]. The table renders the documented defaults file, names the variable or flag in
-//! errors, and `load` reads the environment and flags through it.
+//! errors, and the environment and the flags given (src/main.rs) are read through it.
 
 use std::sync::LazyLock;
 
@@ -24,8 +24,8 @@ pub struct Key {
 }
 
 /// `(key, its variable where not MF_{SECTION}_{KEY}, its flag)`: the keys whose variable breaks the
-/// rule (names SPEC §10 gave before the rule, and deployments use) or that a flag sets. A test checks
-/// that each names a key.
+/// rule (shorter names that the README documents and deployments set) or that a flag sets. A test
+/// checks that each row names a key.
 #[rustfmt::skip]
 const SETTERS: &[(&str, Option<&str>, Option<&str>)] = &[
     ("database.url",                   None,                             Some("--database-url")),

@@ -1,10 +1,10 @@
 //! [`load`]: the layers stacked with figment, and where each effective value came from.
 //!
-//! Each layer is a figment of its own, extracted alone before it is merged: an unknown key or a value
-//! of the wrong type is then reported with the file, variable or flag that holds it (in the merged
-//! tree a section carries the tag of the last layer that touched it), and a bad variable is refused
-//! even when a flag overrides it. The environment and the flags are [`Given`] providers; their
-//! metadata names tell the two apart.
+//! Each layer is a figment of its own, extracted alone before it is merged: an unknown key or a
+//! value of the wrong type is then reported with the file, variable or flag that holds it (in the
+//! merged tree a section carries the tag of the last layer that touched it), and a bad variable is
+//! refused even when a flag overrides it. The environment and the flags are [`Given`] providers;
+//! their metadata names tell the two apart.
 
 use std::collections::BTreeMap;
 use std::fmt;
