@@ -1,85 +1,165 @@
 //! The `meterflow` configuration: one typed tree for every subcommand (SPEC §10).
 //!
 //! ```text
-//!  Config::default() ─► TOML file (--config FILE | MF_CONFIG) ─► MF_* environment ─► flags
-//!                        unknown keys refused, naming            one variable per key  (highest)
-//!                        the key and the file
+//!  Config::default()  ─►  TOML file              ─►  MF_* environment      ─►  flags (highest)
+//!  Serialized::defaults   Toml::file_exact           Given: one variable       Given: one flag
+//!                         (--config | MF_CONFIG):    per key, its text         per key, no
+//!                         unknown keys refused,      typed by the field        password
+//!                         no password
+//!      each layer is extracted alone first, so its errors name the file, the variable, the flag
+//!                                         │ merged in this order
+//!                                         ▼
+//!          Figment ──extract_lossy──► Config ──validate──► Loaded { config, sources }
+//!             └───────────── find_metadata: where each value came from ─────────┘
 //! ```
-//! Every key is listed once in [`KEYS`] with its documentation, its environment variable and its flag.
-//! That table renders `meterflow config --print-defaults` (committed as `deploy/meterflow.example.toml`),
-//! and the tests below keep it, the structs and the committed file in step. Values from the environment
-//! and flags are typed like the key's default and checked one by one, so an error names the variable or
-//! flag; [`Config::validate`] then checks the whole tree and names the key.
+//! [`load`] builds it; [`Config::validate`] checks the merged tree and names the key and how to set
+//! it, and [`Source`] says which layer, variable or flag set a value (`meterflow config --print`).
+//!
+//! A key's documentation is its field's doc comment, and a section's is the doc comment of its field
+//! in [`Config`] (`documented` reads them); a key's default is its field's `#[default]`
+//! (`smart-default`). [`KEYS`] joins them with the key's variable and flag; it renders `meterflow
+//! config --print-defaults` (committed as `deploy/meterflow.example.toml`), and the tests below keep
+//! it, the structs and the committed file in step.
 //!
 //! Secrets — the password in `database.url` — come from the environment only: a password in the file
-//! or on the command line (visible in `ps`) is refused. [`DatabaseUrl`] masks it in `Debug`, and
-//! `meterflow config --print` shows it as `****`.
+//! or on the command line (visible in `ps`) is refused. [`DatabaseUrl`] holds the URL as a `secrecy`
+//! secret and masks it in `Debug` and when serialized, so `meterflow config --print` shows `****`.
+//!
+//! Still written by hand, and why:
+//! - which variable and flag set a key, where it is not `MF_{SECTION}_{KEY}` and no flag (one table
+//!   in `keys.rs`): several keys have shorter variables that the README documents and deployments
+//!   set (`MF_EVENTS_TOPIC`, `MF_AUTH`, `MF_LOG` …), and which keys have a flag is a choice, not a
+//!   rule; the flags given are found through it (src/main.rs);
+//! - the environment and flag layers (`load.rs`): figment's `Env` reads only the process
+//!   environment, maps a name to a key by a prefix-and-split rule those names do not follow, and
+//!   types each value by its look (a topic named `2024` becomes a number that a `String` field
+//!   refuses). Ours reads through a lookup function (the tests pass one) and keeps the text as
+//!   given; the field's type decides on extraction;
+//! - the password policy, the checks across keys (`validate.rs`), and the printer (`render.rs`):
+//!   figment reads configuration but does not write it.
 
 mod keys;
+mod load;
 mod render;
+mod secret;
+mod validate;
 
-use std::collections::BTreeMap;
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use documented::DocumentedFields;
 use serde::{Deserialize, Serialize};
-use toml::{Table, Value};
+use smart_default::SmartDefault;
 
-pub use keys::{Key, KEYS, SECTIONS};
+pub use keys::{KEYS, SECTIONS};
+pub use load::{load, Loaded, Source};
 pub use render::{render_defaults, render_effective};
+pub use secret::DatabaseUrl;
 
-/// The whole configuration.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// The whole configuration: one section per field, each field's doc comment documenting its section.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Postgres, used by every subcommand but loadgen.
     pub database: DatabaseConfig,
+    /// The Kafka broker and the events topic.
     pub kafka: KafkaConfig,
+    /// `meterflow api`: the HTTP server, its Postgres pool and its limits.
     pub api: ApiConfig,
+    /// `meterflow pipeline`: the dataflow, its epochs and watermarks, its metrics endpoint.
+    /// Per-process settings stay flags: --processes, --process, --hostfile, --until-caught-up.
     pub pipeline: PipelineConfig,
+    /// Logs, written to stderr.
     pub log: LogConfig,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, DocumentedFields)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
+    /// Postgres connection string. A password is a secret: give it only in MF_DATABASE_URL (a
+    /// password in this file or in --database-url is refused); it never prints.
     pub url: DatabaseUrl,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[default = "127.0.0.1:9092"]
     pub brokers: String,
+    /// The events topic; created with 8 partitions if missing.
+    #[default = "meterflow.events"]
     pub events_topic: String,
 }
 
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            brokers: "127.0.0.1:9092".into(),
-            events_topic: "meterflow.events".into(),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
+    /// Address (host:port) the HTTP API listens on.
+    #[default = "127.0.0.1:3000"]
     pub addr: String,
+    /// Size of the API's Postgres pool. A request waits at most api.pool_acquire_timeout_ms for a
+    /// connection, then is answered 503 with Retry-After. The group commit of ingested events keeps
+    /// 4 connections of its own besides.
+    #[default(32)]
     pub max_connections: u32,
+    /// A request not answered within this many seconds (body read included) is answered 503
+    /// (problem+json, code TIMEOUT, Retry-After). An event whose request timed out may still have
+    /// been accepted: a retry then answers 409 DUPLICATE_EVENT.
+    #[default(30)]
     pub request_timeout_secs: u64,
+    /// Postgres statement_timeout of the API's connections, in milliseconds (0: none); a statement
+    /// cancelled by it is answered 503. Re-rating jobs run without it.
+    #[default(15_000)]
     pub statement_timeout_ms: u64,
+    /// Largest body of POST /api/v1/events; larger is answered 413.
+    #[default(64 * 1024)]
     pub max_event_bytes: usize,
+    /// Largest body of POST /api/v1/events/batch; larger is answered 413.
+    #[default(1024 * 1024)]
     pub max_batch_bytes: usize,
+    /// On SIGTERM or Ctrl-C the API stops accepting connections, finishes the requests in flight
+    /// and stores and forwards every event it accepted, then exits 0; if that takes longer than
+    /// this many seconds it exits 1 instead.
+    #[default(30)]
     pub shutdown_timeout_secs: u64,
+    /// "on": every /api/v1 route needs Authorization: Bearer <key> (meterflow api-key create);
+    /// /healthz, /readyz, /metrics and /api/v1/openapi.json never do. "off": no keys and no rate
+    /// limits, for local runs and the seed's scripts only; the API warns loudly at start.
+    #[default(AuthMode::On)]
     pub auth: AuthMode,
+    /// Requests per second each API key may make to the routes other than ingest (a token bucket);
+    /// beyond it: 429 RATE_LIMITED with Retry-After.
+    #[default(50)]
     pub rate_limit_per_sec: u32,
+    /// Size of that bucket: requests a key may make at once after a pause.
+    #[default(100)]
     pub rate_limit_burst: u32,
+    /// Events per second each API key may send to POST /events, /events/batch and
+    /// /events/{id}/void (a batch of n events counts n; it may overdraw the bucket, and the key then
+    /// waits until it refilled).
+    #[default(1000)]
     pub ingest_rate_limit_per_sec: u32,
+    /// Size of the ingest bucket.
+    #[default(2000)]
     pub ingest_rate_limit_burst: u32,
+    /// Admission control: requests served at once (health, readiness and metrics apart); as many
+    /// more may wait for a slot, any further one is answered 503 OVERLOADED with Retry-After at
+    /// once. 0: 4 per pool connection (api.max_connections). Refusals are counted in
+    /// api_refused_total{reason}.
+    #[default(0)]
     pub max_in_flight: usize,
+    /// Longest a request waits for a slot before its handler starts, in milliseconds; then it is
+    /// answered 503 OVERLOADED with Retry-After rather than served late.
+    #[default(100)]
     pub queue_timeout_ms: u64,
+    /// Events queued for the group commit; when it is full, a new event is answered 503 OVERLOADED
+    /// with Retry-After at once (nothing stored).
+    #[default(16_384)]
     pub ingest_queue: usize,
+    /// Longest wait for a Postgres connection from the pool, in milliseconds (also for the first
+    /// connection at start); an API request that waited this long is answered 503 with Retry-After
+    /// (counted as api_refused_total{reason="db_pool"}).
+    #[default(500)]
     pub pool_acquire_timeout_ms: u64,
 }
 
@@ -94,55 +174,39 @@ pub enum AuthMode {
     Off,
 }
 
-impl Default for ApiConfig {
-    fn default() -> Self {
-        ApiConfig {
-            addr: "127.0.0.1:3000".into(),
-            max_connections: 32,
-            request_timeout_secs: 30,
-            statement_timeout_ms: 15_000,
-            max_event_bytes: 64 * 1024,
-            max_batch_bytes: 1024 * 1024,
-            shutdown_timeout_secs: 30,
-            auth: AuthMode::On,
-            rate_limit_per_sec: 50,
-            rate_limit_burst: 100,
-            ingest_rate_limit_per_sec: 1000,
-            ingest_rate_limit_burst: 2000,
-            max_in_flight: 0,
-            queue_timeout_ms: 100,
-            ingest_queue: 16_384,
-            pool_acquire_timeout_ms: 500,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
+    /// Timely worker threads in this process.
+    #[default(1)]
     pub workers: usize,
+    /// How often an epoch closes, i.e. how often results are committed, in milliseconds.
+    #[default(250)]
     pub epoch_ms: u64,
+    /// While the pipeline is behind the topic's end (a backfill, a restart, a burst), an epoch lasts
+    /// at least this long, in milliseconds: fewer, larger commits, each window revised fewer times.
+    /// 0: never.
+    #[default(2_000)]
     pub catch_up_epoch_ms: u64,
+    /// Allowed out-of-orderness: a partition's watermark trails its greatest event time by this many
+    /// milliseconds.
+    #[default(5_000)]
     pub out_of_orderness_ms: u64,
+    /// Allowed lateness: a window is finalized once the watermark passes its end plus this many
+    /// seconds.
+    #[default(3_600)]
     pub allowed_lateness_secs: u64,
+    /// A partition with no records for this many seconds stops holding the watermark back.
+    #[default(10)]
     pub idle_timeout_secs: u64,
+    /// A JSON file of meter definitions (an array of {"meter", "event_type", "aggregation",
+    /// "value_property", "window"}); each is created at start-up unless it exists. Empty: none.
+    /// More can be added with POST /api/v1/meters while running.
+    #[default = ""]
     pub meters_file: String,
+    /// Where the pipeline serves Prometheus metrics at /metrics (host:port); empty: nowhere.
+    #[default = "127.0.0.1:9464"]
     pub metrics_addr: String,
-}
-
-impl Default for PipelineConfig {
-    fn default() -> Self {
-        PipelineConfig {
-            workers: 1,
-            epoch_ms: 250,
-            catch_up_epoch_ms: 2_000,
-            out_of_orderness_ms: 5_000,
-            allowed_lateness_secs: 3_600,
-            idle_timeout_secs: 10,
-            meters_file: String::new(),
-            metrics_addr: "127.0.0.1:9464".into(),
-        }
-    }
 }
 
 impl PipelineConfig {
@@ -152,20 +216,17 @@ impl PipelineConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, DocumentedFields, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
+    /// A tracing filter: a level (error, warn, info, debug, trace), optionally per target
+    /// (info,meterflow_api=debug).
+    #[default = "info,sqlx=warn,librdkafka=warn,rdkafka::client=off"]
     pub level: String,
+    /// text, or json: one JSON object per line carrying the fields of its spans (every line of an
+    /// HTTP request carries its request_id).
+    #[default(LogFormat::Text)]
     pub format: LogFormat,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info,sqlx=warn,librdkafka=warn,rdkafka::client=off".into(),
-            format: LogFormat::Text,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,337 +239,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// A Postgres URL whose password never prints: `Debug` masks it, [`DatabaseUrl::masked`] is for
-/// messages, [`DatabaseUrl::expose`] only for connecting.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct DatabaseUrl(String);
-
-impl Default for DatabaseUrl {
-    fn default() -> Self {
-        DatabaseUrl("postgres://meterflow@127.0.0.1:5432/meterflow".into())
-    }
-}
-
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.masked())
-    }
-}
-
-impl DatabaseUrl {
-    /// The URL itself, to connect with; never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The URL with any password replaced by `****`.
-    pub fn masked(&self) -> String {
-        mask_password(&self.0)
-    }
-}
-
-/// `postgres://user:secret@host/db?password=x` → `postgres://user:****@host/db?password=****`.
-pub fn mask_password(url: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    let mut out = match head.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
-            let authority = match authority.rsplit_once('@') {
-                Some((userinfo, host)) => match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{user}:****@{host}"),
-                    None => authority.to_owned(),
-                },
-                None => authority.to_owned(),
-            };
-            format!("{scheme}://{authority}{path}")
-        }
-        None => head.to_owned(),
-    };
-    if let Some(query) = query {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=****"),
-                _ => p.to_owned(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
-    }
-    out
-}
-
-/// Where a key's effective value came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    Default,
-    File(PathBuf),
-    Env(&'static str),
-    Flag(&'static str),
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Source::Default => write!(f, "default"),
-            Source::File(path) => write!(f, "file {}", path.display()),
-            Source::Env(var) => write!(f, "environment {var}"),
-            Source::Flag(flag) => write!(f, "flag {flag}"),
-        }
-    }
-}
-
-/// The effective configuration and where each value came from.
-#[derive(Debug)]
-pub struct Loaded {
-    pub config: Config,
-    pub sources: BTreeMap<&'static str, Source>,
-}
-
-/// Builds the configuration: defaults, then `file`, then the environment (`env` looks a variable up),
-/// then `flags` (`(key path, value)` of the flags given). Then validates it.
-pub fn load(
-    file: Option<&Path>,
-    env: &dyn Fn(&str) -> Option<String>,
-    flags: &[(&'static str, String)],
-) -> Result<Loaded> {
-    let defaults = Table::try_from(Config::default()).context("encoding the defaults")?;
-    let mut table = defaults.clone();
-    let mut sources: BTreeMap<&'static str, Source> =
-        KEYS.iter().map(|k| (k.path, Source::Default)).collect();
-
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the configuration file {}", path.display()))?;
-        // Parsing into the typed tree refuses unknown keys and wrong types, naming the key and line.
-        toml::from_str::<Config>(&text)
-            .map_err(|e| anyhow!("configuration file {}: {e}", path.display()))?;
-        let given: Table = text
-            .parse()
-            .map_err(|e| anyhow!("configuration file {}: {e}", path.display()))?;
-        for key in KEYS {
-            let Some(value) = lookup(&given, key.path) else {
-                continue;
-            };
-            if key.path == "database.url" && value.as_str().is_some_and(has_password) {
-                bail!(
-                    "configuration file {}: database.url holds a password; secrets come from the \
-                     environment only: set MF_DATABASE_URL instead",
-                    path.display()
-                );
-            }
-            set(&mut table, key.path, value.clone());
-            sources.insert(key.path, Source::File(path.to_owned()));
-        }
-    }
-
-    for key in KEYS {
-        if let Some(raw) = env(key.env) {
-            let value = typed(&defaults, key, &raw)
-                .map_err(|e| anyhow!("{}={raw:?} (sets {}): {e}", key.env, key.path))?;
-            set(&mut table, key.path, value);
-            sources.insert(key.path, Source::Env(key.env));
-        }
-    }
-
-    for (path, raw) in flags {
-        let key = KEYS
-            .iter()
-            .find(|k| k.path == *path)
-            .with_context(|| format!("no configuration key {path}"))?;
-        let flag = key.flag.unwrap_or(key.path);
-        if key.path == "database.url" && has_password(raw) {
-            bail!(
-                "{flag} holds a password, which the command line shows to everyone (ps); secrets \
-                 come from the environment only: set MF_DATABASE_URL instead"
-            );
-        }
-        let value = typed(&defaults, key, raw)
-            .map_err(|e| anyhow!("{flag} {raw:?} (sets {}): {e}", key.path))?;
-        set(&mut table, key.path, value);
-        sources.insert(key.path, Source::Flag(flag));
-    }
-
-    let config: Config = table
-        .try_into()
-        .context("the merged configuration does not fit its schema")?;
-    config.validate()?;
-    Ok(Loaded { config, sources })
-}
-
-/// Whether `url` carries a password (in the user info or a `password=` parameter).
-fn has_password(url: &str) -> bool {
-    mask_password(url) != url
-}
-
-/// Parses `raw` as the type of `key`'s default, and checks it alone against the schema (so an enum
-/// value or a negative count is refused here, naming the variable or flag).
-fn typed(defaults: &Table, key: &Key, raw: &str) -> Result<Value, String> {
-    let template = lookup(defaults, key.path).ok_or("not a known key")?;
-    let value = match template {
-        Value::String(_) => Value::String(raw.to_owned()),
-        Value::Integer(_) => raw
-            .trim()
-            .parse::<i64>()
-            .map(Value::Integer)
-            .map_err(|_| "expected a whole number".to_owned())?,
-        Value::Boolean(_) => match raw.trim() {
-            "true" | "1" => Value::Boolean(true),
-            "false" | "0" => Value::Boolean(false),
-            _ => return Err("expected true or false".into()),
-        },
-        other => return Err(format!("cannot set a {} from text", other.type_str())),
-    };
-    let mut alone = Table::new();
-    set(&mut alone, key.path, value.clone());
-    alone.try_into::<Config>().map_err(|e| e.to_string())?;
-    Ok(value)
-}
-
-fn lookup<'a>(table: &'a Table, path: &str) -> Option<&'a Value> {
-    let (section, name) = path.split_once('.')?;
-    table.get(section)?.as_table()?.get(name)
-}
-
-fn set(table: &mut Table, path: &str, value: Value) {
-    let (section, name) = path.split_once('.').expect("keys are section.name");
-    let section = table
-        .entry(section)
-        .or_insert_with(|| Value::Table(Table::new()));
-    if let Value::Table(t) = section {
-        t.insert(name.to_owned(), value);
-    }
-}
-
-fn key(path: &str) -> &'static Key {
-    KEYS.iter()
-        .find(|k| k.path == path)
-        .expect("validate names only listed keys")
-}
-
-impl Config {
-    /// Checks what the types cannot; every problem names its key and how to set it.
-    pub fn validate(&self) -> Result<()> {
-        let mut problems: Vec<String> = Vec::new();
-        let mut check = |ok: bool, path: &str, what: String| {
-            if !ok {
-                problems.push(format!("{}: {what}", key(path).describe()));
-            }
-        };
-        let url = self.database.url.expose();
-        check(
-            url.starts_with("postgres://") || url.starts_with("postgresql://"),
-            "database.url",
-            format!(
-                "must be a postgres:// URL, not {:?}",
-                self.database.url.masked()
-            ),
-        );
-        check(
-            !self.kafka.brokers.trim().is_empty(),
-            "kafka.brokers",
-            "must name at least one host:port".into(),
-        );
-        let topic = &self.kafka.events_topic;
-        check(
-            !topic.is_empty()
-                && topic.len() <= 249
-                && topic
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
-            "kafka.events_topic",
-            format!("must be 1 to 249 of [a-zA-Z0-9._-], not {topic:?}"),
-        );
-        check(
-            is_host_port(&self.api.addr),
-            "api.addr",
-            format!("must be host:port, not {:?}", self.api.addr),
-        );
-        check(
-            self.api.max_connections >= 1,
-            "api.max_connections",
-            "must be at least 1".into(),
-        );
-        check(
-            self.api.request_timeout_secs >= 1,
-            "api.request_timeout_secs",
-            "must be at least 1".into(),
-        );
-        check(
-            self.api.max_event_bytes >= 1024,
-            "api.max_event_bytes",
-            "must be at least 1024".into(),
-        );
-        check(
-            self.api.max_batch_bytes >= self.api.max_event_bytes,
-            "api.max_batch_bytes",
-            "must be at least api.max_event_bytes".into(),
-        );
-        check(
-            self.api.rate_limit_per_sec >= 1 && self.api.rate_limit_burst >= 1,
-            "api.rate_limit_per_sec",
-            "the rate and api.rate_limit_burst must be at least 1".into(),
-        );
-        check(
-            self.api.ingest_rate_limit_per_sec >= 1 && self.api.ingest_rate_limit_burst >= 1,
-            "api.ingest_rate_limit_per_sec",
-            "the rate and api.ingest_rate_limit_burst must be at least 1".into(),
-        );
-        check(
-            self.api.queue_timeout_ms >= 1
-                && self.api.pool_acquire_timeout_ms >= 1
-                && self.api.ingest_queue >= 1,
-            "api.queue_timeout_ms",
-            "it, api.pool_acquire_timeout_ms and api.ingest_queue must be at least 1".into(),
-        );
-        check(
-            self.api.shutdown_timeout_secs >= 1,
-            "api.shutdown_timeout_secs",
-            "must be at least 1".into(),
-        );
-        check(
-            self.pipeline.workers >= 1,
-            "pipeline.workers",
-            "must be at least 1".into(),
-        );
-        check(
-            self.pipeline.epoch_ms >= 1,
-            "pipeline.epoch_ms",
-            "must be at least 1".into(),
-        );
-        check(
-            self.pipeline.metrics_addr.is_empty() || is_host_port(&self.pipeline.metrics_addr),
-            "pipeline.metrics_addr",
-            format!(
-                "must be host:port or empty, not {:?}",
-                self.pipeline.metrics_addr
-            ),
-        );
-        check(
-            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
-            "log.level",
-            format!("is not a tracing filter: {:?}", self.log.level),
-        );
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            bail!("invalid configuration:\n  {}", problems.join("\n  "))
-        }
-    }
-}
-
-fn is_host_port(addr: &str) -> bool {
-    addr.rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::secret::mask_password;
     use super::*;
+    use toml::Table;
 
     fn no_env(_: &str) -> Option<String> {
         None
@@ -541,7 +276,7 @@ mod tests {
         envs.sort();
         envs.dedup();
         assert_eq!(envs.len(), KEYS.len(), "one environment variable per key");
-        for key in KEYS {
+        for key in KEYS.iter() {
             assert!(
                 SECTIONS.iter().any(|(s, _)| *s == key.section()),
                 "{} is in a listed section",

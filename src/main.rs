@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
 
@@ -52,29 +52,6 @@ struct Cli {
     log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
-}
-
-impl Cli {
-    /// The configuration keys set by the flags given, as `(key, value)`.
-    fn overrides(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        let mut flag = |key: &'static str, value: Option<String>| {
-            if let Some(value) = value {
-                out.push((key, value));
-            }
-        };
-        flag("database.url", self.database_url.clone());
-        flag("kafka.brokers", self.brokers.clone());
-        flag("kafka.events_topic", self.topic.clone());
-        flag("log.level", self.log_level.clone());
-        flag("log.format", self.log_format.clone());
-        match &self.command {
-            Command::Api(args) => flag("api.addr", args.addr.clone()),
-            Command::Pipeline(args) => args.overrides(&mut flag),
-            _ => {}
-        }
-        out
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,7 +123,8 @@ struct ConfigArgs {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Command::Config(ConfigArgs {
         print_defaults: true,
         ..
@@ -161,7 +139,7 @@ fn main() -> Result<()> {
             .filter(|f| !f.is_empty())
             .map(PathBuf::from)
     });
-    let loaded = config::load(file.as_deref(), &env, &cli.overrides())?;
+    let loaded = config::load(file.as_deref(), &env, &flags_given(&matches))?;
     let cfg = &loaded.config;
     if let Command::Config(_) = &cli.command {
         print!("{}", config::render_effective(&loaded));
@@ -184,6 +162,34 @@ fn main() -> Result<()> {
         Command::Config(_) => Ok(()),
         Command::ApiKey(command) => api_key(cfg, command),
     }
+}
+
+/// The configuration keys set by the flags given, as `(key, value)`: each key's flag
+/// (`config::KEYS`) is looked up among the arguments of `meterflow` (the global ones) and of the
+/// subcommand, by its long name, so no key is spelled here again.
+fn flags_given(matches: &ArgMatches) -> Vec<(&'static str, String)> {
+    let command = Cli::command();
+    let sub = matches
+        .subcommand()
+        .and_then(|(name, sub_matches)| Some((command.find_subcommand(name)?, sub_matches)));
+    let levels: Vec<(&clap::Command, &ArgMatches)> =
+        std::iter::once((&command, matches)).chain(sub).collect();
+    let given = |long: &str| {
+        levels.iter().find_map(|(command, matches)| {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))?;
+            let value = matches.get_raw(arg.get_id().as_str())?.next()?;
+            Some(value.to_string_lossy().into_owned())
+        })
+    };
+    config::KEYS
+        .iter()
+        .filter_map(|key| {
+            let long = key.flag?.strip_prefix("--")?;
+            Some((key.path, given(long)?))
+        })
+        .collect()
 }
 
 /// Structured logs on stderr: text, or one JSON object per line carrying its spans' fields (so every
@@ -436,11 +442,44 @@ mod tests {
     }
 
     #[test]
+    fn the_flags_given_set_their_keys_wherever_they_stand() {
+        let given = |args: &[&str]| {
+            let matches = super::Cli::command().try_get_matches_from(args).unwrap();
+            super::flags_given(&matches)
+        };
+        let set = |pairs: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+            pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+        };
+        assert_eq!(
+            given(&[
+                "meterflow",
+                "--topic",
+                "t",
+                "pipeline",
+                "-w",
+                "3",
+                "--meters",
+                "m.json"
+            ]),
+            set(&[
+                ("kafka.events_topic", "t"),
+                ("pipeline.workers", "3"),
+                ("pipeline.meters_file", "m.json")
+            ])
+        );
+        assert_eq!(
+            given(&["meterflow", "api", "--addr", "h:1", "--log-format", "json"]),
+            set(&[("api.addr", "h:1"), ("log.format", "json")])
+        );
+        assert_eq!(given(&["meterflow", "migrate"]), set(&[]));
+    }
+
+    #[test]
     fn every_flag_the_configuration_documents_exists() {
         super::Cli::command().debug_assert();
         let mut flags = Vec::new();
         longs(&super::Cli::command(), &mut flags);
-        for key in crate::config::KEYS {
+        for key in crate::config::KEYS.iter() {
             if let Some(flag) = key.flag {
                 assert!(flags.iter().any(|f| f == flag), "{flag} ({})", key.path);
             }

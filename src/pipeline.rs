@@ -48,7 +48,7 @@ use restart::watch_partitions;
 use watch::{monitor_lag, watch_config};
 
 /// The pipeline's flags: per-process ones, and those that override `[pipeline]` keys of the configuration
-/// (src/config.rs documents each).
+/// (src/config.rs documents each and lists which flag sets which key).
 #[derive(Debug, clap::Args)]
 pub struct PipelineArgs {
     /// Timely worker threads in this process (pipeline.workers) [env: MF_PIPELINE_WORKERS; default 1].
@@ -100,37 +100,6 @@ pub struct PipelineArgs {
     /// MF_PIPELINE_METRICS_ADDR; default 127.0.0.1:9464].
     #[arg(long)]
     pub metrics_addr: Option<String>,
-}
-
-impl PipelineArgs {
-    /// Hands each configuration key a flag sets to `flag`.
-    pub fn overrides(&self, flag: &mut dyn FnMut(&'static str, Option<String>)) {
-        flag("pipeline.workers", self.workers.map(|v| v.to_string()));
-        flag("pipeline.epoch_ms", self.epoch_ms.map(|v| v.to_string()));
-        flag(
-            "pipeline.catch_up_epoch_ms",
-            self.catch_up_epoch_ms.map(|v| v.to_string()),
-        );
-        flag(
-            "pipeline.out_of_orderness_ms",
-            self.out_of_orderness_ms.map(|v| v.to_string()),
-        );
-        flag(
-            "pipeline.allowed_lateness_secs",
-            self.allowed_lateness_secs.map(|v| v.to_string()),
-        );
-        flag(
-            "pipeline.idle_timeout_secs",
-            self.idle_timeout_secs.map(|v| v.to_string()),
-        );
-        flag(
-            "pipeline.meters_file",
-            self.meters
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned()),
-        );
-        flag("pipeline.metrics_addr", self.metrics_addr.clone());
-    }
 }
 
 /// Runs the pipeline until it is caught up (`--until-caught-up`), stopped by a signal, or fails. When

@@ -1,7 +1,11 @@
 //! `meterflow config --print-defaults` and `--print`: the configuration as a documented TOML file, from
 //! the key table (`keys.rs`), with where each effective value came from.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use toml::Table;
+
+use super::{Config, Loaded, Source, KEYS, SECTIONS};
 
 /// `meterflow config --print-defaults`: every key with its default, documented.
 pub fn render_defaults() -> String {
@@ -19,26 +23,20 @@ pub fn render_defaults() -> String {
     out
 }
 
-/// `meterflow config --print`: the effective configuration, the password masked, each value not a
-/// default marked with where it came from.
+/// `meterflow config --print`: the effective configuration, the password masked (as `DatabaseUrl`
+/// serializes), each value not a default marked with where it came from.
 pub fn render_effective(loaded: &Loaded) -> String {
-    let mut config = loaded.config.clone();
-    config.database.url = DatabaseUrl(config.database.url.masked());
     let mut out = String::from(
         "# The effective meterflow configuration (defaults < file < MF_* environment < flags); the\n\
          # database password, if any, is masked.\n",
     );
-    render_keys(&mut out, &config, Some(&loaded.sources));
+    render_keys(&mut out, &loaded.config, Some(&loaded.sources));
     out
 }
 
-pub(super) fn render_keys(
-    out: &mut String,
-    config: &Config,
-    sources: Option<&BTreeMap<&str, Source>>,
-) {
+fn render_keys(out: &mut String, config: &Config, sources: Option<&BTreeMap<&str, Source>>) {
     let table = Table::try_from(config).expect("the configuration encodes as TOML");
-    for (section, doc) in SECTIONS {
+    for (section, doc) in SECTIONS.iter() {
         out.push('\n');
         comment(out, doc);
         out.push_str(&format!("[{section}]\n"));
@@ -53,7 +51,7 @@ pub(super) fn render_keys(
                     comment(out, &format!("set by {source}"));
                 }
             }
-            let value = lookup(&table, key.path).expect("every key has a value");
+            let value = &table[key.section()][key.name()];
             let mut line = Table::new();
             line.insert(key.name().to_owned(), value.clone());
             out.push_str(&toml::to_string(&line).expect("a value encodes as TOML"));
@@ -62,7 +60,7 @@ pub(super) fn render_keys(
 }
 
 /// Appends `text` as `# ` comment lines wrapped at 100 columns.
-pub(super) fn comment(out: &mut String, text: &str) {
+fn comment(out: &mut String, text: &str) {
     let mut line = String::from("#");
     for word in text.split_whitespace() {
         if line.len() + 1 + word.len() > 100 && line.len() > 1 {
