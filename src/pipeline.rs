@@ -19,6 +19,10 @@
 //! The leader runs the re-rating jobs the API queues (`meterflow_sinks::rerating_jobs`): a job corrects
 //! the stored state in one transaction and hands the change to worker 0's rating, which takes it in at
 //! one epoch, so the dataflow goes on from the corrected state without a restart.
+//!
+//! Length: the start-up reads top to bottom as one sequence (topic, lease, restore, writer,
+//! watchers, workers, shutdown); what runs beside it is already apart in `pipeline/watch.rs` and
+//! `pipeline/restart.rs`.
 
 mod restart;
 mod watch;

@@ -13,6 +13,9 @@
 //!  void  ─► status void (the period is free again); voiding a void invoice changes nothing ─► 200
 //!  document ─► meterflow_documents: text/html, or application/pdf with ?format=pdf
 //! ```
+//!
+//! Length: the five invoice routes share the period checks, the numbering and the line rounding;
+//! splitting them would pass those back and forth between files.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};

@@ -11,6 +11,9 @@
 //! `ptd` is the period-to-date quantity: the running total (count, sum), the running maximum (max), the
 //! number of distinct values so far (unique_count) or the latest value so far (latest). It counts all
 //! usage, priced or not; a window no book covers has no charge.
+//!
+//! Length: 180 of its lines are unit tests; the price models and `rate_period` are read together,
+//! since rating is the one place the models are applied.
 
 use std::collections::{BTreeMap, HashSet};
 

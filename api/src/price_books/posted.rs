@@ -6,6 +6,9 @@
 //!  PATCH fields ─► Patch::parse ─► Patch::apply(book) ─► PriceBook
 //!  decimals: JSON numbers or strings, parsed exactly (Errors::decimal); times: RFC 3339
 //! ```
+//!
+//! Length: 144 of its lines are tests; the rest is the two wire shapes (seed and native) and their
+//! reading, which must agree field by field.
 
 use meterflow_model::json::parse_decimal;
 use meterflow_model::money::is_currency;
