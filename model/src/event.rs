@@ -515,6 +515,22 @@ impl Event {
             .map(|(_, v)| v)
     }
 
+    /// The raw values of the properties named `keys`, in their order (`None`: absent), from one parse
+    /// of the properties.
+    pub fn properties_named<K: AsRef<str>>(&self, keys: &[K]) -> Vec<Option<&RawValue>> {
+        let entries = serde_json::from_str::<Entries>(&self.properties)
+            .map(|Entries(entries)| entries)
+            .unwrap_or_default();
+        keys.iter()
+            .map(|key| {
+                entries
+                    .iter()
+                    .find(|(k, _)| k.0 == key.as_ref())
+                    .map(|(_, v)| *v)
+            })
+            .collect()
+    }
+
     pub fn event_time(&self) -> DateTime<Utc> {
         DateTime::from_timestamp_micros(self.event_time_micros).unwrap_or(DateTime::<Utc>::MIN_UTC)
     }

@@ -6,12 +6,15 @@
 //! | `event.rs` | [`Event`], the one decoder and validator shared by HTTP and Kafka (SPEC §2) |
 //! | `window.rs` | tumbling UTC windows (SPEC §4) |
 //! | `meter.rs` | [`Meter`], [`MeterSet`]: count/sum/max/unique_count/latest, events → row contributions |
+//! | `dimensions.rs` | [`Dimensions`], [`GroupBy`]: the properties a meter groups by, an event's values for them, a book selector's match (issue 17; not yet wired to meters) |
 //! | `aggregate.rs` | [`AggregateKey`], [`Aggregate`]: a row's key, sum + count as a group |
 //! | `price.rs` | [`PriceBook`], [`PriceModel`], [`rate_period`]: period-to-date rating (SPEC §5) |
 //! | `invoice.rs` | [`Customer`], [`Invoice`]: issued invoices, lines, adjustments; the invoice math: lines rounded once, minimum top-ups, corrections (SPEC §6) |
 //! | `money.rs` | checked money arithmetic and the one rounding to a currency's minor unit |
 //! | `batch.rs` | [`EpochBatch`]: what one completed epoch hands the sink |
+//! | `stored.rs` | [`stored::Stored`]: what a commit means, `apply(&EpochBatch)` in memory with the sink's rules as errors; the tests' reference |
 //! | `claims.rs` | the claim-store port ([`claims::Claims`]) the Kafka readers call, and its in-memory reference |
+//! | `watermark.rs` | [`watermark::WatermarkPolicy`]: the event-time watermark from the partitions' progress (SPEC §4), pure |
 //! | `wire.rs` | the Kafka wire format between the API and the pipeline: key, `meterflow-kind` header, void record |
 //! | `json.rs` | exact decimals in JSON: numbers with their digits, never through f64 |
 //! | `openapi.rs` | (feature `openapi`) the wire's decimals and patterns as OpenAPI schemas, for the API's document |
@@ -31,6 +34,7 @@
 pub mod aggregate;
 pub mod batch;
 pub mod claims;
+pub mod dimensions;
 pub mod event;
 pub mod invoice;
 pub mod json;
@@ -39,6 +43,8 @@ pub mod money;
 #[cfg(feature = "openapi")]
 pub mod openapi;
 pub mod price;
+pub mod stored;
+pub mod watermark;
 pub mod window;
 pub mod wire;
 
@@ -47,6 +53,7 @@ pub use batch::{
     ChargeChange, DeadLetter, Duplicate, DuplicateKind, EpochBatch, LateEvent, LineChange,
     PartitionProgress, RatingCorrection, RatingState, RowChange,
 };
+pub use dimensions::{Dimensions, GroupBy};
 pub use event::{
     check_void_ids, decode_as, decode_cloudevent, decode_event, fnv1a, object, printable,
     sniff_event_id, split_batch, DecodeError, Event, FieldError, Format, Limits,

@@ -50,6 +50,7 @@ use meterflow_model::{
 use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection};
 
+use meterflow_model::stored::multiset_row;
 use meterflow_model::RatingCorrection;
 use meterflow_store::{meters, price_books};
 use rows::{expected_rows, stored_rows};
@@ -442,27 +443,6 @@ async fn write_row(
         }
     }
     Ok(())
-}
-
-/// The aggregate a multiset row shows: max, number of distinct values or latest value, with the number
-/// of events; `None` without items.
-fn multiset_row(items: &BTreeMap<Item, i64>) -> Option<Aggregate> {
-    let live: Vec<&Item> = items
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(i, _)| i)
-        .collect();
-    if live.is_empty() {
-        return None;
-    }
-    let event_count: i64 = items.values().filter(|n| **n > 0).sum();
-    let value = match Measure::from_items(Decimal::ZERO, live.iter().copied())? {
-        Measure::Max(v) => v,
-        Measure::Unique(values) => Decimal::from(values.len()),
-        Measure::Latest { value, .. } => value,
-        Measure::Total(v) => v,
-    };
-    Some(Aggregate { value, event_count })
 }
 
 /// Σ amounts, or an error (never a panic) when it leaves the 96-bit decimal range (finding 22).
