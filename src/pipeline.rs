@@ -37,7 +37,7 @@ use meterflow_dataflow::classify::new_watermark;
 use meterflow_dataflow::source::{owned_partitions, spawn_reader};
 use meterflow_dataflow::worker::{Correction, RatingFeed};
 use meterflow_dataflow::{
-    run_worker, ControlFeed, Feeds, GraphContext, SinkChannels, SourceConfig, WatermarkConfig,
+    run_worker, ControlFeed, Feeds, GraphContext, SinkChannels, SourceConfig, WatermarkPolicy,
     WorkerConfig,
 };
 use meterflow_model::{Limits, Meter, PriceBook};
@@ -323,7 +323,7 @@ fn run_once(
         catch_up_interval: (cfg.pipeline.catch_up_epoch_ms > 0)
             .then(|| Duration::from_millis(cfg.pipeline.catch_up_epoch_ms)),
         full_batch: source.batch_size,
-        watermarks: WatermarkConfig {
+        watermarks: WatermarkPolicy {
             out_of_orderness_micros: cfg.pipeline.out_of_orderness_ms as i64 * 1_000,
             idle_timeout: Duration::from_secs(cfg.pipeline.idle_timeout_secs),
             initial: event_times,

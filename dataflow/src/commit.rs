@@ -12,13 +12,15 @@
 //!
 //! Worker 0 also keeps the event-time watermark (SPEC §4): per partition the greatest event time read
 //! minus the allowed out-of-orderness; globally the least over partitions that have been active within
-//! the idle timeout (all idle: the greatest). Each batch carries it; the sink never lets it go back.
+//! the idle timeout (all idle: the greatest), as `meterflow_model::watermark` defines it. Each batch
+//! carries it; the sink never lets it go back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use meterflow_model::batch::QuarantinedPeriod;
+use meterflow_model::watermark::{WatermarkPolicy, Watermarks};
 use meterflow_model::{
     Aggregate, AggregateKey, Charge, DeadLetter, Duplicate, EpochBatch, Item, LateEvent,
     LineChange, PartitionProgress,
@@ -54,66 +56,6 @@ pub enum SinkUpdate {
 /// How often an idle worker 0 sends the sink an empty batch with the current watermark.
 const HEARTBEAT: Duration = Duration::from_millis(500);
 
-/// How worker 0 derives the global watermark (SPEC §4).
-#[derive(Clone, Debug)]
-pub struct WatermarkConfig {
-    pub out_of_orderness_micros: i64,
-    /// A partition with no record for this long stops holding the watermark back.
-    pub idle_timeout: Duration,
-    /// The greatest event time per partition as last committed (a restart goes on from there).
-    pub initial: HashMap<i32, i64>,
-}
-
-impl Default for WatermarkConfig {
-    fn default() -> Self {
-        WatermarkConfig {
-            out_of_orderness_micros: 5_000_000,
-            idle_timeout: Duration::from_secs(10),
-            initial: HashMap::new(),
-        }
-    }
-}
-
-/// Per-partition event-time progress as seen by worker 0.
-struct Watermarks {
-    config: WatermarkConfig,
-    partitions: HashMap<i32, (i64, Instant)>,
-}
-
-impl Watermarks {
-    fn new(config: WatermarkConfig) -> Self {
-        let now = Instant::now();
-        let partitions = config
-            .initial
-            .iter()
-            .map(|(p, t)| (*p, (*t, now)))
-            .collect();
-        Watermarks { config, partitions }
-    }
-
-    fn observe(&mut self, progress: &PartitionProgress) {
-        if let Some(t) = progress.max_event_time_micros {
-            let entry = self
-                .partitions
-                .entry(progress.partition)
-                .or_insert((t, Instant::now()));
-            entry.0 = entry.0.max(t);
-            entry.1 = Instant::now();
-        }
-    }
-
-    fn global(&self) -> Option<i64> {
-        let active = self
-            .partitions
-            .values()
-            .filter(|(_, seen)| seen.elapsed() < self.config.idle_timeout)
-            .map(|(t, _)| *t)
-            .min();
-        let highest = active.or_else(|| self.partitions.values().map(|(t, _)| *t).max())?;
-        Some(highest.saturating_sub(self.config.out_of_orderness_micros))
-    }
-}
-
 /// The sink's end of the hand-over, given to worker 0 only.
 pub struct SinkChannels {
     /// Completed epochs, in order.
@@ -127,7 +69,7 @@ pub struct SinkChannels {
 pub fn commit_epochs<'scope>(
     updates: StreamVec<'scope, Epoch, (Epoch, SinkUpdate)>,
     sink: Option<SinkChannels>,
-    watermarks: WatermarkConfig,
+    watermarks: WatermarkPolicy,
 ) -> StreamVec<'scope, Epoch, ()> {
     let scope = updates.scope();
     updates.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
@@ -137,7 +79,7 @@ pub fn commit_epochs<'scope>(
             let activator = scope.activator_for(info.address);
             let mut stash: BTreeMap<Epoch, (Capability<Epoch>, EpochBatch)> = BTreeMap::new();
             let mut in_flight: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
-            let mut watermarks = Watermarks::new(watermarks);
+            let mut watermarks = Watermarks::new(watermarks, Instant::now());
             // The last epoch handed over, and when: an idle pipeline still sends a heartbeat now and
             // then, so the watermark moves on idle partitions and the sink can apply a floor.
             let mut last_sent: (Epoch, Instant) = (0, Instant::now());
@@ -189,8 +131,12 @@ pub fn commit_epochs<'scope>(
                     }
                     let (epoch, (cap, mut batch)) = entry.remove_entry();
                     if batch.watermark.is_none() {
-                        batch.offsets.iter().for_each(|p| watermarks.observe(p));
-                        batch.watermark = watermarks.global();
+                        let now = Instant::now();
+                        batch
+                            .offsets
+                            .iter()
+                            .for_each(|p| watermarks.observe(p, now));
+                        batch.watermark = watermarks.global(now);
                     }
                     batch.sealed_at = Some(Instant::now());
                     match sink.batches.try_send(batch) {
@@ -209,7 +155,7 @@ pub fn commit_epochs<'scope>(
                 if stash.is_empty() && last_sent.1.elapsed() >= HEARTBEAT {
                     let heartbeat = EpochBatch {
                         epoch: last_sent.0,
-                        watermark: watermarks.global(),
+                        watermark: watermarks.global(Instant::now()),
                         sealed_at: Some(Instant::now()),
                         ..EpochBatch::default()
                     };

@@ -5,17 +5,20 @@
 //! ```text
 //!  config watcher ─► Vec<Meter> ─┐
 //!                                ├─► worker 0: Control at epoch e ─► broadcast ─► Meter operator
-//!  writer ─► committed watermark ┘   e = the oldest epoch any          (every worker)   │
-//!                                    worker still feeds items at      InForce::at(e') for items at e' ≥ e
+//!  writer ─► committed watermark ┘   e = 1 + the oldest epoch any      (every worker)   │
+//!                                    worker still feeds items at      meters_at(e') for items at e' ≥ e;
+//!                                                                     the greatest watermark received
 //! ```
-//! Worker 0 holds the control input at the items' frontier (`worker.rs`), so a change it feeds applies
-//! to every item any worker feeds after it, and the items of an epoch are metered once every worker has
-//! closed that epoch.
-//! So a meter created while the pipeline runs applies from one epoch on, on every worker of every
-//! process at once, and whether an event is late depends only on its epoch, not on when an operator
-//! happened to look. (Before, each process kept its own copy of the meters, reloaded when its watcher
-//! woke, and the watermark was a shared atomic read while metering: processes other than the writer's
-//! never saw it move.)
+//! Worker 0 holds the control input one epoch ahead of the items' frontier (`worker.rs`): a meter it
+//! feeds applies from the epoch after the slowest worker's current one, on every worker at once, and
+//! the oldest open epoch is metered while it is read (it never waits for the control input).
+//!
+//! The watermark is used as received, not as of an item's epoch: it only moves forward, and the
+//! freshest committed one judges an event closer to how its commit will find the window (the sink
+//! finalizes windows by the watermark committed before it). So an event read after a watermark was
+//! committed and fed is a late event on every worker, whichever epoch it falls in. (Before, each
+//! process kept its own copy of the meters, reloaded when its watcher woke, and the watermark was a
+//! shared atomic that processes other than the writer's never saw move.)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,11 +39,12 @@ pub enum Control {
     Watermark(i64),
 }
 
-/// What metering reads at each epoch: the control changes received, by the epoch they apply from.
+/// What metering reads: the meter sets received, by the epoch they apply from, and the greatest
+/// committed watermark received.
 #[derive(Debug, Default)]
 pub struct InForce {
     meters: BTreeMap<Epoch, (u64, Arc<Meters>)>,
-    watermarks: BTreeMap<Epoch, i64>,
+    watermark: Option<i64>,
 }
 
 impl InForce {
@@ -57,10 +61,7 @@ impl InForce {
                         .insert(epoch, (version, Arc::new(Meters::new(meters))));
                 }
             }
-            Control::Watermark(w) => {
-                let at = self.watermarks.entry(epoch).or_insert(w);
-                *at = (*at).max(w);
-            }
+            Control::Watermark(w) => self.watermark = self.watermark.max(Some(w)),
         }
     }
 
@@ -74,26 +75,17 @@ impl InForce {
             .unwrap_or_default()
     }
 
-    /// The committed watermark at `epoch`, if there was one by then.
-    pub fn watermark_at(&self, epoch: Epoch) -> Option<i64> {
-        self.watermarks.range(..=epoch).map(|(_, w)| *w).max()
+    /// The greatest committed watermark received, if any.
+    pub fn watermark(&self) -> Option<i64> {
+        self.watermark
     }
 
-    /// Forgets what no epoch from `oldest` on can read: every change before the last one at or before
-    /// `oldest`.
+    /// Forgets the meter sets no epoch from `oldest` on can read: every one before the last one at or
+    /// before `oldest`.
     pub fn forget_before(&mut self, oldest: Epoch) {
-        forget_before(&mut self.meters, oldest);
-        // Watermarks only move forward: the greatest one at or before `oldest` stands for all of them.
-        if let Some(w) = self.watermark_at(oldest) {
-            self.watermarks.retain(|epoch, _| *epoch > oldest);
-            self.watermarks.insert(oldest, w);
+        if let Some(&last) = self.meters.range(..=oldest).next_back().map(|(e, _)| e) {
+            self.meters.retain(|epoch, _| *epoch >= last);
         }
-    }
-}
-
-fn forget_before<V>(changes: &mut BTreeMap<Epoch, V>, oldest: Epoch) {
-    if let Some(&last) = changes.range(..=oldest).next_back().map(|(e, _)| e) {
-        changes.retain(|epoch, _| *epoch >= last);
     }
 }
 
@@ -147,17 +139,11 @@ mod tests {
     }
 
     #[test]
-    fn the_watermark_at_an_epoch_is_the_greatest_fed_by_then() {
+    fn the_watermark_is_the_greatest_received() {
         let mut in_force = InForce::default();
-        assert_eq!(in_force.watermark_at(4), None);
-        in_force.record(2, Control::Watermark(100));
-        in_force.record(2, Control::Watermark(90));
+        assert_eq!(in_force.watermark(), None);
         in_force.record(5, Control::Watermark(300));
-        assert_eq!(in_force.watermark_at(1), None);
-        assert_eq!(in_force.watermark_at(4), Some(100));
-        assert_eq!(in_force.watermark_at(5), Some(300));
-        in_force.forget_before(4);
-        assert_eq!(in_force.watermark_at(4), Some(100));
-        assert_eq!(in_force.watermark_at(8), Some(300));
+        in_force.record(2, Control::Watermark(100));
+        assert_eq!(in_force.watermark(), Some(300));
     }
 }

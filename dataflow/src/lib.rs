@@ -56,10 +56,11 @@ pub mod usage;
 pub mod worker;
 
 pub use classify::SharedWatermark;
-pub use commit::{SinkChannels, SinkUpdate, WatermarkConfig};
+pub use commit::{SinkChannels, SinkUpdate};
 pub use control::Control;
 pub use error::{SourceError, WorkerError};
 pub use inputs::{GraphInputs, Inputs, RatingInputs};
+pub use meterflow_model::watermark::WatermarkPolicy;
 pub use operators::GraphContext;
 pub use source::{RawRecord, RecordKind, SourceConfig};
 pub use worker::{run_worker, ControlFeed, Feeds, RatingFeed, WorkerConfig};

@@ -98,9 +98,9 @@ type Metered = Result<(RowKey, Epoch, Usage), (Epoch, SinkUpdate)>;
 /// contributions to every meter reading its type, each retracted (voided) one their negation; a
 /// contribution to a window the committed watermark has closed is also reported as a late event.
 ///
-/// The meters and the watermark are those in force at the items' epoch (`control.rs`): the items of
-/// an epoch wait until the control input has passed it, which in the worker loop is once every worker
-/// has closed the epoch.
+/// The meters are those in force at the items' epoch, and the watermark the greatest committed one
+/// received (`control.rs`): the items of an epoch wait until the control input has passed it, which
+/// the worker loop keeps an epoch ahead of the oldest one still read, so metering keeps pace with it.
 // The `Result` is a routing tag for `ok_err` (contributions one way, everything else the other), not an
 // error, so the size of its `Err` side is no concern.
 #[allow(clippy::result_large_err)]
@@ -148,7 +148,7 @@ fn meter<'scope>(
                     }
                     let (cap, stash) = entry.remove();
                     let meters = in_force.meters_at(epoch);
-                    let watermark = in_force.watermark_at(epoch);
+                    let watermark = in_force.watermark();
                     let mut session = output.session(&cap);
                     for item in stash {
                         meter_item(item, epoch, &meters, watermark, &context, |m| {

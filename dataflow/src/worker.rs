@@ -14,12 +14,13 @@ use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
 
 use crate::classify::{read_watermark, Classified, SharedWatermark};
-use crate::commit::{commit_epochs, SinkChannels, WatermarkConfig};
+use crate::commit::{commit_epochs, SinkChannels};
 use crate::control::Control;
 use crate::error::WorkerError;
 use crate::inputs::GraphInputs;
 use crate::operators::{build, Epoch, GraphContext};
 use crate::source::SourceMessage;
+use meterflow_model::watermark::WatermarkPolicy;
 
 /// How a worker paces itself.
 #[derive(Clone, Debug)]
@@ -34,7 +35,7 @@ pub struct WorkerConfig {
     /// The reader's batch size: a batch this large says records were waiting.
     pub full_batch: usize,
     /// How worker 0 derives the event-time watermark.
-    pub watermarks: WatermarkConfig,
+    pub watermarks: WatermarkPolicy,
     /// Where worker 0 publishes how many epochs its inputs are ahead of the sink's last commit (the
     /// binary exports it as `epoch_frontier_lag`).
     pub epochs_behind: Arc<AtomicU64>,
@@ -47,7 +48,7 @@ impl Default for WorkerConfig {
             max_inflight_epochs: 8,
             catch_up_interval: None,
             full_batch: usize::MAX,
-            watermarks: WatermarkConfig::default(),
+            watermarks: WatermarkPolicy::default(),
             epochs_behind: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -128,7 +129,8 @@ pub fn run_worker(
         rating,
         control,
     } = feeds;
-    // `items_open`: the oldest epoch any worker may still feed items at.
+    // `items_open`: the oldest epoch any worker may still feed items at (worker 0 keeps the control
+    // input one ahead of it).
     let items_open = ProbeHandle::new();
     let (mut inputs, probe) = worker.dataflow::<Epoch, _, _>(|scope| {
         let mut inputs = GraphInputs::default();
@@ -168,10 +170,12 @@ pub fn run_worker(
         let epoch = inputs.epoch();
         let mut fed = false;
         if let Some(control) = &mut control {
-            // Follow the items' frontier first: what is fed next applies to every epoch still open.
+            // One epoch ahead of the oldest items still fed: what is fed next applies from the epoch
+            // after the slowest worker's current one, and no worker's metering waits for it.
             if let Some(open) = items_open.with_frontier(|f| f.first().copied()) {
-                if open > *inputs.control.time() {
-                    inputs.control.advance_to(open);
+                let ahead = open.saturating_add(1);
+                if ahead > *inputs.control.time() {
+                    inputs.control.advance_to(ahead);
                 }
             }
             fed |= control.feed(&mut inputs.control);
@@ -338,7 +342,7 @@ fn start_rating(
 }
 
 /// Worker 0's side of the control input: feeds the meters and the committed watermark as they change,
-/// at the control input's epoch, which the worker loop holds at the items' frontier.
+/// at the control input's epoch, which the worker loop holds one ahead of the items' frontier.
 struct Controller {
     feed: ControlFeed,
     /// The version of the last meters fed.
@@ -380,6 +384,11 @@ impl Controller {
                 fed = true;
             }
             self.watermark = watermark;
+        }
+        if fed {
+            // An input hands on what it was sent when it advances or is flushed: now, so every worker
+            // has the change before the items read after it (the oldest epoch is metered as read).
+            control.flush();
         }
         fed
     }

@@ -22,9 +22,10 @@ use meterflow_dataflow::{
     run_worker, ControlFeed, Feeds, GraphContext, RawRecord, RecordKind, SinkChannels, WorkerConfig,
 };
 use meterflow_model::claims::SharedMemoryClaims;
+use meterflow_model::stored::{LineKey, LineTotals, Stored};
 use meterflow_model::{
-    period_of, Aggregate, AggregateKey, Aggregation, Charge, EpochBatch, Format, Item, Limits,
-    Meter, PriceBook, PriceModel, RatingCorrection, RatingState, Tier, Window,
+    period_of, Aggregation, Charge, EpochBatch, Format, Limits, Meter, PriceBook, PriceModel,
+    RatingCorrection, RatingState, Tier, Window,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -229,81 +230,24 @@ fn random_book_history(rng: &mut SmallRng, steps: usize) -> Vec<Vec<PriceBook>> 
     history
 }
 
-/// Upcoming-invoice lines: (customer, period, meter, book) → (amount, quantity, windows).
-type Lines = BTreeMap<(String, i64, String, String), (Decimal, Decimal, i64)>;
+/// Upcoming-invoice lines: (customer, period, meter, book) → totals.
+type Lines = BTreeMap<LineKey, LineTotals>;
 
-/// The stored state a sink keeps: rows (group totals and multiset items) and charges.
-#[derive(Default)]
-struct Store {
-    rows: BTreeMap<(AggregateKey, Option<Item>), Aggregate>,
-    charges: BTreeMap<(String, String, i64), Charge>,
-    /// Upcoming-invoice lines: (customer, period, meter, book) → (amount, quantity, windows).
-    lines: Lines,
+/// The stored state a sink keeps: the model's statement of a commit, whose `apply` checks the sink's
+/// rules (a charge appears or goes once, a withdrawn charge was the stored one, lines never have fewer
+/// than no windows).
+type Store = Stored;
+
+/// What these tests read off the stored state.
+trait Reads {
+    fn lines_from_charges(&self) -> Lines;
+    fn state(&self) -> RatingState;
 }
 
-impl Store {
-    fn apply(&mut self, batch: &EpochBatch) {
-        for (key, item, change) in &batch.aggregates {
-            let row = self.rows.entry((key.clone(), item.clone())).or_default();
-            row.checked_add(change).unwrap();
-            if row.is_zero() {
-                self.rows.remove(&(key.clone(), item.clone()));
-            }
-        }
-        for l in &batch.lines {
-            let key = (
-                l.customer_id.clone(),
-                l.period_start,
-                l.meter.clone(),
-                l.price_book_id.clone(),
-            );
-            let line = self.lines.entry(key.clone()).or_default();
-            line.0 += l.amount;
-            line.1 += l.quantity;
-            line.2 += l.windows;
-            assert!(line.2 >= 0, "a line never has fewer than no windows");
-            if line.2 == 0 {
-                assert!(
-                    line.0.is_zero() && line.1.is_zero(),
-                    "a line without windows is empty"
-                );
-                self.lines.remove(&key);
-            }
-        }
-        let window =
-            |c: &(String, String, Charge, i64)| (c.0.clone(), c.1.clone(), c.2.window_start);
-        let added: BTreeSet<_> = batch
-            .charges
-            .iter()
-            .filter(|c| c.3 > 0)
-            .map(window)
-            .collect();
-        let mut seen = BTreeSet::new();
-        for c in &batch.charges {
-            assert!(
-                c.3 == 1 || c.3 == -1,
-                "a charge appears or goes once: {c:?}"
-            );
-            if c.3 > 0 {
-                assert!(
-                    seen.insert(window(c)),
-                    "at most one new charge per window: {c:?}"
-                );
-                self.charges.insert(window(c), c.2.clone());
-            } else if !added.contains(&window(c)) {
-                let old = self.charges.remove(&window(c));
-                assert_eq!(
-                    old.as_ref(),
-                    Some(&c.2),
-                    "a withdrawn charge was the stored one"
-                );
-            }
-        }
-    }
-
+impl Reads for Stored {
     /// The lines a sink should hold: the stored charges summed per (customer, period, meter, book).
     fn lines_from_charges(&self) -> Lines {
-        let mut lines: BTreeMap<_, (Decimal, Decimal, i64)> = BTreeMap::new();
+        let mut lines = Lines::new();
         for ((customer, meter, _), c) in &self.charges {
             let key = (
                 customer.clone(),
@@ -312,9 +256,9 @@ impl Store {
                 c.price_book_id.clone(),
             );
             let line = lines.entry(key).or_default();
-            line.0 += c.amount;
-            line.1 += c.quantity;
-            line.2 += 1;
+            line.amount += c.amount;
+            line.quantity += c.quantity;
+            line.windows += 1;
         }
         lines
     }
@@ -358,7 +302,12 @@ fn run_correcting(
     claims: SharedMemoryClaims,
     correction: Option<RatingCorrection>,
 ) -> Store {
-    let state = store.state();
+    // With a correction, the pipeline starts from the tampered rows (its `before` in place of its
+    // `after`); the store keeps the truth, as the job's transaction restores it in Postgres.
+    let state = match &correction {
+        Some(c) => tampered(store.state(), c),
+        None => store.state(),
+    };
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<EpochBatch>(4);
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
     let sink = Arc::new(Mutex::new(Some(SinkChannels {
@@ -379,7 +328,7 @@ fn run_correcting(
     let correction = Arc::new(Mutex::new(correction));
     let collector = std::thread::spawn(move || {
         for batch in batch_rx {
-            store.apply(&batch);
+            store.apply(&batch).unwrap();
             let _ = ack_tx.send(batch.epoch); // a heartbeat may come after the workers are done
         }
         store
@@ -468,6 +417,21 @@ fn run_correcting(
         );
     }
     store
+}
+
+/// `state` with `correction.after`'s rows taken out and `correction.before`'s put in.
+fn tampered(mut state: RatingState, correction: &RatingCorrection) -> RatingState {
+    let replaced: BTreeSet<_> = correction
+        .after
+        .rows
+        .iter()
+        .map(|(k, i, _)| (k.clone(), i.clone()))
+        .collect();
+    state
+        .rows
+        .retain(|(k, i, _)| !replaced.contains(&(k.clone(), i.clone())));
+    state.rows.extend(correction.before.rows.iter().cloned());
+    state
 }
 
 /// The reference rater: windows from the raw events with their own arithmetic, then for each window
@@ -698,7 +662,7 @@ fn a_correction_taken_in_while_running_rates_like_an_uninterrupted_run() {
     let expected = reference(&events, history.last().unwrap());
     for workers in [1, 2, 4] {
         let claims = SharedMemoryClaims::default();
-        let mut stored = run(&cut, 2, first, Store::default(), claims.clone());
+        let stored = run(&cut, 2, first, Store::default(), claims.clone());
         // Tamper with every third row: a group row's value raised, a multiset item dropped.
         let (mut before, mut after) = (Vec::new(), Vec::new());
         let keys: Vec<_> = stored.rows.keys().cloned().step_by(3).collect();
@@ -710,9 +674,6 @@ fn a_correction_taken_in_while_running_rates_like_an_uninterrupted_run() {
                 let mut raised = truth;
                 raised.value += Decimal::from(7);
                 before.push((key.clone(), None, raised));
-                stored.rows.insert((key, None), raised);
-            } else {
-                stored.rows.remove(&(key, item));
             }
         }
         let correction = RatingCorrection {

@@ -20,7 +20,8 @@ use meterflow_dataflow::{
     run_worker, ControlFeed, Feeds, GraphContext, RawRecord, RecordKind, SinkChannels, WorkerConfig,
 };
 use meterflow_model::claims::SharedMemoryClaims;
-use meterflow_model::{decode_event, Aggregation, EpochBatch, Format, Item, Limits, Meter, Window};
+use meterflow_model::stored::Stored;
+use meterflow_model::{decode_event, Aggregation, EpochBatch, Format, Limits, Meter, Window};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -318,67 +319,19 @@ fn reference(records: &[RawRecord]) -> Outcome {
     out
 }
 
-/// Applies a batch the way the Postgres sink does: sums add up, multisets change, then each multiset
-/// row is recomputed.
-#[derive(Default)]
-struct Store {
-    sums: BTreeMap<(String, String, i64), (Decimal, i64)>,
-    items: BTreeMap<(String, String, i64), BTreeMap<Item, i64>>,
-}
-
-impl Store {
-    fn apply(&mut self, batch: &EpochBatch) {
-        for (key, item, agg) in &batch.aggregates {
-            let k = (key.customer_id.clone(), key.meter.clone(), key.window_start);
-            match item {
-                None => {
-                    let row = self.sums.entry(k.clone()).or_default();
-                    row.0 += agg.value;
-                    row.1 += agg.event_count;
-                    if row.1 == 0 {
-                        assert!(row.0.is_zero(), "a row with no events has no value");
-                        self.sums.remove(&k);
-                    }
-                }
-                Some(item) => {
-                    let bag = self.items.entry(k.clone()).or_default();
-                    let n = bag.entry(item.clone()).or_default();
-                    *n += agg.event_count;
-                    assert!(*n >= 0, "an item is never retracted below zero");
-                    if *n == 0 {
-                        bag.remove(item);
-                    }
-                    if bag.is_empty() {
-                        self.items.remove(&k);
-                    }
-                }
-            }
-        }
-    }
-
-    fn rows(&self) -> Rows {
-        let mut rows = self.sums.clone();
-        for (k, bag) in &self.items {
-            let events: i64 = bag.values().sum();
-            let value = match bag.keys().next().unwrap() {
-                Item::Max(_) => bag
-                    .keys()
-                    .filter_map(|i| match i {
-                        Item::Max(v) => Some(*v),
-                        _ => None,
-                    })
-                    .max()
-                    .unwrap(),
-                Item::Unique(_) => Decimal::from(bag.len()),
-                Item::Latest { .. } => match bag.keys().next_back().unwrap() {
-                    Item::Latest { value, .. } => *value,
-                    _ => unreachable!(),
-                },
-            };
-            rows.insert(k.clone(), (value.normalize(), events));
-        }
-        rows
-    }
+/// The rows a sink shows after its commits (`Stored::apply`, the model's statement of a commit), keyed
+/// as the reference keys them.
+fn shown(store: &Stored) -> Rows {
+    store
+        .row_values()
+        .into_iter()
+        .map(|(k, a)| {
+            (
+                (k.customer_id, k.meter, k.window_start),
+                (a.value, a.event_count),
+            )
+        })
+        .collect()
 }
 
 fn run_dataflow(records: Vec<RawRecord>, workers: usize, epoch_ms: u64, chunk: usize) -> Outcome {
@@ -410,7 +363,7 @@ fn run_paced(
             std::process::exit(101);
         }));
         let mut out = Outcome::default();
-        let mut store = Store::default();
+        let mut store = Stored::default();
         let mut last_epoch = 0;
         let mut last_watermark = None;
         for batch in batch_rx {
@@ -428,7 +381,7 @@ fn run_paced(
                 batch.aggregates.len(),
                 "at most one change per row and item in a batch"
             );
-            store.apply(&batch);
+            store.apply(&batch).unwrap();
             for p in &batch.offsets {
                 let stored = out.offsets.entry(p.partition).or_default();
                 assert!(p.next_offset >= *stored, "offsets never move back");
@@ -461,7 +414,7 @@ fn run_paced(
                 .collect();
             let covered = reference(&below);
             let now = Outcome {
-                rows: store.rows(),
+                rows: shown(&store),
                 offsets: out.offsets.clone(),
                 dead_letters: out.dead_letters.clone(),
                 ..Outcome::default()
@@ -478,7 +431,7 @@ fn run_paced(
             );
             ack_tx.send(batch.epoch).unwrap();
         }
-        out.rows = store.rows();
+        out.rows = shown(&store);
         out
     });
     let records = Arc::new(records);

@@ -335,7 +335,8 @@ async fn execute_locked(
                 progress(&status);
             }
             // Someone issued one of the batch's invoices around the customer lock: the next attempt
-            // finds it and skips it. Transient failures are retried with a backoff.
+            // finds it and skips it. Transient failures are retried with a backoff. (Inline rather than
+            // a retry crate: the retry is one arm of the batch loop, which already owns the counts.)
             Err(e)
                 if failures_in_a_row < 5
                     && (is_transient(&e) || invoices::violates(&e, ONE_ISSUED_PER_PERIOD)) =>
