@@ -131,12 +131,28 @@ fn meter<'scope>(
                 });
                 items.for_each_stamp(|cap, data| {
                     // Epochs are totally ordered: a stamp always has a least time.
+                    let Some(&epoch) = cap.least() else {
+                        return;
+                    };
+                    // The common case: the control input has passed the epoch (the worker loop keeps
+                    // it ahead), so the items are metered as they come, without being copied aside.
+                    if !control_frontier.frontier().less_equal(&epoch) {
+                        let meters = in_force.meters_at(epoch);
+                        let watermark = in_force.watermark();
+                        let mut session = output.session(&cap);
+                        for batch in data {
+                            for item in batch.drain(..) {
+                                meter_item(item, epoch, &meters, watermark, &context, |m| {
+                                    session.give(m)
+                                });
+                            }
+                        }
+                        return;
+                    }
                     let Some(held) = cap.retain_least(output.output_index()) else {
                         return;
                     };
-                    let (_, stash) = waiting
-                        .entry(*held.time())
-                        .or_insert_with(|| (held, Vec::new()));
+                    let (_, stash) = waiting.entry(epoch).or_insert_with(|| (held, Vec::new()));
                     for batch in data {
                         stash.append(batch);
                     }
