@@ -137,16 +137,9 @@ fn meter<'scope>(
                     // The common case: the control input has passed the epoch (the worker loop keeps
                     // it ahead), so the items are metered as they come, without being copied aside.
                     if !control_frontier.frontier().less_equal(&epoch) {
-                        let meters = in_force.meters_at(epoch);
-                        let watermark = in_force.watermark();
                         let mut session = output.session(&cap);
-                        for batch in data {
-                            for item in batch.drain(..) {
-                                meter_item(item, epoch, &meters, watermark, &context, |m| {
-                                    session.give(m)
-                                });
-                            }
-                        }
+                        let items = data.flat_map(|batch| batch.drain(..));
+                        meter_epoch(items, epoch, &in_force, &context, |m| session.give(m));
                         return;
                     }
                     let Some(held) = cap.retain_least(output.output_index()) else {
@@ -163,14 +156,8 @@ fn meter<'scope>(
                         break;
                     }
                     let (cap, stash) = entry.remove();
-                    let meters = in_force.meters_at(epoch);
-                    let watermark = in_force.watermark();
                     let mut session = output.session(&cap);
-                    for item in stash {
-                        meter_item(item, epoch, &meters, watermark, &context, |m| {
-                            session.give(m)
-                        });
-                    }
+                    meter_epoch(stash, epoch, &in_force, &context, |m| session.give(m));
                 }
                 let oldest = waiting
                     .keys()
@@ -185,6 +172,22 @@ fn meter<'scope>(
     );
     let (contributions, other) = metered.ok_err(|m| m);
     (contributions.as_collection(), other)
+}
+
+/// Meters items of `epoch` under what is in force for it: the epoch's meter set and the greatest
+/// watermark received.
+fn meter_epoch(
+    items: impl IntoIterator<Item = SourceItem>,
+    epoch: Epoch,
+    in_force: &InForce,
+    context: &GraphContext,
+    mut give: impl FnMut(Metered),
+) {
+    let meters = in_force.meters_at(epoch);
+    let watermark = in_force.watermark();
+    for item in items {
+        meter_item(item, epoch, &meters, watermark, context, &mut give);
+    }
 }
 
 /// One item's contributions (and its late events), or the item itself for the sink.
