@@ -763,6 +763,7 @@ async fn finding_02_a_retraction_of_an_item_never_stored_does_not_stop_the_sink(
     )
     .unwrap();
     let key = AggregateKey {
+        dimensions: Default::default(),
         customer_id: "c".into(),
         meter: "peak".into(),
         window_start: W,

@@ -152,6 +152,8 @@ fn sum_meter(name: &str, property: &str, aggregation: Aggregation) -> Meter {
         aggregation,
         value_property: Some(property.into()),
         window: Window::Hour,
+        group_by: Default::default(),
+        max_dimension_values: None,
     }
 }
 

@@ -1,8 +1,7 @@
 //! `GET /api/v1/aggregations`: the current aggregate rows, filtered, in key order, with keyset
 //! pagination behind an opaque cursor (SPEC §8).
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use meterflow_store::results;
@@ -10,6 +9,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Scope;
+use crate::dimension_filter::{self, cursor_dimensions};
 use crate::error::ApiError;
 use crate::openapi::{ok, op, page, params, problem, Access, Route, Verb};
 use crate::page::{Cursor, Page};
@@ -52,6 +52,10 @@ pub struct AggregationQuery {
 pub struct Aggregation {
     customer_id: String,
     meter: String,
+    /// The window's values of the meter's `group_by` keys, `{"model": "large", "region": null}`;
+    /// `{}` for a meter without `group_by`.
+    #[schema(value_type = Object)]
+    dimensions: meterflow_model::Dimensions,
     window_start: DateTime<Utc>,
     window_end: DateTime<Utc>,
     #[serde(serialize_with = "meterflow_model::json::serialize_decimal")]
@@ -76,9 +80,10 @@ pub struct Aggregation {
 pub async fn list(
     State(state): State<AppState>,
     caller: crate::auth::Caller,
-    query: Result<Query<AggregationQuery>, QueryRejection>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<Page<Aggregation>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let (q, selector): (AggregationQuery, _) = dimension_filter::split(raw.as_deref())?;
+    let selector = selector.map(|s| s.to_string());
     // A bound key's list is its own customer's: another one asked for is 404.
     let customer = caller.narrow(q.customer_id.clone())?;
     let with_ids = match q.include.as_deref() {
@@ -104,12 +109,20 @@ pub async fn list(
         )));
     }
     let after = q.cursor.as_deref().map(Cursor::decode).transpose()?;
+    let after_dimensions = after
+        .as_ref()
+        .map(|c| cursor_dimensions(&c.3))
+        .transpose()?;
     let page = results::WindowPage {
         customer_id: customer.as_deref(),
         meter: q.meter.as_deref(),
         from: q.from,
         to: q.to,
-        after: after.as_ref().map(|c| (c.0.as_str(), c.1.as_str(), c.2)),
+        dimensions: selector.as_deref(),
+        after: after
+            .as_ref()
+            .zip(after_dimensions.as_deref())
+            .map(|(c, d)| (c.0.as_str(), c.1.as_str(), c.2, d)),
         limit: limit + 1,
     };
     let data: Vec<Aggregation> = results::aggregations(&state.pool, page)
@@ -118,6 +131,7 @@ pub async fn list(
         .map(|r| Aggregation {
             customer_id: r.customer_id,
             meter: r.meter,
+            dimensions: r.dimensions.0,
             window_start: r.window_start,
             window_end: r.window_end,
             value: r.value,
@@ -168,7 +182,13 @@ pub async fn list(
         }
     }
     Ok(Json(Page::from_overfetched(data, limit, |a| {
-        Cursor(a.customer_id.clone(), a.meter.clone(), a.window_start).encode()
+        Cursor(
+            a.customer_id.clone(),
+            a.meter.clone(),
+            a.window_start,
+            a.dimensions.to_string(),
+        )
+        .encode()
     })))
 }
 
@@ -189,7 +209,7 @@ pub(crate) const ROUTES: &[Route] = &[Route {
                 None,
                 vec![
                     (200, ok("A page of aggregates", page::<Aggregation>())),
-                    (400, problem("BAD_REQUEST: a bad filter, limit or cursor, or more than 10000 event ids asked for")),
+                    (400, problem(&format!("BAD_REQUEST: a bad filter, limit or cursor, or more than 10000 event ids asked for. {}", dimension_filter::DOC))),
                 ],
             )
     },

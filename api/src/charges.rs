@@ -2,8 +2,7 @@
 //! with keyset pagination behind an opaque cursor (SPEC §8). Amounts are unrounded and shown with their
 //! exact digits.
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use meterflow_store::results;
@@ -11,6 +10,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Scope;
+use crate::dimension_filter::{self, cursor_dimensions};
 use crate::error::ApiError;
 use crate::openapi::{ok, op, page, params, problem, Access, Route, Verb};
 use crate::page::{Cursor, Page};
@@ -44,6 +44,10 @@ pub struct ChargeQuery {
 pub struct Charge {
     customer_id: String,
     meter: String,
+    /// The window's values of the meter's `group_by` keys, `{"model": "large", "region": null}`;
+    /// `{}` for a meter without `group_by`.
+    #[schema(value_type = Object)]
+    dimensions: meterflow_model::Dimensions,
     window_start: DateTime<Utc>,
     window_end: DateTime<Utc>,
     #[serde(serialize_with = "meterflow_model::json::serialize_decimal")]
@@ -61,19 +65,28 @@ pub struct Charge {
 pub async fn list(
     State(state): State<AppState>,
     caller: crate::auth::Caller,
-    query: Result<Query<ChargeQuery>, QueryRejection>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<Page<Charge>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let (q, selector): (ChargeQuery, _) = dimension_filter::split(raw.as_deref())?;
+    let selector = selector.map(|s| s.to_string());
     // A bound key's list is its own customer's: another one asked for is 404.
     let customer = caller.narrow(q.customer_id.clone())?;
     let limit = crate::page::limit(q.limit)?;
     let after = q.cursor.as_deref().map(Cursor::decode).transpose()?;
+    let after_dimensions = after
+        .as_ref()
+        .map(|c| cursor_dimensions(&c.3))
+        .transpose()?;
     let page = results::WindowPage {
         customer_id: customer.as_deref(),
         meter: q.meter.as_deref(),
         from: q.from,
         to: q.to.map(exclusive_end),
-        after: after.as_ref().map(|c| (c.0.as_str(), c.1.as_str(), c.2)),
+        dimensions: selector.as_deref(),
+        after: after
+            .as_ref()
+            .zip(after_dimensions.as_deref())
+            .map(|(c, d)| (c.0.as_str(), c.1.as_str(), c.2, d)),
         limit: limit + 1,
     };
     let data: Vec<Charge> = results::charges(&state.pool, page)
@@ -82,6 +95,7 @@ pub async fn list(
         .map(|r| Charge {
             customer_id: r.customer_id,
             meter: r.meter,
+            dimensions: r.dimensions.0,
             window_start: r.window_start,
             window_end: r.window_end,
             quantity: r.quantity,
@@ -93,7 +107,13 @@ pub async fn list(
         })
         .collect();
     Ok(Json(Page::from_overfetched(data, limit, |c| {
-        Cursor(c.customer_id.clone(), c.meter.clone(), c.window_start).encode()
+        Cursor(
+            c.customer_id.clone(),
+            c.meter.clone(),
+            c.window_start,
+            c.dimensions.to_string(),
+        )
+        .encode()
     })))
 }
 
@@ -114,7 +134,13 @@ pub(crate) const ROUTES: &[Route] = &[Route {
             None,
             vec![
                 (200, ok("A page of charges", page::<Charge>())),
-                (400, problem("BAD_REQUEST: a bad filter, limit or cursor")),
+                (
+                    400,
+                    problem(&format!(
+                        "BAD_REQUEST: a bad filter, limit or cursor. {}",
+                        dimension_filter::DOC
+                    )),
+                ),
             ],
         )
     },

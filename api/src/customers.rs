@@ -172,7 +172,7 @@ pub async fn list(
             .map(CustomerView::from)
             .collect();
     Ok(Json(Page::from_overfetched(data, limit, |c| {
-        Cursor(c.customer_id.clone(), String::new(), DateTime::UNIX_EPOCH).encode()
+        Cursor::of(c.customer_id.clone(), String::new(), DateTime::UNIX_EPOCH).encode()
     })))
 }
 

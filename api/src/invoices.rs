@@ -316,7 +316,7 @@ pub async fn list(
         .map(InvoiceView::from)
         .collect();
     Ok(Json(Page::from_overfetched(data, limit, |i| {
-        Cursor(i.number.to_string(), String::new(), DateTime::UNIX_EPOCH).encode()
+        Cursor::of(i.number.to_string(), String::new(), DateTime::UNIX_EPOCH).encode()
     })))
 }
 

@@ -42,6 +42,7 @@ pub mod auth;
 pub mod charges;
 pub mod customers;
 pub mod dead_letters;
+pub mod dimension_filter;
 pub mod error;
 pub mod events;
 pub mod extract;

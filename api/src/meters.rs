@@ -33,6 +33,12 @@ pub struct StoredMeter {
     #[serde(skip_serializing_if = "Option::is_none")]
     value_property: Option<String>,
     window: Window,
+    /// The event properties each window is also keyed by (docs/dimensions.md); absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    group_by: Vec<String>,
+    /// How many distinct values each `group_by` key may take; absent: 1,000.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_dimension_values: Option<u32>,
     created_at: DateTime<Utc>,
 }
 
@@ -44,6 +50,8 @@ impl StoredMeter {
             aggregation,
             value_property,
             window,
+            group_by,
+            max_dimension_values,
         } = meter;
         StoredMeter {
             meter,
@@ -51,6 +59,8 @@ impl StoredMeter {
             aggregation,
             value_property,
             window,
+            group_by: group_by.into(),
+            max_dimension_values,
             created_at,
         }
     }

@@ -46,20 +46,32 @@ pub fn limit(requested: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
-/// The last row's key of a page: (customer_id, meter, window_start). Encoded as hex of a
-/// NUL-separated string: opaque to clients, trivially safe in a URL.
+/// The last row's key of a page: (customer_id, meter, window_start, and for window lists the
+/// dimension values as JSON text, else empty). Encoded as hex of a NUL-separated string: opaque to
+/// clients, trivially safe in a URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cursor(pub String, pub String, pub DateTime<Utc>);
+pub struct Cursor(pub String, pub String, pub DateTime<Utc>, pub String);
 
 impl Cursor {
+    /// A cursor of a list keyed by two names and an instant.
+    pub fn of(first: String, second: String, at: DateTime<Utc>) -> Self {
+        Cursor(first, second, at, String::new())
+    }
+
     pub fn encode(&self) -> String {
-        let plain = format!("{}\0{}\0{}", self.0, self.1, self.2.timestamp_micros());
+        let plain = format!(
+            "{}\0{}\0{}\0{}",
+            self.0,
+            self.1,
+            self.2.timestamp_micros(),
+            self.3
+        );
         plain.bytes().map(|b| format!("{b:02x}")).collect()
     }
 
     pub fn decode(text: &str) -> Result<Self, ApiError> {
         let bad = || ApiError::BadRequest("cursor is not one this API returned".into());
-        if !text.len().is_multiple_of(2) || text.len() > 1200 {
+        if !text.len().is_multiple_of(2) || text.len() > 4096 {
             return Err(bad());
         }
         let bytes = (0..text.len())
@@ -68,14 +80,18 @@ impl Cursor {
             .collect::<Result<Vec<u8>, _>>()?;
         let plain = String::from_utf8(bytes).map_err(|_| bad())?;
         let mut parts = plain.split('\0');
-        let (Some(c), Some(m), Some(t), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(c), Some(m), Some(t), Some(d), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(bad());
         };
         let micros: i64 = t.parse().map_err(|_| bad())?;
         let at = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
-        Ok(Cursor(c.to_owned(), m.to_owned(), at))
+        Ok(Cursor(c.to_owned(), m.to_owned(), at, d.to_owned()))
     }
 }
 
@@ -89,6 +105,7 @@ mod tests {
             "cust_1".into(),
             "api_call".into(),
             DateTime::from_timestamp(1_705_327_200, 0).unwrap(),
+            r#"{"model":"large"}"#.into(),
         );
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         for bad in ["zz", "abc", "00", ""] {

@@ -148,7 +148,7 @@ pub async fn list(
         .map(view)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(Page::from_overfetched(data, limit, |b| {
-        Cursor(b.meter.clone(), b.price_book_id.clone(), b.effective_from).encode()
+        Cursor::of(b.meter.clone(), b.price_book_id.clone(), b.effective_from).encode()
     })))
 }
 

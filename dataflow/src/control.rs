@@ -101,6 +101,8 @@ mod tests {
             aggregation: Aggregation::Count,
             value_property: None,
             window: Window::Hour,
+            group_by: Default::default(),
+            max_dimension_values: None,
         }
     }
 

@@ -16,7 +16,9 @@ use differential_dataflow::collection::AsCollection;
 use differential_dataflow::difference::Abelian;
 use differential_dataflow::VecCollection;
 use meterflow_model::batch::QuarantinedPeriod;
-use meterflow_model::{period_of, Aggregate, Contribution, Event, LateEvent, LineChange};
+use meterflow_model::{
+    period_of, Aggregate, Contribution, Dimensions, Event, LateEvent, LineChange,
+};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Capability, Concatenate, OkErr, Operator};
@@ -275,11 +277,11 @@ fn charge_changes<'scope>(
     (charges, quarantined)
 }
 
-/// An upcoming-invoice line: (customer, period start, meter, price book, currency).
-type LineKey = (String, i64, String, String, String);
+/// An upcoming-invoice line: (customer, period start, meter, dimension values, price book, currency).
+type LineKey = (String, i64, String, Dimensions, String, String);
 
 /// Each epoch's changes of upcoming-invoice lines (SPEC §6): the window charge changes summed per
-/// (customer, period, meter, book). Exchange contract: `consolidate` routes by line, one update per line
+/// (customer, period, meter, dimension values, book). Exchange contract: `consolidate` routes by line, one update per line
 /// and epoch.
 fn line_changes<'scope>(
     charges: StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
@@ -299,6 +301,7 @@ fn line_changes<'scope>(
                 customer,
                 period,
                 meter,
+                charge.dimensions,
                 charge.price_book_id,
                 charge.currency,
             );
@@ -310,11 +313,12 @@ fn line_changes<'scope>(
 }
 
 fn line_change(key: LineKey, total: LineTotal) -> LineChange {
-    let (customer_id, period_start, meter, price_book_id, currency) = key;
+    let (customer_id, period_start, meter, dimensions, price_book_id, currency) = key;
     LineChange {
         customer_id,
         period_start,
         meter,
+        dimensions,
         price_book_id,
         currency,
         amount: total.amount,

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  usage (every row ever committed + this run's row changes)
-//!     └─map─► ((customer, meter, period), window, item) ────────────────────────────────┐
+//!     └─map─► ((customer, meter, period, dimensions), window, item) ────────────────────────────────┐
 //!               └─distinct─► periods ─► (meter, period) ─distinct─┐                      │
 //!  books (price_books, reloaded on every change) ─► (meter, book) ──join, overlap─► (meter, period, book)
 //!               periods ────────────────────────────────join, scope─► ((customer, meter, period), book)
@@ -36,7 +36,8 @@ use differential_dataflow::operators::ThresholdTotal;
 use differential_dataflow::VecCollection;
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
 use meterflow_model::{
-    period_of, rate_period, Aggregate, AggregateKey, Charge, Item, Measure, PriceBook, WindowUsage,
+    period_of, rate_period, Aggregate, AggregateKey, Charge, Dimensions, Item, Measure, PriceBook,
+    WindowUsage,
 };
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -52,8 +53,9 @@ pub type RowKey = (AggregateKey, Option<Item>);
 /// A window charge as the sink stores it: `(customer_id, meter, charge)`.
 pub type ChargeRow = (String, String, Charge);
 
-/// One customer's usage of one meter in one billing period (the period's start, seconds).
-type PeriodKey = (String, String, i64);
+/// One customer's usage of one meter's windows of one set of dimension values in one billing period:
+/// (customer, meter, the period's start in seconds, dimension values).
+type PeriodKey = (String, String, i64, Dimensions);
 
 /// What the rating reduce sees of a period: its windows' usage and the books that may price it.
 /// Boxed where large and rare (a book, a multiset item), so the common value, a group window, is 32
@@ -95,7 +97,7 @@ pub fn rate<'scope>(
     let windows = usage.map(|(key, item)| {
         let (period, _) = period_of(key.window_start);
         (
-            (key.customer_id, key.meter, period),
+            (key.customer_id, key.meter, period, key.dimensions),
             RateInput::Window {
                 start: key.window_start,
                 end: key.window_end,
@@ -109,7 +111,7 @@ pub fn rate<'scope>(
     let periods = windows.clone().map(|(period, _)| period).distinct_total();
     let meter_periods = periods
         .clone()
-        .map(|(_, meter, period)| (meter, period))
+        .map(|(_, meter, period, _)| (meter, period))
         .distinct_total();
     let meter_period_books = meter_periods
         .join_map(
@@ -124,11 +126,17 @@ pub fn rate<'scope>(
             )
         });
     let period_books = periods
-        .map(|(customer, meter, period)| ((meter, period), customer))
-        .join_map(meter_period_books, |(meter, period), customer, book| {
-            ((customer.clone(), meter.clone(), *period), book.clone())
-        })
-        .filter(|((customer, _, _), book)| {
+        .map(|(customer, meter, period, dimensions)| ((meter, period), (customer, dimensions)))
+        .join_map(
+            meter_period_books,
+            |(meter, period), (customer, dimensions), book| {
+                (
+                    (customer.clone(), meter.clone(), *period, dimensions.clone()),
+                    book.clone(),
+                )
+            },
+        )
+        .filter(|((customer, _, _, _), book)| {
             book.customer_id.as_ref().is_none_or(|own| own == customer)
         });
     // A book's multiplicity rides in the usage difference so both inputs meet in one reduce.
@@ -152,9 +160,10 @@ pub fn rate<'scope>(
                 value: Decimal::ZERO,
                 event_count: diff as i64,
             });
+            let dimensions = charge.dimensions.clone();
             (
                 (
-                    (customer, meter, period),
+                    (customer, meter, period, dimensions),
                     RateInput::Stored(Box::new(charge)),
                 ),
                 time,
@@ -170,7 +179,7 @@ pub fn rate<'scope>(
         });
     // One pass splits them (no copy of every charge for a branch that keeps only the quarantines).
     let (charges, quarantined) = rated.inner.ok_err(|((key, rated), time, diff)| {
-        let (customer_id, meter, period_start) = key;
+        let (customer_id, meter, period_start, dimensions) = key;
         match rated {
             Rated::Charge(charge) => Ok((
                 (customer_id, meter, Arc::unwrap_or_clone(charge)),
@@ -184,6 +193,7 @@ pub fn rate<'scope>(
                 QuarantinedPeriod {
                     customer_id,
                     meter,
+                    dimensions,
                     period_start,
                     from_window,
                     reason,
@@ -274,7 +284,7 @@ fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<(Rated,
             });
         }
     }
-    let (charges, rating_stopped) = rate_longest_prefix(&period.0, &usage, &books);
+    let (charges, rating_stopped) = rate_longest_prefix(&period.0, &period.3, &usage, &books);
     if let Some(from_window) = rating_stopped {
         // Pricing stopped before any usage overflow could: the earlier window is where rating ends.
         quarantine = Some((from_window, QuarantineReason::RatingOverflow));
@@ -302,10 +312,11 @@ fn rate_inputs(period: &PeriodKey, input: &[(&RateInput, Usage)]) -> Vec<(Rated,
 /// when the whole period does not rate, which is the rare case).
 fn rate_longest_prefix(
     customer: &str,
+    dimensions: &Dimensions,
     usage: &[WindowUsage],
     books: &[&PriceBook],
 ) -> (Vec<Charge>, Option<i64>) {
-    if let Ok(charges) = rate_period(customer, usage, books) {
+    if let Ok(charges) = rate_period(customer, dimensions, usage, books) {
         return (charges, None);
     }
     // Invariant: the first `good` windows rate, the first `bad` do not.
@@ -313,7 +324,12 @@ fn rate_longest_prefix(
     let mut best = Vec::new();
     while bad.saturating_sub(good) > 1 {
         let mid = good.midpoint(bad);
-        match rate_period(customer, usage.get(..mid).unwrap_or_default(), books) {
+        match rate_period(
+            customer,
+            dimensions,
+            usage.get(..mid).unwrap_or_default(),
+            books,
+        ) {
             Ok(charges) => {
                 good = mid;
                 best = charges;

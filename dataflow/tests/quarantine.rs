@@ -33,6 +33,7 @@ fn dec(s: &str) -> Decimal {
 
 fn key(customer: &str, start: i64) -> AggregateKey {
     AggregateKey {
+        dimensions: Default::default(),
         customer_id: customer.into(),
         meter: "api_call".into(),
         window_start: start,
@@ -191,6 +192,7 @@ fn finding_03_a_usage_overflow_quarantines_the_window_and_its_period_only() {
     assert_eq!(
         seen.periods.keys().cloned().collect::<Vec<_>>(),
         vec![QuarantinedPeriod {
+            dimensions: Default::default(),
             customer_id: "a".into(),
             meter: "api_call".into(),
             period_start: JANUARY,
@@ -251,6 +253,7 @@ fn finding_17_a_rating_overflow_keeps_earlier_charges_and_quarantines_the_period
     assert_eq!(
         seen.periods.keys().cloned().collect::<Vec<_>>(),
         vec![QuarantinedPeriod {
+            dimensions: Default::default(),
             customer_id: "c".into(),
             meter: "api_call".into(),
             period_start: JANUARY,

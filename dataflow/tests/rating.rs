@@ -22,7 +22,7 @@ use meterflow_dataflow::{
     run_worker, ControlFeed, Feeds, GraphContext, RawRecord, RecordKind, SinkChannels, WorkerConfig,
 };
 use meterflow_model::claims::SharedMemoryClaims;
-use meterflow_model::stored::{LineKey, LineTotals, Stored};
+use meterflow_model::stored::{ChargeKey, LineKey, LineTotals, Stored};
 use meterflow_model::{
     period_of, Aggregation, Charge, EpochBatch, Format, Limits, Meter, PriceBook, PriceModel,
     RatingCorrection, RatingState, Tier, Window,
@@ -44,6 +44,8 @@ fn meters() -> Vec<Meter> {
         aggregation,
         value_property: property.map(str::to_owned),
         window,
+        group_by: Default::default(),
+        max_dimension_values: None,
     };
     vec![
         m("calls", Aggregation::Count, None, Window::Day),
@@ -248,12 +250,13 @@ impl Reads for Stored {
     /// The lines a sink should hold: the stored charges summed per (customer, period, meter, book).
     fn lines_from_charges(&self) -> Lines {
         let mut lines = Lines::new();
-        for ((customer, meter, _), c) in &self.charges {
+        for ((customer, meter, _, _), c) in &self.charges {
             let key = (
                 customer.clone(),
                 period_of(c.window_start).0,
                 meter.clone(),
                 c.price_book_id.clone(),
+                c.dimensions.clone(),
             );
             let line = lines.entry(key).or_default();
             line.amount += c.amount;
@@ -273,7 +276,7 @@ impl Reads for Stored {
             charges: self
                 .charges
                 .iter()
-                .map(|((c, m, _), ch)| (c.clone(), m.clone(), ch.clone()))
+                .map(|((c, m, _, _), ch)| (c.clone(), m.clone(), ch.clone()))
                 .collect(),
             ..RatingState::default()
         }
@@ -437,7 +440,7 @@ fn tampered(mut state: RatingState, correction: &RatingCorrection) -> RatingStat
 /// The reference rater: windows from the raw events with their own arithmetic, then for each window
 /// the period-to-date quantity before and including it recomputed from scratch, the book found by a
 /// plain scan, `price(including) − price(before)`.
-fn reference(events: &[Ev], books: &[PriceBook]) -> BTreeMap<(String, String, i64), Charge> {
+fn reference(events: &[Ev], books: &[PriceBook]) -> BTreeMap<ChargeKey, Charge> {
     let mut windows: BTreeMap<(String, String, i64), (i64, Vec<&Ev>)> = BTreeMap::new();
     for m in meters() {
         for e in events {
@@ -497,8 +500,9 @@ fn reference(events: &[Ev], books: &[PriceBook]) -> BTreeMap<(String, String, i6
         let including = ptd(&m, &in_period(*start, true));
         let amount = book.model.price(including).unwrap() - book.model.price(before).unwrap();
         charges.insert(
-            (customer.clone(), meter.clone(), *start),
+            (customer.clone(), meter.clone(), *start, Default::default()),
             Charge {
+                dimensions: Default::default(),
                 window_start: *start,
                 window_end: *end,
                 quantity: including - before,
@@ -512,8 +516,8 @@ fn reference(events: &[Ev], books: &[PriceBook]) -> BTreeMap<(String, String, i6
 }
 
 fn assert_same(
-    got: &BTreeMap<(String, String, i64), Charge>,
-    expected: &BTreeMap<(String, String, i64), Charge>,
+    got: &BTreeMap<ChargeKey, Charge>,
+    expected: &BTreeMap<ChargeKey, Charge>,
     context: &str,
 ) {
     let keys: BTreeSet<_> = got.keys().chain(expected.keys()).collect();

@@ -60,6 +60,8 @@ fn meters() -> Vec<Meter> {
         aggregation,
         value_property: property.map(str::to_owned),
         window,
+        group_by: Default::default(),
+        max_dimension_values: None,
     };
     vec![
         m("calls", Aggregation::Count, None, Window::Minute),

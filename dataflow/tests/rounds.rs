@@ -33,6 +33,8 @@ fn meter(name: &str, aggregation: Aggregation, property: Option<&str>) -> Meter 
         aggregation,
         value_property: property.map(str::to_owned),
         window: Window::Hour,
+        group_by: Default::default(),
+        max_dimension_values: None,
     }
 }
 

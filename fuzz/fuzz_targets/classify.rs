@@ -30,6 +30,8 @@ fn meters() -> MeterSet {
         aggregation,
         value_property: property.map(str::to_owned),
         window,
+        group_by: Default::default(),
+        max_dimension_values: None,
     };
     MeterSet::new([
         meter("calls", Aggregation::Count, None, Window::Minute),

@@ -5,6 +5,7 @@
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::dimensions::Dimensions;
 use crate::event::Event;
 
 /// Which aggregate row an event contributes to.
@@ -12,6 +13,9 @@ use crate::event::Event;
 pub struct AggregateKey {
     pub customer_id: String,
     pub meter: String,
+    /// The window's values of the meter's `group_by` keys (`{}` without): part of the key, so each
+    /// value has its own windows (issue 17, `docs/dimensions.md`).
+    pub dimensions: Dimensions,
     /// Window start, seconds since the epoch (UTC).
     pub window_start: i64,
     /// Window end (exclusive), seconds since the epoch: the start plus the meter's window length.

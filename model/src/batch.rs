@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregate, AggregateKey};
+use crate::dimensions::Dimensions;
 use crate::meter::Item;
 use crate::price::Charge;
 
@@ -79,7 +80,7 @@ pub type RowChange = (AggregateKey, Option<Item>, Aggregate);
 pub type ChargeChange = (String, String, Charge, i64);
 
 /// A change to one line of an upcoming invoice: the charges of `(customer_id, period_start, meter,
-/// price_book_id)` in `currency` changed by `amount` and `quantity`, over `windows` more (or fewer)
+/// dimensions, price_book_id)` in `currency` changed by `amount` and `quantity`, over `windows` more (or fewer)
 /// windows. The line is the sum of its windows' charges; it goes when `windows` reaches 0.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LineChange {
@@ -87,6 +88,8 @@ pub struct LineChange {
     /// The billing period's start, seconds since the epoch.
     pub period_start: i64,
     pub meter: String,
+    /// The dimension values of the windows the line adds up (`{}` without `group_by`).
+    pub dimensions: Dimensions,
     pub price_book_id: String,
     pub currency: String,
     pub amount: rust_decimal::Decimal,
@@ -95,11 +98,12 @@ pub struct LineChange {
 }
 
 impl LineChange {
-    fn key(&self) -> (&str, i64, &str, &str, &str) {
+    fn key(&self) -> (&str, i64, &str, &Dimensions, &str, &str) {
         (
             &self.customer_id,
             self.period_start,
             &self.meter,
+            &self.dimensions,
             &self.price_book_id,
             &self.currency,
         )
@@ -132,6 +136,8 @@ impl QuarantineReason {
 pub struct QuarantinedPeriod {
     pub customer_id: String,
     pub meter: String,
+    /// The dimension values of the period's windows (`{}` without `group_by`).
+    pub dimensions: Dimensions,
     /// The period's start, seconds since the epoch.
     pub period_start: i64,
     /// The first window without a charge, seconds since the epoch.
@@ -324,6 +330,7 @@ mod tests {
 
     fn key(c: &str) -> AggregateKey {
         AggregateKey {
+            dimensions: Default::default(),
             customer_id: c.into(),
             meter: "m".into(),
             window_start: 0,

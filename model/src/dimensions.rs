@@ -31,6 +31,10 @@ pub const DEFAULT_MAX_DIMENSION_VALUES: u32 = 1_000;
 /// The most a meter may allow per key.
 pub const MAX_DIMENSION_VALUES: u32 = 100_000;
 
+/// The longest dimension value, in bytes: three of them and their keys stay well inside a Postgres
+/// index entry (2,704 bytes). An event with a longer value adds nothing to the meter.
+pub const MAX_DIMENSION_VALUE_BYTES: usize = 256;
+
 /// A meter's `group_by`: distinct, valid property keys, sorted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "Vec<String>", into = "Vec<String>")]
@@ -144,6 +148,15 @@ impl Dimensions {
         self.0.len()
     }
 
+    /// The length in bytes of the longest value (0 with none).
+    pub fn longest_value(&self) -> usize {
+        self.0
+            .iter()
+            .filter_map(|(_, v)| v.as_ref().map(String::len))
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_deref()))
     }
@@ -178,6 +191,18 @@ impl fmt::Display for Dimensions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = serde_json::to_string(self).map_err(|_| fmt::Error)?;
         f.write_str(&text)
+    }
+}
+
+impl std::str::FromStr for Dimensions {
+    type Err = serde_json::Error;
+
+    /// Parses the JSON object text, as `jsonb::text` gives it back (`{}` without a parse).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "{}" {
+            return Ok(Dimensions::default());
+        }
+        serde_json::from_str(text)
     }
 }
 

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::aggregate::{Aggregate, AggregateKey};
+use crate::dimensions::{
+    Dimensions, GroupBy, DEFAULT_MAX_DIMENSION_VALUES, MAX_DIMENSION_VALUES,
+    MAX_DIMENSION_VALUE_BYTES,
+};
 use crate::event::{Event, FieldError};
 use crate::json::{parse_decimal, MAX_EVENT_VALUE};
 use crate::window::Window;
@@ -60,6 +64,16 @@ pub struct Meter {
     pub value_property: Option<String>,
     #[serde(default = "default_window")]
     pub window: Window,
+    /// The event properties each window is also keyed by, e.g. `["model", "region"]`: at most 3 keys
+    /// of `[a-z0-9_]{1,32}` (docs/dimensions.md). Empty: windows per customer only.
+    #[serde(default, skip_serializing_if = "GroupBy::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>, max_items = 3))]
+    pub group_by: GroupBy,
+    /// How many distinct values each `group_by` key may take (default 1,000, at most 100,000); an
+    /// event bringing one more is a dead letter `dimension_cardinality`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100000))]
+    pub max_dimension_values: Option<u32>,
 }
 
 fn default_window() -> Window {
@@ -75,7 +89,15 @@ impl Meter {
             aggregation: Aggregation::Sum,
             value_property: Some("value".into()),
             window: Window::Hour,
+            group_by: GroupBy::default(),
+            max_dimension_values: None,
         }
+    }
+
+    /// How many distinct values each of its `group_by` keys may take.
+    pub fn dimension_bound(&self) -> u32 {
+        self.max_dimension_values
+            .unwrap_or(DEFAULT_MAX_DIMENSION_VALUES)
     }
 
     /// Checks a definition, reporting every bad field with its name.
@@ -115,6 +137,17 @@ impl Meter {
                 )),
             },
         }
+        match self.max_dimension_values {
+            Some(n) if !(1..=MAX_DIMENSION_VALUES).contains(&n) => errors.push(FieldError::new(
+                "max_dimension_values",
+                format!("must be 1 to {MAX_DIMENSION_VALUES}"),
+            )),
+            Some(_) if self.group_by.is_empty() => errors.push(FieldError::new(
+                "max_dimension_values",
+                "bounds the values of group_by keys; this meter has no group_by",
+            )),
+            _ => {}
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -122,12 +155,14 @@ impl Meter {
         }
     }
 
-    /// The key of the row `event` falls in.
+    /// The key of the row `event` falls in. (`contribution` also checks the dimension values'
+    /// length; this does not.)
     pub fn key(&self, event: &Event) -> AggregateKey {
         let start = self.window.start_of(event.event_time_micros);
         AggregateKey {
             customer_id: event.customer_id.clone(),
             meter: self.meter.clone(),
+            dimensions: self.group_by.values(event),
             window_start: start,
             window_end: start.saturating_add(self.window.seconds()),
         }
@@ -137,6 +172,9 @@ impl Meter {
     /// reads is missing or not of the right kind).
     pub fn contribution(&self, event: &Event) -> Result<Contribution, Skip> {
         let key = self.key(event);
+        if key.dimensions.longest_value() > MAX_DIMENSION_VALUE_BYTES {
+            return Err(Skip::DimensionTooLong);
+        }
         let (item, usage) = match self.aggregation {
             Aggregation::Count => (None, Aggregate::of(Decimal::ONE)),
             Aggregation::Sum => (None, Aggregate::of(self.number(event)?)),
@@ -226,6 +264,9 @@ fn one() -> Aggregate {
 pub enum Skip {
     MissingProperty,
     NotANumber,
+    /// A `group_by` property's value is longer than [`MAX_DIMENSION_VALUE_BYTES`]: a window key must
+    /// fit a Postgres index entry.
+    DimensionTooLong,
 }
 
 impl Skip {
@@ -233,6 +274,7 @@ impl Skip {
         match self {
             Skip::MissingProperty => "missing_property",
             Skip::NotANumber => "not_a_number",
+            Skip::DimensionTooLong => "dimension_too_long",
         }
     }
 }
@@ -307,6 +349,7 @@ impl MeterSet {
                     key: AggregateKey {
                         customer_id: event.customer_id.clone(),
                         meter: event.event_type.clone(),
+                        dimensions: Dimensions::default(),
                         window_start: start,
                         window_end: start.saturating_add(window.seconds()),
                     },
@@ -347,6 +390,8 @@ mod tests {
             aggregation,
             value_property: property.map(str::to_owned),
             window,
+            group_by: Default::default(),
+            max_dimension_values: None,
         }
     }
 

@@ -21,6 +21,7 @@ use chrono::{DateTime, Datelike, NaiveDate};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::dimensions::Dimensions;
 use crate::event::FieldError;
 use crate::meter::Item;
 use crate::money::{self, MoneyError};
@@ -354,6 +355,8 @@ pub struct WindowUsage {
 /// quantity, so a period's quantities add up to its quantity as its amounts add up to its price.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Charge {
+    /// The window's dimension values (`{}` for a meter without `group_by`).
+    pub dimensions: Dimensions,
     pub window_start: i64,
     pub window_end: i64,
     pub quantity: Decimal,
@@ -402,11 +405,12 @@ impl PeriodToDate {
     }
 }
 
-/// Rates one customer's usage of one meter over one billing period: `windows` (any order, all in the
+/// Rates one customer's usage of one meter's windows of `dimensions` over one billing period: `windows` (any order, all in the
 /// period), `books` the meter's books (default and the customer's). Windows no book covers add to the
 /// period-to-date quantity but get no charge.
 pub fn rate_period(
     customer: &str,
+    dimensions: &Dimensions,
     windows: &[WindowUsage],
     books: &[&PriceBook],
 ) -> Result<Vec<Charge>, MoneyError> {
@@ -421,6 +425,7 @@ pub fn rate_period(
             continue;
         };
         charges.push(Charge {
+            dimensions: dimensions.clone(),
             window_start: window.window_start,
             window_end: window.window_end,
             quantity: money::sub(including, before)?,
@@ -550,8 +555,11 @@ mod tests {
             .collect();
         let mut reversed = windows.clone();
         reversed.reverse();
-        let charges = rate_period("c", &windows, &[&b]).unwrap();
-        assert_eq!(charges, rate_period("c", &reversed, &[&b]).unwrap());
+        let charges = rate_period("c", &Dimensions::default(), &windows, &[&b]).unwrap();
+        assert_eq!(
+            charges,
+            rate_period("c", &Dimensions::default(), &reversed, &[&b]).unwrap()
+        );
         let total: Decimal = charges.iter().map(|c| c.amount).sum();
         assert_eq!(total, b.model.price(d("2000")).unwrap());
         assert_eq!(charges[1].quantity, d("400"));
@@ -576,7 +584,7 @@ mod tests {
                 measure: Measure::Total(d("10")),
             },
         ];
-        let charges = rate_period("c", &windows, &[&b]).unwrap();
+        let charges = rate_period("c", &Dimensions::default(), &windows, &[&b]).unwrap();
         assert_eq!(charges.len(), 1);
         assert_eq!(charges[0].amount, d("0.05") + d("1"));
     }
@@ -591,6 +599,7 @@ mod tests {
         };
         let charges = rate_period(
             "c",
+            &Dimensions::default(),
             &[unique(0, &["a", "b"]), unique(60, &["b", "c"])],
             &[&b],
         )
@@ -605,7 +614,13 @@ mod tests {
                 value: d(value),
             },
         };
-        let charges = rate_period("c", &[latest(0, "5"), latest(60, "3")], &[&b]).unwrap();
+        let charges = rate_period(
+            "c",
+            &Dimensions::default(),
+            &[latest(0, "5"), latest(60, "3")],
+            &[&b],
+        )
+        .unwrap();
         assert_eq!(
             charges[1].amount,
             d("-2"),

@@ -18,14 +18,15 @@ use rust_decimal::Decimal;
 
 use crate::aggregate::{Aggregate, AggregateKey};
 use crate::batch::{EpochBatch, QuarantinedPeriod};
+use crate::dimensions::Dimensions;
 use crate::meter::Item;
 use crate::price::{Charge, Measure};
 
-/// An upcoming-invoice line's key: (customer, period start, meter, price book).
-pub type LineKey = (String, i64, String, String);
+/// An upcoming-invoice line's key: (customer, period start, meter, price book, dimension values).
+pub type LineKey = (String, i64, String, String, Dimensions);
 
-/// A charge row's key: (customer, meter, window start).
-pub type ChargeKey = (String, String, i64);
+/// A charge row's key: (customer, meter, window start, dimension values).
+pub type ChargeKey = (String, String, i64, Dimensions);
 
 /// An upcoming-invoice line's totals.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -120,7 +121,14 @@ impl Stored {
     }
 
     fn apply_charges(&mut self, batch: &EpochBatch) -> Result<(), ApplyError> {
-        let key = |c: &(String, String, Charge, i64)| (c.0.clone(), c.1.clone(), c.2.window_start);
+        let key = |c: &(String, String, Charge, i64)| {
+            (
+                c.0.clone(),
+                c.1.clone(),
+                c.2.window_start,
+                c.2.dimensions.clone(),
+            )
+        };
         let mut added = BTreeSet::new();
         for c in batch.charges.iter().filter(|c| c.3 > 0) {
             if !added.insert(key(c)) || c.3 != 1 {
@@ -146,6 +154,7 @@ impl Stored {
                 l.period_start,
                 l.meter.clone(),
                 l.price_book_id.clone(),
+                l.dimensions.clone(),
             );
             let line = self.lines.entry(key.clone()).or_default();
             let overflow = || ApplyError::Overflow(format!("{key:?}"));
@@ -236,6 +245,7 @@ mod tests {
 
     fn key(window_start: i64) -> AggregateKey {
         AggregateKey {
+            dimensions: Default::default(),
             customer_id: "c".into(),
             meter: "m".into(),
             window_start,
@@ -245,6 +255,7 @@ mod tests {
 
     fn charge(amount: i64) -> Charge {
         Charge {
+            dimensions: Default::default(),
             window_start: 0,
             window_end: 3600,
             quantity: Decimal::from(amount),
@@ -317,7 +328,10 @@ mod tests {
             ..EpochBatch::default()
         })
         .unwrap();
-        assert_eq!(s.charges[&("c".into(), "m".into(), 0)], charge(2));
+        assert_eq!(
+            s.charges[&("c".into(), "m".into(), 0, Dimensions::default())],
+            charge(2)
+        );
         let wrong = EpochBatch {
             charges: vec![change(charge(1), -1)],
             ..EpochBatch::default()
@@ -337,6 +351,7 @@ mod tests {
     fn lines_add_up_and_go_when_their_windows_do() {
         let mut s = Stored::default();
         let line = |amount: i64, windows| LineChange {
+            dimensions: Default::default(),
             customer_id: "c".into(),
             period_start: 0,
             meter: "m".into(),

@@ -144,6 +144,8 @@ fn meters() -> MeterSet {
         aggregation,
         value_property: property.map(Into::into),
         window: Window::Hour,
+        group_by: Default::default(),
+        max_dimension_values: None,
     };
     MeterSet::new([
         meter("count", Aggregation::Count, None),

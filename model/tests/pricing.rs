@@ -428,7 +428,10 @@ fn huge_prices_times_huge_quantities_are_an_error_not_a_panic() {
             );
             let book = book("b", None, JANUARY, None, model.clone());
             let windows = [window(0, Measure::Total(q))];
-            assert_eq!(rate_period("c", &windows, &[&book]), Err(MoneyError));
+            assert_eq!(
+                rate_period("c", &Default::default(), &windows, &[&book]),
+                Err(MoneyError)
+            );
         }
 
         // Sums overflow too: two flat fees over half the range each, a period total past the range.
@@ -466,7 +469,10 @@ fn huge_prices_times_huge_quantities_are_an_error_not_a_panic() {
             window(0, Measure::Total(fee)),
             window(1, Measure::Total(fee)),
         ];
-        assert_eq!(rate_period("c", &windows, &[&book]), Err(MoneyError));
+        assert_eq!(
+            rate_period("c", &Default::default(), &windows, &[&book]),
+            Err(MoneyError)
+        );
         assert_eq!(money::add(fee, fee), Err(MoneyError));
         assert_eq!(money::sub(-fee, fee), Err(MoneyError));
         assert_eq!(money::mul(q, price), Err(MoneyError));
@@ -637,6 +643,7 @@ fn rate_reference(customer: &str, windows: &[WindowUsage], books: &[&PriceBook])
         let before = ptd_reference(&ordered[..i]);
         let including = ptd_reference(&ordered[..=i]);
         charges.push(Charge {
+            dimensions: Default::default(),
             window_start: w.window_start,
             window_end: w.window_end,
             quantity: including - before,
@@ -667,7 +674,7 @@ fn rate_under_one_book(
         .random_bool(0.5)
         .then_some(JANUARY + HOURS * 3600 + rng.random_range(0..=86_400));
     let book = graduated_book(rng, "g", None, from, to);
-    let charges = rate_period("acme", windows, &[&book]).unwrap();
+    let charges = rate_period("acme", &Default::default(), windows, &[&book]).unwrap();
     assert_eq!(charges.len(), windows.len(), "one charge per window");
     assert!(charges
         .windows(2)
@@ -680,7 +687,7 @@ fn rate_under_one_book(
     windows.shuffle(rng);
     assert_eq!(
         charges,
-        rate_period("acme", windows, &[&book]).unwrap(),
+        rate_period("acme", &Default::default(), windows, &[&book]).unwrap(),
         "another order"
     );
     let (quantity, amount) = sums(&charges);
@@ -817,7 +824,7 @@ fn windows_before_a_book_starts_are_not_charged_but_count_towards_the_period() {
         // Starts anywhere in the period, on an hour or not.
         let from = JANUARY + rng.random_range(0..HOURS * 3600);
         let book = graduated_book(&mut rng, "late", None, from, None);
-        let charges = rate_period("acme", &ws, &[&book]).unwrap();
+        let charges = rate_period("acme", &Default::default(), &ws, &[&book]).unwrap();
         assert_eq!(
             charges,
             rate_reference("acme", &ws, &[&book]),
@@ -864,7 +871,7 @@ fn a_customers_own_book_beats_the_default() {
         books.shuffle(&mut rng);
         let books: Vec<&PriceBook> = books.iter().collect();
         for customer in ["acme", "initech"] {
-            let charges = rate_period(customer, &ws, &books).unwrap();
+            let charges = rate_period(customer, &Default::default(), &ws, &books).unwrap();
             assert_eq!(
                 charges,
                 rate_reference(customer, &ws, &books),

@@ -44,10 +44,11 @@ mod rows;
 use std::collections::{BTreeMap, BTreeSet};
 
 use meterflow_model::{
-    period_of, rate_period, Aggregate, AggregateKey, Aggregation, Charge, Event, Item, Measure,
-    MeterSet, PriceBook, WindowUsage,
+    period_of, rate_period, Aggregate, AggregateKey, Aggregation, Charge, Dimensions, Event, Item,
+    Measure, MeterSet, PriceBook, WindowUsage,
 };
 use rust_decimal::Decimal;
+use sqlx::types::Json;
 use sqlx::{Connection, PgConnection};
 
 use meterflow_model::stored::multiset_row;
@@ -118,7 +119,7 @@ pub async fn rerate(
         return Ok(None);
     }
     // Every period the scope touches, for the customers with rows there; and the rating state there.
-    let periods: BTreeSet<(String, String, i64)> = expected
+    let periods: BTreeSet<(String, String, i64, Dimensions)> = expected
         .keys()
         .chain(stored.keys())
         .map(|k| {
@@ -126,20 +127,21 @@ pub async fn rerate(
                 k.customer_id.clone(),
                 k.meter.clone(),
                 period_of(k.window_start).0,
+                k.dimensions.clone(),
             )
         })
         .collect();
     let within = Within {
         customers: periods
             .iter()
-            .map(|(c, _, _)| c.clone())
+            .map(|(c, _, _, _)| c.clone())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect(),
-        from: periods.iter().map(|(_, _, p)| *p).min().unwrap_or(0),
+        from: periods.iter().map(|(_, _, p, _)| *p).min().unwrap_or(0),
         to: periods
             .iter()
-            .map(|(_, _, p)| period_of(*p).1)
+            .map(|(_, _, p, _)| period_of(*p).1)
             .max()
             .unwrap_or(0),
     };
@@ -170,15 +172,24 @@ pub async fn rerate(
 
     // What the charges of every period the scope touches will be once rated from the corrected rows.
     let books = price_books::load_price_books(&mut tx).await?;
-    for (customer, meter, period) in &periods {
+    for (customer, meter, period, dimensions) in &periods {
+        let rated = Rated {
+            customer,
+            meter,
+            dimensions,
+            period: *period,
+        };
         let (checked, changed, before, after) =
-            rerate_period(&mut tx, customer, meter, *period, &books, &multiset).await?;
+            rerate_period(&mut tx, rated, &books, &multiset).await?;
         outcome.windows_checked += checked;
         outcome.windows_changed += changed;
         outcome.amount_before = checked_sum([outcome.amount_before, before])?;
         outcome.amount_after = checked_sum([outcome.amount_after, after])?;
     }
-    let touched: BTreeSet<(&str, i64)> = periods.iter().map(|(c, _, p)| (c.as_str(), *p)).collect();
+    let touched: BTreeSet<(&str, i64)> = periods
+        .iter()
+        .map(|(c, _, p, _)| (c.as_str(), *p))
+        .collect();
     for (customer, period) in touched {
         sqlx::query!(
             "DELETE FROM upcoming_lines WHERE customer_id = $1 AND period_start = to_timestamp($2::bigint)",
@@ -188,14 +199,14 @@ pub async fn rerate(
         .execute(&mut *tx)
         .await?;
         sqlx::query!(
-            "INSERT INTO upcoming_lines (customer_id, period_start, meter, price_book_id, currency,
-                                         quantity, amount, windows)
-             SELECT customer_id, to_timestamp($2::bigint), meter, price_book_id, min(currency), sum(quantity),
-                    sum(amount), count(*)
+            "INSERT INTO upcoming_lines (customer_id, period_start, meter, dimensions, price_book_id,
+                                         currency, quantity, amount, windows)
+             SELECT customer_id, to_timestamp($2::bigint), meter, dimensions, price_book_id, min(currency),
+                    sum(quantity), sum(amount), count(*)
              FROM charges
              WHERE customer_id = $1 AND window_start >= to_timestamp($2::bigint)
                AND window_start < to_timestamp($3::bigint)
-             GROUP BY customer_id, meter, price_book_id",
+             GROUP BY customer_id, meter, dimensions, price_book_id",
             customer,
             period,
             period_of(period).1,
@@ -231,6 +242,7 @@ async fn correct_row(
         None => Some(Aggregate::default()),
     };
     let start = key.window_start;
+    let dimensions = key.dimensions.to_string();
     let is_items =
         matches!(want, Some(Content::Items(_))) || matches!(had, Some(Content::Items(_)));
     if !is_items {
@@ -243,8 +255,9 @@ async fn correct_row(
             .checked_sub(h.event_count)
             .ok_or_else(overflow)?;
         sqlx::query!(
-            "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
-             VALUES ($1, $2, to_timestamp($3::bigint), to_timestamp($4::bigint), $5, $6)
+            "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
+                                            dimensions)
+             VALUES ($1, $2, to_timestamp($3::bigint), to_timestamp($4::bigint), $5, $6, $7::text::jsonb)
              ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
              SET value = a.value + excluded.value, event_count = a.event_count + excluded.event_count,
                  revision = a.revision + 1, updated_at = now()",
@@ -254,15 +267,17 @@ async fn correct_row(
             key.window_end,
             value,
             count,
+            dimensions,
         )
         .execute(&mut *tx)
         .await?;
         sqlx::query!(
             "DELETE FROM aggregations WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
-               AND value = 0 AND event_count = 0",
+               AND dimensions = $4::text::jsonb AND value = 0 AND event_count = 0",
             key.customer_id,
             key.meter,
             start,
+            dimensions,
         )
         .execute(&mut *tx)
         .await?;
@@ -287,13 +302,14 @@ async fn correct_row(
         let updated = sqlx::query!(
             "UPDATE meter_values SET count = count + $6
              WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint) AND sort_time = $4
-               AND item = $5",
+               AND item = $5 AND dimensions = $7::text::jsonb",
             key.customer_id,
             key.meter,
             start,
             sort_time,
             text,
             delta,
+            dimensions,
         )
         .execute(&mut *tx)
         .await?
@@ -304,10 +320,11 @@ async fn correct_row(
     }
     sqlx::query!(
         "DELETE FROM meter_values WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
-           AND count = 0",
+           AND dimensions = $4::text::jsonb AND count = 0",
         key.customer_id,
         key.meter,
         start,
+        dimensions,
     )
     .execute(&mut *tx)
     .await?;
@@ -318,13 +335,15 @@ async fn correct_row(
                     (array_agg(v.num ORDER BY v.sort_time DESC, v.item DESC))[1] AS latest
              FROM meter_values v
              WHERE v.customer_id = $1 AND v.meter = $2 AND v.window_start = to_timestamp($3::bigint)
+               AND v.dimensions = $6::text::jsonb
          )
-         INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
+         INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
+                                        dimensions)
          SELECT $1, $2, to_timestamp($3::bigint), to_timestamp($4::bigint),
                 CASE $5 WHEN 'max' THEN COALESCE(agg.max_num, 0)
                         WHEN 'unique_count' THEN agg.items
                         ELSE COALESCE(agg.latest, 0) END,
-                agg.events
+                agg.events, $6::text::jsonb
          FROM agg WHERE agg.items > 0
          ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
          SET value = excluded.value, event_count = excluded.event_count,
@@ -334,16 +353,20 @@ async fn correct_row(
         start,
         key.window_end,
         kind.unwrap_or("max"),
+        dimensions,
     )
     .execute(&mut *tx)
     .await?;
     sqlx::query!(
         "DELETE FROM aggregations a WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
+           AND dimensions = $4::text::jsonb
            AND NOT EXISTS (SELECT 1 FROM meter_values v WHERE v.customer_id = a.customer_id
-                           AND v.meter = a.meter AND v.window_start = a.window_start)",
+                           AND v.meter = a.meter AND v.window_start = a.window_start
+                           AND v.dimensions = a.dimensions)",
         key.customer_id,
         key.meter,
         start,
+        dimensions,
     )
     .execute(&mut *tx)
     .await?;
@@ -372,8 +395,9 @@ async fn insert_item(
 ) -> Result<(), sqlx::Error> {
     let (kind, sort_time, text, num) = item_columns(item);
     sqlx::query!(
-        "INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
-         VALUES ($1, $2, to_timestamp($3::bigint), $4, $5, $6, $7, $8)",
+        "INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count,
+                                   dimensions)
+         VALUES ($1, $2, to_timestamp($3::bigint), $4, $5, $6, $7, $8, $9::text::jsonb)",
         key.customer_id,
         key.meter,
         key.window_start,
@@ -382,6 +406,7 @@ async fn insert_item(
         num,
         kind,
         count,
+        key.dimensions.to_string(),
     )
     .execute(&mut *tx)
     .await?;
@@ -395,11 +420,14 @@ async fn write_row(
     want: Option<&Content>,
 ) -> Result<(), sqlx::Error> {
     let start = key.window_start;
+    let dimensions = key.dimensions.to_string();
     sqlx::query!(
-        "DELETE FROM meter_values WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)",
+        "DELETE FROM meter_values WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
+           AND dimensions = $4::text::jsonb",
         key.customer_id,
         key.meter,
         start,
+        dimensions,
     )
     .execute(&mut *tx)
     .await?;
@@ -416,18 +444,21 @@ async fn write_row(
     match row {
         None => {
             sqlx::query!(
-                "DELETE FROM aggregations WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)",
+                "DELETE FROM aggregations WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
+                   AND dimensions = $4::text::jsonb",
                 key.customer_id,
                 key.meter,
                 start,
+                dimensions,
             )
             .execute(&mut *tx)
             .await?;
         }
         Some(total) => {
             sqlx::query!(
-                "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count)
-                 VALUES ($1, $2, to_timestamp($3::bigint), to_timestamp($4::bigint), $5, $6)
+                "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
+                                                dimensions)
+                 VALUES ($1, $2, to_timestamp($3::bigint), to_timestamp($4::bigint), $5, $6, $7::text::jsonb)
                  ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
                  SET value = excluded.value, event_count = excluded.event_count, quarantined = false,
                      revision = a.revision + 1, updated_at = now()",
@@ -437,6 +468,7 @@ async fn write_row(
                 key.window_end,
                 total.value,
                 total.event_count,
+                dimensions,
             )
             .execute(&mut *tx)
             .await?;
@@ -455,6 +487,7 @@ fn checked_sum(amounts: impl IntoIterator<Item = Decimal>) -> Result<Decimal, sq
 
 /// A `charges` row of one customer's meter as `rerate_period` selects it, its window bounds in seconds.
 struct ChargeRow {
+    dimensions: Json<Dimensions>,
     window_start: i64,
     window_end: i64,
     quantity: Decimal,
@@ -466,6 +499,7 @@ struct ChargeRow {
 impl From<ChargeRow> for Charge {
     fn from(row: ChargeRow) -> Self {
         Charge {
+            dimensions: row.dimensions.0,
             window_start: row.window_start,
             window_end: row.window_end,
             quantity: row.quantity,
@@ -476,23 +510,37 @@ impl From<ChargeRow> for Charge {
     }
 }
 
+/// One period [`rerate_period`] rates: a customer's windows of one meter and one set of dimension
+/// values in the billing period starting at `period` (seconds).
+#[derive(Clone, Copy)]
+struct Rated<'a> {
+    customer: &'a str,
+    meter: &'a str,
+    dimensions: &'a Dimensions,
+    period: i64,
+}
+
 /// Rates one customer's meter over one period from its stored (corrected) rows, as the pipeline's rating
 /// will once it takes the correction in, and compares with the stored charges: (charges compared,
 /// charges that will change, Σ before, Σ after). Writes nothing: the charges are the rating's.
 async fn rerate_period(
     tx: &mut PgConnection,
-    customer: &str,
-    meter: &str,
-    period: i64,
+    rated: Rated<'_>,
     books: &[PriceBook],
     multiset: &BTreeSet<String>,
 ) -> Result<(u64, u64, Decimal, Decimal), sqlx::Error> {
+    let Rated {
+        customer,
+        meter,
+        dimensions,
+        period,
+    } = rated;
     let end = period_of(period).1;
     let customers = vec![customer.to_owned()];
     let (rows, _, _) = stored_rows(&mut *tx, &customers, period, end, multiset).await?;
     let windows: Vec<WindowUsage> = rows
         .iter()
-        .filter(|(k, _)| k.meter == meter)
+        .filter(|(k, _)| k.meter == meter && k.dimensions == *dimensions)
         .filter_map(|(k, content)| {
             let measure = match content {
                 Content::Total(total) => Measure::Total(total.value),
@@ -512,23 +560,25 @@ async fn rerate_period(
         .iter()
         .filter(|b| b.meter == meter && b.customer_id.as_deref().is_none_or(|c| c == customer))
         .collect();
-    let want: BTreeMap<i64, Charge> = rate_period(customer, &windows, &meter_books)
+    let want: BTreeMap<i64, Charge> = rate_period(customer, dimensions, &windows, &meter_books)
         .map_err(|e| sqlx::Error::Decode(Box::new(e)))?
         .into_iter()
         .map(|c| (c.window_start, c))
         .collect();
     let stored: BTreeMap<i64, Charge> = sqlx::query_as!(
         ChargeRow,
-        "SELECT extract(epoch FROM window_start)::bigint AS \"window_start!\",
+        "SELECT dimensions AS \"dimensions: Json<Dimensions>\",
+                extract(epoch FROM window_start)::bigint AS \"window_start!\",
                 extract(epoch FROM window_end)::bigint AS \"window_end!\",
                 quantity, amount, currency, price_book_id
          FROM charges
          WHERE customer_id = $1 AND meter = $2 AND window_start >= to_timestamp($3::bigint)
-           AND window_start < to_timestamp($4::bigint)",
+           AND window_start < to_timestamp($4::bigint) AND dimensions = $5::text::jsonb",
         customer,
         meter,
         period,
         end,
+        dimensions.to_string(),
     )
     .fetch_all(&mut *tx)
     .await?

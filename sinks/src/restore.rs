@@ -6,8 +6,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
-use meterflow_model::{Aggregate, AggregateKey, Charge, Item, RatingState};
+use meterflow_model::{Aggregate, AggregateKey, Charge, Dimensions, Item, RatingState};
 use rust_decimal::Decimal;
+use sqlx::types::Json;
 use sqlx::PgConnection;
 
 /// The event-time progress last committed: the global watermark and, per partition, the greatest event
@@ -58,6 +59,7 @@ pub async fn set_allowed_lateness(
 pub(crate) struct ItemRow {
     pub(crate) customer_id: String,
     pub(crate) meter: String,
+    pub(crate) dimensions: Json<Dimensions>,
     pub(crate) window_start: i64,
     pub(crate) window_end: i64,
     pub(crate) kind: String,
@@ -73,6 +75,7 @@ impl ItemRow {
         AggregateKey {
             customer_id: self.customer_id.clone(),
             meter: self.meter.clone(),
+            dimensions: self.dimensions.0.clone(),
             window_start: self.window_start,
             window_end: self.window_end,
         }
@@ -108,6 +111,7 @@ impl ItemRow {
 struct ChargeRow {
     customer_id: String,
     meter: String,
+    dimensions: Json<Dimensions>,
     window_start: i64,
     window_end: i64,
     quantity: Decimal,
@@ -120,6 +124,7 @@ impl ChargeRow {
     /// (customer, meter, charge).
     fn into_charge(self) -> (String, String, Charge) {
         let charge = Charge {
+            dimensions: self.dimensions.0,
             window_start: self.window_start,
             window_end: self.window_end,
             quantity: self.quantity,
@@ -135,6 +140,7 @@ impl ChargeRow {
 struct QuarantineRow {
     customer_id: String,
     meter: String,
+    dimensions: Json<Dimensions>,
     period_start: i64,
     from_window: i64,
     reason: String,
@@ -149,6 +155,7 @@ impl From<QuarantineRow> for QuarantinedPeriod {
         QuarantinedPeriod {
             customer_id: row.customer_id,
             meter: row.meter,
+            dimensions: row.dimensions.0,
             period_start: row.period_start,
             from_window: row.from_window,
             reason,
@@ -169,7 +176,8 @@ pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, s
     let mut state = rating_rows(&mut tx, None).await?;
     let charges = sqlx::query_as!(
         ChargeRow,
-        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint AS \"window_start!\",
+        "SELECT customer_id, meter, dimensions AS \"dimensions: Json<Dimensions>\",
+                extract(epoch FROM window_start)::bigint AS \"window_start!\",
                 extract(epoch FROM window_end)::bigint AS \"window_end!\", quantity, amount, currency, price_book_id
          FROM charges",
     )
@@ -180,7 +188,8 @@ pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, s
         .extend(charges.into_iter().map(ChargeRow::into_charge));
     let quarantined = sqlx::query_as!(
         QuarantineRow,
-        "SELECT customer_id, meter, extract(epoch FROM period_start)::bigint AS \"period_start!\",
+        "SELECT customer_id, meter, dimensions AS \"dimensions: Json<Dimensions>\",
+                extract(epoch FROM period_start)::bigint AS \"period_start!\",
                 extract(epoch FROM from_window)::bigint AS \"from_window!\", reason
          FROM rating_quarantine",
     )
@@ -217,7 +226,8 @@ pub async fn rating_rows(
     // A value outside the decimal range (stored before quarantines existed) is read as quarantined,
     // never decoded into a Decimal it does not fit.
     let groups = sqlx::query!(
-        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint AS \"window_start!\",
+        "SELECT customer_id, meter, dimensions AS \"dimensions: Json<Dimensions>\",
+                extract(epoch FROM window_start)::bigint AS \"window_start!\",
                 extract(epoch FROM window_end)::bigint AS \"window_end!\",
                 CASE WHEN abs(value) > $1 THEN 0 ELSE value END AS \"value!\", event_count,
                 quarantined OR abs(value) > $1 AS \"quarantined!\"
@@ -238,6 +248,7 @@ pub async fn rating_rows(
         let key = AggregateKey {
             customer_id: r.customer_id,
             meter: r.meter,
+            dimensions: r.dimensions.0,
             window_start: r.window_start,
             window_end: r.window_end,
         };
@@ -254,11 +265,12 @@ pub async fn rating_rows(
     }
     let items = sqlx::query_as!(
         ItemRow,
-        "SELECT v.customer_id, v.meter, extract(epoch FROM v.window_start)::bigint AS \"window_start!\",
+        "SELECT v.customer_id, v.meter, v.dimensions AS \"dimensions: Json<Dimensions>\",
+                extract(epoch FROM v.window_start)::bigint AS \"window_start!\",
                 extract(epoch FROM a.window_end)::bigint AS \"window_end!\", v.kind, v.sort_time, v.item, v.num,
                 v.count
          FROM meter_values v
-         JOIN aggregations a USING (customer_id, meter, window_start)
+         JOIN aggregations a USING (customer_id, meter, window_start, dimensions)
          WHERE v.count > 0
            AND ($1::text[] IS NULL OR v.customer_id = ANY($1))
            AND ($2::bigint IS NULL OR v.window_start >= to_timestamp($2))

@@ -4,7 +4,7 @@
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use meterflow_model::{Aggregation, Meter, Window};
+use meterflow_model::{Aggregation, GroupBy, Meter, Window};
 use sqlx::PgConnection;
 
 /// The meters in force (not archived).
@@ -23,7 +23,8 @@ pub async fn list_meters(
 ) -> Result<Vec<(Meter, DateTime<Utc>)>, sqlx::Error> {
     let rows = sqlx::query_as!(
         MeterRow,
-        r#"SELECT meter, event_type, aggregation, value_property, "window", created_at
+        r#"SELECT meter, event_type, aggregation, value_property, "window", group_by,
+                max_dimension_values, created_at
          FROM meters WHERE archived_at IS NULL AND ($1::text IS NULL OR meter = $1) ORDER BY meter"#,
         name,
     )
@@ -39,6 +40,8 @@ struct MeterRow {
     aggregation: String,
     value_property: Option<String>,
     window: String,
+    group_by: Vec<String>,
+    max_dimension_values: Option<i32>,
     created_at: DateTime<Utc>,
 }
 
@@ -52,6 +55,13 @@ impl TryFrom<MeterRow> for (Meter, DateTime<Utc>) {
             aggregation: parse_aggregation(row.aggregation)?,
             value_property: row.value_property,
             window: parse_window(row.window)?,
+            group_by: GroupBy::new(row.group_by)
+                .map_err(|e| sqlx::Error::Decode(e.message.into()))?,
+            max_dimension_values: row
+                .max_dimension_values
+                .map(u32::try_from)
+                .transpose()
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
         };
         Ok((meter, row.created_at))
     }
@@ -111,13 +121,18 @@ pub async fn create_meter(
         )));
     }
     let inserted = sqlx::query!(
-        r#"INSERT INTO meters (meter, event_type, aggregation, value_property, "window")
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT ON CONSTRAINT meters_pkey DO NOTHING"#,
+        r#"INSERT INTO meters (meter, event_type, aggregation, value_property, "window", group_by,
+                             max_dimension_values)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT ON CONSTRAINT meters_pkey DO NOTHING"#,
         meter.meter,
         meter.event_type,
         meter.aggregation.as_str(),
         meter.value_property,
         window_name(meter.window),
+        meter.group_by.keys(),
+        meter
+            .max_dimension_values
+            .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
     )
     .execute(&mut *conn)
     .await?

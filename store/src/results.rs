@@ -3,26 +3,34 @@
 //! (`meterflow_sinks`) writes these tables.
 
 use chrono::{DateTime, Utc};
+use meterflow_model::Dimensions;
 use rust_decimal::Decimal;
+use sqlx::types::Json;
 use sqlx::PgPool;
 
-/// Which windows a page lists: optional customer and meter, `window_start` in `[from, to)`, after the
-/// key `(customer, meter, window_start)` of the previous page, at most `limit` rows.
+/// Which windows a page lists: optional customer and meter, `window_start` in `[from, to)`, dimension
+/// values that hold `dimensions` (a JSON object; `{"region": null}` asks for the value null), after the
+/// key `(customer, meter, window_start, dimensions)` of the previous page, at most `limit` rows.
 #[derive(Clone, Copy, Debug)]
 pub struct WindowPage<'a> {
     pub customer_id: Option<&'a str>,
     pub meter: Option<&'a str>,
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
-    pub after: Option<(&'a str, &'a str, DateTime<Utc>)>,
+    pub dimensions: Option<&'a str>,
+    pub after: Option<WindowAfter<'a>>,
     pub limit: i64,
 }
+
+/// The last key of the previous page: customer, meter, window start, dimension values (JSON text).
+pub type WindowAfter<'a> = (&'a str, &'a str, DateTime<Utc>, &'a str);
 
 /// A row of `aggregations`.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct AggregationRow {
     pub customer_id: String,
     pub meter: String,
+    pub dimensions: Json<Dimensions>,
     pub window_start: DateTime<Utc>,
     pub window_end: DateTime<Utc>,
     pub value: Decimal,
@@ -38,19 +46,20 @@ pub async fn aggregations(
     pool: &PgPool,
     page: WindowPage<'_>,
 ) -> Result<Vec<AggregationRow>, sqlx::Error> {
-    let (after_customer, after_meter, after_start) = split(page.after);
+    let (after_customer, after_meter, after_start, after_dimensions) = split(page.after);
     sqlx::query_as!(
         AggregationRow,
-        "SELECT customer_id, meter, window_start, window_end, value, event_count, finalized, revision, updated_at,
-                quarantined
+        r#"SELECT customer_id, meter, dimensions AS "dimensions: Json<Dimensions>", window_start,
+                window_end, value, event_count, finalized, revision, updated_at, quarantined
          FROM aggregations
          WHERE ($1::text IS NULL OR customer_id = $1)
            AND ($2::text IS NULL OR meter = $2)
            AND ($3::timestamptz IS NULL OR window_start >= $3)
            AND ($4::timestamptz IS NULL OR window_start < $4)
-           AND ($5::text IS NULL OR (customer_id, meter, window_start) > ($5, $6, $7))
-         ORDER BY customer_id, meter, window_start
-         LIMIT $8",
+           AND ($5::text IS NULL OR (customer_id, meter, window_start, dimensions) > ($5, $6, $7, $8::text::jsonb))
+           AND ($9::text IS NULL OR dimensions @> $9::text::jsonb)
+         ORDER BY customer_id, meter, window_start, dimensions
+         LIMIT $10"#,
         page.customer_id,
         page.meter,
         page.from,
@@ -58,6 +67,8 @@ pub async fn aggregations(
         after_customer,
         after_meter,
         after_start,
+        after_dimensions,
+        page.dimensions,
         page.limit,
     )
     .fetch_all(pool)
@@ -117,6 +128,7 @@ pub async fn window_event_ids(
 pub struct ChargeRow {
     pub customer_id: String,
     pub meter: String,
+    pub dimensions: Json<Dimensions>,
     pub window_start: DateTime<Utc>,
     pub window_end: DateTime<Utc>,
     pub quantity: Decimal,
@@ -129,19 +141,20 @@ pub struct ChargeRow {
 
 /// A page of charges.
 pub async fn charges(pool: &PgPool, page: WindowPage<'_>) -> Result<Vec<ChargeRow>, sqlx::Error> {
-    let (after_customer, after_meter, after_start) = split(page.after);
+    let (after_customer, after_meter, after_start, after_dimensions) = split(page.after);
     sqlx::query_as!(
         ChargeRow,
-        "SELECT customer_id, meter, window_start, window_end, quantity, amount, currency, price_book_id,
-                revision, updated_at
+        r#"SELECT customer_id, meter, dimensions AS "dimensions: Json<Dimensions>", window_start,
+                window_end, quantity, amount, currency, price_book_id, revision, updated_at
          FROM charges
          WHERE ($1::text IS NULL OR customer_id = $1)
            AND ($2::text IS NULL OR meter = $2)
            AND ($3::timestamptz IS NULL OR window_start >= $3)
            AND ($4::timestamptz IS NULL OR window_start < $4)
-           AND ($5::text IS NULL OR (customer_id, meter, window_start) > ($5, $6, $7))
-         ORDER BY customer_id, meter, window_start
-         LIMIT $8",
+           AND ($5::text IS NULL OR (customer_id, meter, window_start, dimensions) > ($5, $6, $7, $8::text::jsonb))
+           AND ($9::text IS NULL OR dimensions @> $9::text::jsonb)
+         ORDER BY customer_id, meter, window_start, dimensions
+         LIMIT $10"#,
         page.customer_id,
         page.meter,
         page.from,
@@ -149,6 +162,8 @@ pub async fn charges(pool: &PgPool, page: WindowPage<'_>) -> Result<Vec<ChargeRo
         after_customer,
         after_meter,
         after_start,
+        after_dimensions,
+        page.dimensions,
         page.limit,
     )
     .fetch_all(pool)
@@ -184,13 +199,19 @@ pub async fn dead_letters(
     .await
 }
 
-/// The previous page's last key as three optional parameters.
+/// The previous page's last key as four optional parameters.
+#[allow(clippy::type_complexity)]
 fn split<'a>(
-    after: Option<(&'a str, &'a str, DateTime<Utc>)>,
-) -> (Option<&'a str>, Option<&'a str>, Option<DateTime<Utc>>) {
+    after: Option<WindowAfter<'a>>,
+) -> (
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<DateTime<Utc>>,
+    Option<&'a str>,
+) {
     match after {
-        Some((c, m, s)) => (Some(c), Some(m), Some(s)),
-        None => (None, None, None),
+        Some((c, m, s, d)) => (Some(c), Some(m), Some(s), Some(d)),
+        None => (None, None, None, None),
     }
 }
 

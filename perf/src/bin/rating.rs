@@ -180,6 +180,7 @@ fn naive_rate(customer: &str, windows: &[WindowUsage], books: &[&PriceBook]) -> 
         };
         let (before, including) = (total(&ordered[..i]), total(&ordered[..=i]));
         charges.push(Charge {
+            dimensions: Default::default(),
             window_start: w.window_start,
             window_end: w.window_end,
             quantity: including - before,
@@ -266,7 +267,7 @@ fn main() {
     let books_of = |p| books_of(&default, p);
     for p in &periods {
         let books = books_of(p);
-        let fast = rate_period(&p.customer, &p.windows, &books).unwrap();
+        let fast = rate_period(&p.customer, &Default::default(), &p.windows, &books).unwrap();
         assert_eq!(
             fast,
             naive_rate(&p.customer, &p.windows, &books),
@@ -294,7 +295,10 @@ fn main() {
         |s| s * 1e3,
         || {
             for p in &periods {
-                black_box(rate_period(&p.customer, &p.windows, &books_of(p)).unwrap());
+                black_box(
+                    rate_period(&p.customer, &Default::default(), &p.windows, &books_of(p))
+                        .unwrap(),
+                );
             }
         },
     );

@@ -8,8 +8,11 @@
 //!  quarantined periods ─► rating_quarantine │ dead letters │ conflicting duplicates │ late events
 //! ```
 
+use std::borrow::Cow;
+
 use meterflow_model::{
-    ChargeChange, DeadLetter, Duplicate, DuplicateKind, Item, LateEvent, LineChange, RowChange,
+    ChargeChange, DeadLetter, Dimensions, Duplicate, DuplicateKind, Item, LateEvent, LineChange,
+    RowChange,
 };
 use rust_decimal::Decimal;
 use sqlx::PgConnection;
@@ -34,6 +37,7 @@ pub(super) async fn upsert_group_rows(
     let quarantined: std::collections::HashSet<&meterflow_model::AggregateKey> =
         quarantined.iter().collect();
     let n = rows.len();
+    let dimensions = dimension_texts(rows.iter().map(|(key, _, _)| &key.dimensions));
     let (mut customers, mut meters, mut starts, mut ends, mut values, mut counts, mut flags) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -55,13 +59,14 @@ pub(super) async fn upsert_group_rows(
     }
     sqlx::query!(
         "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
-                                        quarantined, finalized)
+                                        quarantined, finalized, dimensions)
          SELECT c, m, to_timestamp(s), to_timestamp(e), v, n, q,
                 -- Born finalized when the last committed watermark closed its window already (a late
                 -- window, as in a backfill): no finalizing UPDATE below (a non-HOT write) for it.
-                COALESCE(to_timestamp(e) + l.allowed_lateness <= l.committed_watermark, false)
+                COALESCE(to_timestamp(e) + l.allowed_lateness <= l.committed_watermark, false),
+                d::jsonb
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::bigint[],
-                     $7::bool[]) AS u(c, m, s, e, v, n, q)
+                     $7::bool[], $10::text[]) AS u(c, m, s, e, v, n, q, d)
          LEFT JOIN pipeline_leases l ON l.topic = $9
          ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
          SET value = CASE WHEN a.quarantined OR excluded.quarantined OR abs(a.value + excluded.value) > $8
@@ -79,6 +84,7 @@ pub(super) async fn upsert_group_rows(
         &flags,
         Decimal::MAX,
         topic,
+        &text_refs(&dimensions) as &[&str],
     )
     .execute(&mut *tx)
     .await?;
@@ -92,7 +98,12 @@ pub(super) async fn apply_quarantined_periods(
     changes: &[(meterflow_model::batch::QuarantinedPeriod, i64)],
 ) -> Result<(), SinkError> {
     let period = |q: &meterflow_model::batch::QuarantinedPeriod| {
-        (q.customer_id.clone(), q.meter.clone(), q.period_start)
+        (
+            q.customer_id.clone(),
+            q.meter.clone(),
+            q.period_start,
+            q.dimensions.clone(),
+        )
     };
     let added: Vec<_> = changes.iter().filter(|c| c.1 > 0).map(|c| &c.0).collect();
     let still: std::collections::HashSet<_> = added.iter().map(|q| period(q)).collect();
@@ -102,21 +113,33 @@ pub(super) async fn apply_quarantined_periods(
         .map(|c| &c.0)
         .collect();
     if !removed.is_empty() {
+        let dimensions = dimension_texts(removed.iter().map(|q| &q.dimensions));
+        let dimensions = text_refs(&dimensions);
         sqlx::query!(
-            "DELETE FROM rating_quarantine q USING UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(c, m, p)
-             WHERE q.customer_id = u.c AND q.meter = u.m AND q.period_start = to_timestamp(u.p)",
-            &removed.iter().map(|q| q.customer_id.as_str()).collect::<Vec<_>>() as &[&str],
+            "DELETE FROM rating_quarantine q
+             USING UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) AS u(c, m, p, d)
+             WHERE q.customer_id = u.c AND q.meter = u.m AND q.period_start = to_timestamp(u.p)
+               AND q.dimensions = u.d::jsonb",
+            &removed
+                .iter()
+                .map(|q| q.customer_id.as_str())
+                .collect::<Vec<_>>() as &[&str],
             &removed.iter().map(|q| q.meter.as_str()).collect::<Vec<_>>() as &[&str],
             &removed.iter().map(|q| q.period_start).collect::<Vec<_>>(),
+            &dimensions as &[&str],
         )
         .execute(&mut *tx)
         .await?;
     }
     if !added.is_empty() {
+        let dimensions = dimension_texts(added.iter().map(|q| &q.dimensions));
+        let dimensions = text_refs(&dimensions);
         sqlx::query!(
-            "INSERT INTO rating_quarantine AS q (customer_id, meter, period_start, from_window, reason)
-             SELECT c, m, to_timestamp(p), to_timestamp(f), r
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS u(c, m, p, f, r)
+            "INSERT INTO rating_quarantine AS q (customer_id, meter, period_start, from_window, reason,
+                                                 dimensions)
+             SELECT c, m, to_timestamp(p), to_timestamp(f), r, d::jsonb
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
+               AS u(c, m, p, f, r, d)
              ON CONFLICT ON CONSTRAINT rating_quarantine_pkey DO UPDATE
              SET from_window = excluded.from_window, reason = excluded.reason",
             &added.iter().map(|q| q.customer_id.as_str()).collect::<Vec<_>>() as &[&str],
@@ -124,6 +147,7 @@ pub(super) async fn apply_quarantined_periods(
             &added.iter().map(|q| q.period_start).collect::<Vec<_>>(),
             &added.iter().map(|q| q.from_window).collect::<Vec<_>>(),
             &added.iter().map(|q| q.reason.as_str()).collect::<Vec<_>>() as &[&str],
+            &dimensions as &[&str],
         )
         .execute(&mut *tx)
         .await?;
@@ -148,6 +172,7 @@ pub(super) async fn apply_multiset_rows(
         mut nums,
         mut kinds,
         mut counts,
+        mut dimensions,
     ) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -155,6 +180,7 @@ pub(super) async fn apply_multiset_rows(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::<Option<Decimal>>::with_capacity(n),
+        Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
@@ -177,7 +203,9 @@ pub(super) async fn apply_multiset_rows(
         nums.push(num);
         kinds.push(kind);
         counts.push(agg.event_count);
+        dimensions.push(dimension_text(&key.dimensions));
     }
+    let dimensions = text_refs(&dimensions);
     // Existing items change by their delta; new items are inserted. Not an upsert: Postgres checks
     // CHECK constraints on the proposed row before it finds the conflict, and a retraction's proposed
     // row has a negative count. A retraction should only ever meet an existing item; one that does not
@@ -185,30 +213,31 @@ pub(super) async fn apply_multiset_rows(
     // crash loop): it is dropped, counted and logged, and the row shows the items stored.
     let dropped = sqlx::query!(
         r#"WITH u AS (
-             SELECT c, m, to_timestamp(s) AS s, t, i, x, k, n
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::numeric[], $7::text[], $8::bigint[])
-               AS u(c, m, s, t, i, x, k, n)
+             SELECT c, m, to_timestamp(s) AS s, t, i, x, k, n, d::jsonb AS d
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::numeric[], $7::text[], $8::bigint[], $9::text[])
+               AS u(c, m, s, t, i, x, k, n, d)
          ), changed AS (
              UPDATE meter_values v SET count = GREATEST(v.count + u.n, 0)
              FROM u
-             WHERE v.customer_id = u.c AND v.meter = u.m AND v.window_start = u.s AND v.sort_time = u.t AND v.item = u.i
-             RETURNING v.customer_id, v.meter, v.window_start, v.sort_time, v.item
+             WHERE v.customer_id = u.c AND v.meter = u.m AND v.window_start = u.s AND v.dimensions = u.d
+               AND v.sort_time = u.t AND v.item = u.i
+             RETURNING v.customer_id, v.meter, v.window_start, v.dimensions, v.sort_time, v.item
          ), inserted AS (
-             INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count)
-             SELECT c, m, s, t, i, x, k, n FROM u
+             INSERT INTO meter_values (customer_id, meter, window_start, dimensions, sort_time, item, num, kind, count)
+             SELECT c, m, s, d, t, i, x, k, n FROM u
              WHERE n > 0 AND NOT EXISTS (
                  SELECT 1 FROM changed
                  WHERE changed.customer_id = u.c AND changed.meter = u.m AND changed.window_start = u.s
-                   AND changed.sort_time = u.t AND changed.item = u.i)
+                   AND changed.dimensions = u.d AND changed.sort_time = u.t AND changed.item = u.i)
          )
          -- Every part of a WITH reads the rows as they were before the statement.
          SELECT (SELECT count(*) FROM u WHERE n < 0 AND NOT EXISTS (
                      SELECT 1 FROM changed
                      WHERE changed.customer_id = u.c AND changed.meter = u.m AND changed.window_start = u.s
-                       AND changed.sort_time = u.t AND changed.item = u.i)) AS "orphans!",
+                       AND changed.dimensions = u.d AND changed.sort_time = u.t AND changed.item = u.i)) AS "orphans!",
                 (SELECT count(*) FROM u JOIN meter_values v
-                   ON v.customer_id = u.c AND v.meter = u.m AND v.window_start = u.s AND v.sort_time = u.t
-                  AND v.item = u.i
+                   ON v.customer_id = u.c AND v.meter = u.m AND v.window_start = u.s AND v.dimensions = u.d
+                  AND v.sort_time = u.t AND v.item = u.i
                  WHERE v.count + u.n < 0) AS "over!""#,
         &customers as &[&str],
         &meters as &[&str],
@@ -218,6 +247,7 @@ pub(super) async fn apply_multiset_rows(
         &nums as &[Option<Decimal>],
         &kinds as &[&str],
         &counts,
+        &dimensions as &[&str],
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -233,20 +263,22 @@ pub(super) async fn apply_multiset_rows(
     }
     sqlx::query!(
         "DELETE FROM meter_values v
-         USING UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS u(c, m, s, t, i)
+         USING UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
+           AS u(c, m, s, t, i, d)
          WHERE v.count = 0 AND v.customer_id = u.c AND v.meter = u.m AND v.window_start = to_timestamp(u.s)
-           AND v.sort_time = u.t AND v.item = u.i",
+           AND v.dimensions = u.d::jsonb AND v.sort_time = u.t AND v.item = u.i",
         &customers as &[&str],
         &meters as &[&str],
         &starts,
         &sort_times,
         &items,
+        &dimensions as &[&str],
     )
     .execute(&mut *tx)
     .await?;
 
     // One recomputation per touched row.
-    let mut touched: Vec<(&str, &str, i64, i64, &str)> = rows
+    let mut touched: Vec<(&str, &str, i64, i64, &str, &Dimensions)> = rows
         .iter()
         .filter_map(|(key, item, _)| {
             let kind = match item.as_ref()? {
@@ -260,28 +292,34 @@ pub(super) async fn apply_multiset_rows(
                 key.window_start,
                 key.window_end,
                 kind,
+                &key.dimensions,
             ))
         })
         .collect();
     touched.sort_unstable();
     touched.dedup();
+    let dimensions = dimension_texts(touched.iter().map(|t| t.5));
+    let dimensions = text_refs(&dimensions);
     sqlx::query!(
         "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
-                                        finalized)
+                                        finalized, dimensions)
          SELECT k.c, k.m, to_timestamp(k.s), to_timestamp(k.e),
                 CASE k.kind WHEN 'max' THEN COALESCE(agg.max_num, 0)
                             WHEN 'unique_count' THEN agg.items
                             ELSE COALESCE(agg.latest, 0) END,
                 COALESCE(agg.events, 0),
                 -- Born finalized when the last committed watermark closed its window (upsert_group_rows).
-                COALESCE(to_timestamp(k.e) + l.allowed_lateness <= l.committed_watermark, false)
-         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) AS k(c, m, s, e, kind)
+                COALESCE(to_timestamp(k.e) + l.allowed_lateness <= l.committed_watermark, false),
+                k.d::jsonb
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $7::text[])
+           AS k(c, m, s, e, kind, d)
          LEFT JOIN pipeline_leases l ON l.topic = $6
          CROSS JOIN LATERAL (
              SELECT max(v.num) AS max_num, count(*) AS items, sum(v.count)::bigint AS events,
                     (array_agg(v.num ORDER BY v.sort_time DESC, v.item DESC))[1] AS latest
              FROM meter_values v
              WHERE v.customer_id = k.c AND v.meter = k.m AND v.window_start = to_timestamp(k.s)
+               AND v.dimensions = k.d::jsonb
          ) agg
          ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
          SET value = excluded.value,
@@ -294,6 +332,7 @@ pub(super) async fn apply_multiset_rows(
         &touched.iter().map(|t| t.3).collect::<Vec<_>>(),
         &touched.iter().map(|t| t.4).collect::<Vec<_>>() as &[&str],
         topic,
+        &dimensions as &[&str],
     )
     .execute(&mut *tx)
     .await?;
@@ -306,32 +345,41 @@ pub(super) async fn apply_charges(
     tx: &mut PgConnection,
     changes: &[ChargeChange],
 ) -> Result<(), SinkError> {
-    let window = |c: &ChargeChange| (c.0.clone(), c.1.clone(), c.2.window_start);
-    let added: std::collections::HashSet<(String, String, i64)> =
+    fn window(c: &ChargeChange) -> (&str, &str, i64, &Dimensions) {
+        (&c.0, &c.1, c.2.window_start, &c.2.dimensions)
+    }
+    let added: std::collections::HashSet<(&str, &str, i64, &Dimensions)> =
         changes.iter().filter(|c| c.3 > 0).map(window).collect();
     let removed: Vec<&ChargeChange> = changes
         .iter()
         .filter(|c| c.3 < 0 && !added.contains(&window(c)))
         .collect();
     if !removed.is_empty() {
+        let dimensions = dimension_texts(removed.iter().map(|c| &c.2.dimensions));
+        let dimensions = text_refs(&dimensions);
         sqlx::query!(
-            "DELETE FROM charges c USING UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(c, m, s)
-             WHERE c.customer_id = u.c AND c.meter = u.m AND c.window_start = to_timestamp(u.s)",
+            "DELETE FROM charges c
+             USING UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) AS u(c, m, s, d)
+             WHERE c.customer_id = u.c AND c.meter = u.m AND c.window_start = to_timestamp(u.s)
+               AND c.dimensions = u.d::jsonb",
             &removed.iter().map(|c| c.0.as_str()).collect::<Vec<_>>() as &[&str],
             &removed.iter().map(|c| c.1.as_str()).collect::<Vec<_>>() as &[&str],
             &removed.iter().map(|c| c.2.window_start).collect::<Vec<_>>(),
+            &dimensions as &[&str],
         )
         .execute(&mut *tx)
         .await?;
     }
     let upserts: Vec<&ChargeChange> = changes.iter().filter(|c| c.3 > 0).collect();
     if !upserts.is_empty() {
+        let dimensions = dimension_texts(upserts.iter().map(|c| &c.2.dimensions));
+        let dimensions = text_refs(&dimensions);
         sqlx::query!(
             "INSERT INTO charges AS c (customer_id, meter, window_start, window_end, quantity, amount,
-                                       currency, price_book_id)
-             SELECT c, m, to_timestamp(s), to_timestamp(e), q, a, cur, pb
+                                       currency, price_book_id, dimensions)
+             SELECT c, m, to_timestamp(s), to_timestamp(e), q, a, cur, pb, d::jsonb
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::numeric[],
-                         $7::text[], $8::text[]) AS u(c, m, s, e, q, a, cur, pb)
+                         $7::text[], $8::text[], $9::text[]) AS u(c, m, s, e, q, a, cur, pb, d)
              ON CONFLICT ON CONSTRAINT charges_pkey DO UPDATE
              SET window_end = excluded.window_end, quantity = excluded.quantity,
                  amount = excluded.amount, currency = excluded.currency,
@@ -345,6 +393,7 @@ pub(super) async fn apply_charges(
             &upserts.iter().map(|c| c.2.amount).collect::<Vec<_>>(),
             &upserts.iter().map(|c| c.2.currency.as_str()).collect::<Vec<_>>() as &[&str],
             &upserts.iter().map(|c| c.2.price_book_id.as_str()).collect::<Vec<_>>() as &[&str],
+            &dimensions as &[&str],
         )
         .execute(&mut *tx)
         .await?;
@@ -359,26 +408,29 @@ pub(super) async fn apply_lines(
     tx: &mut PgConnection,
     lines: &[LineChange],
 ) -> Result<(), SinkError> {
+    let dimensions = dimension_texts(lines.iter().map(|l| &l.dimensions));
+    let dimensions = text_refs(&dimensions);
     sqlx::query!(
         "WITH u AS (
-             SELECT c, to_timestamp(p) AS p, m, b, cur, a, q, w
+             SELECT c, to_timestamp(p) AS p, m, b, cur, a, q, w, d::jsonb AS d
              FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::numeric[],
-                         $7::numeric[], $8::bigint[]) AS u(c, p, m, b, cur, a, q, w)
+                         $7::numeric[], $8::bigint[], $9::text[]) AS u(c, p, m, b, cur, a, q, w, d)
          ), changed AS (
              UPDATE upcoming_lines l
              SET amount = l.amount + u.a, quantity = l.quantity + u.q, windows = l.windows + u.w,
                  updated_at = now()
              FROM u
              WHERE l.customer_id = u.c AND l.period_start = u.p AND l.meter = u.m AND l.price_book_id = u.b
-             RETURNING l.customer_id, l.period_start, l.meter, l.price_book_id
+               AND l.dimensions = u.d
+             RETURNING l.customer_id, l.period_start, l.meter, l.price_book_id, l.dimensions
          )
          INSERT INTO upcoming_lines (customer_id, period_start, meter, price_book_id, currency, quantity,
-                                     amount, windows)
-         SELECT c, p, m, b, cur, q, a, w FROM u
+                                     amount, windows, dimensions)
+         SELECT c, p, m, b, cur, q, a, w, d FROM u
          WHERE NOT EXISTS (
              SELECT 1 FROM changed
              WHERE changed.customer_id = u.c AND changed.period_start = u.p AND changed.meter = u.m
-               AND changed.price_book_id = u.b)",
+               AND changed.price_book_id = u.b AND changed.dimensions = u.d)",
         &lines.iter().map(|l| l.customer_id.as_str()).collect::<Vec<_>>() as &[&str],
         &lines.iter().map(|l| l.period_start).collect::<Vec<_>>(),
         &lines.iter().map(|l| l.meter.as_str()).collect::<Vec<_>>() as &[&str],
@@ -387,6 +439,7 @@ pub(super) async fn apply_lines(
         &lines.iter().map(|l| l.amount).collect::<Vec<_>>(),
         &lines.iter().map(|l| l.quantity).collect::<Vec<_>>(),
         &lines.iter().map(|l| l.windows).collect::<Vec<_>>(),
+        &dimensions as &[&str],
     )
     .execute(&mut *tx)
     .await?;
@@ -468,4 +521,24 @@ pub(super) async fn insert_late_events(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// A key's dimension values as the text a statement casts to `jsonb` (`{}`, the common case, without
+/// an allocation).
+fn dimension_text(dimensions: &Dimensions) -> Cow<'static, str> {
+    if dimensions.is_empty() {
+        Cow::Borrowed("{}")
+    } else {
+        Cow::Owned(dimensions.to_string())
+    }
+}
+
+/// [`dimension_text`] of each.
+fn dimension_texts<'a>(all: impl Iterator<Item = &'a Dimensions>) -> Vec<Cow<'static, str>> {
+    all.map(dimension_text).collect()
+}
+
+/// Borrowed, as the statements' array arguments take them.
+fn text_refs<'a>(texts: &'a [Cow<'static, str>]) -> Vec<&'a str> {
+    texts.iter().map(AsRef::as_ref).collect()
 }

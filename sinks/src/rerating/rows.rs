@@ -92,7 +92,8 @@ pub(super) async fn stored_rows(
     // which ends the quarantine.
     let rows = sqlx::query_as!(
         AggregationRow,
-        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint AS \"window_start!\",
+        "SELECT customer_id, meter, dimensions AS \"dimensions: Json<Dimensions>\",
+                extract(epoch FROM window_start)::bigint AS \"window_start!\",
                 extract(epoch FROM window_end)::bigint AS \"window_end!\", value, event_count, quarantined
          FROM aggregations
          WHERE window_start >= to_timestamp($1::bigint) AND window_start < to_timestamp($2::bigint)
@@ -121,10 +122,11 @@ pub(super) async fn stored_rows(
     }
     let items = sqlx::query_as!(
         ItemRow,
-        "SELECT v.customer_id, v.meter, extract(epoch FROM v.window_start)::bigint AS \"window_start!\",
+        "SELECT v.customer_id, v.meter, v.dimensions AS \"dimensions: Json<Dimensions>\",
+                extract(epoch FROM v.window_start)::bigint AS \"window_start!\",
                 extract(epoch FROM a.window_end)::bigint AS \"window_end!\", v.kind, v.sort_time, v.item, v.num,
                 v.count
-         FROM meter_values v JOIN aggregations a USING (customer_id, meter, window_start)
+         FROM meter_values v JOIN aggregations a USING (customer_id, meter, window_start, dimensions)
          WHERE v.window_start >= to_timestamp($1::bigint) AND v.window_start < to_timestamp($2::bigint)
            AND (cardinality($3::text[]) = 0 OR v.customer_id = ANY($3)) AND v.count > 0",
         from,
@@ -176,6 +178,7 @@ impl From<EventRow> for Event {
 struct AggregationRow {
     customer_id: String,
     meter: String,
+    dimensions: Json<Dimensions>,
     window_start: i64,
     window_end: i64,
     value: Decimal,
@@ -188,6 +191,7 @@ impl AggregationRow {
         AggregateKey {
             customer_id: self.customer_id.clone(),
             meter: self.meter.clone(),
+            dimensions: self.dimensions.0.clone(),
             window_start: self.window_start,
             window_end: self.window_end,
         }
