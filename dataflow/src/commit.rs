@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use meterflow_model::batch::QuarantinedPeriod;
+use meterflow_model::batch::{DimensionValue, QuarantinedPeriod};
 use meterflow_model::watermark::{WatermarkPolicy, Watermarks};
 use meterflow_model::{
     Aggregate, AggregateKey, Charge, DeadLetter, Duplicate, EpochBatch, Item, LateEvent,
@@ -51,6 +51,9 @@ pub enum SinkUpdate {
     DeadLetter(DeadLetter),
     Duplicate(Duplicate),
     Late(LateEvent),
+    /// A meter's `group_by` key admitted this value (admit.rs): store it, so a restart bounds the
+    /// same.
+    DimensionValue(DimensionValue),
 }
 
 /// How often an idle worker 0 sends the sink an empty batch with the current watermark.
@@ -116,6 +119,7 @@ pub fn commit_epochs<'scope>(
                                 SinkUpdate::DeadLetter(d) => batch.dead_letters.push(d),
                                 SinkUpdate::Duplicate(d) => batch.duplicates.push(d),
                                 SinkUpdate::Late(l) => batch.late_events.push(l),
+                                SinkUpdate::DimensionValue(v) => batch.dimension_values.push(v),
                             }
                         }
                     }

@@ -9,6 +9,7 @@
 //!   control      meters and watermark (control.rs), worker 0 only
 //!   rows, charges, quarantines   what rating starts from (restored), worker 0 only
 //!   books        price-book changes, worker 0 only
+//!   admitted     the dimension values admitted before a start (admit.rs), worker 0 only
 //! ```
 //! Every worker advances every handle each epoch, also those it never sends on, so the frontier moves.
 
@@ -19,6 +20,7 @@ use meterflow_model::batch::QuarantinedPeriod;
 use meterflow_model::{PartitionProgress, PriceBook, RatingCorrection, RatingState};
 use timely::dataflow::{InputHandleVec, Scope, StreamVec};
 
+use crate::admit::Admitted;
 use crate::classify::SourceItem;
 use crate::control::Control;
 use crate::operators::Epoch;
@@ -31,6 +33,8 @@ pub struct Inputs<'scope> {
     pub markers: StreamVec<'scope, Epoch, (Epoch, PartitionProgress)>,
     pub control: StreamVec<'scope, Epoch, Control>,
     pub rating: RatingInputs<'scope>,
+    /// The dimension values admitted before a start (admit.rs), at epoch 0.
+    pub admitted: StreamVec<'scope, Epoch, Admitted>,
 }
 
 /// The rating inputs, as differential updates `(data, epoch, diff)`: what the pipeline committed before
@@ -52,6 +56,7 @@ pub struct GraphInputs {
     pub charges: InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
     pub quarantines: InputHandleVec<Epoch, (QuarantinedPeriod, Epoch, isize)>,
     pub books: InputHandleVec<Epoch, (PriceBook, Epoch, isize)>,
+    pub admitted: InputHandleVec<Epoch, Admitted>,
 }
 
 impl GraphInputs {
@@ -67,6 +72,7 @@ impl GraphInputs {
                 restored_quarantines: self.quarantines.to_stream(scope),
                 books: self.books.to_stream(scope),
             },
+            admitted: self.admitted.to_stream(scope),
         }
     }
 
@@ -84,6 +90,7 @@ impl GraphInputs {
         self.charges.advance_to(epoch);
         self.quarantines.advance_to(epoch);
         self.books.advance_to(epoch);
+        self.admitted.advance_to(epoch);
     }
 
     /// Feeds a stored rating state at `epoch`, added (`sign` 1) or retracted (-1).
@@ -105,6 +112,12 @@ impl GraphInputs {
         }
         for period in state.quarantined_periods {
             self.quarantines.send((period, epoch, sign));
+        }
+        // Admitted values are never taken back; a correction carries none.
+        if sign > 0 {
+            for value in state.dimension_values {
+                self.admitted.send(value);
+            }
         }
     }
 

@@ -20,6 +20,7 @@
 //! | file | owns |
 //! |---|---|
 //! | `source.rs` | the Kafka reader threads: deterministic partition assignment, start offsets, catch-up |
+//! | `admit.rs` | the bound on dimension values: the first `max_dimension_values` values of each (meter, key) are admitted, an event bringing one more is a dead letter |
 //! | `classify.rs` | decode, validate and claim (dedup, voids) on the reader threads; the claim store is `meterflow_model::claims` |
 //! | `meters.rs` | [`Meters`](meters::Meters): a set of meters as metering reads it; no default meter on a meter's name |
 //! | `control.rs` | [`Control`]: the meters and the committed watermark as a timestamped input, and what is in force at each epoch |
@@ -43,6 +44,7 @@
     )
 )]
 
+pub mod admit;
 pub mod classify;
 pub mod commit;
 pub mod control;

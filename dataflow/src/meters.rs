@@ -8,7 +8,7 @@
 //! is claimed, and contributes to nothing); creating a meter named after an event type in use is
 //! refused on the other side (`store::meters::create_meter`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use meterflow_model::{Contribution, Event, Meter, MeterSet, Skip};
 
@@ -16,6 +16,8 @@ use meterflow_model::{Contribution, Event, Meter, MeterSet, Skip};
 #[derive(Clone, Debug, Default)]
 pub struct Meters {
     set: MeterSet,
+    /// Per meter with `group_by`, its `max_dimension_values`.
+    bounds: HashMap<String, u32>,
     names: HashSet<String>,
     types: HashSet<String>,
 }
@@ -23,6 +25,11 @@ pub struct Meters {
 impl Meters {
     pub fn new(meters: Vec<Meter>) -> Self {
         Meters {
+            bounds: meters
+                .iter()
+                .filter(|m| !m.group_by.is_empty())
+                .map(|m| (m.meter.clone(), m.dimension_bound()))
+                .collect(),
             names: meters.iter().map(|m| m.meter.clone()).collect(),
             types: meters.iter().map(|m| m.event_type.clone()).collect(),
             set: MeterSet::new(meters),
@@ -35,6 +42,14 @@ impl Meters {
 
     pub fn is_empty(&self) -> bool {
         self.set.is_empty()
+    }
+
+    /// How many values each `group_by` key of `meter` admits.
+    pub fn dimension_bound(&self, meter: &str) -> u32 {
+        self.bounds
+            .get(meter)
+            .copied()
+            .unwrap_or(meterflow_model::dimensions::DEFAULT_MAX_DIMENSION_VALUES)
     }
 
     /// Every contribution `event` makes (`MeterSet::contributions`), except a default meter's

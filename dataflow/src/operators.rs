@@ -24,6 +24,7 @@ use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Capability, Concatenate, OkErr, Operator};
 use timely::dataflow::StreamVec;
 
+use crate::admit::{admit, Candidate};
 use crate::classify::{Classified, SourceItem};
 use crate::commit::SinkUpdate;
 use crate::control::{Control, InForce};
@@ -52,7 +53,9 @@ pub fn build<'scope>(
     context: GraphContext,
 ) -> StreamVec<'scope, Epoch, (Epoch, SinkUpdate)> {
     let scope = inputs.items.scope();
-    let (contributions, other) = meter(inputs.items, inputs.control, context);
+    let (plain, candidates, other) = meter(inputs.items, inputs.control, context);
+    let (admitted, refused) = admit(candidates, inputs.admitted);
+    let contributions = plain.concat(admitted);
     // Rating reads the row changes, not the contributions: the same collection, already added up per
     // row and epoch (one update where there were as many as the row's events in the epoch).
     let changes = row_changes(contributions);
@@ -81,20 +84,23 @@ pub fn build<'scope>(
         }),
         lines.map(|(key, epoch, total)| (epoch, SinkUpdate::Line(line_change(key, total)))),
         other,
+        refused,
         inputs
             .markers
             .map(|(epoch, progress)| (epoch, SinkUpdate::Offset(progress))),
     ])
 }
 
-/// What metering produces: contributions to rows, and everything else for the sink.
+/// What metering produces: contributions to rows of meters without `group_by`, those of meters with
+/// (which admission decides, admit.rs), and everything else for the sink.
 type Metering<'scope> = (
     VecCollection<'scope, Epoch, RowKey, Usage>,
+    StreamVec<'scope, Epoch, Candidate>,
     StreamVec<'scope, Epoch, (Epoch, SinkUpdate)>,
 );
 
-/// A contribution to a row, or something else for the sink.
-type Metered = Result<(RowKey, Epoch, Usage), (Epoch, SinkUpdate)>;
+/// A contribution to a row (or a candidate for admission), or something else for the sink.
+type Metered = Result<Result<(RowKey, Epoch, Usage), Candidate>, (Epoch, SinkUpdate)>;
 
 /// Applies the meters where the items were read (no exchange): each counted event becomes its
 /// contributions to every meter reading its type, each retracted (voided) one their negation; a
@@ -172,8 +178,11 @@ fn meter<'scope>(
             }
         },
     );
-    let (contributions, other) = metered.ok_err(|m| m);
-    (contributions.as_collection(), other)
+    type Counted = Result<(RowKey, Epoch, Usage), Candidate>;
+    let (counted, other): (StreamVec<'scope, Epoch, Counted>, _) = metered.ok_err(|m| m);
+    let (plain, candidates): (StreamVec<'scope, Epoch, (RowKey, Epoch, Usage)>, _) =
+        counted.ok_err(|c| c);
+    (plain.as_collection(), candidates, other)
 }
 
 /// Meters items of `epoch` under what is in force for it: the epoch's meter set and the greatest
@@ -217,7 +226,19 @@ fn meter_item(
             }
         }
         let usage = if sign > 0 { c.usage } else { negate(c.usage) };
-        give(Ok(((c.key, c.item), epoch, Usage::of(usage))));
+        if c.key.dimensions.is_empty() {
+            give(Ok(Ok(((c.key, c.item), epoch, Usage::of(usage)))));
+        } else {
+            give(Ok(Err(Candidate {
+                bound: meters.dimension_bound(&c.key.meter),
+                row: (c.key, c.item),
+                usage: Usage::of(usage),
+                retraction: sign < 0,
+                partition: item.partition,
+                offset: item.offset,
+                event: event.clone(),
+            })));
+        }
     }
 }
 

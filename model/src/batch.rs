@@ -158,7 +158,12 @@ pub struct RatingState {
     pub charges: Vec<(String, String, Charge)>,
     /// Every stored quarantined period (`rating_quarantine`).
     pub quarantined_periods: Vec<QuarantinedPeriod>,
+    /// Every dimension value admitted so far (`dimension_values`): `(meter, key, value)`.
+    pub dimension_values: Vec<DimensionValue>,
 }
+
+/// A value a meter's `group_by` key has admitted (`None`: the value null), which the bound counts.
+pub type DimensionValue = (String, String, Option<String>);
 
 /// What a re-rating job changed in the stored rows of the periods it touched (SPEC §7): their rows (and
 /// quarantined rows) before and after; the charges and quarantined periods are left empty, because
@@ -191,6 +196,8 @@ pub struct EpochBatch {
     pub dead_letters: Vec<DeadLetter>,
     pub duplicates: Vec<Duplicate>,
     pub late_events: Vec<LateEvent>,
+    /// Dimension values admitted in this batch's epochs, to store.
+    pub dimension_values: Vec<DimensionValue>,
     /// The global event-time watermark after this batch (microseconds), when known.
     pub watermark: Option<i64>,
     /// When the dataflow sealed the batch (computed its watermark): the start of its commit latency.
@@ -209,6 +216,7 @@ impl EpochBatch {
             && self.dead_letters.is_empty()
             && self.duplicates.is_empty()
             && self.late_events.is_empty()
+            && self.dimension_values.is_empty()
     }
 
     /// Folds a later batch into this one: row changes add up, offsets and the watermark move forward.
@@ -287,6 +295,7 @@ impl EpochBatch {
         self.dead_letters.extend(later.dead_letters);
         self.duplicates.extend(later.duplicates);
         self.late_events.extend(later.late_events);
+        self.dimension_values.extend(later.dimension_values);
         self.watermark = self.watermark.max(later.watermark);
         self.sealed_at = self.sealed_at.or(later.sealed_at);
         Ok(())

@@ -329,6 +329,7 @@ async fn commit(
     }
     rows::insert_conflicting_duplicates(&mut tx, &lease.topic, &batch.duplicates).await?;
     rows::insert_late_events(&mut tx, &batch.late_events).await?;
+    rows::insert_dimension_values(&mut tx, &batch.dimension_values).await?;
 
     if !batch.offsets.is_empty() {
         let partitions: Vec<i32> = batch.offsets.iter().map(|p| p.partition).collect();

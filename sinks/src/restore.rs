@@ -198,6 +198,12 @@ pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, s
     state
         .quarantined_periods
         .extend(quarantined.into_iter().map(QuarantinedPeriod::from));
+    state.dimension_values = sqlx::query!("SELECT meter, key, value FROM dimension_values")
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.meter, r.key, r.value))
+        .collect();
     tx.commit().await?;
     Ok(state)
 }

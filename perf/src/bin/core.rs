@@ -384,7 +384,9 @@ impl Counts {
             SinkUpdate::Line(_) => self.lines += 1,
             SinkUpdate::Late(_) => self.late += 1,
             SinkUpdate::Offset(_) => self.offsets += 1,
-            SinkUpdate::DeadLetter(_) | SinkUpdate::Duplicate(_) => self.other += 1,
+            SinkUpdate::DeadLetter(_)
+            | SinkUpdate::Duplicate(_)
+            | SinkUpdate::DimensionValue(_) => self.other += 1,
         }
     }
 

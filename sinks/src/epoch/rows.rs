@@ -523,6 +523,28 @@ pub(super) async fn insert_late_events(
     Ok(())
 }
 
+/// Stores the dimension values admitted in the batch (dataflow/src/admit.rs), so a restart bounds the
+/// same.
+pub(super) async fn insert_dimension_values(
+    tx: &mut PgConnection,
+    values: &[meterflow_model::batch::DimensionValue],
+) -> Result<(), SinkError> {
+    if values.is_empty() {
+        return Ok(());
+    }
+    sqlx::query!(
+        "INSERT INTO dimension_values (meter, key, value)
+         SELECT m, k, v FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(m, k, v)
+         ON CONFLICT (meter, key, value) DO NOTHING",
+        &values.iter().map(|v| v.0.as_str()).collect::<Vec<_>>() as &[&str],
+        &values.iter().map(|v| v.1.as_str()).collect::<Vec<_>>() as &[&str],
+        &values.iter().map(|v| v.2.as_deref()).collect::<Vec<_>>() as &[Option<&str>],
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 /// A key's dimension values as the text a statement casts to `jsonb` (`{}`, the common case, without
 /// an allocation).
 fn dimension_text(dimensions: &Dimensions) -> Cow<'static, str> {

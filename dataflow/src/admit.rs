@@ -1,0 +1,195 @@
+//! The bound on dimension values (issue 17, `docs/dimensions.md`): of each (meter, `group_by` key), the
+//! first `max_dimension_values` distinct values are admitted; a contribution that would bring one more
+//! is refused, and its event is a dead letter `DIMENSION_CARDINALITY` (it still counts in the meters
+//! that admit it, as an event a meter skips does). Never a silent merge.
+//!
+//! ```text
+//!  contributions of group_by meters ─exchange by meter─► stash per epoch
+//!  admitted values (restored, epoch 0) ─exchange by meter─┘      │ both frontiers past e
+//!        counts in (event time, event id, meter) order: every value admitted or admissible?
+//!           yes ─► the contribution, and each new value (SinkUpdate::DimensionValue, stored)
+//!           no  ─► DeadLetter(DIMENSION_CARDINALITY), nothing counted
+//!        then retractions (voids): only of contributions whose values are all admitted
+//! ```
+//! Deterministic: an epoch's decisions depend only on the values admitted before it and on the
+//! epoch's contributions in a fixed order, so a replay decides as the first run did. Values are never
+//! un-admitted (a void does not free a slot), so a value not admitted now was never admitted, and a
+//! void of a refused contribution is dropped rather than taken from a row it never reached.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+use differential_dataflow::collection::AsCollection;
+use differential_dataflow::VecCollection;
+use meterflow_model::{DeadLetter, Event};
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::{Capability, OkErr, Operator};
+use timely::dataflow::StreamVec;
+
+use crate::commit::SinkUpdate;
+use crate::operators::Epoch;
+use crate::rating::RowKey;
+use crate::usage::Usage;
+
+/// A value admitted for a (meter, key): `(meter, key, value)`, `None` for the value null.
+pub type Admitted = (String, String, Option<String>);
+
+/// A contribution to a row of a meter with `group_by`, waiting for its values to be admitted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub row: RowKey,
+    /// The contribution (negated for a retraction).
+    pub usage: Usage,
+    /// A void's retraction, not a count.
+    pub retraction: bool,
+    /// The meter's `max_dimension_values`.
+    pub bound: u32,
+    /// Where the event was read, for its dead letter.
+    pub partition: i32,
+    pub offset: i64,
+    pub event: Event,
+}
+
+impl Candidate {
+    /// The order in which an epoch's counts are decided: by event time, event id and meter.
+    fn order(&self) -> (i64, &str, &str) {
+        (
+            self.event.event_time_micros,
+            &self.event.event_id,
+            &self.row.0.meter,
+        )
+    }
+}
+
+/// What admission gives: admitted contributions, and dead letters and newly admitted values for the
+/// sink.
+type Decided = Result<(RowKey, Epoch, Usage), (Epoch, SinkUpdate)>;
+
+/// Admits `candidates` against the values admitted so far (`restored` at a start, then as decided).
+// The `Result` is a routing tag for `ok_err`, as in `operators::meter`, not an error.
+#[allow(clippy::type_complexity, clippy::result_large_err)]
+pub fn admit<'scope>(
+    candidates: StreamVec<'scope, Epoch, Candidate>,
+    restored: StreamVec<'scope, Epoch, Admitted>,
+) -> (
+    VecCollection<'scope, Epoch, RowKey, Usage>,
+    StreamVec<'scope, Epoch, (Epoch, SinkUpdate)>,
+) {
+    let decided: StreamVec<'scope, Epoch, Decided> = candidates.binary_frontier(
+        restored,
+        Exchange::new(|c: &Candidate| meter_hash(&c.row.0.meter)),
+        Exchange::new(|a: &Admitted| meter_hash(&a.0)),
+        "AdmitDimensions",
+        |_cap, _info| {
+            let mut admitted: HashMap<(String, String), HashSet<Option<String>>> = HashMap::new();
+            let mut waiting: BTreeMap<Epoch, (Capability<Epoch>, Vec<Candidate>)> = BTreeMap::new();
+            move |(candidates, candidates_frontier), (restored, restored_frontier), output| {
+                restored.for_each(|_, data| {
+                    for (meter, key, value) in data.drain(..) {
+                        admitted.entry((meter, key)).or_default().insert(value);
+                    }
+                });
+                candidates.for_each_stamp(|cap, data| {
+                    let Some(&epoch) = cap.least() else {
+                        return;
+                    };
+                    let Some(held) = cap.retain_least(output.output_index()) else {
+                        return;
+                    };
+                    let (_, stash) = waiting.entry(epoch).or_insert_with(|| (held, Vec::new()));
+                    for batch in data {
+                        stash.append(batch);
+                    }
+                });
+                while let Some(entry) = waiting.first_entry() {
+                    let epoch = *entry.key();
+                    if candidates_frontier.frontier().less_equal(&epoch)
+                        || restored_frontier.frontier().less_equal(&epoch)
+                    {
+                        break;
+                    }
+                    let (cap, stash) = entry.remove();
+                    let mut session = output.session(&cap);
+                    decide(stash, epoch, &mut admitted, |d| session.give(d));
+                }
+            }
+        },
+    );
+    let (admitted, other) = decided.ok_err(|d| d);
+    (admitted.as_collection(), other)
+}
+
+/// The worker a meter's candidates and values meet on.
+fn meter_hash(meter: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    meter.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Decides one epoch's candidates: counts in order, then retractions.
+#[allow(clippy::result_large_err)]
+fn decide(
+    mut stash: Vec<Candidate>,
+    epoch: Epoch,
+    admitted: &mut HashMap<(String, String), HashSet<Option<String>>>,
+    mut give: impl FnMut(Decided),
+) {
+    stash.sort_by(|a, b| (a.retraction, a.order()).cmp(&(b.retraction, b.order())));
+    for c in stash {
+        let meter = &c.row.0.meter;
+        if c.retraction {
+            let all_admitted = c.row.0.dimensions.iter().all(|(key, value)| {
+                admitted
+                    .get(&(meter.clone(), key.to_owned()))
+                    .is_some_and(|values| values.contains(&value.map(str::to_owned)))
+            });
+            if all_admitted {
+                give(Ok((c.row, epoch, c.usage)));
+            }
+            continue;
+        }
+        let refused = c.row.0.dimensions.iter().find(|(key, value)| {
+            admitted
+                .get(&(meter.clone(), (*key).to_owned()))
+                .is_some_and(|values| {
+                    !values.contains(&value.map(str::to_owned)) && values.len() >= c.bound as usize
+                })
+        });
+        if let Some((key, value)) = refused {
+            give(Err((
+                epoch,
+                SinkUpdate::DeadLetter(refusal(&c, key, value)),
+            )));
+            continue;
+        }
+        for (key, value) in c.row.0.dimensions.iter() {
+            let value = value.map(str::to_owned);
+            let values = admitted.entry((meter.clone(), key.to_owned())).or_default();
+            if values.insert(value.clone()) {
+                give(Err((
+                    epoch,
+                    SinkUpdate::DimensionValue((meter.clone(), key.to_owned(), value)),
+                )));
+            }
+        }
+        give(Ok((c.row, epoch, c.usage)));
+    }
+}
+
+/// The dead letter of a contribution whose value `value` of `key` the meter's bound refuses.
+fn refusal(c: &Candidate, key: &str, value: Option<&str>) -> DeadLetter {
+    DeadLetter {
+        partition: c.partition,
+        offset: c.offset,
+        payload: serde_json::to_vec(&c.event).unwrap_or_default(),
+        reason: format!(
+            "DIMENSION_CARDINALITY: meter {} admits {} values of {key} and has them all; {} is \
+             not one of them (raise the meter's max_dimension_values, or group by another key)",
+            c.row.0.meter,
+            c.bound,
+            value.map_or_else(|| "null".to_owned(), |v| format!("{v:?}")),
+        ),
+    }
+}

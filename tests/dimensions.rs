@@ -1,0 +1,207 @@
+//! Meter dimensions end to end (issue 17, `docs/dimensions.md`), on real Kafka and Postgres with the
+//! real binary: an LLM-billing meter grouped by model, its rows and charges per model (each model's
+//! graduated tiers count only its own tokens), the dimension filters, the cursor across dimension
+//! values, and the bound on values (past it an event is a dead letter, and a restart bounds the same).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use reqwest::StatusCode;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn tokens(id: &str, customer: &str, model: Option<&str>, n: u32) -> Value {
+    let mut properties = json!({"tokens": n});
+    if let Some(model) = model {
+        properties["model"] = json!(model);
+    }
+    json!({"event_id": id, "customer_id": customer, "event_type": "llm_call",
+           "event_time": "2024-01-15T14:30:00Z", "properties": properties})
+}
+
+async fn post_all(api: &TestApi, events: &[Value]) {
+    for e in events {
+        let response = api.post_event(e).await;
+        assert_eq!(response.status(), StatusCode::CREATED, "{e}");
+    }
+}
+
+/// (dimensions, value or amount, normalized) of every row listed at `path`, following the cursor one row at a time.
+async fn listed(api: &TestApi, path: &str) -> Vec<(Value, String)> {
+    let mut out = Vec::new();
+    let mut next = format!("{path}&limit=1");
+    loop {
+        let page = api.get_json(&next).await;
+        for row in page["data"].as_array().unwrap() {
+            let value = row
+                .get("value")
+                .or_else(|| row.get("amount"))
+                .unwrap()
+                .to_string();
+            // Amounts keep their exact digits (1.050): compare them as numbers.
+            let value = value.parse::<Decimal>().unwrap().normalize().to_string();
+            out.push((row["dimensions"].clone(), value));
+        }
+        match page["next_cursor"].as_str() {
+            Some(cursor) => next = format!("{path}&limit=1&cursor={cursor}"),
+            None => return out,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_by_model_are_rows_and_charges_per_model_and_filter_by_dimension() {
+    let api = spawn_api().await;
+    let meter = json!({"meter": "llm_tokens", "event_type": "llm_call", "aggregation": "sum",
+                       "value_property": "properties.tokens", "group_by": ["model"]});
+    assert_eq!(
+        api.post_json("/api/v1/meters", &meter).await.status(),
+        StatusCode::CREATED
+    );
+    let stored = api.get_json("/api/v1/meters").await;
+    assert_eq!(stored["data"][0]["group_by"], json!(["model"]), "{stored}");
+    // Graduated: the first 100 tokens at 0.01, the rest at 0.001, per model.
+    let book = json!({"meter": "llm_tokens", "effective_from": "2024-01-01T00:00:00Z",
+                      "model": {"type": "graduated", "tiers": [
+                          {"up_to": "100", "unit_price": "0.01"}, {"unit_price": "0.001"}]}});
+    assert_eq!(
+        api.post_json("/api/v1/price-books", &book).await.status(),
+        StatusCode::CREATED
+    );
+    let _pipeline = spawn_pipeline(&api.url, &api.topic, 2, &[]);
+    post_all(
+        &api,
+        &[
+            tokens("t1", "acme", Some("large"), 80),
+            tokens("t2", "acme", Some("large"), 70),
+            tokens("t3", "acme", Some("small"), 90),
+            tokens("t4", "acme", None, 5),
+            tokens("t5", "other", Some("large"), 1000),
+        ],
+    )
+    .await;
+    api.wait_caught_up(WAIT).await;
+
+    let rows = listed(
+        &api,
+        "/api/v1/aggregations?customer_id=acme&meter=llm_tokens",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![
+            (json!({"model": null}), "5".into()),
+            (json!({"model": "large"}), "150".into()),
+            (json!({"model": "small"}), "90".into()),
+        ],
+        "one row per model, in key order, across pages"
+    );
+    // large: 100 × 0.01 + 50 × 0.001; small: 90 × 0.01 (its tiers count its own tokens only).
+    let charges = listed(&api, "/api/v1/charges?customer_id=acme&meter=llm_tokens").await;
+    assert_eq!(
+        charges,
+        vec![
+            (json!({"model": null}), "0.05".into()),
+            (json!({"model": "large"}), "1.05".into()),
+            (json!({"model": "small"}), "0.9".into()),
+        ]
+    );
+    let large = api
+        .get_json("/api/v1/aggregations?meter=llm_tokens&dimension.model=large")
+        .await;
+    let customers: Vec<&str> = large["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["customer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(customers, ["acme", "other"], "{large}");
+    let missing = api
+        .get_json("/api/v1/charges?meter=llm_tokens&null_dimension=model")
+        .await;
+    assert_eq!(missing["data"].as_array().unwrap().len(), 1, "{missing}");
+    let bad = api.get("/api/v1/aggregations?dimension.Model=large").await;
+    expect_problem(bad, StatusCode::BAD_REQUEST, "BAD_REQUEST").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_bound_an_event_is_a_dead_letter_before_and_after_a_restart() {
+    let api = spawn_api().await;
+    let meter = json!({"meter": "llm_calls", "event_type": "llm_call", "aggregation": "count",
+                       "group_by": ["model"], "max_dimension_values": 2});
+    assert_eq!(
+        api.post_json("/api/v1/meters", &meter).await.status(),
+        StatusCode::CREATED
+    );
+    let mut pipeline = spawn_pipeline(&api.url, &api.topic, 2, &[]);
+    post_all(
+        &api,
+        &[
+            tokens("b1", "acme", Some("a"), 1),
+            tokens("b2", "acme", Some("b"), 1),
+        ],
+    )
+    .await;
+    api.wait_caught_up(WAIT).await;
+    post_all(&api, &[tokens("b3", "acme", Some("c"), 1)]).await;
+    api.wait_caught_up(WAIT).await;
+    pipeline.kill();
+    // A restart knows "a" and "b" were admitted: "c" is still refused, "b" still counts.
+    let _pipeline = spawn_pipeline(&api.url, &api.topic, 1, &[]);
+    post_all(
+        &api,
+        &[
+            tokens("b4", "acme", Some("c"), 1),
+            tokens("b5", "acme", Some("b"), 1),
+        ],
+    )
+    .await;
+    api.wait_caught_up(WAIT).await;
+    let rows = listed(
+        &api,
+        "/api/v1/aggregations?customer_id=acme&meter=llm_calls",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![
+            (json!({"model": "a"}), "1".into()),
+            (json!({"model": "b"}), "2".into()),
+        ]
+    );
+    let dead = scalar_i64(
+        &api.url,
+        "SELECT count(*) FROM dead_letters WHERE reason LIKE 'DIMENSION_CARDINALITY: meter llm_calls%'",
+    )
+    .await;
+    assert_eq!(dead, 2, "b3 and b4 are dead letters");
+    let admitted = scalar_i64(&api.url, "SELECT count(*) FROM dimension_values").await;
+    assert_eq!(admitted, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_meter_definition_with_a_bad_group_by_is_refused() {
+    let api = spawn_api().await;
+    for (group_by, bound) in [
+        (json!(["a", "b", "c", "d"]), json!(null)),
+        (json!(["Model"]), json!(null)),
+        (json!(["m", "m"]), json!(null)),
+        (json!(["m"]), json!(0)),
+        (json!(["m"]), json!(100001)),
+        (json!([]), json!(5)),
+    ] {
+        let meter = json!({"meter": "m1", "event_type": "x", "aggregation": "count",
+                           "group_by": group_by, "max_dimension_values": bound});
+        let response = api.post_json("/api/v1/meters", &meter).await;
+        let status = response.status();
+        assert!(
+            status.is_client_error(),
+            "{meter}: {status} {}",
+            response.text().await.unwrap()
+        );
+    }
+}
