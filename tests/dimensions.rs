@@ -1,7 +1,8 @@
 //! Meter dimensions end to end (issue 17, `docs/dimensions.md`), on real Kafka and Postgres with the
 //! real binary: an LLM-billing meter grouped by model, its rows and charges per model (each model's
-//! graduated tiers count only its own tokens), the dimension filters, the cursor across dimension
-//! values, and the bound on values (past it an event is a dead letter, and a restart bounds the same).
+//! graduated tiers count only its own tokens, and a customer's own book for one model beats the
+//! default), the invoice lines per model, the dimension filters, the cursor across dimension values,
+//! and the bound on values (past it an event is a dead letter, and a restart bounds the same).
 
 mod common;
 
@@ -72,6 +73,21 @@ async fn tokens_by_model_are_rows_and_charges_per_model_and_filter_by_dimension(
         api.post_json("/api/v1/price-books", &book).await.status(),
         StatusCode::CREATED
     );
+    // acme's own price for the large model: more specific than the default for that model only.
+    let own = json!({"meter": "llm_tokens", "customer_id": "acme", "dimensions": {"model": "large"},
+                     "effective_from": "2024-01-01T00:00:00Z",
+                     "model": {"type": "per_unit", "unit_price": "0.002"}});
+    let created = api.post_json("/api/v1/price-books", &own).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let created: Value = created.json().await.unwrap();
+    assert_eq!(created["dimensions"], json!({"model": "large"}));
+    // The same selector and scope again overlaps; a key the meter does not group by is refused.
+    let again = api.post_json("/api/v1/price-books", &own).await;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    let mut bad = own.clone();
+    bad["dimensions"] = json!({"region": "eu"});
+    let refused = api.post_json("/api/v1/price-books", &bad).await;
+    assert!(refused.status().is_client_error(), "{}", refused.status());
     let _pipeline = spawn_pipeline(&api.url, &api.topic, 2, &[]);
     post_all(
         &api,
@@ -84,6 +100,11 @@ async fn tokens_by_model_are_rows_and_charges_per_model_and_filter_by_dimension(
         ],
     )
     .await;
+    // A number as the model: its dimension value is its normalized spelling.
+    let numeric = json!({"event_id": "t6", "customer_id": "num", "event_type": "llm_call",
+                         "event_time": "2024-01-15T14:30:00Z",
+                         "properties": {"tokens": 1, "model": 1.50}});
+    post_all(&api, &[numeric]).await;
     api.wait_caught_up(WAIT).await;
 
     let rows = listed(
@@ -100,15 +121,67 @@ async fn tokens_by_model_are_rows_and_charges_per_model_and_filter_by_dimension(
         ],
         "one row per model, in key order, across pages"
     );
-    // large: 100 × 0.01 + 50 × 0.001; small: 90 × 0.01 (its tiers count its own tokens only).
+    // Each window lists the events of its own values only.
+    let ids =
+        |filter: &str| format!("/api/v1/aggregations?meter=llm_tokens&include=event_ids&{filter}");
+    let large = api
+        .get_json(&ids("customer_id=acme&dimension.model=large"))
+        .await;
+    assert_eq!(
+        large["data"][0]["event_ids"],
+        json!(["t1", "t2"]),
+        "{large}"
+    );
+    let missing = api
+        .get_json(&ids("customer_id=acme&null_dimension=model"))
+        .await;
+    assert_eq!(missing["data"][0]["event_ids"], json!(["t4"]), "{missing}");
+    let number = api.get_json(&ids("customer_id=num")).await;
+    assert_eq!(number["data"][0]["dimensions"], json!({"model": "1.5"}));
+    assert_eq!(number["data"][0]["event_ids"], json!(["t6"]), "{number}");
+    // large: acme's own book, 150 × 0.002; small: 90 × 0.01 (the default's tiers count the small
+    // model's tokens only); no model: 5 × 0.01.
     let charges = listed(&api, "/api/v1/charges?customer_id=acme&meter=llm_tokens").await;
     assert_eq!(
         charges,
         vec![
             (json!({"model": null}), "0.05".into()),
-            (json!({"model": "large"}), "1.05".into()),
+            (json!({"model": "large"}), "0.3".into()),
             (json!({"model": "small"}), "0.9".into()),
         ]
+    );
+    // Another customer's large model: the default, 100 × 0.01 + 900 × 0.001.
+    let other = listed(&api, "/api/v1/charges?customer_id=other&meter=llm_tokens").await;
+    assert_eq!(other, vec![(json!({"model": "large"}), "1.9".into())]);
+    // The upcoming invoice has a line per model, named by its values.
+    let upcoming = api
+        .get_json("/api/v1/customers/acme/upcoming-invoice?period=2024-01")
+        .await;
+    let lines: Vec<(String, Value)> = upcoming["line_items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["description"].as_str().unwrap().to_owned(),
+                l["dimensions"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            ("llm_tokens — model null".to_owned(), json!({"model": null})),
+            (
+                "llm_tokens — model large".to_owned(),
+                json!({"model": "large"})
+            ),
+            (
+                "llm_tokens — model small".to_owned(),
+                json!({"model": "small"})
+            ),
+        ],
+        "{upcoming}"
     );
     let large = api
         .get_json("/api/v1/aggregations?meter=llm_tokens&dimension.model=large")
@@ -203,5 +276,68 @@ async fn a_meter_definition_with_a_bad_group_by_is_refused() {
             "{meter}: {status} {}",
             response.text().await.unwrap()
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn total_by_adds_the_rows_up_over_every_other_dimension() {
+    let api = spawn_api().await;
+    let meter = json!({"meter": "llm_requests", "event_type": "llm_call", "aggregation": "count",
+                       "group_by": ["model", "region"]});
+    assert_eq!(
+        api.post_json("/api/v1/meters", &meter).await.status(),
+        StatusCode::CREATED
+    );
+    let _pipeline = spawn_pipeline(&api.url, &api.topic, 1, &[]);
+    let call = |id: &str, model: &str, region: Option<&str>| {
+        let mut properties = json!({"model": model});
+        if let Some(region) = region {
+            properties["region"] = json!(region);
+        }
+        json!({"event_id": id, "customer_id": "acme", "event_type": "llm_call",
+               "event_time": "2024-01-15T14:30:00Z", "properties": properties})
+    };
+    post_all(
+        &api,
+        &[
+            call("r1", "large", Some("eu")),
+            call("r2", "large", Some("us")),
+            call("r3", "large", None),
+            call("r4", "small", Some("eu")),
+        ],
+    )
+    .await;
+    api.wait_caught_up(WAIT).await;
+    let by_model = listed(
+        &api,
+        "/api/v1/aggregations?meter=llm_requests&total_by=model",
+    )
+    .await;
+    assert_eq!(
+        by_model,
+        vec![
+            (json!({"model": "large"}), "3".into()),
+            (json!({"model": "small"}), "1".into()),
+        ]
+    );
+    let by_region = listed(
+        &api,
+        "/api/v1/aggregations?meter=llm_requests&total_by=region&dimension.model=large",
+    )
+    .await;
+    assert_eq!(
+        by_region,
+        vec![
+            (json!({"region": null}), "1".into()),
+            (json!({"region": "eu"}), "1".into()),
+            (json!({"region": "us"}), "1".into()),
+        ]
+    );
+    for bad in [
+        "/api/v1/aggregations?total_by=model",
+        "/api/v1/aggregations?meter=llm_requests&total_by=tier",
+        "/api/v1/aggregations?meter=llm_requests&total_by=model&include=event_ids",
+    ] {
+        expect_problem(api.get(bad).await, StatusCode::BAD_REQUEST, "BAD_REQUEST").await;
     }
 }

@@ -45,6 +45,10 @@ pub struct AggregationQuery {
     event_ids_limit: Option<i64>,
     /// List event ids after this one (the `event_ids_next_cursor` of a previous answer).
     event_ids_after: Option<String>,
+    /// Add the rows up over every dimension but this one: one row per (customer, meter, window,
+    /// value of the key). Needs `meter`, a count or sum meter that groups by the key.
+    #[param(pattern = "^[a-z0-9_]{1,32}$")]
+    total_by: Option<String>,
 }
 
 /// A window's aggregate: the meter's value over the customer's events in it.
@@ -125,8 +129,21 @@ pub async fn list(
             .map(|(c, d)| (c.0.as_str(), c.1.as_str(), c.2, d)),
         limit: limit + 1,
     };
-    let data: Vec<Aggregation> = results::aggregations(&state.pool, page)
-        .await?
+    let rows = match q.total_by.as_deref() {
+        None => results::aggregations(&state.pool, page).await?,
+        Some(key) => {
+            if with_ids {
+                return Err(ApiError::BadRequest(
+                    "include=event_ids lists a window's events; a total over dimensions has no \
+                     one window: leave out total_by or include"
+                        .into(),
+                ));
+            }
+            totals_are_sums(&state, q.meter.as_deref(), key).await?;
+            results::aggregation_totals(&state.pool, page, key).await?
+        }
+    };
+    let data: Vec<Aggregation> = rows
         .into_iter()
         .map(|r| Aggregation {
             customer_id: r.customer_id,
@@ -149,6 +166,8 @@ pub async fn list(
         // One query for every window of the page.
         let shown = data.len().min(usize::try_from(limit).unwrap_or(usize::MAX));
         let windows = data.get(..shown).unwrap_or_default();
+        let dimensions: Vec<String> = windows.iter().map(|a| a.dimensions.to_string()).collect();
+        let mut texts = dimensions.iter().map(String::as_str);
         let keys: Vec<results::WindowKey<'_>> = windows
             .iter()
             .map(|a| {
@@ -157,6 +176,7 @@ pub async fn list(
                     a.meter.as_str(),
                     a.window_start,
                     a.window_end,
+                    texts.next().unwrap_or("{}"),
                 )
             })
             .collect();
@@ -190,6 +210,36 @@ pub async fn list(
         )
         .encode()
     })))
+}
+
+/// `total_by=<key>` adds values up: it needs a meter named, of a kind whose values add (count, sum),
+/// that groups by the key. Anything else is a 400 that says which.
+async fn totals_are_sums(state: &AppState, meter: Option<&str>, key: &str) -> Result<(), ApiError> {
+    let Some(name) = meter else {
+        return Err(ApiError::BadRequest(
+            "total_by needs meter=<name>: totals add up one meter's values".into(),
+        ));
+    };
+    let mut conn = state.pool.acquire().await?;
+    let meters = meterflow_store::meters::list_meters(&mut conn, Some(name)).await?;
+    let Some((meter, _)) = meters.first() else {
+        return Err(ApiError::BadRequest(format!(
+            "total_by: meter {name} has no group_by (it is not a stored meter)"
+        )));
+    };
+    if !meter.group_by.keys().iter().any(|k| k == key) {
+        return Err(ApiError::BadRequest(format!(
+            "total_by: meter {name} does not group by {key} (its group_by: {:?})",
+            meter.group_by.keys()
+        )));
+    }
+    match meter.aggregation {
+        meterflow_model::Aggregation::Count | meterflow_model::Aggregation::Sum => Ok(()),
+        other => Err(ApiError::BadRequest(format!(
+            "total_by adds values up, and meter {name} is a {} meter, whose values do not add",
+            other.as_str()
+        ))),
+    }
 }
 
 /// This module's routes: each row routes its handler and documents it, with the role it needs

@@ -93,6 +93,9 @@ pub struct InvoiceView {
 #[schema(as = Line)]
 pub struct LineView {
     meter: String,
+    /// The dimension values the line bills; `{}` for a meter without `group_by`.
+    #[schema(value_type = Object)]
+    dimensions: meterflow_model::Dimensions,
     kind: LineKind,
     description: String,
     #[schema(value_type = meterflow_model::openapi::Decimal)]
@@ -109,6 +112,7 @@ impl From<InvoiceLine> for LineView {
             quantity: decimal_number(&l.quantity),
             amount: decimal_number(&l.amount),
             meter: l.meter,
+            dimensions: l.dimensions,
             kind: l.kind,
             description: l.description,
             unit_price_summary: l.unit_price_summary,
@@ -125,6 +129,9 @@ pub struct AdjustmentView {
     /// The period of the corrected line.
     period_start: DateTime<Utc>,
     meter: String,
+    /// The dimension values of the corrected line.
+    #[schema(value_type = Object)]
+    dimensions: meterflow_model::Dimensions,
     price_book_id: String,
     #[schema(value_type = meterflow_model::openapi::Decimal)]
     amount: serde_json::Number,
@@ -138,6 +145,7 @@ impl From<Adjustment> for AdjustmentView {
             amount: decimal_number(&a.amount),
             original_invoice_id: a.original_invoice_id,
             meter: a.meter,
+            dimensions: a.dimensions,
             price_book_id: a.price_book_id,
             reason: a.reason,
         }

@@ -52,6 +52,9 @@ pub struct PriceBookView {
     meter: String,
     #[schema(required = true)]
     customer_id: Option<String>,
+    /// The dimension values of the windows it prices; `{}`: every window.
+    #[schema(value_type = Object)]
+    dimensions: meterflow_model::Dimensions,
     currency: String,
     effective_from: DateTime<Utc>,
     #[schema(required = true)]
@@ -71,6 +74,7 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let book = resolve(raw, new_id()).map_err(ApiError::Validation)?;
     let mut conn = state.pool.acquire().await?;
+    selector_keys_are_grouped_by(&mut conn, &book).await?;
     let stored = price_books::create_price_book(&mut conn, &book)
         .await
         .map_err(write_error)?;
@@ -187,6 +191,42 @@ fn write_error(e: PriceBookError) -> ApiError {
 }
 
 /// A fresh id: `pb_` and 64 random bits in hex.
+/// A book's selector names keys its meter groups by: a key the meter does not group by would match no
+/// window (a meter's windows carry exactly its `group_by` keys), so it is refused rather than stored to
+/// price nothing.
+async fn selector_keys_are_grouped_by(
+    conn: &mut sqlx::PgConnection,
+    book: &meterflow_model::PriceBook,
+) -> Result<(), ApiError> {
+    if book.dimensions.is_empty() {
+        return Ok(());
+    }
+    let meters = meterflow_store::meters::list_meters(conn, Some(&book.meter)).await?;
+    let group_by: Vec<String> = meters
+        .first()
+        .map(|(m, _)| m.group_by.keys().to_vec())
+        .unwrap_or_default();
+    let errors: Vec<meterflow_model::FieldError> = book
+        .dimensions
+        .iter()
+        .filter(|(key, _)| !group_by.iter().any(|k| k == key))
+        .map(|(key, _)| {
+            meterflow_model::FieldError::new(
+                format!("dimensions.{key}"),
+                format!(
+                    "is not a group_by key of meter {} (its group_by: {group_by:?}); create the                      meter with group_by first",
+                    book.meter
+                ),
+            )
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(errors))
+    }
+}
+
 fn new_id() -> String {
     format!("pb_{:016x}", rand::random::<u64>())
 }
@@ -210,6 +250,7 @@ fn view(stored: StoredPriceBook) -> Result<PriceBookView, ApiError> {
         price_book_id: book.price_book_id,
         meter: book.meter,
         customer_id: book.customer_id,
+        dimensions: book.dimensions,
         currency: book.currency,
         created_at,
         updated_at,

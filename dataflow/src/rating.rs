@@ -11,9 +11,9 @@
 //!                                                                                        ▼
 //!          reduce per (customer, meter, period): rate_period − stored ─► window charge changes
 //! ```
-//! Contract: for every (customer, meter, period) with usage, the output holds exactly the charges
-//! `meterflow_model::rate_period` gives for the period's whole usage and the books that overlap it
-//! (the default ones and the customer's own), minus the charges stored for it (so after a restart
+//! Contract: for every (customer, meter, period, dimension values) with usage, the output holds exactly
+//! the charges `meterflow_model::rate_period` gives for the period's whole usage and the books that
+//! overlap it (the default ones and the customer's own, whose selector the values match), minus the charges stored for it (so after a restart
 //! only what changed while the pipeline was down leaves). A late event, a void or a price book
 //! created, edited or closed changes only the periods it touches, and within them only the windows
 //! whose charge moves (differential emits the difference of the reduce's output). Exchange: the reduce
@@ -136,8 +136,9 @@ pub fn rate<'scope>(
                 )
             },
         )
-        .filter(|((customer, _, _, _), book)| {
+        .filter(|((customer, _, _, dimensions), book)| {
             book.customer_id.as_ref().is_none_or(|own| own == customer)
+                && dimensions.matches(&book.dimensions)
         });
     // A book's multiplicity rides in the usage difference so both inputs meet in one reduce.
     let books_as_usage = period_books

@@ -1,8 +1,9 @@
 //! Meter dimensions (issue 17) through the graph, against a brute-force reference: random events over
 //! three properties (`model`, `region`, `user`), some missing and some spelled two ways (`1.50` and
 //! `1.5`), duplicates of one value under another spelling, and voids, through meters with and without
-//! `group_by` of every kind, and a graduated price book whose tiers count each dimension value's usage
-//! alone. The final rows and charges must equal what a plain loop computes from the counted events,
+//! `group_by` of every kind, and price books: a graduated default whose tiers count each dimension
+//! value's usage alone, a default for one model and one customer's own for another (the most specific
+//! wins). The final rows and charges must equal what a plain loop computes from the counted events,
 //! for 1, 2 and 4 workers.
 //!
 //! The reference knows each event's dimension values from how it generated them, not from
@@ -73,9 +74,10 @@ fn d(s: &str) -> Decimal {
     s.parse().unwrap()
 }
 
-/// Tokens: a graduated book, so a window's charge depends on its dimension values' usage before it.
+/// Tokens: a graduated default book, so a window's charge depends on its dimension values' usage
+/// before it; a default book for one model, and one customer's own book for another.
 fn books() -> Vec<PriceBook> {
-    vec![PriceBook {
+    let graduated = PriceBook {
         price_book_id: "tokens-default".into(),
         meter: "tokens".into(),
         customer_id: None,
@@ -97,7 +99,47 @@ fn books() -> Vec<PriceBook> {
             ],
         },
         minimum_per_period: None,
-    }]
+        dimensions: Dimensions::default(),
+    };
+    vec![
+        graduated.clone(),
+        // The small model at its own price, and customer c1's own price for the large one.
+        PriceBook {
+            price_book_id: "tokens-small".into(),
+            dimensions: selector(&[("model", Some("small"))]),
+            model: PriceModel::PerUnit {
+                unit_price: d("0.003"),
+            },
+            ..graduated.clone()
+        },
+        PriceBook {
+            price_book_id: "tokens-c1-large".into(),
+            customer_id: Some("c1".into()),
+            dimensions: selector(&[("model", Some("large"))]),
+            model: PriceModel::PerUnit {
+                unit_price: d("0.0005"),
+            },
+            ..graduated
+        },
+    ]
+}
+
+fn selector(pairs: &[(&str, Option<&str>)]) -> Dimensions {
+    Dimensions::from_pairs(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_owned))),
+    )
+}
+
+/// The book that prices a tokens window of `customer` with `model`, chosen plainly.
+fn book_of(customer: &str, model: Option<&str>) -> PriceBook {
+    let id = match (customer, model) {
+        ("c1", Some("large")) => "tokens-c1-large",
+        (_, Some("small")) => "tokens-small",
+        _ => "tokens-default",
+    };
+    books().into_iter().find(|b| b.price_book_id == id).unwrap()
 }
 
 /// The model property: its JSON spelling, and the value it is.
@@ -234,12 +276,13 @@ fn expected(rounds: &[(Epoch, i32, Classified, Sent)]) -> Outcome {
             .insert(format!("\"u{}\"", s.user));
     }
     // Tokens, rated per (customer, dimension values, period), windows in time order.
-    let book = &books()[0];
     let mut before: BTreeMap<(String, String, i64), Decimal> = BTreeMap::new();
     for ((customer, meter, dims, start), (value, _)) in &out.rows {
         if meter != "tokens" {
             continue;
         }
+        let parsed: Dimensions = dims.parse().unwrap();
+        let book = book_of(customer, parsed.get("model").flatten());
         let period = period_of(*start).0;
         let ptd = before
             .entry((customer.clone(), dims.clone(), period))

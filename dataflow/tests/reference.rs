@@ -564,12 +564,18 @@ fn assert_same(got: &Outcome, expected: &Outcome, context: &str) {
 #[test]
 fn sorted_and_shuffled_inputs_give_identical_windows() {
     let mut rng = SmallRng::seed_from_u64(7);
-    let mut events: Vec<(i64, Vec<u8>)> = (0..2_000)
+    // (time, id, payload): every copy of an id in partition id % 3, as a Kafka key would put it, so
+    // "first copy wins" is a property of the input. (Spread by list position, an original and its
+    // retry sat in two partitions read by two workers, and which one claimed the id first depended on
+    // thread timing: a commit's offsets could cover a copy found a duplicate while the copy that
+    // counted was still unread, and the check at every commit failed, once, under load.)
+    let mut events: Vec<(i64, usize, Vec<u8>)> = (0..2_000)
         .map(|i| {
             let t = BASE_MS + rng.random_range(0..6 * 3_600_000);
             let value = format!("{}.{}", rng.random_range(0..100), rng.random_range(0..10));
             (
                 t,
+                i,
                 event_json(
                     &format!("s{i}"),
                     "c1",
@@ -582,18 +588,22 @@ fn sorted_and_shuffled_inputs_give_identical_windows() {
             )
         })
         .collect();
-    let retries: Vec<(i64, Vec<u8>)> = events.iter().step_by(5).cloned().collect();
+    let retries: Vec<(i64, usize, Vec<u8>)> = events.iter().step_by(5).cloned().collect();
     events.extend(retries);
-    let as_records = |events: &[(i64, Vec<u8>)]| -> Vec<RawRecord> {
+    let as_records = |events: &[(i64, usize, Vec<u8>)]| -> Vec<RawRecord> {
+        let mut next = [0i64; 3];
         events
             .iter()
-            .enumerate()
-            .map(|(i, (_, payload))| RawRecord {
-                partition: (i % 3) as i32,
-                offset: (i / 3) as i64,
-                timestamp_ms: BASE_MS + 7 * 3_600_000,
-                kind: RecordKind::Event(Format::Plain),
-                payload: payload.clone(),
+            .map(|(_, id, payload)| {
+                let partition = id % 3;
+                next[partition] += 1;
+                RawRecord {
+                    partition: partition as i32,
+                    offset: next[partition] - 1,
+                    timestamp_ms: BASE_MS + 7 * 3_600_000,
+                    kind: RecordKind::Event(Format::Plain),
+                    payload: payload.clone(),
+                }
             })
             .collect()
     };

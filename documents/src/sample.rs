@@ -110,6 +110,7 @@ pub fn invoice(lines: usize, adjustments: usize, currency: &str) -> Invoice {
                 quantity * Decimal::new(mantissa, scale)
             };
             InvoiceLine {
+                dimensions: Default::default(),
                 meter,
                 kind: if minimum {
                     LineKind::Minimum
@@ -134,6 +135,7 @@ pub fn invoice(lines: usize, adjustments: usize, currency: &str) -> Invoice {
         .collect();
     let adjustments: Vec<Adjustment> = (0..adjustments)
         .map(|i| Adjustment {
+            dimensions: Default::default(),
             original_invoice_id: format!("7f3c2a9e-41b0-4c55-9d2e-0a6b1c{:06}", 100 + i),
             period_start: DECEMBER,
             meter: METERS[i % METERS.len()].meter.to_owned(),

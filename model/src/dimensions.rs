@@ -224,6 +224,54 @@ impl<'de> Deserialize<'de> for Dimensions {
     }
 }
 
+/// A price book's selector as posted, `{"model": "large", "region": null}`: at most 3 keys of
+/// `[a-z0-9_]{1,32}`, each value a string, number or boolean (in its dimension-value form, as
+/// [`value_of`] spells it) or `null`, at most [`MAX_DIMENSION_VALUE_BYTES`] long.
+pub fn selector(
+    map: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Dimensions, FieldError> {
+    use serde_json::Value;
+    if map.len() > MAX_GROUP_BY {
+        return Err(FieldError::new("dimensions", "names at most 3 keys"));
+    }
+    let mut pairs = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let field = format!("dimensions.{}", crate::printable(key));
+        if !is_key(key) {
+            return Err(FieldError::new(
+                field,
+                "keys must be 1 to 32 characters of [a-z0-9_]",
+            ));
+        }
+        let value = match value {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            Value::Number(_) | Value::Bool(_) => {
+                let raw = serde_json::value::to_raw_value(value)
+                    .map_err(|_| FieldError::new(field.clone(), "is not a value"))?;
+                value_of(&raw)
+            }
+            Value::Array(_) | Value::Object(_) => {
+                return Err(FieldError::new(
+                    field,
+                    "must be a string, a number, a boolean or null",
+                ))
+            }
+        };
+        if value
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_DIMENSION_VALUE_BYTES)
+        {
+            return Err(FieldError::new(
+                field,
+                format!("is at most {MAX_DIMENSION_VALUE_BYTES} bytes"),
+            ));
+        }
+        pairs.push((key.clone(), value));
+    }
+    Ok(Dimensions::from_pairs(pairs))
+}
+
 /// How specific a book is for a window, for choosing among the books effective at its start: a
 /// customer-specific book before a default one, then more keys named before fewer. The greater wins.
 pub fn specificity(customer_specific: bool, selector: &Dimensions) -> (bool, usize) {
@@ -285,6 +333,26 @@ mod tests {
         );
         assert!(GroupBy::default().values(&e).is_empty());
         assert_eq!(Dimensions::default().to_string(), "{}");
+    }
+
+    #[test]
+    fn a_selector_is_checked_and_spelled_as_dimension_values() {
+        let map = |json: &str| serde_json::from_str::<serde_json::Map<_, _>>(json).unwrap();
+        let sel = selector(&map(r#"{"region":null,"n":1.50,"model":"large"}"#)).unwrap();
+        assert_eq!(
+            sel.to_string(),
+            r#"{"model":"large","n":"1.5","region":null}"#
+        );
+        for bad in [
+            r#"{"a":1,"b":2,"c":3,"d":4}"#,
+            r#"{"Model":"x"}"#,
+            r#"{"m":[1]}"#,
+            r#"{"m":{"x":1}}"#,
+        ] {
+            assert!(selector(&map(bad)).is_err(), "{bad}");
+        }
+        let long = format!(r#"{{"m":"{}"}}"#, "x".repeat(257));
+        assert!(selector(&map(&long)).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::dimensions::Dimensions;
 use crate::money::{self, minor_unit_digits, round_to_minor_unit, MoneyError};
 use crate::price::PriceModel;
 
@@ -53,6 +54,9 @@ pub enum LineKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InvoiceLine {
     pub meter: String,
+    /// The dimension values the line bills (`{}`, and absent, for a meter without `group_by`).
+    #[serde(default, skip_serializing_if = "Dimensions::is_empty")]
+    pub dimensions: Dimensions,
     pub kind: LineKind,
     pub description: String,
     pub quantity: Decimal,
@@ -70,6 +74,8 @@ pub struct Adjustment {
     /// The period of the original invoice, seconds since the epoch.
     pub period_start: i64,
     pub meter: String,
+    #[serde(default, skip_serializing_if = "Dimensions::is_empty")]
+    pub dimensions: Dimensions,
     pub price_book_id: String,
     pub amount: Decimal,
     pub reason: String,
@@ -111,6 +117,8 @@ pub struct Invoice {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeriodUsage {
     pub meter: String,
+    /// The dimension values of the windows it adds up.
+    pub dimensions: Dimensions,
     pub price_book_id: String,
     pub currency: String,
     pub quantity: Decimal,
@@ -198,10 +206,16 @@ impl PeriodUsage {
     /// minor unit).
     pub fn lines(&self, currency: &str) -> Result<Vec<InvoiceLine>, MoneyError> {
         let usage = billed_amount(self.amount, currency);
+        let description = if self.dimensions.is_empty() {
+            format!("{} usage", self.meter)
+        } else {
+            format!("{} — {}", self.meter, self.dimensions.describe())
+        };
         let mut lines = vec![InvoiceLine {
             meter: self.meter.clone(),
+            dimensions: self.dimensions.clone(),
             kind: LineKind::Usage,
-            description: format!("{} usage", self.meter),
+            description,
             quantity: self.quantity,
             unit_price_summary: self.unit_price_summary.clone(),
             amount: usage,
@@ -210,6 +224,7 @@ impl PeriodUsage {
         if let Some(minimum) = self.shortfall() {
             lines.push(InvoiceLine {
                 meter: self.meter.clone(),
+                dimensions: self.dimensions.clone(),
                 kind: LineKind::Minimum,
                 description: "Top-up to the monthly minimum".to_owned(),
                 quantity: Decimal::ONE,
@@ -252,7 +267,13 @@ pub fn draft(
     period_start: i64,
 ) -> Result<Draft, InvoiceError> {
     let mut sorted: Vec<&PeriodUsage> = usage.iter().collect();
-    sorted.sort_by(|a, b| (&a.meter, &a.price_book_id).cmp(&(&b.meter, &b.price_book_id)));
+    sorted.sort_by(|a, b| {
+        (&a.meter, &a.dimensions, &a.price_book_id).cmp(&(
+            &b.meter,
+            &b.dimensions,
+            &b.price_book_id,
+        ))
+    });
     let mut line_items = Vec::with_capacity(sorted.len());
     let mut subtotal = billed_amount(Decimal::ZERO, currency);
     for u in sorted {
@@ -275,6 +296,7 @@ pub struct LineKey {
     /// Seconds since the epoch.
     pub period_start: i64,
     pub meter: String,
+    pub dimensions: Dimensions,
     pub price_book_id: String,
 }
 
@@ -325,6 +347,7 @@ pub fn targets(
             LineKey {
                 period_start,
                 meter: u.meter.clone(),
+                dimensions: u.dimensions.clone(),
                 price_book_id: u.price_book_id.clone(),
             },
             u.billed(currency),
@@ -385,6 +408,7 @@ mod tests {
 
     fn usage(amount: &str, minimum: Option<&str>) -> PeriodUsage {
         PeriodUsage {
+            dimensions: Default::default(),
             meter: "api_call".into(),
             price_book_id: "pb_1".into(),
             currency: "USD".into(),
@@ -468,6 +492,7 @@ mod tests {
     #[test]
     fn corrections_bring_what_was_billed_to_the_target_for_every_key() {
         let key = |p: i64, b: &str| LineKey {
+            dimensions: Default::default(),
             period_start: p,
             meter: "m".into(),
             price_book_id: b.into(),

@@ -21,7 +21,7 @@ use chrono::{DateTime, Datelike, NaiveDate};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::dimensions::Dimensions;
+use crate::dimensions::{specificity, Dimensions};
 use crate::event::FieldError;
 use crate::meter::Item;
 use crate::money::{self, MoneyError};
@@ -200,12 +200,16 @@ fn graduated(tiers: &[Tier], from: Decimal, to: Decimal) -> Result<Decimal, Mone
 }
 
 /// A price book (SPEC §5): a model for one meter over a half-open range of time, for all customers
-/// (`customer_id: None`) or one.
+/// (`customer_id: None`) or one, and for the windows of every dimension value (`dimensions` empty) or
+/// of those whose values match its selector (issue 17, `docs/dimensions.md`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PriceBook {
     pub price_book_id: String,
     pub meter: String,
     pub customer_id: Option<String>,
+    /// The selector: the dimension values a window must have for the book to price it (`{}`: all).
+    #[serde(default, skip_serializing_if = "Dimensions::is_empty")]
+    pub dimensions: Dimensions,
     /// ISO 4217 code.
     pub currency: String,
     /// Microseconds since the epoch, inclusive.
@@ -228,23 +232,30 @@ impl PriceBook {
     }
 }
 
-/// The book that prices `customer`'s usage of a window starting at `window_start` (seconds): the
-/// customer's own book in force then, else the default one. `books` are the meter's.
+/// The book that prices `customer`'s usage of a window of `dimensions` starting at `window_start`
+/// (seconds): of the books in force then whose scope is the customer or everyone and whose selector
+/// the window's values match, the most specific (`dimensions::specificity`: the customer's own before
+/// a default, then more keys named before fewer). `books` are the meter's. Two books equally specific
+/// for one window cannot both be in force: Postgres refuses the overlap per (meter, scope, selector).
 pub fn book_for<'a>(
     books: impl IntoIterator<Item = &'a PriceBook>,
     customer: &str,
+    dimensions: &Dimensions,
     window_start: i64,
 ) -> Option<&'a PriceBook> {
     let at = window_start.saturating_mul(1_000_000);
-    let mut default = None;
-    for book in books.into_iter().filter(|b| b.covers(at)) {
-        match book.customer_id.as_deref() {
-            Some(c) if c == customer => return Some(book),
-            Some(_) => {}
-            None => default = default.or(Some(book)),
-        }
-    }
-    default
+    books
+        .into_iter()
+        .filter(|b| b.covers(at) && b.customer_id.as_deref().is_none_or(|c| c == customer))
+        .filter(|b| dimensions.matches(&b.dimensions))
+        .max_by_key(|b| {
+            (
+                specificity(b.customer_id.is_some(), &b.dimensions),
+                // Equally specific (two selectors naming different keys, both matching): the
+                // selector first in key order, then the first id, so every path picks the same.
+                std::cmp::Reverse((&b.dimensions, &b.price_book_id)),
+            )
+        })
 }
 
 /// The billing period (calendar month, UTC) holding `seconds`: `[start, end)` in seconds.
@@ -421,7 +432,12 @@ pub fn rate_period(
     for window in ordered.values() {
         let before = ptd.quantity;
         let including = ptd.take(&window.measure)?;
-        let Some(book) = book_for(books.iter().copied(), customer, window.window_start) else {
+        let Some(book) = book_for(
+            books.iter().copied(),
+            customer,
+            dimensions,
+            window.window_start,
+        ) else {
             continue;
         };
         charges.push(Charge {
@@ -515,6 +531,7 @@ mod tests {
         price: &str,
     ) -> PriceBook {
         PriceBook {
+            dimensions: Default::default(),
             price_book_id: id.into(),
             meter: "m".into(),
             customer_id: customer.map(str::to_owned),
@@ -533,9 +550,71 @@ mod tests {
         let default = book("d", None, 0, None, "1");
         let own = book("c", Some("acme"), 100, Some(200), "2");
         let books = [&default, &own];
-        assert_eq!(book_for(books, "acme", 150).unwrap().price_book_id, "c");
-        assert_eq!(book_for(books, "acme", 200).unwrap().price_book_id, "d");
-        assert_eq!(book_for(books, "other", 150).unwrap().price_book_id, "d");
+        assert_eq!(
+            book_for(books, "acme", &Dimensions::default(), 150)
+                .unwrap()
+                .price_book_id,
+            "c"
+        );
+        assert_eq!(
+            book_for(books, "acme", &Dimensions::default(), 200)
+                .unwrap()
+                .price_book_id,
+            "d"
+        );
+        assert_eq!(
+            book_for(books, "other", &Dimensions::default(), 150)
+                .unwrap()
+                .price_book_id,
+            "d"
+        );
+    }
+
+    #[test]
+    fn the_most_specific_book_whose_selector_matches_prices_the_window() {
+        let dims = |pairs: &[(&str, &str)]| {
+            Dimensions::from_pairs(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Some(v.to_string()))),
+            )
+        };
+        let select = |b: PriceBook, pairs: &[(&str, &str)]| PriceBook {
+            dimensions: dims(pairs),
+            ..b
+        };
+        let default = book("d", None, 0, None, "1");
+        let large = select(book("l", None, 0, None, "2"), &[("model", "large")]);
+        let large_eu = select(
+            book("le", None, 0, None, "3"),
+            &[("model", "large"), ("region", "eu")],
+        );
+        let eu = select(book("eu", None, 0, None, "4"), &[("region", "eu")]);
+        let acme = book("a", Some("acme"), 0, None, "5");
+        let books = [&default, &large, &large_eu, &eu, &acme];
+        let pick = |customer: &str, pairs: &[(&str, &str)]| {
+            book_for(books, customer, &dims(pairs), 0)
+                .unwrap()
+                .price_book_id
+                .clone()
+        };
+        assert_eq!(pick("x", &[("model", "small"), ("region", "us")]), "d");
+        assert_eq!(pick("x", &[("model", "large"), ("region", "us")]), "l");
+        assert_eq!(pick("x", &[("model", "large"), ("region", "eu")]), "le");
+        assert_eq!(pick("x", &[("model", "small"), ("region", "eu")]), "eu");
+        // The customer's own book, even with no selector, beats every default.
+        assert_eq!(pick("acme", &[("model", "large"), ("region", "eu")]), "a");
+        // Equally specific and both matching: the selector first in key order, on every path.
+        let books = [&large, &eu];
+        let got = book_for(
+            books,
+            "x",
+            &dims(&[("model", "large"), ("region", "eu")]),
+            0,
+        );
+        assert_eq!(got.unwrap().price_book_id, "l");
+        // A window of a meter without group_by matches no selector.
+        assert_eq!(book_for([&large], "x", &Dimensions::default(), 0), None);
     }
 
     #[test]

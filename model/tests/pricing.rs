@@ -561,6 +561,7 @@ fn book(
     model: PriceModel,
 ) -> PriceBook {
     PriceBook {
+        dimensions: Default::default(),
         price_book_id: id.into(),
         meter: "api_calls".into(),
         customer_id: customer.map(str::to_owned),
@@ -891,7 +892,13 @@ fn a_customers_own_book_beats_the_default() {
                     "{customer} at {}",
                     c.window_start
                 );
-                let found = book_for(books.iter().copied(), customer, c.window_start).unwrap();
+                let found = book_for(
+                    books.iter().copied(),
+                    customer,
+                    &Default::default(),
+                    c.window_start,
+                )
+                .unwrap();
                 assert_eq!(found.price_book_id, expected);
             }
         }

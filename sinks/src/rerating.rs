@@ -559,6 +559,7 @@ async fn rerate_period(
     let meter_books: Vec<&PriceBook> = books
         .iter()
         .filter(|b| b.meter == meter && b.customer_id.as_deref().is_none_or(|c| c == customer))
+        .filter(|b| dimensions.matches(&b.dimensions))
         .collect();
     let want: BTreeMap<i64, Charge> = rate_period(customer, dimensions, &windows, &meter_books)
         .map_err(|e| sqlx::Error::Decode(Box::new(e)))?

@@ -35,10 +35,11 @@ use compute::{compute, load_usage, Ledger, UsageRow};
 use meterflow_model::invoice::{corrections, draft, price_summary, targets, LineKey};
 use meterflow_model::money::{self, MoneyError};
 use meterflow_model::{
-    period_of, Adjustment, Customer, Invoice, InvoiceError, InvoiceLine, InvoiceStatus,
+    period_of, Adjustment, Customer, Dimensions, Invoice, InvoiceError, InvoiceLine, InvoiceStatus,
     PeriodUsage, PriceModel,
 };
 use rust_decimal::Decimal;
+use sqlx::types::Json;
 use sqlx::{Connection, PgConnection};
 
 mod compute;
@@ -485,9 +486,11 @@ async fn insert(
     if !adjustments.is_empty() {
         sqlx::query!(
             "INSERT INTO invoice_adjustments (invoice_id, position, original_invoice_id, period_start,
-                                              meter, price_book_id, amount, reason)
-             SELECT * FROM UNNEST($1::text[], $2::smallint[], $3::text[], $4::timestamptz[],
-                                  $5::text[], $6::text[], $7::numeric[], $8::text[])",
+                                              meter, price_book_id, amount, reason, dimensions)
+             SELECT i, p, o, s, m, b, a, r, d::jsonb
+             FROM UNNEST($1::text[], $2::smallint[], $3::text[], $4::timestamptz[],
+                         $5::text[], $6::text[], $7::numeric[], $8::text[], $9::text[])
+               AS u(i, p, o, s, m, b, a, r, d)",
             &adjustments.iter().map(|a| a.0.to_owned()).collect::<Vec<_>>(),
             &adjustments.iter().map(|a| a.1).collect::<Vec<_>>(),
             &adjustments
@@ -502,6 +505,10 @@ async fn insert(
             &adjustments.iter().map(|a| a.2.price_book_id.clone()).collect::<Vec<_>>(),
             &adjustments.iter().map(|a| a.2.amount).collect::<Vec<_>>(),
             &adjustments.iter().map(|a| a.2.reason.clone()).collect::<Vec<_>>(),
+            &adjustments
+                .iter()
+                .map(|a| a.2.dimensions.to_string())
+                .collect::<Vec<_>>(),
         )
         .execute(&mut *tx)
         .await?;
@@ -519,7 +526,8 @@ pub async fn upcoming(
 ) -> Result<meterflow_model::Draft, IssueError> {
     let rows = sqlx::query_as!(
         UsageRow,
-        r#"SELECT u.customer_id, u.period_start, u.meter, u.price_book_id, u.currency, u.quantity,
+        r#"SELECT u.customer_id, u.period_start, u.meter,
+                u.dimensions AS "dimensions: Json<Dimensions>", u.price_book_id, u.currency, u.quantity,
                 u.amount, b.minimum_per_period AS "minimum_per_period?", b.model AS "model?"
          FROM upcoming_lines u LEFT JOIN price_books b ON b.price_book_id = u.price_book_id
          WHERE u.customer_id = $1 AND u.period_start = $2"#,

@@ -14,12 +14,13 @@
 //! Edits that collide with each other can deadlock on the constraint's index; they are retried.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use meterflow_model::{FieldError, PriceBook, PriceModel};
+use meterflow_model::{Dimensions, FieldError, PriceBook, PriceModel};
 use rust_decimal::Decimal;
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection};
 
-/// The exclusion constraint that keeps the books of one meter and customer scope from overlapping.
+/// The exclusion constraint that keeps the books of one meter, customer scope and dimension selector
+/// from overlapping.
 pub const OVERLAP_CONSTRAINT: &str = "price_books_no_overlap";
 
 /// A book as stored, with when it was created and last changed.
@@ -61,6 +62,7 @@ struct PriceBookRow {
     minimum_per_period: Option<Decimal>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    dimensions: Json<Dimensions>,
 }
 
 impl From<PriceBookRow> for StoredPriceBook {
@@ -71,6 +73,7 @@ impl From<PriceBookRow> for StoredPriceBook {
                 price_book_id: row.price_book_id,
                 meter: row.meter,
                 customer_id: row.customer_id,
+                dimensions: row.dimensions.0,
                 currency: row.currency,
                 effective_from: row.effective_from.timestamp_micros(),
                 effective_to: row.effective_to.map(|t| t.timestamp_micros()),
@@ -89,7 +92,8 @@ pub async fn load_price_books(conn: &mut PgConnection) -> Result<Vec<PriceBook>,
         PriceBookRow,
         r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
                 upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
-                minimum_per_period, created_at, updated_at
+                minimum_per_period, created_at, updated_at,
+                dimensions AS "dimensions: Json<Dimensions>"
          FROM price_books ORDER BY meter, scope, lower(effective)"#
     )
     .fetch_all(&mut *conn)
@@ -109,7 +113,8 @@ pub async fn get_price_book(
         PriceBookRow,
         r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
                 upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
-                minimum_per_period, created_at, updated_at
+                minimum_per_period, created_at, updated_at,
+                dimensions AS "dimensions: Json<Dimensions>"
          FROM price_books WHERE price_book_id = $1"#,
         price_book_id,
     )
@@ -146,7 +151,8 @@ pub async fn list_price_books(
         PriceBookRow,
         r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
                 upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
-                minimum_per_period, created_at, updated_at
+                minimum_per_period, created_at, updated_at,
+                dimensions AS "dimensions: Json<Dimensions>"
          FROM price_books
          WHERE ($1::text IS NULL OR meter = $1)
            AND ($2::text IS NULL OR customer_id = $2)
@@ -178,8 +184,9 @@ pub async fn create_price_book(
     let mut tx = conn.begin().await?;
     let inserted = sqlx::query!(
         r#"INSERT INTO price_books
-             (price_book_id, meter, customer_id, currency, effective, model, minimum_per_period)
-         VALUES ($1, $2, $3, $4, tstzrange($5, $6, '[)'), $7, $8)
+             (price_book_id, meter, customer_id, currency, effective, model, minimum_per_period,
+              dimensions)
+         VALUES ($1, $2, $3, $4, tstzrange($5, $6, '[)'), $7, $8, $9::text::jsonb)
          ON CONFLICT ON CONSTRAINT price_books_no_overlap DO NOTHING
          RETURNING created_at AS "created_at!", updated_at AS "updated_at!""#,
         book.price_book_id,
@@ -190,6 +197,7 @@ pub async fn create_price_book(
         book.effective_to.map(instant).transpose()?,
         Json(&book.model) as _,
         book.minimum_per_period,
+        book.dimensions.to_string(),
     )
     .fetch_optional(&mut *tx)
     .await?;
@@ -249,7 +257,8 @@ async fn try_update(
         PriceBookRow,
         r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
                 upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
-                minimum_per_period, created_at, updated_at
+                minimum_per_period, created_at, updated_at,
+                dimensions AS "dimensions: Json<Dimensions>"
          FROM price_books WHERE price_book_id = $1 FOR UPDATE"#,
         price_book_id,
     )
@@ -289,7 +298,7 @@ async fn try_update(
     })
 }
 
-/// Another book of `book`'s meter and scope whose range meets `book`'s.
+/// Another book of `book`'s meter, scope and selector whose range meets `book`'s.
 async fn overlapping(
     conn: &mut PgConnection,
     book: &PriceBook,
@@ -297,13 +306,14 @@ async fn overlapping(
     sqlx::query_scalar!(
         "SELECT price_book_id FROM price_books
          WHERE meter = $1 AND scope = coalesce($2, '') AND price_book_id <> $3
-           AND effective && tstzrange($4, $5, '[)')
+           AND effective && tstzrange($4, $5, '[)') AND dimensions = $6::text::jsonb
          ORDER BY lower(effective) LIMIT 1",
         book.meter,
         book.customer_id,
         book.price_book_id,
         instant(book.effective_from)?,
         book.effective_to.map(instant).transpose()?,
+        book.dimensions.to_string(),
     )
     .fetch_optional(&mut *conn)
     .await
@@ -338,6 +348,7 @@ fn audit_record(book: &PriceBook) -> serde_json::Value {
         "price_book_id": book.price_book_id,
         "meter": book.meter,
         "customer_id": book.customer_id,
+        "dimensions": book.dimensions,
         "currency": book.currency,
         "effective_from": time(book.effective_from),
         "effective_to": book.effective_to.and_then(time),

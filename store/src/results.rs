@@ -75,8 +75,61 @@ pub async fn aggregations(
     .await
 }
 
-/// A window of a meter: customer, meter, start, end.
-pub type WindowKey<'a> = (&'a str, &'a str, DateTime<Utc>, DateTime<Utc>);
+/// A page of aggregation rows added up over every dimension but `key` (`total_by`): one row per
+/// (customer, meter, window, value of `key`), of the rows whose meter groups by `key`. For count and
+/// sum meters (the caller checks), whose values add up. A total past the decimal range is shown as 0
+/// and quarantined, as a row's own value is.
+pub async fn aggregation_totals(
+    pool: &PgPool,
+    page: WindowPage<'_>,
+    key: &str,
+) -> Result<Vec<AggregationRow>, sqlx::Error> {
+    let (after_customer, after_meter, after_start, after_dimensions) = split(page.after);
+    sqlx::query_as!(
+        AggregationRow,
+        r#"SELECT customer_id AS "customer_id!", meter AS "meter!",
+                dimensions AS "dimensions!: Json<Dimensions>", window_start AS "window_start!",
+                window_end AS "window_end!",
+                CASE WHEN abs(value) > $12 THEN 0 ELSE value END AS "value!",
+                event_count AS "event_count!", finalized AS "finalized!", revision AS "revision!",
+                updated_at AS "updated_at!", quarantined OR abs(value) > $12 AS "quarantined!"
+         FROM (
+             SELECT customer_id, meter, jsonb_build_object($11::text, dimensions -> $11::text) AS dimensions,
+                    window_start, max(window_end) AS window_end, sum(value) AS value,
+                    sum(event_count)::bigint AS event_count, bool_and(finalized) AS finalized,
+                    max(revision) AS revision, max(updated_at) AS updated_at,
+                    bool_or(quarantined) AS quarantined
+             FROM aggregations
+             WHERE dimensions ? $11::text
+               AND ($1::text IS NULL OR customer_id = $1)
+               AND ($2::text IS NULL OR meter = $2)
+               AND ($3::timestamptz IS NULL OR window_start >= $3)
+               AND ($4::timestamptz IS NULL OR window_start < $4)
+               AND ($9::text IS NULL OR dimensions @> $9::text::jsonb)
+             GROUP BY customer_id, meter, window_start, dimensions -> $11::text
+         ) t
+         WHERE ($5::text IS NULL OR (customer_id, meter, window_start, dimensions) > ($5, $6, $7, $8::text::jsonb))
+         ORDER BY customer_id, meter, window_start, dimensions
+         LIMIT $10"#,
+        page.customer_id,
+        page.meter,
+        page.from,
+        page.to,
+        after_customer,
+        after_meter,
+        after_start,
+        after_dimensions,
+        page.dimensions,
+        page.limit,
+        key,
+        Decimal::MAX,
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// A window of a meter: customer, meter, start, end, dimension values (JSON text).
+pub type WindowKey<'a> = (&'a str, &'a str, DateTime<Utc>, DateTime<Utc>, &'a str);
 
 /// The ids of the events counted (and not voided) in each window, in id order, after `after`, at most
 /// `per_window` per window: `(index of the window in windows, event id)`.
@@ -88,8 +141,8 @@ pub async fn window_event_ids(
 ) -> Result<Vec<(usize, String)>, sqlx::Error> {
     let rows = sqlx::query!(
         r#"SELECT w.i AS "i!", x.event_id AS "event_id!"
-         FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
-              WITH ORDINALITY AS w(customer_id, meter, window_start, window_end, i)
+         FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $7::text[])
+              WITH ORDINALITY AS w(customer_id, meter, window_start, window_end, dimensions, i)
          CROSS JOIN LATERAL (
              SELECT t.event_id
              FROM telemetry_events t
@@ -99,6 +152,20 @@ pub async fn window_event_ids(
                AND t.event_time >= w.window_start AND t.event_time < w.window_end
                AND e.counted_partition IS NOT NULL AND e.voided_partition IS NULL
                AND ($5::text IS NULL OR t.event_id > $5)
+               -- The window's dimension values: each key's property in its dimension-value form
+               -- (model::dimensions::value_of), missing for null.
+               AND NOT EXISTS (
+                   SELECT 1 FROM jsonb_each(w.dimensions::jsonb) AS d(key, value)
+                   WHERE NOT CASE
+                       WHEN d.value = 'null'::jsonb THEN NOT (t.properties::jsonb ? d.key)
+                       ELSE CASE jsonb_typeof(t.properties::jsonb -> d.key)
+                           WHEN 'number' THEN
+                               trim_scale((t.properties::jsonb ->> d.key)::numeric)::text = d.value #>> '{}'
+                           WHEN 'string' THEN t.properties::jsonb ->> d.key = d.value #>> '{}'
+                           WHEN 'boolean' THEN t.properties::jsonb ->> d.key = d.value #>> '{}'
+                           ELSE false
+                       END
+                   END)
              ORDER BY t.event_id
              LIMIT $6
          ) x
@@ -110,6 +177,7 @@ pub async fn window_event_ids(
         &windows.iter().map(|w| w.3).collect::<Vec<_>>(),
         after,
         per_window,
+        windows.iter().map(|w| w.4).collect::<Vec<_>>() as _,
     )
     .fetch_all(pool)
     .await?;

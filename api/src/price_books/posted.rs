@@ -10,9 +10,10 @@
 //! Length: 144 of its lines are tests; the rest is the two wire shapes (seed and native) and their
 //! reading, which must agree field by field.
 
+use meterflow_model::dimensions::selector;
 use meterflow_model::json::parse_decimal;
 use meterflow_model::money::is_currency;
-use meterflow_model::{FieldError, Meter, PriceBook, PriceModel, Tier};
+use meterflow_model::{Dimensions, FieldError, Meter, PriceBook, PriceModel, Tier};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -36,6 +37,12 @@ pub struct NewPriceBook {
     metric_type: Option<String>,
     /// A customer's own book; null or absent: the default for every customer.
     customer_id: Option<String>,
+    /// The dimension values of the windows the book prices, `{"model": "large"}` (keys of the
+    /// meter's `group_by`; a value may be null). Absent or `{}`: every window. Of the books in force
+    /// for a window, the most specific wins: the customer's own before a default, then more keys
+    /// named before fewer.
+    #[schema(value_type = Option<Object>)]
+    dimensions: Option<Map<String, Value>>,
     /// Default USD.
     #[schema(value_type = Option<meterflow_model::openapi::Currency>)]
     currency: Option<String>,
@@ -291,12 +298,20 @@ pub(super) fn resolve(
         .minimum_per_period
         .as_ref()
         .and_then(|v| errors.minimum(v));
+    let dimensions = match raw.dimensions.as_ref().map(selector).transpose() {
+        Ok(d) => d.unwrap_or_default(),
+        Err(e) => {
+            errors.push(e.field, e.message);
+            Dimensions::default()
+        }
+    };
     errors.finish()?;
     match (meter, from, model) {
         (Some((_, meter)), Some(effective_from), Some(model)) => Ok(PriceBook {
             price_book_id,
             meter,
             customer_id: raw.customer_id,
+            dimensions,
             currency,
             effective_from,
             effective_to: to,

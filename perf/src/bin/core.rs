@@ -8,6 +8,8 @@
 //!     cargo build --release --locked -p meterflow-perf --bin core
 //!     target/release/core --events 4000000 --workers 1,2 --runs 3            # books price every window
 //!     target/release/core --events 4000000 --workers 1,2 --runs 3 --no-books # rating does nothing
+//!     target/release/core --events 4000000 --workers 1,2 --runs 3 --dimensions 50x5
+//!                         # every type's meter grouped by model (50 values) and region (5 values)
 //!
 //! The input is the peers' workload shape (`../shared/peers/WORKLOAD.md`): 10,000 customers, 5 event
 //! types (40/25/15/12/8 %), event *i* of N at `i·H/N` ± 60 s with 2 % a further 0–600 s late, values
@@ -109,6 +111,12 @@ struct Args {
     /// about 4.4 events per customer × type × hour), i.e. 48 × events / 10M.
     #[arg(long)]
     hours: Option<f64>,
+    /// Group every event type's meter by two properties of AxB values (issue 17), e.g. `50x5`: events
+    /// carry `model` (one of A) and `region` (one of B), and each type's meter (an hourly sum, as the
+    /// default meter) has `group_by: ["model", "region"]`, so rows, rating periods and lines are per
+    /// value pair and every contribution goes through admission. Absent: default meters, as the peers.
+    #[arg(long, value_parser = parse_dimensions)]
+    dimensions: Option<(usize, usize)>,
     #[arg(long, default_value_t = 20_240_115)]
     seed: u64,
     /// Internal: run one measurement with this many workers in this process.
@@ -148,6 +156,9 @@ fn main() -> anyhow::Result<()> {
             }
             if args.commit {
                 cmd.arg("--commit");
+            }
+            if let Some((a, b)) = args.dimensions {
+                cmd.args(["--dimensions", &format!("{a}x{b}")]);
             }
             let out = cmd.output().context("running a measurement")?;
             if !out.status.success() {
@@ -221,6 +232,35 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The span of event time, in hours.
+fn parse_dimensions(text: &str) -> Result<(usize, usize), String> {
+    let (a, b) = text
+        .split_once('x')
+        .ok_or_else(|| format!("{text:?}: give the value counts as AxB, e.g. 50x5"))?;
+    let count = |s: &str| {
+        s.parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| format!("{s:?}: a value count is 1 to 1000"))
+    };
+    Ok((count(a)?, count(b)?))
+}
+
+/// With `--dimensions`: each type's meter, an hourly sum of `value` as its default meter, grouped by
+/// model and region.
+fn meters(args: &Args) -> Vec<meterflow_model::Meter> {
+    let Some(_) = args.dimensions else {
+        return Vec::new();
+    };
+    TYPES
+        .iter()
+        .map(|(t, _)| meterflow_model::Meter {
+            group_by: meterflow_model::GroupBy::new(vec!["model".into(), "region".into()])
+                .unwrap_or_default(),
+            ..meterflow_model::Meter::default_for(t)
+        })
+        .collect()
+}
+
 fn hours(args: &Args) -> f64 {
     args.hours
         .unwrap_or(48.0 * args.events as f64 / 10_000_000.0)
@@ -293,7 +333,14 @@ fn generate(args: &Args, workers: usize) -> DataSet {
             event_type: event_type.to_owned(),
             event_time_micros: t,
             value,
-            properties: format!(r#"{{"region":"{}"}}"#, REGIONS[i % 3]),
+            properties: match args.dimensions {
+                None => format!(r#"{{"region":"{}"}}"#, REGIONS[i % 3]),
+                Some((models, regions)) => format!(
+                    r#"{{"model":"m{}","region":"r{}"}}"#,
+                    rng.random_range(0..models),
+                    rng.random_range(0..regions)
+                ),
+            },
         };
         let offset = &mut offsets[*partition as usize];
         let epoch = i / args.epoch_events;
@@ -322,6 +369,7 @@ fn books() -> Vec<PriceBook> {
     TYPES
         .iter()
         .map(|(t, _)| PriceBook {
+            dimensions: Default::default(),
             price_book_id: format!("pb_{t}"),
             meter: (*t).to_owned(),
             customer_id: None,
@@ -445,6 +493,7 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
     };
     let barrier = Arc::new(Barrier::new(workers));
     let with_books = !args.no_books;
+    let meters = meters(args);
     let inflight = args.inflight;
     let commit = args.commit;
 
@@ -517,8 +566,14 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
                 inputs.books.send((book, 0, 1));
             }
         }
-        // The control input runs an epoch ahead, as in `worker.rs` (no meters: every event type has
-        // its default meter).
+        // The control input runs an epoch ahead, as in `worker.rs` (no meters unless --dimensions:
+        // every event type has its default meter).
+        if index == 0 && !meters.is_empty() {
+            inputs.control.send(Control::Meters {
+                version: 0,
+                meters: meters.clone(),
+            });
+        }
         inputs.control.advance_to(1);
         let mut next_offsets: BTreeMap<i32, PartitionProgress> = BTreeMap::new();
         barrier.wait();

@@ -103,6 +103,7 @@ fn naive_graduated(tiers: &[Tier], units: u64) -> Decimal {
 
 fn book(id: String, customer: Option<String>, model: PriceModel) -> PriceBook {
     PriceBook {
+        dimensions: Default::default(),
         price_book_id: id,
         meter: "api_calls".into(),
         customer_id: customer,
@@ -175,7 +176,12 @@ fn naive_rate(customer: &str, windows: &[WindowUsage], books: &[&PriceBook]) -> 
     let mut charges = Vec::new();
     for i in 0..ordered.len() {
         let w = ordered[i];
-        let Some(book) = book_for(books.iter().copied(), customer, w.window_start) else {
+        let Some(book) = book_for(
+            books.iter().copied(),
+            customer,
+            &Default::default(),
+            w.window_start,
+        ) else {
             continue;
         };
         let (before, including) = (total(&ordered[..i]), total(&ordered[..=i]));
@@ -358,7 +364,7 @@ fn main() {
     };
     for (customer, at) in &queries {
         assert_eq!(
-            book_for(&books, customer, *at),
+            book_for(&books, customer, &Default::default(), *at),
             indexed(customer, *at),
             "{customer}"
         );
@@ -371,7 +377,12 @@ fn main() {
         |s| s * 1e9 / lookups,
         || {
             for (customer, at) in queries.iter().cycle().take(args.lookups) {
-                black_box(book_for(black_box(&books), customer, *at));
+                black_box(book_for(
+                    black_box(&books),
+                    customer,
+                    &Default::default(),
+                    *at,
+                ));
             }
         },
     );

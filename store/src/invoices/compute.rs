@@ -21,39 +21,57 @@ impl Ledger {
         if customer_ids.is_empty() {
             return Ok(ledger);
         }
-        let key = |start: DateTime<Utc>, meter: String, price_book_id: String| LineKey {
+        let key = |start: DateTime<Utc>,
+                   meter: String,
+                   Json(dimensions): Json<Dimensions>,
+                   price_book_id: String| LineKey {
             period_start: start.timestamp(),
             meter,
+            dimensions,
             price_book_id,
         };
+        // A line issued before dimensions existed has none: `{}`.
         let lines = sqlx::query!(
             r#"SELECT i.customer_id, i.billing_period_start, l.meter AS "meter!",
+                      COALESCE(l.dimensions, '{}') AS "dimensions!: Json<Dimensions>",
                       l.price_book_id AS "price_book_id!", l.amount AS "amount!"
                FROM invoices i,
-                    jsonb_to_recordset(i.line_items) AS l(meter text, price_book_id text, amount numeric)
+                    jsonb_to_recordset(i.line_items)
+                      AS l(meter text, dimensions jsonb, price_book_id text, amount numeric)
                WHERE i.customer_id = ANY($1) AND i.status = 'issued'"#,
             customer_ids,
         )
         .fetch_all(&mut *tx)
         .await?;
         for row in lines {
-            let key = key(row.billing_period_start, row.meter, row.price_book_id);
+            let key = key(
+                row.billing_period_start,
+                row.meter,
+                row.dimensions,
+                row.price_book_id,
+            );
             ledger
                 .add(row.customer_id, key, row.amount)
                 .map_err(overflow)?;
         }
         let adjustments = sqlx::query!(
-            "SELECT i.customer_id, a.period_start, a.meter, a.price_book_id, a.amount,
+            r#"SELECT i.customer_id, a.period_start, a.meter,
+                    a.dimensions AS "dimensions: Json<Dimensions>", a.price_book_id, a.amount,
                     a.original_invoice_id
              FROM invoices i JOIN invoice_adjustments a ON a.invoice_id = i.invoice_id
              WHERE i.customer_id = ANY($1) AND i.status = 'issued'
-             ORDER BY i.number, a.position",
+             ORDER BY i.number, a.position"#,
             customer_ids,
         )
         .fetch_all(&mut *tx)
         .await?;
         for row in adjustments {
-            let key = key(row.period_start, row.meter, row.price_book_id);
+            let key = key(
+                row.period_start,
+                row.meter,
+                row.dimensions,
+                row.price_book_id,
+            );
             ledger.corrected.insert(
                 (row.customer_id.clone(), key.clone()),
                 row.original_invoice_id,
@@ -93,7 +111,8 @@ pub(super) async fn load_usage(
 ) -> Result<UsageByPeriod, sqlx::Error> {
     let rows = sqlx::query_as!(
         UsageRow,
-        r#"SELECT u.customer_id, u.period_start, u.meter, u.price_book_id, u.currency, u.quantity,
+        r#"SELECT u.customer_id, u.period_start, u.meter,
+                u.dimensions AS "dimensions: Json<Dimensions>", u.price_book_id, u.currency, u.quantity,
                 u.amount, b.minimum_per_period AS "minimum_per_period?", b.model AS "model?"
          FROM upcoming_lines u LEFT JOIN price_books b ON b.price_book_id = u.price_book_id
          WHERE (u.customer_id, u.period_start) IN (SELECT * FROM UNNEST($1::text[], $2::timestamptz[]))"#,
@@ -116,6 +135,7 @@ pub(super) struct UsageRow {
     pub(super) customer_id: String,
     pub(super) period_start: DateTime<Utc>,
     pub(super) meter: String,
+    pub(super) dimensions: Json<Dimensions>,
     pub(super) price_book_id: String,
     pub(super) currency: String,
     pub(super) quantity: Decimal,
@@ -136,6 +156,7 @@ impl From<UsageRow> for PeriodUsage {
             );
         PeriodUsage {
             meter: row.meter,
+            dimensions: row.dimensions.0,
             price_book_id: row.price_book_id,
             currency: row.currency,
             quantity: row.quantity,
@@ -217,6 +238,7 @@ pub(super) fn compute(
             original_invoice_id: original,
             period_start: c.key.period_start,
             meter: c.key.meter,
+            dimensions: c.key.dimensions,
             price_book_id: c.key.price_book_id,
             amount: c.amount,
             reason,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use meterflow_model::{Adjustment, Invoice, InvoiceLine, InvoiceStatus};
+use meterflow_model::{Adjustment, Dimensions, Invoice, InvoiceLine, InvoiceStatus};
 use rust_decimal::Decimal;
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection};
@@ -78,6 +78,7 @@ struct AdjustmentRow {
     original_invoice_id: String,
     period_start: DateTime<Utc>,
     meter: String,
+    dimensions: Json<Dimensions>,
     price_book_id: String,
     amount: Decimal,
     reason: String,
@@ -89,6 +90,7 @@ impl From<AdjustmentRow> for Adjustment {
             original_invoice_id: row.original_invoice_id,
             period_start: row.period_start.timestamp(),
             meter: row.meter,
+            dimensions: row.dimensions.0,
             price_book_id: row.price_book_id,
             amount: row.amount,
             reason: row.reason,
@@ -175,8 +177,9 @@ async fn with_details(
         .collect();
     let adjustments = sqlx::query_as!(
         AdjustmentRow,
-        "SELECT invoice_id, original_invoice_id, period_start, meter, price_book_id, amount, reason
-         FROM invoice_adjustments WHERE invoice_id = ANY($1) ORDER BY invoice_id, position",
+        r#"SELECT invoice_id, original_invoice_id, period_start, meter,
+                dimensions AS "dimensions: Json<Dimensions>", price_book_id, amount, reason
+         FROM invoice_adjustments WHERE invoice_id = ANY($1) ORDER BY invoice_id, position"#,
         &ids,
     )
     .fetch_all(&mut *conn)
