@@ -14,9 +14,10 @@
 //!   non-empty reason, or a void (applied: `event_ids.voided_*`; or ignored);
 //! - the aggregations equal a reference computed here, in plain Rust, from the good events minus the
 //!   voided ones (sharing no code with the dataflow): default meters (sum of `value`, hourly) for
-//!   `adv.call` and `adv.tokens`, and two meters the test creates over `adv.prop` (a sum of
-//!   `properties.n`, hourly; a count, per minute); and so do the `adv.tokens` charges of a default
-//!   per-unit price book;
+//!   `adv.call` and `adv.tokens`, and three meters the test creates over `adv.prop` (a sum of
+//!   `properties.n`, hourly; a count, per minute; a count grouped by `properties.region`, whose values
+//!   come plain, escaped, as numbers and booleans, missing and too long, issue 17); and so do the
+//!   `adv.tokens` charges of a default per-unit price book;
 //! - no HTTP answer is a 5xx but a 503 with Retry-After; a refused body or batch item is a 4xx
 //!   problem+json, and the good items of a batch get 201 whatever their neighbours.
 //!
@@ -189,6 +190,10 @@ const SUM_METER: &str = "adv_prop_n";
 /// The default price of `adv.tokens`, per unit.
 const TOKEN_PRICE: &str = "0.01";
 const COUNT_METER: &str = "adv_prop_events";
+/// A count of `adv.prop` events per hour grouped by `properties.region` (issue 17): the values come
+/// spelled plainly, escaped, as numbers and booleans, missing (null), and longer than a dimension
+/// value may be (the meter skips the event).
+const REGION_METER: &str = "adv_prop_by_region";
 
 // ---------------------------------------------------------------------------------------------------
 // Good events, as the test knows them.
@@ -279,6 +284,25 @@ impl Good {
         }
     }
 
+    /// The `region` dimension value the region meter must see, read here from the wire spelling with
+    /// serde_json and rust_decimal (not the model's code): `Some(None)` null (missing), `None` longer
+    /// than a dimension value may be (the meter skips the event).
+    fn region(&self) -> Option<Option<String>> {
+        let Some((_, value)) = self
+            .extra
+            .iter()
+            .find(|(key, _)| serde_json::from_str::<String>(key).ok().as_deref() == Some("region"))
+        else {
+            return Some(None);
+        };
+        let text = match serde_json::from_str::<serde_json::Value>(value).unwrap() {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Bool(b) => b.to_string(),
+            _ => dec(value).normalize().to_string(),
+        };
+        (text.len() <= 256).then_some(Some(text))
+    }
+
     /// What the event adds to each aggregate row: ((customer, meter, window start), value), count 1.
     /// Default meters (SPEC §4): `sum` of `value`, hourly, named after the type. `adv.prop` has the
     /// two meters the test creates instead: a sum of `properties.n` (hourly) and a count (per minute).
@@ -292,6 +316,12 @@ impl Good {
             )];
             if let Some(n) = self.n {
                 out.push(((self.customer.clone(), SUM_METER.to_owned(), hour), n));
+            }
+            if let Some(region) = self.region() {
+                // As `stored_aggregates` names a row with dimension values (jsonb's spelling).
+                let value = serde_json::to_string(&region).unwrap();
+                let meter = format!("{REGION_METER} {{\"region\": {value}}}");
+                out.push(((self.customer.clone(), meter, hour), Decimal::ONE));
             }
             out
         } else {
@@ -517,14 +547,19 @@ impl Gen {
         } else {
             (None, None)
         };
-        let extra = if self.rng.random_bool(0.5) {
-            vec![(
-                q("region"),
-                q(["eu", "us", "ap"][self.rng.random_range(0..3)]),
-            )]
-        } else {
-            Vec::new()
+        // `region`, spelled plainly, escaped, as a number or a boolean, too long for a dimension value,
+        // or absent (the value null for the region meter).
+        let region: Option<String> = match self.rng.random_range(0..10) {
+            0..=4 => None,
+            5 | 6 => Some(q(["eu", "us", "ap"][self.rng.random_range(0..3)])),
+            7 => Some(q("e\\u0075")),
+            8 => Some(["1.50", "true"][self.rng.random_range(0..2)].to_owned()),
+            _ => Some(q(&"x".repeat(300))),
         };
+        let extra: Vec<(String, String)> = region
+            .into_iter()
+            .map(|spelled| (q("region"), spelled))
+            .collect();
         let style = self.rng.random_range(0..3);
         Good {
             id_text: id.clone(),
@@ -1669,6 +1704,7 @@ async fn hostile_records_among_good_ones_never_halt_skew_or_lose_the_ledger() {
     for meter in [
         json!({"meter": SUM_METER, "event_type": "adv.prop", "aggregation": "sum", "value_property": "properties.n"}),
         json!({"meter": COUNT_METER, "event_type": "adv.prop", "aggregation": "count", "window": "minute"}),
+        json!({"meter": REGION_METER, "event_type": "adv.prop", "aggregation": "count", "group_by": ["region"]}),
     ] {
         assert_eq!(
             api.post_json("/api/v1/meters", &meter)

@@ -31,6 +31,11 @@ async fn post_all(api: &TestApi, events: &[Value]) {
     }
 }
 
+/// A cursor as the API encodes it: the hex of its text.
+fn hex(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
 /// (dimensions, value or amount, normalized) of every row listed at `path`, following the cursor one row at a time.
 async fn listed(api: &TestApi, path: &str) -> Vec<(Value, String)> {
     let mut out = Vec::new();
@@ -197,8 +202,37 @@ async fn tokens_by_model_are_rows_and_charges_per_model_and_filter_by_dimension(
         .get_json("/api/v1/charges?meter=llm_tokens&null_dimension=model")
         .await;
     assert_eq!(missing["data"].as_array().unwrap().len(), 1, "{missing}");
-    let bad = api.get("/api/v1/aggregations?dimension.Model=large").await;
-    expect_problem(bad, StatusCode::BAD_REQUEST, "BAD_REQUEST").await;
+    // Hostile filters and cursors are 400s, never a 500 from Postgres (jsonb holds no NUL).
+    let long = "x".repeat(10 * 1024);
+    for bad in [
+        "/api/v1/aggregations?dimension.Model=large".to_owned(),
+        "/api/v1/aggregations?dimension.model=la%00rge".to_owned(),
+        format!("/api/v1/charges?dimension.model={}", "x".repeat(1024)),
+        "/api/v1/aggregations?dimension.model=a&dimension.model=b".to_owned(),
+        format!(
+            "/api/v1/aggregations?cursor={}",
+            hex("acme\0llm_tokens\00\0{\"model\":\"a\\u0000\"}")
+        ),
+        format!("/api/v1/charges?cursor={}", hex("acme\0m\00\0{not json")),
+    ] {
+        expect_problem(api.get(&bad).await, StatusCode::BAD_REQUEST, "BAD_REQUEST").await;
+    }
+    // An escaped value is the text it spells; it matches nothing here, and is no error.
+    let escaped = api
+        .get_json("/api/v1/aggregations?dimension.model=l%5Cu0061rge")
+        .await;
+    assert_eq!(escaped["data"], json!([]));
+    // A book's selector with NUL, or too long, is refused as a field.
+    for value in [json!("a\u{0}b"), json!(long)] {
+        let book = json!({"meter": "llm_tokens", "dimensions": {"model": value},
+                          "effective_from": "2024-01-01T00:00:00Z", "unit_price": "1"});
+        let response = api.post_json("/api/v1/price-books", &book).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{book}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

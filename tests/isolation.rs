@@ -128,8 +128,9 @@ fn fixture(verb: Verb, path: &str, v: &Victim) -> Option<Fixture> {
             path.into(),
             Some(vec![("advance_to", json!("2024-01-01T00:00:00Z"))]),
         ),
+        // With a dimension filter too (issue 17): the victim's rows have dimension values.
         (Verb::Get, "/api/v1/aggregations") => (
-            format!("{path}?customer_id={VICTIM}&include=event_ids"),
+            format!("{path}?customer_id={VICTIM}&include=event_ids&dimension.model=secret"),
             None,
         ),
         (Verb::Get, "/api/v1/dead-letters") => (path.into(), None),
@@ -341,6 +342,16 @@ async fn setup(api: &TestApi, admin: &str) -> Victim {
     sqlx::query(
         "INSERT INTO aggregations (customer_id, meter, window_start, window_end, value, event_count)
          VALUES ($1, 'api_call', '2024-01-15T10:00:00Z', '2024-01-15T11:00:00Z', 5, 1)",
+    )
+    .bind(VICTIM)
+    .execute(&api.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO aggregations (customer_id, meter, window_start, window_end, value, event_count,
+                                   dimensions)
+         VALUES ($1, 'api_call', '2024-01-15T10:00:00Z', '2024-01-15T11:00:00Z', 7, 1,
+                 '{\"model\": \"secret\"}')",
     )
     .bind(VICTIM)
     .execute(&api.pool)

@@ -47,6 +47,11 @@ pub fn split<T: DeserializeOwned>(raw: Option<&str>) -> Result<(T, Option<Dimens
                 "dimension.{key}: a dimension value is at most {MAX_DIMENSION_VALUE_BYTES} bytes"
             )));
         }
+        if value.as_ref().is_some_and(|v| v.contains('\0')) {
+            return Err(ApiError::BadRequest(format!(
+                "dimension.{key}: a dimension value never holds NUL (events with one are refused)"
+            )));
+        }
         if wanted.iter().any(|(k, _)| *k == key) {
             return Err(ApiError::BadRequest(format!(
                 "dimension {key} is filtered twice; a window has one value per dimension"
@@ -87,9 +92,16 @@ pub fn cursor_dimensions(text: &str) -> Result<String, ApiError> {
     if text.is_empty() {
         return Ok("{}".to_owned());
     }
-    text.parse::<Dimensions>()
-        .map(|d| d.to_string())
-        .map_err(|_| ApiError::BadRequest("cursor is not one this API returned".into()))
+    let bad = || ApiError::BadRequest("cursor is not one this API returned".into());
+    let dimensions = text.parse::<Dimensions>().map_err(|_| bad())?;
+    // Postgres' jsonb holds no NUL, and no value the API returned does.
+    if dimensions
+        .iter()
+        .any(|(_, v)| v.is_some_and(|v| v.contains('\0')))
+    {
+        return Err(bad());
+    }
+    Ok(dimensions.to_string())
 }
 
 /// What the OpenAPI document says of the filters, in each list's description.
@@ -129,6 +141,7 @@ mod tests {
             "dimension.=x",
             "null_dimension=a-b",
             "dimension.a=x&null_dimension=a",
+            "dimension.a=x%00y",
             "unknown=1",
             &format!("dimension.a={}", "x".repeat(257)),
         ] {

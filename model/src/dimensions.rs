@@ -267,6 +267,12 @@ pub fn selector(
                 format!("is at most {MAX_DIMENSION_VALUE_BYTES} bytes"),
             ));
         }
+        if value.as_ref().is_some_and(|v| v.contains('\0')) {
+            return Err(FieldError::new(
+                field,
+                "must not contain NUL (U+0000): no event's value does",
+            ));
+        }
         pairs.push((key.clone(), value));
     }
     Ok(Dimensions::from_pairs(pairs))
@@ -348,6 +354,7 @@ mod tests {
             r#"{"Model":"x"}"#,
             r#"{"m":[1]}"#,
             r#"{"m":{"x":1}}"#,
+            r#"{"m":"a\u0000b"}"#,
         ] {
             assert!(selector(&map(bad)).is_err(), "{bad}");
         }

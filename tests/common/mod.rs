@@ -174,10 +174,15 @@ pub fn reference(events: &[TestEvent]) -> Aggregates {
     normalized(out)
 }
 
+/// Every stored row; a row with dimension values has them after its meter's name, as jsonb spells
+/// them: `llm_tokens {"model": "large"}`.
 pub async fn stored_aggregates(url: &str) -> Aggregates {
     let mut conn = PgConnection::connect(url).await.unwrap();
     let rows = sqlx::query(
-        "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint, value, event_count FROM aggregations",
+        "SELECT customer_id,
+                meter || CASE WHEN dimensions = '{}' THEN '' ELSE ' ' || dimensions::text END,
+                extract(epoch FROM window_start)::bigint, value, event_count
+         FROM aggregations",
     )
     .fetch_all(&mut conn)
     .await
