@@ -211,9 +211,12 @@ async fn tokens_by_model_are_rows_and_charges_per_model_and_filter_by_dimension(
         "/api/v1/aggregations?dimension.model=a&dimension.model=b".to_owned(),
         format!(
             "/api/v1/aggregations?cursor={}",
-            hex("acme\0llm_tokens\00\0{\"model\":\"a\\u0000\"}")
+            hex(&["acme", "llm_tokens", "0", r#"{"model":"a\u0000"}"#].join("\0"))
         ),
-        format!("/api/v1/charges?cursor={}", hex("acme\0m\00\0{not json")),
+        format!(
+            "/api/v1/charges?cursor={}",
+            hex(&["acme", "m", "0", "{not json"].join("\0"))
+        ),
     ] {
         expect_problem(api.get(&bad).await, StatusCode::BAD_REQUEST, "BAD_REQUEST").await;
     }
