@@ -42,6 +42,13 @@ pub struct LoadgenArgs {
     /// Event-id prefix, so that several runs never share ids.
     #[arg(long, default_value = "lg")]
     pub id_prefix: String,
+    /// Also give each event a `model` property, one of this many values (`m0` …), for meters grouped
+    /// by it (docs/dimensions.md). 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub models: u32,
+    /// How many values the `region` property takes (`eu`, `us`, `ap`, then `r3` …).
+    #[arg(long, default_value_t = 3)]
+    pub regions: u32,
 }
 
 const EVENT_TYPES: [(&str, u32); 5] = [
@@ -150,9 +157,19 @@ fn next_event(rng: &mut SmallRng, args: &LoadgenArgs, n: u64) -> (String, Vec<u8
     } else {
         format!("\"{value}\"")
     };
+    let region = match rng.random_range(0..args.regions.max(1)) {
+        0 => "eu".to_owned(),
+        1 => "us".to_owned(),
+        2 => "ap".to_owned(),
+        r => format!("r{r}"),
+    };
+    let model = if args.models > 0 {
+        format!(r#","model":"m{}""#, rng.random_range(0..args.models))
+    } else {
+        String::new()
+    };
     let payload = format!(
-        r#"{{"event_id":"{id}","customer_id":"{customer}","event_type":"{event_type}","event_time":"{time}","value":{value},"properties":{{"region":"{}"}}}}"#,
-        ["eu", "us", "ap"][rng.random_range(0..3)]
+        r#"{{"event_id":"{id}","customer_id":"{customer}","event_type":"{event_type}","event_time":"{time}","value":{value},"properties":{{"region":"{region}"{model}}}}}"#,
     );
     (customer, payload.into_bytes(), bad)
 }

@@ -12,7 +12,10 @@
 //!        then retractions (voids): only of contributions whose values are all admitted
 //! ```
 //! Deterministic: an epoch's decisions depend only on the values admitted before it and on the
-//! epoch's contributions in a fixed order, so a replay decides as the first run did. Values are never
+//! epoch's contributions in a fixed order, so a replay decides as the first run did. A contribution
+//! whose values are all admitted already is passed on as it comes (values are never un-admitted, so
+//! no order can change that answer); only those bringing a value not admitted yet wait for their
+//! epoch to close and are decided in order. Values are never
 //! un-admitted (a void does not free a slot), so a value not admitted now was never admitted, and a
 //! void of a refused contribution is dropped rather than taken from a row it never reached.
 
@@ -83,25 +86,39 @@ pub fn admit<'scope>(
         Exchange::new(|a: &Admitted| meter_hash(&a.0)),
         "AdmitDimensions",
         |_cap, _info| {
-            let mut admitted: HashMap<(String, String), HashSet<Option<String>>> = HashMap::new();
+            let mut admitted = AdmittedValues::default();
             let mut waiting: BTreeMap<Epoch, (Capability<Epoch>, Vec<Candidate>)> = BTreeMap::new();
             move |(candidates, candidates_frontier), (restored, restored_frontier), output| {
                 restored.for_each(|_, data| {
                     for (meter, key, value) in data.drain(..) {
-                        admitted.entry((meter, key)).or_default().insert(value);
+                        admitted.insert(&meter, &key, value.as_deref());
                     }
                 });
                 candidates.for_each_stamp(|cap, data| {
                     let Some(&epoch) = cap.least() else {
                         return;
                     };
+                    // The common case: every value admitted already, whatever the order.
+                    let mut session = output.session(&cap);
+                    let mut wait = Vec::new();
+                    for batch in data {
+                        for c in batch.drain(..) {
+                            if admitted.all(&c) {
+                                session.give(Ok((c.row, epoch, c.usage)));
+                            } else {
+                                wait.push(c);
+                            }
+                        }
+                    }
+                    drop(session);
+                    if wait.is_empty() {
+                        return;
+                    }
                     let Some(held) = cap.retain_least(output.output_index()) else {
                         return;
                     };
                     let (_, stash) = waiting.entry(epoch).or_insert_with(|| (held, Vec::new()));
-                    for batch in data {
-                        stash.append(batch);
-                    }
+                    stash.append(&mut wait);
                 });
                 while let Some(entry) = waiting.first_entry() {
                     let epoch = *entry.key();
@@ -128,34 +145,86 @@ fn meter_hash(meter: &str) -> u64 {
     hasher.finish()
 }
 
-/// Decides one epoch's candidates: counts in order, then retractions.
+/// The values admitted so far, per meter and key; looked up by `&str`, without an allocation.
+#[derive(Default)]
+struct AdmittedValues(HashMap<String, HashMap<String, Values>>);
+
+/// One (meter, key)'s admitted values.
+#[derive(Default)]
+struct Values {
+    strings: HashSet<String>,
+    null: bool,
+}
+
+impl Values {
+    fn contains(&self, value: Option<&str>) -> bool {
+        match value {
+            None => self.null,
+            Some(v) => self.strings.contains(v),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.strings.len().saturating_add(usize::from(self.null))
+    }
+}
+
+impl AdmittedValues {
+    fn values(&self, meter: &str, key: &str) -> Option<&Values> {
+        self.0.get(meter)?.get(key)
+    }
+
+    fn admits(&self, meter: &str, key: &str, value: Option<&str>) -> bool {
+        self.values(meter, key).is_some_and(|v| v.contains(value))
+    }
+
+    /// Whether every value of the candidate's row is admitted.
+    fn all(&self, c: &Candidate) -> bool {
+        let meter = c.row.0.meter.as_str();
+        c.row
+            .0
+            .dimensions
+            .iter()
+            .all(|(key, value)| self.admits(meter, key, value))
+    }
+
+    /// Admits `value`; true if it is new.
+    fn insert(&mut self, meter: &str, key: &str, value: Option<&str>) -> bool {
+        let values = self
+            .0
+            .entry(meter.to_owned())
+            .or_default()
+            .entry(key.to_owned())
+            .or_default();
+        match value {
+            None => !std::mem::replace(&mut values.null, true),
+            Some(v) => values.strings.insert(v.to_owned()),
+        }
+    }
+}
+
+/// Decides one epoch's candidates that brought a value not admitted when they came: counts in
+/// order, then retractions.
 #[allow(clippy::result_large_err)]
 fn decide(
     mut stash: Vec<Candidate>,
     epoch: Epoch,
-    admitted: &mut HashMap<(String, String), HashSet<Option<String>>>,
+    admitted: &mut AdmittedValues,
     mut give: impl FnMut(Decided),
 ) {
     stash.sort_by(|a, b| (a.retraction, a.order()).cmp(&(b.retraction, b.order())));
     for c in stash {
-        let meter = &c.row.0.meter;
         if c.retraction {
-            let all_admitted = c.row.0.dimensions.iter().all(|(key, value)| {
-                admitted
-                    .get(&(meter.clone(), key.to_owned()))
-                    .is_some_and(|values| values.contains(&value.map(str::to_owned)))
-            });
-            if all_admitted {
+            if admitted.all(&c) {
                 give(Ok((c.row, epoch, c.usage)));
             }
             continue;
         }
+        let meter = c.row.0.meter.as_str();
         let refused = c.row.0.dimensions.iter().find(|(key, value)| {
             admitted
-                .get(&(meter.clone(), (*key).to_owned()))
-                .is_some_and(|values| {
-                    !values.contains(&value.map(str::to_owned)) && values.len() >= c.bound as usize
-                })
+                .values(meter, key)
+                .is_some_and(|values| !values.contains(*value) && values.len() >= c.bound as usize)
         });
         if let Some((key, value)) = refused {
             give(Err((
@@ -164,15 +233,14 @@ fn decide(
             )));
             continue;
         }
+        let mut new = Vec::new();
         for (key, value) in c.row.0.dimensions.iter() {
-            let value = value.map(str::to_owned);
-            let values = admitted.entry((meter.clone(), key.to_owned())).or_default();
-            if values.insert(value.clone()) {
-                give(Err((
-                    epoch,
-                    SinkUpdate::DimensionValue((meter.clone(), key.to_owned(), value)),
-                )));
+            if admitted.insert(meter, key, value) {
+                new.push((meter.to_owned(), key.to_owned(), value.map(str::to_owned)));
             }
+        }
+        for value in new {
+            give(Err((epoch, SinkUpdate::DimensionValue(value))));
         }
         give(Ok((c.row, epoch, c.usage)));
     }

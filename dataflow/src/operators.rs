@@ -99,8 +99,16 @@ type Metering<'scope> = (
     StreamVec<'scope, Epoch, (Epoch, SinkUpdate)>,
 );
 
-/// A contribution to a row (or a candidate for admission), or something else for the sink.
-type Metered = Result<Result<(RowKey, Epoch, Usage), Candidate>, (Epoch, SinkUpdate)>;
+/// A contribution to a row of a meter without `group_by` (the hot path: one split), or else.
+type Metered = Result<(RowKey, Epoch, Usage), Aside>;
+
+/// What metering sets aside from the plain contributions: the few things for the sink, and the
+/// contributions whose dimension values admission decides.
+#[derive(Clone, Debug)]
+enum Aside {
+    Sink((Epoch, SinkUpdate)),
+    Candidate(Box<Candidate>),
+}
 
 /// Applies the meters where the items were read (no exchange): each counted event becomes its
 /// contributions to every meter reading its type, each retracted (voided) one their negation; a
@@ -178,10 +186,11 @@ fn meter<'scope>(
             }
         },
     );
-    type Counted = Result<(RowKey, Epoch, Usage), Candidate>;
-    let (counted, other): (StreamVec<'scope, Epoch, Counted>, _) = metered.ok_err(|m| m);
-    let (plain, candidates): (StreamVec<'scope, Epoch, (RowKey, Epoch, Usage)>, _) =
-        counted.ok_err(|c| c);
+    let (plain, aside): (_, StreamVec<'scope, Epoch, Aside>) = metered.ok_err(|m| m);
+    let (candidates, other) = aside.ok_err(|a| match a {
+        Aside::Candidate(c) => Ok(*c),
+        Aside::Sink(s) => Err(s),
+    });
     (plain.as_collection(), candidates, other)
 }
 
@@ -214,22 +223,24 @@ fn meter_item(
     let (event, sign) = match item.what {
         Classified::Count(event) => (event, 1),
         Classified::Retract(event) => (event, -1),
-        Classified::Duplicate(d) => return give(Err((epoch, SinkUpdate::Duplicate(d)))),
-        Classified::Dead(d) => return give(Err((epoch, SinkUpdate::DeadLetter(d)))),
+        Classified::Duplicate(d) => {
+            return give(Err(Aside::Sink((epoch, SinkUpdate::Duplicate(d)))))
+        }
+        Classified::Dead(d) => return give(Err(Aside::Sink((epoch, SinkUpdate::DeadLetter(d))))),
         Classified::Ignored => return,
     };
     let (contributions, _skipped) = meters.contributions(&event);
     for c in contributions {
         if sign > 0 {
             if let Some(late) = late(&event, &c, watermark, context) {
-                give(Err((epoch, SinkUpdate::Late(late))));
+                give(Err(Aside::Sink((epoch, SinkUpdate::Late(late)))));
             }
         }
         let usage = if sign > 0 { c.usage } else { negate(c.usage) };
         if c.key.dimensions.is_empty() {
-            give(Ok(Ok(((c.key, c.item), epoch, Usage::of(usage)))));
+            give(Ok(((c.key, c.item), epoch, Usage::of(usage))));
         } else {
-            give(Ok(Err(Candidate {
+            give(Err(Aside::Candidate(Box::new(Candidate {
                 bound: meters.dimension_bound(&c.key.meter),
                 row: (c.key, c.item),
                 usage: Usage::of(usage),
@@ -237,7 +248,7 @@ fn meter_item(
                 partition: item.partition,
                 offset: item.offset,
                 event: event.clone(),
-            })));
+            }))));
         }
     }
 }

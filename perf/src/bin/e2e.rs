@@ -66,6 +66,13 @@ struct Args {
     /// Also measure the floor: the writes SPEC requires, alone, by a bare consumer (module doc).
     #[arg(long)]
     floor: bool,
+    /// Meter every event type grouped by two properties (issue 17), e.g. `50x5`: the topic's events
+    /// carry `model` (one of A) and `region` (one of B), and each run's database gets a meter per type
+    /// (an hourly sum, as the default meter) with `group_by: ["model", "region"]`. Absent: default
+    /// meters. Compare with a run without it, on a topic filled alike (the events differ only by the
+    /// `model` property).
+    #[arg(long, value_parser = parse_dimensions)]
+    dimensions: Option<(u32, u32)>,
     #[command(flatten)]
     services: Services,
 }
@@ -116,6 +123,9 @@ async fn measure(args: &Args, shape: Shape, topic: &str) -> Result<()> {
     let mut floor = Vec::new();
     for run in 0..args.runs {
         let url = fresh_database(&args.services.database_url, "mf_perf_e2e", run).await?;
+        if args.dimensions.is_some() {
+            create_dimensioned_meters(&url).await?;
+        }
         let (took, cpu) = drain_with_meterflow(args, topic, &url)?;
         let rows: i64 = scalar(
             &url,
@@ -189,6 +199,33 @@ async fn measure_floor(args: &Args, shape: Shape, topic: &str, run: usize) -> Re
     Ok(r)
 }
 
+fn parse_dimensions(text: &str) -> Result<(u32, u32), String> {
+    let (a, b) = text
+        .split_once('x')
+        .ok_or_else(|| format!("{text:?}: give the value counts as AxB, e.g. 50x5"))?;
+    let count = |s: &str| {
+        s.parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| format!("{s:?}: a value count is 1 to 1000"))
+    };
+    Ok((count(a)?, count(b)?))
+}
+
+/// The event types `meterflow loadgen` produces, each metered as its default meter would be, grouped
+/// by model and region.
+async fn create_dimensioned_meters(url: &str) -> Result<()> {
+    let mut conn = PgConnection::connect(url).await?;
+    sqlx::query(
+        "INSERT INTO meters (meter, event_type, aggregation, value_property, group_by)
+         SELECT t, t, 'sum', 'value', '{model,region}'
+         FROM UNNEST(ARRAY['api_call', 'tokens', 'storage_gb', 'compute_seconds', 'seats']) AS t",
+    )
+    .execute(&mut conn)
+    .await?;
+    Ok(())
+}
+
 fn prefill(args: &Args, shape: Shape) -> Result<String> {
     let topic = format!(
         "perf.e2e.{}.{}",
@@ -206,6 +243,15 @@ fn prefill(args: &Args, shape: Shape) -> Result<String> {
             "--spread-hours",
             &shape.spread_hours().to_string(),
         ])
+        .args(match args.dimensions {
+            Some((models, regions)) => vec![
+                "--models".to_owned(),
+                models.to_string(),
+                "--regions".to_owned(),
+                regions.to_string(),
+            ],
+            None => Vec::new(),
+        })
         .env("MF_EVENTS_TOPIC", &topic)
         .env("MF_KAFKA_BROKERS", &args.services.brokers)
         .status()

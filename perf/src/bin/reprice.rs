@@ -8,11 +8,16 @@
 //!   - one customer gets a book of their own: only that customer's windows may change (the third
 //!     figure, and a check that no other charge was rewritten).
 //!
+//! With `--models N` (issue 17) every customer's window is N windows, one per value of a `model`
+//! dimension, and a fourth figure: a default book for one model (a selector, `{"model": "m0"}`), which
+//! must re-rate that model's windows and no others (checked by the charges' revisions).
+//!
 //! Baseline in the same run: Postgres alone rewriting every charge for the new price with one
 //! `UPDATE charges SET amount = quantity × price` (per-unit only: the naive, non-incremental way).
 //!
 //!     cargo build --release -p meterflow -p meterflow-perf
 //!     target/release/reprice --customers 100,1000,5000 --windows 168
+//!     target/release/reprice --customers 100,1000 --windows 168 --models 20
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,6 +38,9 @@ struct Args {
     windows: usize,
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Values of a `model` dimension per customer and window (0: a meter without dimensions).
+    #[arg(long, default_value_t = 0)]
+    models: usize,
     #[command(flatten)]
     services: Services,
 }
@@ -80,18 +88,32 @@ async fn main() -> Result<()> {
             chrono::Utc::now().timestamp()
         );
         let pool = PgPool::connect(&url).await?;
-        let windows = (customers * args.windows) as i64;
+        let models = args.models.max(1);
+        let windows = (customers * args.windows * models) as i64;
         sqlx::query(
-            "INSERT INTO aggregations (customer_id, meter, window_start, window_end, value, event_count)
-             SELECT 'c' || c, 'api_call', t, t + interval '1 hour', (c % 7) + h % 5 + 1, 1
+            "INSERT INTO aggregations (customer_id, meter, window_start, window_end, value, event_count,
+                                       dimensions)
+             SELECT 'c' || c, 'api_call', t, t + interval '1 hour', (c % 7) + h % 5 + m + 1, 1,
+                    CASE WHEN $3 THEN jsonb_build_object('model', 'm' || m) ELSE '{}' END
              FROM generate_series(0, $1 - 1) AS c,
                   generate_series(0, $2 - 1) AS h,
+                  generate_series(0, $4 - 1) AS m,
                   LATERAL (SELECT timestamptz '2024-01-08T00:00:00Z' + h * interval '1 hour' AS t) AS w",
         )
         .bind(customers as i64)
         .bind(args.windows as i64)
+        .bind(args.models > 0)
+        .bind(models as i64)
         .execute(&pool)
         .await?;
+        if args.models > 0 {
+            sqlx::query(
+                "INSERT INTO meters (meter, event_type, aggregation, value_property, group_by)
+                 VALUES ('api_call', 'api_call', 'sum', 'value', '{model}')",
+            )
+            .execute(&pool)
+            .await?;
+        }
         sqlx::query(
             "INSERT INTO price_books (price_book_id, meter, currency, effective, model)
              VALUES ('pb_default', 'api_call', 'USD', '[2024-01-01,)', '{\"type\":\"per_unit\",\"unit_price\":\"0.01\"}')",
@@ -131,10 +153,11 @@ async fn main() -> Result<()> {
         )
         .execute(&pool)
         .await?;
+        let own = (args.windows * models) as i64;
         let one = wait_count(
             &pool,
             "SELECT count(*) FROM charges WHERE price_book_id = 'pb_c0'",
-            args.windows as i64,
+            own,
             narrow,
         )
         .await?;
@@ -143,11 +166,44 @@ async fn main() -> Result<()> {
             .fetch_one(&pool)
             .await?;
         ensure!(
-            rewritten - revisions == args.windows as i64,
-            "a customer's own book rewrote {} charges, expected {}",
+            rewritten - revisions == own,
+            "a customer's own book rewrote {} charges, expected {own}",
             rewritten - revisions,
-            args.windows
         );
+
+        // One model's own default price: only its windows change (c0's stay under c0's own book,
+        // which is more specific: the customer's).
+        let model_seconds = if args.models > 0 {
+            let before = rewritten;
+            let changed = ((customers - 1) * args.windows) as i64;
+            let started = Instant::now();
+            sqlx::query(
+                "INSERT INTO price_books (price_book_id, meter, currency, effective, model, dimensions)
+                 VALUES ('pb_m0', 'api_call', 'USD', '[2024-01-01,)',
+                         '{\"type\":\"per_unit\",\"unit_price\":\"0.07\"}', '{\"model\": \"m0\"}')",
+            )
+            .execute(&pool)
+            .await?;
+            let seconds = wait_count(
+                &pool,
+                "SELECT count(*) FROM charges WHERE price_book_id = 'pb_m0'",
+                changed,
+                started,
+            )
+            .await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after: i64 = sqlx::query_scalar("SELECT sum(revision)::bigint FROM charges")
+                .fetch_one(&pool)
+                .await?;
+            ensure!(
+                after - before == changed,
+                "one model's book rewrote {} charges, expected {changed}",
+                after - before,
+            );
+            Some(seconds)
+        } else {
+            None
+        };
         running.kill()?;
         running.wait()?;
 
@@ -161,8 +217,10 @@ async fn main() -> Result<()> {
         println!(
             "{}",
             json!({"bench": "reprice", "customers": customers, "windows": windows,
+                   "models": args.models,
                    "start_to_all_rated_seconds": initial, "default_price_change_seconds": all,
-                   "one_customer_book_seconds": one, "baseline_sql_rewrite_seconds": baseline})
+                   "one_customer_book_seconds": one, "one_model_book_seconds": model_seconds,
+                   "baseline_sql_rewrite_seconds": baseline})
         );
         // Not `pool.close()`: it has been seen to wait forever here; dropping the pool closes its
         // connections, and a database that cannot be dropped in time is left for clean-tests.
