@@ -1,9 +1,11 @@
 //! Meter dimensions (issue 17) through the graph, against a brute-force reference: random events over
 //! three properties (`model`, `region`, `user`), some missing and some spelled two ways (`1.50` and
 //! `1.5`), duplicates of one value under another spelling, and voids, through meters with and without
-//! `group_by` of every kind, and price books: a graduated default whose tiers count each dimension
-//! value's usage alone, a default for one model and one customer's own for another (the most specific
-//! wins). The final rows and charges must equal what a plain loop computes from the counted events,
+//! `group_by` of every kind, and a random history of price books, plain and dimensioned (a graduated
+//! default whose tiers count each dimension value's usage alone, defaults for one model, for one model
+//! in one region and for a missing model, and one customer's own for one model; the most specific
+//! wins). The final rows, charges and upcoming lines must equal what a plain loop computes from the
+//! counted events and the books in force at the end, for 1, 2 and 4 workers. The final rows and charges must equal what a plain loop computes from the counted events,
 //! for 1, 2 and 4 workers.
 //!
 //! The reference knows each event's dimension values from how it generated them, not from
@@ -132,14 +134,74 @@ fn selector(pairs: &[(&str, Option<&str>)]) -> Dimensions {
     )
 }
 
-/// The book that prices a tokens window of `customer` with `model`, chosen plainly.
-fn book_of(customer: &str, model: Option<&str>) -> PriceBook {
-    let id = match (customer, model) {
-        ("c1", Some("large")) => "tokens-c1-large",
-        (_, Some("small")) => "tokens-small",
-        _ => "tokens-default",
+/// The book that prices a tokens window of `customer` with `dimensions`, chosen plainly: of the
+/// books whose scope and selector fit, the customer's own before a default, then more keys.
+fn book_of<'a>(
+    books: &'a [PriceBook],
+    customer: &str,
+    dimensions: &Dimensions,
+) -> Option<&'a PriceBook> {
+    books
+        .iter()
+        .filter(|b| b.customer_id.as_deref().is_none_or(|c| c == customer))
+        .filter(|b| {
+            b.dimensions
+                .iter()
+                .all(|(key, value)| dimensions.iter().any(|(k, v)| k == key && v == value))
+        })
+        .max_by_key(|b| (b.customer_id.is_some(), b.dimensions.iter().count()))
+}
+
+/// A random history of the books: at round 0 and at random later rounds the set in force is redrawn
+/// from a pool (a graduated default at one of two prices, defaults for `{"model": "small"}`,
+/// `{"model": "large"}`, `{"model": "large", "region": "eu"}` and `{"model": null}`, and c1's own for
+/// the large model), each kept with probability 0.6; the changes are fed as they happen. Returns the
+/// changes and the set in force at the end.
+fn book_history(seed: u64) -> (Vec<(Epoch, PriceBook, isize)>, Vec<PriceBook>) {
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0xb00c);
+    let pool = |rng: &mut SmallRng| -> Vec<PriceBook> {
+        let mut books = books();
+        if rng.random_bool(0.5) {
+            books[0].model = PriceModel::PerUnit {
+                unit_price: d("0.004"),
+            };
+        }
+        let base = books[1].clone();
+        let with = |id: &str, pairs: &[(&str, Option<&str>)], price: &str| PriceBook {
+            price_book_id: id.into(),
+            customer_id: None,
+            dimensions: selector(pairs),
+            model: PriceModel::PerUnit {
+                unit_price: d(price),
+            },
+            ..base.clone()
+        };
+        books.push(with("tokens-large", &[("model", Some("large"))], "0.006"));
+        books.push(with(
+            "tokens-large-eu",
+            &[("model", Some("large")), ("region", Some("eu"))],
+            "0.007",
+        ));
+        books.push(with("tokens-none", &[("model", None)], "0.008"));
+        books.retain(|_| rng.random_bool(0.6));
+        books
     };
-    books().into_iter().find(|b| b.price_book_id == id).unwrap()
+    let mut changes = Vec::new();
+    let mut current: Vec<PriceBook> = Vec::new();
+    for round in 0..ROUNDS {
+        if round > 0 && !rng.random_bool(0.5) {
+            continue;
+        }
+        let next = pool(&mut rng);
+        for gone in current.iter().filter(|b| !next.contains(b)) {
+            changes.push((round, gone.clone(), -1));
+        }
+        for new in next.iter().filter(|b| !current.contains(b)) {
+            changes.push((round, new.clone(), 1));
+        }
+        current = next;
+    }
+    (changes, current)
 }
 
 /// The model property: its JSON spelling, and the value it is.
@@ -221,8 +283,11 @@ type RowKey = (String, String, String, i64);
 struct Outcome {
     rows: BTreeMap<RowKey, (Decimal, i64)>,
     items: BTreeMap<RowKey, BTreeSet<String>>,
-    /// Per window: (quantity, amount).
-    charges: BTreeMap<RowKey, (Decimal, Decimal)>,
+    /// Per window: (quantity, amount, price book).
+    charges: BTreeMap<RowKey, (Decimal, Decimal, String)>,
+    /// Upcoming-invoice lines: per (customer, period, meter, dimension values, book), Σ amount and
+    /// windows.
+    lines: BTreeMap<(String, i64, String, String, String), (Decimal, i64)>,
 }
 
 fn dims(pairs: &[(&str, Option<&str>)]) -> String {
@@ -235,7 +300,7 @@ fn dims(pairs: &[(&str, Option<&str>)]) -> String {
 }
 
 /// What the counted (sent and not voided) events make, computed plainly.
-fn expected(rounds: &[(Epoch, i32, Classified, Sent)]) -> Outcome {
+fn expected(rounds: &[(Epoch, i32, Classified, Sent)], books: &[PriceBook]) -> Outcome {
     let mut counted: BTreeMap<String, Sent> = BTreeMap::new();
     for (_, _, what, sent) in rounds {
         match what {
@@ -282,7 +347,9 @@ fn expected(rounds: &[(Epoch, i32, Classified, Sent)]) -> Outcome {
             continue;
         }
         let parsed: Dimensions = dims.parse().unwrap();
-        let book = book_of(customer, parsed.get("model").flatten());
+        let Some(book) = book_of(books, customer, &parsed) else {
+            continue;
+        };
         let period = period_of(*start).0;
         let ptd = before
             .entry((customer.clone(), dims.clone(), period))
@@ -291,27 +358,48 @@ fn expected(rounds: &[(Epoch, i32, Classified, Sent)]) -> Outcome {
         *ptd += value;
         out.charges.insert(
             (customer.clone(), meter.clone(), dims.clone(), *start),
-            (*value, amount),
+            (*value, amount, book.price_book_id.clone()),
         );
+    }
+    // The lines are the charges summed per (customer, period, meter, values, book).
+    for ((customer, meter, dims, start), (_, amount, book)) in &out.charges {
+        let line = out
+            .lines
+            .entry((
+                customer.clone(),
+                period_of(*start).0,
+                meter.clone(),
+                dims.clone(),
+                book.clone(),
+            ))
+            .or_default();
+        line.0 += amount;
+        line.1 += 1;
     }
     out
 }
 
 /// Runs the rounds through `build` on `workers` workers; the final rows and charges.
-fn run(rounds: Vec<(Epoch, i32, Classified, Sent)>, workers: usize) -> Outcome {
-    outcome(&updates(rounds, workers, meters(), Vec::new()))
+fn run(
+    rounds: Vec<(Epoch, i32, Classified, Sent)>,
+    history: Vec<(Epoch, PriceBook, isize)>,
+    workers: usize,
+) -> Outcome {
+    outcome(&updates(rounds, history, workers, meters(), Vec::new()))
 }
 
 /// Runs the rounds through `build` on `workers` workers under `meters`, with the values `admitted`
 /// before; every update the graph gives.
 fn updates(
     rounds: Vec<(Epoch, i32, Classified, Sent)>,
+    history: Vec<(Epoch, PriceBook, isize)>,
     workers: usize,
     meters: Vec<Meter>,
     admitted: Vec<DimensionValue>,
 ) -> Vec<SinkUpdate> {
     let seen: Arc<Mutex<Vec<SinkUpdate>>> = Arc::default();
     let rounds = Arc::new(rounds);
+    let history = Arc::new(history);
     let (meters, admitted) = (Arc::new(meters), Arc::new(admitted));
     let collected = seen.clone();
     timely::execute(timely::Config::process(workers), move |worker| {
@@ -333,9 +421,6 @@ fn updates(
                 version: 0,
                 meters: meters.to_vec(),
             });
-            for book in books() {
-                inputs.books.send((book, 0, 1));
-            }
             inputs.send_state(
                 RatingState {
                     dimension_values: admitted.to_vec(),
@@ -346,6 +431,13 @@ fn updates(
             );
         }
         for round in 0..ROUNDS {
+            if index == 0 {
+                for (at, book, diff) in history.iter() {
+                    if *at == round {
+                        inputs.books.send((book.clone(), round, *diff));
+                    }
+                }
+            }
             for (at, partition, what, _) in rounds.iter() {
                 if *at == round && (*partition as usize) % peers == index {
                     inputs.items.send(SourceItem {
@@ -372,7 +464,7 @@ fn updates(
 fn outcome(updates: &[SinkUpdate]) -> Outcome {
     let mut out = Outcome::default();
     let mut items: BTreeMap<(RowKey, String), i64> = BTreeMap::new();
-    let mut charges: BTreeMap<(RowKey, Decimal, Decimal), i64> = BTreeMap::new();
+    let mut charges: BTreeMap<(RowKey, Decimal, Decimal, String), i64> = BTreeMap::new();
     for update in updates {
         match update {
             SinkUpdate::Row(key, item, change) => {
@@ -402,8 +494,27 @@ fn outcome(updates: &[SinkUpdate]) -> Outcome {
                     charge.window_start,
                 );
                 *charges
-                    .entry((row, charge.quantity.normalize(), charge.amount.normalize()))
+                    .entry((
+                        row,
+                        charge.quantity.normalize(),
+                        charge.amount.normalize(),
+                        charge.price_book_id.clone(),
+                    ))
                     .or_default() += diff;
+            }
+            SinkUpdate::Line(l) => {
+                let line = out
+                    .lines
+                    .entry((
+                        l.customer_id.clone(),
+                        l.period_start,
+                        l.meter.clone(),
+                        l.dimensions.to_string(),
+                        l.price_book_id.clone(),
+                    ))
+                    .or_default();
+                line.0 += l.amount;
+                line.1 += l.windows;
             }
             _ => {}
         }
@@ -415,7 +526,9 @@ fn outcome(updates: &[SinkUpdate]) -> Outcome {
             out.items.entry(row).or_default().insert(user);
         }
     }
-    for ((row, quantity, amount), n) in charges {
+    out.lines
+        .retain(|_, (amount, windows)| !amount.is_zero() || *windows != 0);
+    for ((row, quantity, amount, book), n) in charges {
         assert!(
             (0..=1).contains(&n),
             "a window holds one charge: {row:?} {n}"
@@ -423,7 +536,7 @@ fn outcome(updates: &[SinkUpdate]) -> Outcome {
         if n == 1 {
             assert!(
                 out.charges
-                    .insert(row.clone(), (quantity, amount))
+                    .insert(row.clone(), (quantity, amount, book))
                     .is_none(),
                 "two charges for {row:?}"
             );
@@ -436,33 +549,42 @@ fn normalized(mut o: Outcome) -> Outcome {
     for (v, _) in o.rows.values_mut() {
         *v = v.normalize();
     }
-    for (q, a) in o.charges.values_mut() {
+    for (q, a, _) in o.charges.values_mut() {
         *q = q.normalize();
+        *a = a.normalize();
+    }
+    for (a, _) in o.lines.values_mut() {
         *a = a.normalize();
     }
     o
 }
 
 #[test]
-fn windows_and_charges_are_per_dimension_values_for_1_2_and_4_workers() {
-    for seed in 0..3 {
+fn windows_charges_and_lines_are_per_dimension_values_under_a_random_book_history() {
+    let mut chosen = BTreeSet::new();
+    for seed in 0..4 {
         let rounds = random_rounds(seed);
-        let want = normalized(expected(&rounds));
+        let (history, in_force) = book_history(seed);
+        let want = normalized(expected(&rounds, &in_force));
+        chosen.extend(want.charges.values().map(|(_, _, book)| book.clone()));
         let dimensioned: BTreeSet<&str> = want.rows.keys().map(|(_, _, d, _)| d.as_str()).collect();
         assert!(
             dimensioned.contains(r#"{"model":"1.5","region":null}"#)
                 && dimensioned.contains(r#"{"model":null}"#),
             "seed {seed}: spellings and missing values occur: {dimensioned:?}"
         );
-        assert!(want.charges.len() > 20, "seed {seed}: enough charges");
         for workers in [1, 2, 4] {
             assert_eq!(
-                normalized(run(rounds.clone(), workers)),
+                normalized(run(rounds.clone(), history.clone(), workers)),
                 want,
                 "seed {seed}, {workers} workers"
             );
         }
     }
+    assert!(
+        chosen.len() >= 5,
+        "the seeds between them choose most books: {chosen:?}"
+    );
 }
 
 /// One event of customer `c` with these properties, at `second` past the base hour.
@@ -516,6 +638,7 @@ fn past_the_bound_an_event_is_a_dead_letter_and_its_void_takes_nothing_for_1_2_a
     for workers in [1, 2, 4] {
         let updates = updates(
             rounds.clone(),
+            Vec::new(),
             workers,
             vec![bounded.clone()],
             admitted.clone(),
