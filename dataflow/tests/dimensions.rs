@@ -287,8 +287,11 @@ struct Outcome {
     charges: BTreeMap<RowKey, (Decimal, Decimal, String)>,
     /// Upcoming-invoice lines: per (customer, period, meter, dimension values, book), Σ amount and
     /// windows.
-    lines: BTreeMap<(String, i64, String, String, String), (Decimal, i64)>,
+    lines: BTreeMap<LineId, (Decimal, i64)>,
 }
+
+/// An upcoming line: (customer, period start, meter, dimension values as JSON, price book).
+type LineId = (String, i64, String, String, String);
 
 fn dims(pairs: &[(&str, Option<&str>)]) -> String {
     Dimensions::from_pairs(
