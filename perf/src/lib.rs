@@ -74,6 +74,21 @@ pub async fn drop_database(admin_url: &str, url: &str) -> Result<()> {
     Ok(())
 }
 
+/// `--dimensions AxB` of the `core` and `e2e` benchmarks (issue 17): how many values the `model` and
+/// the `region` property take, each 1 to 1000.
+pub fn parse_dimensions(text: &str) -> Result<(u32, u32), String> {
+    let (a, b) = text
+        .split_once('x')
+        .ok_or_else(|| format!("{text:?}: give the value counts as AxB, e.g. 50x5"))?;
+    let count = |s: &str| {
+        s.parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| format!("{s:?}: a value count is 1 to 1000"))
+    };
+    Ok((count(a)?, count(b)?))
+}
+
 /// The median of some durations' rates (events per second).
 pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);

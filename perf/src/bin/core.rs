@@ -115,8 +115,8 @@ struct Args {
     /// carry `model` (one of A) and `region` (one of B), and each type's meter (an hourly sum, as the
     /// default meter) has `group_by: ["model", "region"]`, so rows, rating periods and lines are per
     /// value pair and every contribution goes through admission. Absent: default meters, as the peers.
-    #[arg(long, value_parser = parse_dimensions)]
-    dimensions: Option<(usize, usize)>,
+    #[arg(long, value_parser = meterflow_perf::parse_dimensions)]
+    dimensions: Option<(u32, u32)>,
     #[arg(long, default_value_t = 20_240_115)]
     seed: u64,
     /// Internal: run one measurement with this many workers in this process.
@@ -231,20 +231,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The span of event time, in hours.
-fn parse_dimensions(text: &str) -> Result<(usize, usize), String> {
-    let (a, b) = text
-        .split_once('x')
-        .ok_or_else(|| format!("{text:?}: give the value counts as AxB, e.g. 50x5"))?;
-    let count = |s: &str| {
-        s.parse::<usize>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| format!("{s:?}: a value count is 1 to 1000"))
-    };
-    Ok((count(a)?, count(b)?))
-}
-
 /// With `--dimensions`: each type's meter, an hourly sum of `value` as its default meter, grouped by
 /// model and region.
 fn meters(args: &Args) -> Vec<meterflow_model::Meter> {
@@ -261,6 +247,7 @@ fn meters(args: &Args) -> Vec<meterflow_model::Meter> {
         .collect()
 }
 
+/// The span of event time, in hours.
 fn hours(args: &Args) -> f64 {
     args.hours
         .unwrap_or(48.0 * args.events as f64 / 10_000_000.0)

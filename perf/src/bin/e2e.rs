@@ -71,7 +71,7 @@ struct Args {
     /// (an hourly sum, as the default meter) with `group_by: ["model", "region"]`. Absent: default
     /// meters. Compare with a run without it, on a topic filled alike (the events differ only by the
     /// `model` property).
-    #[arg(long, value_parser = parse_dimensions)]
+    #[arg(long, value_parser = meterflow_perf::parse_dimensions)]
     dimensions: Option<(u32, u32)>,
     #[command(flatten)]
     services: Services,
@@ -197,19 +197,6 @@ async fn measure_floor(args: &Args, shape: Shape, topic: &str, run: usize) -> Re
     );
     drop_database(&args.services.database_url, &url).await?;
     Ok(r)
-}
-
-fn parse_dimensions(text: &str) -> Result<(u32, u32), String> {
-    let (a, b) = text
-        .split_once('x')
-        .ok_or_else(|| format!("{text:?}: give the value counts as AxB, e.g. 50x5"))?;
-    let count = |s: &str| {
-        s.parse::<u32>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| format!("{s:?}: a value count is 1 to 1000"))
-    };
-    Ok((count(a)?, count(b)?))
 }
 
 /// The event types `meterflow loadgen` produces, each metered as its default meter would be, grouped
