@@ -84,8 +84,15 @@ pub fn commit_epochs<'scope>(
             let mut in_flight: BTreeMap<Epoch, Capability<Epoch>> = BTreeMap::new();
             let mut watermarks = Watermarks::new(watermarks, Instant::now());
             // The last epoch handed over, and when: an idle pipeline still sends a heartbeat now and
-            // then, so the watermark moves on idle partitions and the sink can apply a floor.
+            // then, so the watermark moves on idle partitions and the sink can apply a floor. A
+            // heartbeat carries that epoch, and its acknowledgement says "every epoch up to it is
+            // committed". Before the first hand-over it carries epoch 0, which no batch has reached
+            // the sink with: its acknowledgement would release epoch 0 if that epoch's batch were on
+            // its way by then. So while such a heartbeat is unacknowledged no batch is handed over
+            // (and no second one is sent, so one acknowledgement answers it even if the sink merges).
             let mut last_sent: (Epoch, Instant) = (0, Instant::now());
+            let mut handed_over = false;
+            let mut early_heartbeat = false;
             move |(input, frontier), output| {
                 // Stash by the epoch in the data: differential may deliver an epoch's updates under the
                 // capability of an earlier one.
@@ -130,7 +137,7 @@ pub fn commit_epochs<'scope>(
                 };
                 // Hand over completed epochs in order, as long as the sink's channel has room.
                 while let Some(entry) = stash.first_entry() {
-                    if frontier.less_equal(entry.key()) {
+                    if frontier.less_equal(entry.key()) || early_heartbeat {
                         break;
                     }
                     let (epoch, (cap, mut batch)) = entry.remove_entry();
@@ -147,6 +154,7 @@ pub fn commit_epochs<'scope>(
                         Ok(()) => {
                             in_flight.insert(epoch, cap);
                             last_sent = (epoch, Instant::now());
+                            handed_over = true;
                         }
                         // Full: retry on a later activation. Disconnected: the sink has stopped and
                         // reports why; keep holding the epoch so no worker runs ahead.
@@ -156,7 +164,7 @@ pub fn commit_epochs<'scope>(
                         }
                     }
                 }
-                if stash.is_empty() && last_sent.1.elapsed() >= HEARTBEAT {
+                if stash.is_empty() && !early_heartbeat && last_sent.1.elapsed() >= HEARTBEAT {
                     let heartbeat = EpochBatch {
                         epoch: last_sent.0,
                         watermark: watermarks.global(Instant::now()),
@@ -165,9 +173,14 @@ pub fn commit_epochs<'scope>(
                     };
                     if sink.batches.try_send(heartbeat).is_ok() {
                         last_sent.1 = Instant::now();
+                        early_heartbeat = !handed_over;
                     }
                 }
                 while let Ok(committed) = sink.acks.try_recv() {
+                    // Before the first hand-over only heartbeats are acknowledged.
+                    if !handed_over {
+                        early_heartbeat = false;
+                    }
                     in_flight.retain(|epoch, _| *epoch > committed);
                 }
                 if !stash.is_empty() || !in_flight.is_empty() {
@@ -178,4 +191,80 @@ pub fn commit_epochs<'scope>(
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use meterflow_model::PartitionProgress;
+    use timely::dataflow::operators::Probe;
+    use timely::dataflow::{InputHandleVec, ProbeHandle};
+
+    use super::*;
+
+    /// Review of the control input (helper, this session): before any batch was handed over, an idle
+    /// commit sent a heartbeat stamped epoch 0, and the sink's acknowledgement of it ("every epoch up
+    /// to 0 is committed") released epoch 0 once its real batch was in flight, before it was stored.
+    #[test]
+    fn an_epoch_is_released_only_once_its_own_batch_is_acknowledged() {
+        let (batch_tx, batch_rx) = crossbeam_channel::bounded::<EpochBatch>(8);
+        let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Epoch>();
+        // What the sink has stored: (epoch, empty?), pushed once the batch is acknowledged.
+        let stored: Arc<Mutex<Vec<(Epoch, bool)>>> = Arc::default();
+        let sink = {
+            let stored = stored.clone();
+            std::thread::spawn(move || {
+                for batch in batch_rx {
+                    // A commit takes a while; a heartbeat's too (it stores the watermark).
+                    std::thread::sleep(Duration::from_millis(300));
+                    stored.lock().unwrap().push((batch.epoch, batch.is_empty()));
+                    if ack_tx.send(batch.epoch).is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let seen = stored.clone();
+        timely::execute_directly(move |worker| {
+            let mut input = InputHandleVec::<Epoch, (Epoch, SinkUpdate)>::new();
+            let probe = ProbeHandle::new();
+            worker.dataflow::<Epoch, _, _>(|scope| {
+                let updates = input.to_stream(scope);
+                let channels = SinkChannels {
+                    batches: batch_tx,
+                    acks: ack_rx,
+                };
+                commit_epochs(updates, Some(channels), WatermarkPolicy::default())
+                    .probe_with(&probe);
+            });
+            // A slow first epoch (a restart's restore): idle for longer than a heartbeat.
+            let started = Instant::now();
+            while started.elapsed() < HEARTBEAT + Duration::from_millis(100) {
+                worker.step_or_park(Some(Duration::from_millis(10)));
+            }
+            input.send((
+                0,
+                SinkUpdate::Offset(PartitionProgress {
+                    partition: 0,
+                    next_offset: 1,
+                    max_event_time_micros: None,
+                }),
+            ));
+            input.advance_to(1);
+            while probe.less_than(&1) {
+                worker.step_or_park(Some(Duration::from_millis(1)));
+            }
+            let stored = seen.lock().unwrap().clone();
+            assert!(
+                stored.contains(&(0, false)),
+                "epoch 0 was released before its batch was stored: the sink holds {stored:?}"
+            );
+            drop(input);
+            while !probe.done() {
+                worker.step_or_park(Some(Duration::from_millis(1)));
+            }
+        });
+        sink.join().unwrap();
+    }
 }
