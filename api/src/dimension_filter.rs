@@ -10,7 +10,7 @@
 //! ```
 //! A window of a meter without `group_by` has `{}`, which contains no selector but the empty one.
 
-use meterflow_model::dimensions::MAX_DIMENSION_VALUE_BYTES;
+use meterflow_model::dimensions::{is_key, value_problem};
 use meterflow_model::Dimensions;
 use serde::de::DeserializeOwned;
 
@@ -39,17 +39,9 @@ pub fn split<T: DeserializeOwned>(raw: Option<&str>) -> Result<(T, Option<Dimens
             continue;
         };
         check_key(&key)?;
-        if value
-            .as_ref()
-            .is_some_and(|v| v.len() > MAX_DIMENSION_VALUE_BYTES)
-        {
+        if let Some(problem) = value.as_deref().and_then(value_problem) {
             return Err(ApiError::BadRequest(format!(
-                "dimension.{key}: a dimension value is at most {MAX_DIMENSION_VALUE_BYTES} bytes"
-            )));
-        }
-        if value.as_ref().is_some_and(|v| v.contains('\0')) {
-            return Err(ApiError::BadRequest(format!(
-                "dimension.{key}: a dimension value never holds NUL (events with one are refused)"
+                "dimension.{key}: a dimension value {problem}"
             )));
         }
         if wanted.iter().any(|(k, _)| *k == key) {
@@ -72,11 +64,7 @@ pub fn split<T: DeserializeOwned>(raw: Option<&str>) -> Result<(T, Option<Dimens
 }
 
 fn check_key(key: &str) -> Result<(), ApiError> {
-    let ok = (1..=32).contains(&key.len())
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
+    if is_key(key) {
         Ok(())
     } else {
         Err(ApiError::BadRequest(format!(

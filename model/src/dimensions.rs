@@ -102,7 +102,8 @@ impl From<GroupBy> for Vec<String> {
     }
 }
 
-fn is_key(k: &str) -> bool {
+/// Whether `k` may be a dimension key: 1 to 32 characters of `[a-z0-9_]`.
+pub fn is_key(k: &str) -> bool {
     (1..=32).contains(&k.len())
         && k.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
@@ -258,24 +259,25 @@ pub fn selector(
                 ))
             }
         };
-        if value
-            .as_ref()
-            .is_some_and(|v| v.len() > MAX_DIMENSION_VALUE_BYTES)
-        {
-            return Err(FieldError::new(
-                field,
-                format!("is at most {MAX_DIMENSION_VALUE_BYTES} bytes"),
-            ));
-        }
-        if value.as_ref().is_some_and(|v| v.contains('\0')) {
-            return Err(FieldError::new(
-                field,
-                "must not contain NUL (U+0000): no event's value does",
-            ));
+        if let Some(problem) = value.as_deref().and_then(value_problem) {
+            return Err(FieldError::new(field, problem));
         }
         pairs.push((key.clone(), value));
     }
     Ok(Dimensions::from_pairs(pairs))
+}
+
+/// What is wrong with `value` as a dimension value a client names (a book's selector, a list's
+/// filter), if anything: longer than [`MAX_DIMENSION_VALUE_BYTES`], or holding NUL, which no event's
+/// value does (the decoder refuses it) and Postgres' `jsonb` cannot store.
+pub fn value_problem(value: &str) -> Option<String> {
+    if value.len() > MAX_DIMENSION_VALUE_BYTES {
+        Some(format!("is at most {MAX_DIMENSION_VALUE_BYTES} bytes"))
+    } else if value.contains('\0') {
+        Some("must not contain NUL (U+0000): no event's value does".to_owned())
+    } else {
+        None
+    }
 }
 
 /// How specific a book is for a window, for choosing among the books effective at its start: a
