@@ -172,7 +172,23 @@ pub async fn rerate(
 
     // What the charges of every period the scope touches will be once rated from the corrected rows.
     let books = price_books::load_price_books(&mut tx).await?;
-    for (customer, meter, period, dimensions) in &periods {
+    // By (customer, period) first, so each customer's period is read once for all its meters and
+    // dimension values.
+    let mut by_period: Vec<_> = periods.iter().collect();
+    by_period.sort_by_key(|(c, m, p, d)| (c, p, m, d));
+    let mut loaded: Option<((&str, i64), StoredRows)> = None;
+    for (customer, meter, period, dimensions) in by_period {
+        let at = (customer.as_str(), *period);
+        let rows = match loaded.take() {
+            Some((was, rows)) if was == at => rows,
+            _ => {
+                let customers = vec![customer.clone()];
+                let end = period_of(*period).1;
+                stored_rows(&mut tx, &customers, *period, end, &multiset)
+                    .await?
+                    .0
+            }
+        };
         let rated = Rated {
             customer,
             meter,
@@ -180,7 +196,8 @@ pub async fn rerate(
             period: *period,
         };
         let (checked, changed, before, after) =
-            rerate_period(&mut tx, rated, &books, &multiset).await?;
+            rerate_period(&mut tx, rated, &rows, &books).await?;
+        loaded = Some((at, rows));
         outcome.windows_checked += checked;
         outcome.windows_changed += changed;
         outcome.amount_before = checked_sum([outcome.amount_before, before])?;
@@ -510,6 +527,9 @@ impl From<ChargeRow> for Charge {
     }
 }
 
+/// Stored rows by key, as `stored_rows` reads them.
+type StoredRows = BTreeMap<AggregateKey, Content>;
+
 /// One period [`rerate_period`] rates: a customer's windows of one meter and one set of dimension
 /// values in the billing period starting at `period` (seconds).
 #[derive(Clone, Copy)]
@@ -520,14 +540,14 @@ struct Rated<'a> {
     period: i64,
 }
 
-/// Rates one customer's meter over one period from its stored (corrected) rows, as the pipeline's rating
-/// will once it takes the correction in, and compares with the stored charges: (charges compared,
+/// Rates one customer's meter and dimension values over one period from `rows`, the customer's stored
+/// (corrected) rows of the period, as the pipeline's rating will once it takes the correction in, and compares with the stored charges: (charges compared,
 /// charges that will change, Σ before, Σ after). Writes nothing: the charges are the rating's.
 async fn rerate_period(
     tx: &mut PgConnection,
     rated: Rated<'_>,
+    rows: &StoredRows,
     books: &[PriceBook],
-    multiset: &BTreeSet<String>,
 ) -> Result<(u64, u64, Decimal, Decimal), sqlx::Error> {
     let Rated {
         customer,
@@ -536,8 +556,6 @@ async fn rerate_period(
         period,
     } = rated;
     let end = period_of(period).1;
-    let customers = vec![customer.to_owned()];
-    let (rows, _, _) = stored_rows(&mut *tx, &customers, period, end, multiset).await?;
     let windows: Vec<WindowUsage> = rows
         .iter()
         .filter(|(k, _)| k.meter == meter && k.dimensions == *dimensions)
