@@ -378,3 +378,259 @@ async fn total_by_adds_the_rows_up_over_every_other_dimension() {
         expect_problem(api.get(bad).await, StatusCode::BAD_REQUEST, "BAD_REQUEST").await;
     }
 }
+
+/// (description, dimensions, price_book_id, amount normalized) of every line of an invoice.
+fn lines_of(invoice: &Value) -> Vec<(String, Value, String, String)> {
+    invoice["line_items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["description"].as_str().unwrap().to_owned(),
+                l["dimensions"].clone(),
+                l["price_book_id"].as_str().unwrap_or_default().to_owned(),
+                l["amount"]
+                    .to_string()
+                    .trim_matches('"')
+                    .parse::<Decimal>()
+                    .unwrap()
+                    .normalize()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The issue's LLM-billing example: one rate card prices every model (a graduated price for the large
+/// model, a flat one for the small, a fallback for the rest), acme has its own price for the large
+/// model, the invoice and its document have a line per model, and a PATCH of the card's entries
+/// re-prices what it changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_card_prices_every_model_in_one_book_and_a_customer_override_beats_it() {
+    let api = spawn_api().await;
+    let meter = json!({"meter": "llm_tokens", "event_type": "llm_call", "aggregation": "sum",
+                       "value_property": "properties.tokens", "group_by": ["model"]});
+    assert_eq!(
+        api.post_json("/api/v1/meters", &meter).await.status(),
+        StatusCode::CREATED
+    );
+    let entries = json!([
+        {"dimensions": {"model": "large"}, "model": {"type": "graduated", "tiers": [
+            {"up_to": "100", "unit_price": "0.01"}, {"unit_price": "0.002"}]}},
+        {"dimensions": {"model": "small"}, "model": {"type": "per_unit", "unit_price": "0.001"}},
+        {"dimensions": {}, "model": {"type": "per_unit", "unit_price": "0.005"}}
+    ]);
+    let card = json!({"meter": "llm_tokens", "effective_from": "2024-01-01T00:00:00Z",
+                      "entries": entries});
+    let created = api.post_json("/api/v1/price-books", &card).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let created: Value = created.json().await.unwrap();
+    let card_id = created["price_book_id"].as_str().unwrap().to_owned();
+    assert_eq!(created["entries"].as_array().unwrap().len(), 3, "{created}");
+    assert_eq!(created["entries"][1]["model"]["unit_price"], json!(0.001));
+    assert!(
+        created.get("model").is_none(),
+        "a card's prices are its entries: {created}"
+    );
+    let shown = api
+        .get_json(&format!("/api/v1/price-books/{card_id}"))
+        .await;
+    assert_eq!(shown["entries"], created["entries"]);
+    // acme's own price for the large model beats the card's entry for it.
+    let own = json!({"meter": "llm_tokens", "customer_id": "acme", "dimensions": {"model": "large"},
+                     "effective_from": "2024-01-01T00:00:00Z",
+                     "model": {"type": "per_unit", "unit_price": "0.003"}});
+    let own = api.post_json("/api/v1/price-books", &own).await;
+    assert_eq!(own.status(), StatusCode::CREATED);
+    let own_id = own.json::<Value>().await.unwrap()["price_book_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // An entry holds its selector against every other book of the scope, and the other way round.
+    let plain = json!({"meter": "llm_tokens", "dimensions": {"model": "small"},
+                       "effective_from": "2024-06-01T00:00:00Z", "unit_price": "1"});
+    let overlap = api.post_json("/api/v1/price-books", &plain).await;
+    assert_eq!(overlap.status(), StatusCode::CONFLICT);
+    let overlap: Value = overlap.json().await.unwrap();
+    assert!(
+        overlap["detail"].as_str().unwrap().contains(&card_id),
+        "{overlap}"
+    );
+    let other_card = json!({"meter": "llm_tokens", "effective_from": "2025-01-01T00:00:00Z",
+                            "entries": [{"dimensions": {"model": "tiny"}, "model": {"type": "per_unit", "unit_price": "1"}},
+                                        {"dimensions": {}, "model": {"type": "per_unit", "unit_price": "1"}}]});
+    assert_eq!(
+        api.post_json("/api/v1/price-books", &other_card)
+            .await
+            .status(),
+        StatusCode::CONFLICT,
+        "its {{}} entry overlaps the first card's"
+    );
+    // Bad cards are refused field by field.
+    let per_unit = json!({"type": "per_unit", "unit_price": "1"});
+    for (bad, field) in [
+        (
+            json!({"entries": [{"dimensions": {"model": "a"}, "model": per_unit},
+                               {"dimensions": {"model": "a"}, "model": per_unit}]}),
+            "entries[1].dimensions",
+        ),
+        (
+            json!({"entries": [{"dimensions": {"region": "eu"}, "model": per_unit}]}),
+            "entries[0].dimensions.region",
+        ),
+        (
+            json!({"entries": [{"dimensions": {}, "model": {"type": "per_unit"}}]}),
+            "entries[0].model.unit_price",
+        ),
+        (json!({"entries": []}), "entries"),
+        (
+            json!({"entries": [{"model": per_unit}], "model": per_unit}),
+            "entries",
+        ),
+    ] {
+        let mut body = json!({"meter": "llm_tokens", "effective_from": "2030-01-01T00:00:00Z"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        let response = api.post_json("/api/v1/price-books", &body).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert!(
+            problem["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["field"] == field),
+            "{field}: {problem}"
+        );
+    }
+    let _pipeline = spawn_pipeline(&api.url, &api.topic, 2, &[]);
+    post_all(
+        &api,
+        &[
+            tokens("r1", "acme", Some("large"), 150),
+            tokens("r2", "acme", Some("small"), 90),
+            tokens("r3", "acme", None, 10),
+            tokens("r4", "other", Some("large"), 150),
+            tokens("r5", "other", Some("medium"), 20),
+        ],
+    )
+    .await;
+    api.wait_caught_up(WAIT).await;
+    // acme: large by its own book (150 × 0.003), small by the card (90 × 0.001), no model by the
+    // card's fallback (10 × 0.005). other: large by the card's tiers (100 × 0.01 + 50 × 0.002),
+    // medium by the fallback (20 × 0.005).
+    let acme = listed(&api, "/api/v1/charges?customer_id=acme&meter=llm_tokens").await;
+    assert_eq!(
+        acme,
+        vec![
+            (json!({"model": null}), "0.05".into()),
+            (json!({"model": "large"}), "0.45".into()),
+            (json!({"model": "small"}), "0.09".into()),
+        ]
+    );
+    let other = listed(&api, "/api/v1/charges?customer_id=other&meter=llm_tokens").await;
+    assert_eq!(
+        other,
+        vec![
+            (json!({"model": "large"}), "1.1".into()),
+            (json!({"model": "medium"}), "0.1".into()),
+        ]
+    );
+    // The card re-priced: the small model at 0.002. Only that entry's windows change.
+    let mut changed = entries.clone();
+    changed[1]["model"]["unit_price"] = json!("0.002");
+    let patched = api
+        .patch_json(
+            &format!("/api/v1/price-books/{card_id}"),
+            &json!({"entries": changed}),
+        )
+        .await;
+    assert_eq!(patched.status(), StatusCode::OK);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let acme = listed(&api, "/api/v1/charges?customer_id=acme&meter=llm_tokens").await;
+        if acme.contains(&(json!({"model": "small"}), "0.18".into())) {
+            assert!(acme.contains(&(json!({"model": "large"}), "0.45".into())));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the card's new price never reached the charges: {acme:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A card's model cannot be PATCHed (its prices are its entries), nor a plain book's entries.
+    let wrong = api
+        .patch_json(
+            &format!("/api/v1/price-books/{card_id}"),
+            &json!({"model": per_unit}),
+        )
+        .await;
+    assert_eq!(wrong.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let wrong = api
+        .patch_json(
+            &format!("/api/v1/price-books/{own_id}"),
+            &json!({"entries": changed}),
+        )
+        .await;
+    assert_eq!(wrong.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // The issued invoice and its document: a line per model, the card's lines by the card.
+    let customer = json!({"customer_id": "acme", "name": "Acme", "email": "ap@acme.example"});
+    assert_eq!(
+        api.post_json("/api/v1/customers", &customer).await.status(),
+        StatusCode::CREATED
+    );
+    let issued = api
+        .post_json(
+            "/api/v1/invoices",
+            &json!({"customer_id": "acme", "period_start": "2024-01-01T00:00:00Z",
+                    "period_end": "2024-01-31T23:59:59.999Z"}),
+        )
+        .await;
+    assert_eq!(issued.status(), StatusCode::CREATED);
+    let issued: Value = issued.json().await.unwrap();
+    assert_eq!(
+        lines_of(&issued),
+        vec![
+            (
+                "llm_tokens — model null".into(),
+                json!({"model": null}),
+                card_id.clone(),
+                "0.05".into()
+            ),
+            (
+                "llm_tokens — model large".into(),
+                json!({"model": "large"}),
+                own_id.clone(),
+                "0.45".into()
+            ),
+            (
+                "llm_tokens — model small".into(),
+                json!({"model": "small"}),
+                card_id.clone(),
+                "0.18".into()
+            ),
+        ],
+        "{issued}"
+    );
+    let id = issued["invoice_id"].as_str().unwrap();
+    let document = api
+        .get(&format!("/api/v1/invoices/{id}/document"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "llm_tokens — model large",
+        "llm_tokens — model small",
+        "llm_tokens — model null",
+    ] {
+        assert!(document.contains(line), "{line} in {document}");
+    }
+}

@@ -59,13 +59,29 @@ pub struct PriceBookView {
     effective_from: DateTime<Utc>,
     #[schema(required = true)]
     effective_to: Option<DateTime<Utc>>,
-    /// As posted, decimals as numbers.
-    #[schema(value_type = Object)]
-    model: Value,
+    /// As posted, decimals as numbers. Absent for a rate card, whose prices are its `entries`.
+    #[schema(value_type = Option<Object>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<Value>,
+    /// A rate card's entries (absent for a plain book): each prices the windows its `dimensions`
+    /// match, as a book of its own would.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    entries: Option<Vec<EntryView>>,
     #[schema(required = true, value_type = Option<meterflow_model::openapi::Decimal>)]
     minimum_per_period: Option<serde_json::Number>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+}
+
+/// One entry of a rate card as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = RateEntryView)]
+pub struct EntryView {
+    #[schema(value_type = Object)]
+    dimensions: meterflow_model::Dimensions,
+    /// Decimals as numbers.
+    #[schema(value_type = Object)]
+    model: Value,
 }
 
 pub async fn create(
@@ -198,7 +214,16 @@ async fn selector_keys_are_grouped_by(
     conn: &mut sqlx::PgConnection,
     book: &meterflow_model::PriceBook,
 ) -> Result<(), ApiError> {
-    if book.dimensions.is_empty() {
+    let selectors: Vec<(String, &meterflow_model::Dimensions)> = if book.is_card() {
+        book.entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (format!("entries[{i}].dimensions"), &e.dimensions))
+            .collect()
+    } else {
+        vec![("dimensions".to_owned(), &book.dimensions)]
+    };
+    if selectors.iter().all(|(_, d)| d.is_empty()) {
         return Ok(());
     }
     let meters = meterflow_store::meters::list_meters(conn, Some(&book.meter)).await?;
@@ -206,13 +231,13 @@ async fn selector_keys_are_grouped_by(
         .first()
         .map(|(m, _)| m.group_by.keys().to_vec())
         .unwrap_or_default();
-    let errors: Vec<meterflow_model::FieldError> = book
-        .dimensions
+    let errors: Vec<meterflow_model::FieldError> = selectors
         .iter()
-        .filter(|(key, _)| !group_by.iter().any(|k| k == key))
-        .map(|(key, _)| {
+        .flat_map(|(field, d)| d.iter().map(move |(key, _)| (field, key)))
+        .filter(|(_, key)| !group_by.iter().any(|k| k == *key))
+        .map(|(field, key)| {
             meterflow_model::FieldError::new(
-                format!("dimensions.{key}"),
+                format!("{field}.{key}"),
                 format!(
                     "is not a group_by key of meter {} (its group_by: {group_by:?}); create the                      meter with group_by first",
                     book.meter
@@ -245,7 +270,16 @@ fn view(stored: StoredPriceBook) -> Result<PriceBookView, ApiError> {
     Ok(PriceBookView {
         effective_from: instant(book.effective_from)?,
         effective_to: book.effective_to.map(instant).transpose()?,
-        model: model_json(&book.model),
+        model: (!book.is_card()).then(|| model_json(&book.model)),
+        entries: book.is_card().then(|| {
+            book.entries
+                .iter()
+                .map(|e| EntryView {
+                    dimensions: e.dimensions.clone(),
+                    model: model_json(&e.model),
+                })
+                .collect()
+        }),
         minimum_per_period: book.minimum_per_period.as_ref().map(decimal_number),
         price_book_id: book.price_book_id,
         meter: book.meter,

@@ -20,7 +20,7 @@ use meterflow_dataflow::{Control, GraphContext, GraphInputs, SinkUpdate};
 use meterflow_model::batch::DimensionValue;
 use meterflow_model::{
     decode_event, period_of, Aggregation, Dimensions, Event, GroupBy, Item, Limits, Meter,
-    PriceBook, PriceModel, RatingState, Tier, Window,
+    PriceBook, PriceModel, RateEntry, RatingState, Tier, Window,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -80,6 +80,7 @@ fn d(s: &str) -> Decimal {
 /// before it; a default book for one model, and one customer's own book for another.
 fn books() -> Vec<PriceBook> {
     let graduated = PriceBook {
+        entries: Default::default(),
         price_book_id: "tokens-default".into(),
         meter: "tokens".into(),
         customer_id: None,
@@ -155,7 +156,8 @@ fn book_of<'a>(
 /// A random history of the books: at round 0 and at random later rounds the set in force is redrawn
 /// from a pool (a graduated default at one of two prices, defaults for `{"model": "small"}`,
 /// `{"model": "large"}`, `{"model": "large", "region": "eu"}` and `{"model": null}`, and c1's own for
-/// the large model), each kept with probability 0.6; the changes are fed as they happen. Returns the
+/// the large model), each kept with probability 0.6, and half the time a rate card in place of the
+/// large and null defaults; the changes are fed as they happen. Returns the
 /// changes and the set in force at the end.
 fn book_history(seed: u64) -> (Vec<(Epoch, PriceBook, isize)>, Vec<PriceBook>) {
     let mut rng = SmallRng::seed_from_u64(seed ^ 0xb00c);
@@ -184,6 +186,25 @@ fn book_history(seed: u64) -> (Vec<(Epoch, PriceBook, isize)>, Vec<PriceBook>) {
         ));
         books.push(with("tokens-none", &[("model", None)], "0.008"));
         books.retain(|_| rng.random_bool(0.6));
+        // Half the time the large and null models are priced by one rate card instead, which also
+        // prices the small model in the us region: its entries reach the graph as books sharing
+        // the card's id (`PriceBook::priced`, as `load_price_books` gives them).
+        if rng.random_bool(0.5) {
+            books.retain(|b| b.price_book_id != "tokens-large" && b.price_book_id != "tokens-none");
+            let entry = |pairs: &[(&str, Option<&str>)], price: &str| RateEntry {
+                dimensions: selector(pairs),
+                model: PriceModel::PerUnit {
+                    unit_price: d(price),
+                },
+            };
+            let mut card = with("tokens-card", &[], "0");
+            card.set_entries(vec![
+                entry(&[("model", Some("large"))], "0.006"),
+                entry(&[("model", None)], "0.008"),
+                entry(&[("model", Some("small")), ("region", Some("us"))], "0.009"),
+            ]);
+            books.extend(card.priced());
+        }
         books
     };
     let mut changes = Vec::new();
@@ -585,8 +606,8 @@ fn windows_charges_and_lines_are_per_dimension_values_under_a_random_book_histor
         }
     }
     assert!(
-        chosen.len() >= 5,
-        "the seeds between them choose most books: {chosen:?}"
+        chosen.len() >= 5 && chosen.iter().any(|b| b.contains("tokens-card")),
+        "the seeds between them choose most books, the rate card among them: {chosen:?}"
     );
 }
 

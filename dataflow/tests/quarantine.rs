@@ -59,6 +59,7 @@ fn event(id: &str, customer: &str, time: i64, value: &str, offset: i64) -> RawRe
 
 fn per_unit(price: &str) -> PriceBook {
     PriceBook {
+        entries: Default::default(),
         dimensions: Default::default(),
         price_book_id: "pb".into(),
         meter: "api_call".into(),

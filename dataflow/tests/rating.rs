@@ -195,6 +195,7 @@ fn random_book_history(rng: &mut SmallRng, steps: usize) -> Vec<Vec<PriceBook>> 
                     .random_bool(0.5)
                     .then(|| from + rng.random_range(1..30) * DAY_US);
                 let book = PriceBook {
+                    entries: Default::default(),
                     dimensions: Default::default(),
                     price_book_id: format!("pb{next_id}"),
                     meter,

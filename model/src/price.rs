@@ -218,9 +218,64 @@ pub struct PriceBook {
     pub effective_to: Option<i64>,
     pub model: PriceModel,
     pub minimum_per_period: Option<Decimal>,
+    /// A rate card's entries; empty for a plain book. A card prices only through its entries:
+    /// [`PriceBook::priced`] turns it into one plain book per entry, each with the card's id, scope,
+    /// currency, range and minimum. A card's own `dimensions` are `{}` and its `model` is its first
+    /// entry's (the stored row's `model` is never null); neither prices anything by itself, and
+    /// [`book_for`] passes a card over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<RateEntry>,
+}
+
+/// One entry of a rate card: the windows it prices (a selector, as a book's `dimensions`) and how.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RateEntry {
+    pub dimensions: Dimensions,
+    pub model: PriceModel,
 }
 
 impl PriceBook {
+    /// Is this a rate card (a book of entries)?
+    pub fn is_card(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
+    /// Makes the book a rate card of `entries` (its `model` the first entry's, its own selector `{}`).
+    pub fn set_entries(&mut self, entries: Vec<RateEntry>) {
+        if let Some(first) = entries.first() {
+            self.model = first.model.clone();
+            self.dimensions = Dimensions::default();
+        }
+        self.entries = entries;
+    }
+
+    /// The plain books that price: the book itself, or a card's entries, each as a book with the
+    /// card's id. This is what rating, re-rating and the pipeline see.
+    pub fn priced(&self) -> Vec<PriceBook> {
+        if !self.is_card() {
+            return vec![self.clone()];
+        }
+        self.entries
+            .iter()
+            .map(|entry| PriceBook {
+                dimensions: entry.dimensions.clone(),
+                model: entry.model.clone(),
+                entries: Vec::new(),
+                ..self.clone()
+            })
+            .collect()
+    }
+
+    /// The selectors the book holds against the other books of its meter and scope: its own, or
+    /// each entry's. Two books (or entries) with one selector may not overlap in time.
+    pub fn selectors(&self) -> Vec<&Dimensions> {
+        if self.is_card() {
+            self.entries.iter().map(|e| &e.dimensions).collect()
+        } else {
+            vec![&self.dimensions]
+        }
+    }
+
     /// Is the book in force at `micros`?
     pub fn covers(&self, micros: i64) -> bool {
         self.effective_from <= micros && self.effective_to.is_none_or(|to| micros < to)
@@ -246,6 +301,7 @@ pub fn book_for<'a>(
     let at = window_start.saturating_mul(1_000_000);
     books
         .into_iter()
+        .filter(|b| !b.is_card())
         .filter(|b| b.covers(at) && b.customer_id.as_deref().is_none_or(|c| c == customer))
         .filter(|b| dimensions.matches(&b.dimensions))
         .max_by_key(|b| {
@@ -256,6 +312,16 @@ pub fn book_for<'a>(
                 std::cmp::Reverse((&b.dimensions, &b.price_book_id)),
             )
         })
+}
+
+/// The entry of a rate card that prices a window of `dimensions`: of those whose selector the values
+/// match, the one naming the most keys (ties: the selector first in key order), as [`book_for`]
+/// chooses among the card's books.
+pub fn entry_for<'a>(entries: &'a [RateEntry], dimensions: &Dimensions) -> Option<&'a RateEntry> {
+    entries
+        .iter()
+        .filter(|e| dimensions.matches(&e.dimensions))
+        .max_by_key(|e| (e.dimensions.len(), std::cmp::Reverse(&e.dimensions)))
 }
 
 /// The billing period (calendar month, UTC) holding `seconds`: `[start, end)` in seconds.
@@ -531,6 +597,7 @@ mod tests {
         price: &str,
     ) -> PriceBook {
         PriceBook {
+            entries: Default::default(),
             dimensions: Default::default(),
             price_book_id: id.into(),
             meter: "m".into(),
@@ -543,6 +610,53 @@ mod tests {
             },
             minimum_per_period: None,
         }
+    }
+
+    #[test]
+    fn a_rate_card_prices_through_its_entries_each_a_book_with_the_cards_id() {
+        let dims = |pairs: &[(&str, Option<&str>)]| {
+            Dimensions::from_pairs(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.map(str::to_owned))),
+            )
+        };
+        let entry = |pairs: &[(&str, Option<&str>)], price: &str| RateEntry {
+            dimensions: dims(pairs),
+            model: PriceModel::PerUnit {
+                unit_price: d(price),
+            },
+        };
+        let mut card = book("card", None, 0, None, "9");
+        card.set_entries(vec![
+            entry(&[("model", Some("large"))], "3"),
+            entry(&[], "1"),
+        ]);
+        assert!(card.is_card());
+        assert_eq!(card.selectors().len(), 2);
+        // The card itself prices nothing; its entries, as books, do.
+        let window = dims(&[("model", Some("large"))]);
+        assert!(book_for([&card], "acme", &window, 10).is_none());
+        let priced = card.priced();
+        assert!(priced
+            .iter()
+            .all(|b| !b.is_card() && b.price_book_id == "card"));
+        let chosen = book_for(&priced, "acme", &window, 10).unwrap();
+        assert_eq!(chosen.model, entry(&[], "3").model);
+        let other = dims(&[("model", Some("small"))]);
+        assert_eq!(
+            book_for(&priced, "acme", &other, 10).unwrap().model,
+            entry(&[], "1").model
+        );
+        // entry_for picks the same entry as book_for does among the card's books.
+        assert_eq!(
+            entry_for(&card.entries, &window).unwrap().model,
+            chosen.model
+        );
+        assert_eq!(
+            entry_for(&card.entries, &other).unwrap().dimensions,
+            Dimensions::default()
+        );
     }
 
     #[test]

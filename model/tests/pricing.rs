@@ -561,6 +561,7 @@ fn book(
     model: PriceModel,
 ) -> PriceBook {
     PriceBook {
+        entries: Default::default(),
         dimensions: Default::default(),
         price_book_id: id.into(),
         meter: "api_calls".into(),

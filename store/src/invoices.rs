@@ -35,8 +35,8 @@ use compute::{compute, load_usage, Ledger, UsageRow};
 use meterflow_model::invoice::{corrections, draft, price_summary, targets, LineKey};
 use meterflow_model::money::{self, MoneyError};
 use meterflow_model::{
-    period_of, Adjustment, Customer, Dimensions, Invoice, InvoiceError, InvoiceLine, InvoiceStatus,
-    PeriodUsage, PriceModel,
+    entry_for, period_of, Adjustment, Customer, Dimensions, Invoice, InvoiceError, InvoiceLine,
+    InvoiceStatus, PeriodUsage, PriceModel, RateEntry,
 };
 use rust_decimal::Decimal;
 use sqlx::types::Json;
@@ -528,7 +528,8 @@ pub async fn upcoming(
         UsageRow,
         r#"SELECT u.customer_id, u.period_start, u.meter,
                 u.dimensions AS "dimensions: Json<Dimensions>", u.price_book_id, u.currency, u.quantity,
-                u.amount, b.minimum_per_period AS "minimum_per_period?", b.model AS "model?"
+                u.amount, b.minimum_per_period AS "minimum_per_period?", b.model AS "model?",
+                b.entries AS "entries?"
          FROM upcoming_lines u LEFT JOIN price_books b ON b.price_book_id = u.price_book_id
          WHERE u.customer_id = $1 AND u.period_start = $2"#,
         customer_id,

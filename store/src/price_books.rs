@@ -2,19 +2,21 @@
 //! makes it, and load them for the pipeline.
 //!
 //! ```text
-//!  create ─► BEGIN ─ INSERT price_books … ON CONFLICT ON CONSTRAINT price_books_no_overlap DO NOTHING
-//!                       no row: another book of the meter and scope overlaps ─► Overlap (rolled back)
+//!  create ─► BEGIN ─ INSERT price_books (its trigger writes price_book_selectors, where
+//!                       23P01 price_books_no_overlap: another book or entry of the meter, scope and
+//!                       selector overlaps ─► Overlap, rolled back)
 //!                  ─ INSERT price_book_audit ('create', null, after) ─ COMMIT
 //!  edit   ─► BEGIN ─ SELECT … FOR UPDATE ─ edit(before) ─ UPDATE (23P01 price_books_no_overlap ─► Overlap)
 //!                  ─ INSERT price_book_audit ('update', before, after) ─ COMMIT
-//!  load_price_books ─► every book, as meterflow_model::PriceBook (the pipeline's rating input)
+//!  load_price_books ─► every book as plain meterflow_model::PriceBooks, a rate card as one per entry
+//!                      (the pipeline's rating input)
 //! ```
-//! Concurrent creations of overlapping books are decided by the exclusion constraint: the insert of the
-//! second waits for the first transaction and then does nothing, so exactly one wins, without deadlocks.
-//! Edits that collide with each other can deadlock on the constraint's index; they are retried.
+//! Concurrent creations of overlapping books are decided by the exclusion constraint (migration 0022):
+//! the second waits for the first transaction and then fails, so exactly one wins. Edits that collide
+//! with each other can deadlock on the constraint's index; they are retried.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use meterflow_model::{Dimensions, FieldError, PriceBook, PriceModel};
+use meterflow_model::{Dimensions, FieldError, PriceBook, PriceModel, RateEntry};
 use rust_decimal::Decimal;
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection};
@@ -63,6 +65,7 @@ struct PriceBookRow {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     dimensions: Json<Dimensions>,
+    entries: Option<Json<Vec<RateEntry>>>,
 }
 
 impl From<PriceBookRow> for StoredPriceBook {
@@ -70,6 +73,7 @@ impl From<PriceBookRow> for StoredPriceBook {
         let Json(model) = row.model;
         StoredPriceBook {
             book: PriceBook {
+                entries: row.entries.map(|Json(e)| e).unwrap_or_default(),
                 price_book_id: row.price_book_id,
                 meter: row.meter,
                 customer_id: row.customer_id,
@@ -86,21 +90,23 @@ impl From<PriceBookRow> for StoredPriceBook {
     }
 }
 
-/// Every price book, for rating.
+/// Every price book, for rating: plain books, a rate card as one book per entry
+/// ([`PriceBook::priced`]).
 pub async fn load_price_books(conn: &mut PgConnection) -> Result<Vec<PriceBook>, sqlx::Error> {
     let rows = sqlx::query_as!(
         PriceBookRow,
         r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
                 upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
                 minimum_per_period, created_at, updated_at,
-                dimensions AS "dimensions: Json<Dimensions>"
+                dimensions AS "dimensions: Json<Dimensions>",
+                entries AS "entries: Json<Vec<RateEntry>>"
          FROM price_books ORDER BY meter, scope, lower(effective)"#
     )
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| StoredPriceBook::from(r).book)
+        .flat_map(|r| StoredPriceBook::from(r).book.priced())
         .collect())
 }
 
@@ -114,7 +120,8 @@ pub async fn get_price_book(
         r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
                 upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
                 minimum_per_period, created_at, updated_at,
-                dimensions AS "dimensions: Json<Dimensions>"
+                dimensions AS "dimensions: Json<Dimensions>",
+                entries AS "entries: Json<Vec<RateEntry>>"
          FROM price_books WHERE price_book_id = $1"#,
         price_book_id,
     )
@@ -152,7 +159,8 @@ pub async fn list_price_books(
         r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
                 upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
                 minimum_per_period, created_at, updated_at,
-                dimensions AS "dimensions: Json<Dimensions>"
+                dimensions AS "dimensions: Json<Dimensions>",
+                entries AS "entries: Json<Vec<RateEntry>>"
          FROM price_books
          WHERE ($1::text IS NULL OR meter = $1)
            AND ($2::text IS NULL OR customer_id = $2)
@@ -185,9 +193,8 @@ pub async fn create_price_book(
     let inserted = sqlx::query!(
         r#"INSERT INTO price_books
              (price_book_id, meter, customer_id, currency, effective, model, minimum_per_period,
-              dimensions)
-         VALUES ($1, $2, $3, $4, tstzrange($5, $6, '[)'), $7, $8, $9::text::jsonb)
-         ON CONFLICT ON CONSTRAINT price_books_no_overlap DO NOTHING
+              dimensions, entries)
+         VALUES ($1, $2, $3, $4, tstzrange($5, $6, '[)'), $7, $8, $9::text::jsonb, $10)
          RETURNING created_at AS "created_at!", updated_at AS "updated_at!""#,
         book.price_book_id,
         book.meter,
@@ -198,12 +205,18 @@ pub async fn create_price_book(
         Json(&book.model) as _,
         book.minimum_per_period,
         book.dimensions.to_string(),
+        book.is_card().then_some(Json(&book.entries)) as _,
     )
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = inserted else {
-        let with = overlapping(&mut tx, book).await?;
-        return Err(PriceBookError::Overlap { with });
+    .fetch_one(&mut *tx)
+    .await;
+    let row = match inserted {
+        Ok(row) => row,
+        Err(e) if is_overlap(&e) => {
+            drop(tx);
+            let with = overlapping(conn, book).await?;
+            return Err(PriceBookError::Overlap { with });
+        }
+        Err(e) => return Err(e.into()),
     };
     audit(&mut tx, &book.price_book_id, "create", None, book).await?;
     tx.commit().await?;
@@ -214,7 +227,8 @@ pub async fn create_price_book(
     })
 }
 
-/// Changes a book's `model`, `minimum_per_period` and `effective_to` to those of `edit(stored)` (the rest
+/// Changes a book's `model`, `minimum_per_period`, `effective_to` and a card's `entries` to those of
+/// `edit(stored)` (the rest
 /// of what `edit` returns is ignored), with an audit row. An edit that changes nothing writes nothing.
 /// `edit` may be called again if the transaction has to be retried.
 pub async fn update_price_book(
@@ -258,7 +272,8 @@ async fn try_update(
         r#"SELECT price_book_id, meter, customer_id, currency, lower(effective) AS "effective_from!",
                 upper(effective) AS "effective_to?", model AS "model: Json<PriceModel>",
                 minimum_per_period, created_at, updated_at,
-                dimensions AS "dimensions: Json<Dimensions>"
+                dimensions AS "dimensions: Json<Dimensions>",
+                entries AS "entries: Json<Vec<RateEntry>>"
          FROM price_books WHERE price_book_id = $1 FOR UPDATE"#,
         price_book_id,
     )
@@ -271,6 +286,7 @@ async fn try_update(
         model: edited.model,
         minimum_per_period: edited.minimum_per_period,
         effective_to: edited.effective_to,
+        entries: edited.entries,
         ..before.book.clone()
     };
     if after == before.book {
@@ -279,13 +295,14 @@ async fn try_update(
     let updated_at = sqlx::query_scalar!(
         "UPDATE price_books
          SET model = $2, minimum_per_period = $3, effective = tstzrange(lower(effective), $4, '[)'),
-             updated_at = now()
+             entries = $5, updated_at = now()
          WHERE price_book_id = $1
          RETURNING updated_at",
         price_book_id,
         Json(&after.model) as _,
         after.minimum_per_period,
         after.effective_to.map(instant).transpose()?,
+        after.is_card().then_some(Json(&after.entries)) as _,
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -298,22 +315,24 @@ async fn try_update(
     })
 }
 
-/// Another book of `book`'s meter, scope and selector whose range meets `book`'s.
+/// Another book of `book`'s meter and scope, holding one of its selectors, whose range meets `book`'s.
 async fn overlapping(
     conn: &mut PgConnection,
     book: &PriceBook,
 ) -> Result<Option<String>, sqlx::Error> {
+    let selectors: Vec<String> = book.selectors().iter().map(|d| d.to_string()).collect();
     sqlx::query_scalar!(
-        "SELECT price_book_id FROM price_books
+        "SELECT price_book_id FROM price_book_selectors
          WHERE meter = $1 AND scope = coalesce($2, '') AND price_book_id <> $3
-           AND effective && tstzrange($4, $5, '[)') AND dimensions = $6::text::jsonb
+           AND effective && tstzrange($4, $5, '[)')
+           AND selector IN (SELECT s::jsonb::text FROM UNNEST($6::text[]) AS s)
          ORDER BY lower(effective) LIMIT 1",
         book.meter,
         book.customer_id,
         book.price_book_id,
         instant(book.effective_from)?,
         book.effective_to.map(instant).transpose()?,
-        book.dimensions.to_string(),
+        &selectors,
     )
     .fetch_optional(&mut *conn)
     .await
@@ -344,7 +363,7 @@ fn audit_record(book: &PriceBook) -> serde_json::Value {
         DateTime::from_timestamp_micros(micros)
             .map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
     };
-    serde_json::json!({
+    let mut record = serde_json::json!({
         "price_book_id": book.price_book_id,
         "meter": book.meter,
         "customer_id": book.customer_id,
@@ -354,7 +373,13 @@ fn audit_record(book: &PriceBook) -> serde_json::Value {
         "effective_to": book.effective_to.and_then(time),
         "model": book.model,
         "minimum_per_period": book.minimum_per_period,
-    })
+    });
+    // A rate card's prices are its entries (its `model` is only the first entry's).
+    if let (true, Some(fields)) = (book.is_card(), record.as_object_mut()) {
+        fields.remove("model");
+        fields.insert("entries".into(), serde_json::json!(book.entries));
+    }
+    record
 }
 
 /// Did the exclusion constraint refuse the change (SQLSTATE 23P01 on `price_books_no_overlap`)?

@@ -448,6 +448,15 @@ impl TestApi {
             .unwrap()
     }
 
+    pub async fn patch_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .patch(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         let response = self.get(path).await;
         assert_eq!(response.status(), StatusCode::OK, "GET {path}");

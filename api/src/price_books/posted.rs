@@ -13,7 +13,7 @@
 use meterflow_model::dimensions::selector;
 use meterflow_model::json::parse_decimal;
 use meterflow_model::money::is_currency;
-use meterflow_model::{Dimensions, FieldError, Meter, PriceBook, PriceModel, Tier};
+use meterflow_model::{Dimensions, FieldError, Meter, PriceBook, PriceModel, RateEntry, Tier};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -52,6 +52,12 @@ pub struct NewPriceBook {
     /// RFC 3339; null: open.
     effective_to: Option<String>,
     model: Option<RawModel>,
+    /// A rate card: one book whose entries each price the windows their `dimensions` match, as a
+    /// book of their own would (of the entries and books in force for a window, the most specific
+    /// wins), sharing this book's customer, currency, range and minimum. Give either `entries` or
+    /// `model` (with `dimensions`), not both. 1 to 100 entries, each selector once.
+    #[schema(max_items = 100, min_items = 1)]
+    entries: Option<Vec<RawEntry>>,
     /// The seed's shorthand for `"model": {"type": "per_unit", "unit_price": …}`.
     #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
     unit_price: Option<Value>,
@@ -59,6 +65,22 @@ pub struct NewPriceBook {
     #[schema(value_type = Option<meterflow_model::openapi::DecimalIn>)]
     minimum_per_period: Option<Value>,
 }
+
+/// One entry of a rate card as posted.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = RateEntry)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEntry {
+    /// The dimension values of the windows the entry prices (keys of the meter's `group_by`; a
+    /// value may be null); `{}` or absent: every window no more specific entry or book prices.
+    #[schema(value_type = Option<Object>)]
+    dimensions: Option<Map<String, Value>>,
+    #[schema(required = true)]
+    model: Option<RawModel>,
+}
+
+/// The most entries a rate card may list.
+pub const MAX_ENTRIES: usize = 100;
 
 /// A model as posted; which fields it needs depends on its type. Decimals stay JSON values until they
 /// are parsed exactly.
@@ -121,11 +143,16 @@ pub(crate) struct PatchFields {
     minimum_per_period: Option<Value>,
     /// RFC 3339; null: open.
     effective_to: Option<String>,
+    /// A rate card's entries, all of them (a card's prices change only here; a plain book's only
+    /// through `model`).
+    #[schema(max_items = 100, min_items = 1)]
+    entries: Option<Vec<RawEntry>>,
 }
 
 /// What a PATCH changes; `None` leaves a field as it is, `Some(None)` clears it.
 pub(super) struct Patch {
     model: Option<PriceModel>,
+    entries: Option<Vec<RateEntry>>,
     minimum_per_period: Option<Option<Decimal>>,
     effective_to: Option<Option<i64>>,
 }
@@ -135,6 +162,7 @@ impl Patch {
         let mut errors = Errors::default();
         let mut patch = Patch {
             model: None,
+            entries: None,
             minimum_per_period: None,
             effective_to: None,
         };
@@ -144,6 +172,11 @@ impl Patch {
                     let raw: RawModel = serde_json::from_value(value)
                         .map_err(|e| ApiError::MalformedJson(format!("model: {e}")))?;
                     patch.model = errors.model(&raw);
+                }
+                "entries" => {
+                    let raw: Vec<RawEntry> = serde_json::from_value(value)
+                        .map_err(|e| ApiError::MalformedJson(format!("entries: {e}")))?;
+                    patch.entries = errors.entries(&raw);
                 }
                 "minimum_per_period" => {
                     patch.minimum_per_period = match value {
@@ -164,8 +197,8 @@ impl Patch {
                 "price_book_id" | "meter" | "metric_type" | "customer_id" | "currency"
                 | "effective_from" | "unit_price" | "created_at" | "updated_at" => errors.push(
                     key,
-                    "cannot be changed: a PATCH may change model, minimum_per_period and \
-                     effective_to; create another book for the rest",
+                    "cannot be changed: a PATCH may change model (entries for a rate card), \
+                     minimum_per_period and effective_to; create another book for the rest",
                 ),
                 _ => errors.push(key, "is not a field of a price book"),
             }
@@ -179,8 +212,22 @@ impl Patch {
     /// The book with this patch applied, if the result is a valid book.
     pub(super) fn apply(&self, book: &PriceBook) -> Result<PriceBook, Vec<FieldError>> {
         let mut after = book.clone();
-        if let Some(model) = &self.model {
-            after.model = model.clone();
+        match (&self.model, &self.entries, book.is_card()) {
+            (Some(_), _, true) => {
+                return Err(vec![FieldError::new(
+                    "model",
+                    "this book is a rate card: its prices are its entries; PATCH entries",
+                )])
+            }
+            (_, Some(_), false) => {
+                return Err(vec![FieldError::new(
+                    "entries",
+                    "this book is not a rate card: PATCH its model (or create a rate card)",
+                )])
+            }
+            (Some(model), _, false) => after.model = model.clone(),
+            (None, Some(entries), true) => after.set_entries(entries.clone()),
+            (None, None, _) => {}
         }
         if let Some(minimum) = self.minimum_per_period {
             after.minimum_per_period = minimum;
@@ -267,7 +314,21 @@ pub(super) fn resolve(
             errors.push("effective_to", "must be after effective_from");
         }
     }
+    let card = raw.entries.is_some();
+    if card && (raw.model.is_some() || raw.unit_price.is_some() || raw.dimensions.is_some()) {
+        errors.push(
+            "entries",
+            "a rate card's prices and selectors are its entries: give either entries, or model \
+             (or unit_price) with dimensions, not both",
+        );
+    }
+    let entries = raw
+        .entries
+        .as_deref()
+        .and_then(|list| errors.entries(list))
+        .unwrap_or_default();
     let model = match (raw.model, raw.unit_price) {
+        _ if card => entries.first().map(|e| e.model.clone()),
         (Some(model), None) => errors.model(&model),
         (None, Some(price)) => errors
             .required_decimal("unit_price", Some(&price))
@@ -317,6 +378,7 @@ pub(super) fn resolve(
             effective_to: to,
             model,
             minimum_per_period,
+            entries,
         }),
         // Each of these reported an error above.
         _ => Err(vec![FieldError::new("", "the book is incomplete")]),
@@ -395,6 +457,50 @@ impl Errors {
                 None
             }
         }
+    }
+
+    /// A rate card's entries: 1 to [`MAX_ENTRIES`], each selector once, each model checked, every
+    /// error under `entries[i].`.
+    fn entries(&mut self, list: &[RawEntry]) -> Option<Vec<RateEntry>> {
+        if list.is_empty() || list.len() > MAX_ENTRIES {
+            self.push(
+                "entries",
+                format!("must list 1 to {MAX_ENTRIES} entries (more: split the meter's prices over cards by customer or time)"),
+            );
+            return None;
+        }
+        let mut entries = Vec::with_capacity(list.len());
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, raw) in list.iter().enumerate() {
+            let mut own = Errors::default();
+            let dimensions = match raw.dimensions.as_ref().map(selector).transpose() {
+                Ok(d) => Some(d.unwrap_or_default()),
+                Err(e) => {
+                    own.push(e.field, e.message);
+                    None
+                }
+            };
+            let model = match &raw.model {
+                Some(model) => own.model(model),
+                None => {
+                    own.push("model", format!("is required: {MODEL_TYPES}"));
+                    None
+                }
+            };
+            for e in own.0 {
+                self.push(format!("entries[{i}].{}", e.field), e.message);
+            }
+            if let (Some(dimensions), Some(model)) = (dimensions, model) {
+                if !seen.insert(dimensions.clone()) {
+                    self.push(
+                        format!("entries[{i}].dimensions"),
+                        "names the same values as an earlier entry: each selector once",
+                    );
+                }
+                entries.push(RateEntry { dimensions, model });
+            }
+        }
+        (entries.len() == list.len()).then_some(entries)
     }
 
     /// A model, checked field by field under `model.`.
@@ -499,6 +605,7 @@ mod tests {
         let documented = schema_properties::<PatchFields>();
         let sample = |key: &str| match key {
             "model" => json!({"type": "per_unit", "unit_price": 1}),
+            "entries" => json!([{"dimensions": {}, "model": {"type": "per_unit", "unit_price": 1}}]),
             _ => Value::Null,
         };
         let accepted = |key: &str| {

@@ -356,6 +356,7 @@ fn books() -> Vec<PriceBook> {
     TYPES
         .iter()
         .map(|(t, _)| PriceBook {
+            entries: Default::default(),
             dimensions: Default::default(),
             price_book_id: format!("pb_{t}"),
             meter: (*t).to_owned(),

@@ -103,6 +103,7 @@ fn naive_graduated(tiers: &[Tier], units: u64) -> Decimal {
 
 fn book(id: String, customer: Option<String>, model: PriceModel) -> PriceBook {
     PriceBook {
+        entries: Default::default(),
         dimensions: Default::default(),
         price_book_id: id,
         meter: "api_calls".into(),

@@ -113,7 +113,8 @@ pub(super) async fn load_usage(
         UsageRow,
         r#"SELECT u.customer_id, u.period_start, u.meter,
                 u.dimensions AS "dimensions: Json<Dimensions>", u.price_book_id, u.currency, u.quantity,
-                u.amount, b.minimum_per_period AS "minimum_per_period?", b.model AS "model?"
+                u.amount, b.minimum_per_period AS "minimum_per_period?", b.model AS "model?",
+                b.entries AS "entries?"
          FROM upcoming_lines u LEFT JOIN price_books b ON b.price_book_id = u.price_book_id
          WHERE (u.customer_id, u.period_start) IN (SELECT * FROM UNNEST($1::text[], $2::timestamptz[]))"#,
         &pairs.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>(),
@@ -142,18 +143,26 @@ pub(super) struct UsageRow {
     pub(super) amount: Decimal,
     pub(super) minimum_per_period: Option<Decimal>,
     pub(super) model: Option<serde_json::Value>,
+    /// A rate card's entries; the line's prices are those of the entry that matches its values.
+    pub(super) entries: Option<serde_json::Value>,
 }
 
 /// The row's `PeriodUsage`; a book that is gone or whose prices do not read is summarised by its id.
 impl From<UsageRow> for PeriodUsage {
     fn from(row: UsageRow) -> Self {
-        let summary = row
-            .model
-            .and_then(|v| serde_json::from_value::<PriceModel>(v).ok())
-            .map_or_else(
-                || format!("price book {}", row.price_book_id),
-                |m| price_summary(&m),
-            );
+        let card = row
+            .entries
+            .and_then(|v| serde_json::from_value::<Vec<RateEntry>>(v).ok());
+        let model = match card {
+            Some(entries) => entry_for(&entries, &row.dimensions.0).map(|e| e.model.clone()),
+            None => row
+                .model
+                .and_then(|v| serde_json::from_value::<PriceModel>(v).ok()),
+        };
+        let summary = model.as_ref().map_or_else(
+            || format!("price book {}", row.price_book_id),
+            price_summary,
+        );
         PeriodUsage {
             meter: row.meter,
             dimensions: row.dimensions.0,
