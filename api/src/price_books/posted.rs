@@ -605,7 +605,9 @@ mod tests {
         let documented = schema_properties::<PatchFields>();
         let sample = |key: &str| match key {
             "model" => json!({"type": "per_unit", "unit_price": 1}),
-            "entries" => json!([{"dimensions": {}, "model": {"type": "per_unit", "unit_price": 1}}]),
+            "entries" => {
+                json!([{"dimensions": {}, "model": {"type": "per_unit", "unit_price": 1}}])
+            }
             _ => Value::Null,
         };
         let accepted = |key: &str| {
