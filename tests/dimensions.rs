@@ -293,6 +293,101 @@ async fn past_the_bound_an_event_is_a_dead_letter_before_and_after_a_restart() {
     assert_eq!(admitted, 2);
 }
 
+/// A meter created with `group_by` applies to history through a re-rating job, and the job admits
+/// values as the pipeline does: the first values in (event time, event id) order up to the bound, the
+/// rest dead letters. The running pipeline then knows the job's values: a live event with a further
+/// value is refused, one with an admitted value counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rerating_job_applies_a_new_group_by_meter_to_history_within_its_bound() {
+    let api = spawn_api().await;
+    let _pipeline = spawn_pipeline(&api.url, &api.topic, 2, &[]);
+    post_all(
+        &api,
+        &[
+            tokens("h1", "acme", Some("a"), 1),
+            tokens("h2", "acme", Some("b"), 1),
+            tokens("h3", "acme", Some("c"), 1),
+            tokens("h4", "acme", Some("a"), 1),
+            tokens("h5", "acme", None, 1),
+        ],
+    )
+    .await;
+    api.wait_caught_up(WAIT).await;
+    let meter = json!({"meter": "llm_calls", "event_type": "llm_call", "aggregation": "count",
+                       "group_by": ["model"], "max_dimension_values": 2});
+    assert_eq!(
+        api.post_json("/api/v1/meters", &meter).await.status(),
+        StatusCode::CREATED
+    );
+    let job = api
+        .post_json(
+            "/api/v1/rerating-jobs",
+            &json!({"from": "2024-01-15T00:00:00Z", "to": "2024-01-16T00:00:00Z",
+                    "reason": "apply llm_calls by model to January"}),
+        )
+        .await;
+    assert_eq!(job.status(), StatusCode::ACCEPTED);
+    let job_id = job.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let job = api
+            .get_json(&format!("/api/v1/rerating-jobs/{job_id}"))
+            .await;
+        if job["status"] == "succeeded" {
+            break;
+        }
+        assert_ne!(job["status"], "failed", "{job}");
+        assert!(std::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = || {
+        listed(
+            &api,
+            "/api/v1/aggregations?customer_id=acme&meter=llm_calls",
+        )
+    };
+    assert_eq!(
+        rows().await,
+        vec![
+            (json!({"model": "a"}), "2".into()),
+            (json!({"model": "b"}), "1".into()),
+        ],
+        "a and b are admitted (h1, h2); c (h3) and null (h5) are past the bound of 2"
+    );
+    let dead = || {
+        scalar_i64(
+            &api.url,
+            "SELECT count(*) FROM dead_letters WHERE reason LIKE 'DIMENSION_CARDINALITY: meter llm_calls%'",
+        )
+    };
+    assert_eq!(dead().await, 2, "h3 and h5 are dead letters");
+    assert_eq!(
+        scalar_i64(&api.url, "SELECT count(*) FROM dimension_values").await,
+        2
+    );
+    // The live pipeline took the job's values in: "d" is refused, "b" counts.
+    post_all(
+        &api,
+        &[
+            tokens("l1", "acme", Some("d"), 1),
+            tokens("l2", "acme", Some("b"), 1),
+        ],
+    )
+    .await;
+    api.wait_caught_up(WAIT).await;
+    assert_eq!(
+        rows().await,
+        vec![
+            (json!({"model": "a"}), "2".into()),
+            (json!({"model": "b"}), "2".into()),
+        ]
+    );
+    assert_eq!(dead().await, 3, "l1 is a dead letter too");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_meter_definition_with_a_bad_group_by_is_refused() {
     let api = spawn_api().await;

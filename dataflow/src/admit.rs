@@ -20,11 +20,12 @@
 //! void of a refused contribution is dropped rather than taken from a row it never reached.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
+use meterflow_model::dimensions::{refusal_reason, Admitted};
 use meterflow_model::{DeadLetter, Event};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
@@ -37,7 +38,7 @@ use crate::rating::RowKey;
 use crate::usage::Usage;
 
 /// A value admitted for a (meter, key): `(meter, key, value)`, `None` for the value null.
-pub type Admitted = (String, String, Option<String>);
+pub type AdmittedValue = meterflow_model::batch::DimensionValue;
 
 /// A contribution to a row of a meter with `group_by`, waiting for its values to be admitted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,7 +76,7 @@ type Decided = Result<(RowKey, Epoch, Usage), (Epoch, SinkUpdate)>;
 #[allow(clippy::type_complexity, clippy::result_large_err)]
 pub fn admit<'scope>(
     candidates: StreamVec<'scope, Epoch, Candidate>,
-    restored: StreamVec<'scope, Epoch, Admitted>,
+    restored: StreamVec<'scope, Epoch, AdmittedValue>,
 ) -> (
     VecCollection<'scope, Epoch, RowKey, Usage>,
     StreamVec<'scope, Epoch, (Epoch, SinkUpdate)>,
@@ -83,10 +84,10 @@ pub fn admit<'scope>(
     let decided: StreamVec<'scope, Epoch, Decided> = candidates.binary_frontier(
         restored,
         Exchange::new(|c: &Candidate| meter_hash(&c.row.0.meter)),
-        Exchange::new(|a: &Admitted| meter_hash(&a.0)),
+        Exchange::new(|a: &AdmittedValue| meter_hash(&a.0)),
         "AdmitDimensions",
         |_cap, _info| {
-            let mut admitted = AdmittedValues::default();
+            let mut admitted = Admitted::default();
             let mut waiting: BTreeMap<Epoch, (Capability<Epoch>, Vec<Candidate>)> = BTreeMap::new();
             move |(candidates, candidates_frontier), (restored, restored_frontier), output| {
                 restored.for_each(|_, data| {
@@ -103,7 +104,7 @@ pub fn admit<'scope>(
                     let mut wait = Vec::new();
                     for batch in data {
                         for c in batch.drain(..) {
-                            if admitted.all(&c) {
+                            if admitted.all(&c.row.0.meter, &c.row.0.dimensions) {
                                 session.give(Ok((c.row, epoch, c.usage)));
                             } else {
                                 wait.push(c);
@@ -145,104 +146,36 @@ fn meter_hash(meter: &str) -> u64 {
     hasher.finish()
 }
 
-/// The values admitted so far, per meter and key; looked up by `&str`, without an allocation.
-#[derive(Default)]
-struct AdmittedValues(HashMap<String, HashMap<String, Values>>);
-
-/// One (meter, key)'s admitted values.
-#[derive(Default)]
-struct Values {
-    strings: HashSet<String>,
-    null: bool,
-}
-
-impl Values {
-    fn contains(&self, value: Option<&str>) -> bool {
-        match value {
-            None => self.null,
-            Some(v) => self.strings.contains(v),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.strings.len().saturating_add(usize::from(self.null))
-    }
-}
-
-impl AdmittedValues {
-    fn values(&self, meter: &str, key: &str) -> Option<&Values> {
-        self.0.get(meter)?.get(key)
-    }
-
-    fn admits(&self, meter: &str, key: &str, value: Option<&str>) -> bool {
-        self.values(meter, key).is_some_and(|v| v.contains(value))
-    }
-
-    /// Whether every value of the candidate's row is admitted.
-    fn all(&self, c: &Candidate) -> bool {
-        let meter = c.row.0.meter.as_str();
-        c.row
-            .0
-            .dimensions
-            .iter()
-            .all(|(key, value)| self.admits(meter, key, value))
-    }
-
-    /// Admits `value`; true if it is new.
-    fn insert(&mut self, meter: &str, key: &str, value: Option<&str>) -> bool {
-        let values = self
-            .0
-            .entry(meter.to_owned())
-            .or_default()
-            .entry(key.to_owned())
-            .or_default();
-        match value {
-            None => !std::mem::replace(&mut values.null, true),
-            Some(v) => values.strings.insert(v.to_owned()),
-        }
-    }
-}
-
 /// Decides one epoch's candidates that brought a value not admitted when they came: counts in
 /// order, then retractions.
 #[allow(clippy::result_large_err)]
 fn decide(
     mut stash: Vec<Candidate>,
     epoch: Epoch,
-    admitted: &mut AdmittedValues,
+    admitted: &mut Admitted,
     mut give: impl FnMut(Decided),
 ) {
     stash.sort_by(|a, b| (a.retraction, a.order()).cmp(&(b.retraction, b.order())));
     for c in stash {
+        let meter = c.row.0.meter.as_str();
         if c.retraction {
-            if admitted.all(&c) {
+            if admitted.all(meter, &c.row.0.dimensions) {
                 give(Ok((c.row, epoch, c.usage)));
             }
             continue;
         }
-        let meter = c.row.0.meter.as_str();
-        let refused = c.row.0.dimensions.iter().find(|(key, value)| {
-            admitted
-                .values(meter, key)
-                .is_some_and(|values| !values.contains(*value) && values.len() >= c.bound as usize)
-        });
-        if let Some((key, value)) = refused {
-            give(Err((
-                epoch,
-                SinkUpdate::DeadLetter(refusal(&c, key, value)),
-            )));
-            continue;
-        }
-        let mut new = Vec::new();
-        for (key, value) in c.row.0.dimensions.iter() {
-            if admitted.insert(meter, key, value) {
-                new.push((meter.to_owned(), key.to_owned(), value.map(str::to_owned)));
+        let decided = admitted
+            .admit(meter, &c.row.0.dimensions, c.bound)
+            .map_err(|(key, value)| refusal(&c, key, value));
+        match decided {
+            Err(letter) => give(Err((epoch, SinkUpdate::DeadLetter(letter)))),
+            Ok(new) => {
+                for value in new {
+                    give(Err((epoch, SinkUpdate::DimensionValue(value))));
+                }
+                give(Ok((c.row, epoch, c.usage)));
             }
         }
-        for value in new {
-            give(Err((epoch, SinkUpdate::DimensionValue(value))));
-        }
-        give(Ok((c.row, epoch, c.usage)));
     }
 }
 
@@ -252,12 +185,6 @@ fn refusal(c: &Candidate, key: &str, value: Option<&str>) -> DeadLetter {
         partition: c.partition,
         offset: c.offset,
         payload: serde_json::to_vec(&c.event).unwrap_or_default(),
-        reason: format!(
-            "DIMENSION_CARDINALITY: meter {} admits {} values of {key} and has them all; {} is \
-             not one of them (raise the meter's max_dimension_values, or group by another key)",
-            c.row.0.meter,
-            c.bound,
-            value.map_or_else(|| "null".to_owned(), |v| format!("{v:?}")),
-        ),
+        reason: refusal_reason(&c.row.0.meter, c.bound, key, value),
     }
 }

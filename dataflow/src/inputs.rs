@@ -20,7 +20,7 @@ use meterflow_model::batch::QuarantinedPeriod;
 use meterflow_model::{PartitionProgress, PriceBook, RatingCorrection, RatingState};
 use timely::dataflow::{InputHandleVec, Scope, StreamVec};
 
-use crate::admit::Admitted;
+use crate::admit::AdmittedValue;
 use crate::classify::SourceItem;
 use crate::control::Control;
 use crate::operators::Epoch;
@@ -34,7 +34,7 @@ pub struct Inputs<'scope> {
     pub control: StreamVec<'scope, Epoch, Control>,
     pub rating: RatingInputs<'scope>,
     /// The dimension values admitted before a start (admit.rs), at epoch 0.
-    pub admitted: StreamVec<'scope, Epoch, Admitted>,
+    pub admitted: StreamVec<'scope, Epoch, AdmittedValue>,
 }
 
 /// The rating inputs, as differential updates `(data, epoch, diff)`: what the pipeline committed before
@@ -56,7 +56,7 @@ pub struct GraphInputs {
     pub charges: InputHandleVec<Epoch, (ChargeRow, Epoch, isize)>,
     pub quarantines: InputHandleVec<Epoch, (QuarantinedPeriod, Epoch, isize)>,
     pub books: InputHandleVec<Epoch, (PriceBook, Epoch, isize)>,
-    pub admitted: InputHandleVec<Epoch, Admitted>,
+    pub admitted: InputHandleVec<Epoch, AdmittedValue>,
 }
 
 impl GraphInputs {
@@ -113,7 +113,8 @@ impl GraphInputs {
         for period in state.quarantined_periods {
             self.quarantines.send((period, epoch, sign));
         }
-        // Admitted values are never taken back; a correction carries none.
+        // Admitted values are never taken back; a correction's `after` carries the values its job
+        // admitted (sinks/src/rerating/bound.rs).
         if sign > 0 {
             for value in state.dimension_values {
                 self.admitted.send(value);

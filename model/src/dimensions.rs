@@ -280,6 +280,95 @@ pub fn value_problem(value: &str) -> Option<String> {
     }
 }
 
+/// The values admitted so far per (meter, `group_by` key), and the rule that admits more (the bound,
+/// `max_dimension_values`): the one rule of the dataflow's Admit operator and of a re-rating job.
+/// Values are never un-admitted.
+#[derive(Clone, Debug, Default)]
+pub struct Admitted(std::collections::HashMap<String, std::collections::HashMap<String, Values>>);
+
+/// One (meter, key)'s admitted values.
+#[derive(Clone, Debug, Default)]
+struct Values {
+    strings: std::collections::HashSet<String>,
+    null: bool,
+}
+
+impl Values {
+    fn contains(&self, value: Option<&str>) -> bool {
+        match value {
+            None => self.null,
+            Some(v) => self.strings.contains(v),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.strings.len().saturating_add(usize::from(self.null))
+    }
+}
+
+/// A value the bound refused: the key, and the value (`None`: null).
+pub type Refused<'a> = (&'a str, Option<&'a str>);
+
+impl Admitted {
+    /// Whether every value of a row of `meter` with `dimensions` is admitted.
+    pub fn all(&self, meter: &str, dimensions: &Dimensions) -> bool {
+        dimensions.iter().all(|(key, value)| {
+            self.values(meter, key)
+                .is_some_and(|values| values.contains(value))
+        })
+    }
+
+    /// Admits `value` of `meter`'s `key` whatever the bound (a value admitted before); true if new.
+    pub fn insert(&mut self, meter: &str, key: &str, value: Option<&str>) -> bool {
+        let values = self
+            .0
+            .entry(meter.to_owned())
+            .or_default()
+            .entry(key.to_owned())
+            .or_default();
+        match value {
+            None => !std::mem::replace(&mut values.null, true),
+            Some(v) => values.strings.insert(v.to_owned()),
+        }
+    }
+
+    /// Admits the values of a row of `meter` with `dimensions` under `bound`: every value admitted
+    /// already or with room left in its key ─► `Ok` with the values new to it (stored by the caller);
+    /// else ─► `Err` with the first value refused, and nothing is admitted.
+    pub fn admit<'a>(
+        &mut self,
+        meter: &str,
+        dimensions: &'a Dimensions,
+        bound: u32,
+    ) -> Result<Vec<crate::batch::DimensionValue>, Refused<'a>> {
+        let refused = dimensions.iter().find(|(key, value)| {
+            self.values(meter, key)
+                .is_some_and(|values| !values.contains(*value) && values.len() >= bound as usize)
+        });
+        if let Some(refused) = refused {
+            return Err(refused);
+        }
+        Ok(dimensions
+            .iter()
+            .filter(|(key, value)| self.insert(meter, key, *value))
+            .map(|(key, value)| (meter.to_owned(), key.to_owned(), value.map(str::to_owned)))
+            .collect())
+    }
+
+    fn values(&self, meter: &str, key: &str) -> Option<&Values> {
+        self.0.get(meter)?.get(key)
+    }
+}
+
+/// Why the bound refused a contribution: the dead letter's reason (`DIMENSION_CARDINALITY: …`).
+pub fn refusal_reason(meter: &str, bound: u32, key: &str, value: Option<&str>) -> String {
+    format!(
+        "DIMENSION_CARDINALITY: meter {meter} admits {bound} values of {key} and has them all; {} is \
+         not one of them (raise the meter's max_dimension_values, or group by another key)",
+        value.map_or_else(|| "null".to_owned(), |v| format!("{v:?}")),
+    )
+}
+
 /// How specific a book is for a window, for choosing among the books effective at its start: a
 /// customer-specific book before a default one, then more keys named before fewer. The greater wins.
 pub fn specificity(customer_specific: bool, selector: &Dimensions) -> (bool, usize) {

@@ -6,7 +6,7 @@
 //! | `event.rs` | [`Event`], the one decoder and validator shared by HTTP and Kafka (SPEC §2) |
 //! | `window.rs` | tumbling UTC windows (SPEC §4) |
 //! | `meter.rs` | [`Meter`], [`MeterSet`]: count/sum/max/unique_count/latest, events → row contributions |
-//! | `dimensions.rs` | [`Dimensions`], [`GroupBy`]: the properties a meter groups by, an event's values for them, a book selector's match (issue 17; not yet wired to meters) |
+//! | `dimensions.rs` | [`Dimensions`], [`GroupBy`]: the properties a meter groups by, an event's values for them, a book selector's match, and `Admitted`, the bound's one rule (the dataflow's Admit operator and re-rating jobs) (issue 17) |
 //! | `aggregate.rs` | [`AggregateKey`], [`Aggregate`]: a row's key, sum + count as a group |
 //! | `price.rs` | [`PriceBook`], [`PriceModel`], [`rate_period`]: period-to-date rating (SPEC §5) |
 //! | `invoice.rs` | [`Customer`], [`Invoice`]: issued invoices, lines, adjustments; the invoice math: lines rounded once, minimum top-ups, corrections (SPEC §6) |

@@ -39,6 +39,7 @@
 //! The resync this replaced reloaded everything, so it also covered that case; it cost a restart of
 //! every process per job.
 
+mod bound;
 mod rows;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,6 +52,7 @@ use rust_decimal::Decimal;
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection};
 
+use bound::Bound;
 use meterflow_model::stored::multiset_row;
 use meterflow_model::RatingCorrection;
 use meterflow_store::{meters, price_books};
@@ -70,6 +72,19 @@ enum Content {
     Items(BTreeMap<Item, i64>),
 }
 
+/// How often a job recomputes when the pipeline admitted values of a meter it admits values of while
+/// it read (`bound.rs`).
+const ATTEMPTS: usize = 3;
+
+/// One recomputation's end.
+#[allow(clippy::large_enum_variant)] // one per job attempt, returned at once
+enum Attempt {
+    /// Done: `None` if the pipeline no longer holds the lease (nothing was changed).
+    Done(Option<(Outcome, RatingCorrection)>),
+    /// The pipeline admitted values meanwhile; nothing was changed.
+    AdmittedMeanwhile,
+}
+
 /// Runs the recomputation for `scope` in one transaction (see the module docs), for the pipeline that
 /// holds `lease`: `None` if it no longer does (nothing was changed).
 pub async fn rerate(
@@ -77,6 +92,25 @@ pub async fn rerate(
     scope: &Scope,
     lease: &Lease,
 ) -> Result<Option<(Outcome, RatingCorrection)>, sqlx::Error> {
+    for _ in 1..ATTEMPTS {
+        if let Attempt::Done(done) = rerate_once(conn, scope, lease).await? {
+            return Ok(done);
+        }
+    }
+    match rerate_once(conn, scope, lease).await? {
+        Attempt::Done(done) => Ok(done),
+        Attempt::AdmittedMeanwhile => Err(sqlx::Error::Protocol(format!(
+            "the pipeline admitted new dimension values of a meter this job admits values of \
+             while it read, {ATTEMPTS} times; run the job again when fewer new values arrive"
+        ))),
+    }
+}
+
+async fn rerate_once(
+    conn: &mut PgConnection,
+    scope: &Scope,
+    lease: &Lease,
+) -> Result<Attempt, sqlx::Error> {
     let from = (scope.from_micros / 1_000_000).div_euclid(DAY) * DAY;
     let to = ((scope.to_micros + 999_999) / 1_000_000 + DAY - 1).div_euclid(DAY) * DAY;
     // Reading and recomputing takes long for a wide scope: it runs in a snapshot, without the lease,
@@ -98,9 +132,10 @@ pub async fn rerate(
         })
         .map(|m| m.meter.clone())
         .collect();
+    let mut bound = Bound::load(&mut snapshot, &meters).await?;
     let meter_set = MeterSet::new(meters);
 
-    let expected = expected_rows(&mut snapshot, scope, from, to, &meter_set).await?;
+    let expected = expected_rows(&mut snapshot, scope, from, to, &meter_set, &mut bound).await?;
     let (stored, stored_totals, quarantined) =
         stored_rows(&mut snapshot, &scope.customer_ids, from, to, &multiset).await?;
     snapshot.commit().await?;
@@ -116,8 +151,13 @@ pub async fn rerate(
     {
         // Release the lease rows now, not when the connection is next used.
         tx.rollback().await?;
-        return Ok(None);
+        return Ok(Attempt::Done(None));
     }
+    if bound.admitted_meanwhile(&mut tx).await? {
+        tx.rollback().await?;
+        return Ok(Attempt::AdmittedMeanwhile);
+    }
+    bound.store(&mut tx, &lease.topic).await?;
     // Every period the scope touches, for the customers with rows there; and the rating state there.
     let periods: BTreeSet<(String, String, i64, Dimensions)> = expected
         .keys()
@@ -231,9 +271,14 @@ pub async fn rerate(
         .execute(&mut *tx)
         .await?;
     }
-    let after = rating_rows(&mut tx, Some(&within)).await?;
+    let mut after = rating_rows(&mut tx, Some(&within)).await?;
     tx.commit().await?;
-    Ok(Some((outcome, RatingCorrection { before, after })))
+    // The running Admit operator learns the values this job admitted at the correction's epoch.
+    after.dimension_values = bound.new;
+    Ok(Attempt::Done(Some((
+        outcome,
+        RatingCorrection { before, after },
+    ))))
 }
 
 /// Corrects a stored row by the difference between what it should be (`want`) and what it was in the

@@ -6,12 +6,17 @@ use crate::restore::ItemRow;
 
 /// The rows the scope's counted events make with today's meters: only events the pipeline has
 /// committed (claimed below the committed offsets) and not voided by a committed void.
+///
+/// A meter with `group_by` admits values as the pipeline does (`Admitted::admit`, in (event time, event
+/// id) order, voided events too, since the pipeline admitted them when it counted them): `bound`
+/// holds what is admitted already and gathers what this job admits and refuses.
 pub(super) async fn expected_rows(
     tx: &mut PgConnection,
     scope: &Scope,
     from: i64,
     to: i64,
     meters: &MeterSet,
+    bound: &mut Bound,
 ) -> Result<BTreeMap<AggregateKey, Content>, sqlx::Error> {
     let rows = sqlx::query_as!(
         EventRow,
@@ -20,7 +25,12 @@ pub(super) async fn expected_rows(
          )
          SELECT t.event_id, t.customer_id, t.event_type,
                 (extract(epoch FROM t.event_time) * 1000000)::bigint AS \"event_time_micros!\", t.value,
-                t.properties::text AS \"properties!\"
+                t.properties::text AS \"properties!\",
+                e.counted_partition AS \"counted_partition!\",
+                COALESCE(e.counted_offset, -1) AS \"counted_offset!\",
+                COALESCE(e.voided_partition < 0
+                         OR e.voided_offset < (SELECT next FROM committed c WHERE c.partition = e.voided_partition),
+                         false) AS \"voided!\"
          FROM telemetry_events t
          JOIN event_ids e ON e.event_id = t.event_id
          WHERE t.event_time >= to_timestamp($1::bigint) AND t.event_time < to_timestamp($2::bigint)
@@ -28,8 +38,7 @@ pub(super) async fn expected_rows(
            AND e.counted_partition IS NOT NULL
            AND (e.counted_partition < 0
                 OR e.counted_offset < (SELECT next FROM committed c WHERE c.partition = e.counted_partition))
-           AND NOT COALESCE(e.voided_partition < 0
-                            OR e.voided_offset < (SELECT next FROM committed c WHERE c.partition = e.voided_partition), false)",
+         ORDER BY t.event_time, t.event_id",
         from,
         to,
         &scope.customer_ids,
@@ -38,11 +47,15 @@ pub(super) async fn expected_rows(
     .await?;
     let mut expected: BTreeMap<AggregateKey, Content> = BTreeMap::new();
     for r in rows {
+        let (voided, position) = (r.voided, (r.counted_partition, r.counted_offset));
         // The event as it was metered: properties are stored as the decoder's canonical text (migration
         // 0008), so it is rebuilt, not decoded again (a rule added since must not drop a counted event).
         let event = Event::from(r);
         let (contributions, _skipped) = meters.contributions(&event);
         for c in contributions {
+            if !bound.admits(&c.key, &event, position) || voided {
+                continue;
+            }
             match c.item {
                 None => {
                     let entry = expected
@@ -159,6 +172,9 @@ struct EventRow {
     event_time_micros: i64,
     value: Decimal,
     properties: String,
+    counted_partition: i32,
+    counted_offset: i64,
+    voided: bool,
 }
 
 impl From<EventRow> for Event {
