@@ -580,6 +580,14 @@ async fn a_rate_card_prices_every_model_in_one_book_and_a_customer_override_beat
         ),
         (json!({"entries": []}), "entries"),
         (
+            json!({"entries": [{"dimensions": {"model": "a\u{0}b"}, "model": per_unit}]}),
+            "entries[0].dimensions.model",
+        ),
+        (
+            json!({"entries": [{"dimensions": {"model": "x".repeat(10 * 1024)}, "model": per_unit}]}),
+            "entries[0].dimensions.model",
+        ),
+        (
             json!({"entries": [{"model": per_unit}], "model": per_unit}),
             "entries",
         ),
