@@ -10,7 +10,10 @@
 //!
 //! With `--models N` (issue 17) every customer's window is N windows, one per value of a `model`
 //! dimension, and a fourth figure: a default book for one model (a selector, `{"model": "m0"}`), which
-//! must re-rate that model's windows and no others (checked by the charges' revisions).
+//! must re-rate that model's windows and no others (checked by the charges' revisions). With two or
+//! more models, a rate card then prices models m1… in one book (a fifth figure: those windows
+//! re-rated), and one entry's price changes (a sixth: only that model's windows, checked by the
+//! revisions again).
 //!
 //! Baseline in the same run: Postgres alone rewriting every charge for the new price with one
 //! `UPDATE charges SET amount = quantity × price` (per-unit only: the naive, non-incremental way).
@@ -204,6 +207,11 @@ async fn main() -> Result<()> {
         } else {
             None
         };
+        let card_seconds = if args.models > 1 {
+            Some(rate_card(&pool, customers, args.windows, models).await?)
+        } else {
+            None
+        };
         running.kill()?;
         running.wait()?;
 
@@ -220,6 +228,8 @@ async fn main() -> Result<()> {
                    "models": args.models,
                    "start_to_all_rated_seconds": initial, "default_price_change_seconds": all,
                    "one_customer_book_seconds": one, "one_model_book_seconds": model_seconds,
+                   "rate_card_seconds": card_seconds.map(|(c, _)| c),
+                   "rate_card_one_entry_seconds": card_seconds.map(|(_, e)| e),
                    "baseline_sql_rewrite_seconds": baseline})
         );
         // Not `pool.close()`: it has been seen to wait forever here; dropping the pool closes its
@@ -234,4 +244,66 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A rate card for models m1…m{models-1} (m0 has its own book, c0 its own), then one entry's price
+/// changed: the seconds until every window the card prices is re-rated, and until the changed
+/// entry's windows are (only those: checked by the charges' revisions).
+async fn rate_card(
+    pool: &PgPool,
+    customers: usize,
+    windows: usize,
+    models: usize,
+) -> Result<(f64, f64)> {
+    let revisions = || async {
+        sqlx::query_scalar::<_, i64>("SELECT sum(revision)::bigint FROM charges")
+            .fetch_one(pool)
+            .await
+    };
+    let per_model = ((customers - 1) * windows) as i64;
+    let started = Instant::now();
+    sqlx::query(
+        "INSERT INTO price_books (price_book_id, meter, currency, effective, model, entries)
+         SELECT 'pb_card', 'api_call', 'USD', '[2024-01-01,)', e -> 0 -> 'model', e
+         FROM (SELECT jsonb_agg(jsonb_build_object(
+                          'dimensions', jsonb_build_object('model', 'm' || m),
+                          'model', '{\"type\":\"per_unit\",\"unit_price\":\"0.04\"}'::jsonb)
+                      ORDER BY m) AS e
+               FROM generate_series(1, $1 - 1) AS m) AS card",
+    )
+    .bind(models as i64)
+    .execute(pool)
+    .await?;
+    let card = wait_count(
+        pool,
+        "SELECT count(*) FROM charges WHERE price_book_id = 'pb_card'",
+        per_model * (models as i64 - 1),
+        started,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = revisions().await?;
+    let started = Instant::now();
+    // Entry 0 prices m1.
+    sqlx::query(
+        "UPDATE price_books SET entries = jsonb_set(entries, '{0,model,unit_price}', '\"0.09\"')
+         WHERE price_book_id = 'pb_card'",
+    )
+    .execute(pool)
+    .await?;
+    let entry = wait_count(
+        pool,
+        "SELECT count(*) FROM charges WHERE price_book_id = 'pb_card' AND amount = quantity * 0.09",
+        per_model,
+        started,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = revisions().await?;
+    ensure!(
+        after - before == per_model,
+        "one entry of the rate card rewrote {} charges, expected {per_model}",
+        after - before,
+    );
+    Ok((card, entry))
 }
