@@ -183,9 +183,9 @@ pub struct PipelineConfig {
     /// How often an epoch closes, i.e. how often results are committed, in milliseconds.
     #[default(250)]
     pub epoch_ms: u64,
-    /// While the pipeline is behind the topic's end (a backfill, a restart, a burst), an epoch lasts
-    /// at least this long, in milliseconds: fewer, larger commits, each window revised fewer times.
-    /// 0: never.
+    /// While the pipeline is behind the topic's end (a backfill, a restart, a burst), every epoch but
+    /// the first lasts at least this long, in milliseconds: fewer, larger commits, each window revised
+    /// fewer times. 0: never.
     #[default(2_000)]
     pub catch_up_epoch_ms: u64,
     /// Allowed out-of-orderness: a partition's watermark trails its greatest event time by this many

@@ -79,7 +79,8 @@ pub struct PipelineArgs {
     /// MF_PIPELINE_EPOCH_MS; default 250].
     #[arg(long)]
     pub epoch_ms: Option<u64>,
-    /// While the pipeline is behind the topic's end, an epoch lasts at least this long; 0: never
+    /// While the pipeline is behind the topic's end, every epoch but the first lasts at least this
+    /// long; 0: never
     /// (pipeline.catch_up_epoch_ms) [env: MF_PIPELINE_CATCH_UP_EPOCH_MS; default 2000].
     #[arg(long)]
     pub catch_up_epoch_ms: Option<u64>,

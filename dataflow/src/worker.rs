@@ -29,8 +29,8 @@ pub struct WorkerConfig {
     pub epoch_interval: Duration,
     /// How many epochs the inputs may run ahead of the sink's last commit.
     pub max_inflight_epochs: u64,
-    /// While the reader is behind (its last batch was full: more records were waiting in Kafka), an
-    /// epoch lasts at least this long.
+    /// While the reader is behind (its last batch was full: more records were waiting in Kafka), every
+    /// epoch but the first lasts at least this long.
     pub catch_up_interval: Option<Duration>,
     /// The reader's batch size: a batch this large says records were waiting.
     pub full_batch: usize,
@@ -249,8 +249,10 @@ pub fn run_worker(
         // While the reader is behind the topic's end (a backfill, a restart, a burst), an epoch lasts
         // at least `catch_up_interval`: fewer, larger commits, and each window revised fewer times
         // (issue 15: 1M backfill events made 677k row changes in 35 commits at 250 ms, 494k in 7).
+        // Not the first epoch: a restart's first commit shows it is working again, and comes as soon
+        // as the state it starts from allows (1.5 s sooner at a restart with little state).
         if let Some(catch_up) = config.catch_up_interval {
-            if reader_open && backlogged {
+            if reader_open && backlogged && summary.epochs > 0 {
                 interval = interval.max(catch_up);
             }
         }

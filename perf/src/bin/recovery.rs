@@ -35,6 +35,9 @@ struct Args {
     /// No price book: windows are metered, not rated (what this benchmark measured before issue 15).
     #[arg(long)]
     no_book: bool,
+    /// The pipelines' log filter (`info` shows how long loading the rating state took).
+    #[arg(long, default_value = "warn")]
+    log: String,
     #[command(flatten)]
     services: Services,
 }
@@ -79,7 +82,7 @@ fn pipeline(args: &Args, url: &str, topic: &str, until_caught_up: bool) -> Comma
     .env("MF_DATABASE_URL", url)
     .env("MF_EVENTS_TOPIC", topic)
     .env("MF_KAFKA_BROKERS", &args.services.brokers)
-    .env("MF_LOG", "warn")
+    .env("MF_LOG", &args.log)
     .stdout(Stdio::null());
     if until_caught_up {
         c.arg("--until-caught-up");
@@ -124,7 +127,11 @@ async fn main() -> Result<()> {
             .await?;
         // More input; kill -9 mid-run.
         produce(&args.services.brokers, &topic, size.max(1), args.more)?;
-        let mut first = pipeline(&args, &url, &topic, false).spawn()?;
+        // Catch-up epochs off for the run that is killed: with them (2 s while behind) its first
+        // commit could hold all of `more`, and nothing would be left for the restart to do.
+        let mut first = pipeline(&args, &url, &topic, false)
+            .env("MF_PIPELINE_CATCH_UP_EPOCH_MS", "0")
+            .spawn()?;
         let before = committed(&pool).await?.2;
         while committed(&pool).await?.2 < before + (args.more / 4) as i64 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -139,6 +146,9 @@ async fn main() -> Result<()> {
             let (generation, epoch, _) = committed(&pool).await?;
             if generation > killed_generation && epoch > 0 {
                 break;
+            }
+            if let Some(status) = second.try_wait()? {
+                bail!("the restarted pipeline ended ({status}) without a commit: nothing was left to read after the kill");
             }
             anyhow::ensure!(
                 restarted.elapsed() < Duration::from_secs(300),
