@@ -461,3 +461,55 @@ async fn finding_18_records_deleted_before_they_were_read_leave_a_dead_letter() 
     assert!(dead[0].1.starts_with("RETENTION_GAP"), "{dead:?}");
     assert_eq!(meter_total(&url, "t").await, (Decimal::from(6), 6));
 }
+
+/// The performance gate at 06f5dd5 (p99 0.8 and 1.3 s, the API's insert at 2.2 ms a call instead of
+/// 0.25 ms): `meterflow_note_event_types`, which every ingest statement calls, had its plans made while
+/// `customer_event_types` was empty (a freshly vacuumed database), a sequential scan that plpgsql keeps
+/// for the session, so each call read the whole table as it grew. It now goes through the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn noting_event_types_reads_the_table_through_its_key_whatever_plan_was_cached_when_empty() {
+    let url = fresh_database().await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("VACUUM (ANALYZE) customer_event_types")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // Plans made on the empty table, and kept for this session.
+    for i in 0..8 {
+        sqlx::query("SELECT meterflow_note_event_types(ARRAY[$1], ARRAY['t'])")
+            .bind(format!("warm{i}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let mut other = PgConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO customer_event_types SELECT 'c' || i, 't' FROM generate_series(1, 20000) i",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let scans =
+        "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'customer_event_types'";
+    let before: i64 = sqlx::query_scalar(scans).fetch_one(&mut *tx).await.unwrap();
+    sqlx::query(
+        "SELECT meterflow_note_event_types(ARRAY['c1', 'c2', 'new1', 'new2'], ARRAY['t', 't', 't', 't'])",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let after: i64 = sqlx::query_scalar(scans).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(
+        after - before,
+        0,
+        "sequential scans of customer_event_types in one call"
+    );
+    let added: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM customer_event_types WHERE customer_id IN ('new1', 'new2')",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(added, 2);
+}
