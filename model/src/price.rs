@@ -315,13 +315,18 @@ pub fn book_for<'a>(
 }
 
 /// The entry of a rate card that prices a window of `dimensions`: of those whose selector the values
-/// match, the one naming the most keys (ties: the selector first in key order), as [`book_for`]
-/// chooses among the card's books.
+/// match, the most specific by [`book_for`]'s rule (`specificity`; the entries share the card's
+/// scope), ties to the selector first in key order, as [`book_for`] chooses among the card's books.
 pub fn entry_for<'a>(entries: &'a [RateEntry], dimensions: &Dimensions) -> Option<&'a RateEntry> {
     entries
         .iter()
         .filter(|e| dimensions.matches(&e.dimensions))
-        .max_by_key(|e| (e.dimensions.len(), std::cmp::Reverse(&e.dimensions)))
+        .max_by_key(|e| {
+            (
+                specificity(false, &e.dimensions),
+                std::cmp::Reverse(&e.dimensions),
+            )
+        })
 }
 
 /// The billing period (calendar month, UTC) holding `seconds`: `[start, end)` in seconds.

@@ -40,6 +40,7 @@ use crate::lease::Lease;
 use crate::metrics;
 
 mod rows;
+pub(crate) use rows::insert_dimension_values;
 
 /// Most aggregate rows merged into one transaction.
 const MAX_ROWS_PER_COMMIT: usize = 100_000;

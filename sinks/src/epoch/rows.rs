@@ -523,12 +523,12 @@ pub(super) async fn insert_late_events(
     Ok(())
 }
 
-/// Stores the dimension values admitted in the batch (dataflow/src/admit.rs), so a restart bounds the
-/// same.
-pub(super) async fn insert_dimension_values(
+/// Stores dimension values admitted (by the batch's Admit operator, dataflow/src/admit.rs, or by a
+/// re-rating job, rerating/bound.rs), so a restart bounds the same.
+pub(crate) async fn insert_dimension_values(
     tx: &mut PgConnection,
     values: &[meterflow_model::batch::DimensionValue],
-) -> Result<(), SinkError> {
+) -> Result<(), sqlx::Error> {
     if values.is_empty() {
         return Ok(());
     }

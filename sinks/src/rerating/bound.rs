@@ -61,7 +61,8 @@ impl Bound {
         let mut loaded: HashMap<String, i64> = HashMap::new();
         for r in rows {
             admitted.insert(&r.meter, &r.key, r.value.as_deref());
-            *loaded.entry(r.meter).or_default() += 1;
+            let count = loaded.entry(r.meter).or_default();
+            *count = count.saturating_add(1);
         }
         Ok(Bound {
             bounds,
@@ -134,18 +135,7 @@ impl Bound {
         tx: &mut PgConnection,
         topic: &str,
     ) -> Result<(), sqlx::Error> {
-        if !self.new.is_empty() {
-            sqlx::query!(
-                "INSERT INTO dimension_values (meter, key, value)
-                 SELECT m, k, v FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u(m, k, v)
-                 ON CONFLICT (meter, key, value) DO NOTHING",
-                &self.new.iter().map(|v| v.0.as_str()).collect::<Vec<_>>() as &[&str],
-                &self.new.iter().map(|v| v.1.as_str()).collect::<Vec<_>>() as &[&str],
-                &self.new.iter().map(|v| v.2.as_deref()).collect::<Vec<_>>() as &[Option<&str>],
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
+        crate::epoch::insert_dimension_values(&mut *tx, &self.new).await?;
         if !self.refused.is_empty() {
             sqlx::query!(
                 r#"INSERT INTO dead_letters (topic, partition, "offset", payload, reason)
