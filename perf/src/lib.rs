@@ -79,7 +79,9 @@ pub async fn drop_database(admin_url: &str, url: &str) -> Result<()> {
     let name = url.rsplit_once('/').map_or(url, |(_, n)| n);
     let mut admin = PgConnection::connect(admin_url).await?;
     for _ in 0..50 {
-        let drop = format!("DROP DATABASE IF EXISTS {name}");
+        // FORCE: a pool the benchmark closed may still hold a connection (seen with the recovery
+        // benchmark's), and the database is done with.
+        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
         if sqlx::query(&drop).execute(&mut admin).await.is_ok() {
             return Ok(());
         }
