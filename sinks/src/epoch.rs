@@ -96,7 +96,10 @@ async fn write_all(
     let mut expected: i64 = 0;
     // Blocking receive is fine: this thread exists only to write.
     while let Ok(mut batch) = batches.recv() {
-        while batch.aggregates.len() < MAX_ROWS_PER_COMMIT {
+        // The first commit of a run takes its own epochs only: after a restart, the epochs read while
+        // rating took its state in are all sealed at once, and merged they made the first commit
+        // (the sign the pipeline is committing again) ~1 s longer at 1M windows (perf/RESULTS.md).
+        while !first && batch.aggregates.len() < MAX_ROWS_PER_COMMIT {
             match batches.try_recv() {
                 Ok(later) => batch.absorb(later)?,
                 Err(_) => break,

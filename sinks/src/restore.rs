@@ -107,13 +107,15 @@ impl ItemRow {
     }
 }
 
-/// A `charges` row as `load_rating_state` selects it, its window bounds in seconds.
+/// A `charges` row as `load_rating_state` selects it. Its window bounds come as timestamps, not as
+/// `extract(epoch …)::bigint`: that numeric arithmetic was a third of Postgres's time to serve 1M
+/// charges at a restart.
 struct ChargeRow {
     customer_id: String,
     meter: String,
     dimensions: Json<Dimensions>,
-    window_start: i64,
-    window_end: i64,
+    window_start: DateTime<Utc>,
+    window_end: DateTime<Utc>,
     quantity: Decimal,
     amount: Decimal,
     currency: String,
@@ -125,8 +127,8 @@ impl ChargeRow {
     fn into_charge(self) -> (String, String, Charge) {
         let charge = Charge {
             dimensions: self.dimensions.0,
-            window_start: self.window_start,
-            window_end: self.window_end,
+            window_start: self.window_start.timestamp(),
+            window_end: self.window_end.timestamp(),
             quantity: self.quantity,
             amount: self.amount,
             currency: self.currency,
@@ -177,8 +179,7 @@ pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, s
     let charges = sqlx::query_as!(
         ChargeRow,
         "SELECT customer_id, meter, dimensions AS \"dimensions: Json<Dimensions>\",
-                extract(epoch FROM window_start)::bigint AS \"window_start!\",
-                extract(epoch FROM window_end)::bigint AS \"window_end!\", quantity, amount, currency, price_book_id
+                window_start, window_end, quantity, amount, currency, price_book_id
          FROM charges",
     )
     .fetch_all(&mut *tx)
@@ -233,8 +234,7 @@ pub async fn rating_rows(
     // never decoded into a Decimal it does not fit.
     let groups = sqlx::query!(
         "SELECT customer_id, meter, dimensions AS \"dimensions: Json<Dimensions>\",
-                extract(epoch FROM window_start)::bigint AS \"window_start!\",
-                extract(epoch FROM window_end)::bigint AS \"window_end!\",
+                window_start, window_end,
                 CASE WHEN abs(value) > $1 THEN 0 ELSE value END AS \"value!\", event_count,
                 quarantined OR abs(value) > $1 AS \"quarantined!\"
          FROM aggregations a
@@ -255,8 +255,8 @@ pub async fn rating_rows(
             customer_id: r.customer_id,
             meter: r.meter,
             dimensions: r.dimensions.0,
-            window_start: r.window_start,
-            window_end: r.window_end,
+            window_start: r.window_start.timestamp(),
+            window_end: r.window_end.timestamp(),
         };
         let aggregate = Aggregate {
             value: r.value,
