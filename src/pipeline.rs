@@ -209,7 +209,9 @@ fn run_once(
             // from what was committed, read under the lease so nothing commits meanwhile.
             let rating = if leader {
                 let loaded = Instant::now();
-                let state = restore::load_rating_state(&mut conn).await?;
+                // A second connection serves the charges beside the rows, in the same snapshot.
+                let mut beside = PgConnection::connect(database_url).await?;
+                let state = restore::load_rating_state(&mut conn, &mut beside).await?;
                 let books = price_books::load_price_books(&mut conn).await?;
                 tracing::info!(
                     rows = state.rows.len(),

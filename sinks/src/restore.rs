@@ -2,6 +2,8 @@
 //! committed, and the committed rows and charges rating starts from (the meters and price books in force
 //! are read through `meterflow_store`).
 
+mod copy;
+
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -54,7 +56,7 @@ pub async fn set_allowed_lateness(
     Ok(())
 }
 
-/// A `meter_values` row with its row's window (bounds in seconds), as `load_rating_state` and the
+/// A `meter_values` row with its row's window (bounds in seconds), as `item_rows` and the
 /// re-rating job's `stored_rows` select it.
 pub(crate) struct ItemRow {
     pub(crate) customer_id: String,
@@ -107,37 +109,6 @@ impl ItemRow {
     }
 }
 
-/// A `charges` row as `load_rating_state` selects it. Its window bounds come as timestamps, not as
-/// `extract(epoch …)::bigint`: that numeric arithmetic was a third of Postgres's time to serve 1M
-/// charges at a restart.
-struct ChargeRow {
-    customer_id: String,
-    meter: String,
-    dimensions: Json<Dimensions>,
-    window_start: DateTime<Utc>,
-    window_end: DateTime<Utc>,
-    quantity: Decimal,
-    amount: Decimal,
-    currency: String,
-    price_book_id: String,
-}
-
-impl ChargeRow {
-    /// (customer, meter, charge).
-    fn into_charge(self) -> (String, String, Charge) {
-        let charge = Charge {
-            dimensions: self.dimensions.0,
-            window_start: self.window_start.timestamp(),
-            window_end: self.window_end.timestamp(),
-            quantity: self.quantity,
-            amount: self.amount,
-            currency: self.currency,
-            price_book_id: self.price_book_id,
-        };
-        (self.customer_id, self.meter, charge)
-    }
-}
-
 /// A `rating_quarantine` row as `load_rating_state` selects it, its times in seconds.
 struct QuarantineRow {
     customer_id: String,
@@ -169,24 +140,35 @@ impl From<QuarantineRow> for QuarantinedPeriod {
 /// unique_count / latest row's multiset of items, every charge and quarantined period. Read in one
 /// snapshot; the caller holds the writer lease, so no epoch commits meanwhile, and re-rating jobs run
 /// in the leader only once this is loaded (finding 13a: a job committing during the load would be
-/// missed), and check the lease in their transaction (`rerating.rs`).
-pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, sqlx::Error> {
+/// missed), and check the lease in their transaction (`rerating.rs`). The group rows and the charges,
+/// a row each per window, are read by binary COPY (`restore/copy.rs`), the charges on `beside` in the
+/// same snapshot, so two Postgres backends serve them at once; `tests/rating.rs` checks the state
+/// against the one [`rating_rows`] and a query read.
+pub async fn load_rating_state(
+    conn: &mut PgConnection,
+    beside: &mut PgConnection,
+) -> Result<RatingState, sqlx::Error> {
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let mut state = rating_rows(&mut tx, None).await?;
-    let charges = sqlx::query_as!(
-        ChargeRow,
-        "SELECT customer_id, meter, dimensions AS \"dimensions: Json<Dimensions>\",
-                window_start, window_end, quantity, amount, currency, price_book_id
-         FROM charges",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    state
-        .charges
-        .extend(charges.into_iter().map(ChargeRow::into_charge));
+    let snapshot: Option<String> = sqlx::query_scalar!("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let snapshot = snapshot.ok_or_else(|| sqlx::Error::Protocol("no snapshot exported".into()))?;
+    let mut beside_tx = sqlx::Connection::begin(&mut *beside).await?;
+    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *beside_tx)
+        .await?;
+    // A snapshot id is Postgres's own text (`00000003-0000001B-1`); SET takes no parameters.
+    let quoted = snapshot.replace('\'', "''");
+    sqlx::query(&format!("SET TRANSACTION SNAPSHOT '{quoted}'"))
+        .execute(&mut *beside_tx)
+        .await?;
+    let (mut state, charges) =
+        futures::future::try_join(copy_rows(&mut tx), copy_charges(&mut beside_tx)).await?;
+    beside_tx.commit().await?;
+    state.charges = charges;
     let quarantined = sqlx::query_as!(
         QuarantineRow,
         "SELECT customer_id, meter, dimensions AS \"dimensions: Json<Dimensions>\",
@@ -209,6 +191,51 @@ pub async fn load_rating_state(conn: &mut PgConnection) -> Result<RatingState, s
     Ok(state)
 }
 
+/// The group rows (by binary COPY) and the multiset items of the whole state.
+async fn copy_rows(conn: &mut PgConnection) -> Result<RatingState, sqlx::Error> {
+    let mut state = RatingState::default();
+    copy::each_tuple(conn, &copy_group_rows(), |t| {
+        let key = AggregateKey {
+            customer_id: t.text(0)?.to_owned(),
+            meter: t.text(1)?.to_owned(),
+            dimensions: t.parsed(2)?,
+            window_start: t.timestamp_secs(3)?,
+            window_end: t.timestamp_secs(4)?,
+        };
+        let aggregate = Aggregate {
+            value: t.decimal(5)?,
+            event_count: t.int8(6)?,
+        };
+        push_group_row(&mut state, key, aggregate, t.boolean(7)?);
+        Ok(())
+    })
+    .await?;
+    item_rows(conn, None, &mut state).await?;
+    Ok(state)
+}
+
+/// Every charge, `(customer_id, meter, charge)`, by binary COPY.
+async fn copy_charges(
+    conn: &mut PgConnection,
+) -> Result<Vec<(String, String, Charge)>, sqlx::Error> {
+    let mut charges = Vec::new();
+    copy::each_tuple(conn, COPY_CHARGES, |t| {
+        let charge = Charge {
+            dimensions: t.parsed(2)?,
+            window_start: t.timestamp_secs(3)?,
+            window_end: t.timestamp_secs(4)?,
+            quantity: t.decimal(5)?,
+            amount: t.decimal(6)?,
+            currency: t.text(7)?.to_owned(),
+            price_book_id: t.text(8)?.to_owned(),
+        };
+        charges.push((t.text(0)?.to_owned(), t.text(1)?.to_owned(), charge));
+        Ok(())
+    })
+    .await?;
+    Ok(charges)
+}
+
 /// Whose windows, and which, a part of the rating state covers: `customers`' windows starting in
 /// `[from, to)` (seconds since the epoch).
 #[derive(Clone, Debug)]
@@ -218,6 +245,54 @@ pub struct Within {
     pub to: i64,
 }
 
+/// The group rows of the whole state (a sum or count meter's, one per window), as binary COPY reads
+/// them: a value outside the decimal range (stored before quarantines existed) is read as quarantined,
+/// never decoded into a Decimal it does not fit; the same rule as [`rating_rows`]'s query.
+fn copy_group_rows() -> String {
+    format!(
+        "COPY (SELECT customer_id, meter, dimensions::text, window_start, window_end,
+                      (CASE WHEN abs(value) > {max} THEN 0 ELSE value END)::text, event_count,
+                      quarantined OR abs(value) > {max}
+               FROM aggregations a
+               WHERE NOT EXISTS (SELECT 1 FROM meters m WHERE m.meter = a.meter
+                                 AND m.aggregation IN ('max', 'unique_count', 'latest')))
+         TO STDOUT (FORMAT binary)",
+        max = Decimal::MAX
+    )
+}
+
+/// Every charge, as binary COPY reads it.
+const COPY_CHARGES: &str =
+    "COPY (SELECT customer_id, meter, dimensions::text, window_start, window_end,
+                                        quantity::text, amount::text, currency, price_book_id
+                                 FROM charges)
+                           TO STDOUT (FORMAT binary)";
+
+/// Adds a stored group row to `state`: a quarantined one with its mark, a zero one not at all.
+fn push_group_row(
+    state: &mut RatingState,
+    key: AggregateKey,
+    aggregate: Aggregate,
+    quarantined: bool,
+) {
+    if quarantined {
+        state.quarantined_rows.push(key.clone());
+        state.rows.push((key, None, aggregate));
+    } else if !aggregate.is_zero() {
+        state.rows.push((key, None, aggregate));
+    }
+}
+
+impl Within {
+    /// The query parameters of `within`: customers, from, to (all NULL: everything).
+    fn bounds(within: Option<&Within>) -> (Option<&[String]>, Option<i64>, Option<i64>) {
+        match within {
+            Some(w) => (Some(w.customers.as_slice()), Some(w.from), Some(w.to)),
+            None => (None, None, None),
+        }
+    }
+}
+
 /// The stored rows rating needs (each sum/count row's total, each multiset row's items, and which rows
 /// are quarantined), all of them or only `within`, on the caller's connection or transaction. The
 /// charges and quarantined periods of the state are left empty.
@@ -225,10 +300,7 @@ pub async fn rating_rows(
     conn: &mut PgConnection,
     within: Option<&Within>,
 ) -> Result<RatingState, sqlx::Error> {
-    let (customers, from, to) = match within {
-        Some(w) => (Some(w.customers.as_slice()), Some(w.from), Some(w.to)),
-        None => (None, None, None),
-    };
+    let (customers, from, to) = Within::bounds(within);
     let mut state = RatingState::default();
     // A value outside the decimal range (stored before quarantines existed) is read as quarantined,
     // never decoded into a Decimal it does not fit.
@@ -262,13 +334,20 @@ pub async fn rating_rows(
             value: r.value,
             event_count: r.event_count,
         };
-        if r.quarantined {
-            state.quarantined_rows.push(key.clone());
-            state.rows.push((key, None, aggregate));
-        } else if !aggregate.is_zero() {
-            state.rows.push((key, None, aggregate));
-        }
+        push_group_row(&mut state, key, aggregate, r.quarantined);
     }
+    item_rows(conn, within, &mut state).await?;
+    Ok(state)
+}
+
+/// Adds the stored multiset items (of max / unique_count / latest rows) rating needs, all of them or
+/// only `within`'s, to `state`.
+async fn item_rows(
+    conn: &mut PgConnection,
+    within: Option<&Within>,
+    state: &mut RatingState,
+) -> Result<(), sqlx::Error> {
+    let (customers, from, to) = Within::bounds(within);
     let items = sqlx::query_as!(
         ItemRow,
         "SELECT v.customer_id, v.meter, v.dimensions AS \"dimensions: Json<Dimensions>\",
@@ -288,5 +367,5 @@ pub async fn rating_rows(
     .fetch_all(&mut *conn)
     .await?;
     state.rows.extend(items.into_iter().map(ItemRow::into_row));
-    Ok(state)
+    Ok(())
 }
