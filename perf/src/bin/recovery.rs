@@ -35,6 +35,11 @@ struct Args {
     /// No price book: windows are metered, not rated (what this benchmark measured before issue 15).
     #[arg(long)]
     no_book: bool,
+    /// VACUUM (ANALYZE) the state once it is built, as autovacuum would have visited a long-running
+    /// deployment's tables; without it the restart is the first to read the built pages (it sets their
+    /// hint bits and prunes them).
+    #[arg(long)]
+    vacuum: bool,
     /// The pipelines' log filter (`info` shows how long loading the rating state took).
     #[arg(long, default_value = "warn")]
     log: String,
@@ -122,6 +127,11 @@ async fn main() -> Result<()> {
             bail!("building the state failed");
         }
         let build_seconds = built.elapsed().as_secs_f64();
+        if args.vacuum {
+            sqlx::query("VACUUM (ANALYZE) aggregations, charges, upcoming_lines")
+                .execute(&pool)
+                .await?;
+        }
         let windows: i64 = sqlx::query_scalar("SELECT count(*) FROM aggregations")
             .fetch_one(&pool)
             .await?;
@@ -178,7 +188,7 @@ async fn main() -> Result<()> {
         );
         println!(
             "{}",
-            json!({"bench": "recovery", "live_windows": windows, "price_book": !args.no_book, "charges": charged, "build_seconds": build_seconds, "killed_at_records": at_kill,
+            json!({"bench": "recovery", "live_windows": windows, "price_book": !args.no_book, "vacuumed": args.vacuum, "charges": charged, "build_seconds": build_seconds, "killed_at_records": at_kill,
                    "restart_to_first_commit_seconds": first_commit, "restart_to_drained_seconds": drained,
                    "records_after_kill": (size.max(1) + args.more) as i64 - at_kill})
         );
