@@ -117,10 +117,7 @@ async fn rerate_once(
     // so the pipeline keeps committing meanwhile (finding 23). What the pipeline commits after the
     // snapshot are changes for events the snapshot does not count, so the corrections are applied as
     // differences (expected − stored as of the snapshot), which keeps those changes.
-    let mut snapshot = conn.begin().await?;
-    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .execute(&mut *snapshot)
-        .await?;
+    let mut snapshot = crate::restore::read_only_snapshot(conn).await?;
     let meters = meters::load_meters(&mut snapshot).await?;
     let multiset: BTreeSet<String> = meters
         .iter()

@@ -136,6 +136,18 @@ impl From<QuarantineRow> for QuarantinedPeriod {
     }
 }
 
+/// A read-only transaction in one snapshot (REPEATABLE READ) on `conn`: what restoring the rating
+/// state and a re-rating job's reading run in.
+pub(crate) async fn read_only_snapshot(
+    conn: &mut PgConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
 /// Everything committed that rating needs (SPEC §9): each sum/count row's total, each max /
 /// unique_count / latest row's multiset of items, every charge and quarantined period. Read in one
 /// snapshot; the caller holds the writer lease, so no epoch commits meanwhile, and re-rating jobs run
@@ -148,18 +160,12 @@ pub async fn load_rating_state(
     conn: &mut PgConnection,
     beside: &mut PgConnection,
 ) -> Result<RatingState, sqlx::Error> {
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = read_only_snapshot(conn).await?;
     let snapshot: Option<String> = sqlx::query_scalar!("SELECT pg_export_snapshot()")
         .fetch_one(&mut *tx)
         .await?;
     let snapshot = snapshot.ok_or_else(|| sqlx::Error::Protocol("no snapshot exported".into()))?;
-    let mut beside_tx = sqlx::Connection::begin(&mut *beside).await?;
-    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .execute(&mut *beside_tx)
-        .await?;
+    let mut beside_tx = read_only_snapshot(beside).await?;
     // A snapshot id is Postgres's own text (`00000003-0000001B-1`); SET takes no parameters.
     let quoted = snapshot.replace('\'', "''");
     sqlx::query(&format!("SET TRANSACTION SNAPSHOT '{quoted}'"))
