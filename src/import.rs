@@ -372,12 +372,6 @@ fn ranges(len: u64, n: usize) -> Vec<(u64, u64)> {
 
 pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
     let started = Instant::now();
-    // Transparent huge pages off for this process: mimalloc asks for them, and on a VM each fault of a
-    // 2 MiB page zeroes all of it, again after every purge. With them, half of a 1M-event import was
-    // the kernel zeroing pages (2.4 s of system time, perf: clear_page_erms); without, 0.2 s.
-    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
-        tracing::debug!(error = %e, "could not turn transparent huge pages off");
-    }
     let path = args.file.as_path();
     let len = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?

@@ -122,6 +122,17 @@ struct ConfigArgs {
     print: bool,
 }
 
+/// Transparent huge pages off for this process (its threads and children too): mimalloc asks for
+/// them, and on a VM each fault of a 2 MiB page zeroes all of it, again after every purge. With them,
+/// half of a 1M-event import was the kernel zeroing pages (2.4 s of system time, perf:
+/// `clear_page_erms`; without, 0.2 s), and a restart at 1M live windows spent 14 % of its samples
+/// there (perf/RESULTS.md, "recovery").
+fn no_transparent_huge_pages() {
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::debug!(error = %e, "could not turn transparent huge pages off");
+    }
+}
+
 fn main() -> Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -146,6 +157,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     init_logging(&cfg.log)?;
+    no_transparent_huge_pages();
     let (url, brokers, topic) = (
         cfg.database.url.expose(),
         cfg.kafka.brokers.as_str(),

@@ -29,9 +29,6 @@ type DedupTables = Arc<RwLock<Vec<Option<Vec<Vec<(u64, u64)>>>>>>;
 /// changes are added up per row and written like the direct engine's.
 pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
     let started = Instant::now();
-    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
-        tracing::debug!(error = %e, "could not turn transparent huge pages off");
-    }
     let path = args.file.clone();
     let len = std::fs::metadata(&path)
         .with_context(|| format!("reading {}", path.display()))?
