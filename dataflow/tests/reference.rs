@@ -51,6 +51,8 @@ struct Outcome {
     conflicting: BTreeSet<(i32, i64)>,
     /// Batches the sink received (not compared: it depends on pacing).
     batches: usize,
+    /// How many records the first commit that stored any covered (not compared either).
+    first_commit_records: Option<usize>,
 }
 
 fn meters() -> Vec<Meter> {
@@ -414,6 +416,7 @@ fn run_paced(
                 .filter(|r| r.offset < out.offsets.get(&r.partition).copied().unwrap_or(0))
                 .cloned()
                 .collect();
+            out.first_commit_records.get_or_insert(below.len());
             let covered = reference(&below);
             let now = Outcome {
                 rows: shown(&store),
@@ -643,4 +646,16 @@ fn epochs_stretch_while_the_reader_is_behind() {
         caught_up.batches,
         per_turn.batches
     );
+}
+
+/// Issue 15: a run's first epoch closes with the first batch its reader hands over, however long epochs
+/// last: after a restart that epoch also holds rating's restored state, and its commit is the sign the
+/// pipeline works again.
+#[test]
+fn the_first_epoch_of_a_run_holds_one_batch() {
+    let records = random_records(11, 3_000);
+    let expected = reference(&records);
+    let got = run_paced(records, 1, 60_000, 10, Some(Duration::from_secs(60)));
+    assert_same(&got, &expected, "a first epoch of one batch");
+    assert_eq!(got.first_commit_records, Some(10));
 }
