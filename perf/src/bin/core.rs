@@ -130,6 +130,10 @@ fn main() -> anyhow::Result<()> {
         bail!("--partitions, --epoch-events, --inflight and --customers must be positive");
     }
     if let Some(workers) = args.child {
+        // As the `meterflow` binary runs (src/main.rs): transparent huge pages off.
+        if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+            eprintln!("could not turn transparent huge pages off: {e}");
+        }
         let line = run(&args, workers)?;
         println!("{line}");
         return Ok(());
