@@ -168,6 +168,8 @@ pub fn run_worker(
 
     while !stop.load(Ordering::Relaxed) && !caught_up {
         let epoch = inputs.epoch();
+        // A run's first epoch closes with its first batch (`batches_per_turn`) and is never stretched.
+        let first_epoch = summary.epochs == 0;
         let mut fed = false;
         if let Some(control) = &mut control {
             // One epoch ahead of the oldest items still fed: what is fed next applies from the epoch
@@ -200,7 +202,7 @@ pub fn run_worker(
             config.epochs_behind.store(behind, Ordering::Relaxed);
         }
         if reader_open && behind < config.max_inflight_epochs {
-            for _ in 0..batches_per_turn(summary.epochs) {
+            for _ in 0..batches_per_turn(first_epoch) {
                 match reader.try_recv() {
                     Ok(SourceMessage::Items(batch)) => {
                         fed = true;
@@ -252,13 +254,13 @@ pub fn run_worker(
         // Not the first epoch: a restart's first commit shows it is working again, and comes as soon
         // as the state it starts from allows (1.5 s sooner at a restart with little state).
         if let Some(catch_up) = config.catch_up_interval {
-            if reader_open && backlogged && summary.epochs > 0 {
+            if reader_open && backlogged && !first_epoch {
                 interval = interval.max(catch_up);
             }
         }
         // The first epoch closes once it holds a batch: after a restart it also holds rating's
         // restored state, and what rides with it is committed only once that state is in.
-        let first_fed = summary.epochs == 0 && summary.records > 0;
+        let first_fed = first_epoch && summary.records > 0;
         if caught_up || first_fed || last_tick.elapsed() >= interval {
             send_markers(&mut inputs.markers, epoch, &mut moved, &next_offsets);
             let next = epoch.saturating_add(1);
@@ -302,8 +304,8 @@ pub fn run_worker(
 /// (which closes with it), 16 after. At a restart with 1M live windows the first epoch held the 65–130k
 /// records read while worker 0 fed the state, and committing them delayed the run's first commit (the
 /// sign it is working again) by 0.4–0.75 s (perf/RESULTS.md, "recovery").
-fn batches_per_turn(epochs: u64) -> usize {
-    if epochs == 0 {
+fn batches_per_turn(first_epoch: bool) -> usize {
+    if first_epoch {
         1
     } else {
         16
