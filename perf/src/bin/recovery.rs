@@ -141,8 +141,8 @@ async fn main() -> Result<()> {
         // restart has at least `more / 2` records to read.
         let before_kill = args.more / 2;
         produce(&args.services.brokers, &topic, size.max(1), before_kill)?;
-        // Catch-up epochs off for the run that is killed: with them (2 s while behind) its first
-        // commit could hold all of `more`, and nothing would be left for the restart to do.
+        // Catch-up epochs off for the run that is killed: with them (2 s while behind) one commit
+        // could hold all of the first half, and the kill would come after it, not mid-run.
         let mut first = pipeline(&args, &url, &topic, false)
             .env("MF_PIPELINE_CATCH_UP_EPOCH_MS", "0")
             .spawn()?;
