@@ -270,9 +270,9 @@ fn copy_group_rows() -> String {
 /// Every charge, as binary COPY reads it.
 const COPY_CHARGES: &str =
     "COPY (SELECT customer_id, meter, dimensions::text, window_start, window_end,
-                                        quantity::text, amount::text, currency, price_book_id
-                                 FROM charges)
-                           TO STDOUT (FORMAT binary)";
+                  quantity::text, amount::text, currency, price_book_id
+           FROM charges)
+     TO STDOUT (FORMAT binary)";
 
 /// Adds a stored group row to `state`: a quarantined one with its mark, a zero one not at all.
 fn push_group_row(
