@@ -28,6 +28,7 @@
 //! | `operators.rs` | `build(inputs, context)`: the dataflow graph, one small named operator per step |
 //! | `rating.rs` | `rate`: window usage + price books → period-to-date window charges (SPEC §5) |
 //! | `error.rs` | [`WorkerError`]: what stops the pipeline, and where transient and data failures are handled instead |
+//! | `consolidate.rs` | `per_epoch`: an epoch's updates summed per record in a hash table (row changes, lines, quarantines) |
 //! | `commit.rs` | `commit_epochs`: gathers each completed epoch on worker 0, hands it to the sink, holds the epoch open until the sink acknowledges |
 //! | `worker.rs` | driving a worker: feeding inputs, ticking epochs, backpressure, shutdown |
 //! | `usage.rs` | [`Usage`], the aggregate as a differential difference; a sum past the decimal range is a sticky *overflowed* usage (quarantine) |
@@ -47,6 +48,7 @@
 pub mod admit;
 pub mod classify;
 pub mod commit;
+pub mod consolidate;
 pub mod control;
 pub mod error;
 pub mod inputs;

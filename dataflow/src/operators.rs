@@ -27,6 +27,7 @@ use timely::dataflow::StreamVec;
 use crate::admit::{admit, Candidate};
 use crate::classify::{Classified, SourceItem};
 use crate::commit::SinkUpdate;
+use crate::consolidate;
 use crate::control::{Control, InForce};
 use crate::inputs::{Inputs, RatingInputs};
 use crate::meters::Meters;
@@ -302,10 +303,12 @@ fn charge_changes<'scope>(
         inputs.restored_charges.as_collection(),
     );
     let charges = charges.inner;
-    let quarantined = quarantined
-        .concat(inputs.restored_quarantines.as_collection().negate())
-        .consolidate()
-        .inner;
+    let quarantined = consolidate::per_epoch(
+        quarantined
+            .concat(inputs.restored_quarantines.as_collection().negate())
+            .inner,
+        "QuarantineChanges",
+    );
     (charges, quarantined)
 }
 
@@ -318,30 +321,27 @@ type LineKey = (String, i64, String, Dimensions, String, String);
 fn line_changes<'scope>(
     charges: StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
 ) -> StreamVec<'scope, Epoch, (LineKey, Epoch, LineTotal)> {
-    charges
-        .map(|((customer, meter, charge), epoch, diff)| {
-            let (period, _) = period_of(charge.window_start);
-            let mut total = LineTotal {
-                amount: charge.amount,
-                quantity: charge.quantity,
-                windows: 1,
-            };
-            if diff < 0 {
-                total.negate();
-            }
-            let key = (
-                customer,
-                period,
-                meter,
-                charge.dimensions,
-                charge.price_book_id,
-                charge.currency,
-            );
-            (key, epoch, total)
-        })
-        .as_collection()
-        .consolidate()
-        .inner
+    let lines = charges.map(|((customer, meter, charge), epoch, diff)| {
+        let (period, _) = period_of(charge.window_start);
+        let mut total = LineTotal {
+            amount: charge.amount,
+            quantity: charge.quantity,
+            windows: 1,
+        };
+        if diff < 0 {
+            total.negate();
+        }
+        let key = (
+            customer,
+            period,
+            meter,
+            charge.dimensions,
+            charge.price_book_id,
+            charge.currency,
+        );
+        (key, epoch, total)
+    });
+    consolidate::per_epoch(lines, "LineChanges")
 }
 
 fn line_change(key: LineKey, total: LineTotal) -> LineChange {
@@ -359,11 +359,11 @@ fn line_change(key: LineKey, total: LineTotal) -> LineChange {
     }
 }
 
-/// Adds up each epoch's contributions per row (and item). Exchange contract: `consolidate` routes each
+/// Adds up each epoch's contributions per row (and item). Exchange contract: `per_epoch` routes each
 /// row to the worker its hash picks, so a row's changes within an epoch meet in one place and leave as
 /// one update.
 fn row_changes<'scope>(
     contributions: VecCollection<'scope, Epoch, RowKey, Usage>,
 ) -> StreamVec<'scope, Epoch, (RowKey, Epoch, Usage)> {
-    contributions.consolidate().inner
+    consolidate::per_epoch(contributions.inner, "RowChanges")
 }
