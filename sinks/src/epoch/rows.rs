@@ -408,6 +408,24 @@ pub(super) async fn apply_lines(
     tx: &mut PgConnection,
     lines: &[LineChange],
 ) -> Result<(), SinkError> {
+    // In the primary key's order, as the group rows (`super::commit`).
+    let mut lines: Vec<&LineChange> = lines.iter().collect();
+    lines.sort_unstable_by(|a, b| {
+        (
+            &a.customer_id,
+            a.period_start,
+            &a.meter,
+            &a.price_book_id,
+            &a.dimensions,
+        )
+            .cmp(&(
+                &b.customer_id,
+                b.period_start,
+                &b.meter,
+                &b.price_book_id,
+                &b.dimensions,
+            ))
+    });
     let dimensions = dimension_texts(lines.iter().map(|l| &l.dimensions));
     let dimensions = text_refs(&dimensions);
     sqlx::query!(
