@@ -4,12 +4,15 @@
 //!  EpochBatch(e1) EpochBatch(e2) … ──merge what is queued──► one transaction:
 //!      SELECT … FROM pipeline_leases FOR UPDATE       -- fence: still our generation, and progress
 //!                                                     -- exactly where our last commit left it?
+//!      UPDATE pipeline_leases SET committed_epoch = e2 + 1, committed_watermark
+//!                                                     -- first: the rows below are written finalized
+//!                                                     -- when the watermark closes their window
 //!      upsert aggregations  (value += Δ, event_count += Δ; a sum past the decimal range quarantines)
 //!      upsert / delete charges (a window's charge replaced whole), rating_quarantine
 //!      add to upcoming_lines (Σ charges per customer, period, meter, book)
 //!      insert dead_letters  (ON CONFLICT (topic, partition, offset) DO NOTHING)
 //!      upsert source_offsets (next offset per partition)
-//!      UPDATE pipeline_leases SET committed_epoch = e2 + 1
+//!      UPDATE aggregations SET finalized   (the windows it closes that no row above touched)
 //!  COMMIT ──► ack(e2) to the dataflow
 //! ```
 //! Contract: a batch's aggregate changes and the offsets that produced them commit together or not at
@@ -276,12 +279,14 @@ async fn commit(
 ) -> Result<Committed, SinkError> {
     let mut tx = conn.begin().await?;
     let row = sqlx::query!(
-        "SELECT generation, committed_epoch FROM pipeline_leases WHERE topic = $1 FOR UPDATE",
+        "SELECT generation, committed_epoch, committed_watermark FROM pipeline_leases
+         WHERE topic = $1 FOR UPDATE",
         lease.topic,
     )
     .fetch_one(&mut *tx)
     .await?;
-    let (generation, progress) = (row.generation, row.committed_epoch);
+    let (generation, progress, before) =
+        (row.generation, row.committed_epoch, row.committed_watermark);
     if generation != lease.generation {
         return Err(SinkError::Fenced {
             topic: lease.topic.clone(),
@@ -296,6 +301,25 @@ async fn commit(
             found: progress,
         });
     }
+
+    // The watermark never goes back, and an admin's floor (POST /api/v1/watermark) lifts it. Advanced
+    // before the rows are written: a row whose window it closes is written finalized (born so, or
+    // finalized by its upsert), not written again by the finalizing UPDATE below (a non-HOT write).
+    let advanced = sqlx::query!(
+        r#"UPDATE pipeline_leases l
+         SET committed_epoch = $2, committed_at = now(),
+             committed_watermark = GREATEST(l.committed_watermark,
+                                            timestamptz 'epoch' + $3::bigint * interval '1 microsecond',
+                                            (SELECT advance_to FROM watermark_floors f WHERE f.topic = l.topic))
+         WHERE topic = $1
+         RETURNING committed_watermark, (extract(epoch FROM allowed_lateness) * 1000000)::bigint AS "lateness_micros!""#,
+        lease.topic,
+        stored_epoch(batch, expected),
+        batch.watermark,
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let (watermark, lateness_micros) = (advanced.committed_watermark, advanced.lateness_micros);
 
     let (mut group, multiset): (Vec<_>, Vec<_>) = batch
         .aggregates
@@ -371,25 +395,9 @@ async fn commit(
         .await?;
     }
 
-    // The watermark never goes back, and an admin's floor (POST /api/v1/watermark) lifts it.
-    let advanced = sqlx::query!(
-        r#"UPDATE pipeline_leases l
-         SET committed_epoch = $2, committed_at = now(),
-             committed_watermark = GREATEST(l.committed_watermark,
-                                            timestamptz 'epoch' + $3::bigint * interval '1 microsecond',
-                                            (SELECT advance_to FROM watermark_floors f WHERE f.topic = l.topic))
-         WHERE topic = $1
-         RETURNING committed_watermark, (extract(epoch FROM allowed_lateness) * 1000000)::bigint AS "lateness_micros!""#,
-        lease.topic,
-        stored_epoch(batch, expected),
-        batch.watermark,
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    let (watermark, lateness_micros) = (advanced.committed_watermark, advanced.lateness_micros);
-    let mut finalized = 0;
+    let mut finalized = closed_by(batch, before, watermark, lateness_micros);
     if let Some(w) = watermark {
-        finalized = sqlx::query!(
+        finalized += sqlx::query!(
             "UPDATE aggregations SET finalized = true, updated_at = now()
              WHERE NOT finalized AND window_end + $2::bigint * interval '1 microsecond' <= $1",
             w,
@@ -421,6 +429,33 @@ async fn commit(
         finalized,
         quarantined,
     })
+}
+
+/// How many of the batch's rows have the window the commit's watermark closes (it moved from `before`
+/// to `after`): the rows it writes finalized, which the finalizing UPDATE does not count.
+fn closed_by(
+    batch: &EpochBatch,
+    before: Option<chrono::DateTime<chrono::Utc>>,
+    after: Option<chrono::DateTime<chrono::Utc>>,
+    lateness_micros: i64,
+) -> u64 {
+    let Some(after) = after else {
+        return 0;
+    };
+    let closes = |key: &meterflow_model::AggregateKey| {
+        key.window_end
+            .saturating_mul(1_000_000)
+            .saturating_add(lateness_micros)
+    };
+    let after = after.timestamp_micros();
+    let before = before.map_or(i64::MIN, |w| w.timestamp_micros());
+    let closed: std::collections::HashSet<&meterflow_model::AggregateKey> = batch
+        .aggregates
+        .iter()
+        .map(|(key, _, _)| key)
+        .filter(|key| closes(key) > before && closes(key) <= after)
+        .collect();
+    closed.len() as u64
 }
 
 /// What a commit changed beyond the batch itself.
@@ -466,5 +501,49 @@ mod failpoint {
             eprintln!("failpoint {point} reached: aborting");
             std::process::abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+    use meterflow_model::{Aggregate, AggregateKey, Dimensions, Item};
+    use rust_decimal::Decimal;
+
+    use super::*;
+
+    fn row(window_end: i64, item: Option<Item>) -> meterflow_model::RowChange {
+        let key = AggregateKey {
+            customer_id: "c".into(),
+            meter: "m".into(),
+            dimensions: Dimensions::default(),
+            window_start: window_end - 3600,
+            window_end,
+        };
+        (key, item, Aggregate::of(Decimal::ONE))
+    }
+
+    fn at(seconds: i64) -> Option<DateTime<Utc>> {
+        DateTime::from_timestamp(seconds, 0)
+    }
+
+    /// The windows a commit's watermark closes among its own rows: closed after the watermark before
+    /// it and no later than the one after; a row of several items counts once.
+    #[test]
+    fn a_commit_counts_the_windows_its_watermark_closes_among_its_rows() {
+        let lateness = 60_000_000; // one minute
+        let batch = EpochBatch {
+            aggregates: vec![
+                row(7_200, None),                            // closes at 7,260: closed before
+                row(10_800, Some(Item::Unique("a".into()))), // closes at 10,860: now
+                row(10_800, Some(Item::Unique("b".into()))), // the same row
+                row(14_400, None),                           // closes at 14,460: now, at the edge
+                row(18_000, None),                           // closes at 18,060: still open
+            ],
+            ..EpochBatch::default()
+        };
+        assert_eq!(closed_by(&batch, at(7_260), at(14_460), lateness), 2);
+        assert_eq!(closed_by(&batch, None, at(14_460), lateness), 3);
+        assert_eq!(closed_by(&batch, at(7_260), None, lateness), 0);
     }
 }

@@ -61,8 +61,8 @@ pub(super) async fn upsert_group_rows(
         "INSERT INTO aggregations AS a (customer_id, meter, window_start, window_end, value, event_count,
                                         quarantined, finalized, dimensions)
          SELECT c, m, to_timestamp(s), to_timestamp(e), v, n, q,
-                -- Born finalized when the last committed watermark closed its window already (a late
-                -- window, as in a backfill): no finalizing UPDATE below (a non-HOT write) for it.
+                -- Born finalized when the committed watermark (this commit's, advanced first) closes
+                -- its window: no finalizing UPDATE (a non-HOT write) for it.
                 COALESCE(to_timestamp(e) + l.allowed_lateness <= l.committed_watermark, false),
                 d::jsonb
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::bigint[],
@@ -73,6 +73,7 @@ pub(super) async fn upsert_group_rows(
                           THEN a.value ELSE a.value + excluded.value END,
              quarantined = a.quarantined OR excluded.quarantined OR abs(a.value + excluded.value) > $8,
              event_count = a.event_count + excluded.event_count,
+             finalized = a.finalized OR excluded.finalized,
              revision = a.revision + 1,
              updated_at = now()",
         &customers as &[&str],
@@ -308,7 +309,7 @@ pub(super) async fn apply_multiset_rows(
                             WHEN 'unique_count' THEN agg.items
                             ELSE COALESCE(agg.latest, 0) END,
                 COALESCE(agg.events, 0),
-                -- Born finalized when the last committed watermark closed its window (upsert_group_rows).
+                -- Finalized when the committed watermark closes its window (upsert_group_rows).
                 COALESCE(to_timestamp(k.e) + l.allowed_lateness <= l.committed_watermark, false),
                 k.d::jsonb
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $7::text[])
@@ -324,6 +325,7 @@ pub(super) async fn apply_multiset_rows(
          ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
          SET value = excluded.value,
              event_count = excluded.event_count,
+             finalized = a.finalized OR excluded.finalized,
              revision = a.revision + 1,
              updated_at = now()",
         &touched.iter().map(|t| t.0).collect::<Vec<_>>() as &[&str],
