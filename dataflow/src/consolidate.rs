@@ -45,11 +45,15 @@ where
             let mut open: BTreeMap<Epoch, (Capability<Epoch>, HashMap<D, R>)> = BTreeMap::new();
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
+                    // Epochs are totally ordered: a stamp always has a least time.
+                    let Some(&least) = cap.least() else {
+                        return;
+                    };
                     for batch in data {
                         for (record, epoch, diff) in batch.drain(..) {
                             // The epoch in the data, never before its message's: differential may
                             // send a later epoch's updates under an earlier capability.
-                            let held = cap.least().map_or(epoch, |least| epoch.max(*least));
+                            let held = epoch.max(least);
                             let (_, sums) = open.entry(epoch).or_insert_with(|| {
                                 (cap.delayed(&held, output.output_index()), HashMap::new())
                             });

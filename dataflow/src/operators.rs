@@ -316,8 +316,8 @@ fn charge_changes<'scope>(
 type LineKey = (String, i64, String, Dimensions, String, String);
 
 /// Each epoch's changes of upcoming-invoice lines (SPEC §6): the window charge changes summed per
-/// (customer, period, meter, dimension values, book). Exchange contract: `consolidate` routes by line, one update per line
-/// and epoch.
+/// (customer, period, meter, dimension values, book). Exchange contract: `per_epoch` routes by line,
+/// one update per line and epoch.
 fn line_changes<'scope>(
     charges: StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
 ) -> StreamVec<'scope, Epoch, (LineKey, Epoch, LineTotal)> {

@@ -65,8 +65,10 @@ pub static LATE_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("a valid metric")
 });
 
-/// Windows that close: a window whose first row is written after the watermark passed it (late data)
-/// is born finalized (`epoch.rs`) and never waits to close, so it is not observed here.
+/// Windows that close: each window a commit's watermark moves past is observed once, whether the
+/// commit's own row write finalizes it or the finalizing UPDATE does (`epoch.rs`). A window whose
+/// first row is written after an earlier commit's watermark passed it (late data) is born finalized
+/// and never waits to close, so it is not observed here.
 pub static WINDOW_CLOSE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
         "window_close_duration_seconds",

@@ -2,7 +2,8 @@
 //! (`super::commit` holds the lease row, and runs them in this order):
 //!
 //! ```text
-//!  group rows ─► aggregations (value += Δ, quarantine past the decimal range; born finalized when late)
+//!  group rows ─► aggregations (value += Δ, quarantine past the decimal range; written finalized when
+//!                               the commit's watermark, advanced first, closes the window)
 //!  multiset rows ─► meter_values (counts per item) ─► aggregations (max / unique_count / latest again)
 //!  charges ─► charges (a window's charge replaced whole) │ lines ─► upcoming_lines (Σ charges)
 //!  quarantined periods ─► rating_quarantine │ dead letters │ conflicting duplicates │ late events
