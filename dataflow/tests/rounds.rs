@@ -327,3 +327,49 @@ fn meters_and_the_watermark_apply_from_the_round_they_are_fed_at_on_every_worker
         }
     }
 }
+
+/// A row's change keeps the scale its events gave it: 87.0 stays 87.0 and 87 stays 87 (Postgres'
+/// numeric stores and the API shows what it is given). Differential's `consolidate` did not: its batch
+/// reuses the previous row's (time, diff) when they are equal, and decimals are equal whatever their
+/// scale, so of two neighbouring rows summing to 87.0 and 87 one came out with the other's.
+#[test]
+fn a_row_change_keeps_the_scale_of_its_events() {
+    let values = ["87.0", "87", "87.00", "87", "5.10", "5.1"];
+    let items: Vec<(Epoch, i32, Classified)> = values
+        .iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let json = format!(
+                r#"{{"event_id":"s{i}","customer_id":"c{i}","event_type":"api_call","event_time":"{}","value":"{value}"}}"#,
+                chrono::DateTime::from_timestamp(BASE_S, 0).unwrap().to_rfc3339(),
+            );
+            let event = decode_event(
+                json.as_bytes(),
+                (BASE_S + 86_400) * 1_000_000,
+                &Limits::default(),
+            )
+            .unwrap();
+            (0, 0, Classified::Count(event))
+        })
+        .collect();
+    // No meter: each type has its default meter, the sum of the events' values named after the type.
+    let controls = vec![(
+        0,
+        Control::Meters {
+            version: 0,
+            meters: Vec::new(),
+        },
+    )];
+    for workers in [1, 2] {
+        let (rows, _) = run_rounds(items.clone(), controls.clone(), workers);
+        for (i, value) in values.iter().enumerate() {
+            let customer = format!("c{i}");
+            let sums: Vec<String> = rows
+                .iter()
+                .filter(|((_, c, meter, _), _)| *c == customer && meter == "api_call")
+                .map(|(_, (sum, _))| sum.to_string())
+                .collect();
+            assert_eq!(sums, [value.to_string()], "{customer}, {workers} workers");
+        }
+    }
+}
