@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use meterflow_dataflow::classify::{Classified, SourceItem};
 use meterflow_dataflow::operators::{build, Epoch};
 use meterflow_dataflow::{Control, GraphContext, GraphInputs, SinkUpdate};
-use meterflow_model::{decode_event, Aggregation, Event, Limits, Meter, Window};
+use meterflow_model::{
+    decode_event, Aggregation, Event, Limits, Meter, PriceBook, PriceModel, Window,
+};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -371,5 +373,90 @@ fn a_row_change_keeps_the_scale_of_its_events() {
                 .collect();
             assert_eq!(sums, [value.to_string()], "{customer}, {workers} workers");
         }
+    }
+}
+
+/// A window's charge keeps the scale of its usage: a quantity of 87.0 is charged as 87.0 and one of
+/// 87 as 87. Rating reads the row changes, so when those took a neighbour's scale (differential's
+/// `consolidate`, see above), 4 of these 6 charges did too (87.00 charged as 87.0).
+#[test]
+fn a_charge_keeps_the_scale_of_its_usage() {
+    let values = ["87.0", "87", "87.00", "87", "5.10", "5.1"];
+    let events: Vec<Event> = values
+        .iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let json = format!(
+                r#"{{"event_id":"q{i}","customer_id":"c{i}","event_type":"api_call","event_time":"{}","value":"{value}"}}"#,
+                chrono::DateTime::from_timestamp(BASE_S, 0).unwrap().to_rfc3339(),
+            );
+            decode_event(json.as_bytes(), (BASE_S + 86_400) * 1_000_000, &Limits::default()).unwrap()
+        })
+        .collect();
+    let book = PriceBook {
+        entries: Default::default(),
+        dimensions: Default::default(),
+        price_book_id: "pb".into(),
+        meter: "api_call".into(),
+        customer_id: None,
+        currency: "USD".into(),
+        effective_from: 0,
+        effective_to: None,
+        model: PriceModel::PerUnit {
+            unit_price: Decimal::ONE,
+        },
+        minimum_per_period: None,
+    };
+    for workers in [1, 2] {
+        let charges: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let collected = charges.clone();
+        let (events, book) = (events.clone(), book.clone());
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let context = GraphContext {
+                allowed_lateness_micros: LATENESS_MICROS,
+            };
+            let seen = collected.clone();
+            let probe = ProbeHandle::new();
+            let mut inputs = worker.dataflow::<Epoch, _, _>(|scope| {
+                let mut inputs = GraphInputs::default();
+                build(inputs.streams(scope), context)
+                    .inspect(move |(_, update)| {
+                        if let SinkUpdate::Charge(customer, _, charge, 1) = update {
+                            let quantity = charge.quantity.to_string();
+                            seen.lock().unwrap().push((customer.clone(), quantity));
+                        }
+                    })
+                    .probe_with(&probe);
+                inputs
+            });
+            if worker.index() == 0 {
+                inputs.control.send(Control::Meters {
+                    version: 0,
+                    meters: Vec::new(),
+                });
+                inputs.books.send((book.clone(), 0, 1));
+                for event in &events {
+                    inputs.items.send(SourceItem {
+                        partition: 0,
+                        offset: 0,
+                        what: Classified::Count(event.clone()),
+                    });
+                }
+            }
+            inputs.advance_to(1);
+            inputs.control.advance_to(1);
+            while probe.less_than(&1) {
+                worker.step();
+            }
+        })
+        .unwrap();
+        let mut got = charges.lock().unwrap().clone();
+        got.sort();
+        let want: Vec<(String, String)> = values
+            .iter()
+            .enumerate()
+            .map(|(i, value)| (format!("c{i}"), value.to_string()))
+            .collect();
+        assert_eq!(got, want, "{workers} workers");
     }
 }
