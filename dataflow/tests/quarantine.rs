@@ -1,7 +1,7 @@
 //! Overflow is data, not a crash (issue 13, findings 3 and 17): a window whose usage leaves the 96-bit
 //! decimal range, or a period whose price does, is quarantined — the dataflow never panics, the
 //! period keeps the charges of the windows before it, the sink is told which row and which period, and
-//! every other customer is rated as usual.
+//! every other customer is rated as usual. And a charge keeps its usage's decimal scale.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
@@ -263,4 +263,31 @@ fn finding_17_a_rating_overflow_keeps_earlier_charges_and_quarantines_the_period
             reason: QuarantineReason::RatingOverflow,
         }]
     );
+}
+
+/// A window's charge keeps the scale of its usage: a quantity of 87.00 is charged as 87.00 and one of
+/// 87 as 87. Rating reads the row changes, so when those took a neighbour's scale (differential's
+/// `consolidate` reuses the previous key's equal (time, diff), and decimals are equal whatever their
+/// scale; `rounds.rs::a_row_change_keeps_the_scale_of_its_events`), 4 of these 6 charges did too.
+#[test]
+fn a_charge_keeps_the_scale_of_its_usage() {
+    let values = ["87.0", "87", "87.00", "87", "5.10", "5.1"];
+    let records = values
+        .iter()
+        .zip(0..)
+        .map(|(value, i)| event(&format!("q{i}"), &format!("c{i}"), W1, value, i))
+        .collect();
+    let seen = run(records, RatingState::default(), vec![per_unit("1")]);
+    let got: Vec<(&str, String)> = seen
+        .charges
+        .iter()
+        .map(|((customer, _), charge)| (customer.as_str(), charge.quantity.to_string()))
+        .collect();
+    let customers: Vec<String> = (0..values.len()).map(|i| format!("c{i}")).collect();
+    let want: Vec<(&str, String)> = customers
+        .iter()
+        .zip(values)
+        .map(|(customer, value)| (customer.as_str(), value.to_string()))
+        .collect();
+    assert_eq!(got, want);
 }
