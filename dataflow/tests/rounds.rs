@@ -14,9 +14,7 @@ use std::sync::{Arc, Mutex};
 use meterflow_dataflow::classify::{Classified, SourceItem};
 use meterflow_dataflow::operators::{build, Epoch};
 use meterflow_dataflow::{Control, GraphContext, GraphInputs, SinkUpdate};
-use meterflow_model::{
-    decode_event, Aggregation, Event, Limits, Meter, PriceBook, PriceModel, Window,
-};
+use meterflow_model::{decode_event, Aggregation, Event, Limits, Meter, Window};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
