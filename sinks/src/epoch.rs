@@ -321,20 +321,10 @@ async fn commit(
     .await?;
     let (watermark, lateness_micros) = (advanced.committed_watermark, advanced.lateness_micros);
 
-    let (mut group, multiset): (Vec<_>, Vec<_>) = batch
+    let (group, multiset): (Vec<_>, Vec<_>) = batch
         .aggregates
         .iter()
         .partition(|(_, item, _)| item.is_none());
-    // In the primary key's order: each row's index page is then the last one's or the next (the
-    // dataflow sums an epoch's rows in a hash table, so they come in no order).
-    group.sort_unstable_by(|(a, _, _), (b, _, _)| {
-        (&a.customer_id, &a.meter, a.window_start, &a.dimensions).cmp(&(
-            &b.customer_id,
-            &b.meter,
-            b.window_start,
-            &b.dimensions,
-        ))
-    });
     if !group.is_empty() {
         rows::upsert_group_rows(&mut tx, &lease.topic, &group, &batch.quarantined_rows).await?;
     }

@@ -37,6 +37,8 @@ pub(super) async fn upsert_group_rows(
 ) -> Result<(), SinkError> {
     let quarantined: std::collections::HashSet<&meterflow_model::AggregateKey> =
         quarantined.iter().collect();
+    let mut rows = rows.to_vec();
+    rows.sort_unstable_by(|(a, _, _), (b, _, _)| row_order(a).cmp(&row_order(b)));
     let n = rows.len();
     let dimensions = dimension_texts(rows.iter().map(|(key, _, _)| &key.dimensions));
     let (mut customers, mut meters, mut starts, mut ends, mut values, mut counts, mut flags) = (
@@ -411,24 +413,8 @@ pub(super) async fn apply_lines(
     tx: &mut PgConnection,
     lines: &[LineChange],
 ) -> Result<(), SinkError> {
-    // In the primary key's order, as the group rows (`super::commit`).
     let mut lines: Vec<&LineChange> = lines.iter().collect();
-    lines.sort_unstable_by(|a, b| {
-        (
-            &a.customer_id,
-            a.period_start,
-            &a.meter,
-            &a.price_book_id,
-            &a.dimensions,
-        )
-            .cmp(&(
-                &b.customer_id,
-                b.period_start,
-                &b.meter,
-                &b.price_book_id,
-                &b.dimensions,
-            ))
-    });
+    lines.sort_unstable_by(|a, b| line_order(a).cmp(&line_order(b)));
     let dimensions = dimension_texts(lines.iter().map(|l| &l.dimensions));
     let dimensions = text_refs(&dimensions);
     sqlx::query!(
@@ -568,6 +554,28 @@ pub(crate) async fn insert_dimension_values(
 
 /// A key's dimension values as the text a statement casts to `jsonb` (`{}`, the common case, without
 /// an allocation).
+/// A group row's primary key, in its order. Rows are written in it: each row's index page is then the
+/// last one's or the next (the dataflow sums an epoch's rows in a hash table, so they come in no order).
+fn row_order(key: &meterflow_model::AggregateKey) -> (&str, &str, i64, &Dimensions) {
+    (
+        &key.customer_id,
+        &key.meter,
+        key.window_start,
+        &key.dimensions,
+    )
+}
+
+/// An upcoming-invoice line's primary key, in its order; lines are written in it, as group rows are.
+fn line_order(line: &LineChange) -> (&str, i64, &str, &str, &Dimensions) {
+    (
+        &line.customer_id,
+        line.period_start,
+        &line.meter,
+        &line.price_book_id,
+        &line.dimensions,
+    )
+}
+
 fn dimension_text(dimensions: &Dimensions) -> Cow<'static, str> {
     if dimensions.is_empty() {
         Cow::Borrowed("{}")
