@@ -185,7 +185,8 @@ pub struct PipelineConfig {
     pub epoch_ms: u64,
     /// While the pipeline is behind the topic's end (a backfill, a restart, a burst), every epoch but
     /// the first lasts at least this long, in milliseconds: fewer, larger commits, each window revised
-    /// fewer times. 0: never.
+    /// fewer times. While no window can close before it ends (the watermark is held below the next
+    /// window's close), it lasts up to four fifths of the idle timeout. 0: never.
     #[default(2_000)]
     pub catch_up_epoch_ms: u64,
     /// Allowed out-of-orderness: a partition's watermark trails its greatest event time by this many

@@ -42,7 +42,7 @@ use meterflow_dataflow::{
 };
 use meterflow_model::{Limits, Meter, PriceBook};
 use meterflow_sinks::restore;
-use meterflow_store::{meters, price_books, PgClaims};
+use meterflow_store::{meters, price_books, watermark_floors, PgClaims};
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
@@ -80,7 +80,7 @@ pub struct PipelineArgs {
     #[arg(long)]
     pub epoch_ms: Option<u64>,
     /// While the pipeline is behind the topic's end, every epoch but the first lasts at least this
-    /// long; 0: never
+    /// long, and up to 4/5 of the idle timeout while no window can close before it ends; 0: never
     /// (pipeline.catch_up_epoch_ms) [env: MF_PIPELINE_CATCH_UP_EPOCH_MS; default 2000].
     #[arg(long)]
     pub catch_up_epoch_ms: Option<u64>,
@@ -246,10 +246,16 @@ fn run_once(
     let jobs_queued = Arc::new(tokio::sync::Notify::new());
     let control = if leader {
         let (meter_updates, updates) = crossbeam_channel::unbounded();
+        let (floor_updates, floors) = crossbeam_channel::unbounded();
         runtime.spawn(watch_config(
             database_url.to_owned(),
             (meters.clone(), meter_updates),
             book_updates,
+            watch::Floors {
+                topic: topic.to_owned(),
+                known: None,
+                updates: floor_updates,
+            },
             jobs_queued.clone(),
             run.clone(),
         ));
@@ -257,6 +263,7 @@ fn run_once(
             meters,
             updates,
             watermark: shared_watermark.clone(),
+            floors,
         })
     } else {
         None
@@ -325,6 +332,10 @@ fn run_once(
         epoch_interval: Duration::from_millis(cfg.pipeline.epoch_ms),
         catch_up_interval: (cfg.pipeline.catch_up_epoch_ms > 0)
             .then(|| Duration::from_millis(cfg.pipeline.catch_up_epoch_ms)),
+        // Under the idle timeout, with a fifth of it left for the commit: the commit sees a partition
+        // only at the end of an epoch that read it, and must not take a held one for idle.
+        catch_up_hold: (cfg.pipeline.catch_up_epoch_ms > 0)
+            .then(|| Duration::from_secs(cfg.pipeline.idle_timeout_secs).mul_f64(0.8)),
         full_batch: source.batch_size,
         watermarks: WatermarkPolicy {
             out_of_orderness_micros: cfg.pipeline.out_of_orderness_ms as i64 * 1_000,

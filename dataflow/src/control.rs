@@ -37,6 +37,10 @@ pub enum Control {
     Meters { version: u64, meters: Vec<Meter> },
     /// The committed event-time watermark from this epoch on (it only moves forward).
     Watermark(i64),
+    /// An admin's floor under the watermark (`POST /api/v1/watermark`), as set, before the commit that
+    /// lifts the watermark to it. Metering ignores it (the committed watermark judges lateness); the
+    /// worker loop ends a held catch-up epoch for it (`catch_up.rs`).
+    Floor(i64),
 }
 
 /// What metering reads: the meter sets received, by the epoch they apply from, and the greatest
@@ -62,6 +66,7 @@ impl InForce {
                 }
             }
             Control::Watermark(w) => self.watermark = self.watermark.max(Some(w)),
+            Control::Floor(_) => {}
         }
     }
 

@@ -46,6 +46,7 @@
 )]
 
 pub mod admit;
+pub mod catch_up;
 pub mod classify;
 pub mod commit;
 pub mod consolidate;

@@ -2,17 +2,21 @@
 //! on every tick (also on workers that own no partition, so the global frontier always moves), stay at most
 //! `max_inflight_epochs` ahead of the sink, and stop cleanly. Building the graph is `operators::build`.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 use meterflow_model::{Meter, PartitionProgress, PriceBook, RatingCorrection, RatingState};
-use timely::dataflow::operators::Probe;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Inspect, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 use timely::worker::Worker;
 
+use crate::catch_up::{epoch_length, holds_the_watermark, ReadPartition, Told};
 use crate::classify::{read_watermark, Classified, SharedWatermark};
 use crate::commit::{commit_epochs, SinkChannels};
 use crate::control::Control;
@@ -32,6 +36,10 @@ pub struct WorkerConfig {
     /// While the reader is behind (its last batch was full: more records were waiting in Kafka), every
     /// epoch but the first lasts at least this long.
     pub catch_up_interval: Option<Duration>,
+    /// While the reader is behind and this worker holds the event-time watermark below the next
+    /// window close (`catch_up.rs`), an epoch lasts up to this long, past `catch_up_interval`. Kept
+    /// under the idle timeout: the commit sees a partition only at the end of an epoch it was read in.
+    pub catch_up_hold: Option<Duration>,
     /// The reader's batch size: a batch this large says records were waiting.
     pub full_batch: usize,
     /// How worker 0 derives the event-time watermark.
@@ -47,6 +55,7 @@ impl Default for WorkerConfig {
             epoch_interval: Duration::from_millis(250),
             max_inflight_epochs: 8,
             catch_up_interval: None,
+            catch_up_hold: None,
             full_batch: usize::MAX,
             watermarks: WatermarkPolicy::default(),
             epochs_behind: Arc::new(AtomicU64::new(0)),
@@ -76,6 +85,9 @@ pub struct ControlFeed {
     pub updates: Receiver<Vec<Meter>>,
     /// The committed watermark, as the writer publishes it.
     pub watermark: SharedWatermark,
+    /// Admins' floors under the watermark as they are set (`POST /api/v1/watermark`), before the
+    /// commit that lifts the watermark to them: a held catch-up epoch ends for one.
+    pub floors: Receiver<i64>,
 }
 
 impl ControlFeed {
@@ -85,6 +97,7 @@ impl ControlFeed {
             meters,
             updates: crossbeam_channel::never(),
             watermark,
+            floors: crossbeam_channel::never(),
         }
     }
 }
@@ -124,6 +137,9 @@ pub fn run_worker(
     stop: &AtomicBool,
 ) -> Result<WorkerSummary, WorkerError> {
     let watermarks = config.watermarks.clone();
+    let allowed_lateness_micros = context.allowed_lateness_micros;
+    // What the control input told this worker, for holding catch-up epochs (`catch_up.rs`).
+    let told = Rc::new(Cell::new(Told::default()));
     let Feeds {
         sink,
         rating,
@@ -137,6 +153,16 @@ pub fn run_worker(
         let probe = ProbeHandle::new();
         let mut streams = inputs.streams(scope);
         streams.items = streams.items.probe_with(&items_open);
+        let hearing = Rc::clone(&told);
+        streams.control.clone().broadcast().inspect(move |change| {
+            let mut now = hearing.get();
+            match change {
+                Control::Watermark(w) => now.watermark = now.watermark.max(Some(*w)),
+                Control::Floor(f) => now.floor = now.floor.max(Some(*f)),
+                Control::Meters { .. } => {}
+            }
+            hearing.set(now);
+        });
         let updates = build(streams, context);
         commit_epochs(updates, sink, watermarks).probe_with(&probe);
         (inputs, probe)
@@ -156,6 +182,7 @@ pub fn run_worker(
 
     let mut summary = WorkerSummary::default();
     let mut next_offsets: BTreeMap<i32, PartitionProgress> = BTreeMap::new();
+    let mut last_read: BTreeMap<i32, Instant> = BTreeMap::new();
     let mut moved: BTreeSet<i32> = BTreeSet::new();
     let mut last_tick = Instant::now();
     let mut caught_up = false;
@@ -208,6 +235,7 @@ pub fn run_worker(
                         fed = true;
                         backlogged = batch.len() >= config.full_batch;
                         let trusted = trusted_event_time();
+                        let now = Instant::now();
                         summary.records = summary.records.saturating_add(batch.len() as u64);
                         for item in batch {
                             let progress =
@@ -225,6 +253,7 @@ pub fn run_worker(
                                     .max(Some(e.event_time_micros.min(trusted)));
                             }
                             moved.insert(item.partition);
+                            last_read.insert(item.partition, now);
                             inputs.items.send(item);
                         }
                     }
@@ -256,6 +285,23 @@ pub fn run_worker(
         if let Some(catch_up) = config.catch_up_interval {
             if reader_open && backlogged && !first_epoch {
                 interval = interval.max(catch_up);
+                // And longer while no window can close before it ends (`catch_up.rs`).
+                interval =
+                    epoch_length(interval, config.catch_up_hold, last_tick.elapsed(), || {
+                        let read = next_offsets.values().filter_map(|p| {
+                            last_read.get(&p.partition).map(|at| ReadPartition {
+                                max_event_time_micros: p.max_event_time_micros,
+                                last_read: *at,
+                            })
+                        });
+                        holds_the_watermark(
+                            told.get(),
+                            read,
+                            &config.watermarks,
+                            allowed_lateness_micros,
+                            Instant::now(),
+                        )
+                    });
             }
         }
         // The first epoch closes once it holds a batch: after a restart it also holds rating's
@@ -368,6 +414,8 @@ struct Controller {
     version: u64,
     /// The last watermark fed.
     watermark: Option<i64>,
+    /// The last floor fed.
+    floor: Option<i64>,
 }
 
 impl Controller {
@@ -379,13 +427,14 @@ impl Controller {
             feed,
             version: 0,
             watermark: None,
+            floor: None,
         };
         controller.feed(&mut inputs.control);
         controller
     }
 
-    /// Feeds, at the control input's epoch, the latest meters if they changed and the committed
-    /// watermark if it moved; true if it fed anything.
+    /// Feeds, at the control input's epoch, the latest meters if they changed, the committed
+    /// watermark if it moved, and an admin's floor if one rose; true if it fed anything.
     fn feed(&mut self, control: &mut InputHandleVec<Epoch, Control>) -> bool {
         let mut fed = false;
         if let Some(meters) = self.feed.updates.try_iter().last() {
@@ -403,6 +452,14 @@ impl Controller {
                 fed = true;
             }
             self.watermark = watermark;
+        }
+        let floor = self.feed.floors.try_iter().max();
+        if floor > self.floor {
+            if let Some(f) = floor {
+                control.send(Control::Floor(f));
+                fed = true;
+            }
+            self.floor = floor;
         }
         if fed {
             // An input hands on what it was sent when it advances or is flushed: now, so every worker

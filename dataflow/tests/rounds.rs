@@ -85,6 +85,10 @@ fn random_controls(seed: u64) -> Vec<(Epoch, Control)> {
             watermark += rng.random_range(0..3_600_000_000i64);
             controls.push((round, Control::Watermark(watermark)));
         }
+        // An admin's floor far ahead: metering never reads it (only a commit lifts the watermark).
+        if rng.random_bool(0.2) {
+            controls.push((round, Control::Floor((BASE_S + 100 * 3600) * 1_000_000)));
+        }
     }
     controls
 }
@@ -97,6 +101,7 @@ fn in_force(controls: &[(Epoch, Control)], round: Epoch) -> (Vec<Meter>, Option<
         match control {
             Control::Meters { meters: m, .. } => meters = m.clone(),
             Control::Watermark(w) => watermark = watermark.max(Some(*w)),
+            Control::Floor(_) => {}
         }
     }
     (meters, watermark)

@@ -14,6 +14,23 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::batch::PartitionProgress;
+use crate::window::Window;
+
+/// Every window ends on a whole minute: minute, hour and day windows, aligned to UTC (SPEC §4).
+const WINDOW_GRAIN_MICROS: i64 = Window::Minute.seconds() * 1_000_000;
+
+/// The least watermark above `watermark` that closes a window. A window closes once the watermark
+/// reaches its end plus the allowed lateness, and every end is a whole minute; so while the
+/// watermark stays below this, it closes nothing that `watermark` had not closed.
+pub fn next_close(watermark: i64, allowed_lateness_micros: i64) -> i64 {
+    let above = watermark.saturating_add(1);
+    // Both remainders are in [0, grain): their difference cannot overflow.
+    let to_next = allowed_lateness_micros
+        .rem_euclid(WINDOW_GRAIN_MICROS)
+        .saturating_sub(above.rem_euclid(WINDOW_GRAIN_MICROS))
+        .rem_euclid(WINDOW_GRAIN_MICROS);
+    above.saturating_add(to_next)
+}
 
 /// How the global watermark follows the partitions.
 #[derive(Clone, Debug)]
@@ -117,6 +134,29 @@ mod tests {
         // Everything idle: the greatest time read stands.
         let much_later = later + Duration::from_secs(60);
         assert_eq!(w.global(much_later), Some(195));
+    }
+
+    #[test]
+    fn the_next_close_is_the_first_minute_end_plus_lateness_above_the_watermark() {
+        const MINUTE: i64 = 60_000_000;
+        const HOUR: i64 = 60 * MINUTE;
+        // Lateness of an hour: windows close on whole minutes.
+        assert_eq!(next_close(10 * MINUTE, HOUR), 11 * MINUTE);
+        assert_eq!(next_close(10 * MINUTE - 1, HOUR), 10 * MINUTE);
+        assert_eq!(next_close(10 * MINUTE + 1, HOUR), 11 * MINUTE);
+        // Lateness of 90 s: half past each minute.
+        assert_eq!(
+            next_close(10 * MINUTE, 90_000_000),
+            10 * MINUTE + 30_000_000
+        );
+        assert_eq!(
+            next_close(10 * MINUTE + 30_000_000, 90_000_000),
+            11 * MINUTE + 30_000_000
+        );
+        // Before 1970, and at the ends of the range: no overflow.
+        assert_eq!(next_close(-MINUTE - 5, 0), -MINUTE);
+        assert_eq!(next_close(i64::MAX, HOUR), i64::MAX);
+        assert!(next_close(i64::MIN, HOUR) > i64::MIN);
     }
 
     #[test]

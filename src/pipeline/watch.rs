@@ -1,6 +1,7 @@
 //! What the pipeline watches beside its dataflow: the meters and price books in Postgres (LISTEN on
 //! the tables' notifications, fed to the workers as they change; a queued re-rating job wakes the
-//! leader's runner on the same channel), and the consumer lag per partition
+//! leader's runner on the same channel, and an admin's watermark floor ends a held catch-up epoch),
+//! and the consumer lag per partition
 //! (a metric, polled). Each is a task on the process's one runtime and ends when the run's token is
 //! cancelled.
 
@@ -23,6 +24,8 @@ enum Changed {
     Books,
     /// A re-rating job was queued (`rerating_jobs`, migration 0019).
     Jobs,
+    /// An admin set a watermark floor (`meterflow_store::watermark_floors::advance`).
+    Floor,
     /// Anything may have: a reconnect, the fallback, an unknown payload.
     Both,
 }
@@ -37,6 +40,7 @@ pub(super) async fn watch_config(
     url: String,
     meters: (Vec<Meter>, crossbeam_channel::Sender<Vec<Meter>>),
     books: Option<(Vec<PriceBook>, crossbeam_channel::Sender<Vec<PriceBook>>)>,
+    floors: Floors,
     jobs_queued: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
@@ -44,6 +48,7 @@ pub(super) async fn watch_config(
         url,
         meters,
         books,
+        floors,
         jobs_queued,
         conn: None,
     };
@@ -53,12 +58,21 @@ pub(super) async fn watch_config(
     }
 }
 
+/// The admin's watermark floor of the pipeline's topic: the greatest sent to worker 0, and where new ones
+/// go (a held catch-up epoch ends for one: `meterflow_dataflow::catch_up`).
+pub(super) struct Floors {
+    pub topic: String,
+    pub known: Option<i64>,
+    pub updates: crossbeam_channel::Sender<i64>,
+}
+
 struct Watcher {
     url: String,
     /// The meters the dataflow has, and where new ones go.
     meters: (Vec<Meter>, crossbeam_channel::Sender<Vec<Meter>>),
     /// The books the dataflow has, and where new ones go; `None` when this process rates nothing.
     books: Option<(Vec<PriceBook>, crossbeam_channel::Sender<Vec<PriceBook>>)>,
+    floors: Floors,
     /// Woken when a re-rating job is queued (the leader's runner waits on it).
     jobs_queued: Arc<tokio::sync::Notify>,
     /// The connection the reloads read on (the listener's is busy listening).
@@ -88,6 +102,7 @@ impl Watcher {
                         "meters" => Changed::Meters,
                         "price_books" => Changed::Books,
                         "rerating_jobs" => Changed::Jobs,
+                        "watermark_floors" => Changed::Floor,
                         _ => Changed::Both,
                     }),
                     // Reconnected: what was notified meanwhile is lost.
@@ -110,6 +125,9 @@ impl Watcher {
                 return; // the dataflow is gone: the pipeline stopped
             }
             if matches!(changed, Changed::Books | Changed::Both) && !self.reload_books().await {
+                return; // the dataflow is gone: the pipeline stopped
+            }
+            if matches!(changed, Changed::Floor | Changed::Both) && !self.reload_floor().await {
                 return; // the dataflow is gone: the pipeline stopped
             }
         }
@@ -157,6 +175,27 @@ impl Watcher {
             Err(e) => {
                 self.conn = None;
                 tracing::warn!(error = %e, "cannot reload meters; keeping the current ones");
+                true
+            }
+        }
+    }
+
+    /// False once the dataflow is gone.
+    async fn reload_floor(&mut self) -> bool {
+        let topic = self.floors.topic.clone();
+        let loaded = match self.connection().await {
+            Ok(conn) => watermark_floors::floor(&mut *conn, &topic).await,
+            Err(e) => Err(e),
+        };
+        match loaded {
+            Ok(Some(floor)) if Some(floor.timestamp_micros()) > self.floors.known => {
+                self.floors.known = Some(floor.timestamp_micros());
+                self.floors.updates.send(floor.timestamp_micros()).is_ok()
+            }
+            Ok(_) => true,
+            Err(e) => {
+                self.conn = None;
+                tracing::warn!(error = %e, "cannot read the watermark floor; a held catch-up epoch ends at its bound");
                 true
             }
         }

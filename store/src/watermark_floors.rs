@@ -2,15 +2,18 @@
 //! pipeline's next commit lifts the watermark to. It only rises.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgExecutor, PgPool};
 
 /// The floor of `topic`, if an admin set one.
-pub async fn floor(pool: &PgPool, topic: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+pub async fn floor<'c>(
+    db: impl PgExecutor<'c>,
+    topic: &str,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     sqlx::query_scalar!(
         "SELECT advance_to FROM watermark_floors WHERE topic = $1",
         topic,
     )
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await
 }
 
@@ -50,6 +53,12 @@ pub async fn advance(
         request_id,
     )
     .await?;
+    // The pipeline's config watcher listens on this channel (src/pipeline/watch.rs): a catch-up epoch
+    // it holds open ends for the floor, so the commit that applies it comes within seconds. Sent on
+    // commit, like the `meters` and `price_books` triggers' (migration 0018).
+    sqlx::query!("SELECT pg_notify('meterflow_config', 'watermark_floors')")
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(floor)
 }
