@@ -665,6 +665,25 @@ async fn finding_19_watermark_advance_is_bounded_and_audited() {
     assert_eq!(audited, 1);
 }
 
+/// Issue 15: `POST /watermark` announces the floor on the pipeline's config channel, so a pipeline
+/// that holds a catch-up epoch open ends it and commits the floor within seconds (`catch_up.rs`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watermark_floor_is_announced_to_the_pipeline() {
+    let api = spawn_api().await;
+    let mut listener = sqlx::postgres::PgListener::connect(&api.url).await.unwrap();
+    listener.listen("meterflow_config").await.unwrap();
+    let soon = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339();
+    let ok = api
+        .post_json("/api/v1/watermark", &json!({"advance_to": soon}))
+        .await;
+    assert_eq!(ok.status(), StatusCode::ACCEPTED);
+    let told = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("announced within 5 s")
+        .unwrap();
+    assert_eq!(told.payload(), "watermark_floors");
+}
+
 /// Finding 32: a failed re-rating job showed the raw database message in its `error` field.
 #[tokio::test(flavor = "multi_thread")]
 async fn finding_32_job_errors_do_not_expose_database_messages() {

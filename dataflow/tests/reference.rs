@@ -373,6 +373,8 @@ struct Pacing {
     feed_every: Option<Duration>,
     /// The committed watermark the run starts from.
     watermark_micros: i64,
+    /// An admin's floor, set as the run starts (the harness never commits it).
+    floor_micros: Option<i64>,
 }
 
 impl Default for Pacing {
@@ -384,6 +386,7 @@ impl Default for Pacing {
             hold: None,
             feed_every: None,
             watermark_micros: WATERMARK_MICROS,
+            floor_micros: None,
         }
     }
 }
@@ -396,6 +399,7 @@ fn run_with(records: Vec<RawRecord>, workers: usize, pacing: Pacing) -> Outcome 
         hold,
         feed_every,
         watermark_micros,
+        floor_micros,
     } = pacing;
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<EpochBatch>(4);
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded();
@@ -490,6 +494,7 @@ fn run_with(records: Vec<RawRecord>, workers: usize, pacing: Pacing) -> Outcome 
         ..WorkerConfig::default()
     };
     let watermark = new_watermark(Some(watermark_micros));
+
     let context = GraphContext {
         allowed_lateness_micros: LATENESS_MICROS,
     };
@@ -525,10 +530,17 @@ fn run_with(records: Vec<RawRecord>, workers: usize, pacing: Pacing) -> Outcome 
             }
         };
         let feeds = if worker.index() == 0 {
+            let (floor, floors) = crossbeam_channel::unbounded();
+            floor_micros
+                .into_iter()
+                .for_each(|f| floor.send(f).unwrap());
             Feeds {
                 sink: sink.lock().unwrap().take(),
                 rating: None,
-                control: Some(ControlFeed::fixed(meters(), watermark.clone())),
+                control: Some(ControlFeed {
+                    floors,
+                    ..ControlFeed::fixed(meters(), watermark.clone())
+                }),
             }
         } else {
             Feeds::default()
@@ -724,8 +736,8 @@ fn the_first_epoch_of_a_run_holds_one_batch() {
 
 /// Issue 15: past the catch-up interval, an epoch is held open while the worker holds the watermark
 /// below the next window close (`catch_up.rs`): a backfill under a watermark past all its events (no
-/// window can close) is committed in a few epochs, the same events under one they pass in one per
-/// catch-up interval; the rows are the same.
+/// window can close) is committed in a few epochs; the same events under one they pass, or under an
+/// admin's floor awaiting its commit, in one per catch-up interval; the rows are the same.
 #[test]
 fn a_catch_up_epoch_is_held_while_no_window_can_close() {
     let records = random_records(13, 3_000);
@@ -741,16 +753,24 @@ fn a_catch_up_epoch_is_held_while_no_window_can_close() {
         watermark_micros: (BASE_MS + 30 * 3_600_000) * 1_000,
         ..behind
     };
+    // An admin's floor above the committed watermark: its commit is due, nothing is held.
+    let under_a_floor = Pacing {
+        floor_micros: Some((BASE_MS + 40 * 3_600_000) * 1_000),
+        ..past_all
+    };
     for workers in [1, 2] {
         let passing = run_with(records.clone(), workers, behind);
         let held = run_with(records.clone(), workers, past_all);
+        let floored = run_with(records.clone(), workers, under_a_floor);
         assert_eq!(held.rows, passing.rows, "{workers} workers");
         assert_eq!(held.offsets, passing.offsets, "{workers} workers");
+        assert_eq!(floored.rows, passing.rows, "{workers} workers");
         assert!(
-            held.batches <= 4 && passing.batches >= 10,
-            "{workers} workers: held {} commits, passing the next close {}",
+            held.batches <= 4 && passing.batches >= 10 && floored.batches >= 10,
+            "{workers} workers: held {} commits, passing the next close {}, under a floor {}",
             held.batches,
-            passing.batches
+            passing.batches,
+            floored.batches
         );
     }
 }
