@@ -51,6 +51,7 @@ fn paths() -> (u64, u64) {
 fn claims_by_copy_and_by_statement() {
     new_ids_count_replays_count_again_and_copies_are_duplicates();
     events_the_api_stored_are_claimed_by_the_statement();
+    known_event_types_are_noted_once();
 }
 
 fn new_ids_count_replays_count_again_and_copies_are_duplicates() {
@@ -191,4 +192,43 @@ fn events_the_api_stored_are_claimed_by_the_statement() {
         "SELECT count(*) FROM telemetry_events",
     ));
     assert_eq!(rows, 2);
+}
+
+/// Issue 15: the fast path notes a batch's (customer, event type) pairs (`meterflow_note_event_types`,
+/// the bound of 1000 types per customer) only for pairs it has not committed before. With the function
+/// gone, a batch of known pairs is still stored; one with a new pair is not.
+fn known_event_types_are_noted_once() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let url = runtime.block_on(common::fresh_database());
+    let mut claims = PgClaims::new(runtime.handle().clone(), &url);
+    let counts = |outcomes: &[ClaimOutcome]| outcomes.iter().all(|o| *o == ClaimOutcome::Counts);
+    let first = events("a", 10);
+    assert!(counts(
+        &claims.claim_events(&candidates(&first, 0, false)).unwrap()
+    ));
+    runtime.block_on(async {
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        sqlx::query(
+            "ALTER FUNCTION meterflow_note_event_types(text[], text[]) RENAME TO note_event_types_gone",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+    });
+    let known = events("b", 10);
+    assert!(counts(
+        &claims.claim_events(&candidates(&known, 10, false)).unwrap()
+    ));
+    let mut new_type = events("c", 1);
+    new_type[0].event_type = "other".to_owned();
+    let noted = claims.claim_events(&candidates(&new_type, 20, false));
+    assert!(
+        !matches!(&noted, Ok(outcomes) if counts(outcomes)),
+        "a new pair is noted: {noted:?}"
+    );
+    let rows = runtime.block_on(common::scalar_i64(
+        &url,
+        "SELECT count(*) FROM telemetry_events",
+    ));
+    assert_eq!(rows, 20);
 }
