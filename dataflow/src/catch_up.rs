@@ -41,7 +41,8 @@ pub struct Told {
 /// One of this worker's partitions as its reader read it.
 #[derive(Clone, Copy, Debug)]
 pub struct ReadPartition {
-    /// The greatest event time read (the watermark's input), if any event was.
+    pub partition: i32,
+    /// The greatest event time read in this run (the watermark's input), if any event was.
     pub max_event_time_micros: Option<i64>,
     /// When a record of it was last read.
     pub last_read: Instant,
@@ -65,9 +66,12 @@ pub fn holds_the_watermark(
     let recent = policy.idle_timeout.checked_div(2).unwrap_or_default();
     partitions.into_iter().any(|p| {
         let active = now.saturating_duration_since(p.last_read) < recent;
-        let below = p
+        // As the commit's `Watermarks` sees it: a restart goes on from the committed time.
+        let greatest = p
             .max_event_time_micros
-            .is_some_and(|t| t.saturating_sub(policy.out_of_orderness_micros) < next);
+            .max(policy.initial.get(&p.partition).copied());
+        let below =
+            greatest.is_some_and(|t| t.saturating_sub(policy.out_of_orderness_micros) < next);
         active && below
     })
 }
@@ -104,6 +108,7 @@ mod tests {
 
     fn read(max: Option<i64>, ago: Duration, now: Instant) -> ReadPartition {
         ReadPartition {
+            partition: 0,
             max_event_time_micros: max,
             last_read: now - ago,
         }
@@ -151,6 +156,31 @@ mod tests {
             now
         )]));
         assert!(holds(&[read(Some(10 * HOUR), Duration::from_secs(4), now)]));
+    }
+
+    #[test]
+    fn after_a_restart_a_partition_is_as_far_as_its_committed_time() {
+        let now = Instant::now();
+        // Committed before the restart: partition 0 had read up to 11:00.
+        let restarted = WatermarkPolicy {
+            initial: [(0, 11 * HOUR)].into(),
+            ..policy()
+        };
+        let parts = [read(Some(10 * HOUR), Duration::ZERO, now)];
+        assert!(holds_the_watermark(
+            told(10 * HOUR),
+            parts,
+            &policy(),
+            HOUR,
+            now
+        ));
+        assert!(!holds_the_watermark(
+            told(10 * HOUR),
+            parts,
+            &restarted,
+            HOUR,
+            now
+        ));
     }
 
     #[test]

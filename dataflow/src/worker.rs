@@ -290,6 +290,7 @@ pub fn run_worker(
                     epoch_length(interval, config.catch_up_hold, last_tick.elapsed(), || {
                         let read = next_offsets.values().filter_map(|p| {
                             last_read.get(&p.partition).map(|at| ReadPartition {
+                                partition: p.partition,
                                 max_event_time_micros: p.max_event_time_micros,
                                 last_read: *at,
                             })
