@@ -161,7 +161,16 @@ fn run_once(
     let partitions = kafka::partition_count(brokers, topic)?;
 
     let leader = args.process == 0;
-    let lateness_micros = cfg.pipeline.allowed_lateness_secs as i64 * 1_000_000;
+    let lateness_micros = i64::try_from(cfg.pipeline.allowed_lateness_secs)
+        .ok()
+        .and_then(|secs| secs.checked_mul(1_000_000))
+        .ok_or_else(|| {
+            anyhow!(
+                "pipeline.allowed_lateness_secs = {} is too large; give at most {} seconds",
+                cfg.pipeline.allowed_lateness_secs,
+                i64::MAX / 1_000_000
+            )
+        })?;
     let file_meters = match cfg.pipeline.meters_file() {
         Some(path) => read_meters_file(&path)?,
         None => Vec::new(),
@@ -368,9 +377,13 @@ fn run_once(
             let owned = owned_partitions(source.partitions, worker.index(), worker.peers());
             let claims = PgClaims::new(handle.clone(), &database_url_owned);
             let mut source = source.clone();
+            let mut config = config.clone();
             if !leader {
-                source.start_offsets =
-                    offsets_under_the_lease(&handle, &database_url_owned, &source.topic)?;
+                let (offsets, times) =
+                    progress_under_the_lease(&handle, &database_url_owned, &source.topic)?;
+                source.start_offsets = offsets;
+                // As the leader's commit sees them: a held catch-up epoch reads them (catch_up.rs).
+                config.watermarks.initial = times;
             }
             let (reader, _handle) = spawn_reader(source, owned, Box::new(claims), 16)
                 .context("starting a Kafka reader thread")?;
@@ -485,21 +498,24 @@ async fn run_rerating_jobs(
     pool.close().await;
 }
 
-/// The committed offsets as a process other than the leader must read them: once the cluster has
-/// connected, which the leader joins only after taking the lease, so no commit of an earlier leader can
-/// land after them (review finding 7). Read before that, they could be overtaken by the old leader's last
-/// commits, and this process's readers would count those records again.
-fn offsets_under_the_lease(
+/// The committed offsets and per-partition event times as a process other than the leader must read
+/// them: once the cluster has connected, which the leader joins only after taking the lease, so no
+/// commit of an earlier leader can land after them (review finding 7). Read before that, they could be
+/// overtaken by the old leader's last commits, and this process's readers would count those records
+/// again (and its workers judge a held catch-up epoch by older event times than the commit's).
+fn progress_under_the_lease(
     runtime: &tokio::runtime::Handle,
     url: &str,
     topic: &str,
-) -> Result<HashMap<i32, i64>> {
+) -> Result<(HashMap<i32, i64>, HashMap<i32, i64>)> {
     runtime
         .block_on(async {
             let mut conn = PgConnection::connect(url).await?;
-            meterflow_sinks::stored_offsets(&mut conn, topic).await
+            let offsets = meterflow_sinks::stored_offsets(&mut conn, topic).await?;
+            let (_, times) = restore::stored_event_times(&mut conn, topic).await?;
+            Ok::<_, sqlx::Error>((offsets, times))
         })
-        .context("reading the committed offsets")
+        .context("reading the committed offsets and event times")
 }
 
 /// Waits for the writer in a thread of its own: a permanent sink error (fenced, refused by Postgres)

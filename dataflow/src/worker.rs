@@ -293,6 +293,7 @@ pub fn run_worker(
                                 partition: p.partition,
                                 max_event_time_micros: p.max_event_time_micros,
                                 last_read: *at,
+                                read_this_epoch: moved.contains(&p.partition),
                             })
                         });
                         holds_the_watermark(
@@ -300,6 +301,7 @@ pub fn run_worker(
                             read,
                             &config.watermarks,
                             allowed_lateness_micros,
+                            catch_up,
                             Instant::now(),
                         )
                     });

@@ -744,7 +744,8 @@ fn a_catch_up_epoch_is_held_while_no_window_can_close() {
     let behind = Pacing {
         chunk: 10,
         catch_up: Some(Duration::from_millis(20)),
-        hold: Some(Duration::from_secs(30)),
+        // Four fifths of the default idle timeout, as the pipeline sets it.
+        hold: Some(Duration::from_secs(8)),
         feed_every: Some(Duration::from_millis(2)),
         ..Pacing::default()
     };

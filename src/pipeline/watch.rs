@@ -180,13 +180,21 @@ impl Watcher {
         }
     }
 
-    /// False once the dataflow is gone.
+    /// False once the dataflow is gone. Tries twice: a stale connection fails the first time, and a
+    /// floor missed here waits for the fallback's reload.
     async fn reload_floor(&mut self) -> bool {
         let topic = self.floors.topic.clone();
-        let loaded = match self.connection().await {
-            Ok(conn) => watermark_floors::floor(&mut *conn, &topic).await,
-            Err(e) => Err(e),
-        };
+        let mut loaded = Err(sqlx::Error::PoolClosed);
+        for _ in 0..2 {
+            loaded = match self.connection().await {
+                Ok(conn) => watermark_floors::floor(&mut *conn, &topic).await,
+                Err(e) => Err(e),
+            };
+            if loaded.is_ok() {
+                break;
+            }
+            self.conn = None;
+        }
         match loaded {
             Ok(Some(floor)) if Some(floor.timestamp_micros()) > self.floors.known => {
                 self.floors.known = Some(floor.timestamp_micros());
