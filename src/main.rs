@@ -253,6 +253,19 @@ async fn connect(cfg: &Config, max: u32, statement_timeout: Duration) -> Result<
         .with_context(|| format!("cannot connect to Postgres at {masked}; is it running? (deploy/local/up starts it)"))
 }
 
+/// Refuses a database this binary's migrations have not all been applied to, saying to run
+/// `meterflow migrate` (else the first query would fail on a missing relation).
+async fn require_migrated(conn: &mut sqlx::PgConnection, cfg: &Config) -> Result<()> {
+    let masked = cfg.database.url.masked();
+    let schema = meterflow_sinks::schema::schema(conn)
+        .await
+        .with_context(|| format!("reading the schema version of {masked}"))?;
+    match schema {
+        meterflow_sinks::schema::Schema::Current => Ok(()),
+        behind => anyhow::bail!("the database {masked} {behind}"),
+    }
+}
+
 /// `meterflow api-key …`: audited as actor `cli`.
 fn api_key(cfg: &Config, command: &ApiKeyCommand) -> Result<()> {
     use meterflow_api::auth;
@@ -338,6 +351,7 @@ async fn serve_api(cfg: &Config) -> Result<()> {
     kafka::ensure_topic(brokers, topic, kafka::DEFAULT_PARTITIONS).await?;
     let statement_timeout = Duration::from_millis(cfg.api.statement_timeout_ms);
     let pool = connect(cfg, cfg.api.max_connections, statement_timeout).await?;
+    require_migrated(&mut *pool.acquire().await?, cfg).await?;
     let producer: rdkafka::producer::FutureProducer = kafka::producer_config(brokers)
         .create()
         .context("creating the Kafka producer")?;

@@ -183,6 +183,7 @@ fn run_once(
                     cfg.database.url.masked()
                 )
             })?;
+            crate::require_migrated(&mut conn, cfg).await?;
             for meter in &file_meters {
                 match meters::create_meter(&mut conn, meter).await? {
                     meters::MeterCreated::Created | meters::MeterCreated::Identical => {}

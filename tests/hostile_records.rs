@@ -336,6 +336,34 @@ async fn finding_08_a_topic_truncated_below_the_stored_offsets_is_refused() {
     assert!(!ok && stderr.contains("recreated"), "{stderr}");
 }
 
+/// A database `meterflow migrate` never ran on (or an older one) is refused at start with what to do,
+/// not met later as a missing relation with a backtrace.
+#[tokio::test]
+async fn a_database_without_the_schema_is_refused_with_what_to_do() {
+    let url = empty_database().await;
+    let topic = fresh_topic(1).await;
+    let (ok, stderr) = run_pipeline(&url, &topic, &[]);
+    assert!(
+        !ok && stderr.contains("has no meterflow schema: run `meterflow migrate` first"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("does not exist"), "{stderr}");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    meterflow_sinks::MIGRATOR.run(&pool).await.unwrap();
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (ok, stderr) = run_pipeline(&url, &topic, &[]);
+    assert!(
+        !ok && stderr.contains("run `meterflow migrate` first")
+            && stderr.contains("is migrated up to"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn finding_09_a_second_topic_on_one_database_is_refused() {
     let (url, first) = setup(&[]).await;

@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod rerating;
 pub mod rerating_jobs;
 pub mod restore;
+pub mod schema;
 pub mod source;
 
 pub use epoch::{spawn_writer, WriterSummary};

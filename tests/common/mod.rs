@@ -30,6 +30,15 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates a migrated database of its own; returns its URL.
 pub async fn fresh_database() -> String {
+    let url = empty_database().await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    meterflow_sinks::MIGRATOR.run(&pool).await.unwrap();
+    pool.close().await;
+    url
+}
+
+/// A database of its own with no schema at all (`meterflow migrate` never ran).
+pub async fn empty_database() -> String {
     let name = unique("mf_test");
     let mut admin = PgConnection::connect(ADMIN_URL)
         .await
@@ -38,11 +47,7 @@ pub async fn fresh_database() -> String {
         .execute(&mut admin)
         .await
         .unwrap();
-    let url = format!("postgres://meterflow@127.0.0.1:5432/{name}");
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    meterflow_sinks::MIGRATOR.run(&pool).await.unwrap();
-    pool.close().await;
-    url
+    format!("postgres://meterflow@127.0.0.1:5432/{name}")
 }
 
 /// Creates a topic of its own with `partitions` partitions.
