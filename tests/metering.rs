@@ -805,6 +805,54 @@ async fn a_window_is_finalized_within_five_seconds_of_the_watermark_passing_it()
     }
 }
 
+/// Issue 15: a backfill's catch-up epoch is held open while no window can close (`catch_up.rs`), up to
+/// 4/5 of the idle timeout (48 s here): no commit for seconds while the pipeline is behind. An admin's
+/// floor posted meanwhile is still committed within SPEC §4's 5 s. (Before the reader's batch window,
+/// `source.rs`, its batches came short and no epoch was held here.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_floor_posted_while_an_epoch_is_held_is_committed_within_five_seconds() {
+    let api = spawn_api().await;
+    // Every event's window closed long ago: the partitions stay below the next close, so nothing
+    // closes and the epochs after the first are held.
+    preset_watermark(&api.url, &api.topic, "2024-01-16T00:00:00Z").await;
+    let events = random_events(1_000_000, 15);
+    produce_events(&api.topic, &events);
+    let _pipeline = spawn_pipeline(&api.url, &api.topic, 1, &["--idle-timeout-secs", "60"]);
+    wait_until_committed(&api.url, 1, WAIT, "the first epoch").await;
+    // Past the catch-up interval: the second epoch is held now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let epoch = "SELECT committed_epoch FROM pipeline_leases";
+    let before = scalar_i64(&api.url, epoch).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        scalar_i64(&api.url, epoch).await,
+        before,
+        "no commit for 2 s: the epoch is held"
+    );
+    let floor = "2024-01-17T00:00:00Z";
+    let asked = std::time::Instant::now();
+    let response = api
+        .post_json("/api/v1/watermark", &json!({ "advance_to": floor }))
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let applied = format!(
+        "SELECT count(*) FROM pipeline_leases WHERE committed_watermark >= '{floor}'::timestamptz"
+    );
+    while scalar_i64(&api.url, &applied).await == 0 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "the floor is committed within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let behind = committed(&api.url).await;
+    assert!(
+        behind < events.len() as i64,
+        "the pipeline was still behind ({behind} of {} committed): the test held no epoch",
+        events.len()
+    );
+}
+
 /// Meters from a file (`--meters`), and a late event revising a finalized window.
 #[tokio::test(flavor = "multi_thread")]
 async fn meters_come_from_a_file_and_late_events_revise_finalized_windows() {

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use meterflow_model::claims::Claims;
@@ -20,6 +20,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::classify::{classify, SharedWatermark, SourceItem};
 use crate::error::SourceError;
+
+/// How long a started batch waits for more records before it is handed over unfilled (issue 15).
+const BATCH_WINDOW: Duration = Duration::from_millis(10);
 
 /// One Kafka record as read, before decoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,15 +188,27 @@ fn read(
     }
 
     let mut batch = Vec::with_capacity(config.batch_size);
+    // When the batch's first record was read.
+    let mut started = Instant::now();
     loop {
         let timeout = if batch.is_empty() {
             Duration::from_millis(100)
         } else {
-            Duration::ZERO
+            // A batch waits up to BATCH_WINDOW for more records: a momentary gap in librdkafka's
+            // queue no longer cuts it short, so a reader behind the topic's end hands over full
+            // batches (the worker's sign that it is catching up); a trickle still goes within it.
+            started
+                .checked_add(BATCH_WINDOW)
+                .map_or(Duration::ZERO, |end| {
+                    end.saturating_duration_since(Instant::now())
+                })
         };
         match consumer.poll(timeout) {
             Some(Ok(msg)) => {
                 let partition = msg.partition();
+                if batch.is_empty() {
+                    started = Instant::now();
+                }
                 next.insert(partition, msg.offset().saturating_add(1));
                 batch.push(RawRecord {
                     partition,
