@@ -202,7 +202,6 @@ impl Watcher {
             }
             Ok(_) => true,
             Err(e) => {
-                self.conn = None;
                 tracing::warn!(error = %e, "cannot read the watermark floor; a held catch-up epoch ends at its bound");
                 true
             }

@@ -552,8 +552,6 @@ pub(crate) async fn insert_dimension_values(
     Ok(())
 }
 
-/// A key's dimension values as the text a statement casts to `jsonb` (`{}`, the common case, without
-/// an allocation).
 /// A group row's primary key, in its order. Rows are written in it: each row's index page is then the
 /// last one's or the next (the dataflow sums an epoch's rows in a hash table, so they come in no order).
 fn row_order(key: &meterflow_model::AggregateKey) -> (&str, &str, i64, &Dimensions) {
@@ -576,6 +574,8 @@ fn line_order(line: &LineChange) -> (&str, i64, &str, &str, &Dimensions) {
     )
 }
 
+/// A key's dimension values as the text a statement casts to `jsonb` (`{}`, the common case, without
+/// an allocation).
 fn dimension_text(dimensions: &Dimensions) -> Cow<'static, str> {
     if dimensions.is_empty() {
         Cow::Borrowed("{}")
