@@ -442,6 +442,85 @@ async fn of_50_concurrent_overlapping_books_exactly_one_is_created() {
     );
 }
 
+/// Concurrent writers of one meter's books never meet in a deadlock: each is answered created or
+/// overlapping, never 503. Two inserts that overlap, checked by the exclusion constraint at once, wait
+/// for each other; Postgres then kills one (40P01), which the API answered 503 (CI, stop 30).
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writers_of_one_meter_never_deadlock() {
+    use meterflow_model::PriceBook;
+    use meterflow_store::price_books::{create_price_book, update_price_book, PriceBookError};
+    let api = spawn_api().await;
+    for round in 0..25 {
+        let meter = format!("race_{round}");
+        let book = |i: i64| PriceBook {
+            price_book_id: format!("pb_{round}_{i}"),
+            meter: meter.clone(),
+            customer_id: None,
+            dimensions: Default::default(),
+            currency: "USD".into(),
+            effective_from: 1_700_000_000_000_000 + i,
+            effective_to: None,
+            model: PriceModel::PerUnit {
+                unit_price: Decimal::new(i, 2),
+            },
+            minimum_per_period: None,
+            entries: Vec::new(),
+        };
+        let creations = (0..10).map(|i| {
+            let (pool, book) = (api.pool.clone(), book(i));
+            async move {
+                let mut conn = pool.acquire().await.unwrap();
+                create_price_book(&mut conn, &book).await.map(|_| ())
+            }
+        });
+        let results = futures::future::join_all(creations).await;
+        let created = results.iter().filter(|r| r.is_ok()).count();
+        for result in &results {
+            assert!(
+                matches!(result, Ok(()) | Err(PriceBookError::Overlap { .. })),
+                "round {round}: {result:?}"
+            );
+        }
+        assert_eq!(created, 1, "round {round}: one book of the overlapping ten");
+        // And edits racing creations: close the winner early while the rest try again.
+        let winner = (0..10)
+            .find(|i| results.get(*i as usize).is_some_and(|r| r.is_ok()))
+            .unwrap();
+        let edit = {
+            let pool = api.pool.clone();
+            let id = format!("pb_{round}_{winner}");
+            async move {
+                let mut conn = pool.acquire().await.unwrap();
+                update_price_book(&mut conn, &id, |b| {
+                    Ok(PriceBook {
+                        effective_to: Some(b.effective_from + 1_000),
+                        ..b.clone()
+                    })
+                })
+                .await
+                .map(|_| ())
+            }
+        };
+        let retries = (0..9).map(|i| {
+            let (pool, mut book) = (api.pool.clone(), book(100 + i));
+            book.effective_from += 10_000;
+            async move {
+                let mut conn = pool.acquire().await.unwrap();
+                create_price_book(&mut conn, &book).await.map(|_| ())
+            }
+        });
+        let (edited, results) =
+            futures::future::join(edit, futures::future::join_all(retries)).await;
+        assert!(edited.is_ok(), "round {round}: {edited:?}");
+        for result in &results {
+            assert!(
+                matches!(result, Ok(()) | Err(PriceBookError::Overlap { .. })),
+                "round {round}: {result:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn books_overlap_only_within_one_meter_and_customer_scope() {
     let api = spawn_api().await;

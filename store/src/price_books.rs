@@ -2,18 +2,21 @@
 //! makes it, and load them for the pipeline.
 //!
 //! ```text
-//!  create ─► BEGIN ─ INSERT price_books (its trigger writes price_book_selectors, where
-//!                       23P01 price_books_no_overlap: another book or entry of the meter, scope and
-//!                       selector overlaps ─► Overlap, rolled back)
+//!  create ─► BEGIN ─ lock the meter's books ─ INSERT price_books (its trigger writes
+//!                       price_book_selectors, where 23P01 price_books_no_overlap: another book or
+//!                       entry of the meter, scope and selector overlaps ─► Overlap, rolled back)
 //!                  ─ INSERT price_book_audit ('create', null, after) ─ COMMIT
-//!  edit   ─► BEGIN ─ SELECT … FOR UPDATE ─ edit(before) ─ UPDATE (23P01 price_books_no_overlap ─► Overlap)
+//!  edit   ─► BEGIN ─ SELECT … FOR UPDATE ─ lock the meter's books ─ edit(before)
+//!                  ─ UPDATE (23P01 price_books_no_overlap ─► Overlap)
 //!                  ─ INSERT price_book_audit ('update', before, after) ─ COMMIT
 //!  load_price_books ─► every book as plain meterflow_model::PriceBooks, a rate card as one per entry
 //!                      (the pipeline's rating input)
 //! ```
-//! Concurrent creations of overlapping books are decided by the exclusion constraint (migration 0022):
-//! the second waits for the first transaction and then fails, so exactly one wins. Edits that collide
-//! with each other can deadlock on the constraint's index; they are retried.
+//! Concurrent writers of one meter's books take turns on a transaction lock (`lock_meter`), and the
+//! exclusion constraint (migration 0022) decides each against the books committed before it, so of
+//! overlapping creations exactly one wins. Without the turns, two writers could deadlock in the
+//! constraint's check and one would fail with 40P01 (the API's 503). Edits that still meet a deadlock
+//! or a serialization failure are retried.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use meterflow_model::{Dimensions, FieldError, PriceBook, PriceModel, RateEntry};
@@ -190,6 +193,7 @@ pub async fn create_price_book(
     book: &PriceBook,
 ) -> Result<StoredPriceBook, PriceBookError> {
     let mut tx = conn.begin().await?;
+    lock_meter(&mut tx, &book.meter).await?;
     let inserted = sqlx::query!(
         r#"INSERT INTO price_books
              (price_book_id, meter, customer_id, currency, effective, model, minimum_per_period,
@@ -281,6 +285,7 @@ async fn try_update(
     .await?
     .ok_or(PriceBookError::NotFound)?
     .into();
+    lock_meter(&mut tx, &before.book.meter).await?;
     let edited = edit(&before.book).map_err(PriceBookError::Invalid)?;
     let after = PriceBook {
         model: edited.model,
@@ -313,6 +318,22 @@ async fn try_update(
         created_at: before.created_at,
         updated_at,
     })
+}
+
+/// Takes the transaction's lock on `meter`'s books: their writers go one at a time.
+///
+/// Without it, two writers of overlapping books could each insert their selector rows and then each
+/// wait on the other's in the exclusion check, a deadlock that Postgres breaks by failing one of them
+/// (40P01; migration 0022's selector order does not prevent it for one shared selector). The lock comes
+/// after an update's row lock and holds no row the next writer waits on, so it adds no cycle of its own.
+async fn lock_meter(conn: &mut PgConnection, meter: &str) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "SELECT pg_advisory_xact_lock(hashtext('meterflow.price_books'), hashtext($1))",
+        meter
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Another book of `book`'s meter and scope, holding one of its selectors, whose range meets `book`'s.
