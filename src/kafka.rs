@@ -62,15 +62,19 @@ where
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists, replicated as [`replication_for`]
-/// says for the cluster's size.
-pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
+/// says for the cluster's size; returns how many partitions the topic has. A topic that exists costs
+/// one metadata request, no admin client (every pipeline start comes through here).
+pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result<i32> {
+    let (existing, cluster) = {
+        let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+        tokio::task::spawn_blocking(move || look_up(&brokers, &topic)).await??
+    };
+    if let Some(existing) = existing {
+        return Ok(existing);
+    }
     let admin: AdminClient<DefaultClientContext> = client_config(brokers)
         .create()
         .context("creating the Kafka admin client")?;
-    let cluster = {
-        let brokers = brokers.to_owned();
-        tokio::task::spawn_blocking(move || broker_count(&brokers)).await??
-    };
     let (replicas, min_insync) = replication_for(cluster);
     let min_insync = min_insync.to_string();
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas))
@@ -84,11 +88,31 @@ pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> Result
         })?;
     for result in results {
         match result {
+            // Another process created it meanwhile.
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => bail!("creating topic {name}: {code}"),
         }
     }
-    Ok(())
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || partition_count(&brokers, &topic)).await?
+}
+
+/// One metadata request: how many partitions `topic` has (`None` if it does not exist yet), and how
+/// many brokers the cluster has.
+fn look_up(brokers: &str, topic: &str) -> Result<(Option<i32>, usize)> {
+    let consumer: BaseConsumer = client_config(brokers).create()?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| {
+            format!("cannot reach Kafka at {brokers}; is it running? (deploy/local/up starts it)")
+        })?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .and_then(|t| i32::try_from(t.partitions().len()).ok())
+        .filter(|n| *n > 0);
+    Ok((partitions, metadata.brokers().len()))
 }
 
 /// How a topic meterflow creates is replicated on a cluster of `brokers`: three copies where there are
@@ -100,17 +124,6 @@ pub fn replication_for(brokers: usize) -> (i32, i32) {
         2 => (2, 1),
         _ => (3, 2),
     }
-}
-
-/// How many brokers the cluster has.
-fn broker_count(brokers: &str) -> Result<usize> {
-    let consumer: BaseConsumer = client_config(brokers).create()?;
-    let metadata = consumer
-        .fetch_metadata(None, Duration::from_secs(10))
-        .with_context(|| {
-            format!("cannot read the cluster metadata from {brokers}; is Kafka running?")
-        })?;
-    Ok(metadata.brokers().len())
 }
 
 /// How many partitions `topic` has (blocking; call before starting workers).

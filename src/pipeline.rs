@@ -153,12 +153,11 @@ fn run_once(
             stop.store(true, Ordering::Relaxed);
         }
     });
-    runtime.block_on(kafka::ensure_topic(
+    let partitions = runtime.block_on(kafka::ensure_topic(
         brokers,
         topic,
         kafka::DEFAULT_PARTITIONS,
     ))?;
-    let partitions = kafka::partition_count(brokers, topic)?;
 
     let leader = args.process == 0;
     let lateness_micros = i64::try_from(cfg.pipeline.allowed_lateness_secs)

@@ -158,6 +158,10 @@ fn read(
         .set("queued.max.messages.kbytes", "8192")
         .create()?;
 
+    // The partitions' leaders, known before the assignment: a partition assigned without one waits
+    // out librdkafka's 500 ms offset-query retry before its first fetch (issue 15: half a second of
+    // every start).
+    consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(30))?;
     let mut assignment = TopicPartitionList::new();
     let mut next: HashMap<i32, i64> = HashMap::new();
     for &p in owned {
