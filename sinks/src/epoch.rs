@@ -168,11 +168,19 @@ fn record_metrics(batch: &EpochBatch, committed: &Committed, took: Duration) {
     }
 }
 
+/// The writer's `work_mem`. An epoch's rows reach Postgres as arrays, and `UNNEST` keeps a
+/// statement's rows in a tuplestore of at most `work_mem`; past the default 4 MB (about 30k late
+/// events, or 20k group rows) it spills them to a temporary file and reads them back (`BufFileRead`
+/// in `pg_stat_activity`, in the last commit of a backfill; issue 15). One connection, so the memory
+/// is bounded.
+const WORK_MEM: &str = "256MB";
+
 async fn connect(url: &str) -> Result<PgConnection, SinkError> {
     // Large epoch commits are slow by design; they are measured (WriterSummary), not logged as slow.
     let options = url
         .parse::<sqlx::postgres::PgConnectOptions>()?
-        .log_slow_statements(tracing::log::LevelFilter::Off, Duration::ZERO);
+        .log_slow_statements(tracing::log::LevelFilter::Off, Duration::ZERO)
+        .options([("work_mem", WORK_MEM)]);
     Ok(PgConnection::connect_with(&options).await?)
 }
 
