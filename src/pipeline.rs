@@ -107,6 +107,22 @@ pub struct PipelineArgs {
     pub metrics_addr: Option<String>,
 }
 
+/// Most records a reader hands over at once. A batch's claims are one transaction of two COPYs, and
+/// fewer, larger ones cost Postgres less: 4,096 → 16,384 took ~1–2 of 15 Postgres CPU-seconds off a
+/// 1M backfill (issue 15, perf/RESULTS.md).
+const READ_BATCH: usize = 16_384;
+
+/// Batches queued between each reader and its worker: at most 65,536 records wait per worker, as
+/// before the batches grew (the memory of a burst, `perf` burst).
+const QUEUED_BATCHES: usize = 4;
+
+/// A batch of at least this many records says the reader is behind: it fills one within its 10 ms
+/// window only from records already waiting in Kafka (the catch-up epochs, `dataflow/src/catch_up.rs`).
+/// Below [`READ_BATCH`], so a backlog is seen whether or not a whole batch fills in the window. Also
+/// the first batch's size: a restart's first commit holds it (recovery: a first batch of 16,384 made
+/// that commit 0.3 s later).
+const BACKLOGGED: usize = 4_096;
+
 /// Runs the pipeline until it is caught up (`--until-caught-up`), stopped by a signal, or fails. When
 /// the events topic gains partitions, the pipeline commits what it has, stops its workers and starts
 /// again with the partitions assigned anew (like a recovery, in-process).
@@ -333,7 +349,8 @@ fn run_once(
         partitions,
         start_offsets,
         until_caught_up: args.until_caught_up,
-        batch_size: 4096,
+        batch_size: READ_BATCH,
+        first_batch: BACKLOGGED,
         limits: Limits::default(),
         watermark: shared_watermark.clone(),
     };
@@ -345,7 +362,7 @@ fn run_once(
         // only at the end of an epoch that read it, and must not take a held one for idle.
         catch_up_hold: (cfg.pipeline.catch_up_epoch_ms > 0)
             .then(|| Duration::from_secs(cfg.pipeline.idle_timeout_secs).mul_f64(0.8)),
-        full_batch: source.batch_size,
+        full_batch: BACKLOGGED,
         watermarks: WatermarkPolicy {
             out_of_orderness_micros: cfg.pipeline.out_of_orderness_ms as i64 * 1_000,
             idle_timeout: Duration::from_secs(cfg.pipeline.idle_timeout_secs),
@@ -385,7 +402,7 @@ fn run_once(
                 // As the leader's commit sees them: a held catch-up epoch reads them (catch_up.rs).
                 config.watermarks.initial = times;
             }
-            let (reader, _handle) = spawn_reader(source, owned, Box::new(claims), 16)
+            let (reader, _handle) = spawn_reader(source, owned, Box::new(claims), QUEUED_BATCHES)
                 .context("starting a Kafka reader thread")?;
             // Worker 0 of process 0 hands epochs to the writer (commit.rs), feeds rating its restored
             // state and the price books, and feeds every worker the meters and the watermark; the

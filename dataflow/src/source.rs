@@ -87,6 +87,9 @@ pub struct SourceConfig {
     pub until_caught_up: bool,
     /// Most records per batch handed to the worker.
     pub batch_size: usize,
+    /// Most records in the first batch. A run's first epoch holds one batch (worker.rs), and its
+    /// commit, the first after a restart, comes sooner when that batch is small.
+    pub first_batch: usize,
     pub limits: Limits,
     /// The committed watermark, for the age limit (SPEC §2).
     pub watermark: SharedWatermark,
@@ -192,6 +195,7 @@ fn read(
     }
 
     let mut batch = Vec::with_capacity(config.batch_size);
+    let mut cap = config.first_batch.clamp(1, config.batch_size.max(1));
     // When the batch's first record was read.
     let mut started = Instant::now();
     loop {
@@ -221,7 +225,7 @@ fn read(
                     kind: RecordKind::of(msg.headers()),
                     payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                 });
-                if batch.len() < config.batch_size {
+                if batch.len() < cap {
                     continue;
                 }
             }
@@ -233,6 +237,7 @@ fn read(
         if !batch.is_empty() {
             let items = classify_until_decided(&batch, claims, config);
             batch.clear();
+            cap = config.batch_size.max(1);
             if tx.send(SourceMessage::Items(items)).is_err() {
                 return Ok(()); // the worker has gone: shutting down.
             }

@@ -40,7 +40,7 @@ pub struct WorkerConfig {
     /// window close (`catch_up.rs`), an epoch lasts up to this long, past `catch_up_interval`. Kept
     /// under the idle timeout: the commit sees a partition only at the end of an epoch it was read in.
     pub catch_up_hold: Option<Duration>,
-    /// The reader's batch size: a batch this large says records were waiting.
+    /// A batch at least this large says records were waiting (the reader is behind).
     pub full_batch: usize,
     /// How worker 0 derives the event-time watermark.
     pub watermarks: WatermarkPolicy,
