@@ -186,7 +186,9 @@ pub struct PipelineConfig {
     /// While the pipeline is behind the topic's end (a backfill, a restart, a burst), every epoch but
     /// the first lasts at least this long, in milliseconds: fewer, larger commits, each window revised
     /// fewer times. While no window can close before it ends (the watermark is held below the next
-    /// window's close), it lasts up to four fifths of the idle timeout. 0: never.
+    /// window's close), it lasts up to four fifths of the idle timeout. Readers then hand over up to
+    /// 16,384 records at a time. 0: never, and batches of at most 4,096 records, so that epochs as
+    /// short as `epoch_ms` commit as often as it says.
     #[default(2_000)]
     pub catch_up_epoch_ms: u64,
     /// Allowed out-of-orderness: a partition's watermark trails its greatest event time by this many

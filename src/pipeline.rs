@@ -107,14 +107,16 @@ pub struct PipelineArgs {
     pub metrics_addr: Option<String>,
 }
 
-/// Most records a reader hands over at once. A batch's claims are one transaction of two COPYs, and
-/// fewer, larger ones cost Postgres less: 4,096 → 16,384 took ~1–2 of 15 Postgres CPU-seconds off a
-/// 1M backfill (issue 15, perf/RESULTS.md).
+/// Most records a reader hands over at once, with catch-up epochs on (the default). A batch's claims
+/// are one transaction of two COPYs, and fewer, larger ones cost Postgres less: 4,096 → 16,384 took
+/// ~1–2 of 15 Postgres CPU-seconds off a 1M backfill (issue 15, perf/RESULTS.md). Such a batch is read
+/// in well under the catch-up interval; with catch-up epochs off, batches stay at [`BACKLOGGED`], as an
+/// epoch cannot split a batch and `epoch_ms` alone then says how often a commit comes.
 const READ_BATCH: usize = 16_384;
 
-/// Batches queued between each reader and its worker: at most 65,536 records wait per worker, as
-/// before the batches grew (the memory of a burst, `perf` burst).
-const QUEUED_BATCHES: usize = 4;
+/// Records queued at most between each reader and its worker, in whole batches (the memory of a
+/// burst, `perf` burst).
+const QUEUED_RECORDS: usize = 65_536;
 
 /// A batch of at least this many records says the reader is behind: it fills one within its 10 ms
 /// window only from records already waiting in Kafka (the catch-up epochs, `dataflow/src/catch_up.rs`).
@@ -349,11 +351,16 @@ fn run_once(
         partitions,
         start_offsets,
         until_caught_up: args.until_caught_up,
-        batch_size: READ_BATCH,
+        batch_size: if cfg.pipeline.catch_up_epoch_ms > 0 {
+            READ_BATCH
+        } else {
+            BACKLOGGED
+        },
         first_batch: BACKLOGGED,
         limits: Limits::default(),
         watermark: shared_watermark.clone(),
     };
+    let queued = (QUEUED_RECORDS / source.batch_size.max(1)).max(1);
     let config = WorkerConfig {
         epoch_interval: Duration::from_millis(cfg.pipeline.epoch_ms),
         catch_up_interval: (cfg.pipeline.catch_up_epoch_ms > 0)
@@ -402,7 +409,7 @@ fn run_once(
                 // As the leader's commit sees them: a held catch-up epoch reads them (catch_up.rs).
                 config.watermarks.initial = times;
             }
-            let (reader, _handle) = spawn_reader(source, owned, Box::new(claims), QUEUED_BATCHES)
+            let (reader, _handle) = spawn_reader(source, owned, Box::new(claims), queued)
                 .context("starting a Kafka reader thread")?;
             // Worker 0 of process 0 hands epochs to the writer (commit.rs), feeds rating its restored
             // state and the price books, and feeds every worker the meters and the watermark; the
