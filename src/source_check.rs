@@ -231,11 +231,12 @@ fn records_at(
     let deadline = Instant::now() + Duration::from_secs(10);
     while found.len() < wanted.len() && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
+            Some(Ok(m)) if wanted.iter().any(|(p, _)| *p == m.partition()) => {
                 found
                     .entry(m.partition())
                     .or_insert_with(|| (m.offset(), record_hash(m.key(), m.payload())));
             }
+            Some(Ok(_)) => {}
             Some(Err(e)) => return Err(e).context("reading a record of the source topic"),
             None => {}
         }

@@ -164,7 +164,10 @@ fn read(
     // The partitions' leaders, known before the assignment: a partition assigned without one waits
     // out librdkafka's 500 ms offset-query retry before its first fetch (issue 15: half a second of
     // every start).
-    consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(30))?;
+    // Only a head start: without it librdkafka finds the leaders itself, half a second later.
+    if let Err(e) = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(30)) {
+        tracing::warn!(topic = %config.topic, error = %e, "reading the topic's metadata before the assignment failed; reading on");
+    }
     let mut assignment = TopicPartitionList::new();
     let mut next: HashMap<i32, i64> = HashMap::new();
     for &p in owned {

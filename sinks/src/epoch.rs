@@ -171,8 +171,9 @@ fn record_metrics(batch: &EpochBatch, committed: &Committed, took: Duration) {
 /// The writer's `work_mem`. An epoch's rows reach Postgres as arrays, and `UNNEST` keeps a
 /// statement's rows in a tuplestore of at most `work_mem`; past the default 4 MB (about 30k late
 /// events, or 20k group rows) it spills them to a temporary file and reads them back (`BufFileRead`
-/// in `pg_stat_activity`, in the last commit of a backfill; issue 15). One connection, so the memory
-/// is bounded.
+/// in `pg_stat_activity`, in the last commit of a backfill; issue 15). It bounds each sort, hash or
+/// tuplestore of the writer's statements, on its one connection. A `work_mem` in the database URL's
+/// `options` is overridden.
 const WORK_MEM: &str = "256MB";
 
 async fn connect(url: &str) -> Result<PgConnection, SinkError> {
