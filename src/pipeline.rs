@@ -345,17 +345,14 @@ fn run_once(
         restart.clone(),
     ));
 
+    let catch_up = cfg.pipeline.catch_up_epoch_ms > 0;
     let source = SourceConfig {
         brokers: brokers.to_owned(),
         topic: topic.to_owned(),
         partitions,
         start_offsets,
         until_caught_up: args.until_caught_up,
-        batch_size: if cfg.pipeline.catch_up_epoch_ms > 0 {
-            READ_BATCH
-        } else {
-            BACKLOGGED
-        },
+        batch_size: if catch_up { READ_BATCH } else { BACKLOGGED },
         first_batch: BACKLOGGED,
         limits: Limits::default(),
         watermark: shared_watermark.clone(),
@@ -363,11 +360,10 @@ fn run_once(
     let queued = (QUEUED_RECORDS / source.batch_size.max(1)).max(1);
     let config = WorkerConfig {
         epoch_interval: Duration::from_millis(cfg.pipeline.epoch_ms),
-        catch_up_interval: (cfg.pipeline.catch_up_epoch_ms > 0)
-            .then(|| Duration::from_millis(cfg.pipeline.catch_up_epoch_ms)),
+        catch_up_interval: catch_up.then(|| Duration::from_millis(cfg.pipeline.catch_up_epoch_ms)),
         // Under the idle timeout, with a fifth of it left for the commit: the commit sees a partition
         // only at the end of an epoch that read it, and must not take a held one for idle.
-        catch_up_hold: (cfg.pipeline.catch_up_epoch_ms > 0)
+        catch_up_hold: catch_up
             .then(|| Duration::from_secs(cfg.pipeline.idle_timeout_secs).mul_f64(0.8)),
         full_batch: BACKLOGGED,
         watermarks: WatermarkPolicy {

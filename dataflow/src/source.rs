@@ -163,8 +163,7 @@ fn read(
 
     // The partitions' leaders, known before the assignment: a partition assigned without one waits
     // out librdkafka's 500 ms offset-query retry before its first fetch (issue 15: half a second of
-    // every start).
-    // Only a head start: without it librdkafka finds the leaders itself, half a second later.
+    // every start). Only a head start: if it fails, librdkafka finds the leaders itself.
     if let Err(e) = consumer.fetch_metadata(Some(&config.topic), Duration::from_secs(30)) {
         tracing::warn!(topic = %config.topic, error = %e, "reading the topic's metadata before the assignment failed; reading on");
     }
