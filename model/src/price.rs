@@ -496,13 +496,44 @@ pub fn rate_period(
     windows: &[WindowUsage],
     books: &[&PriceBook],
 ) -> Result<Vec<Charge>, MoneyError> {
+    rate_period_from(customer, dimensions, windows, books, i64::MIN)
+}
+
+/// [`rate_period`]'s charges of the windows that start at or after `from` only: the earlier windows
+/// still make up the period-to-date quantity, but are not priced. A window's charge depends only on
+/// the windows up to it, so when nothing before `from` changed, these are all the charges that can
+/// have moved. `windows` in time order, each start once; any other order is sorted first.
+pub fn rate_period_from(
+    customer: &str,
+    dimensions: &Dimensions,
+    windows: &[WindowUsage],
+    books: &[&PriceBook],
+    from: i64,
+) -> Result<Vec<Charge>, MoneyError> {
+    if windows.is_sorted_by(|a, b| a.window_start < b.window_start) {
+        return rate_ordered(customer, dimensions, windows.iter(), books, from);
+    }
     let ordered: BTreeMap<i64, &WindowUsage> =
         windows.iter().map(|w| (w.window_start, w)).collect();
+    rate_ordered(customer, dimensions, ordered.into_values(), books, from)
+}
+
+/// Walks `windows` in time order, pricing those from `from` on.
+fn rate_ordered<'w>(
+    customer: &str,
+    dimensions: &Dimensions,
+    windows: impl ExactSizeIterator<Item = &'w WindowUsage>,
+    books: &[&PriceBook],
+    from: i64,
+) -> Result<Vec<Charge>, MoneyError> {
     let mut ptd = PeriodToDate::default();
-    let mut charges = Vec::with_capacity(ordered.len());
-    for window in ordered.values() {
+    let mut charges = Vec::with_capacity(windows.len());
+    for window in windows {
         let before = ptd.quantity;
         let including = ptd.take(&window.measure)?;
+        if window.window_start < from {
+            continue;
+        }
         let Some(book) = book_for(
             books.iter().copied(),
             customer,
@@ -736,13 +767,9 @@ mod tests {
         assert_eq!(book_for([&large], "x", &Dimensions::default(), 0), None);
     }
 
-    #[test]
-    fn period_charges_add_up_to_the_tiered_price_of_the_period_in_any_order() {
-        let b = PriceBook {
-            model: PriceModel::Graduated { tiers: tiers() },
-            ..book("g", None, 0, None, "0")
-        };
-        let windows: Vec<WindowUsage> = [700, 400, 900]
+    /// Consecutive hourly windows from the epoch, each with its total.
+    fn hourly(totals: &[i64]) -> Vec<WindowUsage> {
+        totals
             .iter()
             .enumerate()
             .map(|(i, q)| WindowUsage {
@@ -750,7 +777,16 @@ mod tests {
                 window_end: (i as i64 + 1) * 3600,
                 measure: Measure::Total(Decimal::from(*q)),
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn period_charges_add_up_to_the_tiered_price_of_the_period_in_any_order() {
+        let b = PriceBook {
+            model: PriceModel::Graduated { tiers: tiers() },
+            ..book("g", None, 0, None, "0")
+        };
+        let windows = hourly(&[700, 400, 900]);
         let mut reversed = windows.clone();
         reversed.reverse();
         let charges = rate_period("c", &Dimensions::default(), &windows, &[&b]).unwrap();
@@ -761,6 +797,32 @@ mod tests {
         let total: Decimal = charges.iter().map(|c| c.amount).sum();
         assert_eq!(total, b.model.price(d("2000")).unwrap());
         assert_eq!(charges[1].quantity, d("400"));
+    }
+
+    #[test]
+    fn rating_from_a_window_gives_the_charges_of_the_whole_period_from_it_on() {
+        let b = PriceBook {
+            model: PriceModel::Graduated { tiers: tiers() },
+            ..book("g", None, 0, None, "0")
+        };
+        let windows = hourly(&[700, 400, 900, 5]);
+        let mut reversed = windows.clone();
+        reversed.reverse();
+        let whole = rate_period("c", &Dimensions::default(), &windows, &[&b]).unwrap();
+        for from in [i64::MIN, 0, 1, 3600, 7200, 10_800, 10_801, i64::MAX] {
+            let suffix: Vec<Charge> = whole
+                .iter()
+                .filter(|c| c.window_start >= from)
+                .cloned()
+                .collect();
+            for given in [&windows, &reversed] {
+                assert_eq!(
+                    rate_period_from("c", &Dimensions::default(), given, &[&b], from).unwrap(),
+                    suffix,
+                    "from {from}"
+                );
+            }
+        }
     }
 
     #[test]
