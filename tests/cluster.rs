@@ -293,3 +293,72 @@ async fn finding_07_a_non_leader_reads_offsets_only_once_the_leader_holds_the_le
         "nothing counted twice",
     );
 }
+
+/// Meters and price books reach every process of a cluster, and a period is rated alike wherever it
+/// lands. Both are broadcast to the workers, and timely encodes what crosses processes with bincode,
+/// which cannot read back a struct that skipped a field when serializing: a meter without a
+/// `value_property` (a count) and a book without a selector or entries did that, and process 1 died
+/// decoding them (review of issue 15's rating operator).
+#[tokio::test(flavor = "multi_thread")]
+async fn meters_and_price_books_reach_every_process_and_charges_match_one_worker() {
+    let topic = fresh_topic(4).await;
+    let events = random_events(3_000, 23);
+    produce_events(&topic, &events);
+    let meters = meters_file(
+        r#"[{"meter":"calls","event_type":"api_call","aggregation":"count","window":"hour"}]"#,
+    );
+    let meters = meters.to_str().unwrap();
+    let graduated = serde_json::json!({"type": "graduated", "tiers": [
+        {"up_to": "10", "unit_price": "1.00", "flat_fee": "0"},
+        {"up_to": null, "unit_price": "0.50", "flat_fee": "0"}]});
+    let with_books = || async {
+        let url = fresh_database().await;
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        for (id, meter) in [("calls_book", "calls"), ("tokens_book", "tokens")] {
+            sqlx::query(
+                "INSERT INTO price_books (price_book_id, meter, customer_id, currency, effective, model)
+                 VALUES ($1, $2, NULL, 'USD', tstzrange('2024-01-01', NULL, '[)'), $3)",
+            )
+            .bind(id)
+            .bind(meter)
+            .bind(&graduated)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        url
+    };
+    let charges = |url: String| async move {
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let rows: Vec<(String, String, i64, String, String)> = sqlx::query_as(
+            "SELECT customer_id, meter, extract(epoch FROM window_start)::bigint,
+                    amount::text, quantity::text
+             FROM charges ORDER BY 1, 2, 3",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        rows
+    };
+
+    let single = with_books().await;
+    drain_with(&single, &topic, 1, &["--meters", meters]);
+    let clustered = with_books().await;
+    let hosts = Hostfile::new();
+    let args = ["--until-caught-up", "--meters", meters];
+    let mut p1 = cluster_process(&clustered, &topic, &hosts.0, 1, &args);
+    let mut p0 = cluster_process(&clustered, &topic, &hosts.0, 0, &args);
+    wait_success(&mut p0, Duration::from_secs(120));
+    wait_success(&mut p1, Duration::from_secs(30));
+
+    let expected = charges(single).await;
+    assert!(
+        expected.iter().any(|c| c.1 == "calls") && expected.iter().any(|c| c.1 == "tokens"),
+        "both books price windows on one worker"
+    );
+    assert_eq!(
+        charges(clustered).await,
+        expected,
+        "2 processes × 2 workers rate as 1 worker"
+    );
+}

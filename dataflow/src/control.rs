@@ -34,7 +34,12 @@ use crate::operators::Epoch;
 pub enum Control {
     /// The whole set of meters in force from this epoch on. `version` orders two snapshots fed at one
     /// epoch (the later one wins).
-    Meters { version: u64, meters: Vec<Meter> },
+    Meters {
+        version: u64,
+        /// As JSON text between processes (`wire.rs`): a meter skips empty fields.
+        #[serde(with = "crate::wire::json_text")]
+        meters: Vec<Meter>,
+    },
     /// The committed event-time watermark from this epoch on (it only moves forward).
     Watermark(i64),
     /// An admin's floor under the watermark (`POST /api/v1/watermark`), as set, before the commit that

@@ -31,6 +31,7 @@
 //! | `consolidate.rs` | `per_epoch`: an epoch's updates summed per record in a hash table (row changes, lines, quarantines) |
 //! | `commit.rs` | `commit_epochs`: gathers each completed epoch on worker 0, hands it to the sink, holds the epoch open until the sink acknowledges |
 //! | `worker.rs` | driving a worker: feeding inputs, ticking epochs, backpressure, shutdown |
+//! | `wire.rs` | [`Json`](wire::Json): meters and price books cross processes as JSON text (bincode cannot read back a skipped field) |
 //! | `usage.rs` | [`Usage`], the aggregate as a differential difference; a sum past the decimal range is a sticky *overflowed* usage (quarantine) |
 //!
 //! Data never reaches a panic: outside tests this crate may not unwrap, expect, index or do unchecked
@@ -58,6 +59,7 @@ pub mod operators;
 pub mod rating;
 pub mod source;
 pub mod usage;
+pub mod wire;
 pub mod worker;
 
 pub use classify::SharedWatermark;

@@ -285,7 +285,7 @@ fn negate(a: Aggregate) -> Aggregate {
 
 /// Each epoch's changes of window charges: rating over everything committed before plus this run's
 /// row changes, minus the charges committed before; and likewise the changes of the periods in
-/// quarantine. Exchange contract: one update per charge row (or period) and epoch: the rating reduce
+/// quarantine. Exchange contract: one update per charge row (or period) and epoch: the rating operator
 /// routes by period and subtracts the period's committed charges itself (rating.rs); the quarantines
 /// are consolidated as in `row_changes`.
 #[allow(clippy::type_complexity)]

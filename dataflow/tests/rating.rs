@@ -333,7 +333,12 @@ fn run_correcting(
     let correction = Arc::new(Mutex::new(correction));
     let collector = std::thread::spawn(move || {
         for batch in batch_rx {
-            store.apply(&batch).unwrap();
+            // A batch the store refuses fails the test at once: the workers would otherwise hold the
+            // epoch for an acknowledgement that never comes (the pipeline's process stops instead).
+            if let Err(why) = store.apply(&batch) {
+                eprintln!("the store refused epoch {}: {why}", batch.epoch);
+                std::process::exit(101);
+            }
             let _ = ack_tx.send(batch.epoch); // a heartbeat may come after the workers are done
         }
         store

@@ -19,6 +19,13 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 pub const BROKERS: &str = "127.0.0.1:9092";
 pub const ADMIN_URL: &str = "postgres://meterflow@127.0.0.1:5432/meterflow";
 
+/// A meters file (`--meters`) holding `json`, under a name of its own in the temp directory.
+pub fn meters_file(json: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.json", unique("meters")));
+    std::fs::write(&path, json).unwrap();
+    path
+}
+
 /// A unique suffix for names of this test's database and topic.
 pub fn unique(prefix: &str) -> String {
     format!(

@@ -1,0 +1,318 @@
+//! One period's state in the `RatePeriod` operator (see `rating.rs`): its windows' usage, its stored
+//! charges and what it has given, and how an epoch's changes rate it.
+//!
+//! ```text
+//!  apply(change)   a window or stored charge changes; rerate_from = the earliest window changed
+//!  rate(books)     only charges given, no book or stored charge changed ─► rate_from(rerate_from)
+//!                  otherwise ─────────────────────────────────────────────► rated() ─► give()
+//!                  either way: the changes that leave, and `given` made what is rated now
+//! ```
+
+use std::collections::btree_map::Entry;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use differential_dataflow::consolidation::consolidate;
+use differential_dataflow::difference::{IsZero, Semigroup};
+use meterflow_model::batch::QuarantineReason;
+use meterflow_model::{
+    rate_period, rate_period_from, Charge, Dimensions, Item, Measure, PriceBook, WindowUsage,
+};
+
+use super::{PeriodChange, PeriodKey, Rated};
+use crate::usage::Usage;
+
+/// A window's usage, accumulated: its total (a sum or count meter's row) or its items (a multiset
+/// meter's rows, each with its count).
+struct WindowState {
+    end: i64,
+    total: Option<Usage>,
+    items: BTreeMap<Item, Usage>,
+}
+
+impl WindowState {
+    /// What the window measures: its items (those with a positive count) or else its total; `None`
+    /// when it has neither, or its items cancel out.
+    fn measure(&self) -> Option<Measure> {
+        let items = self
+            .items
+            .iter()
+            .filter(|(_, count)| count.aggregate.event_count > 0)
+            .map(|(item, _)| item);
+        let total = self.total.map(|total| total.aggregate.value);
+        if total.is_none() && items.clone().next().is_none() {
+            return None;
+        }
+        Measure::from_items(total.unwrap_or_default(), items)
+    }
+}
+
+/// What the operator holds of one period.
+pub(super) struct PeriodState {
+    /// By window start.
+    windows: BTreeMap<i64, WindowState>,
+    /// The charges the sink stores, as fed back (none but after a restart), not yet consolidated.
+    stored: Vec<(Charge, isize)>,
+    /// What the operator has given for the period so far, accumulated and consolidated.
+    given: Vec<(Rated, isize)>,
+    /// Changed in the epoch being taken in (it is on the epoch's list of periods to rate).
+    touched: bool,
+    /// The earliest window changed in that epoch: its charge and the later ones are rated again.
+    /// `i64::MIN` rates the whole period (a book or a stored charge changed); `i64::MAX`, nothing.
+    rerate_from: i64,
+}
+
+impl Default for PeriodState {
+    fn default() -> Self {
+        PeriodState {
+            windows: BTreeMap::new(),
+            stored: Vec::new(),
+            given: Vec::new(),
+            touched: false,
+            rerate_from: i64::MAX,
+        }
+    }
+}
+
+impl PeriodState {
+    /// Takes in one change of the epoch; true if it is the period's first in the epoch (the period
+    /// is then to be rated once the epoch is complete).
+    pub(super) fn apply(&mut self, change: PeriodChange) -> bool {
+        let first = !std::mem::replace(&mut self.touched, true);
+        match change {
+            PeriodChange::Window {
+                start,
+                end,
+                item,
+                usage,
+            } => {
+                self.rerate_from = self.rerate_from.min(start);
+                let window = self.windows.entry(start).or_insert_with(|| WindowState {
+                    end,
+                    total: None,
+                    items: BTreeMap::new(),
+                });
+                window.end = end;
+                match item {
+                    None => match &mut window.total {
+                        Some(total) => {
+                            total.plus_equals(&usage);
+                            if total.is_zero() {
+                                window.total = None;
+                            }
+                        }
+                        None if usage.is_zero() => {}
+                        None => window.total = Some(usage),
+                    },
+                    Some(item) => match window.items.entry(item) {
+                        Entry::Occupied(mut count) => {
+                            count.get_mut().plus_equals(&usage);
+                            if count.get().is_zero() {
+                                count.remove();
+                            }
+                        }
+                        Entry::Vacant(_) if usage.is_zero() => {}
+                        Entry::Vacant(slot) => {
+                            slot.insert(usage);
+                        }
+                    },
+                }
+                if window.total.is_none() && window.items.is_empty() {
+                    self.windows.remove(&start);
+                }
+            }
+            PeriodChange::Stored(charge, diff) => {
+                self.rerate_from = i64::MIN;
+                self.stored.push((*charge, diff));
+            }
+        }
+        first
+    }
+
+    /// A book that may price the period changed: it is rated whole. True if that is the period's
+    /// first change in the epoch.
+    pub(super) fn rate_whole(&mut self) -> bool {
+        self.rerate_from = i64::MIN;
+        !std::mem::replace(&mut self.touched, true)
+    }
+
+    /// Nothing left to keep: no window, no stored charge, nothing given.
+    pub(super) fn is_empty(&self) -> bool {
+        self.windows.is_empty() && self.stored.is_empty() && self.given.is_empty()
+    }
+
+    /// Rates the period after an epoch's changes: what leaves. From the earliest window changed on
+    /// when what it gave holds only charges (review R7: the usual change is the current window, so
+    /// a period is not rated again from its start at every epoch, nor after a restart); the whole
+    /// period when a book or a stored charge changed, or a quarantine or an overflow is in play.
+    pub(super) fn rate(&mut self, period: &PeriodKey, books: &[&PriceBook]) -> Vec<(Rated, isize)> {
+        self.touched = false;
+        let from = std::mem::replace(&mut self.rerate_from, i64::MAX);
+        if books.is_empty() && self.stored.is_empty() && self.given.is_empty() {
+            return Vec::new();
+        }
+        let only_charges = !matches!(self.given.last(), Some((Rated::Quarantined { .. }, _)));
+        if from > i64::MIN && only_charges && !books.is_empty() {
+            if let Some(changes) = self.rate_from(period, books, from) {
+                return changes;
+            }
+        }
+        let target = self.rated(period, books);
+        give(&mut self.given, target)
+    }
+
+    /// The changes of the charges of the windows from `from` on, when what the period gave holds
+    /// only charges (rated ones, and stored ones withdrawn), in window order: a charge orders by its
+    /// dimension values, the period's, then its window. So do the stored charges, consolidated by the
+    /// whole rating that took them in (a stored charge that comes rates the whole period). `None`
+    /// when a window's usage overflowed or pricing overflows: the whole period is rated then, which
+    /// finds where rating stops.
+    fn rate_from(
+        &mut self,
+        period: &PeriodKey,
+        books: &[&PriceBook],
+        from: i64,
+    ) -> Option<Vec<(Rated, isize)>> {
+        let (usage, None) = self.usage_until_overflow() else {
+            return None;
+        };
+        let charges = rate_period_from(&period.0, &period.3, &usage, books, from).ok()?;
+        let stored_from = self
+            .stored
+            .partition_point(|(charge, _)| charge.window_start < from);
+        let mut target: Vec<(Rated, isize)> = charges
+            .into_iter()
+            .map(|charge| (Rated::Charge(Arc::new(charge)), 1))
+            .collect();
+        target.extend(withdrawn(
+            self.stored.get(stored_from..).unwrap_or_default(),
+        ));
+        let split = self.given.partition_point(|(rated, _)| match rated {
+            Rated::Charge(charge) => charge.window_start < from,
+            Rated::Quarantined { .. } => false,
+        });
+        let mut given_from = self.given.split_off(split);
+        let changes = give(&mut given_from, target);
+        self.given.append(&mut given_from);
+        Some(changes)
+    }
+
+    /// The period's charges from its whole usage, up to the first window that cannot be rated (its
+    /// usage overflowed, or pricing overflows there), and then that window as a quarantine; minus
+    /// its stored charges.
+    fn rated(&mut self, period: &PeriodKey, books: &[&PriceBook]) -> Vec<(Rated, isize)> {
+        consolidate(&mut self.stored);
+        let mut out = withdrawn(&self.stored);
+        if books.is_empty() {
+            return out;
+        }
+        // The windows before the first overflowed one can be rated; that one and those after cannot.
+        let (usage, overflowed) = self.usage_until_overflow();
+        let mut quarantine = overflowed.map(|start| (start, QuarantineReason::UsageOverflow));
+        let (charges, rating_stopped) = rate_longest_prefix(&period.0, &period.3, &usage, books);
+        if let Some(from_window) = rating_stopped {
+            // Pricing stopped before any usage overflow could: the earlier window is where rating ends.
+            quarantine = Some((from_window, QuarantineReason::RatingOverflow));
+        }
+        out.extend(charges.into_iter().map(|c| (Rated::Charge(Arc::new(c)), 1)));
+        if let Some((from_window, reason)) = quarantine {
+            tracing::warn!(
+                customer = %period.0, meter = %period.1, period = period.2, from_window, reason = reason.as_str(),
+                "a billing period is quarantined: its usage or its charges leave the decimal range"
+            );
+            out.push((
+                Rated::Quarantined {
+                    from_window,
+                    reason,
+                },
+                1,
+            ));
+        }
+        out
+    }
+
+    /// The measures of the windows before the first whose usage overflowed, in time order, and that
+    /// window's start.
+    fn usage_until_overflow(&self) -> (Vec<WindowUsage>, Option<i64>) {
+        let mut usage: Vec<WindowUsage> = Vec::with_capacity(self.windows.len());
+        for (start, window) in &self.windows {
+            if window.total.is_some_and(|total| total.overflowed) {
+                return (usage, Some(*start));
+            }
+            if let Some(measure) = window.measure() {
+                usage.push(WindowUsage {
+                    window_start: *start,
+                    window_end: window.end,
+                    measure,
+                });
+            }
+        }
+        (usage, None)
+    }
+}
+
+/// Stored charges as what rating gives for them: each withdrawn as many times as it is stored.
+fn withdrawn(stored: &[(Charge, isize)]) -> Vec<(Rated, isize)> {
+    stored
+        .iter()
+        .map(|(charge, diff)| {
+            (
+                Rated::Charge(Arc::new(charge.clone())),
+                diff.saturating_neg(),
+            )
+        })
+        .collect()
+}
+
+/// Makes `target` what `given` holds (all of a period's, or its part from a window on): the changes
+/// that leave. Where a charge given before and one of `target` are equal (decimals equal whatever
+/// their scale), the one given stays, so a later withdrawal withdraws what left (`consolidate` keeps
+/// the last of equal records).
+fn give(given: &mut Vec<(Rated, isize)>, target: Vec<(Rated, isize)>) -> Vec<(Rated, isize)> {
+    let mut changes = target;
+    changes.extend(
+        given
+            .iter()
+            .map(|(rated, diff)| (rated.clone(), diff.saturating_neg())),
+    );
+    consolidate(&mut changes);
+    let mut next = changes.clone();
+    next.append(given);
+    consolidate(&mut next);
+    *given = next;
+    changes
+}
+
+/// The charges of the longest prefix of `usage` (in time order) that rates without overflow, and the
+/// first window left out when that is not all of it. Period-to-date amounts only grow along the
+/// period, so the prefixes that rate form a range and a binary search finds the longest one (only
+/// when the whole period does not rate, which is the rare case).
+fn rate_longest_prefix(
+    customer: &str,
+    dimensions: &Dimensions,
+    usage: &[WindowUsage],
+    books: &[&PriceBook],
+) -> (Vec<Charge>, Option<i64>) {
+    if let Ok(charges) = rate_period(customer, dimensions, usage, books) {
+        return (charges, None);
+    }
+    // Invariant: the first `good` windows rate, the first `bad` do not.
+    let (mut good, mut bad) = (0, usage.len());
+    let mut best = Vec::new();
+    while bad.saturating_sub(good) > 1 {
+        let mid = good.midpoint(bad);
+        match rate_period(
+            customer,
+            dimensions,
+            usage.get(..mid).unwrap_or_default(),
+            books,
+        ) {
+            Ok(charges) => {
+                good = mid;
+                best = charges;
+            }
+            Err(_) => bad = mid,
+        }
+    }
+    (best, usage.get(good).map(|w| w.window_start))
+}
