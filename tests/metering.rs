@@ -857,12 +857,9 @@ async fn a_floor_posted_while_an_epoch_is_held_is_committed_within_five_seconds(
 async fn meters_come_from_a_file_and_late_events_revise_finalized_windows() {
     let url = fresh_database().await;
     let topic = fresh_topic(1).await;
-    let file = std::env::temp_dir().join(format!("{}.json", unique("meters")));
-    std::fs::write(
-        &file,
+    let file = meters_file(
         r#"[{"meter":"calls_per_day","event_type":"api_call","aggregation":"count","window":"day"}]"#,
-    )
-    .unwrap();
+    );
     let path = file.to_str().unwrap();
     let on_time = |id: &str, time: &str| {
         (
@@ -908,10 +905,13 @@ async fn meters_come_from_a_file_and_late_events_revise_finalized_windows() {
     assert_eq!(
         scalar_i64(
             &url,
-            "SELECT count(*) FROM late_events WHERE event_id = 'late'"
+            "SELECT count(*) FROM late_events WHERE event_id = 'late' AND meter = 'calls_per_day'
+             AND customer_id = 'c' AND window_start = '2024-01-15T00:00:00Z'
+             AND event_time = '2024-01-15T23:00:00Z' AND watermark = '2024-01-17T10:00:00Z'"
         )
         .await,
-        1
+        1,
+        "the late event is recorded with its meter, customer, window, time and watermark"
     );
     // A changed definition under the same name is refused at start-up with a message.
     std::fs::write(
