@@ -329,3 +329,160 @@ fn prices(book: &PriceBook, period: &PeriodKey) -> bool {
     ) && book.customer_id.as_ref().is_none_or(|own| own == customer)
         && dimensions.matches(&book.dimensions)
 }
+
+#[cfg(test)]
+mod tests {
+    //! `rate_epoch` against a plain reference: random epochs of window changes (with voids, late
+    //! windows and periods that empty) and book changes; after every epoch, what has left for each
+    //! period adds up to `rate_period` of its whole usage with the books in force.
+    use super::*;
+    use differential_dataflow::consolidation::consolidate;
+    use meterflow_model::{rate_period, Aggregate, Measure, PriceModel, Tier, WindowUsage};
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+    use rust_decimal::Decimal;
+
+    /// 2024-01-31T20:00:00Z: ten hourly windows that cross into February.
+    const BASE: i64 = 1_706_731_200;
+
+    fn book(id: &str, customer: Option<&str>, unit_price: Decimal) -> PriceBook {
+        PriceBook {
+            price_book_id: id.to_string(),
+            meter: "m".to_string(),
+            customer_id: customer.map(str::to_string),
+            dimensions: Dimensions::default(),
+            currency: "USD".to_string(),
+            effective_from: 0,
+            effective_to: None,
+            model: PriceModel::Graduated {
+                tiers: vec![
+                    Tier {
+                        up_to: Some(Decimal::from(150)),
+                        unit_price,
+                        flat_fee: Decimal::ZERO,
+                    },
+                    Tier {
+                        up_to: None,
+                        unit_price: unit_price / Decimal::from(2),
+                        flat_fee: Decimal::ONE,
+                    },
+                ],
+            },
+            minimum_per_period: None,
+            entries: Vec::new(),
+        }
+    }
+
+    fn usage(value: Decimal, event_count: i64) -> Usage {
+        Usage::of(Aggregate { value, event_count })
+    }
+
+    /// What the reference rater gives for every period: `rate_period` of its windows' totals.
+    fn reference(
+        totals: &BTreeMap<(PeriodKey, i64), (Decimal, i64)>,
+        books: &BTreeMap<PriceBook, isize>,
+    ) -> BTreeMap<PeriodKey, Vec<(Rated, isize)>> {
+        let mut windows: BTreeMap<PeriodKey, Vec<WindowUsage>> = BTreeMap::new();
+        for ((period, start), (value, count)) in totals {
+            if *count != 0 {
+                windows
+                    .entry(period.clone())
+                    .or_default()
+                    .push(WindowUsage {
+                        window_start: *start,
+                        window_end: start + 3600,
+                        measure: Measure::Total(*value),
+                    });
+            }
+        }
+        windows
+            .into_iter()
+            .map(|(period, windows)| {
+                let books: Vec<&PriceBook> = books
+                    .iter()
+                    .filter(|(book, count)| **count > 0 && prices(book, &period))
+                    .map(|(book, _)| book)
+                    .collect();
+                let charges = rate_period(&period.0, &period.3, &windows, &books).unwrap();
+                let mut rated: Vec<(Rated, isize)> = charges
+                    .into_iter()
+                    .map(|charge| (Rated::Charge(Arc::new(charge)), 1))
+                    .collect();
+                consolidate(&mut rated);
+                (period, rated)
+            })
+            .filter(|(_, rated)| !rated.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn every_epoch_leaves_what_the_whole_usage_rates_to() {
+        for seed in 0..20 {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut periods = HashMap::new();
+            let mut in_force = Books::new();
+            let mut books_now: BTreeMap<PriceBook, isize> = BTreeMap::new();
+            let mut totals: BTreeMap<(PeriodKey, i64), (Decimal, i64)> = BTreeMap::new();
+            let mut contributions: Vec<(PeriodKey, i64, Decimal)> = Vec::new();
+            let mut left: BTreeMap<PeriodKey, Vec<(Rated, isize)>> = BTreeMap::new();
+            let catalogue = [
+                book("default", None, Decimal::new(1, 2)),
+                book("default", None, Decimal::new(3, 2)),
+                book("own", Some("c1"), Decimal::new(2, 2)),
+            ];
+            for epoch in 0..40 {
+                let mut changes = Vec::new();
+                for _ in 0..rng.random_range(0..6) {
+                    let void = !contributions.is_empty() && rng.random_bool(0.2);
+                    let (period, start, value, sign) = if void {
+                        let i = rng.random_range(0..contributions.len());
+                        let (period, start, value) = contributions.swap_remove(i);
+                        (period, start, value, -1)
+                    } else {
+                        let start = BASE + 3600 * rng.random_range(0..10);
+                        let customer = format!("c{}", rng.random_range(0..3));
+                        let period = (
+                            customer,
+                            "m".to_string(),
+                            period_of(start).0,
+                            Dimensions::default(),
+                        );
+                        let value = Decimal::new(rng.random_range(0..10_000), 2);
+                        contributions.push((period.clone(), start, value));
+                        (period, start, value, 1)
+                    };
+                    let total = totals.entry((period.clone(), start)).or_default();
+                    total.0 += value * Decimal::from(sign);
+                    total.1 += sign;
+                    let change = PeriodChange::Window {
+                        start,
+                        end: start + 3600,
+                        item: None,
+                        usage: usage(value * Decimal::from(sign), sign),
+                    };
+                    changes.push((period, change));
+                }
+                let mut book_changes = Vec::new();
+                if epoch % 7 == 3 {
+                    let book = catalogue[rng.random_range(0..catalogue.len())].clone();
+                    let present = books_now.get(&book).copied().unwrap_or(0) > 0;
+                    let diff = if present { -1 } else { 1 };
+                    *books_now.entry(book.clone()).or_default() += diff;
+                    book_changes.push((book, diff));
+                }
+                for (period, rated, diff) in
+                    rate_epoch(&mut periods, &mut in_force, changes, book_changes)
+                {
+                    left.entry(period).or_default().push((rated, diff));
+                }
+                left.values_mut().for_each(consolidate);
+                left.retain(|_, rated| !rated.is_empty());
+                assert_eq!(
+                    left,
+                    reference(&totals, &books_now),
+                    "seed {seed}, epoch {epoch}"
+                );
+            }
+        }
+    }
+}
