@@ -10,7 +10,6 @@
 
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::difference::{IsZero, Semigroup};
@@ -136,6 +135,11 @@ impl PeriodState {
         !std::mem::replace(&mut self.touched, true)
     }
 
+    /// Changed in the epoch being taken in, and not rated since.
+    pub(super) fn is_touched(&self) -> bool {
+        self.touched
+    }
+
     /// Nothing left to keep: no window, no stored charge, nothing given.
     pub(super) fn is_empty(&self) -> bool {
         self.windows.is_empty() && self.stored.is_empty() && self.given.is_empty()
@@ -162,9 +166,10 @@ impl PeriodState {
     }
 
     /// The changes of the charges of the windows from `from` on, when what the period gave holds
-    /// only charges (rated ones, and stored ones withdrawn), in window order: a charge orders by its
-    /// dimension values, the period's, then its window. So do the stored charges, consolidated by the
-    /// whole rating that took them in (a stored charge that comes rates the whole period). `None`
+    /// only charges (rated ones, and stored ones withdrawn), in window order: a `Rated::Charge` orders
+    /// by its window's start first. So do the stored charges, consolidated by the whole rating that
+    /// took them in (a charge orders by its dimension values, the period's, then its window; a stored
+    /// charge that comes rates the whole period). `None`
     /// when a window's usage overflowed or pricing overflows: the whole period is rated then, which
     /// finds where rating stops.
     fn rate_from(
@@ -182,13 +187,13 @@ impl PeriodState {
             .partition_point(|(charge, _)| charge.window_start < from);
         let mut target: Vec<(Rated, isize)> = charges
             .into_iter()
-            .map(|charge| (Rated::Charge(Arc::new(charge)), 1))
+            .map(|charge| (Rated::charge(charge), 1))
             .collect();
         target.extend(withdrawn(
             self.stored.get(stored_from..).unwrap_or_default(),
         ));
         let split = self.given.partition_point(|(rated, _)| match rated {
-            Rated::Charge(charge) => charge.window_start < from,
+            Rated::Charge(start, _) => *start < from,
             Rated::Quarantined { .. } => false,
         });
         let mut given_from = self.given.split_off(split);
@@ -214,7 +219,7 @@ impl PeriodState {
             // Pricing stopped before any usage overflow could: the earlier window is where rating ends.
             quarantine = Some((from_window, QuarantineReason::RatingOverflow));
         }
-        out.extend(charges.into_iter().map(|c| (Rated::Charge(Arc::new(c)), 1)));
+        out.extend(charges.into_iter().map(|c| (Rated::charge(c), 1)));
         if let Some((from_window, reason)) = quarantine {
             tracing::warn!(
                 customer = %period.0, meter = %period.1, period = period.2, from_window, reason = reason.as_str(),
@@ -255,12 +260,7 @@ impl PeriodState {
 fn withdrawn(stored: &[(Charge, isize)]) -> Vec<(Rated, isize)> {
     stored
         .iter()
-        .map(|(charge, diff)| {
-            (
-                Rated::Charge(Arc::new(charge.clone())),
-                diff.saturating_neg(),
-            )
-        })
+        .map(|(charge, diff)| (Rated::charge(charge.clone()), diff.saturating_neg()))
         .collect()
 }
 
