@@ -25,7 +25,9 @@
 //! an arrangement of every window update, another of its output, and the distincts and joins that
 //! brought the books to each period. The `core` benchmark went from about 290k to 365k events/s on one
 //! worker, and peak memory from 725 to 612 MB; pricing from the earliest window changed took it on
-//! to 444k (perf/RESULTS.md).
+//! to 444k, and reading the table in memory order when most of it is touched to about 510k
+//! (perf/RESULTS.md). What is left is mostly cache misses: a backfill touches every period each
+//! epoch, and a period's state is a few scattered allocations with string keys (review R5).
 //!
 //! Cost, per epoch and period touched: the windows from the earliest one changed on are priced
 //! again (review R7; the usual change is the current window); the earlier ones only add up to the
