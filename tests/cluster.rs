@@ -315,16 +315,7 @@ async fn meters_and_price_books_reach_every_process_and_charges_match_one_worker
         let url = fresh_database().await;
         let pool = sqlx::PgPool::connect(&url).await.unwrap();
         for (id, meter) in [("calls_book", "calls"), ("tokens_book", "tokens")] {
-            sqlx::query(
-                "INSERT INTO price_books (price_book_id, meter, customer_id, currency, effective, model)
-                 VALUES ($1, $2, NULL, 'USD', tstzrange('2024-01-01', NULL, '[)'), $3)",
-            )
-            .bind(id)
-            .bind(meter)
-            .bind(&graduated)
-            .execute(&pool)
-            .await
-            .unwrap();
+            insert_price_book(&pool, id, meter, None, "2024-01-01", &graduated).await;
         }
         url
     };

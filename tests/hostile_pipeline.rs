@@ -76,14 +76,16 @@ async fn connect(url: &str) -> PgConnection {
 }
 
 async fn default_book(conn: &mut PgConnection, price: &str) {
-    sqlx::query(
-        "INSERT INTO price_books (price_book_id, meter, customer_id, currency, effective, model)
-         VALUES ('pb_default', 'api_call', NULL, 'USD', tstzrange('2024-01-01T00:00:00Z', NULL, '[)'), $1)",
+    let model = json!({"type": "per_unit", "unit_price": price});
+    insert_price_book(
+        &mut *conn,
+        "pb_default",
+        "api_call",
+        None,
+        "2024-01-01T00:00:00Z",
+        &model,
     )
-    .bind(json!({"type": "per_unit", "unit_price": price}))
-    .execute(&mut *conn)
-    .await
-    .unwrap();
+    .await;
 }
 
 /// (value, event_count, quarantined) of a row of the default meter `api_call`.

@@ -74,17 +74,7 @@ async fn insert_book(
     from: &str,
     model: serde_json::Value,
 ) {
-    sqlx::query(
-        "INSERT INTO price_books (price_book_id, meter, customer_id, currency, effective, model)
-         VALUES ($1, 'api_call', $2, 'USD', tstzrange($3::timestamptz, NULL, '[)'), $4)",
-    )
-    .bind(id)
-    .bind(customer)
-    .bind(from)
-    .bind(model)
-    .execute(pool)
-    .await
-    .unwrap();
+    insert_price_book(pool, id, "api_call", customer, from, &model).await;
 }
 
 fn event(id: &str, customer: &str, time: &str, value: &str) -> serde_json::Value {

@@ -26,6 +26,30 @@ pub fn meters_file(json: &str) -> std::path::PathBuf {
     path
 }
 
+/// Inserts an open-ended USD price book `id` for `meter` from `from` on: a default book, or
+/// `customer`'s own. Straight into `price_books`, as an operator's `psql` would.
+pub async fn insert_price_book<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    id: &str,
+    meter: &str,
+    customer: Option<&str>,
+    from: &str,
+    model: &Value,
+) {
+    sqlx::query(
+        "INSERT INTO price_books (price_book_id, meter, customer_id, currency, effective, model)
+         VALUES ($1, $2, $3, 'USD', tstzrange($4::timestamptz, NULL, '[)'), $5)",
+    )
+    .bind(id)
+    .bind(meter)
+    .bind(customer)
+    .bind(from)
+    .bind(model)
+    .execute(db)
+    .await
+    .unwrap();
+}
+
 /// A unique suffix for names of this test's database and topic.
 pub fn unique(prefix: &str) -> String {
     format!(
