@@ -146,6 +146,10 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..args.runs {
         for &w in &args.workers {
             let mut cmd = Command::new(&exe);
+            // As the `meterflow` binary sets it (src/main.rs, `PURGE_DELAY_MS`): freed memory kept 10 s.
+            if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+                cmd.env("MIMALLOC_PURGE_DELAY", "10000");
+            }
             cmd.arg("--child")
                 .arg(w.to_string())
                 .args(["--events", &args.events.to_string()])
