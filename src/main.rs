@@ -136,9 +136,10 @@ fn no_transparent_huge_pages() {
 /// How long mimalloc keeps memory freed before it gives it back to the system, unless
 /// `MIMALLOC_PURGE_DELAY` says otherwise: 10 s instead of its default 1 s. Each epoch of the dataflow
 /// frees its buffers and hash tables and the next one allocates them again; memory given back in
-/// between is faulted in and zeroed again page by page (on a VM, by the host as well). The dataflow
-/// alone ran 10–16 % faster with it kept (perf/RESULTS.md, "ninth sitting"); what is freed and not
-/// reused still goes back after 10 s.
+/// between is faulted in and zeroed again page by page (on a VM, by the host as well). With it kept,
+/// the dataflow alone ran 3–4 % faster and a 1M backfill 7 % (16 % and more while page faults were
+/// dear on the machine; perf/RESULTS.md, "ninth sitting"), for ~5 % more peak memory. What is freed
+/// and not reused still goes back after 10 s.
 const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
 
 /// mimalloc's `mi_option_purge_delay` (the 16th of `mi_option_t` in its `mimalloc.h`, v2 and v3).
