@@ -63,7 +63,7 @@ pub use invoice::{
     Adjustment, Customer, Draft, Invoice, InvoiceError, InvoiceLine, InvoiceStatus, LineKind,
     PeriodUsage,
 };
-pub use meter::{Aggregation, Contribution, Item, Meter, MeterSet, Skip};
+pub use meter::{Aggregation, Contribution, Item, Latest, Meter, MeterSet, Skip};
 pub use money::MoneyError;
 pub use price::{
     book_for, entry_for, period_of, rate_period, rate_period_from, Charge, Measure, PriceBook,

@@ -181,11 +181,11 @@ impl Meter {
             Aggregation::Max => (Some(Item::Max(self.number(event)?.normalize())), one()),
             Aggregation::UniqueCount => (Some(Item::Unique(self.text(event)?)), one()),
             Aggregation::Latest => (
-                Some(Item::Latest {
+                Some(Item::Latest(Box::new(Latest {
                     time_micros: event.event_time_micros,
                     event_id: event.event_id.clone(),
                     value: self.number(event)?,
-                }),
+                }))),
                 one(),
             ),
         };
@@ -287,11 +287,16 @@ pub enum Item {
     /// A distinct value of a `unique_count` meter, as its JSON text.
     Unique(String),
     /// An event of a `latest` meter: the row's value is that of the greatest (time, event_id).
-    Latest {
-        time_micros: i64,
-        event_id: String,
-        value: Decimal,
-    },
+    /// Boxed, so that an item (and every row key, which holds an `Option<Item>`) stays small.
+    Latest(Box<Latest>),
+}
+
+/// An event of a `latest` meter, as an [`Item`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Latest {
+    pub time_micros: i64,
+    pub event_id: String,
+    pub value: Decimal,
 }
 
 /// What one event adds to one row: `usage` with `item` for the multiset meters.

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dimensions::{specificity, Dimensions};
 use crate::event::FieldError;
-use crate::meter::Item;
+use crate::meter::{Item, Latest};
 use crate::money::{self, MoneyError};
 
 /// One tier of a graduated or volume model. `up_to` is inclusive; `None` is the last, open tier.
@@ -365,6 +365,14 @@ pub enum Measure {
 }
 
 impl Measure {
+    fn latest(item: &Latest) -> Measure {
+        Measure::Latest {
+            time_micros: item.time_micros,
+            event_id: item.event_id.clone(),
+            value: item.value,
+        }
+    }
+
     /// The window's measure from its multiset of items (each with a positive count), or from its total
     /// when it has none. `None` when the items cancel out.
     pub fn from_items<'a>(
@@ -387,18 +395,10 @@ impl Measure {
                         event_id,
                         value,
                     }),
-                    Item::Latest {
-                        time_micros: t,
-                        event_id: id,
-                        value: v,
-                    },
+                    Item::Latest(latest),
                 ) => {
-                    if (*t, id) > (time_micros, &event_id) {
-                        Measure::Latest {
-                            time_micros: *t,
-                            event_id: id.clone(),
-                            value: *v,
-                        }
+                    if (latest.time_micros, &latest.event_id) > (time_micros, &event_id) {
+                        Measure::latest(latest)
                     } else {
                         Measure::Latest {
                             time_micros,
@@ -407,18 +407,7 @@ impl Measure {
                         }
                     }
                 }
-                (
-                    _,
-                    Item::Latest {
-                        time_micros,
-                        event_id,
-                        value,
-                    },
-                ) => Measure::Latest {
-                    time_micros: *time_micros,
-                    event_id: event_id.clone(),
-                    value: *value,
-                },
+                (_, Item::Latest(latest)) => Measure::latest(latest),
             });
         }
         measure.or(Some(Measure::Total(total)))

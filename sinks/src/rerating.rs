@@ -437,11 +437,12 @@ fn item_columns(item: &Item) -> (&'static str, i64, String, Option<Decimal>) {
     match item {
         Item::Max(v) => ("max", 0, v.to_string(), Some(*v)),
         Item::Unique(text) => ("unique_count", 0, text.clone(), None),
-        Item::Latest {
-            time_micros,
-            event_id,
-            value,
-        } => ("latest", *time_micros, event_id.clone(), Some(*value)),
+        Item::Latest(latest) => (
+            "latest",
+            latest.time_micros,
+            latest.event_id.clone(),
+            Some(latest.value),
+        ),
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
-use meterflow_model::{Aggregate, AggregateKey, Charge, Dimensions, Item, RatingState};
+use meterflow_model::{Aggregate, AggregateKey, Charge, Dimensions, Item, Latest, RatingState};
 use rust_decimal::Decimal;
 use sqlx::types::Json;
 use sqlx::PgConnection;
@@ -90,11 +90,11 @@ impl ItemRow {
         match self.kind.as_str() {
             "max" => Item::Max(num.unwrap_or_default().normalize()),
             "unique_count" => Item::Unique(text),
-            _ => Item::Latest {
+            _ => Item::Latest(Box::new(Latest {
                 time_micros: self.sort_time,
                 event_id: text,
                 value: num.unwrap_or_default(),
-            },
+            })),
         }
     }
 

@@ -192,11 +192,12 @@ pub(super) async fn apply_multiset_rows(
         let (kind, sort_time, text, num) = match item {
             Some(Item::Max(v)) => ("max", 0, v.to_string(), Some(*v)),
             Some(Item::Unique(text)) => ("unique_count", 0, text.clone(), None),
-            Some(Item::Latest {
-                time_micros,
-                event_id,
-                value,
-            }) => ("latest", *time_micros, event_id.clone(), Some(*value)),
+            Some(Item::Latest(latest)) => (
+                "latest",
+                latest.time_micros,
+                latest.event_id.clone(),
+                Some(latest.value),
+            ),
             None => continue,
         };
         customers.push(key.customer_id.as_str());
@@ -288,7 +289,7 @@ pub(super) async fn apply_multiset_rows(
             let kind = match item.as_ref()? {
                 Item::Max(_) => "max",
                 Item::Unique(_) => "unique_count",
-                Item::Latest { .. } => "latest",
+                Item::Latest(_) => "latest",
             };
             Some((
                 key.customer_id.as_str(),
