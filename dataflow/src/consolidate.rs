@@ -43,6 +43,9 @@ where
         name,
         |_cap, _info| {
             let mut open: BTreeMap<Epoch, (Capability<Epoch>, HashMap<D, R>)> = BTreeMap::new();
+            // How many records the last epoch summed: the next epoch's table starts that large, so
+            // it does not grow (and rehash every record) step by step.
+            let mut last_len = 0;
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
                     // Epochs are totally ordered: a stamp always has a least time.
@@ -55,7 +58,8 @@ where
                             // send a later epoch's updates under an earlier capability.
                             let held = epoch.max(least);
                             let (_, sums) = open.entry(epoch).or_insert_with(|| {
-                                (cap.delayed(&held, output.output_index()), HashMap::new())
+                                let sums = HashMap::with_capacity(last_len);
+                                (cap.delayed(&held, output.output_index()), sums)
                             });
                             add(sums, record, diff);
                         }
@@ -66,6 +70,7 @@ where
                         break;
                     }
                     let (epoch, (cap, sums)) = entry.remove_entry();
+                    last_len = sums.len();
                     let mut session = output.session(&cap);
                     session.give_iterator(
                         sums.into_iter()
