@@ -542,10 +542,13 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
                         move |_, _| {
                             move |input, _output| {
                                 let mut c = Counts::default();
+                                // Counted where they lie and dropped in place: a `drain` would
+                                // move every update out first (5.5 % of a run's time in `memcpy`).
                                 input.for_each(|_, data| {
-                                    for (_, u) in data.drain(..) {
-                                        c.add(&u);
+                                    for (_, u) in data.iter() {
+                                        c.add(u);
                                     }
+                                    data.clear();
                                 });
                                 if let Ok(mut counts) = seen.lock() {
                                     counts.merge(&c);
