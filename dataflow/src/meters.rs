@@ -52,6 +52,12 @@ impl Meters {
             .unwrap_or(meterflow_model::dimensions::DEFAULT_MAX_DIMENSION_VALUES)
     }
 
+    /// Whether the events of `event_type` go to their default meter
+    /// ([`Contribution::by_default_meter`]): no meter reads the type, and none is named after it.
+    pub fn by_default(&self, event_type: &str) -> bool {
+        !self.set.reads(event_type) && !self.names.contains(event_type)
+    }
+
     /// Every contribution `event` makes (`MeterSet::contributions`), except a default meter's
     /// contribution to a row of a meter of that name.
     pub fn contributions(&self, event: &Event) -> (Vec<Contribution>, Vec<(String, Skip)>) {

@@ -230,10 +230,30 @@ fn meter_item(
         Classified::Dead(d) => return give(Err(Aside::Sink((epoch, SinkUpdate::DeadLetter(d))))),
         Classified::Ignored => return,
     };
+    if meters.by_default(&event.event_type) {
+        // The hot path: one contribution, made of the event's own strings (no copies).
+        let Event {
+            event_id,
+            customer_id,
+            event_type,
+            event_time_micros,
+            value,
+            ..
+        } = event;
+        let c = Contribution::by_default_meter(customer_id, event_type, event_time_micros, value);
+        if sign > 0 {
+            if let Some(late) = late(&event_id, event_time_micros, &c, watermark, context) {
+                give(Err(Aside::Sink((epoch, SinkUpdate::Late(late)))));
+            }
+        }
+        let usage = if sign > 0 { c.usage } else { negate(c.usage) };
+        return give(Ok(((c.key, c.item), epoch, Usage::of(usage))));
+    }
     let (contributions, _skipped) = meters.contributions(&event);
     for c in contributions {
         if sign > 0 {
-            if let Some(late) = late(&event, &c, watermark, context) {
+            let at = event.event_time_micros;
+            if let Some(late) = late(&event.event_id, at, &c, watermark, context) {
                 give(Err(Aside::Sink((epoch, SinkUpdate::Late(late)))));
             }
         }
@@ -254,8 +274,11 @@ fn meter_item(
     }
 }
 
+/// The late event of the contribution `c` of event `event_id` (at `event_time_micros`), if the
+/// committed `watermark` has closed its window.
 fn late(
-    event: &Event,
+    event_id: &str,
+    event_time_micros: i64,
     c: &Contribution,
     watermark: Option<i64>,
     context: &GraphContext,
@@ -267,11 +290,11 @@ fn late(
         .saturating_mul(1_000_000)
         .saturating_add(context.allowed_lateness_micros);
     (closes <= watermark).then(|| LateEvent {
-        event_id: event.event_id.clone(),
-        customer_id: event.customer_id.clone(),
+        event_id: event_id.to_owned(),
+        customer_id: c.key.customer_id.clone(),
         meter: c.key.meter.clone(),
         window_start: c.key.window_start,
-        event_time_micros: event.event_time_micros,
+        event_time_micros,
         watermark_micros: watermark,
     })
 }

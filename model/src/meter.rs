@@ -307,6 +307,32 @@ pub struct Contribution {
     pub usage: Aggregate,
 }
 
+impl Contribution {
+    /// An event's contribution to its default meter's row, as `Meter::default_for(type).key(event)`
+    /// gives it, without building that meter for every event (its three strings, made and dropped).
+    /// It takes the strings it keeps, so a caller that owns the event moves them instead of copying.
+    pub fn by_default_meter(
+        customer_id: String,
+        event_type: String,
+        event_time_micros: i64,
+        value: Decimal,
+    ) -> Contribution {
+        let window = Window::Hour;
+        let start = window.start_of(event_time_micros);
+        Contribution {
+            key: AggregateKey {
+                customer_id,
+                meter: event_type,
+                dimensions: Dimensions::default(),
+                window_start: start,
+                window_end: start.saturating_add(window.seconds()),
+            },
+            item: None,
+            usage: Aggregate::of(value),
+        }
+    }
+}
+
 /// The meters in force, indexed by the event_type they read.
 #[derive(Clone, Debug, Default)]
 pub struct MeterSet {
@@ -345,25 +371,19 @@ impl MeterSet {
                     }
                 })
                 .collect(),
-            // The default meter's row, as `Meter::default_for(type).key(event)` gives it, without
-            // building that meter for every event (its three strings, made and dropped).
-            None => {
-                let window = Window::Hour;
-                let start = window.start_of(event.event_time_micros);
-                vec![Contribution {
-                    key: AggregateKey {
-                        customer_id: event.customer_id.clone(),
-                        meter: event.event_type.clone(),
-                        dimensions: Dimensions::default(),
-                        window_start: start,
-                        window_end: start.saturating_add(window.seconds()),
-                    },
-                    item: None,
-                    usage: Aggregate::of(event.value),
-                }]
-            }
+            None => vec![Contribution::by_default_meter(
+                event.customer_id.clone(),
+                event.event_type.clone(),
+                event.event_time_micros,
+                event.value,
+            )],
         };
         (contributions, skipped)
+    }
+
+    /// Whether a meter reads `event_type` (else its events go to their default meter).
+    pub fn reads(&self, event_type: &str) -> bool {
+        self.by_type.contains_key(event_type)
     }
 
     /// The window length of a meter by name, with the default meter's for names no meter has.
