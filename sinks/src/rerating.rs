@@ -58,7 +58,7 @@ use meterflow_model::RatingCorrection;
 use meterflow_store::{meters, price_books};
 use rows::{expected_rows, stored_rows};
 
-use crate::restore::{rating_rows, Within};
+use crate::restore::{item_columns, rating_rows, Within};
 use crate::Lease;
 
 pub use meterflow_store::rerating_jobs::{Outcome, Scope};
@@ -430,20 +430,6 @@ async fn correct_row(
     .execute(&mut *tx)
     .await?;
     Ok(())
-}
-
-/// The `meter_values` columns of an item: (kind, sort_time, item text, num).
-fn item_columns(item: &Item) -> (&'static str, i64, String, Option<Decimal>) {
-    match item {
-        Item::Max(v) => ("max", 0, v.to_string(), Some(*v)),
-        Item::Unique(text) => ("unique_count", 0, text.clone(), None),
-        Item::Latest(latest) => (
-            "latest",
-            latest.time_micros,
-            latest.event_id.clone(),
-            Some(latest.value),
-        ),
-    }
 }
 
 /// Stores a new `meter_values` row: `item` of the row `key`, held `count` times.

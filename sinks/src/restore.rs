@@ -83,7 +83,7 @@ impl ItemRow {
         }
     }
 
-    /// The item the row's kind, sort_time, item and num make.
+    /// The item the row's kind, sort_time, item and num make ([`item_columns`] the other way).
     pub(crate) fn item(self) -> Item {
         let text = self.item;
         let num = self.num;
@@ -106,6 +106,20 @@ impl ItemRow {
             event_count: self.count,
         };
         (key, Some(self.item()), usage)
+    }
+}
+
+/// The `meter_values` columns of an item: (kind, sort_time, item text, num).
+pub(crate) fn item_columns(item: &Item) -> (&'static str, i64, String, Option<Decimal>) {
+    match item {
+        Item::Max(v) => ("max", 0, v.to_string(), Some(*v)),
+        Item::Unique(text) => ("unique_count", 0, text.clone(), None),
+        Item::Latest(latest) => (
+            "latest",
+            latest.time_micros,
+            latest.event_id.clone(),
+            Some(latest.value),
+        ),
     }
 }
 

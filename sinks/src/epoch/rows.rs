@@ -20,6 +20,7 @@ use sqlx::PgConnection;
 
 use crate::error::SinkError;
 use crate::metrics;
+use crate::restore::item_columns;
 
 // The array arguments are the batch's borrowed values, as before the macros. An array of `&str`s,
 // byte slices or nullable elements carries its type (`as &[&str]`): the macros map `text[]` only to
@@ -189,17 +190,8 @@ pub(super) async fn apply_multiset_rows(
         Vec::with_capacity(n),
     );
     for (key, item, agg) in rows {
-        let (kind, sort_time, text, num) = match item {
-            Some(Item::Max(v)) => ("max", 0, v.to_string(), Some(*v)),
-            Some(Item::Unique(text)) => ("unique_count", 0, text.clone(), None),
-            Some(Item::Latest(latest)) => (
-                "latest",
-                latest.time_micros,
-                latest.event_id.clone(),
-                Some(latest.value),
-            ),
-            None => continue,
-        };
+        let Some(item) = item else { continue };
+        let (kind, sort_time, text, num) = item_columns(item);
         customers.push(key.customer_id.as_str());
         meters.push(key.meter.as_str());
         starts.push(key.window_start);
