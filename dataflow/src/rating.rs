@@ -31,7 +31,8 @@
 //!
 //! Cost, per epoch and period touched: the windows from the earliest one changed on are priced
 //! again (review R7; the usual change is the current window); the earlier ones only add up to the
-//! period-to-date quantity they start from. A book or a stored charge that changes, a quarantine or an
+//! period-to-date quantity they start from, and for a sum or count meter that quantity is carried
+//! from the last rating, so the earlier windows are not read again. A book or a stored charge that changes, a quarantine or an
 //! overflow prices the whole period (at most 744 hourly windows; 44,640 for a minute meter).
 //!
 //! Overflow is data, not a crash (issue 13): when a window's usage overflowed (usage.rs) or pricing the
@@ -300,13 +301,15 @@ fn rate_epoch(
             meter.retain(|_, count| *count != 0);
         }
     }
+    let in_force: &Books = in_force;
     let mut out = Vec::new();
+    let mut books = Vec::new();
     // When most periods are touched (a backfill touches every period of its hours), one pass over
     // the table in memory order is cheaper than a second look-up of each by its key.
     if touched.len().saturating_mul(2) >= periods.len() {
         let mut emptied = false;
         for (period, state) in periods.iter_mut().filter(|(_, state)| state.is_touched()) {
-            rate_touched(period, state, in_force, &mut out);
+            rate_touched(period, state, in_force, &mut books, &mut out);
             emptied |= state.is_empty();
         }
         if emptied {
@@ -318,7 +321,7 @@ fn rate_epoch(
         let Some(state) = periods.get_mut(&period) else {
             continue;
         };
-        rate_touched(&period, state, in_force, &mut out);
+        rate_touched(&period, state, in_force, &mut books, &mut out);
         if state.is_empty() {
             periods.remove(&period);
         }
@@ -326,23 +329,27 @@ fn rate_epoch(
     out
 }
 
-/// Rates one touched period with the books in force that may price it, onto `out`.
-fn rate_touched(
+/// Rates one touched period with the books in force that may price it, onto `out`. `books` is room
+/// for those books, kept from one period to the next.
+fn rate_touched<'b>(
     period: &PeriodKey,
     state: &mut PeriodState,
-    in_force: &Books,
+    in_force: &'b Books,
+    books: &mut Vec<&'b PriceBook>,
     out: &mut Vec<(PeriodKey, Rated, isize)>,
 ) {
-    let books: Vec<&PriceBook> = in_force
-        .get(&period.1)
-        .into_iter()
-        .flatten()
-        .filter(|(book, count)| **count > 0 && prices(book, period))
-        .map(|(book, _)| book)
-        .collect();
+    books.clear();
+    books.extend(
+        in_force
+            .get(&period.1)
+            .into_iter()
+            .flatten()
+            .filter(|(book, count)| **count > 0 && prices(book, period))
+            .map(|(book, _)| book),
+    );
     out.extend(
         state
-            .rate(period, &books)
+            .rate(period, books)
             .into_iter()
             .map(|(rated, diff)| (period.clone(), rated, diff)),
     );

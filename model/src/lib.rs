@@ -66,7 +66,7 @@ pub use invoice::{
 pub use meter::{Aggregation, Contribution, Item, Latest, Meter, MeterSet, Skip};
 pub use money::MoneyError;
 pub use price::{
-    book_for, entry_for, period_of, rate_period, rate_period_from, Charge, Measure, PriceBook,
-    PriceModel, RateEntry, Tier, WindowUsage,
+    book_for, entry_for, period_of, rate_period, rate_period_from, rate_totals_after, Charge,
+    Measure, PriceBook, PriceModel, RateEntry, Tier, WindowUsage,
 };
 pub use window::Window;

@@ -499,23 +499,50 @@ pub fn rate_period_from(
     books: &[&PriceBook],
     from: i64,
 ) -> Result<Vec<Charge>, MoneyError> {
+    let ptd = PeriodToDate::default();
     if windows.is_sorted_by(|a, b| a.window_start < b.window_start) {
-        return rate_ordered(customer, dimensions, windows.iter(), books, from);
+        return rate_ordered(customer, dimensions, windows.iter(), books, from, ptd);
     }
     let ordered: BTreeMap<i64, &WindowUsage> =
         windows.iter().map(|w| (w.window_start, w)).collect();
-    rate_ordered(customer, dimensions, ordered.into_values(), books, from)
+    rate_ordered(
+        customer,
+        dimensions,
+        ordered.into_values(),
+        books,
+        from,
+        ptd,
+    )
 }
 
-/// Walks `windows` in time order, pricing those from `from` on.
+/// [`rate_period`]'s charges of `windows`, the last windows of a period of totals (a sum or count
+/// meter's), when the windows before them add up to `quantity_before`: what
+/// [`rate_period_from`] gives from the first of `windows`, without the earlier windows. A window's
+/// charge depends on the earlier windows only through their total. `windows` in time order, each
+/// start once, every measure a [`Measure::Total`].
+pub fn rate_totals_after(
+    customer: &str,
+    dimensions: &Dimensions,
+    quantity_before: Decimal,
+    windows: &[WindowUsage],
+    books: &[&PriceBook],
+) -> Result<Vec<Charge>, MoneyError> {
+    let ptd = PeriodToDate {
+        quantity: quantity_before,
+        ..PeriodToDate::default()
+    };
+    rate_ordered(customer, dimensions, windows.iter(), books, i64::MIN, ptd)
+}
+
+/// Walks `windows` in time order from `ptd`, pricing those from `from` on.
 fn rate_ordered<'w>(
     customer: &str,
     dimensions: &Dimensions,
     windows: impl ExactSizeIterator<Item = &'w WindowUsage>,
     books: &[&PriceBook],
     from: i64,
+    mut ptd: PeriodToDate,
 ) -> Result<Vec<Charge>, MoneyError> {
-    let mut ptd = PeriodToDate::default();
     let mut charges = Vec::with_capacity(windows.len());
     for window in windows {
         let before = ptd.quantity;
@@ -811,6 +838,33 @@ mod tests {
                     "from {from}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn rating_totals_after_their_sum_gives_what_rating_the_whole_period_does() {
+        let b = PriceBook {
+            model: PriceModel::Graduated { tiers: tiers() },
+            ..book("g", None, 3600, None, "0")
+        };
+        let windows = hourly(&[700, 400, 900, 5]);
+        let whole = rate_period("c", &Dimensions::default(), &windows, &[&b]).unwrap();
+        for split in 0..=windows.len() {
+            let (before, after) = windows.split_at(split);
+            let quantity_before: i64 = [700, 400, 900, 5][..split].iter().sum();
+            assert_eq!(
+                rate_totals_after(
+                    "c",
+                    &Dimensions::default(),
+                    Decimal::from(quantity_before),
+                    after,
+                    &[&b]
+                )
+                .unwrap(),
+                whole[whole.len() - after.len().min(whole.len())..],
+                "after {} windows",
+                before.len()
+            );
         }
     }
 

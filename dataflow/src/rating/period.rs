@@ -4,6 +4,8 @@
 //! ```text
 //!  apply(change)   a window or stored charge changes; rerate_from = the earliest window changed
 //!  rate(books)     only charges given, no book or stored charge changed ─► rate_from(rerate_from)
+//!                    totals (sum, count): the quantity before it carried, the windows from it priced
+//!                    items (max, unique, latest): every window walked, those from it priced
 //!                  otherwise ─────────────────────────────────────────────► rated() ─► give()
 //!                  either way: the changes that leave, and `given` made what is rated now
 //! ```
@@ -15,8 +17,10 @@ use differential_dataflow::consolidation::consolidate;
 use differential_dataflow::difference::{IsZero, Semigroup};
 use meterflow_model::batch::QuarantineReason;
 use meterflow_model::{
-    rate_period, rate_period_from, Charge, Dimensions, Item, Measure, PriceBook, WindowUsage,
+    rate_period, rate_period_from, rate_totals_after, Charge, Dimensions, Item, Measure, PriceBook,
+    WindowUsage,
 };
+use rust_decimal::Decimal;
 
 use super::{PeriodChange, PeriodKey, Rated};
 use crate::usage::Usage;
@@ -59,6 +63,17 @@ pub(super) struct PeriodState {
     /// The earliest window changed in that epoch: its charge and the later ones are rated again.
     /// `i64::MIN` rates the whole period (a book or a stored charge changed); `i64::MAX`, nothing.
     rerate_from: i64,
+    /// The period-to-date quantity of the windows before a start, as the last rating from there
+    /// found it: the next rating from that window or a later one adds up only the windows between.
+    /// Gone when a window before it changes.
+    carried: Option<Carried>,
+}
+
+/// The windows that start before `until`, all totals, add up to `quantity`.
+#[derive(Clone, Copy)]
+struct Carried {
+    until: i64,
+    quantity: Decimal,
 }
 
 impl Default for PeriodState {
@@ -69,6 +84,7 @@ impl Default for PeriodState {
             given: Vec::new(),
             touched: false,
             rerate_from: i64::MAX,
+            carried: None,
         }
     }
 }
@@ -86,6 +102,9 @@ impl PeriodState {
                 usage,
             } => {
                 self.rerate_from = self.rerate_from.min(start);
+                if self.carried.is_some_and(|carried| start < carried.until) {
+                    self.carried = None;
+                }
                 let window = self.windows.entry(start).or_insert_with(|| WindowState {
                     end,
                     total: None,
@@ -178,10 +197,24 @@ impl PeriodState {
         books: &[&PriceBook],
         from: i64,
     ) -> Option<Vec<(Rated, isize)>> {
-        let (usage, None) = self.usage_until_overflow() else {
-            return None;
+        let charges = match self.totals_before(from) {
+            Some(quantity) => {
+                let usage = self.usage_from(from)?;
+                let charges =
+                    rate_totals_after(&period.0, &period.3, quantity, &usage, books).ok()?;
+                self.carried = Some(Carried {
+                    until: from,
+                    quantity,
+                });
+                charges
+            }
+            None => {
+                let (usage, None) = self.usage_until_overflow() else {
+                    return None;
+                };
+                rate_period_from(&period.0, &period.3, &usage, books, from).ok()?
+            }
         };
-        let charges = rate_period_from(&period.0, &period.3, &usage, books, from).ok()?;
         let stored_from = self
             .stored
             .partition_point(|(charge, _)| charge.window_start < from);
@@ -236,6 +269,39 @@ impl PeriodState {
         out
     }
 
+    /// The period-to-date quantity of the windows before `from`, when they are all totals (a sum or
+    /// count meter's) and none overflowed: from what the last rating carried, plus the windows since.
+    fn totals_before(&self, from: i64) -> Option<Decimal> {
+        let (since, mut quantity) = match self.carried {
+            Some(carried) if carried.until <= from => (carried.until, carried.quantity),
+            _ => (i64::MIN, Decimal::ZERO),
+        };
+        for window in self.windows.range(since..from).map(|(_, window)| window) {
+            let total = window.total.filter(|total| !total.overflowed)?;
+            if !window.items.is_empty() {
+                return None;
+            }
+            quantity = meterflow_model::money::add(quantity, total.aggregate.value).ok()?;
+        }
+        Some(quantity)
+    }
+
+    /// The measures of the windows from `from` on, in time order, when they are all totals and
+    /// none overflowed.
+    fn usage_from(&self, from: i64) -> Option<Vec<WindowUsage>> {
+        self.windows
+            .range(from..)
+            .map(|(start, window)| {
+                let total = window.total.filter(|total| !total.overflowed)?;
+                window.items.is_empty().then_some(WindowUsage {
+                    window_start: *start,
+                    window_end: window.end,
+                    measure: Measure::Total(total.aggregate.value),
+                })
+            })
+            .collect()
+    }
+
     /// The measures of the windows before the first whose usage overflowed, in time order, and that
     /// window's start.
     fn usage_until_overflow(&self) -> (Vec<WindowUsage>, Option<i64>) {
@@ -266,19 +332,31 @@ fn withdrawn(stored: &[(Charge, isize)]) -> Vec<(Rated, isize)> {
 
 /// Makes `target` what `given` holds (all of a period's, or its part from a window on): the changes
 /// that leave. Where a charge given before and one of `target` are equal (decimals equal whatever
-/// their scale), the one given stays, so a later withdrawal withdraws what left (`consolidate` keeps
-/// the last of equal records).
-fn give(given: &mut Vec<(Rated, isize)>, target: Vec<(Rated, isize)>) -> Vec<(Rated, isize)> {
-    let mut changes = target;
-    changes.extend(
-        given
-            .iter()
-            .map(|(rated, diff)| (rated.clone(), diff.saturating_neg())),
-    );
-    consolidate(&mut changes);
-    let mut next = changes.clone();
-    next.append(given);
-    consolidate(&mut next);
+/// their scale), the one given stays, so a later withdrawal withdraws what left. Both are merged in
+/// order: `given` is consolidated, and so `target` is made.
+fn give(given: &mut Vec<(Rated, isize)>, mut target: Vec<(Rated, isize)>) -> Vec<(Rated, isize)> {
+    consolidate(&mut target);
+    let mut changes = Vec::with_capacity(target.len().saturating_add(given.len()));
+    let mut next = Vec::with_capacity(target.len());
+    let mut before = std::mem::take(given).into_iter().peekable();
+    for (rated, diff) in target {
+        while let Some((gone, was)) = before.next_if(|(old, _)| *old < rated) {
+            changes.push((gone, was.saturating_neg()));
+        }
+        match before.next_if(|(old, _)| *old == rated) {
+            Some((kept, was)) => {
+                if was != diff {
+                    changes.push((kept.clone(), diff.saturating_sub(was)));
+                }
+                next.push((kept, diff));
+            }
+            None => {
+                changes.push((rated.clone(), diff));
+                next.push((rated, diff));
+            }
+        }
+    }
+    changes.extend(before.map(|(gone, was)| (gone, was.saturating_neg())));
     *given = next;
     changes
 }
