@@ -19,7 +19,9 @@
 //! set: the same for every worker count (so the results are identical and the 1→2 ratio compares the
 //! same work). It is generated before timing, already classified as counted items, each customer on a
 //! partition (`fnv1a(customer) % --partitions`) and each partition on the worker a reader would give it
-//! (`owned_partitions`). An epoch is `--epoch-events` consecutive events of the stream, all workers
+//! (`owned_partitions`). Each worker's share is made on a thread of its own that lives through the
+//! run, as each worker's reader decodes its events on its own thread in the pipeline (`source.rs`):
+//! a worker frees what its reader allocated, never what the other's did. An epoch is `--epoch-events` consecutive events of the stream, all workers
 //! together (each feeds its share): epoch e is fed, the inputs advance to e+1, and the worker steps
 //! until the output frontier passes `e + 1 − --inflight`. The committed watermark follows the epochs
 //! (greatest event time so far minus 5 s, as the sink would set it).
@@ -274,7 +276,8 @@ struct DataSet {
     total: Decimal,
 }
 
-fn generate(args: &Args, workers: usize) -> DataSet {
+/// The data set, of which only worker `only`'s share is made (the others stay empty).
+fn generate(args: &Args, workers: usize, only: usize) -> DataSet {
     let mut rng = SmallRng::seed_from_u64(args.seed);
     let n = args.events;
     let epochs = n.div_ceil(args.epoch_events);
@@ -322,29 +325,33 @@ fn generate(args: &Args, workers: usize) -> DataSet {
         let places = rng.random_range(0..=3u32);
         let value = Decimal::new(rng.random_range(0..=100 * 10i64.pow(places)), places);
         total += value;
-        let event = Event {
-            event_id: format!("evt_{i:09}"),
-            customer_id: customer.clone(),
-            event_type: event_type.to_owned(),
-            event_time_micros: t,
-            value,
-            properties: match args.dimensions {
-                None => format!(r#"{{"region":"{}"}}"#, REGIONS[i % 3]),
-                Some((models, regions)) => format!(
-                    r#"{{"model":"m{}","region":"r{}"}}"#,
-                    rng.random_range(0..models),
-                    rng.random_range(0..regions)
-                ),
-            },
-        };
+        let dimensions = args
+            .dimensions
+            .map(|(models, regions)| (rng.random_range(0..models), rng.random_range(0..regions)));
         let offset = &mut offsets[*partition as usize];
         let epoch = i / args.epoch_events;
         max_time[epoch] = max_time[epoch].max(t);
-        shares[worker_of[*partition as usize]].epochs[epoch].push(SourceItem {
-            partition: *partition,
-            offset: *offset,
-            what: Classified::Count(event),
-        });
+        let worker = worker_of[*partition as usize];
+        if worker == only {
+            let event = Event {
+                event_id: format!("evt_{i:09}"),
+                customer_id: customer.clone(),
+                event_type: event_type.to_owned(),
+                event_time_micros: t,
+                value,
+                properties: match dimensions {
+                    None => format!(r#"{{"region":"{}"}}"#, REGIONS[i % 3]),
+                    Some((model, region)) => {
+                        format!(r#"{{"model":"m{model}","region":"r{region}"}}"#)
+                    }
+                },
+            };
+            shares[worker].epochs[epoch].push(SourceItem {
+                partition: *partition,
+                offset: *offset,
+                what: Classified::Count(event),
+            });
+        }
         *offset += 1;
     }
     for e in 1..epochs {
@@ -473,17 +480,76 @@ impl Counts {
     }
 }
 
+/// The threads that made each worker's share, alive until the run ends.
+struct Readers {
+    stop: Vec<crossbeam_channel::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Readers {
+    /// Lets the threads end, and waits for them.
+    fn stop(self) -> anyhow::Result<()> {
+        drop(self.stop);
+        for thread in self.threads {
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("a reader thread panicked"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Each worker's share made on a thread of its own, which stays alive through the run: in the
+/// pipeline each worker's Kafka reader decodes its events on its own thread (`source.rs`), so a
+/// worker frees what its reader allocated, and two workers never free into one thread's memory.
+/// Made on one thread, the two workers' frees of its strings contend in mimalloc: metering took
+/// twice its one-worker time there, the most of what two workers lost against one. Every thread
+/// draws the whole stream (the same seed) and keeps its own share. Gives the shares and the
+/// stream's watermark times and total.
+fn on_reader_threads(
+    args: &Args,
+    workers: usize,
+) -> anyhow::Result<(Vec<Share>, Vec<i64>, Decimal, Readers)> {
+    let mut readers = Readers {
+        stop: Vec::new(),
+        threads: Vec::new(),
+    };
+    let mut made = Vec::new();
+    for index in 0..workers {
+        let (data_tx, data_rx) = crossbeam_channel::bounded(1);
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let args = args.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("reader-{index}"))
+            .spawn(move || {
+                let _ = data_tx.send(generate(&args, workers, index));
+                let _ = stop_rx.recv();
+            })?;
+        made.push(data_rx);
+        readers.stop.push(stop_tx);
+        readers.threads.push(thread);
+    }
+    let mut shares = Vec::new();
+    let (mut max_time, mut total) = (Vec::new(), Decimal::ZERO);
+    for (index, data) in made.into_iter().enumerate() {
+        let mut data = data.recv().context("a reader thread ended early")?;
+        shares.push(Share {
+            epochs: std::mem::take(&mut data.shares[index].epochs),
+        });
+        (max_time, total) = (data.max_time, data.total);
+    }
+    Ok((shares, max_time, total, readers))
+}
+
 /// One measurement with `workers` workers in this process: the JSON line.
 fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
     let generated = Instant::now();
-    let data = generate(args, workers);
+    let (shares, max_time, total, readers) = on_reader_threads(args, workers)?;
     let generate_s = generated.elapsed().as_secs_f64();
     let rss_before = rss_mb("VmRSS");
-    let epochs = data.max_time.len();
-    let max_time = Arc::new(data.max_time);
-    let shares = Arc::new(Mutex::new(
-        data.shares.into_iter().map(Some).collect::<Vec<_>>(),
-    ));
+    let epochs = max_time.len();
+    let max_time = Arc::new(max_time);
+    let shares = Arc::new(Mutex::new(shares.into_iter().map(Some).collect::<Vec<_>>()));
     let context = GraphContext {
         allowed_lateness_micros: 3_600_000_000,
     };
@@ -631,6 +697,7 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(anyhow::Error::msg)?;
+    readers.stop()?;
     let mut counts = Counts::default();
     for (_, _, _, c) in &results {
         counts.merge(c);
@@ -646,14 +713,14 @@ fn run(args: &Args, workers: usize) -> anyhow::Result<serde_json::Value> {
     let seconds = finished.duration_since(started).as_secs_f64();
     let rate = args.events as f64 / seconds;
     let cpu: f64 = results.iter().map(|r| r.2).sum();
-    let exact = counts.row_events == args.events as i64 && counts.row_value == data.total;
+    let exact = counts.row_events == args.events as i64 && counts.row_value == total;
     if !exact {
         bail!(
             "the row changes do not add up to the input: {} events, sum {} (expected {}, {})",
             counts.row_events,
             counts.row_value,
             args.events,
-            data.total
+            total
         );
     }
     Ok(serde_json::json!({
