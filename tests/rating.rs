@@ -427,10 +427,10 @@ async fn the_state_a_restart_copies_equals_the_one_its_queries_read() {
                 window_end: end,
                 quantity,
                 amount,
-                currency,
-                price_book_id: book,
+                currency: currency.into(),
+                price_book_id: book.into(),
             };
-            (c, m, charge)
+            (c.into(), m.into(), charge)
         })
         .collect();
 

@@ -22,8 +22,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use meterflow_model::batch::{DimensionValue, QuarantinedPeriod};
 use meterflow_model::watermark::{WatermarkPolicy, Watermarks};
 use meterflow_model::{
-    Aggregate, AggregateKey, Charge, DeadLetter, Duplicate, EpochBatch, Item, LateEvent,
-    LineChange, PartitionProgress,
+    Aggregate, AggregateKey, Charge, CompactString, DeadLetter, Duplicate, EpochBatch, Item,
+    LateEvent, LineChange, PartitionProgress,
 };
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -43,7 +43,7 @@ pub enum SinkUpdate {
     /// A billing period enters (+1) or leaves (−1) quarantine (rating.rs).
     QuarantinedPeriod(QuarantinedPeriod, i64),
     /// A window charge of `(customer_id, meter)` appears (+1) or is withdrawn (−1).
-    Charge(String, String, Charge, i64),
+    Charge(CompactString, CompactString, Charge, i64),
     /// An upcoming-invoice line changes by this much.
     Line(LineChange),
     /// Records of this partition before this offset are reflected.

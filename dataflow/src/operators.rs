@@ -17,7 +17,7 @@ use differential_dataflow::difference::Abelian;
 use differential_dataflow::VecCollection;
 use meterflow_model::batch::QuarantinedPeriod;
 use meterflow_model::{
-    period_of, Aggregate, Contribution, Dimensions, Event, LateEvent, LineChange,
+    period_of, Aggregate, CompactString, Contribution, Dimensions, Event, LateEvent, LineChange,
 };
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::vec::{Broadcast, Map};
@@ -336,7 +336,14 @@ fn charge_changes<'scope>(
 }
 
 /// An upcoming-invoice line: (customer, period start, meter, dimension values, price book, currency).
-type LineKey = (String, i64, String, Dimensions, String, String);
+type LineKey = (
+    CompactString,
+    i64,
+    CompactString,
+    Dimensions,
+    CompactString,
+    CompactString,
+);
 
 /// Each epoch's changes of upcoming-invoice lines (SPEC §6): the window charge changes summed per
 /// (customer, period, meter, dimension values, book). Exchange contract: `per_epoch` routes by line,

@@ -26,8 +26,9 @@
 //! brought the books to each period. The `core` benchmark went from about 290k to 365k events/s on one
 //! worker, and peak memory from 725 to 612 MB; pricing from the earliest window changed took it on
 //! to 444k, and reading the table in memory order when most of it is touched to about 510k
-//! (perf/RESULTS.md). What is left is mostly cache misses: a backfill touches every period each
-//! epoch, and a period's state is a few scattered allocations with string keys (review R5).
+//! (perf/RESULTS.md). Its keys' and charges' short texts are kept inline (`CompactString`), so a
+//! clone of a key or a charge allocates nothing. What is left is mostly cache misses: a backfill
+//! touches every period each epoch, and a period's state is a few scattered allocations (review R5).
 //!
 //! Cost, per epoch and period touched: the windows from the earliest one changed on are priced
 //! again (review R7; the usual change is the current window); the earlier ones only add up to the
@@ -50,7 +51,9 @@ use differential_dataflow::hashable::Hashable;
 use differential_dataflow::VecCollection;
 use hashbrown::HashMap;
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
-use meterflow_model::{period_of, AggregateKey, Charge, Dimensions, Item, PriceBook};
+use meterflow_model::{
+    period_of, AggregateKey, Charge, CompactString, Dimensions, Item, PriceBook,
+};
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
@@ -68,11 +71,11 @@ mod period;
 pub type RowKey = (AggregateKey, Option<Item>);
 
 /// A window charge as the sink stores it: `(customer_id, meter, charge)`.
-pub type ChargeRow = (String, String, Charge);
+pub type ChargeRow = (CompactString, CompactString, Charge);
 
 /// One customer's usage of one meter's windows of one set of dimension values in one billing period:
 /// (customer, meter, the period's start in seconds, dimension values).
-type PeriodKey = (String, String, i64, Dimensions);
+type PeriodKey = (CompactString, CompactString, i64, Dimensions);
 
 /// A change that reaches a period's worker.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -163,8 +166,8 @@ pub fn rate<'scope>(
                 reason,
             } => Err((
                 QuarantinedPeriod {
-                    customer_id,
-                    meter,
+                    customer_id: customer_id.into(),
+                    meter: meter.into(),
                     dimensions,
                     period_start,
                     from_window,
@@ -341,7 +344,7 @@ fn rate_touched<'b>(
     books.clear();
     books.extend(
         in_force
-            .get(&period.1)
+            .get(period.1.as_str())
             .into_iter()
             .flatten()
             .filter(|(book, count)| **count > 0 && prices(book, period))
@@ -482,8 +485,8 @@ mod tests {
                         let start = BASE + 3600 * rng.random_range(0..10);
                         let customer = format!("c{}", rng.random_range(0..3));
                         let period = (
-                            customer,
-                            "m".to_string(),
+                            CompactString::from(customer),
+                            CompactString::from("m"),
                             period_of(start).0,
                             Dimensions::default(),
                         );

@@ -520,8 +520,8 @@ fn outcome(updates: &[SinkUpdate]) -> Outcome {
         match update {
             SinkUpdate::Row(key, item, change) => {
                 let row = (
-                    key.customer_id.clone(),
-                    key.meter.clone(),
+                    key.customer_id.to_string(),
+                    key.meter.to_string(),
                     key.dimensions.to_string(),
                     key.window_start,
                 );
@@ -539,8 +539,8 @@ fn outcome(updates: &[SinkUpdate]) -> Outcome {
             }
             SinkUpdate::Charge(customer, meter, charge, diff) => {
                 let row = (
-                    customer.clone(),
-                    meter.clone(),
+                    customer.to_string(),
+                    meter.to_string(),
                     charge.dimensions.to_string(),
                     charge.window_start,
                 );
@@ -549,7 +549,7 @@ fn outcome(updates: &[SinkUpdate]) -> Outcome {
                         row,
                         charge.quantity.normalize(),
                         charge.amount.normalize(),
-                        charge.price_book_id.clone(),
+                        charge.price_book_id.to_string(),
                     ))
                     .or_default() += diff;
             }
@@ -557,11 +557,11 @@ fn outcome(updates: &[SinkUpdate]) -> Outcome {
                 let line = out
                     .lines
                     .entry((
-                        l.customer_id.clone(),
+                        l.customer_id.to_string(),
                         l.period_start,
-                        l.meter.clone(),
+                        l.meter.to_string(),
                         l.dimensions.to_string(),
-                        l.price_book_id.clone(),
+                        l.price_book_id.to_string(),
                     ))
                     .or_default();
                 line.0 += l.amount;

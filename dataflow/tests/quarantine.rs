@@ -103,7 +103,7 @@ fn run(records: Vec<RawRecord>, state: RatingState, books: Vec<PriceBook>) -> Se
         let mut seen = Seen::default();
         for batch in batch_rx {
             for (customer, _, charge, diff) in &batch.charges {
-                let window = (customer.clone(), charge.window_start);
+                let window = (customer.to_string(), charge.window_start);
                 if *diff > 0 {
                     seen.charges.insert(window, charge.clone());
                 } else if !batch

@@ -507,15 +507,20 @@ fn reference(events: &[Ev], books: &[PriceBook]) -> BTreeMap<ChargeKey, Charge> 
         let including = ptd(&m, &in_period(*start, true));
         let amount = book.model.price(including).unwrap() - book.model.price(before).unwrap();
         charges.insert(
-            (customer.clone(), meter.clone(), *start, Default::default()),
+            (
+                customer.as_str().into(),
+                meter.as_str().into(),
+                *start,
+                Default::default(),
+            ),
             Charge {
                 dimensions: Default::default(),
                 window_start: *start,
                 window_end: *end,
                 quantity: including - before,
                 amount,
-                currency: book.currency.clone(),
-                price_book_id: book.price_book_id.clone(),
+                currency: book.currency.as_str().into(),
+                price_book_id: book.price_book_id.as_str().into(),
             },
         );
     }

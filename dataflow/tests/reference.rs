@@ -331,7 +331,7 @@ fn shown(store: &Stored) -> Rows {
         .into_iter()
         .map(|(k, a)| {
             (
-                (k.customer_id, k.meter, k.window_start),
+                (k.customer_id.into(), k.meter.into(), k.window_start),
                 (a.value, a.event_count),
             )
         })
@@ -449,7 +449,7 @@ fn run_with(records: Vec<RawRecord>, workers: usize, pacing: Pacing) -> Outcome 
                 }
             }
             for l in &batch.late_events {
-                out.late.insert((l.event_id.clone(), l.meter.clone()));
+                out.late.insert((l.event_id.clone(), l.meter.to_string()));
             }
             if batch.is_empty() {
                 // A heartbeat holds no epoch open: the workers may be done (and the acks gone) by now.

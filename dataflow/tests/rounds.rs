@@ -265,8 +265,8 @@ fn run_rounds(
                 let row = rows
                     .entry((
                         *epoch,
-                        key.customer_id.clone(),
-                        key.meter.clone(),
+                        key.customer_id.to_string(),
+                        key.meter.to_string(),
                         key.window_start,
                     ))
                     .or_default();
@@ -276,7 +276,7 @@ fn run_rounds(
                 row.1 += change.event_count;
             }
             SinkUpdate::Late(late) => {
-                lates.push((*epoch, late.event_id.clone(), late.meter.clone()))
+                lates.push((*epoch, late.event_id.clone(), late.meter.to_string()))
             }
             _ => {}
         }

@@ -2,6 +2,7 @@
 //! number of events. [`Aggregate`] is a commutative group, so it can serve directly as a differential
 //! dataflow difference: an event contributes `(key, Aggregate::of(value))`, a retraction its negation.
 
+use compact_str::CompactString;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -11,8 +12,8 @@ use crate::event::Event;
 /// Which aggregate row an event contributes to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct AggregateKey {
-    pub customer_id: String,
-    pub meter: String,
+    pub customer_id: CompactString,
+    pub meter: CompactString,
     /// The window's values of the meter's `group_by` keys (`{}` without): part of the key, so each
     /// value has its own windows (issue 17, `docs/dimensions.md`).
     pub dimensions: Dimensions,

@@ -2,6 +2,7 @@
 //! positions that produced them and the records that could not be decoded. A sink commits one batch (or
 //! several, merged) atomically; that is what makes the pipeline exactly-once.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{Aggregate, AggregateKey};
@@ -56,8 +57,8 @@ impl DuplicateKind {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LateEvent {
     pub event_id: String,
-    pub customer_id: String,
-    pub meter: String,
+    pub customer_id: CompactString,
+    pub meter: CompactString,
     pub window_start: i64,
     pub event_time_micros: i64,
     /// The committed watermark it arrived behind.
@@ -77,21 +78,21 @@ pub type RowChange = (AggregateKey, Option<Item>, Aggregate);
 
 /// A change to one window charge: `(customer_id, meter, charge, diff)`. A charge row is replaced whole:
 /// after consolidation a window has at most one `+1` (its new charge) and one `-1` (its old one).
-pub type ChargeChange = (String, String, Charge, i64);
+pub type ChargeChange = (CompactString, CompactString, Charge, i64);
 
 /// A change to one line of an upcoming invoice: the charges of `(customer_id, period_start, meter,
 /// dimensions, price_book_id)` in `currency` changed by `amount` and `quantity`, over `windows` more (or fewer)
 /// windows. The line is the sum of its windows' charges; it goes when `windows` reaches 0.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LineChange {
-    pub customer_id: String,
+    pub customer_id: CompactString,
     /// The billing period's start, seconds since the epoch.
     pub period_start: i64,
-    pub meter: String,
+    pub meter: CompactString,
     /// The dimension values of the windows the line adds up (`{}` without `group_by`).
     pub dimensions: Dimensions,
-    pub price_book_id: String,
-    pub currency: String,
+    pub price_book_id: CompactString,
+    pub currency: CompactString,
     pub amount: rust_decimal::Decimal,
     pub quantity: rust_decimal::Decimal,
     pub windows: i64,
@@ -155,7 +156,7 @@ pub struct RatingState {
     /// is not their usage.
     pub quarantined_rows: Vec<AggregateKey>,
     /// Every stored charge: `(customer_id, meter, charge)`.
-    pub charges: Vec<(String, String, Charge)>,
+    pub charges: Vec<(CompactString, CompactString, Charge)>,
     /// Every stored quarantined period (`rating_quarantine`).
     pub quarantined_periods: Vec<QuarantinedPeriod>,
     /// Every dimension value admitted so far (`dimension_values`): `(meter, key, value)`.

@@ -53,6 +53,10 @@ pub use batch::{
     ChargeChange, DeadLetter, Duplicate, DuplicateKind, EpochBatch, LateEvent, LineChange,
     PartitionProgress, RatingCorrection, RatingState, RowChange,
 };
+/// A short text kept inline up to 24 bytes (customer ids, meter names, price book ids, currencies):
+/// the dataflow's keys and charges are cloned, compared and moved between workers without a heap
+/// allocation or a free on another thread. Serializes as a string.
+pub use compact_str::CompactString;
 pub use dimensions::{Dimensions, GroupBy};
 pub use event::{
     check_void_ids, decode_as, decode_cloudevent, decode_event, fnv1a, object, printable,

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+use compact_str::CompactString;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -160,8 +161,8 @@ impl Meter {
     pub fn key(&self, event: &Event) -> AggregateKey {
         let start = self.window.start_of(event.event_time_micros);
         AggregateKey {
-            customer_id: event.customer_id.clone(),
-            meter: self.meter.clone(),
+            customer_id: CompactString::from(event.customer_id.as_str()),
+            meter: CompactString::from(self.meter.as_str()),
             dimensions: self.group_by.values(event),
             window_start: start,
             window_end: start.saturating_add(self.window.seconds()),
@@ -321,8 +322,8 @@ impl Contribution {
         let start = window.start_of(event_time_micros);
         Contribution {
             key: AggregateKey {
-                customer_id,
-                meter: event_type,
+                customer_id: CompactString::from(customer_id),
+                meter: CompactString::from(event_type),
                 dimensions: Dimensions::default(),
                 window_start: start,
                 window_end: start.saturating_add(window.seconds()),

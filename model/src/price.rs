@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Datelike, NaiveDate};
+use compact_str::CompactString;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -432,8 +433,8 @@ pub struct Charge {
     pub window_end: i64,
     pub quantity: Decimal,
     pub amount: Decimal,
-    pub currency: String,
-    pub price_book_id: String,
+    pub currency: CompactString,
+    pub price_book_id: CompactString,
 }
 
 /// Period-to-date state while walking a period's windows in time order.
@@ -564,8 +565,8 @@ fn rate_ordered<'w>(
             window_end: window.window_end,
             quantity: money::sub(including, before)?,
             amount: money::sub(book.model.price(including)?, book.model.price(before)?)?,
-            currency: book.currency.clone(),
-            price_book_id: book.price_book_id.clone(),
+            currency: CompactString::from(book.currency.as_str()),
+            price_book_id: CompactString::from(book.price_book_id.as_str()),
         });
     }
     Ok(charges)

@@ -14,19 +14,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use compact_str::CompactString;
 use rust_decimal::Decimal;
 
 use crate::aggregate::{Aggregate, AggregateKey};
-use crate::batch::{EpochBatch, QuarantinedPeriod};
+use crate::batch::{ChargeChange, EpochBatch, QuarantinedPeriod};
 use crate::dimensions::Dimensions;
 use crate::meter::Item;
 use crate::price::{Charge, Measure};
 
 /// An upcoming-invoice line's key: (customer, period start, meter, price book, dimension values).
-pub type LineKey = (String, i64, String, String, Dimensions);
+pub type LineKey = (CompactString, i64, CompactString, CompactString, Dimensions);
 
 /// A charge row's key: (customer, meter, window start, dimension values).
-pub type ChargeKey = (String, String, i64, Dimensions);
+pub type ChargeKey = (CompactString, CompactString, i64, Dimensions);
 
 /// An upcoming-invoice line's totals.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,7 +122,7 @@ impl Stored {
     }
 
     fn apply_charges(&mut self, batch: &EpochBatch) -> Result<(), ApplyError> {
-        let key = |c: &(String, String, Charge, i64)| {
+        let key = |c: &ChargeChange| {
             (
                 c.0.clone(),
                 c.1.clone(),
@@ -317,7 +318,7 @@ mod tests {
     #[test]
     fn a_charge_is_replaced_whole_and_only_the_stored_one_can_be_withdrawn() {
         let mut s = Stored::default();
-        let change = |c: Charge, d| ("c".to_owned(), "m".to_owned(), c, d);
+        let change = |c: Charge, d| ("c".into(), "m".into(), c, d);
         s.apply(&EpochBatch {
             charges: vec![change(charge(1), 1)],
             ..EpochBatch::default()

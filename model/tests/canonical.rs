@@ -169,11 +169,14 @@ impl Rows {
     fn apply(&mut self, meters: &MeterSet, event: &Event, sign: i64) {
         let (contributions, _skipped) = meters.contributions(event);
         for c in contributions {
-            let row = self.usage.entry(c.key.meter.clone()).or_default();
+            let row = self.usage.entry(c.key.meter.to_string()).or_default();
             row.0 += c.usage.value * Decimal::from(sign);
             row.1 += c.usage.event_count * sign;
             if let Some(item) = c.item {
-                *self.items.entry((c.key.meter.clone(), item)).or_default() += sign;
+                *self
+                    .items
+                    .entry((c.key.meter.to_string(), item))
+                    .or_default() += sign;
             }
         }
         self.usage.retain(|_, (v, n)| !v.is_zero() || *n != 0);

@@ -650,8 +650,8 @@ fn rate_reference(customer: &str, windows: &[WindowUsage], books: &[&PriceBook])
             window_end: w.window_end,
             quantity: including - before,
             amount: book.model.price(including).unwrap() - book.model.price(before).unwrap(),
-            currency: book.currency.clone(),
-            price_book_id: book.price_book_id.clone(),
+            currency: book.currency.as_str().into(),
+            price_book_id: book.price_book_id.as_str().into(),
         });
     }
     charges

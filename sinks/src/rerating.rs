@@ -45,8 +45,8 @@ mod rows;
 use std::collections::{BTreeMap, BTreeSet};
 
 use meterflow_model::{
-    period_of, rate_period, Aggregate, AggregateKey, Aggregation, Charge, Dimensions, Event, Item,
-    Measure, MeterSet, PriceBook, WindowUsage,
+    period_of, rate_period, Aggregate, AggregateKey, Aggregation, Charge, CompactString,
+    Dimensions, Event, Item, Measure, MeterSet, PriceBook, WindowUsage,
 };
 use rust_decimal::Decimal;
 use sqlx::types::Json;
@@ -156,7 +156,7 @@ async fn rerate_once(
     }
     bound.store(&mut tx, &lease.topic).await?;
     // Every period the scope touches, for the customers with rows there; and the rating state there.
-    let periods: BTreeSet<(String, String, i64, Dimensions)> = expected
+    let periods: BTreeSet<(CompactString, CompactString, i64, Dimensions)> = expected
         .keys()
         .chain(stored.keys())
         .map(|k| {
@@ -171,7 +171,7 @@ async fn rerate_once(
     let within = Within {
         customers: periods
             .iter()
-            .map(|(c, _, _, _)| c.clone())
+            .map(|(c, _, _, _)| c.to_string())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect(),
@@ -219,7 +219,7 @@ async fn rerate_once(
         let rows = match loaded.take() {
             Some((was, rows)) if was == at => rows,
             _ => {
-                let customers = vec![customer.clone()];
+                let customers = vec![customer.to_string()];
                 let end = period_of(*period).1;
                 stored_rows(&mut tx, &customers, *period, end, &multiset)
                     .await?
@@ -320,8 +320,8 @@ async fn correct_row(
              ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
              SET value = a.value + excluded.value, event_count = a.event_count + excluded.event_count,
                  revision = a.revision + 1, updated_at = now()",
-            key.customer_id,
-            key.meter,
+            key.customer_id.as_str(),
+            key.meter.as_str(),
             start,
             key.window_end,
             value,
@@ -333,8 +333,8 @@ async fn correct_row(
         sqlx::query!(
             "DELETE FROM aggregations WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
                AND dimensions = $4::text::jsonb AND value = 0 AND event_count = 0",
-            key.customer_id,
-            key.meter,
+            key.customer_id.as_str(),
+            key.meter.as_str(),
             start,
             dimensions,
         )
@@ -362,8 +362,8 @@ async fn correct_row(
             "UPDATE meter_values SET count = count + $6
              WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint) AND sort_time = $4
                AND item = $5 AND dimensions = $7::text::jsonb",
-            key.customer_id,
-            key.meter,
+            key.customer_id.as_str(),
+            key.meter.as_str(),
             start,
             sort_time,
             text,
@@ -380,8 +380,8 @@ async fn correct_row(
     sqlx::query!(
         "DELETE FROM meter_values WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
            AND dimensions = $4::text::jsonb AND count = 0",
-        key.customer_id,
-        key.meter,
+        key.customer_id.as_str(),
+        key.meter.as_str(),
         start,
         dimensions,
     )
@@ -407,8 +407,8 @@ async fn correct_row(
          ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
          SET value = excluded.value, event_count = excluded.event_count,
              revision = a.revision + 1, updated_at = now()",
-        key.customer_id,
-        key.meter,
+        key.customer_id.as_str(),
+        key.meter.as_str(),
         start,
         key.window_end,
         kind.unwrap_or("max"),
@@ -422,8 +422,8 @@ async fn correct_row(
            AND NOT EXISTS (SELECT 1 FROM meter_values v WHERE v.customer_id = a.customer_id
                            AND v.meter = a.meter AND v.window_start = a.window_start
                            AND v.dimensions = a.dimensions)",
-        key.customer_id,
-        key.meter,
+        key.customer_id.as_str(),
+        key.meter.as_str(),
         start,
         dimensions,
     )
@@ -444,8 +444,8 @@ async fn insert_item(
         "INSERT INTO meter_values (customer_id, meter, window_start, sort_time, item, num, kind, count,
                                    dimensions)
          VALUES ($1, $2, to_timestamp($3::bigint), $4, $5, $6, $7, $8, $9::text::jsonb)",
-        key.customer_id,
-        key.meter,
+        key.customer_id.as_str(),
+        key.meter.as_str(),
         key.window_start,
         sort_time,
         text,
@@ -470,8 +470,8 @@ async fn write_row(
     sqlx::query!(
         "DELETE FROM meter_values WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
            AND dimensions = $4::text::jsonb",
-        key.customer_id,
-        key.meter,
+        key.customer_id.as_str(),
+        key.meter.as_str(),
         start,
         dimensions,
     )
@@ -492,8 +492,8 @@ async fn write_row(
             sqlx::query!(
                 "DELETE FROM aggregations WHERE customer_id = $1 AND meter = $2 AND window_start = to_timestamp($3::bigint)
                    AND dimensions = $4::text::jsonb",
-                key.customer_id,
-                key.meter,
+                key.customer_id.as_str(),
+                key.meter.as_str(),
                 start,
                 dimensions,
             )
@@ -508,8 +508,8 @@ async fn write_row(
                  ON CONFLICT ON CONSTRAINT aggregations_pkey DO UPDATE
                  SET value = excluded.value, event_count = excluded.event_count, quarantined = false,
                      revision = a.revision + 1, updated_at = now()",
-                key.customer_id,
-                key.meter,
+                key.customer_id.as_str(),
+                key.meter.as_str(),
                 start,
                 key.window_end,
                 total.value,
@@ -550,8 +550,8 @@ impl From<ChargeRow> for Charge {
             window_end: row.window_end,
             quantity: row.quantity,
             amount: row.amount,
-            currency: row.currency,
-            price_book_id: row.price_book_id,
+            currency: row.currency.into(),
+            price_book_id: row.price_book_id.into(),
         }
     }
 }

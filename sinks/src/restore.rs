@@ -8,7 +8,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
-use meterflow_model::{Aggregate, AggregateKey, Charge, Dimensions, Item, Latest, RatingState};
+use meterflow_model::{
+    Aggregate, AggregateKey, Charge, CompactString, Dimensions, Item, Latest, RatingState,
+};
 use rust_decimal::Decimal;
 use sqlx::types::Json;
 use sqlx::PgConnection;
@@ -75,8 +77,8 @@ impl ItemRow {
     /// The key of the row the item belongs to.
     pub(crate) fn key(&self) -> AggregateKey {
         AggregateKey {
-            customer_id: self.customer_id.clone(),
-            meter: self.meter.clone(),
+            customer_id: self.customer_id.as_str().into(),
+            meter: self.meter.as_str().into(),
             dimensions: self.dimensions.0.clone(),
             window_start: self.window_start,
             window_end: self.window_end,
@@ -216,8 +218,8 @@ async fn copy_rows(conn: &mut PgConnection) -> Result<RatingState, sqlx::Error> 
     let mut state = RatingState::default();
     copy::each_tuple(conn, &copy_group_rows(), |t| {
         let key = AggregateKey {
-            customer_id: t.text(0)?.to_owned(),
-            meter: t.text(1)?.to_owned(),
+            customer_id: t.text(0)?.into(),
+            meter: t.text(1)?.into(),
             dimensions: t.parsed(2)?,
             window_start: t.timestamp_secs(3)?,
             window_end: t.timestamp_secs(4)?,
@@ -237,7 +239,7 @@ async fn copy_rows(conn: &mut PgConnection) -> Result<RatingState, sqlx::Error> 
 /// Every charge, `(customer_id, meter, charge)`, by binary COPY.
 async fn copy_charges(
     conn: &mut PgConnection,
-) -> Result<Vec<(String, String, Charge)>, sqlx::Error> {
+) -> Result<Vec<(CompactString, CompactString, Charge)>, sqlx::Error> {
     let mut charges = Vec::new();
     copy::each_tuple(conn, COPY_CHARGES, |t| {
         let charge = Charge {
@@ -246,10 +248,10 @@ async fn copy_charges(
             window_end: t.timestamp_secs(4)?,
             quantity: t.decimal(5)?,
             amount: t.decimal(6)?,
-            currency: t.text(7)?.to_owned(),
-            price_book_id: t.text(8)?.to_owned(),
+            currency: t.text(7)?.into(),
+            price_book_id: t.text(8)?.into(),
         };
-        charges.push((t.text(0)?.to_owned(), t.text(1)?.to_owned(), charge));
+        charges.push((t.text(0)?.into(), t.text(1)?.into(), charge));
         Ok(())
     })
     .await?;
@@ -344,8 +346,8 @@ pub async fn rating_rows(
     .await?;
     for r in groups {
         let key = AggregateKey {
-            customer_id: r.customer_id,
-            meter: r.meter,
+            customer_id: r.customer_id.into(),
+            meter: r.meter.into(),
             dimensions: r.dimensions.0,
             window_start: r.window_start.timestamp(),
             window_end: r.window_end.timestamp(),

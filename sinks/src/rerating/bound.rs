@@ -81,7 +81,7 @@ impl Bound {
         event: &Event,
         position: (i32, i64),
     ) -> bool {
-        let Some(&bound) = self.bounds.get(&key.meter) else {
+        let Some(&bound) = self.bounds.get(key.meter.as_str()) else {
             return true;
         };
         match self.admitted.admit(&key.meter, &key.dimensions, bound) {

@@ -126,7 +126,7 @@ pub(super) async fn stored_rows(
         if r.quarantined {
             quarantined.insert(key.clone());
         }
-        if multiset.contains(&key.meter) {
+        if multiset.contains(key.meter.as_str()) {
             totals.insert(key.clone(), total);
             stored.insert(key, Content::Items(BTreeMap::new()));
         } else {
@@ -205,8 +205,8 @@ struct AggregationRow {
 impl AggregationRow {
     fn key(&self) -> AggregateKey {
         AggregateKey {
-            customer_id: self.customer_id.clone(),
-            meter: self.meter.clone(),
+            customer_id: self.customer_id.as_str().into(),
+            meter: self.meter.as_str().into(),
             dimensions: self.dimensions.0.clone(),
             window_start: self.window_start,
             window_end: self.window_end,
