@@ -197,9 +197,11 @@ impl PeriodState {
         books: &[&PriceBook],
         from: i64,
     ) -> Option<Vec<(Rated, isize)>> {
-        let charges = match self.totals_before(from) {
-            Some(quantity) => {
-                let usage = self.usage_from(from)?;
+        let totals = self
+            .totals_before(from)
+            .and_then(|quantity| Some((quantity, self.usage_from(from)?)));
+        let charges = match totals {
+            Some((quantity, usage)) => {
                 let charges =
                     rate_totals_after(&period.0, &period.3, quantity, &usage, books).ok()?;
                 self.carried = Some(Carried {
@@ -393,4 +395,50 @@ fn rate_longest_prefix(
         }
     }
     (best, usage.get(good).map(|w| w.window_start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meterflow_model::{Aggregate, PriceModel};
+
+    /// 2024-01-01T00:00:00Z.
+    const START: i64 = 1_704_067_200;
+
+    fn max_window(start: i64, value: i64) -> PeriodChange {
+        PeriodChange::Window {
+            start,
+            end: start + 3600,
+            item: Some(Item::Max(Decimal::from(value))),
+            usage: Usage::of(Aggregate::of(Decimal::ZERO)),
+        }
+    }
+
+    #[test]
+    fn a_multiset_period_is_rated_from_the_window_that_changed() {
+        let book = PriceBook {
+            price_book_id: "b".into(),
+            meter: "m".into(),
+            customer_id: None,
+            dimensions: Dimensions::default(),
+            currency: "USD".into(),
+            effective_from: 0,
+            effective_to: None,
+            model: PriceModel::PerUnit {
+                unit_price: Decimal::ONE,
+            },
+            minimum_per_period: None,
+            entries: Vec::new(),
+        };
+        let period = ("c".into(), "m".into(), START, Dimensions::default());
+        let mut state = PeriodState::default();
+        state.apply(max_window(START, 5));
+        assert_eq!(state.rate(&period, &[&book]).len(), 1);
+        // No window before it, so nothing to carry; its items are not a total: the items' walk.
+        state.apply(max_window(START, 9));
+        assert!(state.rate_from(&period, &[&book], START).is_some());
+        // A window before it holds items: the items' walk too.
+        state.apply(max_window(START + 3600, 7));
+        assert!(state.rate_from(&period, &[&book], START + 3600).is_some());
+    }
 }
