@@ -388,7 +388,7 @@ mod tests {
     /// 2024-01-31T20:00:00Z: ten hourly windows that cross into February.
     const BASE: i64 = 1_706_731_200;
 
-    fn book(id: &str, customer: Option<&str>, unit_price: Decimal) -> PriceBook {
+    pub(super) fn book(id: &str, customer: Option<&str>, unit_price: Decimal) -> PriceBook {
         PriceBook {
             price_book_id: id.to_string(),
             meter: "m".to_string(),

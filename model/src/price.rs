@@ -822,7 +822,8 @@ mod tests {
             model: PriceModel::Graduated { tiers: tiers() },
             ..book("g", None, 0, None, "0")
         };
-        let windows = hourly(&[700, 400, 900, 5]);
+        let totals = [700, 400, 900, 5];
+        let windows = hourly(&totals);
         let mut reversed = windows.clone();
         reversed.reverse();
         let whole = rate_period("c", &Dimensions::default(), &windows, &[&b]).unwrap();
@@ -840,31 +841,15 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn rating_totals_after_their_sum_gives_what_rating_the_whole_period_does() {
-        let b = PriceBook {
-            model: PriceModel::Graduated { tiers: tiers() },
-            ..book("g", None, 3600, None, "0")
-        };
-        let windows = hourly(&[700, 400, 900, 5]);
-        let whole = rate_period("c", &Dimensions::default(), &windows, &[&b]).unwrap();
+        // The same from the windows after a split, given the total of those before it.
         for split in 0..=windows.len() {
-            let (before, after) = windows.split_at(split);
-            let quantity_before: i64 = [700, 400, 900, 5][..split].iter().sum();
+            let before: i64 = totals.iter().take(split).sum();
+            let after = windows.get(split..).unwrap_or_default();
             assert_eq!(
-                rate_totals_after(
-                    "c",
-                    &Dimensions::default(),
-                    Decimal::from(quantity_before),
-                    after,
-                    &[&b]
-                )
-                .unwrap(),
-                whole[whole.len() - after.len().min(whole.len())..],
-                "after {} windows",
-                before.len()
+                rate_totals_after("c", &Dimensions::default(), before.into(), after, &[&b])
+                    .unwrap(),
+                whole.get(split..).unwrap_or_default(),
+                "after {split} windows"
             );
         }
     }

@@ -400,7 +400,7 @@ fn rate_longest_prefix(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meterflow_model::{Aggregate, PriceModel};
+    use meterflow_model::Aggregate;
 
     /// 2024-01-01T00:00:00Z.
     const START: i64 = 1_704_067_200;
@@ -416,20 +416,7 @@ mod tests {
 
     #[test]
     fn a_multiset_period_is_rated_from_the_window_that_changed() {
-        let book = PriceBook {
-            price_book_id: "b".into(),
-            meter: "m".into(),
-            customer_id: None,
-            dimensions: Dimensions::default(),
-            currency: "USD".into(),
-            effective_from: 0,
-            effective_to: None,
-            model: PriceModel::PerUnit {
-                unit_price: Decimal::ONE,
-            },
-            minimum_per_period: None,
-            entries: Vec::new(),
-        };
+        let book = crate::rating::tests::book("b", None, Decimal::ONE);
         let period = ("c".into(), "m".into(), START, Dimensions::default());
         let mut state = PeriodState::default();
         state.apply(max_window(START, 5));
