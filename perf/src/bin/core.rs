@@ -21,9 +21,10 @@
 //! partition (`fnv1a(customer) % --partitions`) and each partition on the worker a reader would give it
 //! (`owned_partitions`). Each worker's share is made on a thread of its own that lives through the
 //! run, as each worker's reader decodes its events on its own thread in the pipeline (`source.rs`):
-//! a worker frees what its reader allocated, never what the other's did. An epoch is `--epoch-events` consecutive events of the stream, all workers
-//! together (each feeds its share): epoch e is fed, the inputs advance to e+1, and the worker steps
-//! until the output frontier passes `e + 1 − --inflight`. The committed watermark follows the epochs
+//! a worker frees what its reader allocated, never what the other's did. An epoch is
+//! `--epoch-events` consecutive events of the stream, all workers together (each feeds its share):
+//! epoch e is fed, the inputs advance to e+1, and the worker steps until the output frontier passes
+//! `e + 1 − --inflight`. The committed watermark follows the epochs
 //! (greatest event time so far minus 5 s, as the sink would set it).
 //!
 //! Each worker count runs as its own process, alternating (1, 2, 1, 2, …), so one run's memory does not
