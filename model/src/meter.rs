@@ -311,10 +311,11 @@ pub struct Contribution {
 impl Contribution {
     /// An event's contribution to its default meter's row, as `Meter::default_for(type).key(event)`
     /// gives it, without building that meter for every event (its three strings, made and dropped).
-    /// It takes the strings it keeps, so a caller that owns the event moves them instead of copying.
+    /// It takes the texts it keeps as the caller has them: an owned event's strings are moved (a long
+    /// one keeps its buffer), a borrowed event's are copied once, into the key.
     pub fn by_default_meter(
-        customer_id: String,
-        event_type: String,
+        customer_id: impl Into<CompactString>,
+        event_type: impl Into<CompactString>,
         event_time_micros: i64,
         value: Decimal,
     ) -> Contribution {
@@ -322,8 +323,8 @@ impl Contribution {
         let start = window.start_of(event_time_micros);
         Contribution {
             key: AggregateKey {
-                customer_id: CompactString::from(customer_id),
-                meter: CompactString::from(event_type),
+                customer_id: customer_id.into(),
+                meter: event_type.into(),
                 dimensions: Dimensions::default(),
                 window_start: start,
                 window_end: start.saturating_add(window.seconds()),
@@ -373,8 +374,8 @@ impl MeterSet {
                 })
                 .collect(),
             None => vec![Contribution::by_default_meter(
-                event.customer_id.clone(),
-                event.event_type.clone(),
+                event.customer_id.as_str(),
+                event.event_type.as_str(),
                 event.event_time_micros,
                 event.value,
             )],
