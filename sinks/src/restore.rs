@@ -113,15 +113,25 @@ impl ItemRow {
 
 /// The `meter_values` columns of an item: (kind, sort_time, item text, num).
 pub(crate) fn item_columns(item: &Item) -> (&'static str, i64, String, Option<Decimal>) {
+    let kind = item_kind(item);
     match item {
-        Item::Max(v) => ("max", 0, v.to_string(), Some(*v)),
-        Item::Unique(text) => ("unique_count", 0, text.clone(), None),
+        Item::Max(v) => (kind, 0, v.to_string(), Some(*v)),
+        Item::Unique(text) => (kind, 0, text.clone(), None),
         Item::Latest(latest) => (
-            "latest",
+            kind,
             latest.time_micros,
             latest.event_id.clone(),
             Some(latest.value),
         ),
+    }
+}
+
+/// The `kind` column of an item's `meter_values` row.
+pub(crate) fn item_kind(item: &Item) -> &'static str {
+    match item {
+        Item::Max(_) => "max",
+        Item::Unique(_) => "unique_count",
+        Item::Latest(_) => "latest",
     }
 }
 

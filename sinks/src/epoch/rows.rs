@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 
 use meterflow_model::{
-    ChargeChange, DeadLetter, Dimensions, Duplicate, DuplicateKind, Item, LateEvent, LineChange,
+    ChargeChange, DeadLetter, Dimensions, Duplicate, DuplicateKind, LateEvent, LineChange,
     RowChange,
 };
 use rust_decimal::Decimal;
@@ -20,7 +20,7 @@ use sqlx::PgConnection;
 
 use crate::error::SinkError;
 use crate::metrics;
-use crate::restore::item_columns;
+use crate::restore::{item_columns, item_kind};
 
 // The array arguments are the batch's borrowed values, as before the macros. An array of `&str`s,
 // byte slices or nullable elements carries its type (`as &[&str]`): the macros map `text[]` only to
@@ -278,11 +278,7 @@ pub(super) async fn apply_multiset_rows(
     let mut touched: Vec<(&str, &str, i64, i64, &str, &Dimensions)> = rows
         .iter()
         .filter_map(|(key, item, _)| {
-            let kind = match item.as_ref()? {
-                Item::Max(_) => "max",
-                Item::Unique(_) => "unique_count",
-                Item::Latest(_) => "latest",
-            };
+            let kind = item_kind(item.as_ref()?);
             Some((
                 key.customer_id.as_str(),
                 key.meter.as_str(),
