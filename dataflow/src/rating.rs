@@ -33,8 +33,9 @@
 //! Cost, per epoch and period touched: the windows from the earliest one changed on are priced
 //! again (review R7; the usual change is the current window); the earlier ones only add up to the
 //! period-to-date quantity they start from, and for a sum or count meter that quantity is carried
-//! from the last rating, so the earlier windows are not read again. A book or a stored charge that changes, a quarantine or an
-//! overflow prices the whole period (at most 744 hourly windows; 44,640 for a minute meter).
+//! from the last rating, so the earlier windows are not read again. A book or a stored charge
+//! that changes, a quarantine or an overflow prices the whole period (at most 744 hourly windows;
+//! 44,640 for a minute meter).
 //!
 //! Overflow is data, not a crash (issue 13): when a window's usage overflowed (usage.rs) or pricing the
 //! period-to-date usage leaves the decimal range, the period is rated up to the last window that can
