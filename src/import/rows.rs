@@ -3,6 +3,7 @@
 //! Rows are a commutative group: a duplicate's contributions are taken back by adding their negation.
 
 use super::*;
+use meterflow_model::AggregateKey;
 
 // ---- hashing -----------------------------------------------------------------------------------
 
@@ -154,6 +155,11 @@ impl WindowRows {
         }
     }
 
+    /// Marks the row overflowed (the sink's quarantine), keeping its event count.
+    pub(super) fn quarantine(&mut self, key: RowKey) {
+        self.add(key, Usage::overflowed(0));
+    }
+
     pub(super) fn iter(&self) -> impl Iterator<Item = (RowKey, &Usage)> + '_ {
         self.tables
             .iter()
@@ -220,6 +226,17 @@ impl Rows {
             self.add_row(key, c.usage, retract);
         }
         Ok(())
+    }
+
+    /// The row of a graph's key, its names interned. Its dimension values are not kept: every type
+    /// goes to its default meter in this mode, which has none.
+    pub(super) fn row_of(&mut self, key: &AggregateKey) -> RowKey {
+        (
+            self.customers.intern(self.seed, &key.customer_id),
+            self.meter_names.intern(self.seed, &key.meter),
+            key.window_start,
+            key.window_end,
+        )
     }
 
     pub(super) fn add_row(&mut self, key: RowKey, aggregate: Aggregate, retract: bool) {
