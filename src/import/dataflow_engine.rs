@@ -3,7 +3,7 @@
 //! it is not the default.
 
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use meterflow_dataflow::classify::{Classified, SourceItem};
 use meterflow_dataflow::operators::{build, Epoch};
@@ -18,7 +18,7 @@ use super::*;
 /// Events per epoch, all workers together.
 const EPOCH_EVENTS: u64 = 200_000;
 
-type DedupTables = Arc<RwLock<Vec<Option<Vec<Vec<(u64, u64)>>>>>>;
+type DedupTables = Arc<Mutex<Vec<Option<Vec<Vec<(u64, u64)>>>>>>;
 
 /// Each timely worker reads its byte range as `csv_worker` does and feeds the counted events in
 /// epochs; once every worker has read its range, every copy of an id but the first is fed as a
@@ -39,7 +39,7 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
     };
     let done = Arc::new(AtomicU64::new(0));
     let bar = progress_bar(len, args.quiet, "reading");
-    let tables: DedupTables = Arc::new(RwLock::new((0..workers).map(|_| None).collect()));
+    let tables: DedupTables = Arc::new(Mutex::new((0..workers).map(|_| None).collect()));
     let arrived = Arc::new(AtomicUsize::new(0));
     let context = GraphContext {
         allowed_lateness_micros: 3_600_000_000,
@@ -126,7 +126,7 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
                 )
                 .map_err(|e| format!("{e:#}"))?;
                 // Hand over the dedup table; step until every worker has (no one blocks the graph).
-                if let Ok(mut t) = tables.write() {
+                if let Ok(mut t) = tables.lock() {
                     if let Some(slot) = t.get_mut(index) {
                         *slot = Some(std::mem::take(&mut share.seen));
                     }
@@ -137,15 +137,15 @@ pub fn import_csv(args: &ImportArgs, out: &Path) -> Result<Summary> {
                 }
                 advance(&mut inputs, &mut epoch);
                 let retracted = {
-                    let t = tables
-                        .read()
-                        .map_err(|_| "dedup tables lock poisoned".to_owned())?;
-                    let parts: Vec<&[(u64, u64)]> = t
-                        .iter()
+                    // This worker's part of every table, taken out of it.
+                    let parts: Vec<Vec<(u64, u64)>> = tables
+                        .lock()
+                        .map_err(|_| "dedup tables lock poisoned".to_owned())?
+                        .iter_mut()
                         .flatten()
-                        .filter_map(|p| p.get(index).map(Vec::as_slice))
+                        .filter_map(|p| p.get_mut(index).map(std::mem::take))
                         .collect();
-                    later_copies(&path, &parts, decoder, |event| {
+                    later_copies(&path, parts, decoder, |event| {
                         inputs.items.send(SourceItem {
                             partition: index as i32,
                             offset,
