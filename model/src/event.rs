@@ -362,24 +362,29 @@ fn canonical_properties(
 ) -> Result<String, DecodeError> {
     let mut text = String::from("{");
     for (i, (Key(key), v)) in entries.iter().enumerate() {
-        let path = format!("properties.{}", printable(key));
+        let path = || format!("properties.{}", printable(key));
         if key.contains('\0') {
-            errors.push(field(&path, "must not contain NUL (U+0000) in its name"));
+            errors.push(field(&path(), "must not contain NUL (U+0000) in its name"));
         }
         if i > 0 {
             text.push(',');
         }
-        text.push_str(&serde_json::to_string(key).map_err(malformed)?);
+        push_json_string(&mut text, key)?;
         text.push(':');
         let raw = v.get();
-        if raw.starts_with('"') {
+        if raw.starts_with('"') && !raw.contains('\\') {
+            // Without an escape, a string token is its own canonical spelling: JSON forbids raw
+            // control characters in it (the parser has refused them), and a NUL or a lone surrogate
+            // can only be written escaped.
+            text.push_str(raw);
+        } else if raw.starts_with('"') {
             match serde_json::from_str::<String>(raw) {
                 Ok(s) if s.contains('\0') => {
-                    errors.push(field(&path, "must not contain NUL (U+0000)"))
+                    errors.push(field(&path(), "must not contain NUL (U+0000)"))
                 }
-                Ok(s) => text.push_str(&serde_json::to_string(&s).map_err(malformed)?),
+                Ok(s) => push_json_string(&mut text, &s)?,
                 Err(_) => errors.push(field(
-                    &path,
+                    &path(),
                     "must be valid Unicode text (no lone surrogate escapes)",
                 )),
             }
@@ -387,7 +392,7 @@ fn canonical_properties(
         {
             text.push_str(raw);
         } else {
-            errors.push(field(&path, "must be a string, number or boolean"));
+            errors.push(field(&path(), "must be a string, number or boolean"));
         }
     }
     text.push('}');
@@ -406,6 +411,20 @@ fn canonical_properties(
         errors.push(field("properties", "must be at most 4 KiB when encoded"));
     }
     Ok(text)
+}
+
+/// `text` as a JSON string with JSON's minimal escapes, as `serde_json::to_string` writes it; a text
+/// that needs none (the usual name or value) is copied between quotes without a detour through a new
+/// `String`.
+fn push_json_string(out: &mut String, text: &str) -> Result<(), DecodeError> {
+    if text.contains(|c: char| c == '"' || c == '\\' || c.is_ascii_control()) {
+        out.push_str(&serde_json::to_string(text).map_err(malformed)?);
+    } else {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+    }
+    Ok(())
 }
 
 /// FNV-1a over the parts, each followed by a 0xff separator, as a stored `bigint`. Stable across builds
@@ -717,6 +736,52 @@ mod tests {
             r#"{"ab":"x/y","n":-1.5}"#,
             "properties are kept in one canonical spelling"
         );
+    }
+
+    #[test]
+    fn properties_are_spelled_as_a_serde_json_round_trip_of_each_string() {
+        use rand::{Rng, SeedableRng};
+        // Plain text, quotes, backslashes, escapes of every kind, control characters and DEL,
+        // non-ASCII and non-BMP text, in keys and in values.
+        const PIECES: [&str; 14] = [
+            "eu",
+            "a b",
+            "\\\"",
+            "\\\\",
+            "\\n",
+            "\\t",
+            "\\u0001",
+            "\\u007f",
+            "\u{7f}",
+            "\\/",
+            "é",
+            "\\u00e9",
+            "\u{1F600}",
+            "\\ud83d\\ude00",
+        ];
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+        let base = r#"{"event_id":"a","customer_id":"c","event_type":"t","event_time":"2024-01-15T14:30:00Z","properties":"#;
+        let text = |rng: &mut rand::rngs::SmallRng| -> String {
+            (0..rng.random_range(1..4))
+                .map(|_| PIECES[rng.random_range(0..PIECES.len())])
+                .collect()
+        };
+        for i in 0..2_000 {
+            let (key, value) = (text(&mut rng), text(&mut rng));
+            let number = ["1", "-2.5e3", "true", "false"][i % 4];
+            let props = format!(r#"{{"{key}":"{value}", "n{i}" : {number}}}"#);
+            let event = decode(&format!("{base}{props}}}")).unwrap();
+            // The spelling before the fast path: every string read and written by serde_json.
+            let spell = |json: &str| {
+                serde_json::to_string(&serde_json::from_str::<String>(json).unwrap()).unwrap()
+            };
+            let expected = format!(
+                "{{{}:{},\"n{i}\":{number}}}",
+                spell(&format!("\"{key}\"")),
+                spell(&format!("\"{value}\""))
+            );
+            assert_eq!(event.properties, expected, "{props}");
+        }
     }
 
     #[test]
