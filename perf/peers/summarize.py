@@ -23,6 +23,7 @@ LABELS = {
     "flink": ("PyFlink SQL (streaming, parallelism 2)", "apache-flink"),
     "flink_batch": ("PyFlink SQL (batch, parallelism 2)", "apache-flink"),
     "meterflow": ("meterflow import --csv (whole process)", "meterflow"),
+    "meterflow_dataflow": ("meterflow import --csv --engine dataflow (whole process)", "meterflow"),
     "meterflow_store": ("meterflow import, results stored (whole process)", "meterflow"),
 }
 
