@@ -17,17 +17,20 @@
 //!   (one small table per meter and window, keyed by customer: events come roughly in time order, so
 //!   the tables being filled stay in cache), and append `(hash of event_id, line position)` to a list:
 //!   16 bytes per event, no id kept in memory. Then dedup, in parallel by part of the hash space: the
-//!   lists are sorted, and where hashes are equal the lines are read back and compared by event_id
+//!   lists are each sorted in place and merged, and where hashes are equal the lines are read back and
+//!   compared by event_id
 //!   (exact); every copy of an id but the first in file order is taken back out (the negation of its
 //!   contributions, as a void retracts). The rows are merged by customer range, sorted and written.
 //!   Rows are a commutative group, so counting first and retracting after gives the same sums as
 //!   deduplicating first.
 //!
 //!   `--engine dataflow` feeds the same decoded events through the pipeline's timely graph instead
-//!   (`operators::build`, the copies to take back as `Classified::Retract`) and writes the rows it
-//!   outputs: the same CSV, about 3× the CPU (its consolidation sorts and moves keys of two strings,
-//!   exchanges hash them with SipHash, each contribution allocates its strings), so the default
-//!   adds the rows up on the workers directly.
+//!   (`operators::build`, the copies to take back as `Classified::Retract`) and adds up the row changes
+//!   it outputs in the same [`Rows`]: the same CSV, in about twice the time (9.0 s against 4.8 s on
+//!   the peers' 10M-event file, perf/RESULTS.md): the graph moves every event and every contribution
+//!   through its operators' buffers, sums the rows per epoch in hash tables, and keeps every period's
+//!   windows for rating (a price book may come later). So the default adds the rows up on the workers
+//!   directly.
 
 //! * without `--csv`, the results stored in Postgres by the pipeline itself: every line is produced as
 //!   is to the events topic with the idempotent producer (as `meterflow loadgen` does), keyed by its
