@@ -852,6 +852,29 @@ async fn a_floor_posted_while_an_epoch_is_held_is_committed_within_five_seconds(
     }
 }
 
+/// A burst read in full batches (the reader behind the topic's end: catch-up epochs) is committed
+/// soon after the reader reaches the end, not when a catch-up interval runs out: the reader tells its
+/// worker it has nothing left to read (an empty batch). Seen failing without it: the last records
+/// waited out the 20 s interval (and seed_aggregation took 3.0 s, not 1.0 s, with the default 2 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_is_committed_soon_after_the_reader_reaches_the_end() {
+    let url = fresh_database().await;
+    let topic = fresh_topic(1).await;
+    let events = random_events(30_000, 21);
+    produce_events(&topic, &events);
+    let catch_up = ["--catch-up-epoch-ms", "20000", "--idle-timeout-secs", "60"];
+    let _pipeline = spawn_pipeline(&url, &topic, 1, &catch_up);
+    wait_until_committed(&url, 1, WAIT, "the first epoch").await;
+    let first = std::time::Instant::now();
+    let all = events.len() as i64;
+    wait_until_committed(&url, all, WAIT, "the burst").await;
+    assert!(
+        first.elapsed() < Duration::from_secs(12),
+        "the burst's last epoch closed {:?} after the first commit: it waited out the catch-up interval",
+        first.elapsed()
+    );
+}
+
 /// Meters from a file (`--meters`), and a late event revising a finalized window.
 #[tokio::test(flavor = "multi_thread")]
 async fn meters_come_from_a_file_and_late_events_revise_finalized_windows() {
