@@ -18,9 +18,9 @@
 //!   the tables being filled stay in cache), and append `(hash of event_id, line position)` to a list:
 //!   16 bytes per event, no id kept in memory. Then dedup, in parallel by part of the hash space: the
 //!   lists are each sorted in place and merged, and where hashes are equal the lines are read back and
-//!   compared by event_id
-//!   (exact); every copy of an id but the first in file order is taken back out (the negation of its
-//!   contributions, as a void retracts). The rows are merged by customer range, sorted and written.
+//!   compared by event_id (exact); every copy of an id but the first in file order is taken back out
+//!   (the negation of its contributions, as a void retracts). The rows are merged by customer range,
+//!   sorted and written.
 //!   Rows are a commutative group, so counting first and retracting after gives the same sums as
 //!   deduplicating first.
 //!

@@ -217,18 +217,13 @@ impl Rows {
                     c.key.meter
                 );
             }
-            let key: RowKey = (
-                self.customers.intern(self.seed, &c.key.customer_id),
-                self.meter_names.intern(self.seed, &c.key.meter),
-                c.key.window_start,
-                c.key.window_end,
-            );
+            let key = self.row_of(&c.key);
             self.add_row(key, c.usage, retract);
         }
         Ok(())
     }
 
-    /// The row of a graph's key, its names interned. Its dimension values are not kept: every type
+    /// The row of a meter's key, its names interned. Its dimension values are not kept: every type
     /// goes to its default meter in this mode, which has none.
     pub(super) fn row_of(&mut self, key: &AggregateKey) -> RowKey {
         (
