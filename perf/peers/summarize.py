@@ -24,7 +24,7 @@ LABELS = {
     "flink_batch": ("PyFlink SQL (batch, parallelism 2)", "apache-flink"),
     "meterflow": ("meterflow import --csv (whole process)", "meterflow"),
     "meterflow_dataflow": ("meterflow import --csv --engine dataflow (whole process)", "meterflow"),
-    "meterflow_store": ("meterflow import, results stored (whole process)", "meterflow"),
+    "meterflow_store": ("meterflow import --wait, stored by the running pipeline (RSS: the import alone)", "meterflow"),
 }
 
 
