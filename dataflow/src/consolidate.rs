@@ -10,8 +10,8 @@
 //! with the sum of all its updates; a sum of zero does not leave. The output is in no order.
 //!
 //! Epochs are totally ordered and nothing here is kept between epochs, which is what lets a hash table
-//! stand in for an arrangement: the pipeline's row changes, invoice lines and quarantines need the
-//! sum per epoch only (operators.rs).
+//! stand in for an arrangement: the pipeline's row changes and quarantines need the sum per epoch
+//! only (operators.rs). Invoice lines need no table: rating adds up each period's (rating.rs).
 
 use std::collections::BTreeMap;
 use std::hash::Hash;

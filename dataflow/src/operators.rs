@@ -13,12 +13,9 @@
 use std::collections::BTreeMap;
 
 use differential_dataflow::collection::AsCollection;
-use differential_dataflow::difference::Abelian;
 use differential_dataflow::VecCollection;
 use meterflow_model::batch::QuarantinedPeriod;
-use meterflow_model::{
-    period_of, Aggregate, CompactString, Contribution, Dimensions, Event, LateEvent, LineChange,
-};
+use meterflow_model::{Aggregate, Contribution, Event, LateEvent, LineChange};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Capability, Concatenate, OkErr, Operator};
@@ -31,7 +28,7 @@ use crate::consolidate;
 use crate::control::{Control, InForce};
 use crate::inputs::{Inputs, RatingInputs};
 use crate::meters::Meters;
-use crate::rating::{self, ChargeRow, RowKey};
+use crate::rating::{self, ChargeRow, LineKey, RowKey};
 use crate::usage::{LineTotal, Usage};
 
 /// Epoch numbers: each worker advances its inputs to the next epoch every tick.
@@ -60,8 +57,11 @@ pub fn build<'scope>(
     // Rating reads the row changes, not the contributions: the same collection, already added up per
     // row and epoch (one update where there were as many as the row's events in the epoch).
     let changes = row_changes(contributions);
-    let (charges, quarantined) = charge_changes(changes.clone().as_collection(), inputs.rating);
-    let lines = line_changes(charges.clone());
+    let Charging {
+        charges,
+        lines,
+        quarantined,
+    } = charge_changes(changes.clone().as_collection(), inputs.rating);
     scope.concatenate([
         changes.flat_map(|((key, item), epoch, usage)| {
             // An overflowed change carries only its event count; the sink quarantines the row.
@@ -307,71 +307,40 @@ fn negate(a: Aggregate) -> Aggregate {
 }
 
 /// Each epoch's changes of window charges: rating over everything committed before plus this run's
-/// row changes, minus the charges committed before; and likewise the changes of the periods in
-/// quarantine. Exchange contract: one update per charge row (or period) and epoch: the rating operator
-/// routes by period and subtracts the period's committed charges itself (rating.rs); the quarantines
-/// are consolidated as in `row_changes`.
-#[allow(clippy::type_complexity)]
+/// row changes, minus the charges committed before; the changes of the upcoming-invoice lines they
+/// add up to (SPEC §6); and likewise the changes of the periods in quarantine. Exchange contract: one
+/// update per charge row, line (or period) and epoch: the rating operator routes by period,
+/// subtracts the period's committed charges itself and adds up its lines (rating.rs); the
+/// quarantines are consolidated as in `row_changes`.
 fn charge_changes<'scope>(
     row_changes: VecCollection<'scope, Epoch, RowKey, Usage>,
     inputs: RatingInputs<'scope>,
-) -> (
-    StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
-    StreamVec<'scope, Epoch, (QuarantinedPeriod, Epoch, isize)>,
-) {
+) -> Charging<'scope> {
     let usage = row_changes.concat(inputs.restored_rows.as_collection());
-    let (charges, quarantined) = rating::rate(
+    let rating = rating::rate(
         usage,
         inputs.books.as_collection(),
         inputs.restored_charges.as_collection(),
     );
-    let charges = charges.inner;
     let quarantined = consolidate::per_epoch(
-        quarantined
+        rating
+            .quarantined
             .concat(inputs.restored_quarantines.as_collection().negate())
             .inner,
         "QuarantineChanges",
     );
-    (charges, quarantined)
+    Charging {
+        charges: rating.charges.inner,
+        lines: rating.lines,
+        quarantined,
+    }
 }
 
-/// An upcoming-invoice line: (customer, period start, meter, dimension values, price book, currency).
-type LineKey = (
-    CompactString,
-    i64,
-    CompactString,
-    Dimensions,
-    CompactString,
-    CompactString,
-);
-
-/// Each epoch's changes of upcoming-invoice lines (SPEC §6): the window charge changes summed per
-/// (customer, period, meter, dimension values, book). Exchange contract: `per_epoch` routes by line,
-/// one update per line and epoch.
-fn line_changes<'scope>(
+/// What `charge_changes` gives, each update with its epoch.
+struct Charging<'scope> {
     charges: StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
-) -> StreamVec<'scope, Epoch, (LineKey, Epoch, LineTotal)> {
-    let lines = charges.map(|((customer, meter, charge), epoch, diff)| {
-        let (period, _) = period_of(charge.window_start);
-        let mut total = LineTotal {
-            amount: charge.amount,
-            quantity: charge.quantity,
-            windows: 1,
-        };
-        if diff < 0 {
-            total.negate();
-        }
-        let key = (
-            customer,
-            period,
-            meter,
-            charge.dimensions,
-            charge.price_book_id,
-            charge.currency,
-        );
-        (key, epoch, total)
-    });
-    consolidate::per_epoch(lines, "LineChanges")
+    lines: StreamVec<'scope, Epoch, (LineKey, Epoch, LineTotal)>,
+    quarantined: StreamVec<'scope, Epoch, (QuarantinedPeriod, Epoch, isize)>,
 }
 
 fn line_change(key: LineKey, total: LineTotal) -> LineChange {

@@ -11,6 +11,7 @@
 //!     an epoch both inputs have passed: every period it touched (a window or a stored charge changed,
 //!     or a book of its meter that overlaps it) is rated again, from its earliest window changed on
 //!                                                  ─► rated − stored − given ─► charge changes
+//!                                              and their sums per (book, currency) ─► line changes
 //! ```
 //! Contract: for every (customer, meter, period, dimension values) with usage, the output holds exactly
 //! the charges `meterflow_model::rate_period` gives for the period's whole usage and the books that
@@ -19,6 +20,8 @@
 //! late event, a void or a price book created, edited or closed changes only the periods it touches,
 //! and within them only the windows whose charge moves. Exchange: every change of a period goes to the
 //! worker its key's hash picks, and every worker sees every book, so a period is rated on one worker.
+//! A line is one period's (its charges with one book and currency), so the operator adds up each
+//! line's change itself: one update per line and epoch, with no exchange or table of lines after it.
 //!
 //! Why a table and not differential's `reduce`: epochs are totally ordered, so a period's state is one
 //! accumulation, not a history to replay at each time. The table keeps it once, where the reduce kept
@@ -48,6 +51,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use differential_dataflow::collection::AsCollection;
+use differential_dataflow::difference::{Abelian, IsZero, Semigroup};
 use differential_dataflow::hashable::Hashable;
 use differential_dataflow::VecCollection;
 use hashbrown::HashMap;
@@ -62,7 +66,7 @@ use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Capability, Concat, OkErr, Operator};
 
 use crate::operators::Epoch;
-use crate::usage::Usage;
+use crate::usage::{LineTotal, Usage};
 use crate::wire::Json;
 use period::PeriodState;
 
@@ -77,6 +81,17 @@ pub type ChargeRow = (CompactString, CompactString, Charge);
 /// One customer's usage of one meter's windows of one set of dimension values in one billing period:
 /// (customer, meter, the period's start in seconds, dimension values).
 type PeriodKey = (CompactString, CompactString, i64, Dimensions);
+
+/// An upcoming-invoice line (SPEC §6): (customer, period start, meter, dimension values, price book,
+/// currency). A period's line for each book and currency that prices its windows.
+pub type LineKey = (
+    CompactString,
+    i64,
+    CompactString,
+    Dimensions,
+    CompactString,
+    CompactString,
+);
 
 /// A change that reaches a period's worker.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -111,19 +126,45 @@ impl Rated {
     }
 }
 
+/// What leaves the rating of a period in an epoch: a change of what it gave, and the change of each
+/// of its lines, the sum of its charge changes with one (book, currency).
+#[derive(Clone, Debug)]
+enum Output {
+    Given(Rated),
+    /// Boxed: an output is as small as a `Rated` (a line is one an epoch and period, a charge two).
+    Line(Box<LineDelta>),
+}
+
+/// The change of a period's line with one book and currency.
+#[derive(Clone, Debug)]
+struct LineDelta {
+    price_book_id: CompactString,
+    currency: CompactString,
+    total: LineTotal,
+}
+
+/// What rating gives each epoch: changes of window charges, of the periods in quarantine, and of
+/// upcoming-invoice lines (at most one per line: a line is one period's, and a period is rated once
+/// an epoch, on one worker).
+pub struct Rating<'scope> {
+    pub charges: VecCollection<'scope, Epoch, ChargeRow, isize>,
+    pub quarantined: VecCollection<'scope, Epoch, QuarantinedPeriod, isize>,
+    pub lines: timely::dataflow::StreamVec<'scope, Epoch, (LineKey, Epoch, LineTotal)>,
+}
+
 /// The price books in force, by meter, each with its multiplicity (present while positive).
 type Books = HashMap<String, BTreeMap<PriceBook, isize>>;
 
 /// Rates `usage` (all of it, accumulated: every row's total or multiset) with `books`: the window
-/// charges minus the `stored` ones (what the sink holds), and the periods in quarantine.
+/// charges minus the `stored` ones (what the sink holds), the periods in quarantine, and the changes
+/// of the lines the charges add up to.
+// The `Result`s are routing tags for `ok_err`, not errors: the size of their `Err` side is no concern.
+#[allow(clippy::result_large_err)]
 pub fn rate<'scope>(
     usage: VecCollection<'scope, Epoch, RowKey, Usage>,
     books: VecCollection<'scope, Epoch, PriceBook, isize>,
     stored: VecCollection<'scope, Epoch, ChargeRow, isize>,
-) -> (
-    VecCollection<'scope, Epoch, ChargeRow, isize>,
-    VecCollection<'scope, Epoch, QuarantinedPeriod, isize>,
-) {
+) -> Rating<'scope> {
     let windows = usage.inner.map(|((key, item), epoch, usage)| {
         let (period, _) = period_of(key.window_start);
         let change = PeriodChange::Window {
@@ -152,9 +193,31 @@ pub fn rate<'scope>(
         .map(|(book, epoch, diff)| (Json(book), epoch, diff))
         .broadcast()
         .map(|(Json(book), epoch, diff)| (book, epoch, diff));
-    let rated = rate_periods(windows.concat(stored), books);
+    let (given, lines): (Given<'scope>, _) =
+        rate_periods(windows.concat(stored), books).ok_err(|((key, output), time, diff)| {
+            match output {
+                Output::Given(rated) => Ok(((key, rated), time, diff)),
+                Output::Line(line) => {
+                    let LineDelta {
+                        price_book_id,
+                        currency,
+                        total,
+                    } = *line;
+                    let (customer_id, meter, period_start, dimensions) = key;
+                    let line = (
+                        customer_id,
+                        period_start,
+                        meter,
+                        dimensions,
+                        price_book_id,
+                        currency,
+                    );
+                    Err((line, time, total))
+                }
+            }
+        });
     // One pass splits them (no copy of every charge for a branch that keeps only the quarantines).
-    let (charges, quarantined) = rated.ok_err(|((key, rated), time, diff)| {
+    let (charges, quarantined) = given.ok_err(|((key, rated), time, diff)| {
         let (customer_id, meter, period_start, dimensions) = key;
         match rated {
             Rated::Charge(_, charge) => Ok((
@@ -179,13 +242,18 @@ pub fn rate<'scope>(
             )),
         }
     });
-    (charges.as_collection(), quarantined.as_collection())
+    Rating {
+        charges: charges.as_collection(),
+        quarantined: quarantined.as_collection(),
+        lines,
+    }
 }
 
 type Changes<'scope> = timely::dataflow::StreamVec<'scope, Epoch, (PeriodKey, PeriodChange, Epoch)>;
 type BookChanges<'scope> = timely::dataflow::StreamVec<'scope, Epoch, (PriceBook, Epoch, isize)>;
-type RatedChanges<'scope> =
-    timely::dataflow::StreamVec<'scope, Epoch, ((PeriodKey, Rated), Epoch, isize)>;
+type Given<'scope> = timely::dataflow::StreamVec<'scope, Epoch, ((PeriodKey, Rated), Epoch, isize)>;
+type Outputs<'scope> =
+    timely::dataflow::StreamVec<'scope, Epoch, ((PeriodKey, Output), Epoch, isize)>;
 
 /// An epoch's input, held until both inputs pass it.
 struct Pending {
@@ -196,10 +264,7 @@ struct Pending {
 
 /// The `RatePeriod` operator (see the module docs): `changes` exchanged by period, `books` already
 /// on every worker.
-fn rate_periods<'scope>(
-    changes: Changes<'scope>,
-    books: BookChanges<'scope>,
-) -> RatedChanges<'scope> {
+fn rate_periods<'scope>(changes: Changes<'scope>, books: BookChanges<'scope>) -> Outputs<'scope> {
     changes.binary_frontier::<_, CapacityContainerBuilder<Vec<_>>, _, _, _, _>(
         books,
         Exchange::new(|(period, _, _): &(PeriodKey, PeriodChange, Epoch)| period.hashed()),
@@ -275,7 +340,7 @@ fn rate_epoch(
     in_force: &mut Books,
     changes: Vec<(PeriodKey, PeriodChange)>,
     books: Vec<(PriceBook, isize)>,
-) -> Vec<(PeriodKey, Rated, isize)> {
+) -> Vec<(PeriodKey, Output, isize)> {
     let mut touched: Vec<PeriodKey> = Vec::new();
     for (period, change) in changes {
         match periods.get_mut(&period) {
@@ -340,7 +405,7 @@ fn rate_touched<'b>(
     state: &mut PeriodState,
     in_force: &'b Books,
     books: &mut Vec<&'b PriceBook>,
-    out: &mut Vec<(PeriodKey, Rated, isize)>,
+    out: &mut Vec<(PeriodKey, Output, isize)>,
 ) {
     books.clear();
     books.extend(
@@ -351,12 +416,49 @@ fn rate_touched<'b>(
             .filter(|(book, count)| **count > 0 && prices(book, period))
             .map(|(book, _)| book),
     );
+    let given = state.rate(period, books);
+    for line in line_changes(&given) {
+        out.push((period.clone(), Output::Line(Box::new(line)), 1));
+    }
     out.extend(
-        state
-            .rate(period, books)
+        given
             .into_iter()
-            .map(|(rated, diff)| (period.clone(), rated, diff)),
+            .map(|(rated, diff)| (period.clone(), Output::Given(rated), diff)),
     );
+}
+
+/// The changes of a period's lines that its charge changes `given` add up to: per (book, currency),
+/// each charge's amount and quantity and one window, negated when the charge is withdrawn. Lines
+/// that do not change are left out. A period's charges have one book each, and nearly always the
+/// same one: the list is short.
+fn line_changes(given: &[(Rated, isize)]) -> Vec<LineDelta> {
+    let mut lines: Vec<LineDelta> = Vec::new();
+    for (rated, diff) in given {
+        let Rated::Charge(_, charge) = rated else {
+            continue;
+        };
+        let mut total = LineTotal {
+            amount: charge.amount,
+            quantity: charge.quantity,
+            windows: 1,
+        };
+        if *diff < 0 {
+            total.negate();
+        }
+        let line = lines.iter_mut().find(|line| {
+            line.price_book_id == charge.price_book_id && line.currency == charge.currency
+        });
+        match line {
+            Some(line) => line.total.plus_equals(&total),
+            None => lines.push(LineDelta {
+                price_book_id: charge.price_book_id.clone(),
+                currency: charge.currency.clone(),
+                total,
+            }),
+        }
+    }
+    lines.retain(|line| !line.total.is_zero());
+    lines
 }
 
 /// Whether `book` may price `period`: the period's meter, a range that overlaps the period, and a
@@ -378,7 +480,10 @@ fn prices(book: &PriceBook, period: &PeriodKey) -> bool {
 mod tests {
     //! `rate_epoch` against a plain reference: random epochs of window changes (with voids, late
     //! windows and periods that empty) and book changes; after every epoch, what has left for each
-    //! period adds up to `rate_period` of its whole usage with the books in force.
+    //! period adds up to `rate_period` of its whole usage with the books in force, and its line
+    //! changes to the lines of those charges.
+    use std::collections::BTreeSet;
+
     use super::*;
     use differential_dataflow::consolidation::consolidate;
     use meterflow_model::{rate_period, Aggregate, Measure, PriceModel, Tier, WindowUsage};
@@ -459,6 +564,34 @@ mod tests {
             .collect()
     }
 
+    /// The lines the reference's charges add up to, per (period, book, currency).
+    fn lines_of(
+        rated: &BTreeMap<PeriodKey, Vec<(Rated, isize)>>,
+    ) -> BTreeMap<(PeriodKey, CompactString, CompactString), LineTotal> {
+        let mut lines: BTreeMap<_, LineTotal> = BTreeMap::new();
+        for (period, rated) in rated {
+            for (rated, diff) in rated {
+                let Rated::Charge(_, charge) = rated else {
+                    continue;
+                };
+                assert_eq!(*diff, 1);
+                let key = (
+                    period.clone(),
+                    charge.price_book_id.clone(),
+                    charge.currency.clone(),
+                );
+                lines.entry(key).or_default().plus_equals(&LineTotal {
+                    amount: charge.amount,
+                    quantity: charge.quantity,
+                    windows: 1,
+                });
+            }
+        }
+        lines
+    }
+
+    /// After every epoch, the charges given add up to the reference's, and so do the line changes
+    /// to the lines of the reference's charges, each line changed at most once an epoch.
     #[test]
     fn every_epoch_leaves_what_the_whole_usage_rates_to() {
         for seed in 0..20 {
@@ -469,6 +602,8 @@ mod tests {
             let mut totals: BTreeMap<(PeriodKey, i64), (Decimal, i64)> = BTreeMap::new();
             let mut contributions: Vec<(PeriodKey, i64, Decimal)> = Vec::new();
             let mut left: BTreeMap<PeriodKey, Vec<(Rated, isize)>> = BTreeMap::new();
+            let mut lines: BTreeMap<(PeriodKey, CompactString, CompactString), LineTotal> =
+                BTreeMap::new();
             let catalogue = [
                 book("default", None, Decimal::new(1, 2)),
                 book("default", None, Decimal::new(3, 2)),
@@ -514,18 +649,37 @@ mod tests {
                     *books_now.entry(book.clone()).or_default() += diff;
                     book_changes.push((book, diff));
                 }
-                for (period, rated, diff) in
+                let mut changed = BTreeSet::new();
+                for (period, output, diff) in
                     rate_epoch(&mut periods, &mut in_force, changes, book_changes)
                 {
-                    left.entry(period).or_default().push((rated, diff));
+                    match output {
+                        Output::Given(rated) => left.entry(period).or_default().push((rated, diff)),
+                        Output::Line(line) => {
+                            let LineDelta {
+                                price_book_id,
+                                currency,
+                                total,
+                            } = *line;
+                            let line = (period, price_book_id, currency);
+                            assert!(
+                                changed.insert(line.clone()),
+                                "seed {seed}, epoch {epoch}: one change per line and epoch"
+                            );
+                            lines.entry(line).or_default().plus_equals(&total);
+                        }
+                    }
                 }
                 left.values_mut().for_each(consolidate);
                 left.retain(|_, rated| !rated.is_empty());
+                lines.retain(|_, total| !total.is_zero());
+                let expected = reference(&totals, &books_now);
                 assert_eq!(
-                    left,
-                    reference(&totals, &books_now),
-                    "seed {seed}, epoch {epoch}"
+                    lines,
+                    lines_of(&expected),
+                    "seed {seed}, epoch {epoch}: lines"
                 );
+                assert_eq!(left, expected, "seed {seed}, epoch {epoch}");
             }
         }
     }
