@@ -139,17 +139,16 @@ impl Windows {
 
     /// The windows that start in `since..until`, in order.
     fn range(&self, since: i64, until: i64) -> &[(i64, WindowState)] {
-        let to = self.0.partition_point(|(s, _)| *s < until);
-        let before = self.0.get(..to).unwrap_or_default();
-        before
-            .get(before.partition_point(|(s, _)| *s < since)..)
-            .unwrap_or_default()
+        let before = self
+            .0
+            .get(..starting_at(&self.0, until))
+            .unwrap_or_default();
+        before.get(starting_at(before, since)..).unwrap_or_default()
     }
 
     /// The windows that start at `from` or later, in order.
     fn from(&self, from: i64) -> &[(i64, WindowState)] {
-        let at = self.0.partition_point(|(s, _)| *s < from);
-        self.0.get(at..).unwrap_or_default()
+        self.0.get(starting_at(&self.0, from)..).unwrap_or_default()
     }
 
     fn len(&self) -> usize {
@@ -159,6 +158,19 @@ impl Windows {
     fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+/// Where the first of `windows` (sorted by start) that starts at `start` or later is: counted from
+/// the back, as [`Windows::position`] looks, because rating asks from the window changed last,
+/// nearly always one of the last few. A binary search from the middle was a cache miss a step (8 % of
+/// `core`); counting back is never more than the windows that rating then reads from there.
+fn starting_at(windows: &[(i64, WindowState)], start: i64) -> usize {
+    let after = windows
+        .iter()
+        .rev()
+        .take_while(|(s, _)| *s >= start)
+        .count();
+    windows.len().saturating_sub(after)
 }
 
 /// What the operator holds of one period.
