@@ -274,6 +274,9 @@ fn rate_periods<'scope>(changes: Changes<'scope>, books: BookChanges<'scope>) ->
             let mut pending: BTreeMap<Epoch, Pending> = BTreeMap::new();
             let mut periods: HashMap<PeriodKey, PeriodState> = HashMap::new();
             let mut in_force: Books = HashMap::new();
+            // How many changes the last epoch had: the next epoch's list starts that large, so it
+            // does not grow (and copy every change) step by step.
+            let mut last_len = 0;
             move |(changes, changes_frontier), (books, books_frontier), output| {
                 changes.for_each_stamp(|cap, data| {
                     let Some(&least) = cap.least() else {
@@ -281,7 +284,8 @@ fn rate_periods<'scope>(changes: Changes<'scope>, books: BookChanges<'scope>) ->
                     };
                     for batch in data {
                         for (period, change, epoch) in batch.drain(..) {
-                            held(&mut pending, epoch, || cap.delayed(&epoch.max(least), 0))
+                            let hold = || cap.delayed(&epoch.max(least), 0);
+                            held(&mut pending, epoch, last_len, hold)
                                 .changes
                                 .push((period, change));
                         }
@@ -293,7 +297,8 @@ fn rate_periods<'scope>(changes: Changes<'scope>, books: BookChanges<'scope>) ->
                     };
                     for batch in data {
                         for (book, epoch, diff) in batch.drain(..) {
-                            held(&mut pending, epoch, || cap.delayed(&epoch.max(least), 0))
+                            let hold = || cap.delayed(&epoch.max(least), 0);
+                            held(&mut pending, epoch, last_len, hold)
                                 .books
                                 .push((book, diff));
                         }
@@ -309,11 +314,14 @@ fn rate_periods<'scope>(changes: Changes<'scope>, books: BookChanges<'scope>) ->
                         changes,
                         books,
                     } = entry.remove();
-                    let given = rate_epoch(&mut periods, &mut in_force, changes, books);
-                    output.session(&capability).give_iterator(
-                        given
-                            .into_iter()
-                            .map(|(key, rated, diff)| ((key, rated), epoch, diff)),
+                    last_len = changes.len();
+                    let mut session = output.session(&capability);
+                    rate_epoch(
+                        &mut periods,
+                        &mut in_force,
+                        changes,
+                        books,
+                        &mut |key, out, diff| session.give(((key, out), epoch, diff)),
                     );
                 }
             }
@@ -321,26 +329,31 @@ fn rate_periods<'scope>(changes: Changes<'scope>, books: BookChanges<'scope>) ->
     )
 }
 
-/// The epoch's entry of `pending`, made with the capability `hold` gives when it is the first.
+/// The epoch's entry of `pending`, made with the capability `hold` gives, and room for `room`
+/// changes, when it is the first.
 fn held(
     pending: &mut BTreeMap<Epoch, Pending>,
     epoch: Epoch,
+    room: usize,
     hold: impl FnOnce() -> Capability<Epoch>,
 ) -> &mut Pending {
     pending.entry(epoch).or_insert_with(|| Pending {
         capability: hold(),
-        changes: Vec::new(),
+        changes: Vec::with_capacity(room),
         books: Vec::new(),
     })
 }
 
-/// Takes in one epoch's book and period changes and rates every period they touch: what leaves.
+/// Takes in one epoch's book and period changes and rates every period they touch: what leaves goes
+/// to `emit`, as it is made (not gathered first: that list was as large as the epoch's output, and
+/// grew by copies).
 fn rate_epoch(
     periods: &mut HashMap<PeriodKey, PeriodState>,
     in_force: &mut Books,
     changes: Vec<(PeriodKey, PeriodChange)>,
     books: Vec<(PriceBook, isize)>,
-) -> Vec<(PeriodKey, Output, isize)> {
+    emit: &mut impl FnMut(PeriodKey, Output, isize),
+) {
     let mut touched: Vec<PeriodKey> = Vec::new();
     for (period, change) in changes {
         match periods.get_mut(&period) {
@@ -371,41 +384,39 @@ fn rate_epoch(
         }
     }
     let in_force: &Books = in_force;
-    let mut out = Vec::new();
     let mut books = Vec::new();
     // When most periods are touched (a backfill touches every period of its hours), one pass over
     // the table in memory order is cheaper than a second look-up of each by its key.
     if touched.len().saturating_mul(2) >= periods.len() {
         let mut emptied = false;
         for (period, state) in periods.iter_mut().filter(|(_, state)| state.is_touched()) {
-            rate_touched(period, state, in_force, &mut books, &mut out);
+            rate_touched(period, state, in_force, &mut books, emit);
             emptied |= state.is_empty();
         }
         if emptied {
             periods.retain(|_, state| !state.is_empty());
         }
-        return out;
+        return;
     }
     for period in touched {
         let Some(state) = periods.get_mut(&period) else {
             continue;
         };
-        rate_touched(&period, state, in_force, &mut books, &mut out);
+        rate_touched(&period, state, in_force, &mut books, emit);
         if state.is_empty() {
             periods.remove(&period);
         }
     }
-    out
 }
 
-/// Rates one touched period with the books in force that may price it, onto `out`. `books` is room
-/// for those books, kept from one period to the next.
+/// Rates one touched period with the books in force that may price it, into `emit`. `books` is
+/// room for those books, kept from one period to the next.
 fn rate_touched<'b>(
     period: &PeriodKey,
     state: &mut PeriodState,
     in_force: &'b Books,
     books: &mut Vec<&'b PriceBook>,
-    out: &mut Vec<(PeriodKey, Output, isize)>,
+    emit: &mut impl FnMut(PeriodKey, Output, isize),
 ) {
     books.clear();
     books.extend(
@@ -418,13 +429,11 @@ fn rate_touched<'b>(
     );
     let given = state.rate(period, books);
     for line in line_changes(&given) {
-        out.push((period.clone(), Output::Line(Box::new(line)), 1));
+        emit(period.clone(), Output::Line(Box::new(line)), 1);
     }
-    out.extend(
-        given
-            .into_iter()
-            .map(|(rated, diff)| (period.clone(), Output::Given(rated), diff)),
-    );
+    for (rated, diff) in given {
+        emit(period.clone(), Output::Given(rated), diff);
+    }
 }
 
 /// The changes of a period's lines that its charge changes `given` add up to: per (book, currency),
@@ -650,9 +659,15 @@ mod tests {
                     book_changes.push((book, diff));
                 }
                 let mut changed = BTreeSet::new();
-                for (period, output, diff) in
-                    rate_epoch(&mut periods, &mut in_force, changes, book_changes)
-                {
+                let mut given = Vec::new();
+                rate_epoch(
+                    &mut periods,
+                    &mut in_force,
+                    changes,
+                    book_changes,
+                    &mut |period, output, diff| given.push((period, output, diff)),
+                );
+                for (period, output, diff) in given {
                     match output {
                         Output::Given(rated) => left.entry(period).or_default().push((rated, diff)),
                         Output::Line(line) => {
