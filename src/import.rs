@@ -1,5 +1,6 @@
-//! `meterflow import FILE`: a file of events (JSON Lines, one event per line) through meterflow's decode,
-//! dedup and metering, in one of two modes.
+//! `meterflow import FILE`: a file of events (JSON Lines, one event per line, or CSV: `csv_in.rs`
+//! converts it to JSON Lines first) through meterflow's decode, dedup and metering, in one of two
+//! modes.
 //!
 //! * `--csv OUT`, the engine alone (no Kafka, no Postgres): every line is decoded and validated by the
 //!   pipeline's decoder (`decode_as(Plain, …)`, as `dataflow/src/classify.rs` decodes a plain record), a
@@ -60,16 +61,17 @@ use csv_out::write_csv;
 use lines::{for_each_line, line_at, record};
 use rows::{hash_bytes, RowKey, Rows};
 
+mod csv_in;
 mod csv_out;
 mod dataflow_engine;
 mod lines;
 mod produce;
 mod rows;
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 #[command(
     long_about = "Import a file of events (JSON Lines: one event per line, as POST /api/v1/events takes \
-one; blank lines are skipped).\n\n\
+one; blank lines are skipped; or CSV, below).\n\n\
 With --csv OUT: the engine alone, no Kafka, no Postgres. Each line is decoded and validated by the \
 pipeline's decoder (a line that fails is a dead letter, summarised at the end), events are deduplicated \
 by event_id in memory (exact: the first copy in the file counts), metered by the default meters (per \
@@ -81,12 +83,22 @@ is, to the events topic with the idempotent producer (as `meterflow loadgen` doe
 import waits until the pipeline has committed all of them. The pipeline's claim store deduplicates by \
 event_id, so importing the same file twice counts every event once. Events older than 35 days behind \
 the pipeline's committed watermark are dead letters there (SPEC §2).\n\n\
+A CSV file (a name ending in .csv, or --format csv) is converted to JSON Lines first: RFC 4180 \
+records under a header naming event_id,customer_id,event_type,event_time, optionally value, and either \
+a properties column (a JSON object) or other columns, each a string property. A record with more or \
+fewer cells than the header is a dead letter (CSV_FIELDS). Parquet is not read: convert it first.\n\n\
 A progress bar is drawn on stderr when it is a terminal (not with --quiet)."
 )]
 pub struct ImportArgs {
-    /// The file to import (JSON Lines).
+    /// The file to import: JSON Lines, or CSV (see --format).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
+    /// The file's format: `jsonl` (one JSON event a line), `csv` (a header naming event_id,
+    /// customer_id, event_type, event_time, and optionally value and properties, a JSON object, or
+    /// other columns, each a string property; converted to JSON Lines in the temporary directory
+    /// first), or `auto`: csv for a name ending in .csv, else jsonl.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "jsonl", "csv"])]
+    pub format: String,
     /// Write the aggregates to this CSV file (`-`: stdout) instead of producing to Kafka.
     #[arg(long, value_name = "OUT")]
     pub csv: Option<PathBuf>,
@@ -110,6 +122,36 @@ pub struct ImportArgs {
 }
 
 pub fn run(args: &ImportArgs, cfg: &crate::config::Config) -> Result<()> {
+    if !is_csv(args) {
+        return import(args, cfg, None);
+    }
+    let converted = csv_in::to_json_lines(&args.file, DEAD_SAMPLES)?;
+    let args = ImportArgs {
+        file: converted.path.clone(),
+        ..args.clone()
+    };
+    import(&args, cfg, Some(&converted))
+}
+
+/// Whether `args.file` is read as CSV.
+fn is_csv(args: &ImportArgs) -> bool {
+    match args.format.as_str() {
+        "csv" => true,
+        "jsonl" => false,
+        _ => args
+            .file
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("csv")),
+    }
+}
+
+/// Imports the JSON Lines file of `args`; `converted` is the CSV conversion it came from, if any,
+/// whose records of the wrong width are dead letters too.
+fn import(
+    args: &ImportArgs,
+    cfg: &crate::config::Config,
+    converted: Option<&csv_in::Converted>,
+) -> Result<()> {
     match &args.csv {
         Some(out) => {
             let summary = if args.engine == "dataflow" {
@@ -117,13 +159,28 @@ pub fn run(args: &ImportArgs, cfg: &crate::config::Config) -> Result<()> {
             } else {
                 import_csv(args, out)?
             };
+            let summary = match converted {
+                Some(c) => summary.of_csv(c),
+                None => summary,
+            };
             eprintln!("{}", summary.line(out));
             for sample in &summary.dead_samples {
                 eprintln!("import: dead letter: {sample}");
             }
             Ok(())
         }
-        None => produce::run(args, cfg),
+        None => {
+            if let Some(c) = converted.filter(|c| c.bad_records > 0) {
+                eprintln!(
+                    "import: {} CSV records not produced (more or fewer cells than the header)",
+                    c.bad_records
+                );
+                for sample in &c.bad_samples {
+                    eprintln!("import: dead letter: {sample}");
+                }
+            }
+            produce::run(args, cfg)
+        }
     }
 }
 
@@ -147,6 +204,32 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The summary of a CSV file's import: line N of the converted file is record N of the CSV
+    /// file, and the records that were not converted are dead letters too.
+    fn of_csv(mut self, converted: &csv_in::Converted) -> Summary {
+        self.records += converted.bad_records;
+        self.dead_letters += converted.bad_records;
+        if converted.bad_records > 0 {
+            *self.dead_reasons.entry("CSV_FIELDS").or_default() += converted.bad_records;
+        }
+        let decoded = self
+            .dead_samples
+            .iter()
+            .map(|s| match s.strip_prefix("line ") {
+                Some(rest) => format!("record {rest}"),
+                None => s.clone(),
+            });
+        let mut samples: Vec<String> = converted
+            .bad_samples
+            .iter()
+            .cloned()
+            .chain(decoded)
+            .collect();
+        samples.truncate(DEAD_SAMPLES);
+        self.dead_samples = samples;
+        self
+    }
+
     fn line(&self, out: &Path) -> String {
         let reasons: Vec<String> = self
             .dead_reasons

@@ -64,7 +64,7 @@ enum Command {
     Api(ApiArgs),
     /// Produce a realistic mix of usage events to Kafka.
     Loadgen(loadgen::LoadgenArgs),
-    /// Import a file of events (JSON Lines): with --csv, aggregated by the engine alone into a CSV (no
+    /// Import a file of events (JSON Lines or CSV): with --csv, aggregated by the engine alone into a CSV (no
     /// Kafka, no Postgres); without, produced to the events topic for the pipeline to store (--wait).
     Import(import::ImportArgs),
     /// Issue every registered customer's invoice for a billing period (resumable; progress on stderr,

@@ -187,6 +187,66 @@ fn csv_equals_a_brute_force_reference_with_duplicates_invalid_lines_and_disorder
     std::fs::remove_file(&input).unwrap();
 }
 
+/// The same events as a CSV file (a `region` column for the property, a quoted cell, CRLF): the same
+/// rows as the reference; a record of the wrong width and one with a bad time are dead letters named
+/// by their record. The file's name does not end in .csv: `--format csv` says what it is.
+#[test]
+fn a_csv_file_imports_like_its_json_lines() {
+    let lines = lines(3_000, 5);
+    let (expected, (counted, duplicates, dead)) = reference(&lines);
+    let mut csv = String::from("event_id,customer_id,event_type,event_time,value,region\n");
+    let mut bad = 0;
+    for line in &lines {
+        match &line.event {
+            Some((id, customer, event_type, time, value)) => {
+                let stamp = chrono::DateTime::from_timestamp(*time, 0)
+                    .unwrap()
+                    .format("%Y-%m-%dT%H:%M:%SZ");
+                csv.push_str(&format!(
+                    "{id},\"{customer}\",{event_type},{stamp},{value},eu\r\n"
+                ));
+            }
+            None if line.text.trim().is_empty() => {}
+            None => {
+                bad += 1;
+                csv.push_str(if bad % 2 == 0 {
+                    "broken,row\n"
+                } else {
+                    "evt_bad,c1,api_call,yesterday,1,eu\n"
+                });
+            }
+        }
+    }
+    assert_eq!(bad, dead);
+    let input = temp_file("import-in.csv");
+    std::fs::write(&input, csv).unwrap();
+    let out = temp_file("import-out.csv");
+    let run = Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args([
+            "import",
+            "--quiet",
+            "--workers",
+            "2",
+            "--format",
+            "csv",
+            "--csv",
+        ])
+        .arg(&out)
+        .arg(&input)
+        .env("MF_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert_same(&read_csv(&out), &expected, "CSV input");
+    let summary = format!("{counted} counted, {duplicates} duplicates, {dead} dead letters");
+    assert!(stderr.contains(&summary), "{stderr}");
+    assert!(stderr.contains("CSV_FIELDS"), "{stderr}");
+    assert!(stderr.contains("import: dead letter: record "), "{stderr}");
+    std::fs::remove_file(&out).unwrap();
+    std::fs::remove_file(&input).unwrap();
+}
+
 #[test]
 fn a_missing_file_is_an_error_not_a_panic() {
     let run = Command::new(env!("CARGO_BIN_EXE_meterflow"))
