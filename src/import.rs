@@ -170,10 +170,10 @@ fn import(
             Ok(())
         }
         None => {
-            if let Some(c) = converted.filter(|c| c.bad_records > 0) {
+            if let Some(c) = converted.filter(|c| c.bad_records() > 0) {
                 eprintln!(
-                    "import: {} CSV records not produced (more or fewer cells than the header)",
-                    c.bad_records
+                    "import: {} CSV records not produced (they could not be read as events)",
+                    c.bad_records()
                 );
                 for sample in &c.bad_samples {
                     eprintln!("import: dead letter: {sample}");
@@ -207,10 +207,10 @@ impl Summary {
     /// The summary of a CSV file's import: line N of the converted file is record N of the CSV
     /// file, and the records that were not converted are dead letters too.
     fn of_csv(mut self, converted: &csv_in::Converted) -> Summary {
-        self.records += converted.bad_records;
-        self.dead_letters += converted.bad_records;
-        if converted.bad_records > 0 {
-            *self.dead_reasons.entry("CSV_FIELDS").or_default() += converted.bad_records;
+        self.records += converted.bad_records();
+        self.dead_letters += converted.bad_records();
+        for (code, n) in &converted.bad_reasons {
+            *self.dead_reasons.entry(code).or_default() += n;
         }
         let decoded = self
             .dead_samples

@@ -6,13 +6,18 @@
 //!      header: event_id, customer_id, event_type, event_time, value  (value may be left out: 1)
 //!              properties (a JSON object's text)  or  any other columns (each a string property)
 //!      a record with more or fewer cells than the header ──► a dead letter (CSV_FIELDS), not converted
+//!      a record that is not UTF-8 ──► a dead letter (CSV_UTF8)
+//!      a properties cell that is not one JSON value ──► a dead letter (CSV_PROPERTIES)
 //!      an empty cell ──► the field left out (the decoder then says what is missing)
 //! ```
 //! The converted file is written beside the system's temporary files and removed when the import
 //! ends. Line N of it is record N of the CSV file (1 = the first after the header; a record not
-//! converted leaves a blank line), so a dead letter names its record.
+//! converted leaves a blank line), so a dead letter names its record (and one found here, its line
+//! in the file too: a quoted cell may span lines). Without `--csv` the records not converted are
+//! reported and not produced.
 
-use std::fs::File;
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -92,50 +97,62 @@ impl Columns {
         })
     }
 
-    /// The record as one JSON event on one line (no line break in it: JSON escapes them).
-    fn write_event(&self, record: &csv::StringRecord, out: &mut Vec<u8>) -> Result<()> {
+    /// The record as one JSON event on one line (no line break in it: JSON escapes them), or why it
+    /// is a dead letter.
+    fn write_event(&self, record: &csv::StringRecord, out: &mut Vec<u8>) -> Result<(), Bad> {
+        if record.len() != self.width {
+            return Err(Bad::Fields(record.len()));
+        }
+        let cell = |at: usize| record.get(at).filter(|c| !c.trim().is_empty());
         out.push(b'{');
         let mut first = true;
-        let mut key = |out: &mut Vec<u8>, name: &str| -> Result<()> {
+        let mut key = |out: &mut Vec<u8>, name: &str| {
             if !std::mem::take(&mut first) {
                 out.push(b',');
             }
-            serde_json::to_writer(&mut *out, name)?;
+            json_string(out, name);
             out.push(b':');
-            Ok(())
         };
         for (field, at) in &self.fields {
-            let Some(cell) = record.get(*at).filter(|c| !c.is_empty()) else {
-                continue;
-            };
-            key(out, field)?;
-            serde_json::to_writer(&mut *out, cell)?;
+            if let Some(cell) = cell(*at) {
+                key(out, field);
+                json_string(out, cell);
+            }
         }
         match &self.properties {
             Properties::Json(at) => {
-                if let Some(cell) = record.get(*at).filter(|c| !c.trim().is_empty()) {
-                    key(out, "properties")?;
-                    // As given: the decoder checks it is a flat JSON object. Line breaks between
-                    // its tokens are blanks; inside its strings they are not allowed unescaped.
-                    out.extend(
-                        cell.bytes()
-                            .map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
-                    );
+                if let Some(cell) = cell(*at) {
+                    // One JSON value, or the record is a dead letter: pasted unchecked, a cell could
+                    // end the object early and add fields of its own. The decoder then checks it is
+                    // a flat object. Being JSON, it has line breaks only between its tokens, where
+                    // they are blanks.
+                    if serde_json::from_str::<&serde_json::value::RawValue>(cell).is_err() {
+                        return Err(Bad::Properties);
+                    }
+                    key(out, "properties");
+                    out.extend(cell.bytes().map(|b| match b {
+                        b'\n' | b'\r' => b' ',
+                        b => b,
+                    }));
                 }
             }
             Properties::Columns(columns) => {
-                let mut cells = columns
+                let mut given = columns
                     .iter()
-                    .filter_map(|(name, at)| {
-                        Some((name, record.get(*at).filter(|c| !c.is_empty())?))
-                    })
+                    .filter_map(|(name, at)| Some((name, cell(*at)?)))
                     .peekable();
-                if cells.peek().is_some() {
-                    key(out, "properties")?;
-                    let map: serde_json::Map<String, serde_json::Value> = cells
-                        .map(|(name, cell)| (name.clone(), serde_json::Value::from(cell)))
-                        .collect();
-                    serde_json::to_writer(&mut *out, &map)?;
+                if given.peek().is_some() {
+                    key(out, "properties");
+                    out.push(b'{');
+                    for (i, (name, cell)) in given.enumerate() {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        json_string(out, name);
+                        out.push(b':');
+                        json_string(out, cell);
+                    }
+                    out.push(b'}');
                 }
             }
         }
@@ -144,13 +161,55 @@ impl Columns {
     }
 }
 
+/// Why a record is a dead letter before it is an event.
+#[derive(Debug, PartialEq)]
+enum Bad {
+    /// More or fewer cells than the header: this many.
+    Fields(usize),
+    /// Not UTF-8.
+    Utf8,
+    /// A `properties` cell that is not one JSON value.
+    Properties,
+}
+
+impl Bad {
+    fn code(&self) -> &'static str {
+        match self {
+            Bad::Fields(_) => "CSV_FIELDS",
+            Bad::Utf8 => "CSV_UTF8",
+            Bad::Properties => "CSV_PROPERTIES",
+        }
+    }
+
+    fn reason(&self, width: usize) -> String {
+        match self {
+            Bad::Fields(n) => format!("{n} cells, the header has {width}"),
+            Bad::Utf8 => "not UTF-8".to_owned(),
+            Bad::Properties => "the properties cell is not one JSON value".to_owned(),
+        }
+    }
+}
+
+/// `text` as a JSON string.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    // Writing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
 /// The JSON Lines file a CSV file became, removed when dropped.
 pub(super) struct Converted {
     pub path: PathBuf,
-    /// Records with more or fewer cells than the header: not converted, each a dead letter.
-    pub bad_records: u64,
-    /// The first few of them: `record N: …`.
+    /// Records that were not converted, each a dead letter: how many by reason.
+    pub bad_reasons: BTreeMap<&'static str, u64>,
+    /// The first few of them: `record N (line L): CODE: …`.
     pub bad_samples: Vec<String>,
+}
+
+impl Converted {
+    /// How many records were not converted.
+    pub fn bad_records(&self) -> u64 {
+        self.bad_reasons.values().sum()
+    }
 }
 
 impl Drop for Converted {
@@ -159,7 +218,8 @@ impl Drop for Converted {
     }
 }
 
-/// Converts the CSV file `csv` into JSON Lines, one event a line.
+/// Converts the CSV file `csv` into JSON Lines, one event a line; `samples` bad records are kept
+/// as samples.
 pub(super) fn to_json_lines(csv: &Path, samples: usize) -> Result<Converted> {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
@@ -170,46 +230,57 @@ pub(super) fn to_json_lines(csv: &Path, samples: usize) -> Result<Converted> {
         .with_context(|| format!("reading the header of {}", csv.display()))?
         .clone();
     let columns = Columns::of(&header).with_context(|| csv.display().to_string())?;
-    let path = std::env::temp_dir().join(format!(
-        "meterflow-import-{}-{}.jsonl",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
     let mut converted = Converted {
-        path,
-        bad_records: 0,
+        path: std::env::temp_dir().join(format!(
+            "meterflow-import-{}-{}.jsonl",
+            std::process::id(),
+            rand::random::<u64>()
+        )),
+        bad_reasons: BTreeMap::new(),
         bad_samples: Vec::new(),
     };
-    let file = File::create(&converted.path)
-        .with_context(|| format!("creating {}", converted.path.display()))?;
+    let writing = format!(
+        "writing {} (the JSON Lines of {}; is the temporary directory full?)",
+        converted.path.display(),
+        csv.display()
+    );
+    // A new file of its own: never one a name already stands for.
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&converted.path)
+        .with_context(|| writing.clone())?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut line = Vec::with_capacity(512);
-    let mut record = csv::StringRecord::new();
+    let mut bytes = csv::ByteRecord::new();
     let mut number = 0u64;
     while reader
-        .read_record(&mut record)
+        .read_byte_record(&mut bytes)
         .with_context(|| format!("reading {} after record {number}", csv.display()))?
     {
         number += 1;
-        if record.len() != columns.width {
-            converted.bad_records += 1;
+        line.clear();
+        let event = match csv::StringRecord::from_byte_record(bytes.clone()) {
+            Ok(record) => columns.write_event(&record, &mut line),
+            Err(_) => Err(Bad::Utf8),
+        };
+        if let Err(bad) = event {
+            *converted.bad_reasons.entry(bad.code()).or_default() += 1;
             if converted.bad_samples.len() < samples {
+                let at = bytes.position().map_or(0, |p| p.line());
                 converted.bad_samples.push(format!(
-                    "record {number}: CSV_FIELDS: {} cells, the header has {}",
-                    record.len(),
-                    columns.width
+                    "record {number} (line {at}): {}: {}",
+                    bad.code(),
+                    bad.reason(columns.width)
                 ));
             }
             // A blank line (skipped), so that line N of the JSON Lines is record N of the CSV.
-            out.write_all(b"\n")?;
-            continue;
+            line.clear();
+            line.push(b'\n');
         }
-        line.clear();
-        columns.write_event(&record, &mut line)?;
-        out.write_all(&line)?;
+        out.write_all(&line).with_context(|| writing.clone())?;
     }
-    out.flush()
-        .with_context(|| format!("writing {}", converted.path.display()))?;
+    out.flush().with_context(|| writing.clone())?;
     Ok(converted)
 }
 
@@ -253,10 +324,10 @@ mod tests {
                     "event_time": "2024-01-15T00:00:01Z", "properties": {"region": "line\nbreak"}}),
             ]
         );
-        assert_eq!(converted.bad_records, 1);
+        assert_eq!(converted.bad_records(), 1);
         assert_eq!(
             converted.bad_samples,
-            vec!["record 3: CSV_FIELDS: 3 cells, the header has 6"]
+            vec!["record 3 (line 5): CSV_FIELDS: 3 cells, the header has 6"]
         );
         let path = converted.path.clone();
         drop(converted);
@@ -272,6 +343,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(events[0]["properties"], serde_json::json!({"tokens": 7}));
+    }
+
+    /// A record that is not UTF-8, and a properties cell that is not one JSON value (one that would
+    /// close the object and add a field of its own), are dead letters; the records after them are
+    /// converted, and line N is still record N.
+    #[test]
+    fn a_record_that_cannot_be_an_event_is_a_dead_letter_not_a_stop() {
+        let dir = std::env::temp_dir().join(format!("mf-csv-in-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = dir.join("events.csv");
+        let mut text = b"event_id,customer_id,event_type,event_time,properties\n".to_vec();
+        text.extend_from_slice(b"e1,c\xff,api_call,2024-01-15T00:00:00Z,\n");
+        text.extend_from_slice(
+            b"e2,c1,api_call,2024-01-15T00:00:00Z,\"{}, \"\"value\"\": \"\"9\"\"\"\n",
+        );
+        text.extend_from_slice(b"e3,c1,api_call,2024-01-15T00:00:00Z,\"{\"\"a\"\":\n1}\"\n");
+        std::fs::write(&csv, text).unwrap();
+        let converted = to_json_lines(&csv, 5).unwrap();
+        let lines: Vec<String> = std::fs::read_to_string(&converted.path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(lines[..2], ["", ""]);
+        let third: serde_json::Value = serde_json::from_str(&lines[2]).unwrap();
+        assert_eq!(third["properties"], serde_json::json!({"a": 1}));
+        assert_eq!(
+            converted.bad_reasons,
+            BTreeMap::from([("CSV_PROPERTIES", 1), ("CSV_UTF8", 1)])
+        );
+        assert_eq!(
+            converted.bad_samples,
+            vec![
+                "record 1 (line 2): CSV_UTF8: not UTF-8",
+                "record 2 (line 3): CSV_PROPERTIES: the properties cell is not one JSON value",
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A header that lacks a field, or mixes a properties column with other columns, is refused
