@@ -154,6 +154,22 @@ fn read_csv(path: &Path) -> Aggregates {
     normalized(out)
 }
 
+/// Runs `meterflow import --quiet ARGS --csv OUT INPUT`, which must succeed: its stderr.
+fn import_csv(args: &[&str], input: &Path, out: &Path) -> String {
+    let run = Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args(["import", "--quiet"])
+        .args(args)
+        .arg("--csv")
+        .arg(out)
+        .arg(input)
+        .env("MF_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{stderr}");
+    stderr
+}
+
 #[test]
 fn csv_equals_a_brute_force_reference_with_duplicates_invalid_lines_and_disorder() {
     let lines = lines(6_000, 3);
@@ -167,16 +183,12 @@ fn csv_equals_a_brute_force_reference_with_duplicates_invalid_lines_and_disorder
         .chain([("dataflow", 1), ("dataflow", 3)]);
     for (engine, workers) in runs {
         let out = temp_file("import-out.csv");
-        let run = Command::new(env!("CARGO_BIN_EXE_meterflow"))
-            .args(["import", "--quiet", "--engine", engine])
-            .args(["--workers", &workers.to_string(), "--csv"])
-            .arg(&out)
-            .arg(&input)
-            .env("MF_LOG", "warn")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&run.stderr);
-        assert!(run.status.success(), "{stderr}");
+        let workers_arg = workers.to_string();
+        let stderr = import_csv(
+            &["--engine", engine, "--workers", &workers_arg],
+            &input,
+            &out,
+        );
         let context = format!("{engine}, {workers} workers");
         assert_same(&read_csv(&out), &expected, &context);
         let summary = format!("{counted} counted, {duplicates} duplicates, {dead} dead letters");
@@ -221,23 +233,7 @@ fn a_csv_file_imports_like_its_json_lines() {
     let input = temp_file("import-in.csv");
     std::fs::write(&input, csv).unwrap();
     let out = temp_file("import-out.csv");
-    let run = Command::new(env!("CARGO_BIN_EXE_meterflow"))
-        .args([
-            "import",
-            "--quiet",
-            "--workers",
-            "2",
-            "--format",
-            "csv",
-            "--csv",
-        ])
-        .arg(&out)
-        .arg(&input)
-        .env("MF_LOG", "warn")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "{stderr}");
+    let stderr = import_csv(&["--workers", "2", "--format", "csv"], &input, &out);
     assert_same(&read_csv(&out), &expected, "CSV input");
     let summary = format!("{counted} counted, {duplicates} duplicates, {dead} dead letters");
     assert!(stderr.contains(&summary), "{stderr}");

@@ -28,8 +28,8 @@ use crate::consolidate;
 use crate::control::{Control, InForce};
 use crate::inputs::{Inputs, RatingInputs};
 use crate::meters::Meters;
-use crate::rating::{self, ChargeRow, LineKey, RowKey};
-use crate::usage::{LineTotal, Usage};
+use crate::rating::{self, ChargeRow, RowKey};
+use crate::usage::Usage;
 
 /// Epoch numbers: each worker advances its inputs to the next epoch every tick.
 pub type Epoch = u64;
@@ -83,7 +83,7 @@ pub fn build<'scope>(
                 SinkUpdate::Charge(customer, meter, charge, diff as i64),
             )
         }),
-        lines.map(|(key, epoch, total)| (epoch, SinkUpdate::Line(line_change(key, total)))),
+        lines.map(|(epoch, line)| (epoch, SinkUpdate::Line(line))),
         other,
         refused,
         inputs
@@ -339,23 +339,8 @@ fn charge_changes<'scope>(
 /// What `charge_changes` gives, each update with its epoch.
 struct Charging<'scope> {
     charges: StreamVec<'scope, Epoch, (ChargeRow, Epoch, isize)>,
-    lines: StreamVec<'scope, Epoch, (LineKey, Epoch, LineTotal)>,
+    lines: StreamVec<'scope, Epoch, (Epoch, LineChange)>,
     quarantined: StreamVec<'scope, Epoch, (QuarantinedPeriod, Epoch, isize)>,
-}
-
-fn line_change(key: LineKey, total: LineTotal) -> LineChange {
-    let (customer_id, period_start, meter, dimensions, price_book_id, currency) = key;
-    LineChange {
-        customer_id,
-        period_start,
-        meter,
-        dimensions,
-        price_book_id,
-        currency,
-        amount: total.amount,
-        quantity: total.quantity,
-        windows: total.windows,
-    }
 }
 
 /// Adds up each epoch's contributions per row (and item). Exchange contract: `per_epoch` routes each

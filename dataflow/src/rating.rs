@@ -57,7 +57,7 @@ use differential_dataflow::VecCollection;
 use hashbrown::HashMap;
 use meterflow_model::batch::{QuarantineReason, QuarantinedPeriod};
 use meterflow_model::{
-    period_of, AggregateKey, Charge, CompactString, Dimensions, Item, PriceBook,
+    period_of, AggregateKey, Charge, CompactString, Dimensions, Item, LineChange, PriceBook,
 };
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -81,17 +81,6 @@ pub type ChargeRow = (CompactString, CompactString, Charge);
 /// One customer's usage of one meter's windows of one set of dimension values in one billing period:
 /// (customer, meter, the period's start in seconds, dimension values).
 type PeriodKey = (CompactString, CompactString, i64, Dimensions);
-
-/// An upcoming-invoice line (SPEC §6): (customer, period start, meter, dimension values, price book,
-/// currency). A period's line for each book and currency that prices its windows.
-pub type LineKey = (
-    CompactString,
-    i64,
-    CompactString,
-    Dimensions,
-    CompactString,
-    CompactString,
-);
 
 /// A change that reaches a period's worker.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -143,13 +132,32 @@ struct LineDelta {
     total: LineTotal,
 }
 
+impl LineDelta {
+    /// The change of the line of `period` this is.
+    fn change_of(self, period: PeriodKey) -> LineChange {
+        let (customer_id, meter, period_start, dimensions) = period;
+        LineChange {
+            customer_id,
+            period_start,
+            meter,
+            dimensions,
+            price_book_id: self.price_book_id,
+            currency: self.currency,
+            amount: self.total.amount,
+            quantity: self.total.quantity,
+            windows: self.total.windows,
+        }
+    }
+}
+
 /// What rating gives each epoch: changes of window charges, of the periods in quarantine, and of
 /// upcoming-invoice lines (at most one per line: a line is one period's, and a period is rated once
 /// an epoch, on one worker).
 pub struct Rating<'scope> {
     pub charges: VecCollection<'scope, Epoch, ChargeRow, isize>,
     pub quarantined: VecCollection<'scope, Epoch, QuarantinedPeriod, isize>,
-    pub lines: timely::dataflow::StreamVec<'scope, Epoch, (LineKey, Epoch, LineTotal)>,
+    /// Each a period's line (SPEC §6) for one book and currency, with its epoch.
+    pub lines: timely::dataflow::StreamVec<'scope, Epoch, (Epoch, LineChange)>,
 }
 
 /// The price books in force, by meter, each with its multiplicity (present while positive).
@@ -197,23 +205,7 @@ pub fn rate<'scope>(
         rate_periods(windows.concat(stored), books).ok_err(|((key, output), time, diff)| {
             match output {
                 Output::Given(rated) => Ok(((key, rated), time, diff)),
-                Output::Line(line) => {
-                    let LineDelta {
-                        price_book_id,
-                        currency,
-                        total,
-                    } = *line;
-                    let (customer_id, meter, period_start, dimensions) = key;
-                    let line = (
-                        customer_id,
-                        period_start,
-                        meter,
-                        dimensions,
-                        price_book_id,
-                        currency,
-                    );
-                    Err((line, time, total))
-                }
+                Output::Line(line) => Err((time, (*line).change_of(key))),
             }
         });
     // One pass splits them (no copy of every charge for a branch that keeps only the quarantines).
@@ -671,17 +663,12 @@ mod tests {
                     match output {
                         Output::Given(rated) => left.entry(period).or_default().push((rated, diff)),
                         Output::Line(line) => {
-                            let LineDelta {
-                                price_book_id,
-                                currency,
-                                total,
-                            } = *line;
-                            let line = (period, price_book_id, currency);
+                            let key = (period, line.price_book_id, line.currency);
                             assert!(
-                                changed.insert(line.clone()),
+                                changed.insert(key.clone()),
                                 "seed {seed}, epoch {epoch}: one change per line and epoch"
                             );
-                            lines.entry(line).or_default().plus_equals(&total);
+                            lines.entry(key).or_default().plus_equals(&line.total);
                         }
                     }
                 }
