@@ -260,14 +260,23 @@ pub(super) fn to_json_lines(csv: &Path, samples: usize) -> Result<Converted> {
     {
         number += 1;
         line.clear();
-        let event = match csv::StringRecord::from_byte_record(bytes.clone()) {
-            Ok(record) => columns.write_event(&record, &mut line),
-            Err(_) => Err(Bad::Utf8),
+        let at = bytes.position().map_or(0, |p| p.line());
+        // The record is checked as text where it lies (no copy), and its buffer taken back for the
+        // next read.
+        let event = match csv::StringRecord::from_byte_record(std::mem::take(&mut bytes)) {
+            Ok(record) => {
+                let event = columns.write_event(&record, &mut line);
+                bytes = record.into_byte_record();
+                event
+            }
+            Err(e) => {
+                bytes = e.into_byte_record();
+                Err(Bad::Utf8)
+            }
         };
         if let Err(bad) = event {
             *converted.bad_reasons.entry(bad.code()).or_default() += 1;
             if converted.bad_samples.len() < samples {
-                let at = bytes.position().map_or(0, |p| p.line());
                 converted.bad_samples.push(format!(
                     "record {number} (line {at}): {}: {}",
                     bad.code(),
